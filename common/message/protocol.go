@@ -1,0 +1,148 @@
+// Package message defines the one envelope that crosses the tunnel between
+// CloudCore and EdgeCore, its msgpack encoding and its framing.
+//
+// It is the single description of the Tether wire protocol (docs/protocol.md
+// says the same for readers). It knows nothing of Kubernetes types, of QUIC or
+// WebSocket, and of either side's logic: it only encodes, decodes and
+// validates bytes.
+//
+// # Protocol version
+//
+// [ProtocolVersion] is carried in the [Hello] that opens every session. A
+// server that does not speak the client's version refuses it with a
+// [KindRefuse] message and closes the session.
+//
+// # Frame layout
+//
+// On a byte stream (a QUIC stream) every message is one frame:
+//
+//	+------------------------+--------------------------------------+
+//	| length: uint32, big    | body: msgpack array, `length` bytes  |
+//	| endian, 1..MaxFrame    | (see Message for the element order)  |
+//	+------------------------+--------------------------------------+
+//
+// On WebSocket every binary WebSocket message is exactly one body, without
+// the length prefix (WebSocket already delimits messages). The length is
+// checked against the configured maximum before any buffer is allocated.
+//
+// The body is a msgpack array whose elements are, in order, the fields of
+// [Message]: id, kind, node, resource, version, op, reply_to, time, payload.
+// The resource is itself a msgpack array: group, version, kind, namespace,
+// name, uid. Decoders ignore trailing elements they do not know, so a later
+// protocol version may append fields without breaking older peers.
+//
+// # Flow
+//
+//	client (EdgeCore)                         server (CloudCore)
+//	   |-- TLS 1.3 handshake, client certificate ---->|  hook may refuse the peer
+//	   |-- Hello{version, node, agent} -------------->|  checks version and node
+//	   |<------------ HelloAck{version, session} -----|  or Refuse{reason}, close
+//	   |<=========== Event / Ack / Upstream ========>|  both directions
+//	   |<------------------------- Goodbye{reason} ---|  either side, then close
+//
+// Keepalive is the transport's own: QUIC PING frames and idle timeout,
+// WebSocket ping/pong control frames; neither is an envelope kind.
+package message
+
+// ProtocolVersion is the version of the envelope and the session flow that
+// this build speaks. It changes when a change is not backward compatible.
+const ProtocolVersion uint16 = 1
+
+// DefaultMaxFrame is the frame size limit used when a config leaves it zero.
+const DefaultMaxFrame = 4 << 20
+
+// Kind is the type of a frame. It is the second element of the body.
+type Kind uint8
+
+// Frame kinds. Values are part of the wire protocol: never renumber them.
+const (
+	// KindHello opens a session (client to server). Payload: a Hello.
+	KindHello Kind = 1
+	// KindHelloAck accepts a session (server to client). Payload: a HelloAck.
+	KindHelloAck Kind = 2
+	// KindRefuse refuses a session or a request. Payload: a UTF-8 reason.
+	// ReplyTo names the refused message when there is one.
+	KindRefuse Kind = 3
+	// KindGoodbye announces an orderly close. Payload: a UTF-8 reason.
+	KindGoodbye Kind = 4
+	// KindEvent carries one object change (cloud to edge): Resource and
+	// Version identify it, Op says what happened, Payload holds the object.
+	KindEvent Kind = 5
+	// KindAck confirms that the message with id ReplyTo is durably applied.
+	KindAck Kind = 6
+	// KindUpstream carries a write the edge asks the cloud to make on its
+	// behalf (node status, lease, pod status). Op and Resource as for Event.
+	KindUpstream Kind = 7
+	// KindSync carries the state a peer holds so the other side can compute
+	// what it is missing (reconcile after a disconnect). Payload is defined
+	// by the sync protocol.
+	KindSync Kind = 8
+	// KindStreamOpen asks the peer to open a bulk-data stream (WebSocket
+	// transport only, where streams are extra connections). Payload: a
+	// stream token.
+	KindStreamOpen Kind = 9
+
+	kindMax = KindStreamOpen
+)
+
+// String returns the kind's name as used in logs and docs.
+func (k Kind) String() string {
+	switch k {
+	case KindHello:
+		return "hello"
+	case KindHelloAck:
+		return "hello_ack"
+	case KindRefuse:
+		return "refuse"
+	case KindGoodbye:
+		return "goodbye"
+	case KindEvent:
+		return "event"
+	case KindAck:
+		return "ack"
+	case KindUpstream:
+		return "upstream"
+	case KindSync:
+		return "sync"
+	case KindStreamOpen:
+		return "stream_open"
+	default:
+		return "unknown"
+	}
+}
+
+// Valid reports whether k is a kind this build knows.
+func (k Kind) Valid() bool { return k >= KindHello && k <= kindMax }
+
+// Op is what happened to the object an Event or Upstream message names.
+type Op uint8
+
+// Operations. Values are part of the wire protocol: never renumber them.
+const (
+	// OpNone is for kinds that do not name an object operation.
+	OpNone Op = 0
+	// OpUpsert creates or replaces the object.
+	OpUpsert Op = 1
+	// OpDelete removes the object.
+	OpDelete Op = 2
+	// OpStatus replaces the object's status only.
+	OpStatus Op = 3
+
+	opMax = OpStatus
+)
+
+// String returns the operation's name as used in logs and docs.
+func (o Op) String() string {
+	switch o {
+	case OpNone:
+		return "none"
+	case OpUpsert:
+		return "upsert"
+	case OpDelete:
+		return "delete"
+	case OpStatus:
+		return "status"
+	default:
+		return "unknown"
+	}
+}

@@ -1,0 +1,337 @@
+package tunnel
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/url"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/gorilla/websocket"
+	"github.com/quic-go/quic-go"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/tetheredge/tether/common/message"
+)
+
+// ClientConfig configures a Client.
+type ClientConfig struct {
+	Options
+	// Servers are the cloud addresses to try, in order. "host:port" tries
+	// QUIC on UDP and then WebSocket over TLS on TCP at the same port;
+	// "quic://host:port" and "wss://host:port" try only that transport.
+	// Required.
+	Servers []string
+	// Node is this edge node's name; it must match the client certificate.
+	// Required.
+	Node string
+	// Agent names the client software in the hello. Default "tether".
+	Agent string
+	// TLS holds the client certificate and the CA that signs the server's
+	// certificate (RootCAs). TLS 1.3 is enforced. Required.
+	TLS *tls.Config
+	// DialTimeout bounds one attempt on one transport, hello included.
+	// Default 5s.
+	DialTimeout time.Duration
+	// Backoff sets the reconnect delays of Run. Default 500ms to 30s.
+	Backoff Backoff
+}
+
+// endpoint is one way to reach the cloud.
+type endpoint struct {
+	transport Transport
+	addr      string // host:port
+}
+
+// Client dials the cloud, falling over between addresses and transports.
+type Client struct {
+	cfg       ClientConfig
+	codec     *message.Codec
+	metrics   *Metrics
+	logger    *slog.Logger
+	endpoints []endpoint
+
+	mu   sync.Mutex
+	last int // index of the endpoint that worked last
+}
+
+// NewClient validates cfg and returns a client.
+func NewClient(cfg ClientConfig) (*Client, error) {
+	opts, err := cfg.Options.withDefaults()
+	if err != nil {
+		return nil, fmt.Errorf("tunnel client config: %w", err)
+	}
+	cfg.Options = opts
+	if cfg.TLS == nil {
+		return nil, errors.New("tunnel client config: TLS is required")
+	}
+	if cfg.Node == "" {
+		return nil, errors.New("tunnel client config: Node is required")
+	}
+	if cfg.Agent == "" {
+		cfg.Agent = "tether"
+	}
+	if cfg.DialTimeout <= 0 {
+		cfg.DialTimeout = 5 * time.Second
+	}
+	var eps []endpoint
+	for _, s := range cfg.Servers {
+		switch {
+		case strings.HasPrefix(s, "quic://"):
+			eps = append(eps, endpoint{TransportQUIC, strings.TrimPrefix(s, "quic://")})
+		case strings.HasPrefix(s, "wss://"):
+			eps = append(eps, endpoint{TransportWebSocket, strings.TrimPrefix(s, "wss://")})
+		case strings.Contains(s, "://"):
+			return nil, fmt.Errorf("tunnel client config: server %q: unknown scheme", s)
+		default:
+			eps = append(eps, endpoint{TransportQUIC, s}, endpoint{TransportWebSocket, s})
+		}
+	}
+	for _, ep := range eps {
+		if _, _, err := net.SplitHostPort(ep.addr); err != nil {
+			return nil, fmt.Errorf("tunnel client config: server %q: %w", ep.addr, err)
+		}
+	}
+	if len(eps) == 0 {
+		return nil, errors.New("tunnel client config: no servers")
+	}
+	return &Client{
+		cfg:       cfg,
+		codec:     message.NewCodec(opts.MaxFrame),
+		metrics:   newMetrics(opts.Registerer, "client"),
+		logger:    opts.Logger.With("component", "tunnel_client", "node", cfg.Node),
+		endpoints: eps,
+	}, nil
+}
+
+// Metrics returns the client's counters.
+func (c *Client) Metrics() *Metrics { return c.metrics }
+
+// Dial makes one pass over the endpoints, starting with the one that worked
+// last, and returns the first session established. A refusal by a server
+// (a *RefusedError) is returned at once: another address of the same cloud
+// would refuse for the same reason.
+func (c *Client) Dial(ctx context.Context) (*Session, error) {
+	c.mu.Lock()
+	first := c.last
+	c.mu.Unlock()
+	var errs []error
+	for i := range c.endpoints {
+		idx := (first + i) % len(c.endpoints)
+		ep := c.endpoints[idx]
+		sess, err := c.dialEndpoint(ctx, ep)
+		if err == nil {
+			c.mu.Lock()
+			c.last = idx
+			c.mu.Unlock()
+			return sess, nil
+		}
+		c.metrics.DialFailures.WithLabelValues(string(ep.transport)).Inc()
+		c.logger.Debug("dial failed", "transport", string(ep.transport), "addr", ep.addr, "err", err)
+		var refused *RefusedError
+		if errors.As(err, &refused) || ctx.Err() != nil {
+			return nil, err
+		}
+		errs = append(errs, fmt.Errorf("%s %s: %w", ep.transport, ep.addr, err))
+	}
+	return nil, fmt.Errorf("dial cloud: %w", errors.Join(errs...))
+}
+
+func (c *Client) tlsConfig(t Transport, addr string) *tls.Config {
+	cfg := c.cfg.TLS.Clone()
+	cfg.MinVersion = tls.VersionTLS13
+	if cfg.ServerName == "" {
+		host, _, _ := net.SplitHostPort(addr)
+		cfg.ServerName = host
+	}
+	if t == TransportQUIC {
+		cfg.NextProtos = []string{alpnQUIC}
+	} else {
+		cfg.NextProtos = []string{"http/1.1"}
+	}
+	return cfg
+}
+
+func (c *Client) dialEndpoint(ctx context.Context, ep endpoint) (*Session, error) {
+	ctx, cancel := context.WithTimeout(ctx, c.cfg.DialTimeout)
+	defer cancel()
+	deadline, _ := ctx.Deadline()
+	if ep.transport == TransportQUIC {
+		return c.dialQUIC(ctx, ep, deadline)
+	}
+	return c.dialWebSocket(ctx, ep, deadline)
+}
+
+func (c *Client) dialQUIC(ctx context.Context, ep endpoint, deadline time.Time) (*Session, error) {
+	conn, err := quic.DialAddr(ctx, ep.addr, c.tlsConfig(TransportQUIC, ep.addr),
+		quicConfig(c.cfg.KeepAlive, c.cfg.DeadPeerTimeout, c.cfg.DialTimeout))
+	if err != nil {
+		return nil, fmt.Errorf("quic handshake: %w", err)
+	}
+	ctrl, err := conn.OpenStreamSync(ctx)
+	if err != nil {
+		_ = conn.CloseWithError(quicCodeClosed, "")
+		return nil, fmt.Errorf("open control stream: %w", err)
+	}
+	l := newQUICLink(conn, ctrl, c.codec)
+	ack, err := clientHello(l, c.codec, c.cfg.Node, c.cfg.Agent, deadline)
+	if err != nil {
+		var appErr *quic.ApplicationError
+		if errors.As(err, &appErr) && appErr.Remote && appErr.ErrorCode == quicCodeRefused {
+			err = &RefusedError{Reason: appErr.ErrorMessage}
+		}
+		_ = conn.CloseWithError(quicCodeClosed, "hello failed")
+		return nil, err
+	}
+	sess := newSession(ack.Session, c.serverIdentity(conn.ConnectionState().TLS), TransportQUIC, l, c.cfg.sessionConfig(c.codec, c.metrics))
+	c.started(sess)
+	return sess, nil
+}
+
+func (c *Client) dialWebSocket(ctx context.Context, ep endpoint, deadline time.Time) (*Session, error) {
+	d := &websocket.Dialer{
+		TLSClientConfig:  c.tlsConfig(TransportWebSocket, ep.addr),
+		HandshakeTimeout: c.cfg.DialTimeout,
+		ReadBufferSize:   4096,
+		WriteBufferSize:  4096,
+		WriteBufferPool:  &sync.Pool{},
+	}
+	u := url.URL{Scheme: "wss", Host: ep.addr, Path: wsSessionPath}
+	conn, resp, err := d.DialContext(ctx, u.String(), nil)
+	if resp != nil && resp.Body != nil {
+		_ = resp.Body.Close()
+	}
+	if err != nil {
+		return nil, fmt.Errorf("websocket handshake: %w", err)
+	}
+	streams := &wsClientStreams{dialer: d, addr: ep.addr, incoming: make(chan Stream, 4)}
+	l := newWSLink(conn, c.codec, c.cfg.KeepAlive, c.cfg.DeadPeerTimeout, streams)
+	ack, err := clientHello(l, c.codec, c.cfg.Node, c.cfg.Agent, deadline)
+	if err != nil {
+		var ce *websocket.CloseError
+		if errors.As(err, &ce) {
+			err = &RefusedError{Reason: ce.Text}
+		}
+		_ = conn.Close()
+		return nil, err
+	}
+	streams.session = ack.Session
+	sess := newSession(ack.Session, c.serverIdentity(conn.UnderlyingConn().(*tls.Conn).ConnectionState()), TransportWebSocket, l, c.cfg.sessionConfig(c.codec, c.metrics))
+	streams.done = sess.ctx.Done()
+	c.started(sess)
+	return sess, nil
+}
+
+func (c *Client) serverIdentity(cs tls.ConnectionState) Identity {
+	if len(cs.PeerCertificates) == 0 {
+		return Identity{}
+	}
+	id := identityOf(cs.PeerCertificates[0])
+	id.Node = ""
+	return id
+}
+
+func (c *Client) started(sess *Session) {
+	sess.logger = c.logger.With("session", sess.id, "transport", string(sess.transport))
+	sess.start()
+	c.metrics.SessionsOpened.WithLabelValues(string(sess.transport)).Inc()
+	sess.logger.Info("connected to cloud")
+}
+
+// Run keeps a session to the cloud until ctx ends: it dials, calls handle
+// with the session, and when the session ends or a dial fails it waits a
+// jittered, growing delay before trying again. handle's error is logged and
+// does not stop Run.
+func (c *Client) Run(ctx context.Context, handle func(ctx context.Context, s *Session) error) error {
+	b := c.cfg.Backoff
+	for {
+		sess, err := c.Dial(ctx)
+		if err == nil {
+			b.Reset()
+			stop := context.AfterFunc(ctx, func() { _ = sess.Close("client stopping") })
+			herr := handle(ctx, sess)
+			stop()
+			_ = sess.Close("client handler returned")
+			c.logger.Info("disconnected from cloud", "reason", sess.Err(), "handler_err", herr)
+		} else if ctx.Err() == nil {
+			c.logger.Warn("cannot reach cloud", "err", err)
+		}
+		if ctx.Err() != nil {
+			return nil
+		}
+		t := time.NewTimer(b.Next())
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil
+		case <-t.C:
+		}
+	}
+}
+
+// wsClientStreams opens bulk streams as new WebSocket connections to the
+// server, naming the session they belong to.
+type wsClientStreams struct {
+	dialer   *websocket.Dialer
+	addr     string
+	session  string
+	incoming chan Stream
+	done     <-chan struct{}
+}
+
+func (w *wsClientStreams) dial(ctx context.Context, token string) (Stream, error) {
+	q := url.Values{"session": {w.session}}
+	if token != "" {
+		q.Set("token", token)
+	}
+	u := url.URL{Scheme: "wss", Host: w.addr, Path: wsStreamPath, RawQuery: q.Encode()}
+	conn, resp, err := w.dialer.DialContext(ctx, u.String(), nil)
+	if resp != nil && resp.Body != nil {
+		_ = resp.Body.Close()
+	}
+	if err != nil {
+		if resp != nil {
+			return nil, fmt.Errorf("dial stream: %w (HTTP %d)", err, resp.StatusCode)
+		}
+		return nil, fmt.Errorf("dial stream: %w", err)
+	}
+	conn.SetReadLimit(-1)
+	return &wsStream{conn: conn}, nil
+}
+
+func (w *wsClientStreams) open(ctx context.Context) (Stream, error) { return w.dial(ctx, "") }
+
+func (w *wsClientStreams) accept(ctx context.Context) (Stream, error) {
+	select {
+	case st := <-w.incoming:
+		return st, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	case <-w.done:
+		return nil, ErrSessionClosed
+	}
+}
+
+// control answers the server's request for a stream by dialling it.
+func (w *wsClientStreams) control(ctx context.Context, g *errgroup.Group, m *message.Message) error {
+	token := string(m.Payload)
+	g.Go(func() error {
+		st, err := w.dial(ctx, token)
+		if err != nil {
+			return nil //nolint:nilerr // a failed stream is the opener's error (it times out), not the session's
+		}
+		select {
+		case w.incoming <- st:
+		case <-ctx.Done():
+			_ = st.Close()
+		}
+		return nil
+	})
+	return nil
+}
+

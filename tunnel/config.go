@@ -1,0 +1,89 @@
+package tunnel
+
+import (
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/tetheredge/tether/common/message"
+)
+
+// Options are the settings shared by servers and clients. Every field's
+// zero value means the default written beside it.
+type Options struct {
+	// MaxFrame is the largest frame accepted or sent, in bytes.
+	// Default message.DefaultMaxFrame (4 MiB).
+	MaxFrame int
+	// KeepAlive is how often an idle connection proves it is alive.
+	// Default 5s.
+	KeepAlive time.Duration
+	// DeadPeerTimeout is how long without hearing from the peer before the
+	// session is declared dead. Default 15s; it must exceed KeepAlive.
+	DeadPeerTimeout time.Duration
+	// HandshakeTimeout bounds the TLS handshake plus the hello exchange.
+	// Default 10s.
+	HandshakeTimeout time.Duration
+	// SendQueueBytes bounds the bytes a session queues for sending; Send
+	// waits when it is full. Default 8 MiB; at least MaxFrame+4.
+	SendQueueBytes int64
+	// LargeMessage is the frame size above which a message travels on its
+	// own QUIC stream instead of the ordered control stream. Default 32 KiB.
+	LargeMessage int
+	// RecvQueue is how many received messages wait for Recv before the
+	// reader stops reading (and the transport's flow control pushes back).
+	// Default 256.
+	RecvQueue int
+	// Logger receives the tunnel's logs. Default slog.Default().
+	Logger *slog.Logger
+	// Registerer, when set, gets the tunnel's Prometheus metrics.
+	Registerer prometheus.Registerer
+}
+
+// withDefaults returns a copy with defaults filled in, or an error for
+// values that cannot work.
+func (o Options) withDefaults() (Options, error) {
+	if o.MaxFrame <= 0 {
+		o.MaxFrame = message.DefaultMaxFrame
+	}
+	if o.KeepAlive <= 0 {
+		o.KeepAlive = 5 * time.Second
+	}
+	if o.DeadPeerTimeout <= 0 {
+		o.DeadPeerTimeout = 15 * time.Second
+	}
+	if o.DeadPeerTimeout <= o.KeepAlive {
+		return o, fmt.Errorf("dead peer timeout %s must exceed keepalive %s", o.DeadPeerTimeout, o.KeepAlive)
+	}
+	if o.HandshakeTimeout <= 0 {
+		o.HandshakeTimeout = 10 * time.Second
+	}
+	if o.SendQueueBytes <= 0 {
+		o.SendQueueBytes = 8 << 20
+	}
+	if o.SendQueueBytes < int64(o.MaxFrame)+4 {
+		return o, fmt.Errorf("send queue of %d bytes cannot hold one frame of %d", o.SendQueueBytes, o.MaxFrame)
+	}
+	if o.LargeMessage <= 0 {
+		o.LargeMessage = 32 << 10
+	}
+	if o.RecvQueue <= 0 {
+		o.RecvQueue = 256
+	}
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	return o, nil
+}
+
+func (o Options) sessionConfig(c *message.Codec, m *Metrics) sessionConfig {
+	return sessionConfig{
+		codec:          c,
+		sendQueueBytes: o.SendQueueBytes,
+		largeThreshold: o.LargeMessage,
+		recvQueue:      o.RecvQueue,
+		logger:         o.Logger,
+		metrics:        m,
+	}
+}

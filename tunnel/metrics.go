@@ -1,0 +1,58 @@
+package tunnel
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Metrics counts what the tunnel does and refuses. It is created per server
+// or client and registered on the registerer its config names, if any.
+type Metrics struct {
+	// SessionsOpened counts established sessions by transport.
+	SessionsOpened *prometheus.CounterVec
+	// SessionsActive is the number of live sessions by transport.
+	SessionsActive *prometheus.GaugeVec
+	// Refused counts peers and frames refused, by transport and reason.
+	Refused *prometheus.CounterVec
+	// Messages counts envelopes by direction ("in" or "out").
+	Messages *prometheus.CounterVec
+	// DialFailures counts failed dial attempts by transport (client side).
+	DialFailures *prometheus.CounterVec
+}
+
+// Refusal reasons: a fixed set so that the metric's cardinality is bounded.
+const (
+	reasonTLS         = "tls_handshake"
+	reasonCertificate = "certificate"
+	reasonAuthorize   = "authorize"
+	reasonHello       = "bad_hello"
+	reasonVersion     = "protocol_version"
+	reasonNodeName    = "node_mismatch"
+	reasonTimeout     = "handshake_timeout"
+	reasonFrame       = "bad_frame"
+	reasonOverload    = "overload"
+)
+
+func newMetrics(reg prometheus.Registerer, side string) *Metrics {
+	labels := prometheus.Labels{"side": side}
+	m := &Metrics{
+		SessionsOpened: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tether_tunnel_sessions_opened_total", Help: "Sessions established, by transport.", ConstLabels: labels,
+		}, []string{"transport"}),
+		SessionsActive: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "tether_tunnel_sessions_active", Help: "Live sessions, by transport.", ConstLabels: labels,
+		}, []string{"transport"}),
+		Refused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tether_tunnel_refused_total", Help: "Peers, handshakes and frames refused, by transport and reason.", ConstLabels: labels,
+		}, []string{"transport", "reason"}),
+		Messages: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tether_tunnel_messages_total", Help: "Envelopes sent and received.", ConstLabels: labels,
+		}, []string{"direction"}),
+		DialFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tether_tunnel_dial_failures_total", Help: "Failed dial attempts, by transport.", ConstLabels: labels,
+		}, []string{"transport"}),
+	}
+	if reg != nil {
+		reg.MustRegister(m.SessionsOpened, m.SessionsActive, m.Refused, m.Messages, m.DialFailures)
+	}
+	return m
+}

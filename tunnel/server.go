@@ -1,0 +1,297 @@
+package tunnel
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/gorilla/websocket"
+	"github.com/quic-go/quic-go"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/tetheredge/tether/common/message"
+)
+
+// Handler serves one established session. The server closes the session
+// when Handle returns; ctx ends when the server shuts down.
+type Handler interface {
+	Handle(ctx context.Context, s *Session)
+}
+
+// HandlerFunc adapts a function to Handler.
+type HandlerFunc func(ctx context.Context, s *Session)
+
+// Handle calls f.
+func (f HandlerFunc) Handle(ctx context.Context, s *Session) { f(ctx, s) }
+
+// ServerConfig configures a Server.
+type ServerConfig struct {
+	Options
+	// QUICAddr is the UDP address for QUIC, such as ":10000". Empty
+	// disables QUIC.
+	QUICAddr string
+	// WebSocketAddr is the TCP address for WebSocket over TLS. Empty
+	// disables WebSocket.
+	WebSocketAddr string
+	// TLS holds the server certificate (Certificates or GetCertificate).
+	// Its ClientCAs is the pool client certificates must chain to, unless
+	// ClientCAs below is set. The server enforces TLS 1.3 and mutual
+	// authentication whatever else it says. Required.
+	TLS *tls.Config
+	// ClientCAs, when set, returns the current client CA pool for each
+	// handshake (so the pool can change while the server runs).
+	ClientCAs func() *x509.CertPool
+	// Authorize, when set, is asked about every verified client during the
+	// TLS handshake; an error refuses the client with that reason.
+	Authorize func(Identity) error
+	// Handler serves established sessions. Required.
+	Handler Handler
+	// Now returns the time used to check certificate validity.
+	// Default time.Now.
+	Now func() time.Time
+}
+
+// Server accepts edge sessions on QUIC and on WebSocket over TLS at once.
+type Server struct {
+	cfg     ServerConfig
+	codec   *message.Codec
+	metrics *Metrics
+	logger  *slog.Logger
+
+	mu       sync.Mutex
+	quicLn   *quic.Listener
+	tcpLn    net.Listener
+	wsByID   map[string]*wsServerStreams
+	upgrader websocket.Upgrader
+}
+
+// NewServer validates cfg and returns a server. Listen or Run binds it.
+func NewServer(cfg ServerConfig) (*Server, error) {
+	opts, err := cfg.Options.withDefaults()
+	if err != nil {
+		return nil, fmt.Errorf("tunnel server config: %w", err)
+	}
+	cfg.Options = opts
+	if cfg.TLS == nil || (len(cfg.TLS.Certificates) == 0 && cfg.TLS.GetCertificate == nil) {
+		return nil, errors.New("tunnel server config: TLS with a server certificate is required")
+	}
+	if cfg.ClientCAs == nil {
+		pool := cfg.TLS.ClientCAs
+		if pool == nil {
+			return nil, errors.New("tunnel server config: a client CA pool is required")
+		}
+		cfg.ClientCAs = func() *x509.CertPool { return pool }
+	}
+	if cfg.Handler == nil {
+		return nil, errors.New("tunnel server config: Handler is required")
+	}
+	if cfg.QUICAddr == "" && cfg.WebSocketAddr == "" {
+		return nil, errors.New("tunnel server config: no QUIC or WebSocket address")
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	s := &Server{
+		cfg:     cfg,
+		codec:   message.NewCodec(opts.MaxFrame),
+		metrics: newMetrics(opts.Registerer, "server"),
+		logger:  opts.Logger.With("component", "tunnel_server"),
+		wsByID:  make(map[string]*wsServerStreams),
+	}
+	s.upgrader = websocket.Upgrader{
+		HandshakeTimeout: opts.HandshakeTimeout,
+		ReadBufferSize:   4096,
+		WriteBufferSize:  4096,
+		WriteBufferPool:  &sync.Pool{},
+	}
+	return s, nil
+}
+
+// Metrics returns the server's counters.
+func (s *Server) Metrics() *Metrics { return s.metrics }
+
+// tlsConfig returns the per-handshake TLS config for a transport: TLS 1.3
+// only, a client certificate required and verified by verifyClient, then
+// passed to the Authorize hook.
+func (s *Server) tlsConfig(t Transport) *tls.Config {
+	base := s.cfg.TLS.Clone()
+	base.MinVersion = tls.VersionTLS13
+	base.ClientAuth = tls.RequireAnyClientCert // verified in VerifyConnection
+	if t == TransportQUIC {
+		base.NextProtos = []string{alpnQUIC}
+	} else {
+		base.NextProtos = []string{"http/1.1"}
+	}
+	base.GetConfigForClient = func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
+		c := base.Clone()
+		c.GetConfigForClient = nil
+		remote := ""
+		if hello.Conn != nil && hello.Conn.RemoteAddr() != nil {
+			remote = hello.Conn.RemoteAddr().String()
+		}
+		pool := s.cfg.ClientCAs()
+		c.ClientCAs = pool
+		c.VerifyConnection = func(cs tls.ConnectionState) error {
+			id, err := verifyClient(cs, pool, s.cfg.Now())
+			if err != nil {
+				s.refused(t, reasonCertificate, remote, err)
+				return err
+			}
+			if s.cfg.Authorize != nil {
+				if err := s.cfg.Authorize(id); err != nil {
+					err = fmt.Errorf("%w: node %q: %w", ErrPeerRefused, id.Node, err)
+					s.refused(t, reasonAuthorize, remote, err)
+					return err
+				}
+			}
+			return nil
+		}
+		return c, nil
+	}
+	return base
+}
+
+func (s *Server) refused(t Transport, reason, remote string, err error) {
+	s.logger.Warn("peer refused", "transport", string(t), "remote", remote, "reason", reason, "err", err)
+	s.metrics.Refused.WithLabelValues(string(t), reason).Inc()
+}
+
+// Listen binds the configured addresses. Run calls it when it has not been
+// called; calling it first lets a caller learn the bound addresses.
+func (s *Server) Listen() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.quicLn != nil || s.tcpLn != nil {
+		return nil
+	}
+	if s.cfg.QUICAddr != "" {
+		ln, err := quic.ListenAddr(s.cfg.QUICAddr, s.tlsConfig(TransportQUIC),
+			quicConfig(s.cfg.KeepAlive, s.cfg.DeadPeerTimeout, s.cfg.HandshakeTimeout))
+		if err != nil {
+			return fmt.Errorf("listen quic %s: %w", s.cfg.QUICAddr, err)
+		}
+		s.quicLn = ln
+	}
+	if s.cfg.WebSocketAddr != "" {
+		ln, err := net.Listen("tcp", s.cfg.WebSocketAddr)
+		if err != nil {
+			if s.quicLn != nil {
+				_ = s.quicLn.Close()
+				s.quicLn = nil
+			}
+			return fmt.Errorf("listen tcp %s: %w", s.cfg.WebSocketAddr, err)
+		}
+		s.tcpLn = ln
+	}
+	return nil
+}
+
+// QUICAddr returns the bound UDP address, or nil.
+func (s *Server) QUICAddr() net.Addr {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.quicLn == nil {
+		return nil
+	}
+	return s.quicLn.Addr()
+}
+
+// WebSocketAddr returns the bound TCP address, or nil.
+func (s *Server) WebSocketAddr() net.Addr {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.tcpLn == nil {
+		return nil
+	}
+	return s.tcpLn.Addr()
+}
+
+// Run serves until ctx ends, then closes every session and returns after
+// all of the server's goroutines have exited.
+func (s *Server) Run(ctx context.Context) error {
+	if err := s.Listen(); err != nil {
+		return err
+	}
+	g, ctx := errgroup.WithContext(ctx)
+	if s.quicLn != nil {
+		g.Go(func() error { return s.serveQUIC(ctx, g) })
+	}
+	if s.tcpLn != nil {
+		g.Go(func() error { return s.serveWebSocket(ctx) })
+	}
+	s.logger.Info("tunnel server listening", "quic", s.QUICAddr(), "websocket", s.WebSocketAddr())
+	<-ctx.Done()
+	err := g.Wait()
+	if errors.Is(err, context.Canceled) {
+		err = nil
+	}
+	return err
+}
+
+func (s *Server) serveQUIC(ctx context.Context, g *errgroup.Group) error {
+	stop := context.AfterFunc(ctx, func() { _ = s.quicLn.Close() })
+	defer stop()
+	for {
+		conn, err := s.quicLn.Accept(ctx)
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return fmt.Errorf("accept quic: %w", err)
+		}
+		g.Go(func() error {
+			s.handleQUIC(ctx, conn)
+			return nil
+		})
+	}
+}
+
+func (s *Server) handleQUIC(ctx context.Context, conn *quic.Conn) {
+	remote := conn.RemoteAddr().String()
+	certs := conn.ConnectionState().TLS.PeerCertificates
+	if len(certs) == 0 { // cannot happen: VerifyConnection requires one
+		_ = conn.CloseWithError(quicCodeRefused, "no client certificate")
+		return
+	}
+	peer := identityOf(certs[0])
+	hctx, cancel := context.WithTimeout(ctx, s.cfg.HandshakeTimeout)
+	ctrl, err := conn.AcceptStream(hctx)
+	cancel()
+	if err != nil {
+		s.refused(TransportQUIC, reasonTimeout, remote, fmt.Errorf("no control stream: %w", err))
+		_ = conn.CloseWithError(quicCodeRefused, "no control stream before the handshake deadline")
+		return
+	}
+	l := newQUICLink(conn, ctrl, s.codec)
+	id := newSessionID()
+	if _, err := serverHello(l, s.codec, peer, id, time.Now().Add(s.cfg.HandshakeTimeout)); err != nil {
+		s.handshakeFailed(TransportQUIC, remote, err)
+		_ = conn.CloseWithError(quicCodeRefused, err.Error())
+		return
+	}
+	s.serve(ctx, newSession(id, peer, TransportQUIC, l, s.cfg.sessionConfig(s.codec, s.metrics)))
+}
+
+func (s *Server) handshakeFailed(t Transport, remote string, err error) {
+	var r *refusal
+	if errors.As(err, &r) {
+		s.refused(t, r.reason, remote, err)
+		return
+	}
+	s.refused(t, reasonHello, remote, err)
+}
+
+// serve runs the handler on an established session and closes it after.
+func (s *Server) serve(ctx context.Context, sess *Session) {
+	sess.start()
+	s.metrics.SessionsOpened.WithLabelValues(string(sess.transport)).Inc()
+	sess.logger.Info("session established")
+	s.cfg.Handler.Handle(ctx, sess)
+	_ = sess.Close("session handler returned")
+}

@@ -1,0 +1,373 @@
+package tunnel
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"sync"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sync/errgroup"
+	"golang.org/x/sync/semaphore"
+
+	"github.com/tetheredge/tether/common/message"
+)
+
+// Transport names the connection a session runs on.
+type Transport string
+
+// Transports.
+const (
+	TransportQUIC      Transport = "quic"
+	TransportWebSocket Transport = "websocket"
+)
+
+// ErrSessionClosed is returned by Send and Recv once the session has ended;
+// the error also wraps the cause when there is one.
+var ErrSessionClosed = errors.New("tunnel: session closed")
+
+// Stream is a bulk-data channel between the two ends of a session,
+// independent of the message flow.
+type Stream interface {
+	io.ReadWriteCloser
+}
+
+// link is what a transport provides to a session: an ordered frame channel,
+// an optional separate path for large frames, and streams.
+type link interface {
+	// writeFrames writes a batch of complete length-prefixed frames on the
+	// ordered channel. Only the session's writer goroutine calls it.
+	writeFrames(batch []byte) error
+	// writeLarge sends one large length-prefixed frame on a path that does
+	// not hold up the ordered channel. ok is false when the transport has no
+	// such path, and the frame must go through writeFrames.
+	writeLarge(ctx context.Context, frame []byte) (ok bool, err error)
+	// run reads frames from every path until the link fails or closes,
+	// calling deliver for each body; it starts its goroutines in g.
+	run(ctx context.Context, g *errgroup.Group, deliver func([]byte) error) error
+	openStream(ctx context.Context) (Stream, error)
+	acceptStream(ctx context.Context) (Stream, error)
+	// close ends the connection, telling the peer why when it can.
+	close(reason string) error
+}
+
+// controlHandler is implemented by links that take some message kinds for
+// themselves (the WebSocket link's stream requests).
+type controlHandler interface {
+	handleControl(m *message.Message) error
+}
+
+// sessionConfig is what a session needs from the server or client config.
+type sessionConfig struct {
+	codec          *message.Codec
+	sendQueueBytes int64
+	largeThreshold int
+	recvQueue      int
+	logger         *slog.Logger
+	metrics        *Metrics
+}
+
+// Session is one authenticated connection between an edge node and the
+// cloud. Send and Recv may be called from several goroutines. Messages
+// larger than the large-message threshold travel on their own QUIC stream,
+// so they may arrive after smaller messages sent later; callers that need
+// order for one object keep at most one message for it in flight.
+type Session struct {
+	id        string
+	peer      Identity
+	transport Transport
+	link      link
+	cfg       sessionConfig
+	logger    *slog.Logger
+
+	sendQ     chan []byte
+	sendBytes *semaphore.Weighted
+	recvQ     chan *message.Message
+	msgIn     prometheus.Counter
+	msgOut    prometheus.Counter
+
+	ctx       context.Context
+	cancel    context.CancelCauseFunc
+	done      chan struct{}
+	closeOnce sync.Once
+	err       error // set before done is closed
+}
+
+func newSession(id string, peer Identity, t Transport, l link, cfg sessionConfig) *Session {
+	ctx, cancel := context.WithCancelCause(context.Background())
+	s := &Session{
+		id:        id,
+		peer:      peer,
+		transport: t,
+		link:      l,
+		cfg:       cfg,
+		logger:    cfg.logger.With("session", id, "transport", string(t), "node", peer.Node),
+		sendQ:     make(chan []byte, 128),
+		sendBytes: semaphore.NewWeighted(cfg.sendQueueBytes),
+		recvQ:     make(chan *message.Message, cfg.recvQueue),
+		msgIn:     cfg.metrics.Messages.WithLabelValues("in"),
+		msgOut:    cfg.metrics.Messages.WithLabelValues("out"),
+		ctx:       ctx,
+		cancel:    cancel,
+		done:      make(chan struct{}),
+	}
+	return s
+}
+
+// start runs the session's goroutines; done closes when all have ended.
+func (s *Session) start() {
+	g, ctx := errgroup.WithContext(s.ctx)
+	g.Go(func() error { return s.writeLoop(ctx) })
+	g.Go(func() error {
+		err := s.link.run(ctx, g, s.deliver)
+		if err == nil {
+			err = errPeerClosed
+		}
+		s.cancel(err)
+		return err
+	})
+	g.Go(func() error {
+		<-ctx.Done()
+		reason := "closed"
+		if cause := context.Cause(ctx); cause != nil && !errors.Is(cause, context.Canceled) {
+			reason = cause.Error()
+		}
+		return s.link.close(reason)
+	})
+	active := s.cfg.metrics.SessionsActive.WithLabelValues(string(s.transport))
+	active.Inc()
+	go func() { // joined by Close, which waits for done
+		_ = g.Wait() // every path ends by cancelling s.ctx with its cause
+		s.err = context.Cause(s.ctx)
+		active.Dec()
+		close(s.done)
+		s.logger.Info("session ended", "reason", s.err)
+	}()
+}
+
+// errClosedLocally is the cancel cause of Close.
+var errClosedLocally = errors.New("closed locally")
+
+// errPeerClosed is the cause when the peer ended the connection cleanly.
+var errPeerClosed = errors.New("peer closed the connection")
+
+// ID returns the id the server gave the session.
+func (s *Session) ID() string { return s.id }
+
+// Peer returns the verified identity of the other end.
+func (s *Session) Peer() Identity { return s.peer }
+
+// Transport returns the transport the session runs on.
+func (s *Session) Transport() Transport { return s.transport }
+
+// Done is closed when the session has ended and its goroutines have exited.
+func (s *Session) Done() <-chan struct{} { return s.done }
+
+// Err returns why the session ended, after Done is closed.
+func (s *Session) Err() error {
+	select {
+	case <-s.done:
+		return s.err
+	default:
+		return nil
+	}
+}
+
+// Close ends the session with a reason the peer sees, and waits for its
+// goroutines. It is idempotent.
+func (s *Session) Close(reason string) error {
+	s.closeOnce.Do(func() {
+		s.logger.Debug("closing session", "reason", reason)
+		s.cancel(fmt.Errorf("%w: %s", errClosedLocally, reason))
+	})
+	<-s.done
+	return nil
+}
+
+// fail ends the session because of err, logging it once.
+func (s *Session) fail(reason string, err error) {
+	s.logger.Warn("closing session", "reason", reason, "err", err)
+	s.cfg.metrics.Refused.WithLabelValues(string(s.transport), reason).Inc()
+	s.cancel(fmt.Errorf("%s: %w", reason, err))
+}
+
+// Send queues m for the peer. It returns when the message is queued, when
+// ctx ends, or when the session ends. The send queue is bounded in bytes, so
+// a slow peer makes Send wait instead of growing memory.
+func (s *Session) Send(ctx context.Context, m *message.Message) error {
+	if s.ctx.Err() != nil {
+		return s.sendErr(nil)
+	}
+	frame, err := s.cfg.codec.AppendFrame(nil, m)
+	if err != nil {
+		return fmt.Errorf("send %s: %w", m.Kind, err)
+	}
+	n := int64(len(frame))
+	if !s.sendBytes.TryAcquire(n) {
+		if err := s.acquire(ctx, n); err != nil {
+			return err
+		}
+	}
+	if len(frame) > s.cfg.largeThreshold {
+		ok, err := s.link.writeLarge(ctx, frame)
+		if ok {
+			s.sendBytes.Release(n)
+			if err != nil {
+				return s.sendErr(fmt.Errorf("send large %s: %w", m.Kind, err))
+			}
+			s.msgOut.Inc()
+			return nil
+		}
+	}
+	select {
+	case s.sendQ <- frame:
+		return nil
+	case <-ctx.Done():
+		s.sendBytes.Release(n)
+		return ctx.Err()
+	case <-s.ctx.Done():
+		s.sendBytes.Release(n)
+		return s.sendErr(nil)
+	}
+}
+
+func (s *Session) acquire(ctx context.Context, n int64) error {
+	if n > s.cfg.sendQueueBytes {
+		return fmt.Errorf("send: frame of %d bytes exceeds the send queue of %d", n, s.cfg.sendQueueBytes)
+	}
+	actx, stop := context.WithCancel(ctx)
+	defer stop()
+	unregister := context.AfterFunc(s.ctx, stop)
+	defer unregister()
+	if err := s.sendBytes.Acquire(actx, n); err != nil {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		return s.sendErr(nil)
+	}
+	return nil
+}
+
+func (s *Session) sendErr(err error) error {
+	if s.ctx.Err() != nil {
+		return fmt.Errorf("%w: %w", ErrSessionClosed, context.Cause(s.ctx))
+	}
+	return err
+}
+
+// writeLoop drains the send queue, batching whatever is queued into one
+// write, and releases the queue's bytes once written.
+func (s *Session) writeLoop(ctx context.Context) error {
+	for {
+		var frame []byte
+		select {
+		case <-ctx.Done():
+			return nil
+		case frame = <-s.sendQ:
+		}
+		// An idle session holds no batch buffer: it borrows one per burst.
+		bp := batchPool.Get().(*[]byte)
+		batch := append((*bp)[:0], frame...)
+		count := 1
+	fill:
+		for len(batch) < maxBatch {
+			select {
+			case frame = <-s.sendQ:
+				batch = append(batch, frame...)
+				count++
+			default:
+				break fill
+			}
+		}
+		err := s.link.writeFrames(batch)
+		s.sendBytes.Release(int64(len(batch)))
+		if cap(batch) <= 4*maxBatch {
+			*bp = batch
+			batchPool.Put(bp)
+		}
+		if err != nil {
+			return fmt.Errorf("write frames: %w", err)
+		}
+		s.msgOut.Add(float64(count))
+	}
+}
+
+// maxBatch is how many bytes of queued frames the writer joins into one write.
+const maxBatch = 64 << 10
+
+var batchPool = sync.Pool{New: func() any { b := make([]byte, 0, maxBatch); return &b }}
+
+// deliver decodes one received body and queues it for Recv. A body that
+// does not decode or validate ends the session: the peer is broken or
+// hostile, and nothing after it can be trusted to be framed right.
+func (s *Session) deliver(body []byte) error {
+	m := new(message.Message)
+	if err := s.cfg.codec.Unmarshal(body, m); err != nil {
+		s.fail(reasonFrame, err)
+		return fmt.Errorf("receive: %w", err)
+	}
+	if m.Kind == message.KindStreamOpen {
+		h, ok := s.link.(controlHandler)
+		if !ok {
+			err := fmt.Errorf("%w: %s on a %s session", message.ErrInvalid, m.Kind, s.transport)
+			s.fail(reasonFrame, err)
+			return err
+		}
+		if err := h.handleControl(m); err != nil {
+			s.fail(reasonFrame, err)
+			return err
+		}
+		return nil
+	}
+	s.msgIn.Inc()
+	select {
+	case s.recvQ <- m:
+		return nil
+	case <-s.ctx.Done():
+		return context.Cause(s.ctx)
+	}
+}
+
+// Recv returns the next message from the peer. Messages received before the
+// session ended are still returned; after them Recv returns an error that
+// wraps ErrSessionClosed.
+func (s *Session) Recv(ctx context.Context) (*message.Message, error) {
+	select {
+	case m := <-s.recvQ:
+		return m, nil
+	default:
+	}
+	select {
+	case m := <-s.recvQ:
+		return m, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	case <-s.ctx.Done():
+		select {
+		case m := <-s.recvQ:
+			return m, nil
+		default:
+		}
+		return nil, fmt.Errorf("%w: %w", ErrSessionClosed, context.Cause(s.ctx))
+	}
+}
+
+// OpenStream opens a bulk-data stream to the peer.
+func (s *Session) OpenStream(ctx context.Context) (Stream, error) {
+	st, err := s.link.openStream(ctx)
+	if err != nil {
+		return nil, s.sendErr(fmt.Errorf("open stream: %w", err))
+	}
+	return st, nil
+}
+
+// AcceptStream waits for the peer to open a bulk-data stream.
+func (s *Session) AcceptStream(ctx context.Context) (Stream, error) {
+	st, err := s.link.acceptStream(ctx)
+	if err != nil {
+		return nil, s.sendErr(fmt.Errorf("accept stream: %w", err))
+	}
+	return st, nil
+}

@@ -1,0 +1,514 @@
+package tunnel
+
+import (
+	"context"
+	"log/slog"
+	"net"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/stretchr/testify/require"
+	"go.uber.org/goleak"
+
+	"github.com/tetheredge/tether/common/message"
+)
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m)
+}
+
+func testLogger() *slog.Logger {
+	if os.Getenv("TETHER_TEST_LOG") != "" {
+		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	return slog.New(slog.DiscardHandler)
+}
+
+func testOptions() Options {
+	return Options{
+		KeepAlive:        200 * time.Millisecond,
+		DeadPeerTimeout:  2 * time.Second,
+		HandshakeTimeout: 2 * time.Second,
+		Logger:           testLogger(),
+	}
+}
+
+// testServer runs a tunnel server on loopback until the test ends.
+type testServer struct {
+	*Server
+	ca  *testCA
+	reg *prometheus.Registry
+}
+
+func startServer(t *testing.T, ca *testCA, h Handler, mutate func(*ServerConfig)) *testServer {
+	t.Helper()
+	reg := prometheus.NewRegistry()
+	cfg := ServerConfig{
+		Options:       testOptions(),
+		QUICAddr:      "127.0.0.1:0",
+		WebSocketAddr: "127.0.0.1:0",
+		TLS:           ca.serverTLS(t),
+		Handler:       h,
+	}
+	cfg.Registerer = reg
+	if mutate != nil {
+		mutate(&cfg)
+	}
+	srv, err := NewServer(cfg)
+	require.NoError(t, err)
+	require.NoError(t, srv.Listen())
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- srv.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		require.NoError(t, <-done)
+	})
+	return &testServer{Server: srv, ca: ca, reg: reg}
+}
+
+// addr returns the address a client uses for a transport.
+func (s *testServer) addr(tr Transport) string {
+	if tr == TransportQUIC {
+		return "quic://" + s.QUICAddr().String()
+	}
+	return "wss://" + s.WebSocketAddr().String()
+}
+
+func (s *testServer) refused(tr Transport, reason string) float64 {
+	return testutil.ToFloat64(s.metrics.Refused.WithLabelValues(string(tr), reason))
+}
+
+func newTestClient(t *testing.T, ca *testCA, node string, servers ...string) *Client {
+	t.Helper()
+	c, err := NewClient(ClientConfig{
+		Options: testOptions(),
+		Servers: servers,
+		Node:    node,
+		TLS:     ca.clientTLS(t, certOpts{cn: node}),
+	})
+	require.NoError(t, err)
+	return c
+}
+
+// echo answers every message with an ack naming it, carrying its payload.
+var echo = HandlerFunc(func(ctx context.Context, s *Session) {
+	for {
+		m, err := s.Recv(ctx)
+		if err != nil {
+			return
+		}
+		reply := &message.Message{Kind: message.KindAck, ReplyTo: m.ID, Node: s.Peer().Node, Payload: m.Payload}
+		if err := s.Send(ctx, reply); err != nil {
+			return
+		}
+	}
+})
+
+var transports = []Transport{TransportQUIC, TransportWebSocket}
+
+func TestSessionEcho(t *testing.T) {
+	ca := newTestCA(t)
+	srv := startServer(t, ca, echo, nil)
+	for _, tr := range transports {
+		t.Run(string(tr), func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			c := newTestClient(t, ca, "edge-1", srv.addr(tr))
+			sess, err := c.Dial(ctx)
+			require.NoError(t, err)
+			defer sess.Close("test done")
+			require.Equal(t, tr, sess.Transport())
+			require.NotEmpty(t, sess.ID())
+
+			sizes := []int{0, 1, 256, 4 << 10, 100 << 10, 3 << 20}
+			for i, n := range sizes {
+				payload := make([]byte, n)
+				for j := range payload {
+					payload[j] = byte(i + j)
+				}
+				start := time.Now()
+				require.NoError(t, sess.Send(ctx, &message.Message{ID: uint64(i + 1), Kind: message.KindEvent, Op: message.OpUpsert, Payload: payload}))
+				got, err := sess.Recv(ctx)
+				require.NoError(t, err)
+				require.Equal(t, message.KindAck, got.Kind)
+				require.Equal(t, uint64(i+1), got.ReplyTo)
+				require.Equal(t, "edge-1", got.Node, "server sees the certificate's node")
+				require.Len(t, got.Payload, n)
+				t.Logf("%d bytes echoed in %s", n, time.Since(start))
+				if n > 0 {
+					require.Equal(t, payload, got.Payload)
+				}
+			}
+		})
+	}
+}
+
+func TestManyMessagesInOrderOnControlPath(t *testing.T) {
+	ca := newTestCA(t)
+	srv := startServer(t, ca, echo, nil)
+	for _, tr := range transports {
+		t.Run(string(tr), func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			sess, err := newTestClient(t, ca, "edge-1", srv.addr(tr)).Dial(ctx)
+			require.NoError(t, err)
+			defer sess.Close("test done")
+			const n = 5000
+			errc := make(chan error, 1)
+			go func() {
+				for i := 1; i <= n; i++ {
+					if err := sess.Send(ctx, &message.Message{ID: uint64(i), Kind: message.KindEvent, Op: message.OpUpsert, Payload: make([]byte, 256)}); err != nil {
+						errc <- err
+						return
+					}
+				}
+				errc <- nil
+			}()
+			for i := 1; i <= n; i++ {
+				m, err := sess.Recv(ctx)
+				require.NoError(t, err)
+				require.Equal(t, uint64(i), m.ReplyTo, "small messages keep their order")
+			}
+			require.NoError(t, <-errc)
+		})
+	}
+}
+
+// TestLargeMessageDoesNotBlockSmall sends a large message and then small
+// ones on QUIC: the small ones travel on the prioritised control stream and
+// overtake the large one, which has its own stream.
+func TestLargeMessageDoesNotBlockSmall(t *testing.T) {
+	ca := newTestCA(t)
+	got := make(chan *message.Message, 100)
+	srv := startServer(t, ca, HandlerFunc(func(ctx context.Context, s *Session) {
+		for {
+			m, err := s.Recv(ctx)
+			if err != nil {
+				return
+			}
+			got <- m
+		}
+	}), nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	sess, err := newTestClient(t, ca, "edge-1", srv.addr(TransportQUIC)).Dial(ctx)
+	require.NoError(t, err)
+	defer sess.Close("test done")
+
+	const large = 4<<20 - 1024
+	sent := make(chan error, 1)
+	go func() {
+		sent <- sess.Send(ctx, &message.Message{ID: 1, Kind: message.KindEvent, Op: message.OpUpsert, Payload: make([]byte, large)})
+	}()
+	// Wait until the large message is on the wire, then send small ones.
+	require.Eventually(t, func() bool {
+		return sess.link.(*quicLink).conn.ConnectionStats().BytesSent > 256<<10
+	}, 10*time.Second, time.Millisecond)
+	for i := 2; i <= 11; i++ {
+		require.NoError(t, sess.Send(ctx, &message.Message{ID: uint64(i), Kind: message.KindEvent, Op: message.OpUpsert, Payload: []byte("small")}))
+	}
+	var order []uint64
+	for range 11 {
+		select {
+		case m := <-got:
+			order = append(order, m.ID)
+		case <-ctx.Done():
+			t.Fatal("messages did not arrive")
+		}
+	}
+	require.NoError(t, <-sent)
+	require.NotEqual(t, uint64(1), order[0], "the large message should not hold up the small ones: order %v", order)
+	require.Contains(t, order, uint64(1))
+}
+
+func TestStreams(t *testing.T) {
+	ca := newTestCA(t)
+	const size = 2 << 20
+	pattern := func(i int) byte { return byte(i * 7) }
+	// The server echoes every stream the client opens, and opens one to the
+	// client after each session starts, sending `size` bytes.
+	srv := startServer(t, ca, HandlerFunc(func(ctx context.Context, s *Session) {
+		st, err := s.OpenStream(ctx)
+		if err != nil {
+			return
+		}
+		buf := make([]byte, size)
+		for i := range buf {
+			buf[i] = pattern(i)
+		}
+		_, _ = st.Write(buf)
+		_ = st.Close()
+		for {
+			in, err := s.AcceptStream(ctx)
+			if err != nil {
+				return
+			}
+			b := make([]byte, size)
+			n, _ := readFull(in, b)
+			_, _ = in.Write(b[:n])
+			_ = in.Close()
+		}
+	}), nil)
+	for _, tr := range transports {
+		t.Run(string(tr), func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			sess, err := newTestClient(t, ca, "edge-1", srv.addr(tr)).Dial(ctx)
+			require.NoError(t, err)
+			defer sess.Close("test done")
+
+			in, err := sess.AcceptStream(ctx)
+			require.NoError(t, err)
+			b := make([]byte, size+1)
+			n, err := readFull(in, b)
+			require.NoError(t, err)
+			require.Equal(t, size, n, "server-opened stream carries all its bytes, then EOF")
+			for i := range n {
+				if b[i] != pattern(i) {
+					t.Fatalf("byte %d differs", i)
+				}
+			}
+			_ = in.Close()
+
+			out, err := sess.OpenStream(ctx)
+			require.NoError(t, err)
+			data := make([]byte, size)
+			for i := range data {
+				data[i] = byte(i)
+			}
+			_, err = out.Write(data)
+			require.NoError(t, err)
+			back := make([]byte, size)
+			n, err = readFull(out, back)
+			require.NoError(t, err)
+			require.Equal(t, size, n)
+			require.Equal(t, data, back)
+			_ = out.Close()
+		})
+	}
+}
+
+// readFull reads until b is full or the stream ends; EOF is not an error.
+func readFull(r interface{ Read([]byte) (int, error) }, b []byte) (int, error) {
+	n := 0
+	for n < len(b) {
+		k, err := r.Read(b[n:])
+		n += k
+		if err != nil {
+			if err.Error() == "EOF" {
+				return n, nil
+			}
+			return n, err
+		}
+	}
+	return n, nil
+}
+
+func TestFailoverAcrossServers(t *testing.T) {
+	ca := newTestCA(t)
+	srv := startServer(t, ca, echo, nil)
+	// A port with nothing behind it, on both UDP and TCP.
+	dead := freeAddr(t)
+	c, err := NewClient(ClientConfig{
+		Options:     testOptions(),
+		Servers:     []string{dead, srv.QUICAddr().String()},
+		Node:        "edge-1",
+		TLS:         ca.clientTLS(t, certOpts{cn: "edge-1"}),
+		DialTimeout: 300 * time.Millisecond,
+	})
+	require.NoError(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	sess, err := c.Dial(ctx)
+	require.NoError(t, err)
+	require.Equal(t, TransportQUIC, sess.Transport())
+	require.NoError(t, sess.Close("done"))
+	require.GreaterOrEqual(t, testutil.ToFloat64(c.metrics.DialFailures.WithLabelValues("quic")), 1.0)
+	require.GreaterOrEqual(t, testutil.ToFloat64(c.metrics.DialFailures.WithLabelValues("websocket")), 1.0)
+}
+
+// TestFallbackToWebSocket blocks UDP (the QUIC port has nothing behind it)
+// and expects the client to land on WebSocket at the same address.
+func TestFallbackToWebSocket(t *testing.T) {
+	ca := newTestCA(t)
+	srv := startServer(t, ca, echo, func(c *ServerConfig) { c.QUICAddr = "" })
+	c, err := NewClient(ClientConfig{
+		Options:     testOptions(),
+		Servers:     []string{srv.WebSocketAddr().String()},
+		Node:        "edge-1",
+		TLS:         ca.clientTLS(t, certOpts{cn: "edge-1"}),
+		DialTimeout: 500 * time.Millisecond,
+	})
+	require.NoError(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	sess, err := c.Dial(ctx)
+	require.NoError(t, err)
+	require.Equal(t, TransportWebSocket, sess.Transport())
+	require.NoError(t, sess.Close("done"))
+}
+
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	addr := ln.Addr().String()
+	require.NoError(t, ln.Close())
+	return addr
+}
+
+// TestRunReconnects checks that Run dials again after the session drops
+// and reaches a second server when the first one is gone.
+func TestRunReconnects(t *testing.T) {
+	ca := newTestCA(t)
+	first := startServerCancelable(t, ca)
+	second := startServer(t, ca, echo, nil)
+	c, err := NewClient(ClientConfig{
+		Options:     testOptions(),
+		Servers:     []string{"quic://" + first.srv.QUICAddr().String(), "quic://" + second.QUICAddr().String()},
+		Node:        "edge-1",
+		TLS:         ca.clientTLS(t, certOpts{cn: "edge-1"}),
+		DialTimeout: 300 * time.Millisecond,
+		Backoff:     Backoff{Min: 10 * time.Millisecond, Max: 50 * time.Millisecond},
+	})
+	require.NoError(t, err)
+	ctx, cancel := context.WithCancel(context.Background())
+	sessions := make(chan string, 10)
+	done := make(chan error, 1)
+	go func() {
+		done <- c.Run(ctx, func(ctx context.Context, s *Session) error {
+			sessions <- s.ID()
+			<-s.Done()
+			return nil
+		})
+	}()
+	first1 := <-sessions
+	first.stop() // the first cloud goes away
+	var second1 string
+	select {
+	case second1 = <-sessions:
+	case <-time.After(10 * time.Second):
+		t.Fatal("client did not reconnect")
+	}
+	require.NotEqual(t, first1, second1)
+	cancel()
+	require.NoError(t, <-done)
+}
+
+type stoppable struct {
+	srv  *Server
+	stop func()
+}
+
+func startServerCancelable(t *testing.T, ca *testCA) *stoppable {
+	cfg := ServerConfig{Options: testOptions(), QUICAddr: "127.0.0.1:0", TLS: ca.serverTLS(t), Handler: echo}
+	srv, err := NewServer(cfg)
+	require.NoError(t, err)
+	require.NoError(t, srv.Listen())
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- srv.Run(ctx) }()
+	stopped := false
+	stop := func() {
+		if !stopped {
+			stopped = true
+			cancel()
+			require.NoError(t, <-done)
+		}
+	}
+	t.Cleanup(stop)
+	return &stoppable{srv: srv, stop: stop}
+}
+
+// TestSendIsBoundedBySlowPeer: a peer that never reads makes Send wait for
+// queue space, and Send honours its context instead of growing memory.
+func TestSendIsBoundedBySlowPeer(t *testing.T) {
+	ca := newTestCA(t)
+	srv := startServer(t, ca, HandlerFunc(func(ctx context.Context, s *Session) { <-ctx.Done() }), nil)
+	for _, tr := range transports {
+		t.Run(string(tr), func(t *testing.T) {
+			c, err := NewClient(ClientConfig{
+				Options: func() Options {
+					o := testOptions()
+					o.SendQueueBytes = 1 << 20
+					o.MaxFrame = 64 << 10
+					o.RecvQueue = 4
+					return o
+				}(),
+				Servers: []string{srv.addr(tr)},
+				Node:    "edge-1",
+				TLS:     ca.clientTLS(t, certOpts{cn: "edge-1"}),
+			})
+			require.NoError(t, err)
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			sess, err := c.Dial(ctx)
+			require.NoError(t, err)
+			defer sess.Close("test done")
+			payload := make([]byte, 16<<10)
+			var sentBytes int
+			for {
+				sctx, scancel := context.WithTimeout(ctx, 300*time.Millisecond)
+				err := sess.Send(sctx, &message.Message{Kind: message.KindEvent, Op: message.OpUpsert, Payload: payload})
+				scancel()
+				if err != nil {
+					require.ErrorIs(t, err, context.DeadlineExceeded)
+					break
+				}
+				sentBytes += len(payload)
+				require.Less(t, sentBytes, 256<<20, "Send never blocked: the queue is not bounded")
+			}
+			t.Logf("%s: %d KiB accepted before Send blocked", tr, sentBytes>>10)
+		})
+	}
+}
+
+func TestSessionEndsWhenServerStops(t *testing.T) {
+	ca := newTestCA(t)
+	for _, tr := range transports {
+		t.Run(string(tr), func(t *testing.T) {
+			cfg := ServerConfig{Options: testOptions(), WebSocketAddr: "127.0.0.1:0", QUICAddr: "127.0.0.1:0", TLS: ca.serverTLS(t), Handler: echo}
+			s2, err := NewServer(cfg)
+			require.NoError(t, err)
+			require.NoError(t, s2.Listen())
+			ctx, cancel := context.WithCancel(context.Background())
+			done := make(chan error, 1)
+			go func() { done <- s2.Run(ctx) }()
+			addr := "quic://" + s2.QUICAddr().String()
+			if tr == TransportWebSocket {
+				addr = "wss://" + s2.WebSocketAddr().String()
+			}
+			sess, err := newTestClient(t, ca, "edge-1", addr).Dial(context.Background())
+			require.NoError(t, err)
+			cancel()
+			require.NoError(t, <-done)
+			select {
+			case <-sess.Done():
+			case <-time.After(5 * time.Second):
+				t.Fatal("client session did not notice the server stopping")
+			}
+			_, err = sess.Recv(context.Background())
+			require.ErrorIs(t, err, ErrSessionClosed)
+			require.Error(t, sess.Send(context.Background(), &message.Message{Kind: message.KindAck}))
+		})
+	}
+}
+
+func TestOptionsValidation(t *testing.T) {
+	_, err := NewServer(ServerConfig{})
+	require.Error(t, err)
+	_, err = NewClient(ClientConfig{Servers: []string{"ftp://x:1"}, Node: "n", TLS: nil})
+	require.Error(t, err)
+	_, err = Options{KeepAlive: time.Second, DeadPeerTimeout: time.Second}.withDefaults()
+	require.Error(t, err)
+	_, err = Options{MaxFrame: 1 << 20, SendQueueBytes: 1024}.withDefaults()
+	require.Error(t, err)
+	o, err := Options{}.withDefaults()
+	require.NoError(t, err)
+	require.Equal(t, 15*time.Second, o.DeadPeerTimeout)
+	require.Equal(t, message.DefaultMaxFrame, o.MaxFrame)
+}
