@@ -122,7 +122,10 @@ func (s *Server) Metrics() *Metrics { return s.metrics }
 func (s *Server) tlsConfig(t Transport) *tls.Config {
 	base := s.cfg.TLS.Clone()
 	base.MinVersion = tls.VersionTLS13
-	base.ClientAuth = tls.RequireAnyClientCert // verified in VerifyConnection
+	// Certificates are requested, and their presence and validity decided
+	// in VerifyConnection, so that every refusal is logged and counted the
+	// same way on both transports.
+	base.ClientAuth = tls.RequestClientCert
 	if t == TransportQUIC {
 		base.NextProtos = []string{alpnQUIC}
 	} else {
@@ -235,8 +238,7 @@ func (s *Server) Run(ctx context.Context) error {
 }
 
 func (s *Server) serveQUIC(ctx context.Context, g *errgroup.Group) error {
-	stop := context.AfterFunc(ctx, func() { _ = s.quicLn.Close() })
-	defer stop()
+	defer func() { _ = s.quicLn.Close() }() // Accept(ctx) returns when ctx ends
 	for {
 		conn, err := s.quicLn.Accept(ctx)
 		if err != nil {

@@ -122,8 +122,14 @@ func (s *Session) start() {
 	g.Go(func() error { return s.writeLoop(ctx) })
 	g.Go(func() error {
 		err := s.link.run(ctx, g, s.deliver)
-		if err == nil {
+		switch {
+		case err == nil:
 			err = errPeerClosed
+		case errors.Is(err, message.ErrFrameTooLarge), errors.Is(err, message.ErrEmptyFrame),
+			errors.Is(err, message.ErrMalformed), errors.Is(err, message.ErrInvalid):
+			if s.ctx.Err() == nil { // deliver has not already counted it
+				s.fail(reasonFrame, err)
+			}
 		}
 		s.cancel(err)
 		return err
