@@ -334,4 +334,3 @@ func (w *wsClientStreams) control(ctx context.Context, g *errgroup.Group, m *mes
 	})
 	return nil
 }
-

@@ -1,6 +1,7 @@
 package tunnel
 
 import (
+	"errors"
 	"io"
 	"net"
 	"sync"
@@ -77,7 +78,7 @@ func startTCPProxy(t *testing.T, target string) *partitionProxy {
 		for {
 			n, err := src.Read(buf)
 			if err != nil {
-				if err != io.EOF {
+				if !errors.Is(err, io.EOF) {
 					_ = dst.Close()
 				}
 				return

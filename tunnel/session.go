@@ -1,3 +1,8 @@
+// Package tunnel is the long-lived, mutually authenticated connection
+// between EdgeCore and CloudCore: QUIC (preferred) and WebSocket over TLS
+// (fallback), both giving one Session with bounded send queues, keepalive
+// and dead-peer detection, and bulk streams. It carries common/message
+// envelopes and knows nothing of Kubernetes or of what the messages mean.
 package tunnel
 
 import (

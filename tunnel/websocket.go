@@ -116,7 +116,7 @@ func (l *wsLink) run(ctx context.Context, g *errgroup.Group, deliver func([]byte
 			case <-t.C:
 				err := l.conn.WriteControl(websocket.PingMessage, nil, time.Now().Add(l.deadPeer/2))
 				var ne net.Error
-				if err != nil && !(errors.As(err, &ne) && ne.Timeout()) {
+				if err != nil && (!errors.As(err, &ne) || !ne.Timeout()) {
 					return nil // the reader sees the broken connection and reports it
 				}
 			}

@@ -1,0 +1,70 @@
+// Package hub is CloudCore's side of the tunnel: it keeps one live session
+// per edge node and hands each node's messages to the cloud's logic. It
+// holds no Kubernetes state of its own.
+package hub
+
+import (
+	"context"
+	"log/slog"
+	"sync"
+
+	"github.com/tetheredge/tether/common/message"
+	"github.com/tetheredge/tether/tunnel"
+)
+
+// Hub tracks the connected edge nodes. It is a tunnel.Handler.
+type Hub struct {
+	logger *slog.Logger
+
+	mu       sync.Mutex
+	sessions map[string]*tunnel.Session
+}
+
+// New returns an empty hub.
+func New(logger *slog.Logger) *Hub {
+	return &Hub{logger: logger.With("component", "hub"), sessions: make(map[string]*tunnel.Session)}
+}
+
+// Handle serves one node's session until it ends. A node that connects
+// again replaces its older session, which is closed: one node, one session.
+func (h *Hub) Handle(ctx context.Context, s *tunnel.Session) {
+	node := s.Peer().Node
+	h.mu.Lock()
+	old := h.sessions[node]
+	h.sessions[node] = s
+	h.mu.Unlock()
+	if old != nil {
+		_ = old.Close("replaced by a newer session of the same node")
+	}
+	defer func() {
+		h.mu.Lock()
+		if h.sessions[node] == s {
+			delete(h.sessions, node)
+		}
+		h.mu.Unlock()
+	}()
+	log := h.logger.With("node", node, "session", s.ID())
+	log.Info("edge connected", "transport", string(s.Transport()))
+	for {
+		m, err := s.Recv(ctx)
+		if err != nil {
+			log.Info("edge disconnected", "reason", err)
+			return
+		}
+		log.Debug("message from edge", "kind", m.Kind.String(), "resource", m.Resource.String())
+		if m.Kind == message.KindGoodbye {
+			return
+		}
+	}
+}
+
+// Connected returns the names of the nodes with a live session.
+func (h *Hub) Connected() []string {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	names := make([]string, 0, len(h.sessions))
+	for n := range h.sessions {
+		names = append(names, n)
+	}
+	return names
+}

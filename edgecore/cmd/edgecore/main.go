@@ -1,0 +1,91 @@
+// Command edgecore is Tether's edge side: it keeps a session to the cloud.
+// This file only parses flags and wires components together.
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/tetheredge/tether/common/pki"
+	"github.com/tetheredge/tether/edgecore/edgehub"
+	"github.com/tetheredge/tether/tunnel"
+)
+
+func main() {
+	if err := newRootCommand().Execute(); err != nil {
+		fmt.Fprintln(os.Stderr, "edgecore:", err)
+		os.Exit(1)
+	}
+}
+
+type flags struct {
+	cloud           []string
+	node            string
+	cert, key, ca   string
+	keepAlive, dead time.Duration
+	logLevel        string
+}
+
+func newRootCommand() *cobra.Command {
+	var f flags
+	root := &cobra.Command{
+		Use:           "edgecore",
+		Short:         "Tether's edge side: stays connected to CloudCore",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return run(cmd.Context(), f)
+		},
+	}
+	fl := root.Flags()
+	fl.StringSliceVar(&f.cloud, "cloud", nil, "cloud addresses, tried in order: host:port (QUIC, then WebSocket), quic://host:port or wss://host:port")
+	fl.StringVar(&f.node, "node", "", "this node's name (must match the certificate)")
+	fl.StringVar(&f.cert, "tls-cert", "", "node certificate (PEM)")
+	fl.StringVar(&f.key, "tls-key", "", "node private key (PEM)")
+	fl.StringVar(&f.ca, "ca", "", "cluster CA that signs the cloud's certificate (PEM)")
+	fl.DurationVar(&f.keepAlive, "keepalive", 5*time.Second, "keepalive interval")
+	fl.DurationVar(&f.dead, "dead-peer-timeout", 15*time.Second, "silence after which the cloud is declared gone")
+	fl.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
+	return root
+}
+
+func run(ctx context.Context, f flags) error {
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(f.logLevel)); err != nil {
+		return fmt.Errorf("log level %q: %w", f.logLevel, err)
+	}
+	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	if len(f.cloud) == 0 || f.node == "" || f.cert == "" || f.key == "" || f.ca == "" {
+		return errors.New("--cloud, --node, --tls-cert, --tls-key and --ca are required")
+	}
+	pair, err := tls.LoadX509KeyPair(f.cert, f.key)
+	if err != nil {
+		return fmt.Errorf("load node certificate: %w", err)
+	}
+	pool, err := pki.LoadPool(f.ca)
+	if err != nil {
+		return err
+	}
+	client, err := tunnel.NewClient(tunnel.ClientConfig{
+		Options: tunnel.Options{KeepAlive: f.keepAlive, DeadPeerTimeout: f.dead, Logger: logger},
+		Servers: f.cloud,
+		Node:    f.node,
+		Agent:   "edgecore",
+		TLS:     &tls.Config{Certificates: []tls.Certificate{pair}, RootCAs: pool, MinVersion: tls.VersionTLS13},
+	})
+	if err != nil {
+		return err
+	}
+	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	return edgehub.New(client, logger).Run(ctx)
+}
