@@ -17,6 +17,8 @@ type Metrics struct {
 	Messages *prometheus.CounterVec
 	// DialFailures counts failed dial attempts by transport (client side).
 	DialFailures *prometheus.CounterVec
+	// Bytes counts frame bytes (length prefix included) by direction.
+	Bytes *prometheus.CounterVec
 }
 
 // Refusal reasons: a fixed set so that the metric's cardinality is bounded.
@@ -50,9 +52,12 @@ func newMetrics(reg prometheus.Registerer, side string) *Metrics {
 		DialFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "tether_tunnel_dial_failures_total", Help: "Failed dial attempts, by transport.", ConstLabels: labels,
 		}, []string{"transport"}),
+		Bytes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tether_tunnel_bytes_total", Help: "Frame bytes sent and received, length prefixes included.", ConstLabels: labels,
+		}, []string{"direction"}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.SessionsOpened, m.SessionsActive, m.Refused, m.Messages, m.DialFailures)
+		reg.MustRegister(m.SessionsOpened, m.SessionsActive, m.Refused, m.Messages, m.DialFailures, m.Bytes)
 	}
 	return m
 }

@@ -66,6 +66,7 @@ type Server struct {
 
 	mu       sync.Mutex
 	quicLn   *quic.Listener
+	quicTr   *quic.Transport // owns the UDP socket, so Run can release it
 	tcpLn    net.Listener
 	wsByID   map[string]*wsServerStreams
 	upgrader websocket.Upgrader
@@ -174,25 +175,39 @@ func (s *Server) Listen() error {
 		return nil
 	}
 	if s.cfg.QUICAddr != "" {
-		ln, err := quic.ListenAddr(s.cfg.QUICAddr, s.tlsConfig(TransportQUIC),
-			quicConfig(s.cfg.KeepAlive, s.cfg.DeadPeerTimeout, s.cfg.HandshakeTimeout))
+		udpAddr, err := net.ResolveUDPAddr("udp", s.cfg.QUICAddr)
 		if err != nil {
 			return fmt.Errorf("listen quic %s: %w", s.cfg.QUICAddr, err)
 		}
-		s.quicLn = ln
+		udp, err := net.ListenUDP("udp", udpAddr)
+		if err != nil {
+			return fmt.Errorf("listen quic %s: %w", s.cfg.QUICAddr, err)
+		}
+		tr := &quic.Transport{Conn: udp}
+		ln, err := tr.Listen(s.tlsConfig(TransportQUIC), quicConfig(s.cfg.KeepAlive, s.cfg.DeadPeerTimeout, s.cfg.HandshakeTimeout))
+		if err != nil {
+			_ = udp.Close()
+			return fmt.Errorf("listen quic %s: %w", s.cfg.QUICAddr, err)
+		}
+		s.quicLn, s.quicTr = ln, tr
 	}
 	if s.cfg.WebSocketAddr != "" {
 		ln, err := net.Listen("tcp", s.cfg.WebSocketAddr)
 		if err != nil {
 			if s.quicLn != nil {
-				_ = s.quicLn.Close()
-				s.quicLn = nil
+				s.closeQUIC()
 			}
 			return fmt.Errorf("listen tcp %s: %w", s.cfg.WebSocketAddr, err)
 		}
 		s.tcpLn = ln
 	}
 	return nil
+}
+
+func (s *Server) closeQUIC() {
+	_ = s.quicLn.Close()
+	_ = s.quicTr.Close()
+	_ = s.quicTr.Conn.Close()
 }
 
 // QUICAddr returns the bound UDP address, or nil.
@@ -238,7 +253,9 @@ func (s *Server) Run(ctx context.Context) error {
 }
 
 func (s *Server) serveQUIC(ctx context.Context, g *errgroup.Group) error {
-	defer func() { _ = s.quicLn.Close() }() // Accept(ctx) returns when ctx ends
+	// Accept(ctx) returns when ctx ends. Closing the transport, not just
+	// the listener, ends lingering connections and releases the port.
+	defer s.closeQUIC()
 	for {
 		conn, err := s.quicLn.Accept(ctx)
 		if err != nil {

@@ -92,6 +92,8 @@ type Session struct {
 	recvQ     chan *message.Message
 	msgIn     prometheus.Counter
 	msgOut    prometheus.Counter
+	bytesIn   prometheus.Counter
+	bytesOut  prometheus.Counter
 
 	ctx       context.Context
 	cancel    context.CancelCauseFunc
@@ -114,6 +116,8 @@ func newSession(id string, peer Identity, t Transport, l link, cfg sessionConfig
 		recvQ:     make(chan *message.Message, cfg.recvQueue),
 		msgIn:     cfg.metrics.Messages.WithLabelValues("in"),
 		msgOut:    cfg.metrics.Messages.WithLabelValues("out"),
+		bytesIn:   cfg.metrics.Bytes.WithLabelValues("in"),
+		bytesOut:  cfg.metrics.Bytes.WithLabelValues("out"),
 		ctx:       ctx,
 		cancel:    cancel,
 		done:      make(chan struct{}),
@@ -229,6 +233,7 @@ func (s *Session) Send(ctx context.Context, m *message.Message) error {
 				return s.sendErr(fmt.Errorf("send large %s: %w", m.Kind, err))
 			}
 			s.msgOut.Inc()
+			s.bytesOut.Add(float64(len(frame)))
 			return nil
 		}
 	}
@@ -302,6 +307,7 @@ func (s *Session) writeLoop(ctx context.Context) error {
 			return fmt.Errorf("write frames: %w", err)
 		}
 		s.msgOut.Add(float64(count))
+		s.bytesOut.Add(float64(len(batch)))
 	}
 }
 
@@ -333,6 +339,7 @@ func (s *Session) deliver(body []byte) error {
 		return nil
 	}
 	s.msgIn.Inc()
+	s.bytesIn.Add(float64(len(body) + 4))
 	select {
 	case s.recvQ <- m:
 		return nil

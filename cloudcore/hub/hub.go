@@ -8,21 +8,27 @@ import (
 	"log/slog"
 	"sync"
 
-	"github.com/tetheredge/tether/common/message"
 	"github.com/tetheredge/tether/tunnel"
 )
 
-// Hub tracks the connected edge nodes. It is a tunnel.Handler.
+// Protocol serves one node's session (the sync dispatcher).
+type Protocol interface {
+	Serve(ctx context.Context, s *tunnel.Session) error
+}
+
+// Hub tracks the connected edge nodes and runs the protocol on each
+// session. It is a tunnel.Handler.
 type Hub struct {
-	logger *slog.Logger
+	logger   *slog.Logger
+	protocol Protocol
 
 	mu       sync.Mutex
 	sessions map[string]*tunnel.Session
 }
 
-// New returns an empty hub.
-func New(logger *slog.Logger) *Hub {
-	return &Hub{logger: logger.With("component", "hub"), sessions: make(map[string]*tunnel.Session)}
+// New returns an empty hub that serves sessions with p.
+func New(p Protocol, logger *slog.Logger) *Hub {
+	return &Hub{logger: logger.With("component", "hub"), protocol: p, sessions: make(map[string]*tunnel.Session)}
 }
 
 // Handle serves one node's session until it ends. A node that connects
@@ -45,17 +51,8 @@ func (h *Hub) Handle(ctx context.Context, s *tunnel.Session) {
 	}()
 	log := h.logger.With("node", node, "session", s.ID())
 	log.Info("edge connected", "transport", string(s.Transport()))
-	for {
-		m, err := s.Recv(ctx)
-		if err != nil {
-			log.Info("edge disconnected", "reason", err)
-			return
-		}
-		log.Debug("message from edge", "kind", m.Kind.String(), "resource", m.Resource.String())
-		if m.Kind == message.KindGoodbye {
-			return
-		}
-	}
+	err := h.protocol.Serve(ctx, s)
+	log.Info("edge disconnected", "reason", s.Err(), "err", err)
 }
 
 // Connected returns the names of the nodes with a live session.

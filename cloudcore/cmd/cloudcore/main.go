@@ -14,9 +14,16 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/cobra"
+	"golang.org/x/sync/errgroup"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/clientcmd"
 
+	"github.com/tetheredge/tether/cloudcore/catalog"
+	"github.com/tetheredge/tether/cloudcore/dispatch"
 	"github.com/tetheredge/tether/cloudcore/hub"
+	"github.com/tetheredge/tether/cloudcore/upstream"
 	"github.com/tetheredge/tether/common/pki"
 	"github.com/tetheredge/tether/tunnel"
 )
@@ -33,6 +40,8 @@ type serveFlags struct {
 	cert, key, ca    string
 	keepAlive, dead  time.Duration
 	logLevel         string
+	kubeconfig       string
+	edgeLabel        string
 }
 
 func newRootCommand() *cobra.Command {
@@ -55,6 +64,8 @@ func newRootCommand() *cobra.Command {
 	fl.DurationVar(&f.keepAlive, "keepalive", 5*time.Second, "keepalive interval")
 	fl.DurationVar(&f.dead, "dead-peer-timeout", 15*time.Second, "silence after which an edge is declared gone")
 	fl.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
+	fl.StringVar(&f.kubeconfig, "kubeconfig", "", "kubeconfig of the cluster (empty: in-cluster config)")
+	fl.StringVar(&f.edgeLabel, "edge-label", catalog.DefaultEdgeLabel, "label that marks a Node as an edge node")
 	root.AddCommand(newDevPKICommand())
 	return root
 }
@@ -83,20 +94,48 @@ func serve(ctx context.Context, f serveFlags) error {
 	if err != nil {
 		return err
 	}
-	h := hub.New(logger)
+	restCfg, err := clientcmd.BuildConfigFromFlags("", f.kubeconfig)
+	if err != nil {
+		return fmt.Errorf("kubernetes client config: %w", err)
+	}
+	client, err := kubernetes.NewForConfig(restCfg)
+	if err != nil {
+		return fmt.Errorf("kubernetes client: %w", err)
+	}
+	reg := prometheus.NewRegistry()
+	cat, err := catalog.New(client, catalog.Config{EdgeLabel: f.edgeLabel, Logger: logger})
+	if err != nil {
+		return err
+	}
+	up, err := upstream.New(client, cat, upstream.Config{EdgeLabel: f.edgeLabel, Logger: logger})
+	if err != nil {
+		return err
+	}
+	disp := dispatch.New(cat, up, dispatch.Config{}, logger, reg)
+	cat.Subscribe(disp.Notify)
 	srv, err := tunnel.NewServer(tunnel.ServerConfig{
-		Options:       tunnel.Options{KeepAlive: f.keepAlive, DeadPeerTimeout: f.dead, Logger: logger},
+		Options:       tunnel.Options{KeepAlive: f.keepAlive, DeadPeerTimeout: f.dead, Logger: logger, Registerer: reg},
 		QUICAddr:      f.quicAddr,
 		WebSocketAddr: f.wsAddr,
 		TLS:           &tls.Config{Certificates: []tls.Certificate{pair}, ClientCAs: pool, MinVersion: tls.VersionTLS13},
-		Handler:       h,
+		Handler:       hub.New(disp, logger),
 	})
 	if err != nil {
 		return err
 	}
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	return srv.Run(ctx)
+	g, ctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return cat.Run(ctx) })
+	g.Go(func() error {
+		// Serving before the cache is complete would tell edges to prune
+		// objects the cloud has simply not seen yet.
+		if err := cat.WaitForSync(ctx); err != nil {
+			return err
+		}
+		return srv.Run(ctx)
+	})
+	return g.Wait()
 }
 
 // newDevPKICommand writes a throwaway CA, a server certificate and node

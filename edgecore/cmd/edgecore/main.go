@@ -10,13 +10,19 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"syscall"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/cobra"
+	"golang.org/x/sync/errgroup"
 
 	"github.com/tetheredge/tether/common/pki"
 	"github.com/tetheredge/tether/edgecore/edgehub"
+	"github.com/tetheredge/tether/edgecore/nodestatus"
+	"github.com/tetheredge/tether/edgecore/store"
+	"github.com/tetheredge/tether/edgecore/syncer"
 	"github.com/tetheredge/tether/tunnel"
 )
 
@@ -33,6 +39,7 @@ type flags struct {
 	cert, key, ca   string
 	keepAlive, dead time.Duration
 	logLevel        string
+	dataDir         string
 }
 
 func newRootCommand() *cobra.Command {
@@ -55,6 +62,7 @@ func newRootCommand() *cobra.Command {
 	fl.DurationVar(&f.keepAlive, "keepalive", 5*time.Second, "keepalive interval")
 	fl.DurationVar(&f.dead, "dead-peer-timeout", 15*time.Second, "silence after which the cloud is declared gone")
 	fl.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
+	fl.StringVar(&f.dataDir, "data-dir", "/var/lib/tether/edgecore", "directory of the node's state (SQLite)")
 	return root
 }
 
@@ -87,5 +95,22 @@ func run(ctx context.Context, f flags) error {
 	}
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	return edgehub.New(client, logger).Run(ctx)
+	if err := os.MkdirAll(f.dataDir, 0o700); err != nil {
+		return fmt.Errorf("create data directory: %w", err)
+	}
+	st, err := store.Open(ctx, filepath.Join(f.dataDir, "edgecore.db"), logger)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	reg := prometheus.NewRegistry()
+	sy := syncer.New(st, syncer.Config{}, logger, reg)
+	reporter, err := nodestatus.New(nodestatus.Config{Node: f.node}, sy, logger)
+	if err != nil {
+		return err
+	}
+	g, ctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return reporter.Run(ctx) })
+	g.Go(func() error { return edgehub.New(client, sy, logger).Run(ctx) })
+	return g.Wait()
 }

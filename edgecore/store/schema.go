@@ -1,0 +1,130 @@
+package store
+
+import (
+	"context"
+	"database/sql"
+	"fmt"
+	"log/slog"
+)
+
+// migration is one step of the schema. Step n (1-based) takes the file from
+// schema version n-1 to n; the version is PRAGMA user_version, which is part
+// of the SQLite header and changes in the same transaction as the step.
+// Steps are only ever appended: a released step is never edited.
+type migration struct {
+	version int
+	name    string
+	sql     string
+}
+
+// migrations returns the schema, oldest step first. It is a function, not
+// a package variable, so that no code can change the schema at run time.
+func migrations() []migration {
+	return []migration{
+		{version: 1, name: "objects, outbox and meta", sql: `
+CREATE TABLE objects (
+	key              TEXT    NOT NULL PRIMARY KEY, -- objsync.Key.String()
+	key_hash         INTEGER NOT NULL,             -- int64(objsync.Key.Hash())
+	"group"          TEXT    NOT NULL,
+	kind             TEXT    NOT NULL,
+	namespace        TEXT    NOT NULL,
+	name             TEXT    NOT NULL,
+	uid              TEXT    NOT NULL,
+	api_version      TEXT    NOT NULL,             -- message.Resource.Version
+	resource_version TEXT    NOT NULL,             -- opaque
+	version_hash     INTEGER NOT NULL,             -- int64(objsync.VersionHash(uid, resource_version))
+	data             BLOB    NOT NULL,             -- the object's JSON
+	updated_at       INTEGER NOT NULL              -- Unix nanoseconds
+) STRICT;
+
+-- Lookup by key hash (prune) and the inventory, which it covers.
+CREATE INDEX objects_inventory ON objects (key_hash, version_hash);
+-- List by kind and namespace, in namespace/name order.
+CREATE INDEX objects_by_kind ON objects (kind, namespace, name);
+
+CREATE TABLE outbox (
+	key         TEXT    NOT NULL PRIMARY KEY,      -- objsync.Key.String()
+	seq         INTEGER NOT NULL UNIQUE,           -- from meta.outbox_seq
+	op          INTEGER NOT NULL,                  -- message.Op
+	"group"     TEXT    NOT NULL,
+	api_version TEXT    NOT NULL,
+	kind        TEXT    NOT NULL,
+	namespace   TEXT    NOT NULL,
+	name        TEXT    NOT NULL,
+	uid         TEXT    NOT NULL,
+	data        BLOB    NOT NULL,
+	created_at  INTEGER NOT NULL                   -- Unix ns; when the key became pending
+) STRICT;
+
+CREATE TABLE meta (
+	name  TEXT    NOT NULL PRIMARY KEY,
+	value INTEGER NOT NULL
+) STRICT, WITHOUT ROWID;
+
+-- The last outbox sequence number handed out. It only grows, so a seq is
+-- never reused even after the item that had it is acknowledged.
+INSERT INTO meta (name, value) VALUES ('outbox_seq', 0);
+
+PRAGMA application_id = 1413829704; -- applicationID, "TETH"
+`},
+	}
+}
+
+// migrate applies the steps the file does not have yet, each in its own
+// transaction, and returns the resulting schema version.
+func migrate(ctx context.Context, db *sql.DB, steps []migration, logger *slog.Logger) (int, error) {
+	for i, m := range steps {
+		if m.version != i+1 {
+			return 0, fmt.Errorf("migration %d %q has version %d", i+1, m.name, m.version)
+		}
+	}
+	version := 0
+	for _, m := range steps {
+		applied, from, err := migrateStep(ctx, db, m, len(steps))
+		if err != nil {
+			return 0, fmt.Errorf("migrate to schema version %d (%s): %w", m.version, m.name, err)
+		}
+		if applied {
+			logger.Info("schema migrated", "from_version", from, "to_version", m.version, "step", m.name)
+		}
+		version = max(from, m.version)
+	}
+	return version, nil
+}
+
+// migrateStep applies one step if the file's version is just below it. It
+// reads the version inside the write transaction, so a concurrent opener
+// cannot apply the same step twice.
+func migrateStep(ctx context.Context, db *sql.DB, m migration, latest int) (applied bool, from int, err error) {
+	tx, err := db.BeginTx(ctx, nil)
+	if err != nil {
+		return false, 0, fmt.Errorf("begin: %w", err)
+	}
+	defer func() {
+		if !applied {
+			_ = tx.Rollback() // nothing was written, or the error is reported
+		}
+	}()
+	if err := tx.QueryRowContext(ctx, "PRAGMA user_version").Scan(&from); err != nil {
+		return false, 0, fmt.Errorf("read schema version: %w", err)
+	}
+	switch {
+	case from > latest:
+		return false, from, fmt.Errorf("%w: file has version %d, this build knows up to %d", ErrSchemaTooNew, from, latest)
+	case from >= m.version:
+		return false, from, nil
+	case from != m.version-1:
+		return false, from, fmt.Errorf("file has version %d, step needs %d", from, m.version-1)
+	}
+	if _, err := tx.ExecContext(ctx, m.sql); err != nil {
+		return false, from, fmt.Errorf("apply: %w", err)
+	}
+	// PRAGMA takes no bound parameters; the version is an int we control.
+	if _, err := tx.ExecContext(ctx, fmt.Sprintf("PRAGMA user_version = %d", m.version)); err != nil {
+		return false, from, fmt.Errorf("set version: %w", err)
+	}
+	if err := tx.Commit(); err != nil {
+		return false, from, fmt.Errorf("commit: %w", err)
+	}
+	return true, from, nil
+}

@@ -1,0 +1,257 @@
+package e2e
+
+import (
+	"context"
+	"crypto/tls"
+	"log/slog"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+	"github.com/stretchr/testify/require"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+
+	"github.com/tetheredge/tether/cloudcore/catalog"
+	"github.com/tetheredge/tether/cloudcore/dispatch"
+	"github.com/tetheredge/tether/cloudcore/hub"
+	"github.com/tetheredge/tether/cloudcore/upstream"
+	"github.com/tetheredge/tether/common/objsync"
+	"github.com/tetheredge/tether/common/pki"
+	"github.com/tetheredge/tether/edgecore/edgehub"
+	"github.com/tetheredge/tether/edgecore/store"
+	"github.com/tetheredge/tether/edgecore/syncer"
+	"github.com/tetheredge/tether/tests/controlplane"
+	"github.com/tetheredge/tether/tunnel"
+)
+
+var cp controlplane.Shared
+
+func TestMain(m *testing.M) { os.Exit(cp.Run(m)) }
+
+func logger() *slog.Logger {
+	if os.Getenv("TETHER_TEST_LOG") != "" {
+		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	return slog.New(slog.DiscardHandler)
+}
+
+// requestCounter counts API requests that are not watches: the LISTs and
+// GETs a reconnect must never cause.
+type requestCounter struct {
+	reads  atomic.Int64
+	writes atomic.Int64
+	next   http.RoundTripper
+}
+
+func (c *requestCounter) RoundTrip(r *http.Request) (*http.Response, error) {
+	if r.Method == http.MethodGet {
+		if r.URL.Query().Get("watch") != "true" && !strings.Contains(r.URL.Path, "/watch/") {
+			c.reads.Add(1)
+		}
+	} else {
+		c.writes.Add(1)
+	}
+	return c.next.RoundTrip(r)
+}
+
+// pkiSet is a cluster CA with the server's certificate.
+type pkiSet struct {
+	ca     *pki.CA
+	server tls.Certificate
+}
+
+func newPKI(t *testing.T) *pkiSet {
+	ca, err := pki.NewCA("e2e", time.Hour)
+	require.NoError(t, err)
+	cert, key, err := ca.Issue(pki.LeafRequest{CommonName: "cloudcore", Usage: pki.UsageServer, Hosts: []string{"127.0.0.1"}, Validity: time.Hour})
+	require.NoError(t, err)
+	return &pkiSet{ca: ca, server: tls.Certificate{Certificate: [][]byte{cert.Raw}, PrivateKey: key, Leaf: cert}}
+}
+
+func (p *pkiSet) client(t *testing.T, node string) *tls.Config {
+	cert, key, err := p.ca.Issue(pki.LeafRequest{CommonName: node, Usage: pki.UsageClient, Validity: time.Hour})
+	require.NoError(t, err)
+	return &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{cert.Raw}, PrivateKey: key}}, RootCAs: p.ca.Pool(), MinVersion: tls.VersionTLS13}
+}
+
+// cloud is an in-process CloudCore: catalog, dispatcher, upstream writer
+// and tunnel server, with its API requests counted.
+type cloud struct {
+	cat      *catalog.Catalog
+	srv      *tunnel.Server
+	reg      *prometheus.Registry
+	requests *requestCounter
+	stop     func()
+}
+
+func startCloud(t *testing.T, cfg *rest.Config, p *pkiSet, addr string) *cloud {
+	t.Helper()
+	counted := rest.CopyConfig(cfg)
+	rc := &requestCounter{}
+	counted.Wrap(func(rt http.RoundTripper) http.RoundTripper { rc.next = rt; return rc })
+	counted.QPS, counted.Burst = 1000, 1000
+	client, err := kubernetes.NewForConfig(counted)
+	require.NoError(t, err)
+	log := logger()
+	reg := prometheus.NewRegistry()
+	cat, err := catalog.New(client, catalog.Config{Logger: log})
+	require.NoError(t, err)
+	up, err := upstream.New(client, cat, upstream.Config{EdgeLabel: catalog.DefaultEdgeLabel, Logger: log})
+	require.NoError(t, err)
+	disp := dispatch.New(cat, up, dispatch.Config{}, log, reg)
+	cat.Subscribe(disp.Notify)
+	srv, err := tunnel.NewServer(tunnel.ServerConfig{
+		Options:  tunnel.Options{KeepAlive: 200 * time.Millisecond, DeadPeerTimeout: 2 * time.Second, Logger: log, Registerer: reg},
+		QUICAddr: addr,
+		TLS:      &tls.Config{Certificates: []tls.Certificate{p.server}, ClientCAs: p.ca.Pool(), MinVersion: tls.VersionTLS13},
+		Handler:  hub.New(disp, log),
+	})
+	require.NoError(t, err)
+	require.NoError(t, srv.Listen())
+	ctx, cancel := context.WithCancel(context.Background())
+	catDone := make(chan error, 1)
+	go func() { catDone <- cat.Run(ctx) }()
+	require.NoError(t, cat.WaitForSync(ctx))
+	srvDone := make(chan error, 1)
+	go func() { srvDone <- srv.Run(ctx) }()
+	c := &cloud{cat: cat, srv: srv, reg: reg, requests: rc}
+	stopped := false
+	c.stop = func() {
+		if stopped {
+			return
+		}
+		stopped = true
+		cancel()
+		require.NoError(t, <-srvDone)
+		require.NoError(t, <-catDone)
+	}
+	t.Cleanup(c.stop)
+	return c
+}
+
+// counter reads a counter from the cloud's registry, summed over labels
+// matching want.
+func (c *cloud) counter(t *testing.T, name string, want map[string]string) float64 {
+	t.Helper()
+	mfs, err := c.reg.Gather()
+	require.NoError(t, err)
+	total := 0.0
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+	metrics:
+		for _, m := range mf.GetMetric() {
+			for k, v := range want {
+				if labelValue(m, k) != v {
+					continue metrics
+				}
+			}
+			total += m.GetCounter().GetValue()
+		}
+	}
+	return total
+}
+
+func labelValue(m *dto.Metric, name string) string {
+	for _, l := range m.GetLabel() {
+		if l.GetName() == name {
+			return l.GetValue()
+		}
+	}
+	return ""
+}
+
+// edge is an in-process EdgeCore: store, syncer and tunnel client.
+type edge struct {
+	node string
+	st   *store.Store
+	sy   *syncer.Syncer
+	stop func()
+}
+
+func startEdge(t *testing.T, node, dbPath, cloudAddr string, p *pkiSet) *edge {
+	t.Helper()
+	log := logger().With("edge", node)
+	ctx, cancel := context.WithCancel(context.Background())
+	st, err := store.Open(ctx, dbPath, log)
+	require.NoError(t, err)
+	sy := syncer.New(st, syncer.Config{}, log, nil)
+	client, err := tunnel.NewClient(tunnel.ClientConfig{
+		Options: tunnel.Options{KeepAlive: 200 * time.Millisecond, DeadPeerTimeout: 2 * time.Second, Logger: log},
+		Servers: []string{"quic://" + cloudAddr},
+		Node:    node,
+		TLS:     p.client(t, node),
+		Backoff: tunnel.Backoff{Min: 50 * time.Millisecond, Max: 500 * time.Millisecond},
+	})
+	require.NoError(t, err)
+	done := make(chan error, 1)
+	go func() { done <- edgehub.New(client, sy, log).Run(ctx) }()
+	e := &edge{node: node, st: st, sy: sy}
+	stopped := false
+	e.stop = func() {
+		if stopped {
+			return
+		}
+		stopped = true
+		cancel()
+		require.NoError(t, <-done)
+		require.NoError(t, st.Close())
+	}
+	t.Cleanup(e.stop)
+	return e
+}
+
+// desired returns what the catalog says node should hold: key -> version hash.
+func desired(c *catalog.Catalog, node string) map[uint64]uint64 {
+	out := map[uint64]uint64{}
+	for _, k := range c.Keys(node) {
+		if o, ok := c.Get(node, k); ok {
+			out[k.Hash()] = objsync.VersionHash(o.Resource.UID, o.Version)
+		}
+	}
+	return out
+}
+
+func held(t *testing.T, st *store.Store) map[uint64]uint64 {
+	inv, err := st.Inventory(context.Background())
+	require.NoError(t, err)
+	out := make(map[uint64]uint64, len(inv))
+	for _, e := range inv {
+		out[e.Key] = e.Version
+	}
+	return out
+}
+
+// waitConverged waits until the edge store holds exactly what the catalog
+// says the node should hold.
+func waitConverged(t *testing.T, c *catalog.Catalog, st *store.Store, node string, minObjects int) {
+	t.Helper()
+	require.Eventually(t, func() bool {
+		want := desired(c, node)
+		if len(want) < minObjects {
+			return false
+		}
+		got := held(t, st)
+		if len(got) != len(want) {
+			return false
+		}
+		for k, v := range want {
+			if got[k] != v {
+				return false
+			}
+		}
+		return true
+	}, 60*time.Second, 50*time.Millisecond, "edge %s did not converge", node)
+}
+
+func dbPath(t *testing.T, node string) string {
+	return filepath.Join(t.TempDir(), node+".db")
+}
