@@ -1,0 +1,100 @@
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/tetheredge/tether/common/message"
+	"github.com/tetheredge/tether/edgecore/nodestatus"
+	"github.com/tetheredge/tether/edgecore/store"
+	"github.com/tetheredge/tether/edgecore/syncer"
+)
+
+// publishOffline writes upstream items into an edge's outbox while the edge
+// is not connected, as EdgeCore does when the cloud is unreachable.
+func publishOffline(t *testing.T, path string, items ...store.OutboxItem) {
+	t.Helper()
+	ctx := context.Background()
+	st, err := store.Open(ctx, path, logger())
+	require.NoError(t, err)
+	sy := syncer.New(st, syncer.Config{}, logger(), nil)
+	for _, it := range items {
+		require.NoError(t, sy.Publish(ctx, it))
+	}
+	require.NoError(t, st.Close())
+}
+
+func podStatusItem(t *testing.T, ns, name string, phase corev1.PodPhase) store.OutboxItem {
+	b, err := json.Marshal(corev1.PodStatus{Phase: phase, Message: "from the edge"})
+	require.NoError(t, err)
+	return store.OutboxItem{Op: message.OpStatus, Resource: message.Resource{Version: "v1", Kind: "Pod", Namespace: ns, Name: name}, Data: b}
+}
+
+// TestUpstreamWhileOffline: status written at the edge while offline
+// reaches the API server after reconnect, newest per object; the node
+// registers itself; writes for another node's objects are refused and
+// not written.
+func TestUpstreamWhileOffline(t *testing.T) {
+	env := cp.Env(t)
+	cs := adminClient(t, env.Config)
+	ns := env.Namespace(t)
+	ctx := context.Background()
+	p := newPKI(t)
+	createEdgeNode(t, cs, "edge-b")
+	createPods(t, cs, ns, "up", "edge-u", 0, 2)
+	createPods(t, cs, ns, "other", "edge-b", 0, 1)
+	t.Cleanup(func() { _ = cs.CoreV1().Nodes().Delete(context.Background(), "edge-u", metav1.DeleteOptions{}) })
+
+	path := dbPath(t, "edge-u")
+	rep, err := nodestatus.New(nodestatus.Config{Node: "edge-u", Labels: map[string]string{"site": "shop-17"}, MemoryBytes: 4 << 30}, nil, logger())
+	require.NoError(t, err)
+	nodeJSON, err := json.Marshal(rep.Node())
+	require.NoError(t, err)
+	publishOffline(t, path,
+		store.OutboxItem{Op: message.OpUpsert, Resource: message.Resource{Version: "v1", Kind: "Node", Name: "edge-u"}, Data: nodeJSON},
+		podStatusItem(t, ns, "up-0000", corev1.PodPending),
+		podStatusItem(t, ns, "up-0000", corev1.PodRunning), // newer status for the same pod wins
+		podStatusItem(t, ns, "up-0001", corev1.PodFailed),
+		podStatusItem(t, ns, "other-0000", corev1.PodSucceeded), // forged: bound to edge-b
+		store.OutboxItem{Op: message.OpUpsert, Resource: message.Resource{Version: "v1", Kind: "Node", Name: "edge-b"}, Data: nodeJSON}, // forged
+	)
+
+	addr := freeUDP(t)
+	c := startCloud(t, env.Config, p, addr)
+	e := startEdge(t, "edge-u", path, addr, p)
+
+	require.Eventually(t, func() bool {
+		n, err := cs.CoreV1().Nodes().Get(ctx, "edge-u", metav1.GetOptions{})
+		if err != nil {
+			return false
+		}
+		_, edge := n.Labels["node-role.tether.dev/edge"]
+		mem := n.Status.Capacity[corev1.ResourceMemory]
+		return edge && n.Labels["site"] == "shop-17" && mem.Value() == 4<<30
+	}, 30*time.Second, 50*time.Millisecond, "the edge registers its Node, labelled as an edge by the cloud")
+	require.Eventually(t, func() bool {
+		p0, err0 := cs.CoreV1().Pods(ns).Get(ctx, "up-0000", metav1.GetOptions{})
+		p1, err1 := cs.CoreV1().Pods(ns).Get(ctx, "up-0001", metav1.GetOptions{})
+		return err0 == nil && err1 == nil && p0.Status.Phase == corev1.PodRunning && p1.Status.Phase == corev1.PodFailed
+	}, 30*time.Second, 50*time.Millisecond, "offline pod status reaches the API server")
+	require.Eventually(t, func() bool {
+		n, err := e.st.PendingCount(ctx)
+		return err == nil && n == 0
+	}, 30*time.Second, 50*time.Millisecond, "the outbox drains: written items are acked, forged ones refused")
+
+	require.Equal(t, 2.0, c.counter(t, "tether_upstream_writes_total", map[string]string{"result": "forbidden"}))
+	other, err := cs.CoreV1().Pods(ns).Get(ctx, "other-0000", metav1.GetOptions{})
+	require.NoError(t, err)
+	require.NotEqual(t, corev1.PodSucceeded, other.Status.Phase, "a forged status is not written")
+	nb, err := cs.CoreV1().Nodes().Get(ctx, "edge-b", metav1.GetOptions{})
+	require.NoError(t, err)
+	require.NotEqual(t, "shop-17", nb.Labels["site"], "a node cannot rewrite another node")
+	// The edge received its own Node (registered by itself) and its pods.
+	waitConverged(t, c.cat, e.st, "edge-u", 3)
+}
