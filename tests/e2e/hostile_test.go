@@ -3,7 +3,6 @@ package e2e
 import (
 	"bytes"
 	"context"
-	"fmt"
 	"testing"
 	"time"
 
@@ -100,7 +99,7 @@ func TestHostileEdge(t *testing.T) {
 	select {
 	case <-sess.Done():
 	case <-time.After(10 * time.Second):
-		t.Fatal(fmt.Sprintf("session with an unknown kind was not closed: %v", sess.Err()))
+		t.Fatalf("session with an unknown kind was not closed: %v", sess.Err())
 	}
 	waitConverged(t, c.cat, good.st, "edge-good", 6)
 }

@@ -61,7 +61,7 @@ func TestUpstreamWhileOffline(t *testing.T) {
 		podStatusItem(t, ns, "up-0000", corev1.PodPending),
 		podStatusItem(t, ns, "up-0000", corev1.PodRunning), // newer status for the same pod wins
 		podStatusItem(t, ns, "up-0001", corev1.PodFailed),
-		podStatusItem(t, ns, "other-0000", corev1.PodSucceeded), // forged: bound to edge-b
+		podStatusItem(t, ns, "other-0000", corev1.PodSucceeded),                                                                         // forged: bound to edge-b
 		store.OutboxItem{Op: message.OpUpsert, Resource: message.Resource{Version: "v1", Kind: "Node", Name: "edge-b"}, Data: nodeJSON}, // forged
 	)
 
