@@ -18,10 +18,10 @@ all: build
 ## build: the cloudcore and edgecore binaries into _output/bin
 build: check-env
 	@mkdir -p $(BIN)
-	$(GO) build -o $(BIN)/ ./cloudcore/cmd/... ./edgecore/cmd/...
+	$(GO) build -o $(BIN)/ ./cloudcore/cmd/... ./edgecore/cmd/... ./tests/cmd/...
 
-## run: a local CloudCore and one EdgeCore connected over the tunnel (Ctrl-C stops)
-run: build
+## run: a local control plane, CloudCore and one EdgeCore connected over the tunnel (Ctrl-C stops)
+run: build testbin
 	bash build/run-local.sh
 
 ## test: vet, lint and every test (race detector on), against a real control plane
