@@ -12,7 +12,8 @@ import (
 type Backoff struct {
 	// Min is the first delay. Default 500ms.
 	Min time.Duration
-	// Max caps the delay. Default 30s.
+	// Max caps the delay. Default 8s: an edge back on the network should
+	// resume within seconds, and the jitter already spreads a fleet out.
 	Max time.Duration
 
 	attempt int
@@ -26,7 +27,7 @@ func (b *Backoff) Next() time.Duration {
 		lo = 500 * time.Millisecond
 	}
 	if hi < lo {
-		hi = max(lo, 30*time.Second)
+		hi = max(lo, 8*time.Second)
 	}
 	d := lo
 	for i := 0; i < b.attempt && d < hi; i++ {

@@ -38,7 +38,7 @@ type ClientConfig struct {
 	// DialTimeout bounds one attempt on one transport, hello included.
 	// Default 5s.
 	DialTimeout time.Duration
-	// Backoff sets the reconnect delays of Run. Default 500ms to 30s.
+	// Backoff sets the reconnect delays of Run. Default 500ms to 8s.
 	Backoff Backoff
 }
 

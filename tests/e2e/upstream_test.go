@@ -56,8 +56,11 @@ func TestUpstreamWhileOffline(t *testing.T) {
 	require.NoError(t, err)
 	nodeJSON, err := json.Marshal(rep.Node())
 	require.NoError(t, err)
+	leaseJSON := []byte(`{"spec":{"holderIdentity":"edge-u","leaseDurationSeconds":40,"renewTime":"2026-11-22T04:00:00.000000Z"}}`)
 	publishOffline(t, path,
 		store.OutboxItem{Op: message.OpUpsert, Resource: message.Resource{Version: "v1", Kind: "Node", Name: "edge-u"}, Data: nodeJSON},
+		store.OutboxItem{Op: message.OpUpsert, Resource: message.Resource{Group: "coordination.k8s.io", Version: "v1", Kind: "Lease", Namespace: "kube-node-lease", Name: "edge-u"}, Data: leaseJSON},
+		store.OutboxItem{Op: message.OpUpsert, Resource: message.Resource{Group: "coordination.k8s.io", Version: "v1", Kind: "Lease", Namespace: "kube-node-lease", Name: "edge-b"}, Data: leaseJSON}, // forged
 		podStatusItem(t, ns, "up-0000", corev1.PodPending),
 		podStatusItem(t, ns, "up-0000", corev1.PodRunning), // newer status for the same pod wins
 		podStatusItem(t, ns, "up-0001", corev1.PodFailed),
@@ -88,7 +91,12 @@ func TestUpstreamWhileOffline(t *testing.T) {
 		return err == nil && n == 0
 	}, 30*time.Second, 50*time.Millisecond, "the outbox drains: written items are acked, forged ones refused")
 
-	require.Equal(t, 2.0, c.counter(t, "tether_upstream_writes_total", map[string]string{"result": "forbidden"}))
+	require.Equal(t, 3.0, c.counter(t, "tether_upstream_writes_total", map[string]string{"result": "forbidden"}))
+	lease, err := cs.CoordinationV1().Leases("kube-node-lease").Get(ctx, "edge-u", metav1.GetOptions{})
+	require.NoError(t, err, "the heartbeat lease is written")
+	require.Equal(t, "edge-u", *lease.Spec.HolderIdentity)
+	_, err = cs.CoordinationV1().Leases("kube-node-lease").Get(ctx, "edge-b", metav1.GetOptions{})
+	require.Error(t, err, "a node cannot write another node's lease")
 	other, err := cs.CoreV1().Pods(ns).Get(ctx, "other-0000", metav1.GetOptions{})
 	require.NoError(t, err)
 	require.NotEqual(t, corev1.PodSucceeded, other.Status.Phase, "a forged status is not written")
