@@ -193,12 +193,19 @@ func (s *Session) Err() error {
 // Close ends the session with a reason the peer sees, and waits for its
 // goroutines. It is idempotent.
 func (s *Session) Close(reason string) error {
+	s.Abort(reason)
+	<-s.done
+	return nil
+}
+
+// Abort starts ending the session, like Close, without waiting: Done
+// closes once its goroutines have exited. It never blocks, so callbacks
+// may call it.
+func (s *Session) Abort(reason string) {
 	s.closeOnce.Do(func() {
 		s.logger.Debug("closing session", "reason", reason)
 		s.cancel(fmt.Errorf("%w: %s", errClosedLocally, reason))
 	})
-	<-s.done
-	return nil
 }
 
 // fail ends the session because of err, logging it once.

@@ -2,6 +2,8 @@ package dispatch
 
 import (
 	"context"
+	"crypto/x509"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -30,11 +32,26 @@ type Upstream interface {
 	Apply(ctx context.Context, node string, m *message.Message) error
 }
 
+// Renewer signs a new certificate for a node whose session presents the
+// certificate with currentSerial. Errors are refusals, told to the edge.
+type Renewer interface {
+	Renew(ctx context.Context, node, currentSerial string, csrPEM []byte) (*x509.Certificate, error)
+}
+
+// Deps are the dispatcher's collaborators. Renewer may be nil: renewals are
+// then refused.
+type Deps struct {
+	Catalog  Catalog
+	Upstream Upstream
+	Renewer  Renewer
+}
+
 // Dispatcher serves the sync protocol on every edge session: one loop per
 // connected node, fed by the catalog's change notifications.
 type Dispatcher struct {
 	cat      Catalog
 	upstream Upstream
+	renewer  Renewer
 	cfg      Config
 	codec    *message.Codec
 	logger   *slog.Logger
@@ -53,7 +70,7 @@ type metrics struct {
 }
 
 // New returns a dispatcher. reg may be nil.
-func New(cat Catalog, up Upstream, cfg Config, logger *slog.Logger, reg prometheus.Registerer) *Dispatcher {
+func New(deps Deps, cfg Config, logger *slog.Logger, reg prometheus.Registerer) *Dispatcher {
 	m := &metrics{
 		sent: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "tether_sync_messages_sent_total", Help: "Sync messages sent to edges, by kind (object, delete, want, prune, done).",
@@ -75,8 +92,9 @@ func New(cat Catalog, up Upstream, cfg Config, logger *slog.Logger, reg promethe
 		reg.MustRegister(m.sent, m.refused, m.resyncs, m.pruned, m.upstream)
 	}
 	return &Dispatcher{
-		cat:      cat,
-		upstream: up,
+		cat:      deps.Catalog,
+		upstream: deps.Upstream,
+		renewer:  deps.Renewer,
 		cfg:      cfg.withDefaults(),
 		codec:    message.NewCodec(0),
 		logger:   logger.With("component", "dispatch"),
@@ -257,7 +275,7 @@ func (c *conn) handle(ctx context.Context, m *message.Message, ups chan<- *messa
 		default:
 			return c.refuse(ctx, m, "bad_sync", fmt.Errorf("edge sent sync phase %d", p.Phase))
 		}
-	case message.KindUpstream:
+	case message.KindUpstream, message.KindRenew:
 		select {
 		case ups <- m:
 		case <-ctx.Done():
@@ -275,6 +293,12 @@ func (c *conn) upstreamLoop(ctx context.Context, ups <-chan *message.Message) er
 		case <-ctx.Done():
 			return nil
 		case m = <-ups:
+		}
+		if m.Kind == message.KindRenew {
+			if err := c.renew(ctx, m); err != nil {
+				return err
+			}
+			continue
 		}
 		err := c.d.upstream.Apply(ctx, c.node, m)
 		switch {
@@ -295,6 +319,20 @@ func (c *conn) upstreamLoop(ctx context.Context, ups <-chan *message.Message) er
 			c.logger.Warn("upstream write failed", "resource", m.Resource.String(), "err", err)
 		}
 	}
+}
+
+// renew answers a certificate renewal over the session.
+func (c *conn) renew(ctx context.Context, m *message.Message) error {
+	if c.d.renewer == nil {
+		return c.refuse(ctx, m, "renew_refused", errors.New("this cloud does not renew certificates"))
+	}
+	cert, err := c.d.renewer.Renew(ctx, c.node, c.s.Peer().Serial, m.Payload)
+	if err != nil {
+		return c.refuse(ctx, m, "renew_refused", err)
+	}
+	c.logger.Info("certificate renewed", "serial", cert.SerialNumber.Text(16), "not_after", cert.NotAfter)
+	return c.s.Send(ctx, &message.Message{Kind: message.KindRenew, ReplyTo: m.ID, Node: c.node, Time: time.Now().UnixNano(),
+		Payload: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Raw})})
 }
 
 // ErrForbidden is wrapped by Upstream errors for writes a node may not make.

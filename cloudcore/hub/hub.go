@@ -55,6 +55,18 @@ func (h *Hub) Handle(ctx context.Context, s *tunnel.Session) {
 	log.Info("edge disconnected", "reason", s.Err(), "err", err)
 }
 
+// Disconnect closes node's live session, if any, telling it why. It is the
+// whitelist's revocation callback: never blocks on the session.
+func (h *Hub) Disconnect(node, reason string) {
+	h.mu.Lock()
+	s := h.sessions[node]
+	h.mu.Unlock()
+	if s != nil {
+		h.logger.Info("closing session of a revoked node", "node", node, "reason", reason)
+		s.Abort(reason)
+	}
+}
+
 // Connected returns the names of the nodes with a live session.
 func (h *Hub) Connected() []string {
 	h.mu.Lock()

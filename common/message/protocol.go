@@ -81,8 +81,13 @@ const (
 	// transport only, where streams are extra connections). Payload: a
 	// stream token.
 	KindStreamOpen Kind = 9
+	// KindRenew renews the edge's certificate over the live session. Edge
+	// to cloud: payload is a PEM certificate request for a new key. Cloud
+	// to edge: ReplyTo names the request, payload is the new certificate
+	// (PEM); a refusal is a KindRefuse instead.
+	KindRenew Kind = 10
 
-	kindMax = KindStreamOpen
+	kindMax = KindRenew
 )
 
 // String returns the kind's name as used in logs and docs.
@@ -106,6 +111,8 @@ func (k Kind) String() string {
 		return "sync"
 	case KindStreamOpen:
 		return "stream_open"
+	case KindRenew:
+		return "renew"
 	default:
 		return "unknown"
 	}

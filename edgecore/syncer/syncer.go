@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -48,6 +49,72 @@ type Syncer struct {
 	logger  *slog.Logger
 	outbox  chan struct{}
 	metrics *metrics
+
+	mu      sync.Mutex
+	current *conn                            // the live session, if any
+	renewID uint64                           // last renewal request id
+	waiting map[uint64]chan *message.Message // renewal requests awaiting an answer
+}
+
+// renewIDBase starts the ids of renewal requests, far from outbox
+// sequence numbers, so that the answers are never mistaken for acks.
+const renewIDBase = 1 << 62
+
+// ErrOffline means there is no session to the cloud.
+var ErrOffline = errors.New("syncer: not connected to the cloud")
+
+// Renew sends a certificate request over the live session and returns the
+// cloud's answer: the new certificate, PEM.
+func (s *Syncer) Renew(ctx context.Context, csrPEM []byte) ([]byte, error) {
+	s.mu.Lock()
+	c := s.current
+	s.renewID++
+	id := renewIDBase + s.renewID
+	ch := make(chan *message.Message, 1)
+	if s.waiting == nil {
+		s.waiting = make(map[uint64]chan *message.Message)
+	}
+	s.waiting[id] = ch
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		delete(s.waiting, id)
+		s.mu.Unlock()
+	}()
+	if c == nil {
+		return nil, ErrOffline
+	}
+	if err := c.sess.Send(ctx, &message.Message{ID: id, Kind: message.KindRenew, Time: time.Now().UnixNano(), Payload: csrPEM}); err != nil {
+		return nil, fmt.Errorf("send renewal: %w", err)
+	}
+	select {
+	case m := <-ch:
+		if m.Kind == message.KindRefuse {
+			return nil, fmt.Errorf("the cloud refused the renewal: %s", m.Payload)
+		}
+		return m.Payload, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	case <-c.sess.Done():
+		return nil, fmt.Errorf("renewal: %w", ErrOffline)
+	}
+}
+
+// answerRenewal hands a renewal answer to its waiter; false if it is not one.
+func (s *Syncer) answerRenewal(m *message.Message) bool {
+	if m.ReplyTo < renewIDBase {
+		return false
+	}
+	s.mu.Lock()
+	ch := s.waiting[m.ReplyTo]
+	s.mu.Unlock()
+	if ch != nil {
+		select {
+		case ch <- m:
+		default:
+		}
+	}
+	return true
 }
 
 type metrics struct {
@@ -95,6 +162,16 @@ func (s *Syncer) Publish(ctx context.Context, item store.OutboxItem) error {
 // Serve runs the protocol on one session until it or ctx ends.
 func (s *Syncer) Serve(ctx context.Context, sess *tunnel.Session) error {
 	c := &conn{s: s, sess: sess, logger: s.logger.With("session", sess.ID())}
+	s.mu.Lock()
+	s.current = c
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		if s.current == c {
+			s.current = nil
+		}
+		s.mu.Unlock()
+	}()
 	g, ctx := errgroup.WithContext(ctx)
 	msgs := make(chan *message.Message, s.cfg.MaxBatch)
 	acks := make(chan *message.Message, 64)
@@ -284,7 +361,15 @@ func (c *conn) handle(ctx context.Context, m *message.Message, acks chan<- *mess
 		default:
 			return c.refuse(ctx, m, "bad_sync", fmt.Errorf("cloud sent sync phase %d", p.Phase))
 		}
+	case message.KindRenew:
+		if !c.s.answerRenewal(m) {
+			return c.refuse(ctx, m, "unexpected_kind", errors.New("renewal answer without a request"))
+		}
+		return nil
 	case message.KindAck, message.KindRefuse:
+		if m.Kind == message.KindRefuse && c.s.answerRenewal(m) {
+			return nil
+		}
 		select {
 		case acks <- m:
 		case <-ctx.Done():

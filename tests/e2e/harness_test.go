@@ -105,7 +105,7 @@ func startCloud(t *testing.T, cfg *rest.Config, p *pkiSet, addr string) *cloud {
 	require.NoError(t, err)
 	up, err := upstream.New(client, cat, upstream.Config{EdgeLabel: catalog.DefaultEdgeLabel, Logger: log})
 	require.NoError(t, err)
-	disp := dispatch.New(cat, up, dispatch.Config{}, log, reg)
+	disp := dispatch.New(dispatch.Deps{Catalog: cat, Upstream: up}, dispatch.Config{}, log, reg)
 	cat.Subscribe(disp.Notify)
 	srv, err := tunnel.NewServer(tunnel.ServerConfig{
 		Options:  tunnel.Options{KeepAlive: 200 * time.Millisecond, DeadPeerTimeout: 2 * time.Second, Logger: log, Registerer: reg},

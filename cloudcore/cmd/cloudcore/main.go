@@ -111,7 +111,7 @@ func serve(ctx context.Context, f serveFlags) error {
 	if err != nil {
 		return err
 	}
-	disp := dispatch.New(cat, up, dispatch.Config{}, logger, reg)
+	disp := dispatch.New(dispatch.Deps{Catalog: cat, Upstream: up}, dispatch.Config{}, logger, reg)
 	cat.Subscribe(disp.Notify)
 	srv, err := tunnel.NewServer(tunnel.ServerConfig{
 		Options:       tunnel.Options{KeepAlive: f.keepAlive, DeadPeerTimeout: f.dead, Logger: logger, Registerer: reg},

@@ -1,0 +1,184 @@
+// Package edgenode is the whitelist entry of an edge node: the EdgeNode
+// custom resource (edge.tether.dev/v1alpha1, cluster-scoped; its CRD is
+// build/crds/edgenode.yaml), its Go types and a small client over the
+// dynamic client. It decides nothing; onboarding and the tunnel's
+// authorisation read and write it.
+package edgenode
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/client-go/dynamic"
+)
+
+// GVR is the resource of EdgeNodes.
+var GVR = schema.GroupVersionResource{Group: "edge.tether.dev", Version: "v1alpha1", Resource: "edgenodes"}
+
+// APIVersion and Kind of EdgeNodes.
+const (
+	APIVersion = "edge.tether.dev/v1alpha1"
+	Kind       = "EdgeNode"
+)
+
+// EdgeNode is one whitelist entry.
+type EdgeNode struct {
+	metav1.TypeMeta   `json:",inline"`
+	metav1.ObjectMeta `json:"metadata,omitempty"`
+	Spec              Spec   `json:"spec"`
+	Status            Status `json:"status,omitempty"`
+}
+
+// Spec is what the operator decides.
+type Spec struct {
+	// Allowed says whether the node may join, connect and renew.
+	Allowed bool `json:"allowed"`
+	// Labels are applied to the node's Node object.
+	Labels map[string]string `json:"labels,omitempty"`
+	// Join is the pending join token, if any.
+	Join *JoinToken `json:"join,omitempty"`
+}
+
+// JoinToken is a pending token: its id, the SHA-256 of its secret, and
+// when it expires. The secret itself is never stored.
+type JoinToken struct {
+	TokenID    string      `json:"tokenID"`
+	SecretHash string      `json:"secretHash"`
+	Expires    metav1.Time `json:"expires"`
+}
+
+// Status is what CloudCore observed.
+type Status struct {
+	// Certificate is the node's current certificate.
+	Certificate *Certificate `json:"certificate,omitempty"`
+	// LastConnected is when the node last opened a session.
+	LastConnected *metav1.Time `json:"lastConnected,omitempty"`
+}
+
+// Certificate identifies the one certificate the node may use.
+type Certificate struct {
+	Serial   string      `json:"serial"`
+	NotAfter metav1.Time `json:"notAfter"`
+}
+
+// FromUnstructured converts a dynamic object.
+func FromUnstructured(u *unstructured.Unstructured) (*EdgeNode, error) {
+	var e EdgeNode
+	if err := runtime.DefaultUnstructuredConverter.FromUnstructured(u.Object, &e); err != nil {
+		return nil, fmt.Errorf("decode EdgeNode %s: %w", u.GetName(), err)
+	}
+	return &e, nil
+}
+
+// ToUnstructured converts for the dynamic client.
+func ToUnstructured(e *EdgeNode) (*unstructured.Unstructured, error) {
+	e.APIVersion, e.Kind = APIVersion, Kind
+	obj, err := runtime.DefaultUnstructuredConverter.ToUnstructured(e)
+	if err != nil {
+		return nil, fmt.Errorf("encode EdgeNode %s: %w", e.Name, err)
+	}
+	return &unstructured.Unstructured{Object: obj}, nil
+}
+
+// Client reads and writes EdgeNodes.
+type Client struct {
+	res dynamic.NamespaceableResourceInterface
+}
+
+// NewClient wraps a dynamic client.
+func NewClient(d dynamic.Interface) *Client { return &Client{res: d.Resource(GVR)} }
+
+// Get reads one EdgeNode.
+func (c *Client) Get(ctx context.Context, name string) (*EdgeNode, error) {
+	u, err := c.res.Get(ctx, name, metav1.GetOptions{})
+	if err != nil {
+		return nil, err
+	}
+	return FromUnstructured(u)
+}
+
+// List reads every EdgeNode.
+func (c *Client) List(ctx context.Context) ([]*EdgeNode, error) {
+	l, err := c.res.List(ctx, metav1.ListOptions{})
+	if err != nil {
+		return nil, err
+	}
+	out := make([]*EdgeNode, 0, len(l.Items))
+	for i := range l.Items {
+		e, err := FromUnstructured(&l.Items[i])
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, e)
+	}
+	return out, nil
+}
+
+// Create creates an EdgeNode.
+func (c *Client) Create(ctx context.Context, e *EdgeNode) (*EdgeNode, error) {
+	u, err := ToUnstructured(e)
+	if err != nil {
+		return nil, err
+	}
+	out, err := c.res.Create(ctx, u, metav1.CreateOptions{})
+	if err != nil {
+		return nil, err
+	}
+	return FromUnstructured(out)
+}
+
+// Update writes the spec. It fails with a conflict if e is not the latest
+// version: callers rely on that to use a token only once.
+func (c *Client) Update(ctx context.Context, e *EdgeNode) (*EdgeNode, error) {
+	u, err := ToUnstructured(e)
+	if err != nil {
+		return nil, err
+	}
+	out, err := c.res.Update(ctx, u, metav1.UpdateOptions{})
+	if err != nil {
+		return nil, err
+	}
+	return FromUnstructured(out)
+}
+
+// UpdateStatus writes the status, with the same conflict rule as Update.
+func (c *Client) UpdateStatus(ctx context.Context, e *EdgeNode) (*EdgeNode, error) {
+	u, err := ToUnstructured(e)
+	if err != nil {
+		return nil, err
+	}
+	out, err := c.res.UpdateStatus(ctx, u, metav1.UpdateOptions{})
+	if err != nil {
+		return nil, err
+	}
+	return FromUnstructured(out)
+}
+
+// Delete removes an EdgeNode.
+func (c *Client) Delete(ctx context.Context, name string) error {
+	return c.res.Delete(ctx, name, metav1.DeleteOptions{})
+}
+
+// Resource returns the dynamic resource client, for informers.
+func (c *Client) Resource() dynamic.NamespaceableResourceInterface { return c.res }
+
+// CertificateCurrent reports whether serial is the node's current
+// certificate and the node is allowed.
+func (e *EdgeNode) CertificateCurrent(serial string, now time.Time) error {
+	switch {
+	case !e.Spec.Allowed:
+		return fmt.Errorf("node %q is disabled on the whitelist", e.Name)
+	case e.Status.Certificate == nil:
+		return fmt.Errorf("node %q has no certificate on record (not joined)", e.Name)
+	case e.Status.Certificate.Serial != serial:
+		return fmt.Errorf("certificate serial %s of node %q is not its current one (superseded by a rotation or a new join)", serial, e.Name)
+	case now.After(e.Status.Certificate.NotAfter.Time):
+		return fmt.Errorf("certificate of node %q expired at %s", e.Name, e.Status.Certificate.NotAfter.Time.UTC().Format(time.RFC3339))
+	}
+	return nil
+}
