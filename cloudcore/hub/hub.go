@@ -19,16 +19,18 @@ type Protocol interface {
 // Hub tracks the connected edge nodes and runs the protocol on each
 // session. It is a tunnel.Handler.
 type Hub struct {
-	logger   *slog.Logger
-	protocol Protocol
+	logger    *slog.Logger
+	protocol  Protocol
+	onConnect func(node string)
 
 	mu       sync.Mutex
 	sessions map[string]*tunnel.Session
 }
 
-// New returns an empty hub that serves sessions with p.
-func New(p Protocol, logger *slog.Logger) *Hub {
-	return &Hub{logger: logger.With("component", "hub"), protocol: p, sessions: make(map[string]*tunnel.Session)}
+// New returns an empty hub that serves sessions with p. onConnect, when
+// not nil, is told of every new session (it must not block).
+func New(p Protocol, onConnect func(node string), logger *slog.Logger) *Hub {
+	return &Hub{logger: logger.With("component", "hub"), protocol: p, onConnect: onConnect, sessions: make(map[string]*tunnel.Session)}
 }
 
 // Handle serves one node's session until it ends. A node that connects
@@ -51,6 +53,9 @@ func (h *Hub) Handle(ctx context.Context, s *tunnel.Session) {
 	}()
 	log := h.logger.With("node", node, "session", s.ID())
 	log.Info("edge connected", "transport", string(s.Transport()))
+	if h.onConnect != nil {
+		h.onConnect(node)
+	}
 	err := h.protocol.Serve(ctx, s)
 	log.Info("edge disconnected", "reason", s.Err(), "err", err)
 }

@@ -13,6 +13,7 @@ import (
 	"sync"
 	"time"
 
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/dynamic/dynamicinformer"
@@ -27,10 +28,12 @@ var ErrNotAllowed = errors.New("whitelist: not allowed")
 
 // Whitelist is the EdgeNode cache.
 type Whitelist struct {
-	informer cache.SharedIndexInformer
-	factory  dynamicinformer.DynamicSharedInformerFactory
-	logger   *slog.Logger
-	now      func() time.Time
+	informer  cache.SharedIndexInformer
+	factory   dynamicinformer.DynamicSharedInformerFactory
+	client    *edgenode.Client
+	logger    *slog.Logger
+	now       func() time.Time
+	connected chan string
 
 	mu      sync.Mutex
 	revoked []func(node, reason string)
@@ -42,7 +45,10 @@ func New(client dynamic.Interface, logger *slog.Logger, now func() time.Time) *W
 		now = time.Now
 	}
 	f := dynamicinformer.NewDynamicSharedInformerFactory(client, 0)
-	w := &Whitelist{informer: f.ForResource(edgenode.GVR).Informer(), factory: f, logger: logger.With("component", "whitelist"), now: now}
+	w := &Whitelist{
+		informer: f.ForResource(edgenode.GVR).Informer(), factory: f, client: edgenode.NewClient(client),
+		logger: logger.With("component", "whitelist"), now: now, connected: make(chan string, 256),
+	}
 	_, _ = w.informer.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		UpdateFunc: func(_, obj any) {
 			if e := decode(obj); e != nil && !e.Spec.Allowed {
@@ -91,12 +97,41 @@ func (w *Whitelist) revoke(node, reason string) {
 	}
 }
 
-// Run runs the informer until ctx ends.
+// Run runs the informer, and records connections, until ctx ends.
 func (w *Whitelist) Run(ctx context.Context) error {
 	w.factory.Start(ctx.Done())
-	<-ctx.Done()
-	w.factory.Shutdown()
-	return nil
+	defer w.factory.Shutdown()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case node := <-w.connected:
+			w.recordConnected(ctx, node)
+		}
+	}
+}
+
+// Connected notes that node opened a session; Run records it in the
+// EdgeNode's status (at most once a minute per node). Never blocks: when
+// many nodes connect at once, some records are skipped.
+func (w *Whitelist) Connected(node string) {
+	select {
+	case w.connected <- node:
+	default:
+	}
+}
+
+func (w *Whitelist) recordConnected(ctx context.Context, node string) {
+	e, ok := w.Get(node)
+	now := w.now()
+	if !ok || (e.Status.LastConnected != nil && now.Sub(e.Status.LastConnected.Time) < time.Minute) {
+		return
+	}
+	t := metav1.NewTime(now)
+	e.Status.LastConnected = &t
+	if _, err := w.client.UpdateStatus(ctx, e); err != nil {
+		w.logger.Debug("cannot record connection", "node", node, "err", err)
+	}
 }
 
 // WaitForSync waits for the cache.

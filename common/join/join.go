@@ -111,7 +111,7 @@ func Parse(s string) (Token, error) {
 	if len(parts) != 4 || parts[0] != prefix {
 		return Token{}, fmt.Errorf("%w: want tj1.<id>.<secret>.<ca hash>", ErrBadToken)
 	}
-	t := Token{ID: parts[1], Secret: parts[2], CAHash: parts[3]}
+	t := Token{ID: parts[1], Secret: parts[2], CAHash: strings.ToLower(parts[3])}
 	if len(t.ID) != idLen || !isB32(t.ID) {
 		return Token{}, fmt.Errorf("%w: id must be %d base32 characters", ErrBadToken, idLen)
 	}

@@ -109,9 +109,11 @@ func (ca *CA) Issue(req LeafRequest) (*x509.Certificate, crypto.Signer, error) {
 	tmpl := &x509.Certificate{
 		SerialNumber: serial,
 		Subject:      pkix.Name{CommonName: req.CommonName},
-		NotBefore:    now.Add(-5 * time.Minute),
-		NotAfter:     now.Add(req.Validity),
-		KeyUsage:     x509.KeyUsageDigitalSignature,
+		// Backdated for clock skew, by at most a tenth of the lifetime so
+		// that short-lived certificates keep most of theirs ahead.
+		NotBefore: now.Add(-min(5*time.Minute, req.Validity/10)),
+		NotAfter:  now.Add(req.Validity),
+		KeyUsage:  x509.KeyUsageDigitalSignature,
 	}
 	switch req.Usage {
 	case UsageClient:

@@ -111,7 +111,7 @@ func startCloud(t *testing.T, cfg *rest.Config, p *pkiSet, addr string) *cloud {
 		Options:  tunnel.Options{KeepAlive: 200 * time.Millisecond, DeadPeerTimeout: 2 * time.Second, Logger: log, Registerer: reg},
 		QUICAddr: addr,
 		TLS:      &tls.Config{Certificates: []tls.Certificate{p.server}, ClientCAs: p.ca.Pool(), MinVersion: tls.VersionTLS13},
-		Handler:  hub.New(disp, log),
+		Handler:  hub.New(disp, nil, log),
 	})
 	require.NoError(t, err)
 	require.NoError(t, srv.Listen())

@@ -118,7 +118,7 @@ func serve(ctx context.Context, f serveFlags) error {
 		QUICAddr:      f.quicAddr,
 		WebSocketAddr: f.wsAddr,
 		TLS:           &tls.Config{Certificates: []tls.Certificate{pair}, ClientCAs: pool, MinVersion: tls.VersionTLS13},
-		Handler:       hub.New(disp, logger),
+		Handler:       hub.New(disp, nil, logger),
 	})
 	if err != nil {
 		return err

@@ -5,6 +5,8 @@ package main
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -19,7 +21,9 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/tetheredge/tether/common/pki"
+	"github.com/tetheredge/tether/edgecore/certs"
 	"github.com/tetheredge/tether/edgecore/edgehub"
+	edgejoin "github.com/tetheredge/tether/edgecore/join"
 	"github.com/tetheredge/tether/edgecore/nodestatus"
 	"github.com/tetheredge/tether/edgecore/store"
 	"github.com/tetheredge/tether/edgecore/syncer"
@@ -56,13 +60,14 @@ func newRootCommand() *cobra.Command {
 	fl := root.Flags()
 	fl.StringSliceVar(&f.cloud, "cloud", nil, "cloud addresses, tried in order: host:port (QUIC, then WebSocket), quic://host:port or wss://host:port")
 	fl.StringVar(&f.node, "node", "", "this node's name (must match the certificate)")
-	fl.StringVar(&f.cert, "tls-cert", "", "node certificate (PEM)")
-	fl.StringVar(&f.key, "tls-key", "", "node private key (PEM)")
-	fl.StringVar(&f.ca, "ca", "", "cluster CA that signs the cloud's certificate (PEM)")
+	fl.StringVar(&f.cert, "tls-cert", "", "node certificate (PEM); default: the one edgecore join stored in --data-dir")
+	fl.StringVar(&f.key, "tls-key", "", "node private key (PEM); default: from --data-dir")
+	fl.StringVar(&f.ca, "ca", "", "cluster CA (PEM); default: from --data-dir")
 	fl.DurationVar(&f.keepAlive, "keepalive", 5*time.Second, "keepalive interval")
 	fl.DurationVar(&f.dead, "dead-peer-timeout", 15*time.Second, "silence after which the cloud is declared gone")
 	fl.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
-	fl.StringVar(&f.dataDir, "data-dir", "/var/lib/tether/edgecore", "directory of the node's state (SQLite)")
+	fl.StringVar(&f.dataDir, "data-dir", "/var/lib/tether/edgecore", "directory of the node's state: SQLite store and, after edgecore join, its identity (node.key, node.crt, ca.crt)")
+	root.AddCommand(newJoinCommand())
 	return root
 }
 
@@ -72,23 +77,26 @@ func run(ctx context.Context, f flags) error {
 		return fmt.Errorf("log level %q: %w", f.logLevel, err)
 	}
 	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
-	if len(f.cloud) == 0 || f.node == "" || f.cert == "" || f.key == "" || f.ca == "" {
-		return errors.New("--cloud, --node, --tls-cert, --tls-key and --ca are required")
+	if len(f.cloud) == 0 || f.node == "" {
+		return errors.New("--cloud and --node are required")
 	}
-	pair, err := tls.LoadX509KeyPair(f.cert, f.key)
-	if err != nil {
-		return fmt.Errorf("load node certificate: %w", err)
-	}
-	pool, err := pki.LoadPool(f.ca)
+	pair, pool, leaf, err := loadIdentity(f)
 	if err != nil {
 		return err
 	}
+	if err := edgejoin.CheckUsable(leaf, time.Now()); err != nil {
+		return err
+	}
+	if leaf.Subject.CommonName != f.node {
+		return fmt.Errorf("the certificate is for node %q, not %q", leaf.Subject.CommonName, f.node)
+	}
+	holder := certs.NewHolder(pair)
 	client, err := tunnel.NewClient(tunnel.ClientConfig{
 		Options: tunnel.Options{KeepAlive: f.keepAlive, DeadPeerTimeout: f.dead, Logger: logger},
 		Servers: f.cloud,
 		Node:    f.node,
 		Agent:   "edgecore",
-		TLS:     &tls.Config{Certificates: []tls.Certificate{pair}, RootCAs: pool, MinVersion: tls.VersionTLS13},
+		TLS:     &tls.Config{GetClientCertificate: holder.GetClientCertificate, RootCAs: pool, MinVersion: tls.VersionTLS13},
 	})
 	if err != nil {
 		return err
@@ -109,8 +117,57 @@ func run(ctx context.Context, f flags) error {
 	if err != nil {
 		return err
 	}
+	caCert, err := caOf(f)
+	if err != nil {
+		return err
+	}
+	rotator := certs.NewRotator(f.identityDir(), f.node, caCert, holder, sy.Renew, logger, nil)
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return reporter.Run(ctx) })
+	g.Go(func() error { return rotator.Run(ctx) })
 	g.Go(func() error { return edgehub.New(client, sy, logger).Run(ctx) })
 	return g.Wait()
+}
+
+// identityDir is where the node's key and certificates live (and where
+// renewals are written).
+func (f flags) identityDir() string {
+	if f.cert != "" {
+		return filepath.Dir(f.cert)
+	}
+	return f.dataDir
+}
+
+func loadIdentity(f flags) (tls.Certificate, *x509.CertPool, *x509.Certificate, error) {
+	if f.cert == "" && f.key == "" && f.ca == "" {
+		return edgejoin.Load(f.dataDir)
+	}
+	if f.cert == "" || f.key == "" || f.ca == "" {
+		return tls.Certificate{}, nil, nil, errors.New("--tls-cert, --tls-key and --ca go together")
+	}
+	pair, err := tls.LoadX509KeyPair(f.cert, f.key)
+	if err != nil {
+		return tls.Certificate{}, nil, nil, fmt.Errorf("load node certificate: %w", err)
+	}
+	pool, err := pki.LoadPool(f.ca)
+	if err != nil {
+		return tls.Certificate{}, nil, nil, err
+	}
+	return pair, pool, pair.Leaf, nil
+}
+
+func caOf(f flags) (*x509.Certificate, error) {
+	path := f.ca
+	if path == "" {
+		path = filepath.Join(f.dataDir, edgejoin.CAFile)
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read cluster CA: %w", err)
+	}
+	blk, _ := pem.Decode(b)
+	if blk == nil {
+		return nil, fmt.Errorf("read cluster CA %s: no PEM block", path)
+	}
+	return x509.ParseCertificate(blk.Bytes)
 }
