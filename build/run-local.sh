@@ -1,30 +1,52 @@
 #!/usr/bin/env bash
-# Runs, on this machine: a development control plane (real etcd and
-# kube-apiserver from _output/testbin), a CloudCore watching it, and one
-# EdgeCore connected over QUIC with development certificates. The edge
-# registers its Node; pods bound to it reach its SQLite store in
-# _output/dev/edge-1. Ctrl-C stops everything.
+# Runs on this machine the whole onboarding and sync path:
+#   1. a development control plane (real etcd + kube-apiserver from _output/testbin),
+#   2. CloudCore watching it (it creates the cluster CA Secret on first start),
+#   3. `cloudcore admin allow edge-1`: whitelists the node and prints a join token,
+#   4. `edgecore join`: the node makes its key, checks the CA, gets its certificate,
+#   5. EdgeCore, connected over QUIC: it registers its Node and syncs what is bound to it.
+# Ctrl-C stops everything. State lives in _output/dev.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=_output/bin
 DEV=_output/dev
-PKI=$DEV/pki
 PORT=${TETHER_PORT:-10000}
+JOIN_PORT=${TETHER_JOIN_PORT:-10002}
+NODE=${TETHER_NODE:-edge-1}
 mkdir -p "$DEV"
-[[ -f $PKI/ca.crt ]] || "$BIN/cloudcore" dev-pki --dir "$PKI" --node edge-1
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true; wait' EXIT INT TERM
+
 rm -f "$DEV/kubeconfig"
 "$BIN/devcluster" --kubeconfig-out "$DEV/kubeconfig" &
 pids+=($!)
 for _ in $(seq 1 120); do [[ -s $DEV/kubeconfig ]] && break; sleep 0.5; done
 [[ -s $DEV/kubeconfig ]] || { echo "run-local: the development control plane did not start" >&2; exit 1; }
+
 "$BIN/cloudcore" --kubeconfig "$DEV/kubeconfig" --quic-addr "127.0.0.1:$PORT" --websocket-addr "127.0.0.1:$PORT" \
-  --tls-cert "$PKI/server.crt" --tls-key "$PKI/server.key" --client-ca "$PKI/ca.crt" &
+  --join-addr "127.0.0.1:$JOIN_PORT" &
 pids+=($!)
-sleep 1
-"$BIN/edgecore" --cloud "127.0.0.1:$PORT" --node edge-1 --data-dir "$DEV/edge-1" \
-  --tls-cert "$PKI/edge-1.crt" --tls-key "$PKI/edge-1.key" --ca "$PKI/ca.crt" &
+
+TOKEN=""
+for _ in $(seq 1 60); do
+  TOKEN=$("$BIN/cloudcore" admin allow "$NODE" --kubeconfig "$DEV/kubeconfig" 2>/dev/null) && break
+  sleep 0.5
+done
+[[ -n $TOKEN ]] || { echo "run-local: cloudcore admin allow failed" >&2; exit 1; }
+echo "run-local: join token for $NODE issued"
+
+joined=""
+for _ in $(seq 1 60); do
+  if "$BIN/edgecore" join --cloud "127.0.0.1:$JOIN_PORT" --token "$TOKEN" --node "$NODE" --data-dir "$DEV/$NODE" --force; then
+    joined=1; break
+  fi
+  # Only a cloud that is not listening yet is worth retrying; the token is single-use.
+  TOKEN=$("$BIN/cloudcore" admin allow "$NODE" --kubeconfig "$DEV/kubeconfig" 2>/dev/null)
+  sleep 0.5
+done
+[[ -n $joined ]] || { echo "run-local: edgecore join failed" >&2; exit 1; }
+
+"$BIN/edgecore" --cloud "127.0.0.1:$PORT" --node "$NODE" --data-dir "$DEV/$NODE" &
 pids+=($!)
-echo "run-local: try: KUBECONFIG=$DEV/kubeconfig kubectl get nodes   (if you have kubectl)"
+echo "run-local: running; KUBECONFIG=$DEV/kubeconfig reaches the control plane (cloudcore admin list --kubeconfig $DEV/kubeconfig)"
 wait -n

@@ -36,6 +36,9 @@ type Config struct {
 	// EdgeLabel is set on every Node an edge registers, so the catalog
 	// treats it as an edge node. Required.
 	EdgeLabel string
+	// Labels, when set, returns labels the operator wants on node's Node
+	// (the EdgeNode's spec.labels); they override the edge's own.
+	Labels func(node string) map[string]string
 	// FieldManager names Tether in managedFields. Default "tether-cloudcore".
 	FieldManager string
 	// Logger defaults to slog.Default().
@@ -119,6 +122,11 @@ func (w *Writer) node(ctx context.Context, name string, m *message.Message) erro
 	n.ObjectMeta = metav1.ObjectMeta{Name: name, Labels: n.Labels}
 	if n.Labels == nil {
 		n.Labels = map[string]string{}
+	}
+	if w.cfg.Labels != nil {
+		for k, v := range w.cfg.Labels(name) {
+			n.Labels[k] = v
+		}
 	}
 	n.Labels[w.cfg.EdgeLabel] = ""
 	n.ObjectMeta.Labels = n.Labels

@@ -164,3 +164,11 @@ func (w *Whitelist) Authorize(id tunnel.Identity) error {
 	}
 	return nil
 }
+
+// Labels returns the labels the operator set for node's Node.
+func (w *Whitelist) Labels(node string) map[string]string {
+	if e, ok := w.Get(node); ok {
+		return e.Spec.Labels
+	}
+	return nil
+}

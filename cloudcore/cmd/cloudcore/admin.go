@@ -1,0 +1,173 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/spf13/cobra"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/clientcmd"
+
+	"github.com/tetheredge/tether/cloudcore/edgenode"
+	"github.com/tetheredge/tether/cloudcore/onboard"
+)
+
+// adminFlags are the flags every admin subcommand shares.
+type adminFlags struct {
+	kubeconfig  string
+	caNamespace string
+	caName      string
+}
+
+// adminClients are the API clients an admin subcommand needs.
+type adminClients struct {
+	kube  kubernetes.Interface
+	nodes *edgenode.Client
+}
+
+func (f *adminFlags) clients() (*adminClients, error) {
+	rules := clientcmd.NewDefaultClientConfigLoadingRules()
+	rules.ExplicitPath = f.kubeconfig
+	cfg, err := clientcmd.NewNonInteractiveDeferredLoadingClientConfig(rules, &clientcmd.ConfigOverrides{}).ClientConfig()
+	if err != nil {
+		return nil, fmt.Errorf("kubernetes client config: %w", err)
+	}
+	kube, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("kubernetes client: %w", err)
+	}
+	dyn, err := dynamic.NewForConfig(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("kubernetes dynamic client: %w", err)
+	}
+	return &adminClients{kube: kube, nodes: edgenode.NewClient(dyn)}, nil
+}
+
+// newAdminCommand is the operator's whitelist: which edge nodes may join.
+func newAdminCommand() *cobra.Command {
+	var f adminFlags
+	cmd := &cobra.Command{
+		Use:   "admin",
+		Short: "Manage the whitelist of edge nodes allowed to join",
+		Args:  cobra.NoArgs,
+	}
+	pf := cmd.PersistentFlags()
+	pf.StringVar(&f.kubeconfig, "kubeconfig", "", "kubeconfig of the cluster (empty: $KUBECONFIG, ~/.kube/config or in-cluster)")
+	pf.StringVar(&f.caNamespace, "ca-namespace", onboard.DefaultCANamespace, "namespace of the Secret holding the cluster CA")
+	pf.StringVar(&f.caName, "ca-secret", onboard.DefaultCAName, "name of the Secret holding the cluster CA")
+	cmd.AddCommand(newAdminAllowCommand(&f), newAdminListCommand(&f), newAdminDisableCommand(&f), newAdminRemoveCommand(&f))
+	return cmd
+}
+
+func newAdminAllowCommand(f *adminFlags) *cobra.Command {
+	var labels []string
+	var ttl time.Duration
+	var cloud string
+	cmd := &cobra.Command{
+		Use:   "allow NODE",
+		Short: "Whitelist a node (or re-enable it) and print a new join token",
+		Long: "Whitelist a node, or re-enable a disabled one, and print a new one-time join token on stdout.\n" +
+			"A token issued earlier for the node stops working. The cluster CA is created if there is none.",
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			node := args[0]
+			if err := onboard.ValidateTokenTTL(ttl); err != nil {
+				return err
+			}
+			lbls, err := onboard.ParseLabels(labels)
+			if err != nil {
+				return err
+			}
+			c, err := f.clients()
+			if err != nil {
+				return err
+			}
+			ctx := cmd.Context()
+			logger := slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), &slog.HandlerOptions{Level: slog.LevelInfo}))
+			ca, err := onboard.EnsureCA(ctx, c.kube, f.caNamespace, f.caName, logger)
+			if err != nil {
+				return err
+			}
+			tok, _, err := onboard.Allow(ctx, c.nodes, ca.Cert, node, onboard.AllowOptions{Labels: lbls, TokenTTL: ttl})
+			if err != nil {
+				return err
+			}
+			// stdout holds the token only, for scripts.
+			fmt.Fprintln(cmd.OutOrStdout(), tok.String())
+			if cloud == "" {
+				cloud = "<cloudcore-host>:10002"
+			}
+			fmt.Fprintf(cmd.ErrOrStderr(), "token valid for %s, once; on the node run:\n  edgecore join --cloud %s --token %s --node %s\n",
+				ttl, cloud, tok.String(), node)
+			return nil
+		},
+	}
+	cmd.Flags().StringArrayVar(&labels, "label", nil, "label key=value for the node's Node object (repeatable; replaces the node's labels)")
+	cmd.Flags().DurationVar(&ttl, "token-ttl", onboard.DefaultTokenTTL, "how long the join token is valid (at most 720h)")
+	cmd.Flags().StringVar(&cloud, "cloud", "", "join address host:port of CloudCore, for the printed hint only")
+	return cmd
+}
+
+func newAdminListCommand(f *adminFlags) *cobra.Command {
+	return &cobra.Command{
+		Use:   "list",
+		Short: "List whitelisted nodes",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, err := f.clients()
+			if err != nil {
+				return err
+			}
+			nodes, err := onboard.List(cmd.Context(), c.nodes)
+			if err != nil {
+				return err
+			}
+			return onboard.WriteTable(cmd.OutOrStdout(), nodes, time.Now())
+		},
+	}
+}
+
+func newAdminDisableCommand(f *adminFlags) *cobra.Command {
+	return &cobra.Command{
+		Use:   "disable NODE",
+		Short: "Refuse a node's joins, connections and renewals; its live session is closed",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return adminNodeVerb(cmd.Context(), f, func(ctx context.Context, nodes *edgenode.Client) error {
+				if _, err := onboard.Disable(ctx, nodes, args[0]); err != nil {
+					return err
+				}
+				fmt.Fprintf(cmd.OutOrStdout(), "node %s disabled\n", args[0])
+				return nil
+			})
+		},
+	}
+}
+
+func newAdminRemoveCommand(f *adminFlags) *cobra.Command {
+	return &cobra.Command{
+		Use:   "remove NODE",
+		Short: "Delete a node from the whitelist",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return adminNodeVerb(cmd.Context(), f, func(ctx context.Context, nodes *edgenode.Client) error {
+				if err := onboard.Remove(ctx, nodes, args[0]); err != nil {
+					return err
+				}
+				fmt.Fprintf(cmd.OutOrStdout(), "node %s removed\n", args[0])
+				return nil
+			})
+		},
+	}
+}
+
+func adminNodeVerb(ctx context.Context, f *adminFlags, verb func(context.Context, *edgenode.Client) error) error {
+	c, err := f.clients()
+	if err != nil {
+		return err
+	}
+	return verb(ctx, c.nodes)
+}
