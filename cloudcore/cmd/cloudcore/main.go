@@ -4,7 +4,6 @@ package main
 
 import (
 	"context"
-	"crypto/tls"
 	"fmt"
 	"log/slog"
 	"os"
@@ -14,19 +13,11 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/cobra"
-	"golang.org/x/sync/errgroup"
-	"k8s.io/client-go/dynamic"
-	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/clientcmd"
 
+	"github.com/tetheredge/tether/cloudcore/app"
 	"github.com/tetheredge/tether/cloudcore/catalog"
-	"github.com/tetheredge/tether/cloudcore/dispatch"
-	"github.com/tetheredge/tether/cloudcore/edgenode"
-	"github.com/tetheredge/tether/cloudcore/hub"
 	"github.com/tetheredge/tether/cloudcore/onboard"
-	"github.com/tetheredge/tether/cloudcore/upstream"
-	"github.com/tetheredge/tether/cloudcore/whitelist"
-	"github.com/tetheredge/tether/tunnel"
 )
 
 func main() {
@@ -95,79 +86,23 @@ func serve(ctx context.Context, f serveFlags) error {
 	if err != nil {
 		return fmt.Errorf("kubernetes client config: %w", err)
 	}
-	client, err := kubernetes.NewForConfig(restCfg)
-	if err != nil {
-		return fmt.Errorf("kubernetes client: %w", err)
-	}
-	dyn, err := dynamic.NewForConfig(restCfg)
-	if err != nil {
-		return fmt.Errorf("kubernetes dynamic client: %w", err)
-	}
-	reg := prometheus.NewRegistry()
-
-	// Identity: the cluster CA (shared by replicas through a Secret) and a
-	// server certificate for the configured names.
-	ca, err := onboard.EnsureCA(ctx, client, f.caNamespace, f.caName, logger)
-	if err != nil {
-		return err
-	}
-	serverCert, err := onboard.ServerCertificate(ca, f.serverSANs, 365*24*time.Hour)
-	if err != nil {
-		return err
-	}
-	nodes := edgenode.NewClient(dyn)
-	issuer := &onboard.Issuer{CA: ca, Validity: f.certValidity}
-	renewer, err := onboard.NewRenewer(onboard.RenewerConfig{EdgeNodes: nodes, Issuer: issuer, Logger: logger, Registerer: reg})
-	if err != nil {
-		return err
-	}
-	joinSvc, err := onboard.New(onboard.Config{
-		Addr: f.joinAddr, TLS: &tls.Config{Certificates: []tls.Certificate{serverCert}},
-		EdgeNodes: nodes, Issuer: issuer, Logger: logger, Registerer: reg,
+	a, err := app.New(ctx, app.Config{
+		Kubernetes:      restCfg,
+		QUICAddr:        f.quicAddr,
+		WebSocketAddr:   f.wsAddr,
+		JoinAddr:        f.joinAddr,
+		ServerSANs:      f.serverSANs,
+		CertValidity:    f.certValidity,
+		CANamespace:     f.caNamespace,
+		CAName:          f.caName,
+		KeepAlive:       f.keepAlive,
+		DeadPeerTimeout: f.dead,
+		EdgeLabel:       f.edgeLabel,
+		Logger:          logger,
+		Registerer:      prometheus.NewRegistry(),
 	})
 	if err != nil {
 		return err
 	}
-	wl := whitelist.New(dyn, logger, nil)
-
-	// Sync.
-	cat, err := catalog.New(client, catalog.Config{EdgeLabel: f.edgeLabel, Logger: logger})
-	if err != nil {
-		return err
-	}
-	up, err := upstream.New(client, cat, upstream.Config{EdgeLabel: f.edgeLabel, Labels: wl.Labels, Logger: logger})
-	if err != nil {
-		return err
-	}
-	disp := dispatch.New(dispatch.Deps{Catalog: cat, Upstream: up, Renewer: renewer}, dispatch.Config{}, logger, reg)
-	cat.Subscribe(disp.Notify)
-	h := hub.New(disp, wl.Connected, logger)
-	wl.OnRevoke(h.Disconnect)
-	srv, err := tunnel.NewServer(tunnel.ServerConfig{
-		Options:       tunnel.Options{KeepAlive: f.keepAlive, DeadPeerTimeout: f.dead, Logger: logger, Registerer: reg},
-		QUICAddr:      f.quicAddr,
-		WebSocketAddr: f.wsAddr,
-		TLS:           &tls.Config{Certificates: []tls.Certificate{serverCert}, ClientCAs: ca.Pool(), MinVersion: tls.VersionTLS13},
-		Authorize:     wl.Authorize,
-		Handler:       h,
-	})
-	if err != nil {
-		return err
-	}
-	g, ctx := errgroup.WithContext(ctx)
-	g.Go(func() error { return cat.Run(ctx) })
-	g.Go(func() error { return wl.Run(ctx) })
-	g.Go(func() error { return joinSvc.Run(ctx) })
-	g.Go(func() error {
-		// Serving before the caches are complete would tell edges to prune
-		// objects the cloud has simply not seen yet, and refuse allowed nodes.
-		if err := cat.WaitForSync(ctx); err != nil {
-			return err
-		}
-		if err := wl.WaitForSync(ctx); err != nil {
-			return err
-		}
-		return srv.Run(ctx)
-	})
-	return g.Wait()
+	return a.Run(ctx)
 }

@@ -1,0 +1,204 @@
+// Package app wires CloudCore's components together: the cluster CA and
+// onboarding, the whitelist, the informer catalog, the per-node
+// dispatcher, the upstream writer and the tunnel server. The cloudcore
+// command and end-to-end tests both build CloudCore through it, so what
+// the tests run is what ships. It holds no logic of its own.
+package app
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sync/errgroup"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+
+	"github.com/tetheredge/tether/cloudcore/catalog"
+	"github.com/tetheredge/tether/cloudcore/dispatch"
+	"github.com/tetheredge/tether/cloudcore/edgenode"
+	"github.com/tetheredge/tether/cloudcore/hub"
+	"github.com/tetheredge/tether/cloudcore/onboard"
+	"github.com/tetheredge/tether/cloudcore/upstream"
+	"github.com/tetheredge/tether/cloudcore/whitelist"
+	"github.com/tetheredge/tether/common/pki"
+	"github.com/tetheredge/tether/tunnel"
+)
+
+// Config is CloudCore's configuration. Zero values mean the defaults
+// beside each field.
+type Config struct {
+	// Kubernetes reaches the API server. Required.
+	Kubernetes *rest.Config
+	// QUICAddr and WebSocketAddr are the tunnel's addresses; at least one.
+	QUICAddr, WebSocketAddr string
+	// JoinAddr is the HTTPS join endpoint. Default onboard.DefaultAddr.
+	JoinAddr string
+	// ServerSANs are the names and IPs in the server certificate. Required.
+	ServerSANs []string
+	// CertValidity of node certificates. Default onboard.DefaultValidity.
+	CertValidity time.Duration
+	// CANamespace and CAName locate the CA Secret. Defaults
+	// onboard.DefaultCANamespace and onboard.DefaultCAName.
+	CANamespace, CAName string
+	// KeepAlive and DeadPeerTimeout tune the tunnel. Defaults 5s and 15s.
+	KeepAlive, DeadPeerTimeout time.Duration
+	// EdgeLabel marks edge Nodes. Default catalog.DefaultEdgeLabel.
+	EdgeLabel string
+	// Logger defaults to slog.Default().
+	Logger *slog.Logger
+	// Registerer receives every component's metrics; may be nil.
+	Registerer prometheus.Registerer
+}
+
+// App is a wired CloudCore.
+type App struct {
+	ca     *pki.CA
+	cat    *catalog.Catalog
+	wl     *whitelist.Whitelist
+	join   *onboard.Service
+	srv    *tunnel.Server
+	nodes  *edgenode.Client
+	logger *slog.Logger
+	hub    *hub.Hub
+	disp   *dispatch.Dispatcher
+}
+
+// New builds CloudCore: it loads or creates the cluster CA (an API call)
+// and wires everything; Run starts it.
+func New(ctx context.Context, cfg Config) (*App, error) {
+	if cfg.Kubernetes == nil {
+		return nil, errors.New("cloudcore: a Kubernetes client config is required")
+	}
+	if len(cfg.ServerSANs) == 0 {
+		return nil, errors.New("cloudcore: at least one server SAN is required")
+	}
+	if cfg.CANamespace == "" {
+		cfg.CANamespace = onboard.DefaultCANamespace
+	}
+	if cfg.CAName == "" {
+		cfg.CAName = onboard.DefaultCAName
+	}
+	if cfg.EdgeLabel == "" {
+		cfg.EdgeLabel = catalog.DefaultEdgeLabel
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	logger := cfg.Logger
+	client, err := kubernetes.NewForConfig(cfg.Kubernetes)
+	if err != nil {
+		return nil, fmt.Errorf("kubernetes client: %w", err)
+	}
+	dyn, err := dynamic.NewForConfig(cfg.Kubernetes)
+	if err != nil {
+		return nil, fmt.Errorf("kubernetes dynamic client: %w", err)
+	}
+	ca, err := onboard.EnsureCA(ctx, client, cfg.CANamespace, cfg.CAName, logger)
+	if err != nil {
+		return nil, err
+	}
+	serverCert, err := onboard.ServerCertificate(ca, cfg.ServerSANs, 365*24*time.Hour)
+	if err != nil {
+		return nil, err
+	}
+	nodes := edgenode.NewClient(dyn)
+	issuer := &onboard.Issuer{CA: ca, Validity: cfg.CertValidity}
+	renewer, err := onboard.NewRenewer(onboard.RenewerConfig{EdgeNodes: nodes, Issuer: issuer, Logger: logger, Registerer: cfg.Registerer})
+	if err != nil {
+		return nil, err
+	}
+	joinSvc, err := onboard.New(onboard.Config{
+		Addr: cfg.JoinAddr, TLS: &tls.Config{Certificates: []tls.Certificate{serverCert}, MinVersion: tls.VersionTLS13},
+		EdgeNodes: nodes, Issuer: issuer, Logger: logger, Registerer: cfg.Registerer,
+	})
+	if err != nil {
+		return nil, err
+	}
+	wl := whitelist.New(dyn, logger, nil)
+	cat, err := catalog.New(client, catalog.Config{EdgeLabel: cfg.EdgeLabel, Logger: logger})
+	if err != nil {
+		return nil, err
+	}
+	up, err := upstream.New(client, cat, upstream.Config{EdgeLabel: cfg.EdgeLabel, Labels: wl.Labels, Logger: logger})
+	if err != nil {
+		return nil, err
+	}
+	disp := dispatch.New(dispatch.Deps{Catalog: cat, Upstream: up, Renewer: renewer}, dispatch.Config{}, logger, cfg.Registerer)
+	cat.Subscribe(disp.Notify)
+	h := hub.New(disp, wl.Connected, logger)
+	wl.OnRevoke(h.Disconnect)
+	srv, err := tunnel.NewServer(tunnel.ServerConfig{
+		Options:       tunnel.Options{KeepAlive: cfg.KeepAlive, DeadPeerTimeout: cfg.DeadPeerTimeout, Logger: logger, Registerer: cfg.Registerer},
+		QUICAddr:      cfg.QUICAddr,
+		WebSocketAddr: cfg.WebSocketAddr,
+		TLS:           &tls.Config{Certificates: []tls.Certificate{serverCert}, ClientCAs: ca.Pool(), MinVersion: tls.VersionTLS13},
+		Authorize:     wl.Authorize,
+		Handler:       h,
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &App{ca: ca, cat: cat, wl: wl, join: joinSvc, srv: srv, nodes: nodes, logger: logger, hub: h, disp: disp}, nil
+}
+
+// Listen binds the tunnel and join addresses (Run does it otherwise), so a
+// caller can learn them first.
+func (a *App) Listen() error {
+	if err := a.srv.Listen(); err != nil {
+		return err
+	}
+	return a.join.Listen()
+}
+
+// QUICAddr returns the bound QUIC address.
+func (a *App) QUICAddr() net.Addr { return a.srv.QUICAddr() }
+
+// WebSocketAddr returns the bound WebSocket address.
+func (a *App) WebSocketAddr() net.Addr { return a.srv.WebSocketAddr() }
+
+// JoinAddr returns the bound join address.
+func (a *App) JoinAddr() net.Addr { return a.join.Addr() }
+
+// CA returns the cluster CA.
+func (a *App) CA() *pki.CA { return a.ca }
+
+// Catalog returns the informer catalog (read-only use).
+func (a *App) Catalog() *catalog.Catalog { return a.cat }
+
+// EdgeNodes returns the whitelist client.
+func (a *App) EdgeNodes() *edgenode.Client { return a.nodes }
+
+// Connected returns the nodes with a live session.
+func (a *App) Connected() []string { return a.hub.Connected() }
+
+// Run serves until ctx ends and joins every component.
+func (a *App) Run(ctx context.Context) error {
+	g, ctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return a.cat.Run(ctx) })
+	g.Go(func() error { return a.wl.Run(ctx) })
+	g.Go(func() error { return a.join.Run(ctx) })
+	g.Go(func() error {
+		// Serving before the caches are complete would tell edges to prune
+		// objects the cloud has simply not seen yet, and refuse allowed nodes.
+		if err := a.cat.WaitForSync(ctx); err != nil {
+			return err
+		}
+		if err := a.wl.WaitForSync(ctx); err != nil {
+			return err
+		}
+		a.logger.Info("cloudcore ready")
+		return a.srv.Run(ctx)
+	})
+	err := g.Wait()
+	if errors.Is(err, context.Canceled) {
+		return nil
+	}
+	return err
+}
