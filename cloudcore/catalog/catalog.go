@@ -375,6 +375,16 @@ func (c *Catalog) Get(node string, key objsync.Key) (Object, bool) {
 	return obj, true
 }
 
+// Version returns the uid and resourceVersion of the object named by key
+// if it belongs to node now, without encoding it. It reads caches only.
+func (c *Catalog) Version(node string, key objsync.Key) (uid, resourceVersion string, ok bool) {
+	_, o, ok := c.lookup(node, key)
+	if !ok {
+		return "", "", false
+	}
+	return string(o.GetUID()), o.GetResourceVersion(), true
+}
+
 // Belongs reports whether the object named by key exists and belongs to
 // node now. It reads caches only.
 func (c *Catalog) Belongs(node string, key objsync.Key) bool {

@@ -22,6 +22,9 @@ import (
 // Catalog is the informer cache as the dispatcher reads it.
 type Catalog interface {
 	Keys(node string) []objsync.Key
+	// Version is cheap (no encoding): the reconcile calls it for every key.
+	Version(node string, key objsync.Key) (uid, resourceVersion string, ok bool)
+	// Get encodes the object; it is called only for objects being sent.
 	Get(node string, key objsync.Key) (catalog.Object, bool)
 }
 
@@ -152,12 +155,15 @@ type lookup struct {
 
 func (l lookup) Keys() []objsync.Key { return l.cat.Keys(l.node) }
 
+// Lookup returns the version hash only: the object is encoded when it is
+// sent (see conn.send), so a reconcile over many objects encodes none of
+// the unchanged ones.
 func (l lookup) Lookup(key objsync.Key) (uint64, any, bool) {
-	o, ok := l.cat.Get(l.node, key)
+	uid, rv, ok := l.cat.Version(l.node, key)
 	if !ok {
 		return 0, nil, false
 	}
-	return objsync.VersionHash(o.Resource.UID, o.Version), o, true
+	return objsync.VersionHash(uid, rv), nil, true
 }
 
 // Serve runs the sync protocol on one node's session until the session or
@@ -344,7 +350,18 @@ func (c *conn) send(ctx context.Context, actions []Action) error {
 		var kind string
 		switch a.Kind {
 		case SendObject:
-			o := a.Object.(catalog.Object)
+			o, ok := c.d.cat.Get(c.node, a.Key)
+			if !ok {
+				// Gone since the state machine looked: drop the flight and
+				// let the key be evaluated again (it becomes a delete).
+				c.st.OnRefused(a.ID)
+				c.st.Changed(a.Key)
+				continue
+			}
+			// If the object changed since the state machine looked, the
+			// newer version goes out now; the catalog's notification of
+			// that change re-queues the key, and the resend after the ack
+			// is a harmless duplicate.
 			m.Kind, m.Op, m.Resource, m.Version, m.Payload = message.KindEvent, message.OpUpsert, o.Resource, o.Version, o.Data
 			kind = "object"
 		case SendDelete:
