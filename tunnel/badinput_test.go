@@ -352,3 +352,61 @@ func TestDeadPeerDetected(t *testing.T) {
 		})
 	}
 }
+
+// TestLargeMessageStreamViolations: a uni stream carrying two frames, or an
+// oversized length, ends the session as a counted bad frame.
+func TestLargeMessageStreamViolations(t *testing.T) {
+	ca := newTestCA(t)
+	srv := startServer(t, ca, echo, nil)
+	for name, payload := range map[string][]byte{
+		"two frames": append(mustFrame(t, &message.Message{Kind: message.KindAck}), mustFrame(t, &message.Message{Kind: message.KindAck})...),
+		"oversized":  lengthPrefix(message.DefaultMaxFrame + 1),
+	} {
+		t.Run(name, func(t *testing.T) {
+			before := srv.refused(TransportQUIC, reasonFrame)
+			conn, st := rawQUIC(t, srv, "edge-1")
+			_, err := st.Write(helloFrame(t, message.ProtocolVersion, "edge-1"))
+			require.NoError(t, err)
+			_, err = message.NewCodec(0).ReadFrame(st)
+			require.NoError(t, err)
+			uni, err := conn.OpenUniStream()
+			require.NoError(t, err)
+			_, err = uni.Write(payload)
+			require.NoError(t, err)
+			require.NoError(t, uni.Close())
+			select {
+			case <-conn.Context().Done():
+			case <-time.After(10 * time.Second):
+				t.Fatal("server did not close the connection")
+			}
+			require.Eventually(t, func() bool { return srv.refused(TransportQUIC, reasonFrame) > before }, 5*time.Second, 10*time.Millisecond)
+		})
+	}
+}
+
+// TestCancelledLargeSendKeepsSession: a large Send whose context ends
+// mid-write drops that message only.
+func TestCancelledLargeSendKeepsSession(t *testing.T) {
+	ca := newTestCA(t)
+	srv := startServer(t, ca, echo, nil)
+	ctx := context.Background()
+	sess, err := newTestClient(t, ca, "edge-1", srv.addr(TransportQUIC)).Dial(ctx)
+	require.NoError(t, err)
+	defer sess.Close("done")
+	for range 4 {
+		sctx, cancel := context.WithTimeout(ctx, 5*time.Millisecond)
+		_ = sess.Send(sctx, &message.Message{ID: 1, Kind: message.KindEvent, Op: message.OpUpsert, Payload: make([]byte, 4<<20-1024)})
+		cancel()
+	}
+	require.NoError(t, sess.Send(ctx, &message.Message{ID: 99, Kind: message.KindEvent, Op: message.OpUpsert, Payload: []byte("after")}))
+	for {
+		rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		m, err := sess.Recv(rctx)
+		cancel()
+		require.NoError(t, err, "the session survives cancelled large sends")
+		if m.ReplyTo == 99 {
+			break
+		}
+	}
+	require.NoError(t, sess.Err())
+}

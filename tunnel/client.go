@@ -198,7 +198,7 @@ func (c *Client) dialWebSocket(ctx context.Context, ep endpoint, deadline time.T
 		TLSClientConfig:  c.tlsConfig(TransportWebSocket, ep.addr),
 		HandshakeTimeout: c.cfg.DialTimeout,
 		ReadBufferSize:   4096,
-		WriteBufferSize:  4096,
+		WriteBufferSize:  64 << 10, // borrowed from the pool while writing only
 		WriteBufferPool:  &sync.Pool{},
 	}
 	u := url.URL{Scheme: "wss", Host: ep.addr, Path: wsSessionPath}

@@ -64,7 +64,7 @@ func (l *quicLink) writeLarge(ctx context.Context, frame []byte) (bool, error) {
 	return true, st.Close()
 }
 
-func (l *quicLink) run(ctx context.Context, g *errgroup.Group, deliver func([]byte) error) error {
+func (l *quicLink) run(ctx context.Context, g *errgroup.Group, deliver func([]byte) error, fail func(error)) error {
 	g.Go(func() error {
 		for {
 			rs, err := l.conn.AcceptUniStream(ctx)
@@ -75,14 +75,21 @@ func (l *quicLink) run(ctx context.Context, g *errgroup.Group, deliver func([]by
 				body, err := l.codec.ReadFrame(rs)
 				if err != nil {
 					rs.CancelRead(quicStreamCancel)
-					if ctx.Err() != nil {
-						return nil
+					var serr *quic.StreamError
+					switch {
+					case ctx.Err() != nil:
+					case errors.As(err, &serr) && serr.Remote && serr.ErrorCode == quicStreamCancel:
+						// The sender gave up on this message (its Send's
+						// context ended): drop it, keep the session.
+					case errors.Is(err, message.ErrFrameTooLarge), errors.Is(err, message.ErrEmptyFrame), errors.Is(err, io.ErrUnexpectedEOF):
+						fail(fmt.Errorf("large-message stream: %w", err))
 					}
-					return fmt.Errorf("read large message: %w", err)
+					return nil
 				}
 				if _, err := rs.Read(make([]byte, 1)); !errors.Is(err, io.EOF) {
 					rs.CancelRead(quicStreamCancel)
-					return fmt.Errorf("large-message stream carries more than one frame: %w", message.ErrMalformed)
+					fail(fmt.Errorf("large-message stream carries more than one frame: %w", message.ErrMalformed))
+					return nil
 				}
 				return deliver(body)
 			})

@@ -107,8 +107,8 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	}
 	s.upgrader = websocket.Upgrader{
 		HandshakeTimeout: opts.HandshakeTimeout,
-		ReadBufferSize:   4096,
-		WriteBufferSize:  4096,
+		ReadBufferSize:   0,        // reuse net/http's reader
+		WriteBufferSize:  64 << 10, // borrowed from the pool while writing only
 		WriteBufferPool:  &sync.Pool{},
 	}
 	return s, nil

@@ -50,8 +50,9 @@ type link interface {
 	// such path, and the frame must go through writeFrames.
 	writeLarge(ctx context.Context, frame []byte) (ok bool, err error)
 	// run reads frames from every path until the link fails or closes,
-	// calling deliver for each body; it starts its goroutines in g.
-	run(ctx context.Context, g *errgroup.Group, deliver func([]byte) error) error
+	// calling deliver for each body; it starts its goroutines in g. A
+	// protocol violation found off the main path is reported to fail.
+	run(ctx context.Context, g *errgroup.Group, deliver func([]byte) error, fail func(error)) error
 	openStream(ctx context.Context) (Stream, error)
 	acceptStream(ctx context.Context) (Stream, error)
 	// close ends the connection, telling the peer why when it can.
@@ -130,7 +131,7 @@ func (s *Session) start() {
 	g, ctx := errgroup.WithContext(s.ctx)
 	g.Go(func() error { return s.writeLoop(ctx) })
 	g.Go(func() error {
-		err := s.link.run(ctx, g, s.deliver)
+		err := s.link.run(ctx, g, s.deliver, func(err error) { s.fail(reasonFrame, err) })
 		switch {
 		case err == nil:
 			err = errPeerClosed

@@ -95,7 +95,7 @@ func (l *wsLink) readFrame() ([]byte, error) {
 
 func (l *wsLink) writeLarge(context.Context, []byte) (bool, error) { return false, nil }
 
-func (l *wsLink) run(ctx context.Context, g *errgroup.Group, deliver func([]byte) error) error {
+func (l *wsLink) run(ctx context.Context, g *errgroup.Group, deliver func([]byte) error, _ func(error)) error {
 	alive := func() { _ = l.conn.SetReadDeadline(time.Now().Add(l.deadPeer)) }
 	alive()
 	l.conn.SetPongHandler(func(string) error { alive(); return nil })
