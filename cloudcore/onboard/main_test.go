@@ -18,7 +18,6 @@ import (
 
 	"github.com/go-logr/logr"
 	"github.com/prometheus/client_golang/prometheus"
-	dto "github.com/prometheus/client_model/go"
 	"github.com/stretchr/testify/require"
 	"go.uber.org/goleak"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -30,6 +29,7 @@ import (
 	"github.com/tetheredge/tether/cloudcore/edgenode"
 	"github.com/tetheredge/tether/common/pki"
 	"github.com/tetheredge/tether/tests/controlplane"
+	"github.com/tetheredge/tether/tests/promtest"
 )
 
 // cp is the real etcd and kube-apiserver all tests of this package share.
@@ -146,31 +146,5 @@ func csrPEM(t testing.TB, key crypto.Signer, tmpl *x509.CertificateRequest) []by
 // include want.
 func counter(t *testing.T, reg *prometheus.Registry, name string, want map[string]string) float64 {
 	t.Helper()
-	mfs, err := reg.Gather()
-	require.NoError(t, err)
-	total := 0.0
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-	metrics:
-		for _, m := range mf.GetMetric() {
-			for k, v := range want {
-				if labelValue(m, k) != v {
-					continue metrics
-				}
-			}
-			total += m.GetCounter().GetValue()
-		}
-	}
-	return total
-}
-
-func labelValue(m *dto.Metric, name string) string {
-	for _, l := range m.GetLabel() {
-		if l.GetName() == name {
-			return l.GetValue()
-		}
-	}
-	return ""
+	return promtest.Sum(t, reg, name, want)
 }

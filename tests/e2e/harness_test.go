@@ -13,7 +13,6 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	dto "github.com/prometheus/client_model/go"
 	"github.com/stretchr/testify/require"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
@@ -28,6 +27,7 @@ import (
 	"github.com/tetheredge/tether/edgecore/store"
 	"github.com/tetheredge/tether/edgecore/syncer"
 	"github.com/tetheredge/tether/tests/controlplane"
+	"github.com/tetheredge/tether/tests/promtest"
 	"github.com/tetheredge/tether/tunnel"
 )
 
@@ -140,33 +140,7 @@ func startCloud(t *testing.T, cfg *rest.Config, p *pkiSet, addr string) *cloud {
 // matching want.
 func (c *cloud) counter(t *testing.T, name string, want map[string]string) float64 {
 	t.Helper()
-	mfs, err := c.reg.Gather()
-	require.NoError(t, err)
-	total := 0.0
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-	metrics:
-		for _, m := range mf.GetMetric() {
-			for k, v := range want {
-				if labelValue(m, k) != v {
-					continue metrics
-				}
-			}
-			total += m.GetCounter().GetValue()
-		}
-	}
-	return total
-}
-
-func labelValue(m *dto.Metric, name string) string {
-	for _, l := range m.GetLabel() {
-		if l.GetName() == name {
-			return l.GetValue()
-		}
-	}
-	return ""
+	return promtest.Sum(t, c.reg, name, want)
 }
 
 // edge is an in-process EdgeCore: store, syncer and tunnel client.
