@@ -33,7 +33,7 @@ type Action struct {
 	Kind    ActionKind
 	ID      uint64
 	Key     objsync.Key
-	Object  any // what Lookup returned for Key, for SendObject
+	Object  any // what Lookup returned for Key, for SendObject (nil when the loop encodes at send time)
 	Buckets []uint64
 	Hashes  []uint64
 }

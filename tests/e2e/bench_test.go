@@ -1,0 +1,873 @@
+package e2e
+
+import (
+	"cmp"
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"maps"
+	"math"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/stretchr/testify/require"
+	"golang.org/x/sync/errgroup"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+
+	"github.com/tetheredge/tether/cloudcore/catalog"
+	"github.com/tetheredge/tether/cloudcore/dispatch"
+	"github.com/tetheredge/tether/cloudcore/hub"
+	"github.com/tetheredge/tether/cloudcore/upstream"
+	"github.com/tetheredge/tether/common/message"
+	"github.com/tetheredge/tether/common/objsync"
+	"github.com/tetheredge/tether/common/pki"
+	"github.com/tetheredge/tether/edgecore/edgehub"
+	"github.com/tetheredge/tether/edgecore/store"
+	"github.com/tetheredge/tether/edgecore/syncer"
+	"github.com/tetheredge/tether/tests/promtest"
+	"github.com/tetheredge/tether/tunnel"
+)
+
+// The benchmarks in this file measure the sync protocol end to end: the real
+// etcd and kube-apiserver, an in-process CloudCore and in-process EdgeCores
+// with SQLite files, over QUIC on loopback. They assert correctness (the edge
+// ends up holding exactly what the catalog says), never timings; figures and
+// the command that produced them are in docs/benchmarks.md.
+//
+// They use production tunnel settings (5 s keepalive, 15 s dead-peer
+// timeout), unlike the tests, which shorten them to exercise failover.
+
+// BenchmarkReconnect10k measures an edge holding 10,000 objects coming back
+// after 10 of them changed while it was away, and, as the baseline, the
+// same node syncing into an empty store: what a full relist costs over the
+// same tunnel.
+func BenchmarkReconnect10k(b *testing.B) { benchReconnect(b, 10_000, 10) }
+
+// BenchmarkReconnect400 is the scenario KubeEdge was measured with on this
+// machine: 400 objects, 5 or none changed while the edge was away.
+func BenchmarkReconnect400(b *testing.B) {
+	for _, changed := range []int{5, 0} {
+		b.Run(fmt.Sprintf("changed=%d", changed), func(b *testing.B) { benchReconnect(b, 400, changed) })
+	}
+}
+
+// benchReconnect runs, per round: a relist into an empty store, `changed`
+// pod updates while the edge is away, and the reconnect of that store. The
+// node holds `objects` objects: its Node, one ConfigMap and objects-2 pods
+// that reference it. Reported figures are medians over the rounds.
+func benchReconnect(b *testing.B, objects, changed int) {
+	env := cp.Env(b)
+	cs := benchAdminClient(b, env.Config)
+	ns := env.Namespace(b)
+	p := benchPKI(b)
+	node := fmt.Sprintf("bench-%d-%d", objects, changed)
+	benchEdgeNode(b, cs, node)
+	benchConfigMap(b, cs, ns, "shared")
+	pods := make([]string, objects-2)
+	for i := range pods {
+		pods[i] = fmt.Sprintf("p-%05d", i)
+	}
+	begin := time.Now()
+	benchPods(b, cs, ns, node, pods, "shared")
+	created := time.Since(begin)
+	b.Logf("created %d pods in %s (%.0f/s)", len(pods), created.Round(time.Millisecond), float64(len(pods))/created.Seconds())
+
+	addr := benchFreeUDP(b)
+	c := benchCloud(b, env.Config, p, addr)
+	r := &reconnectRun{node: node, cloud: c, relay: startRelay(b, addr), pki: p}
+
+	var relists, reconnects []traffic
+	for round := 0; b.Loop(); round++ {
+		want := desired(c.cat, node)
+		require.Len(b, want, objects, "catalog's view of %s", node)
+		path := filepath.Join(b.TempDir(), node+".db")
+		relist := r.connect(b, path, want, nil)
+
+		for i := range changed {
+			pod := pods[(round*changed+i)%len(pods)]
+			patched, err := cs.CoreV1().Pods(ns).Patch(context.Background(), pod, types.MergePatchType,
+				fmt.Appendf(nil, `{"metadata":{"labels":{"round":"%d"}}}`, round), metav1.PatchOptions{})
+			require.NoError(b, err)
+			waitCatalogVersion(b, c.cat, node, objsync.Key{Kind: "Pod", Namespace: ns, Name: pod}, patched.ResourceVersion)
+		}
+		reconnect := r.connect(b, path, desired(c.cat, node), want)
+
+		b.Logf("round %d: relist %s; reconnect %s", round, relist, reconnect)
+		relists = append(relists, relist)
+		reconnects = append(reconnects, reconnect)
+	}
+
+	rl, rc := medianTraffic(relists), medianTraffic(reconnects)
+	b.ReportMetric(0, "ns/op") // a round is several measurements; each is reported below
+	b.ReportMetric(rl.down, "relist-down-B")
+	b.ReportMetric(rl.up, "relist-up-B")
+	b.ReportMetric(float64(rl.quicDown), "relist-quic-down-B")
+	b.ReportMetric(float64(rl.quicUp), "relist-quic-up-B")
+	b.ReportMetric(ms(rl.converge), "relist-ms")
+	b.ReportMetric(rc.down, "down-B")
+	b.ReportMetric(rc.up, "up-B")
+	b.ReportMetric(float64(rc.quicDown), "quic-down-B")
+	b.ReportMetric(float64(rc.quicUp), "quic-up-B")
+	b.ReportMetric(ms(rc.converge), "converge-ms")
+	b.ReportMetric(rc.objects, "objects-sent")
+	b.ReportMetric(float64(rc.reads), "api-reads")
+	b.ReportMetric((rl.down+rl.up)/(rc.down+rc.up), "relist/reconnect-B")
+	b.ReportMetric(float64(rl.quicDown+rl.quicUp)/float64(rc.quicDown+rc.quicUp), "relist/reconnect-quic-B")
+}
+
+// reconnectRun connects one edge node, through a counting relay, to a cloud
+// that serves no other node, so that the cloud's counters are that node's.
+type reconnectRun struct {
+	node  string
+	cloud *cloud
+	relay *udpRelay
+	pki   *pkiSet
+}
+
+// traffic is what crossed the tunnel during one sync, or a snapshot of the
+// counters it is computed from.
+type traffic struct {
+	down, up         float64 // frame bytes cloud→edge and edge→cloud, 4-byte prefixes included
+	quicDown, quicUp int64   // UDP payload bytes through the relay: QUIC and TLS included
+	pktDown, pktUp   int64   // UDP datagrams through the relay
+	objects          float64 // object messages the cloud sent
+	done             float64 // reconciles the cloud finished queueing
+	reads            int64   // API LISTs and GETs the cloud made
+	converge         time.Duration
+}
+
+func (t traffic) sub(o traffic) traffic {
+	return traffic{
+		down: t.down - o.down, up: t.up - o.up,
+		quicDown: t.quicDown - o.quicDown, quicUp: t.quicUp - o.quicUp,
+		pktDown: t.pktDown - o.pktDown, pktUp: t.pktUp - o.pktUp,
+		objects: t.objects - o.objects, done: t.done - o.done, reads: t.reads - o.reads,
+	}
+}
+
+func (t traffic) String() string {
+	return fmt.Sprintf("%.0f objects in %s: frames %.0f B down, %.0f B up; QUIC %d B (%d packets) down, %d B (%d packets) up; %d API reads",
+		t.objects, t.converge.Round(100*time.Microsecond), t.down, t.up, t.quicDown, t.pktDown, t.quicUp, t.pktUp, t.reads)
+}
+
+func (r *reconnectRun) snapshot(tb testing.TB) traffic {
+	reg := r.cloud.reg
+	return traffic{
+		down:     promtest.Sum(tb, reg, "tether_tunnel_bytes_total", map[string]string{"direction": "out"}),
+		up:       promtest.Sum(tb, reg, "tether_tunnel_bytes_total", map[string]string{"direction": "in"}),
+		quicDown: r.relay.down.Load(), quicUp: r.relay.up.Load(),
+		pktDown: r.relay.downPkts.Load(), pktUp: r.relay.upPkts.Load(),
+		objects: promtest.Sum(tb, reg, "tether_sync_messages_sent_total", map[string]string{"kind": "object"}),
+		done:    promtest.Sum(tb, reg, "tether_sync_messages_sent_total", map[string]string{"kind": "done"}),
+		reads:   r.cloud.requests.reads.Load(),
+	}
+}
+
+// settle waits until no byte has crossed the relay for 100 ms and returns
+// the counters then, so that trailing acks count and nothing else does.
+func (r *reconnectRun) settle(tb testing.TB) traffic {
+	tb.Helper()
+	last := r.snapshot(tb)
+	deadline := time.Now().Add(30 * time.Second)
+	for quiet := 0; quiet < 5; {
+		time.Sleep(20 * time.Millisecond)
+		now := r.snapshot(tb)
+		if now.quicDown == last.quicDown && now.quicUp == last.quicUp && now.down == last.down && now.up == last.up {
+			quiet++
+		} else {
+			quiet = 0
+		}
+		last = now
+		if time.Now().After(deadline) {
+			tb.Fatalf("tunnel of %s still busy after 30s", r.node)
+		}
+	}
+	return last
+}
+
+// connect starts the node's edge on the store at path, which holds have
+// (nil: empty), waits until it holds want and the cloud has finished the
+// reconcile, and stops it. The time runs from the edge's start, store
+// opening included, to the commit that made the store equal want (seen as
+// the syncer's Apply returns), or to the cloud sending Done if that came
+// later, as when nothing changed (seen by polling its counter every 1 ms).
+func (r *reconnectRun) connect(tb testing.TB, path string, want, have map[uint64]uint64) traffic {
+	tb.Helper()
+	before := r.settle(tb)
+	conv := newConvergence(want, have)
+	start := time.Now()
+	e := benchEdge(tb, r.node, path, r.relay.addr(), r.pki, conv)
+	var doneAt time.Time
+	tick := time.NewTicker(time.Millisecond)
+	defer tick.Stop()
+	deadline := start.Add(5 * time.Minute)
+	for doneAt.IsZero() || !conv.converged() {
+		select {
+		case <-tick.C:
+		case <-conv.done:
+		}
+		if doneAt.IsZero() && promtest.Sum(tb, r.cloud.reg, "tether_sync_messages_sent_total", map[string]string{"kind": "done"}) > before.done {
+			doneAt = time.Now()
+		}
+		if time.Now().After(deadline) {
+			tb.Fatalf("edge %s did not converge in 5m: %d objects differ", r.node, conv.differing())
+		}
+	}
+	end := conv.convergedAt()
+	if doneAt.After(end) {
+		end = doneAt
+	}
+	after := r.settle(tb)
+	requireHolds(tb, e.st, want)
+	requireHolds(tb, e.st, desired(r.cloud.cat, r.node)) // and nothing changed meanwhile
+	e.stop()
+	t := after.sub(before)
+	t.converge = end.Sub(start)
+	return t
+}
+
+// requireHolds fails tb unless st holds exactly want (key hash -> version
+// hash), saying how many entries differ rather than printing them all.
+func requireHolds(tb testing.TB, st *store.Store, want map[uint64]uint64) {
+	tb.Helper()
+	inv, err := st.Inventory(context.Background())
+	require.NoError(tb, err)
+	got := make(map[uint64]uint64, len(inv))
+	for _, e := range inv {
+		got[e.Key] = e.Version
+	}
+	if c := newConvergence(want, got); c.wrong != 0 {
+		tb.Fatalf("edge store holds %d objects, want %d; %d differ", len(got), len(want), c.wrong)
+	}
+}
+
+// waitCatalogVersion waits until the catalog serves key to node at
+// resourceVersion rv, so that an offline change is in the cloud's view
+// before the edge comes back.
+func waitCatalogVersion(tb testing.TB, cat *catalog.Catalog, node string, key objsync.Key, rv string) {
+	tb.Helper()
+	require.Eventually(tb, func() bool {
+		o, ok := cat.Get(node, key)
+		return ok && o.Version == rv
+	}, 30*time.Second, time.Millisecond, "catalog never saw %s at %s", key, rv)
+}
+
+// BenchmarkEventLatency100Edges measures how long a change takes to reach
+// the edges while 100 edges are connected to one cloud. A loop round
+// updates 300 pods one after the other, three on each node, and measures
+// from the API write returning to the pod's edge having committed the new
+// resourceVersion to its store (synchronous=FULL, so an fsync is included).
+// Commits are observed as the syncer's Apply returns, not polled, so the
+// resolution is that of time.Now. Some commits land before the client has
+// read the API server's response; those count as 0, and the same figures
+// measured from the write being sent, an upper bound, are reported too.
+// Each round also updates the ConfigMap every pod references 20 times and
+// measures, from the write being sent, until the last of the 100 edges has
+// committed it (fan-out).
+func BenchmarkEventLatency100Edges(b *testing.B) {
+	const edges, podsPerEdge, fanouts = 100, 3, 20
+	env := cp.Env(b)
+	cs := benchAdminClient(b, env.Config)
+	ns := env.Namespace(b)
+	p := benchPKI(b)
+	benchConfigMap(b, cs, ns, "shared")
+	nodes := make([]string, edges)
+	for i := range nodes {
+		nodes[i] = fmt.Sprintf("lat-%03d", i)
+		benchEdgeNode(b, cs, nodes[i])
+		pods := make([]string, podsPerEdge)
+		for j := range pods {
+			pods[j] = fmt.Sprintf("%s-%d", nodes[i], j)
+		}
+		benchPods(b, cs, ns, nodes[i], pods, "shared")
+	}
+
+	addr := benchFreeUDP(b)
+	c := benchCloud(b, env.Config, p, addr)
+	probe := &arrivals{signal: make(chan struct{}, 1)}
+	dir := b.TempDir()
+	es := make([]*edge, edges)
+	for i, node := range nodes {
+		es[i] = benchEdge(b, node, filepath.Join(dir, node+".db"), addr, p, probeObserver{probe, node})
+	}
+	for i, node := range nodes {
+		require.Eventually(b, func() bool {
+			want := desired(c.cat, node)
+			inv, err := es[i].st.Inventory(context.Background())
+			if err != nil || len(want) != 2+podsPerEdge || len(inv) != len(want) {
+				return false
+			}
+			for _, e := range inv {
+				if want[e.Key] != e.Version {
+					return false
+				}
+			}
+			return true
+		}, time.Minute, 10*time.Millisecond, "edge %s did not sync", node)
+	}
+	b.Logf("%d edges connected and synced; %s", edges, processUsage())
+
+	ctx := context.Background()
+	var fromReturn, fromSend, fanout, fanoutFromSend []time.Duration
+	early := 0
+	for round := 0; b.Loop(); round++ {
+		label := fmt.Appendf(nil, `{"metadata":{"labels":{"round":"%d"}}}`, round)
+		for i := range edges * podsPerEdge {
+			node := nodes[i%edges]
+			pod := fmt.Sprintf("%s-%d", node, (i/edges)%podsPerEdge)
+			sent, returned, committed := probe.update(b, objsync.Key{Kind: "Pod", Namespace: ns, Name: pod}, []string{node}, func() (string, error) {
+				o, err := cs.CoreV1().Pods(ns).Patch(ctx, pod, types.MergePatchType, label, metav1.PatchOptions{})
+				if err != nil {
+					return "", err
+				}
+				return o.ResourceVersion, nil
+			})
+			if committed.Before(returned) {
+				early++
+			}
+			fromReturn = append(fromReturn, max(committed.Sub(returned), 0))
+			fromSend = append(fromSend, committed.Sub(sent))
+		}
+		for i := range fanouts {
+			data := fmt.Appendf(nil, `{"data":{"k":"%d-%d"}}`, round, i)
+			sent, returned, committed := probe.update(b, objsync.Key{Kind: "ConfigMap", Namespace: ns, Name: "shared"}, nodes, func() (string, error) {
+				o, err := cs.CoreV1().ConfigMaps(ns).Patch(ctx, "shared", types.MergePatchType, data, metav1.PatchOptions{})
+				if err != nil {
+					return "", err
+				}
+				return o.ResourceVersion, nil
+			})
+			fanout = append(fanout, max(committed.Sub(returned), 0))
+			fanoutFromSend = append(fanoutFromSend, committed.Sub(sent))
+		}
+	}
+	for _, s := range [][]time.Duration{fromReturn, fromSend, fanout, fanoutFromSend} {
+		slices.Sort(s)
+	}
+	b.Logf("pod updates: %d samples, %d committed before the write returned; from the write returning: %s; from the write being sent: %s",
+		len(fromReturn), early, distribution(fromReturn), distribution(fromSend))
+	b.Logf("ConfigMap updates to all %d edges: %d samples; until the last edge committed, from the write returning: %s; from the write being sent: %s",
+		edges, len(fanout), distribution(fanout), distribution(fanoutFromSend))
+	b.Logf("at the end: %s", processUsage())
+	b.ReportMetric(0, "ns/op") // each round is many measurements, reported below
+	b.ReportMetric(ms(percentile(fromReturn, 0.5)), "p50-ms")
+	b.ReportMetric(ms(percentile(fromReturn, 0.99)), "p99-ms")
+	b.ReportMetric(ms(fromReturn[len(fromReturn)-1]), "max-ms")
+	b.ReportMetric(ms(percentile(fromSend, 0.5)), "p50-from-send-ms")
+	b.ReportMetric(ms(percentile(fromSend, 0.99)), "p99-from-send-ms")
+	b.ReportMetric(float64(len(fromReturn)), "samples")
+	// The 100 commits keep both cores busy, which delays the ConfigMap
+	// write's own response by tens of ms: the fan-out is timed from sending.
+	b.ReportMetric(ms(percentile(fanoutFromSend, 0.5)), "fanout-p50-ms")
+	b.ReportMetric(ms(fanoutFromSend[len(fanoutFromSend)-1]), "fanout-max-ms")
+}
+
+// arrivals records when the versions of one watched object commit at the
+// edges. Updates are measured one at a time, so one watch is enough.
+type arrivals struct {
+	mu     sync.Mutex
+	key    objsync.Key
+	at     map[arrival]time.Time
+	signal chan struct{}
+}
+
+type arrival struct{ node, version string }
+
+// probeObserver is one edge's view of the probe.
+type probeObserver struct {
+	a    *arrivals
+	node string
+}
+
+func (o probeObserver) applied(changes []store.Change, at time.Time) {
+	o.a.mu.Lock()
+	defer o.a.mu.Unlock()
+	for _, c := range changes {
+		if c.Object.Key() == o.a.key {
+			o.a.at[arrival{o.node, c.Object.Version}] = at
+			select {
+			case o.a.signal <- struct{}{}:
+			default:
+			}
+		}
+	}
+}
+
+func (probeObserver) pruned([]objsync.Key, time.Time) {}
+
+// update makes the write, which changes the object named key and returns
+// its new resourceVersion, and waits until every one of nodes has committed
+// that version. It returns when the write was sent and returned, and the
+// last commit.
+func (a *arrivals) update(tb testing.TB, key objsync.Key, nodes []string, write func() (string, error)) (sent, returned, committed time.Time) {
+	tb.Helper()
+	a.mu.Lock()
+	a.key, a.at = key, make(map[arrival]time.Time)
+	a.mu.Unlock()
+	sent = time.Now()
+	rv, err := write()
+	returned = time.Now()
+	require.NoError(tb, err)
+	timeout := time.NewTimer(30 * time.Second)
+	defer timeout.Stop()
+	for {
+		a.mu.Lock()
+		missing := 0
+		for _, n := range nodes {
+			at, ok := a.at[arrival{n, rv}]
+			if !ok {
+				missing++
+			} else if at.After(committed) {
+				committed = at
+			}
+		}
+		a.mu.Unlock()
+		if missing == 0 {
+			return sent, returned, committed
+		}
+		select {
+		case <-a.signal:
+		case <-timeout.C:
+			tb.Fatalf("%d of %d edges did not commit %s at %s within 30s", missing, len(nodes), key, rv)
+		}
+	}
+}
+
+// distribution summarises sorted durations.
+func distribution(sorted []time.Duration) string {
+	r := func(d time.Duration) time.Duration { return d.Round(10 * time.Microsecond) }
+	return fmt.Sprintf("min %s, p50 %s, p90 %s, p99 %s, max %s", r(sorted[0]), r(percentile(sorted, 0.5)),
+		r(percentile(sorted, 0.9)), r(percentile(sorted, 0.99)), r(sorted[len(sorted)-1]))
+}
+
+// processUsage returns the test process's open file descriptors and peak
+// resident memory, as Linux reports them, or what could not be read.
+func processUsage() string {
+	fds, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		return fmt.Sprintf("usage unknown: %v", err)
+	}
+	status, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return fmt.Sprintf("usage unknown: %v", err)
+	}
+	peak := "?"
+	for line := range strings.Lines(string(status)) {
+		if v, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+			peak = strings.Join(strings.Fields(v), " ")
+		}
+	}
+	return fmt.Sprintf("test process: %d open fds, peak RSS %s", len(fds), peak)
+}
+
+// commitObserver is told what the syncer committed to an edge store.
+type commitObserver interface {
+	applied(changes []store.Change, at time.Time)
+	pruned(keys []objsync.Key, at time.Time)
+}
+
+// observedStore is the edge store as the syncer sees it, reporting each
+// committed batch with the time Apply returned. The syncer takes its store
+// as an interface, so the benchmarks observe commits exactly without
+// polling and without changing the store or the syncer.
+type observedStore struct {
+	*store.Store
+	obs commitObserver
+}
+
+func (s observedStore) Apply(ctx context.Context, changes []store.Change) error {
+	if err := s.Store.Apply(ctx, changes); err != nil {
+		return err
+	}
+	s.obs.applied(changes, time.Now())
+	return nil
+}
+
+func (s observedStore) DeleteByKeyHash(ctx context.Context, hashes []uint64) ([]objsync.Key, error) {
+	keys, err := s.Store.DeleteByKeyHash(ctx, hashes)
+	if err == nil {
+		s.obs.pruned(keys, time.Now())
+	}
+	return keys, err
+}
+
+// convergence follows an edge store towards wanted contents from the
+// commits the syncer makes, and notes when it first matched.
+type convergence struct {
+	mu    sync.Mutex
+	want  map[uint64]uint64 // key hash -> version hash
+	have  map[uint64]uint64
+	wrong int // keys whose entries in have and want differ
+	at    time.Time
+	done  chan struct{}
+}
+
+func newConvergence(want, have map[uint64]uint64) *convergence {
+	c := &convergence{want: want, have: maps.Clone(have), done: make(chan struct{})}
+	if c.have == nil {
+		c.have = make(map[uint64]uint64)
+	}
+	for k := range want {
+		c.wrong += c.differs(k)
+	}
+	for k := range c.have {
+		if _, ok := want[k]; !ok {
+			c.wrong++
+		}
+	}
+	c.check(time.Now())
+	return c
+}
+
+func (c *convergence) differs(key uint64) int {
+	hv, has := c.have[key]
+	wv, wants := c.want[key]
+	if has != wants || hv != wv {
+		return 1
+	}
+	return 0
+}
+
+func (c *convergence) set(key, version uint64, present bool) {
+	before := c.differs(key)
+	if present {
+		c.have[key] = version
+	} else {
+		delete(c.have, key)
+	}
+	c.wrong += c.differs(key) - before
+}
+
+func (c *convergence) check(at time.Time) {
+	if c.wrong == 0 && c.at.IsZero() {
+		c.at = at
+		close(c.done)
+	}
+}
+
+func (c *convergence) applied(changes []store.Change, at time.Time) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, ch := range changes {
+		r := ch.Object.Resource
+		c.set(ch.Object.Key().Hash(), objsync.VersionHash(r.UID, ch.Object.Version), ch.Op != message.OpDelete)
+	}
+	c.check(at)
+}
+
+func (c *convergence) pruned(keys []objsync.Key, at time.Time) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, k := range keys {
+		c.set(k.Hash(), 0, false)
+	}
+	c.check(at)
+}
+
+func (c *convergence) converged() bool {
+	select {
+	case <-c.done:
+		return true
+	default:
+		return false
+	}
+}
+
+func (c *convergence) convergedAt() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.at
+}
+
+func (c *convergence) differing() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.wrong
+}
+
+// udpRelay forwards datagrams between QUIC clients and one server and
+// counts them: the QUIC-level cost of a sync (UDP payloads: QUIC headers,
+// TLS handshake, acks and retransmissions included; IP and UDP headers add
+// 28 bytes per datagram on IPv4, not counted).
+type udpRelay struct {
+	ln     *net.UDPConn
+	target *net.UDPAddr
+
+	down, up         atomic.Int64 // bytes server→client, client→server
+	downPkts, upPkts atomic.Int64
+
+	mu     sync.Mutex
+	closed bool
+	peers  map[netip.AddrPort]*net.UDPConn // client -> socket towards the server
+	wg     sync.WaitGroup
+}
+
+func startRelay(tb testing.TB, target string) *udpRelay {
+	tb.Helper()
+	taddr, err := net.ResolveUDPAddr("udp", target)
+	require.NoError(tb, err)
+	ln, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	require.NoError(tb, err)
+	_ = ln.SetReadBuffer(4 << 20) // like quic-go's own sockets, so bursts are not dropped here
+	r := &udpRelay{ln: ln, target: taddr, peers: make(map[netip.AddrPort]*net.UDPConn)}
+	r.wg.Go(r.serve)
+	tb.Cleanup(r.close)
+	return r
+}
+
+func (r *udpRelay) addr() string { return r.ln.LocalAddr().String() }
+
+func (r *udpRelay) serve() {
+	buf := make([]byte, 64<<10)
+	for {
+		n, from, err := r.ln.ReadFromUDPAddrPort(buf)
+		if errors.Is(err, net.ErrClosed) {
+			return
+		}
+		if err != nil {
+			continue
+		}
+		up := r.peer(from)
+		if up == nil {
+			return
+		}
+		r.up.Add(int64(n))
+		r.upPkts.Add(1)
+		_, _ = up.Write(buf[:n])
+	}
+}
+
+// peer returns the socket that relays from's datagrams to the server,
+// opening it and its return path on first use; nil once the relay closed.
+func (r *udpRelay) peer(from netip.AddrPort) *net.UDPConn {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if c, ok := r.peers[from]; ok || r.closed {
+		return c
+	}
+	c, err := net.DialUDP("udp", nil, r.target)
+	if err != nil {
+		return nil
+	}
+	_ = c.SetReadBuffer(4 << 20)
+	r.peers[from] = c
+	r.wg.Go(func() {
+		buf := make([]byte, 64<<10)
+		for {
+			n, err := c.Read(buf)
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			if err != nil {
+				continue // ECONNREFUSED from an ICMP error: the next datagram may pass
+			}
+			r.down.Add(int64(n))
+			r.downPkts.Add(1)
+			_, _ = r.ln.WriteToUDPAddrPort(buf[:n], from)
+		}
+	})
+	return c
+}
+
+func (r *udpRelay) close() {
+	r.mu.Lock()
+	r.closed = true
+	_ = r.ln.Close()
+	for _, c := range r.peers {
+		_ = c.Close()
+	}
+	r.mu.Unlock()
+	r.wg.Wait()
+}
+
+// The helpers below are the harness's (harness_test.go, sync_test.go) for
+// testing.TB, which benchmarks need; benchEdge also observes the store.
+
+func benchPKI(tb testing.TB) *pkiSet {
+	tb.Helper()
+	ca, err := pki.NewCA("e2e-bench", time.Hour)
+	require.NoError(tb, err)
+	cert, key, err := ca.Issue(pki.LeafRequest{CommonName: "cloudcore", Usage: pki.UsageServer, Hosts: []string{"127.0.0.1"}, Validity: time.Hour})
+	require.NoError(tb, err)
+	return &pkiSet{ca: ca, server: tls.Certificate{Certificate: [][]byte{cert.Raw}, PrivateKey: key, Leaf: cert}}
+}
+
+func benchEdgeTLS(tb testing.TB, p *pkiSet, node string) *tls.Config {
+	tb.Helper()
+	cert, key, err := p.ca.Issue(pki.LeafRequest{CommonName: node, Usage: pki.UsageClient, Validity: time.Hour})
+	require.NoError(tb, err)
+	return &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{cert.Raw}, PrivateKey: key}}, RootCAs: p.ca.Pool(), MinVersion: tls.VersionTLS13}
+}
+
+func benchAdminClient(tb testing.TB, cfg *rest.Config) kubernetes.Interface {
+	c := rest.CopyConfig(cfg)
+	c.QPS, c.Burst = 2000, 2000
+	cs, err := kubernetes.NewForConfig(c)
+	require.NoError(tb, err)
+	return cs
+}
+
+func benchFreeUDP(tb testing.TB) string {
+	c, err := net.ListenPacket("udp", "127.0.0.1:0")
+	require.NoError(tb, err)
+	addr := c.LocalAddr().String()
+	require.NoError(tb, c.Close())
+	return addr
+}
+
+func benchEdgeNode(tb testing.TB, cs kubernetes.Interface, name string) {
+	_, err := cs.CoreV1().Nodes().Create(context.Background(), &corev1.Node{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Labels: map[string]string{catalog.DefaultEdgeLabel: ""}},
+	}, metav1.CreateOptions{})
+	if !apierrors.IsAlreadyExists(err) {
+		require.NoError(tb, err)
+	}
+	tb.Cleanup(func() { _ = cs.CoreV1().Nodes().Delete(context.Background(), name, metav1.DeleteOptions{}) })
+}
+
+func benchConfigMap(tb testing.TB, cs kubernetes.Interface, ns, name string) {
+	_, err := cs.CoreV1().ConfigMaps(ns).Create(context.Background(), &corev1.ConfigMap{
+		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name}, Data: map[string]string{"k": "v"},
+	}, metav1.CreateOptions{})
+	require.NoError(tb, err)
+}
+
+// benchPods creates the named pods on node, 32 at a time, and deletes them
+// when tb ends: a namespace left Terminating keeps its pods, which every
+// later catalog would list.
+func benchPods(tb testing.TB, cs kubernetes.Interface, ns, node string, names []string, refs ...string) {
+	tb.Helper()
+	var g errgroup.Group
+	g.SetLimit(32)
+	for _, name := range names {
+		g.Go(func() error {
+			_, err := cs.CoreV1().Pods(ns).Create(context.Background(), podFor(ns, name, node, refs...), metav1.CreateOptions{})
+			return err
+		})
+	}
+	require.NoError(tb, g.Wait())
+	tb.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+		defer cancel()
+		err := cs.CoreV1().Pods(ns).DeleteCollection(ctx, metav1.DeleteOptions{GracePeriodSeconds: new(int64)},
+			metav1.ListOptions{FieldSelector: "spec.nodeName=" + node})
+		if err != nil {
+			tb.Errorf("delete pods of %s: %v", node, err)
+		}
+	})
+}
+
+func benchCloud(tb testing.TB, cfg *rest.Config, p *pkiSet, addr string) *cloud {
+	tb.Helper()
+	counted := rest.CopyConfig(cfg)
+	rc := &requestCounter{}
+	counted.Wrap(func(rt http.RoundTripper) http.RoundTripper { rc.next = rt; return rc })
+	counted.QPS, counted.Burst = 1000, 1000
+	client, err := kubernetes.NewForConfig(counted)
+	require.NoError(tb, err)
+	log := logger()
+	reg := prometheus.NewRegistry()
+	cat, err := catalog.New(client, catalog.Config{Logger: log})
+	require.NoError(tb, err)
+	up, err := upstream.New(client, cat, upstream.Config{EdgeLabel: catalog.DefaultEdgeLabel, Logger: log})
+	require.NoError(tb, err)
+	disp := dispatch.New(dispatch.Deps{Catalog: cat, Upstream: up}, dispatch.Config{}, log, reg)
+	cat.Subscribe(disp.Notify)
+	srv, err := tunnel.NewServer(tunnel.ServerConfig{
+		Options:  tunnel.Options{Logger: log, Registerer: reg},
+		QUICAddr: addr,
+		TLS:      &tls.Config{Certificates: []tls.Certificate{p.server}, ClientCAs: p.ca.Pool(), MinVersion: tls.VersionTLS13},
+		Handler:  hub.New(disp, nil, log),
+	})
+	require.NoError(tb, err)
+	require.NoError(tb, srv.Listen())
+	ctx, cancel := context.WithCancel(context.Background())
+	catDone := make(chan error, 1)
+	go func() { catDone <- cat.Run(ctx) }()
+	require.NoError(tb, cat.WaitForSync(ctx))
+	srvDone := make(chan error, 1)
+	go func() { srvDone <- srv.Run(ctx) }()
+	c := &cloud{cat: cat, srv: srv, reg: reg, requests: rc}
+	c.stop = sync.OnceFunc(func() {
+		cancel()
+		require.NoError(tb, <-srvDone)
+		require.NoError(tb, <-catDone)
+	})
+	tb.Cleanup(c.stop)
+	return c
+}
+
+// benchEdge starts an edge whose syncer reports its commits to obs.
+func benchEdge(tb testing.TB, node, dbPath, cloudAddr string, p *pkiSet, obs commitObserver) *edge {
+	tb.Helper()
+	log := logger().With("edge", node)
+	ctx, cancel := context.WithCancel(context.Background())
+	st, err := store.Open(ctx, dbPath, log)
+	require.NoError(tb, err)
+	sy := syncer.New(observedStore{Store: st, obs: obs}, syncer.Config{}, log, nil)
+	client, err := tunnel.NewClient(tunnel.ClientConfig{
+		Options: tunnel.Options{Logger: log},
+		Servers: []string{"quic://" + cloudAddr},
+		Node:    node,
+		TLS:     benchEdgeTLS(tb, p, node),
+		Backoff: tunnel.Backoff{Min: 50 * time.Millisecond, Max: 500 * time.Millisecond},
+	})
+	require.NoError(tb, err)
+	done := make(chan error, 1)
+	go func() { done <- edgehub.New(client, sy, log).Run(ctx) }()
+	e := &edge{node: node, st: st, sy: sy}
+	e.stop = sync.OnceFunc(func() {
+		cancel()
+		require.NoError(tb, <-done)
+		require.NoError(tb, st.Close())
+	})
+	tb.Cleanup(e.stop)
+	return e
+}
+
+// medianTraffic returns each field's median over samples, fields taken
+// separately; the upper median for an even count.
+func medianTraffic(samples []traffic) traffic {
+	return traffic{
+		down:     median(samples, func(t traffic) float64 { return t.down }),
+		up:       median(samples, func(t traffic) float64 { return t.up }),
+		quicDown: median(samples, func(t traffic) int64 { return t.quicDown }),
+		quicUp:   median(samples, func(t traffic) int64 { return t.quicUp }),
+		objects:  median(samples, func(t traffic) float64 { return t.objects }),
+		reads:    median(samples, func(t traffic) int64 { return t.reads }),
+		converge: median(samples, func(t traffic) time.Duration { return t.converge }),
+	}
+}
+
+func median[T cmp.Ordered](samples []traffic, field func(traffic) T) T {
+	v := make([]T, len(samples))
+	for i, s := range samples {
+		v[i] = field(s)
+	}
+	slices.Sort(v)
+	return v[len(v)/2]
+}
+
+// percentile returns the nearest-rank percentile q (0..1] of sorted.
+func percentile(sorted []time.Duration, q float64) time.Duration {
+	i := int(math.Ceil(q*float64(len(sorted)))) - 1
+	return sorted[max(i, 0)]
+}
+
+func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
