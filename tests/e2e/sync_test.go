@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"testing"
 	"time"
@@ -17,6 +18,11 @@ import (
 
 	"github.com/tetheredge/tether/cloudcore/catalog"
 )
+
+// uniqueNode returns prefix with a random suffix.
+func uniqueNode(prefix string) string {
+	return fmt.Sprintf("%s-%x", prefix, rand.Uint32())
+}
 
 func freeUDP(t *testing.T) string {
 	c, err := net.ListenPacket("udp", "127.0.0.1:0")
@@ -83,35 +89,39 @@ func TestSyncAndReconcile(t *testing.T) {
 	ns := env.Namespace(t)
 	ctx := context.Background()
 	p := newPKI(t)
-	createEdgeNode(t, cs, "edge-a")
-	createEdgeNode(t, cs, "edge-b")
+	// Node names are unique per run: without a controller manager the
+	// namespaces of earlier runs are never emptied, and their pods would
+	// still be bound to a reused name.
+	nodeA, nodeB := uniqueNode("edge-a"), uniqueNode("edge-b")
+	createEdgeNode(t, cs, nodeA)
+	createEdgeNode(t, cs, nodeB)
 	_, err := cs.CoreV1().ConfigMaps(ns).Create(ctx, &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "shared"}, Data: map[string]string{"k": "v"}}, metav1.CreateOptions{})
 	require.NoError(t, err)
 	_, err = cs.CoreV1().ConfigMaps(ns).Create(ctx, &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "b-only"}, Data: map[string]string{"k": "v"}}, metav1.CreateOptions{})
 	require.NoError(t, err)
 	// 998 pods + the shared ConfigMap + the Node = 1,000 objects for edge-a.
-	createPods(t, cs, ns, "a", "edge-a", 0, 998, "shared")
-	createPods(t, cs, ns, "b", "edge-b", 0, 20, "shared", "b-only")
+	createPods(t, cs, ns, "a", nodeA, 0, 998, "shared")
+	createPods(t, cs, ns, "b", nodeB, 0, 20, "shared", "b-only")
 
 	addr := freeUDP(t)
 	c := startCloud(t, env.Config, p, addr)
-	pathA, pathB := dbPath(t, "edge-a"), dbPath(t, "edge-b")
-	a := startEdge(t, "edge-a", pathA, addr, p)
-	b := startEdge(t, "edge-b", pathB, addr, p)
-	waitConverged(t, c.cat, a.st, "edge-a", 1000)
-	waitConverged(t, c.cat, b.st, "edge-b", 23)
+	pathA, pathB := dbPath(t, nodeA), dbPath(t, nodeB)
+	a := startEdge(t, nodeA, pathA, addr, p)
+	b := startEdge(t, nodeB, pathB, addr, p)
+	waitConverged(t, c.cat, a.st, nodeA, 1000)
+	waitConverged(t, c.cat, b.st, nodeB, 23)
 	n, err := a.st.Count(ctx)
 	require.NoError(t, err)
 	require.Equal(t, 1000, n)
 	for key := range held(t, a.st) {
-		_, isB := desired(c.cat, "edge-b")[key]
-		_, isA := desired(c.cat, "edge-a")[key]
+		_, isB := desired(c.cat, nodeB)[key]
+		_, isA := desired(c.cat, nodeA)[key]
 		require.True(t, isA, "edge-a holds only its own objects")
 		_ = isB
 	}
 	bHeld := held(t, b.st)
-	for key := range desired(c.cat, "edge-a") {
-		if _, shared := desired(c.cat, "edge-b")[key]; shared {
+	for key := range desired(c.cat, nodeA) {
+		if _, shared := desired(c.cat, nodeB)[key]; shared {
 			continue // the shared ConfigMap belongs to both
 		}
 		_, leaked := bHeld[key]
@@ -131,7 +141,7 @@ func TestSyncAndReconcile(t *testing.T) {
 		for i := range 5 {
 			require.NoError(t, cs.CoreV1().Pods(ns).Delete(ctx, fmt.Sprintf("a-%04d", 500+round*50+i), metav1.DeleteOptions{GracePeriodSeconds: new(int64)}))
 		}
-		createPods(t, cs, ns, "a", "edge-a", 2000+round*10, 5, "shared")
+		createPods(t, cs, ns, "a", nodeA, 2000+round*10, 5, "shared")
 	}
 	reconnect := func(c *cloud, round int) {
 		t.Helper()
@@ -140,8 +150,8 @@ func TestSyncAndReconcile(t *testing.T) {
 		bytesOut0 := c.counter(t, "tether_tunnel_bytes_total", map[string]string{"direction": "out"})
 		bytesIn0 := c.counter(t, "tether_tunnel_bytes_total", map[string]string{"direction": "in"})
 		reads0 := c.requests.reads.Load()
-		a = startEdge(t, "edge-a", pathA, addr, p)
-		waitConverged(t, c.cat, a.st, "edge-a", 1000)
+		a = startEdge(t, nodeA, pathA, addr, p)
+		waitConverged(t, c.cat, a.st, nodeA, 1000)
 		objects := c.counter(t, "tether_sync_messages_sent_total", map[string]string{"kind": "object"}) - objects0
 		deletes := c.counter(t, "tether_sync_messages_sent_total", map[string]string{"kind": "delete"}) + c.counter(t, "tether_sync_pruned_total", nil) - deletes0
 		down := c.counter(t, "tether_tunnel_bytes_total", map[string]string{"direction": "out"}) - bytesOut0
@@ -162,13 +172,13 @@ func TestSyncAndReconcile(t *testing.T) {
 	offline(1)
 	c = startCloud(t, env.Config, p, addr)
 	reconnect(c, 1)
-	waitConverged(t, c.cat, b.st, "edge-b", 23)
+	waitConverged(t, c.cat, b.st, nodeB, 23)
 
 	// A reconnect with nothing changed moves no object.
 	a.stop()
 	objects0 := c.counter(t, "tether_sync_messages_sent_total", map[string]string{"kind": "object"})
-	a = startEdge(t, "edge-a", pathA, addr, p)
-	waitConverged(t, c.cat, a.st, "edge-a", 1000)
+	a = startEdge(t, nodeA, pathA, addr, p)
+	waitConverged(t, c.cat, a.st, nodeA, 1000)
 	time.Sleep(200 * time.Millisecond) // let any stray message surface before counting
 	require.Equal(t, objects0, c.counter(t, "tether_sync_messages_sent_total", map[string]string{"kind": "object"}))
 }

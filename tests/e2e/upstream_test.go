@@ -46,9 +46,10 @@ func TestUpstreamWhileOffline(t *testing.T) {
 	ns := env.Namespace(t)
 	ctx := context.Background()
 	p := newPKI(t)
-	createEdgeNode(t, cs, "edge-b")
+	otherNode := uniqueNode("edge-other")
+	createEdgeNode(t, cs, otherNode)
 	createPods(t, cs, ns, "up", "edge-u", 0, 2)
-	createPods(t, cs, ns, "other", "edge-b", 0, 1)
+	createPods(t, cs, ns, "other", otherNode, 0, 1)
 	t.Cleanup(func() { _ = cs.CoreV1().Nodes().Delete(context.Background(), "edge-u", metav1.DeleteOptions{}) })
 
 	path := dbPath(t, "edge-u")
@@ -60,12 +61,12 @@ func TestUpstreamWhileOffline(t *testing.T) {
 	publishOffline(t, path,
 		store.OutboxItem{Op: message.OpUpsert, Resource: message.Resource{Version: "v1", Kind: "Node", Name: "edge-u"}, Data: nodeJSON},
 		store.OutboxItem{Op: message.OpUpsert, Resource: message.Resource{Group: "coordination.k8s.io", Version: "v1", Kind: "Lease", Namespace: "kube-node-lease", Name: "edge-u"}, Data: leaseJSON},
-		store.OutboxItem{Op: message.OpUpsert, Resource: message.Resource{Group: "coordination.k8s.io", Version: "v1", Kind: "Lease", Namespace: "kube-node-lease", Name: "edge-b"}, Data: leaseJSON}, // forged
+		store.OutboxItem{Op: message.OpUpsert, Resource: message.Resource{Group: "coordination.k8s.io", Version: "v1", Kind: "Lease", Namespace: "kube-node-lease", Name: otherNode}, Data: leaseJSON}, // forged
 		podStatusItem(t, ns, "up-0000", corev1.PodPending),
 		podStatusItem(t, ns, "up-0000", corev1.PodRunning), // newer status for the same pod wins
 		podStatusItem(t, ns, "up-0001", corev1.PodFailed),
-		podStatusItem(t, ns, "other-0000", corev1.PodSucceeded),                                                                         // forged: bound to edge-b
-		store.OutboxItem{Op: message.OpUpsert, Resource: message.Resource{Version: "v1", Kind: "Node", Name: "edge-b"}, Data: nodeJSON}, // forged
+		podStatusItem(t, ns, "other-0000", corev1.PodSucceeded), // forged: bound to another node
+		store.OutboxItem{Op: message.OpUpsert, Resource: message.Resource{Version: "v1", Kind: "Node", Name: otherNode}, Data: nodeJSON}, // forged
 	)
 
 	addr := freeUDP(t)
@@ -95,12 +96,12 @@ func TestUpstreamWhileOffline(t *testing.T) {
 	lease, err := cs.CoordinationV1().Leases("kube-node-lease").Get(ctx, "edge-u", metav1.GetOptions{})
 	require.NoError(t, err, "the heartbeat lease is written")
 	require.Equal(t, "edge-u", *lease.Spec.HolderIdentity)
-	_, err = cs.CoordinationV1().Leases("kube-node-lease").Get(ctx, "edge-b", metav1.GetOptions{})
+	_, err = cs.CoordinationV1().Leases("kube-node-lease").Get(ctx, otherNode, metav1.GetOptions{})
 	require.Error(t, err, "a node cannot write another node's lease")
 	other, err := cs.CoreV1().Pods(ns).Get(ctx, "other-0000", metav1.GetOptions{})
 	require.NoError(t, err)
 	require.NotEqual(t, corev1.PodSucceeded, other.Status.Phase, "a forged status is not written")
-	nb, err := cs.CoreV1().Nodes().Get(ctx, "edge-b", metav1.GetOptions{})
+	nb, err := cs.CoreV1().Nodes().Get(ctx, otherNode, metav1.GetOptions{})
 	require.NoError(t, err)
 	require.NotEqual(t, "shop-17", nb.Labels["site"], "a node cannot rewrite another node")
 	// The edge received its own Node (registered by itself) and its pods.
