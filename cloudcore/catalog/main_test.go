@@ -2,7 +2,6 @@ package catalog
 
 import (
 	"context"
-	"fmt"
 	"log/slog"
 	"net/http"
 	"os"
@@ -11,14 +10,11 @@ import (
 	"testing"
 	"time"
 
-	"github.com/go-logr/logr"
 	"github.com/stretchr/testify/require"
-	"go.uber.org/goleak"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
-	ctrllog "sigs.k8s.io/controller-runtime/pkg/log"
 
 	"github.com/tetheredge/tether/common/objsync"
 	"github.com/tetheredge/tether/tests/controlplane"
@@ -27,22 +23,7 @@ import (
 // cp is the real etcd and kube-apiserver all tests of this package share.
 var cp controlplane.Shared
 
-func TestMain(m *testing.M) {
-	// envtest logs through controller-runtime's global logger.
-	ctrllog.SetLogger(logr.Discard())
-	code := cp.Run(m)
-	// Checked once the control plane is stopped, so that etcd's and
-	// kube-apiserver's process goroutines are gone and so are the clients'
-	// connections to them: what is left was leaked by a test or a Catalog
-	// (an informer still running would be retrying its watch).
-	if code == 0 {
-		if err := goleak.Find(); err != nil {
-			fmt.Fprintln(os.Stderr, "goleak:", err)
-			code = 1
-		}
-	}
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { os.Exit(cp.RunChecked(m)) }
 
 const (
 	waitFor = 30 * time.Second // informer propagation; generous under -race

@@ -9,22 +9,18 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
-	"fmt"
 	"log/slog"
 	"os"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/go-logr/logr"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/stretchr/testify/require"
-	"go.uber.org/goleak"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
-	ctrllog "sigs.k8s.io/controller-runtime/pkg/log"
 
 	"github.com/tetheredge/tether/cloudcore/edgenode"
 	"github.com/tetheredge/tether/common/pki"
@@ -35,20 +31,7 @@ import (
 // cp is the real etcd and kube-apiserver all tests of this package share.
 var cp controlplane.Shared
 
-func TestMain(m *testing.M) {
-	// envtest logs through controller-runtime's global logger.
-	ctrllog.SetLogger(logr.Discard())
-	code := cp.Run(m)
-	// Checked once the control plane is stopped, so that only goroutines
-	// leaked by a test or a Service are left.
-	if code == 0 {
-		if err := goleak.Find(); err != nil {
-			fmt.Fprintln(os.Stderr, "goleak:", err)
-			code = 1
-		}
-	}
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { os.Exit(cp.RunChecked(m)) }
 
 func testLogger() *slog.Logger {
 	if os.Getenv("TETHER_TEST_LOG") != "" {

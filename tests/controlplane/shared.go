@@ -6,6 +6,10 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/go-logr/logr"
+	"go.uber.org/goleak"
+	ctrllog "sigs.k8s.io/controller-runtime/pkg/log"
 )
 
 // Shared is one control plane for all the tests of a package. The zero value
@@ -58,6 +62,24 @@ func (s *Shared) Run(m *testing.M) int {
 		// No test is left to report it to.
 		fmt.Fprintln(os.Stderr, err)
 		if code == 0 {
+			code = 1
+		}
+	}
+	return code
+}
+
+// RunChecked is Run for packages that also check for leaked goroutines:
+// it silences envtest's logger (controller-runtime's global one), runs the
+// tests, stops the control plane, and then fails the run if goroutines are
+// left. Checking after the stop means etcd's and kube-apiserver's process
+// goroutines and the clients' connections to them are gone: what is left
+// was leaked by a test or by the code under test.
+func (s *Shared) RunChecked(m *testing.M) int {
+	ctrllog.SetLogger(logr.Discard())
+	code := s.Run(m)
+	if code == 0 {
+		if err := goleak.Find(); err != nil {
+			fmt.Fprintln(os.Stderr, "goleak:", err)
 			code = 1
 		}
 	}

@@ -3,13 +3,11 @@ package e2e
 import (
 	"cmp"
 	"context"
-	"crypto/tls"
 	"errors"
 	"fmt"
 	"maps"
 	"math"
 	"net"
-	"net/http"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -20,28 +18,19 @@ import (
 	"testing"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
 	"github.com/stretchr/testify/require"
 	"golang.org/x/sync/errgroup"
 	corev1 "k8s.io/api/core/v1"
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/rest"
 
 	"github.com/tetheredge/tether/cloudcore/catalog"
-	"github.com/tetheredge/tether/cloudcore/dispatch"
-	"github.com/tetheredge/tether/cloudcore/hub"
-	"github.com/tetheredge/tether/cloudcore/upstream"
 	"github.com/tetheredge/tether/common/message"
 	"github.com/tetheredge/tether/common/objsync"
-	"github.com/tetheredge/tether/common/pki"
-	"github.com/tetheredge/tether/edgecore/edgehub"
 	"github.com/tetheredge/tether/edgecore/store"
 	"github.com/tetheredge/tether/edgecore/syncer"
 	"github.com/tetheredge/tether/tests/promtest"
-	"github.com/tetheredge/tether/tunnel"
 )
 
 // The benchmarks in this file measure the sync protocol end to end: the real
@@ -73,11 +62,11 @@ func BenchmarkReconnect400(b *testing.B) {
 // that reference it. Reported figures are medians over the rounds.
 func benchReconnect(b *testing.B, objects, changed int) {
 	env := cp.Env(b)
-	cs := benchAdminClient(b, env.Config)
+	cs := adminClient(b, env.Config)
 	ns := env.Namespace(b)
-	p := benchPKI(b)
+	p := newPKI(b)
 	node := fmt.Sprintf("bench-%d-%d", objects, changed)
-	benchEdgeNode(b, cs, node)
+	createEdgeNode(b, cs, node)
 	benchConfigMap(b, cs, ns, "shared")
 	pods := make([]string, objects-2)
 	for i := range pods {
@@ -88,8 +77,8 @@ func benchReconnect(b *testing.B, objects, changed int) {
 	created := time.Since(begin)
 	b.Logf("created %d pods in %s (%.0f/s)", len(pods), created.Round(time.Millisecond), float64(len(pods))/created.Seconds())
 
-	addr := benchFreeUDP(b)
-	c := benchCloud(b, env.Config, p, addr)
+	addr := freeUDP(b)
+	c := startCloud(b, env.Config, p, addr, nil)
 	r := &reconnectRun{node: node, cloud: c, relay: startRelay(b, addr), pki: p}
 
 	var relists, reconnects []traffic
@@ -283,14 +272,14 @@ func waitCatalogVersion(tb testing.TB, cat *catalog.Catalog, node string, key ob
 func BenchmarkEventLatency100Edges(b *testing.B) {
 	const edges, podsPerEdge, fanouts = 100, 3, 20
 	env := cp.Env(b)
-	cs := benchAdminClient(b, env.Config)
+	cs := adminClient(b, env.Config)
 	ns := env.Namespace(b)
-	p := benchPKI(b)
+	p := newPKI(b)
 	benchConfigMap(b, cs, ns, "shared")
 	nodes := make([]string, edges)
 	for i := range nodes {
 		nodes[i] = fmt.Sprintf("lat-%03d", i)
-		benchEdgeNode(b, cs, nodes[i])
+		createEdgeNode(b, cs, nodes[i])
 		pods := make([]string, podsPerEdge)
 		for j := range pods {
 			pods[j] = fmt.Sprintf("%s-%d", nodes[i], j)
@@ -298,8 +287,8 @@ func BenchmarkEventLatency100Edges(b *testing.B) {
 		benchPods(b, cs, ns, nodes[i], pods, "shared")
 	}
 
-	addr := benchFreeUDP(b)
-	c := benchCloud(b, env.Config, p, addr)
+	addr := freeUDP(b)
+	c := startCloud(b, env.Config, p, addr, nil)
 	probe := &arrivals{signal: make(chan struct{}, 1)}
 	dir := b.TempDir()
 	es := make([]*edge, edges)
@@ -696,51 +685,7 @@ func (r *udpRelay) close() {
 	r.wg.Wait()
 }
 
-// The helpers below are the harness's (harness_test.go, sync_test.go) for
-// testing.TB, which benchmarks need; benchEdge also observes the store.
-
-func benchPKI(tb testing.TB) *pkiSet {
-	tb.Helper()
-	ca, err := pki.NewCA("e2e-bench", time.Hour)
-	require.NoError(tb, err)
-	cert, key, err := ca.Issue(pki.LeafRequest{CommonName: "cloudcore", Usage: pki.UsageServer, Hosts: []string{"127.0.0.1"}, Validity: time.Hour})
-	require.NoError(tb, err)
-	return &pkiSet{ca: ca, server: tls.Certificate{Certificate: [][]byte{cert.Raw}, PrivateKey: key, Leaf: cert}}
-}
-
-func benchEdgeTLS(tb testing.TB, p *pkiSet, node string) *tls.Config {
-	tb.Helper()
-	cert, key, err := p.ca.Issue(pki.LeafRequest{CommonName: node, Usage: pki.UsageClient, Validity: time.Hour})
-	require.NoError(tb, err)
-	return &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{cert.Raw}, PrivateKey: key}}, RootCAs: p.ca.Pool(), MinVersion: tls.VersionTLS13}
-}
-
-func benchAdminClient(tb testing.TB, cfg *rest.Config) kubernetes.Interface {
-	c := rest.CopyConfig(cfg)
-	c.QPS, c.Burst = 2000, 2000
-	cs, err := kubernetes.NewForConfig(c)
-	require.NoError(tb, err)
-	return cs
-}
-
-func benchFreeUDP(tb testing.TB) string {
-	c, err := net.ListenPacket("udp", "127.0.0.1:0")
-	require.NoError(tb, err)
-	addr := c.LocalAddr().String()
-	require.NoError(tb, c.Close())
-	return addr
-}
-
-func benchEdgeNode(tb testing.TB, cs kubernetes.Interface, name string) {
-	_, err := cs.CoreV1().Nodes().Create(context.Background(), &corev1.Node{
-		ObjectMeta: metav1.ObjectMeta{Name: name, Labels: map[string]string{catalog.DefaultEdgeLabel: ""}},
-	}, metav1.CreateOptions{})
-	if !apierrors.IsAlreadyExists(err) {
-		require.NoError(tb, err)
-	}
-	tb.Cleanup(func() { _ = cs.CoreV1().Nodes().Delete(context.Background(), name, metav1.DeleteOptions{}) })
-}
-
+// benchConfigMap creates one ConfigMap.
 func benchConfigMap(tb testing.TB, cs kubernetes.Interface, ns, name string) {
 	_, err := cs.CoreV1().ConfigMaps(ns).Create(context.Background(), &corev1.ConfigMap{
 		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name}, Data: map[string]string{"k": "v"},
@@ -773,72 +718,11 @@ func benchPods(tb testing.TB, cs kubernetes.Interface, ns, node string, names []
 	})
 }
 
-func benchCloud(tb testing.TB, cfg *rest.Config, p *pkiSet, addr string) *cloud {
-	tb.Helper()
-	counted := rest.CopyConfig(cfg)
-	rc := &requestCounter{}
-	counted.Wrap(func(rt http.RoundTripper) http.RoundTripper { rc.next = rt; return rc })
-	counted.QPS, counted.Burst = 1000, 1000
-	client, err := kubernetes.NewForConfig(counted)
-	require.NoError(tb, err)
-	log := logger()
-	reg := prometheus.NewRegistry()
-	cat, err := catalog.New(client, catalog.Config{Logger: log})
-	require.NoError(tb, err)
-	up, err := upstream.New(client, cat, upstream.Config{EdgeLabel: catalog.DefaultEdgeLabel, Logger: log})
-	require.NoError(tb, err)
-	disp := dispatch.New(dispatch.Deps{Catalog: cat, Upstream: up}, dispatch.Config{}, log, reg)
-	cat.Subscribe(disp.Notify)
-	srv, err := tunnel.NewServer(tunnel.ServerConfig{
-		Options:  tunnel.Options{Logger: log, Registerer: reg},
-		QUICAddr: addr,
-		TLS:      &tls.Config{Certificates: []tls.Certificate{p.server}, ClientCAs: p.ca.Pool(), MinVersion: tls.VersionTLS13},
-		Handler:  hub.New(disp, nil, log),
-	})
-	require.NoError(tb, err)
-	require.NoError(tb, srv.Listen())
-	ctx, cancel := context.WithCancel(context.Background())
-	catDone := make(chan error, 1)
-	go func() { catDone <- cat.Run(ctx) }()
-	require.NoError(tb, cat.WaitForSync(ctx))
-	srvDone := make(chan error, 1)
-	go func() { srvDone <- srv.Run(ctx) }()
-	c := &cloud{cat: cat, srv: srv, reg: reg, requests: rc}
-	c.stop = sync.OnceFunc(func() {
-		cancel()
-		require.NoError(tb, <-srvDone)
-		require.NoError(tb, <-catDone)
-	})
-	tb.Cleanup(c.stop)
-	return c
-}
-
-// benchEdge starts an edge whose syncer reports its commits to obs.
+// benchEdge starts an edge whose syncer reports its commits to obs, with
+// production tunnel timings.
 func benchEdge(tb testing.TB, node, dbPath, cloudAddr string, p *pkiSet, obs commitObserver) *edge {
 	tb.Helper()
-	log := logger().With("edge", node)
-	ctx, cancel := context.WithCancel(context.Background())
-	st, err := store.Open(ctx, dbPath, log)
-	require.NoError(tb, err)
-	sy := syncer.New(observedStore{Store: st, obs: obs}, syncer.Config{}, log, nil)
-	client, err := tunnel.NewClient(tunnel.ClientConfig{
-		Options: tunnel.Options{Logger: log},
-		Servers: []string{"quic://" + cloudAddr},
-		Node:    node,
-		TLS:     benchEdgeTLS(tb, p, node),
-		Backoff: tunnel.Backoff{Min: 50 * time.Millisecond, Max: 500 * time.Millisecond},
-	})
-	require.NoError(tb, err)
-	done := make(chan error, 1)
-	go func() { done <- edgehub.New(client, sy, log).Run(ctx) }()
-	e := &edge{node: node, st: st, sy: sy}
-	e.stop = sync.OnceFunc(func() {
-		cancel()
-		require.NoError(tb, <-done)
-		require.NoError(tb, st.Close())
-	})
-	tb.Cleanup(e.stop)
-	return e
+	return startEdge(tb, node, dbPath, cloudAddr, p, nil, func(st *store.Store) syncer.Store { return observedStore{Store: st, obs: obs} })
 }
 
 // medianTraffic returns each field's median over samples, fields taken

@@ -61,7 +61,7 @@ func TestEdgeKill9(t *testing.T) {
 	const pods = 1500
 	createPods(t, cs, ns, "k", "edge-k", 0, pods)
 	addr := freeUDP(t)
-	c := startCloud(t, env.Config, p, addr)
+	c := startCloud(t, env.Config, p, addr, testTimings)
 
 	dir := t.TempDir()
 	cert, key, err := p.ca.Issue(pki.LeafRequest{CommonName: "edge-k", Usage: pki.UsageClient, Validity: time.Hour})
@@ -102,7 +102,7 @@ func TestEdgeKill9(t *testing.T) {
 	t.Logf("killed the edge with %d of %d+ objects committed", seen, pods)
 
 	// The same database, a new EdgeCore: intact and converging.
-	e := startEdge(t, "edge-k", dbFile, addr, p)
+	e := startEdge(t, "edge-k", dbFile, addr, p, testTimings, nil)
 	var integrity string
 	db, err := sql.Open("sqlite3", "file:"+dbFile+"?mode=ro")
 	require.NoError(t, err)

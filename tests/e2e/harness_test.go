@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -67,7 +68,7 @@ type pkiSet struct {
 	server tls.Certificate
 }
 
-func newPKI(t *testing.T) *pkiSet {
+func newPKI(t testing.TB) *pkiSet {
 	ca, err := pki.NewCA("e2e", time.Hour)
 	require.NoError(t, err)
 	cert, key, err := ca.Issue(pki.LeafRequest{CommonName: "cloudcore", Usage: pki.UsageServer, Hosts: []string{"127.0.0.1"}, Validity: time.Hour})
@@ -75,7 +76,7 @@ func newPKI(t *testing.T) *pkiSet {
 	return &pkiSet{ca: ca, server: tls.Certificate{Certificate: [][]byte{cert.Raw}, PrivateKey: key, Leaf: cert}}
 }
 
-func (p *pkiSet) client(t *testing.T, node string) *tls.Config {
+func (p *pkiSet) client(t testing.TB, node string) *tls.Config {
 	cert, key, err := p.ca.Issue(pki.LeafRequest{CommonName: node, Usage: pki.UsageClient, Validity: time.Hour})
 	require.NoError(t, err)
 	return &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{cert.Raw}, PrivateKey: key}}, RootCAs: p.ca.Pool(), MinVersion: tls.VersionTLS13}
@@ -91,7 +92,13 @@ type cloud struct {
 	stop     func()
 }
 
-func startCloud(t *testing.T, cfg *rest.Config, p *pkiSet, addr string) *cloud {
+// testTimings make dead peers visible in seconds; benchmarks keep the
+// production defaults (nil).
+func testTimings(o *tunnel.Options) {
+	o.KeepAlive, o.DeadPeerTimeout = 200*time.Millisecond, 2*time.Second
+}
+
+func startCloud(t testing.TB, cfg *rest.Config, p *pkiSet, addr string, timings func(*tunnel.Options)) *cloud {
 	t.Helper()
 	counted := rest.CopyConfig(cfg)
 	rc := &requestCounter{}
@@ -107,8 +114,12 @@ func startCloud(t *testing.T, cfg *rest.Config, p *pkiSet, addr string) *cloud {
 	require.NoError(t, err)
 	disp := dispatch.New(dispatch.Deps{Catalog: cat, Upstream: up}, dispatch.Config{}, log, reg)
 	cat.Subscribe(disp.Notify)
+	opts := tunnel.Options{Logger: log, Registerer: reg}
+	if timings != nil {
+		timings(&opts)
+	}
 	srv, err := tunnel.NewServer(tunnel.ServerConfig{
-		Options:  tunnel.Options{KeepAlive: 200 * time.Millisecond, DeadPeerTimeout: 2 * time.Second, Logger: log, Registerer: reg},
+		Options:  opts,
 		QUICAddr: addr,
 		TLS:      &tls.Config{Certificates: []tls.Certificate{p.server}, ClientCAs: p.ca.Pool(), MinVersion: tls.VersionTLS13},
 		Handler:  hub.New(disp, nil, log),
@@ -122,23 +133,18 @@ func startCloud(t *testing.T, cfg *rest.Config, p *pkiSet, addr string) *cloud {
 	srvDone := make(chan error, 1)
 	go func() { srvDone <- srv.Run(ctx) }()
 	c := &cloud{cat: cat, srv: srv, reg: reg, requests: rc}
-	stopped := false
-	c.stop = func() {
-		if stopped {
-			return
-		}
-		stopped = true
+	c.stop = sync.OnceFunc(func() {
 		cancel()
 		require.NoError(t, <-srvDone)
 		require.NoError(t, <-catDone)
-	}
+	})
 	t.Cleanup(c.stop)
 	return c
 }
 
 // counter reads a counter from the cloud's registry, summed over labels
 // matching want.
-func (c *cloud) counter(t *testing.T, name string, want map[string]string) float64 {
+func (c *cloud) counter(t testing.TB, name string, want map[string]string) float64 {
 	t.Helper()
 	return promtest.Sum(t, c.reg, name, want)
 }
@@ -151,15 +157,25 @@ type edge struct {
 	stop func()
 }
 
-func startEdge(t *testing.T, node, dbPath, cloudAddr string, p *pkiSet) *edge {
+// startEdge runs an edge on dbPath. wrap, when set, wraps the store the
+// syncer writes through (benchmarks observe commits that way).
+func startEdge(t testing.TB, node, dbPath, cloudAddr string, p *pkiSet, timings func(*tunnel.Options), wrap func(*store.Store) syncer.Store) *edge {
 	t.Helper()
 	log := logger().With("edge", node)
 	ctx, cancel := context.WithCancel(context.Background())
 	st, err := store.Open(ctx, dbPath, log)
 	require.NoError(t, err)
-	sy := syncer.New(st, syncer.Config{}, log, nil)
+	var sst syncer.Store = st
+	if wrap != nil {
+		sst = wrap(st)
+	}
+	sy := syncer.New(sst, syncer.Config{}, log, nil)
+	opts := tunnel.Options{Logger: log}
+	if timings != nil {
+		timings(&opts)
+	}
 	client, err := tunnel.NewClient(tunnel.ClientConfig{
-		Options: tunnel.Options{KeepAlive: 200 * time.Millisecond, DeadPeerTimeout: 2 * time.Second, Logger: log},
+		Options: opts,
 		Servers: []string{"quic://" + cloudAddr},
 		Node:    node,
 		TLS:     p.client(t, node),
@@ -169,16 +185,11 @@ func startEdge(t *testing.T, node, dbPath, cloudAddr string, p *pkiSet) *edge {
 	done := make(chan error, 1)
 	go func() { done <- edgehub.New(client, sy, log).Run(ctx) }()
 	e := &edge{node: node, st: st, sy: sy}
-	stopped := false
-	e.stop = func() {
-		if stopped {
-			return
-		}
-		stopped = true
+	e.stop = sync.OnceFunc(func() {
 		cancel()
 		require.NoError(t, <-done)
 		require.NoError(t, st.Close())
-	}
+	})
 	t.Cleanup(e.stop)
 	return e
 }

@@ -24,7 +24,7 @@ func uniqueNode(prefix string) string {
 	return fmt.Sprintf("%s-%x", prefix, rand.Uint32())
 }
 
-func freeUDP(t *testing.T) string {
+func freeUDP(t testing.TB) string {
 	c, err := net.ListenPacket("udp", "127.0.0.1:0")
 	require.NoError(t, err)
 	addr := c.LocalAddr().String()
@@ -32,7 +32,7 @@ func freeUDP(t *testing.T) string {
 	return addr
 }
 
-func adminClient(t *testing.T, cfg *rest.Config) kubernetes.Interface {
+func adminClient(t testing.TB, cfg *rest.Config) kubernetes.Interface {
 	c := rest.CopyConfig(cfg)
 	c.QPS, c.Burst = 2000, 2000
 	cs, err := kubernetes.NewForConfig(c)
@@ -40,7 +40,7 @@ func adminClient(t *testing.T, cfg *rest.Config) kubernetes.Interface {
 	return cs
 }
 
-func createEdgeNode(t *testing.T, cs kubernetes.Interface, name string) {
+func createEdgeNode(t testing.TB, cs kubernetes.Interface, name string) {
 	_, err := cs.CoreV1().Nodes().Create(context.Background(), &corev1.Node{
 		ObjectMeta: metav1.ObjectMeta{Name: name, Labels: map[string]string{catalog.DefaultEdgeLabel: ""}},
 	}, metav1.CreateOptions{})
@@ -104,10 +104,10 @@ func TestSyncAndReconcile(t *testing.T) {
 	createPods(t, cs, ns, "b", nodeB, 0, 20, "shared", "b-only")
 
 	addr := freeUDP(t)
-	c := startCloud(t, env.Config, p, addr)
+	c := startCloud(t, env.Config, p, addr, testTimings)
 	pathA, pathB := dbPath(t, nodeA), dbPath(t, nodeB)
-	a := startEdge(t, nodeA, pathA, addr, p)
-	b := startEdge(t, nodeB, pathB, addr, p)
+	a := startEdge(t, nodeA, pathA, addr, p, testTimings, nil)
+	b := startEdge(t, nodeB, pathB, addr, p, testTimings, nil)
 	waitConverged(t, c.cat, a.st, nodeA, 1000)
 	waitConverged(t, c.cat, b.st, nodeB, 23)
 	n, err := a.st.Count(ctx)
@@ -150,7 +150,7 @@ func TestSyncAndReconcile(t *testing.T) {
 		bytesOut0 := c.counter(t, "tether_tunnel_bytes_total", map[string]string{"direction": "out"})
 		bytesIn0 := c.counter(t, "tether_tunnel_bytes_total", map[string]string{"direction": "in"})
 		reads0 := c.requests.reads.Load()
-		a = startEdge(t, nodeA, pathA, addr, p)
+		a = startEdge(t, nodeA, pathA, addr, p, testTimings, nil)
 		waitConverged(t, c.cat, a.st, nodeA, 1000)
 		objects := c.counter(t, "tether_sync_messages_sent_total", map[string]string{"kind": "object"}) - objects0
 		deletes := c.counter(t, "tether_sync_messages_sent_total", map[string]string{"kind": "delete"}) + c.counter(t, "tether_sync_pruned_total", nil) - deletes0
@@ -170,14 +170,14 @@ func TestSyncAndReconcile(t *testing.T) {
 	a.stop()
 	c.stop()
 	offline(1)
-	c = startCloud(t, env.Config, p, addr)
+	c = startCloud(t, env.Config, p, addr, testTimings)
 	reconnect(c, 1)
 	waitConverged(t, c.cat, b.st, nodeB, 23)
 
 	// A reconnect with nothing changed moves no object.
 	a.stop()
 	objects0 := c.counter(t, "tether_sync_messages_sent_total", map[string]string{"kind": "object"})
-	a = startEdge(t, nodeA, pathA, addr, p)
+	a = startEdge(t, nodeA, pathA, addr, p, testTimings, nil)
 	waitConverged(t, c.cat, a.st, nodeA, 1000)
 	time.Sleep(200 * time.Millisecond) // let any stray message surface before counting
 	require.Equal(t, objects0, c.counter(t, "tether_sync_messages_sent_total", map[string]string{"kind": "object"}))

@@ -70,8 +70,8 @@ func TestUpstreamWhileOffline(t *testing.T) {
 	)
 
 	addr := freeUDP(t)
-	c := startCloud(t, env.Config, p, addr)
-	e := startEdge(t, "edge-u", path, addr, p)
+	c := startCloud(t, env.Config, p, addr, testTimings)
+	e := startEdge(t, "edge-u", path, addr, p, testTimings, nil)
 
 	require.Eventually(t, func() bool {
 		n, err := cs.CoreV1().Nodes().Get(ctx, "edge-u", metav1.GetOptions{})
