@@ -80,6 +80,16 @@ type HelloAck struct {
 	Session string
 }
 
+// Retry is the payload of KindRetry.
+type Retry struct {
+	_struct bool `codec:",toarray"` //nolint:unused // tells the codec to encode as an array
+	// AfterMillis is the least time to wait before sending again, in
+	// milliseconds; zero means the sender's own back-off alone.
+	AfterMillis uint32
+	// Reason says why, for logs (bounded like a refusal's reason).
+	Reason string
+}
+
 // Field limits. They follow Kubernetes' own limits (DNS subdomain names of
 // 253 bytes, labels of 63) with room for resource versions and UIDs.
 const (

@@ -86,8 +86,14 @@ const (
 	// to edge: ReplyTo names the request, payload is the new certificate
 	// (PEM); a refusal is a KindRefuse instead.
 	KindRenew Kind = 10
+	// KindRetry answers a request that was not applied but may be later
+	// (a transient API error, throttling): the sender keeps the message
+	// and sends it again, not before the hint and with its own back-off.
+	// ReplyTo names the message. Payload: a Retry. A KindRefuse answer,
+	// by contrast, is final: the sender drops the message.
+	KindRetry Kind = 11
 
-	kindMax = KindRenew
+	kindMax = KindRetry
 )
 
 // String returns the kind's name as used in logs and docs.
@@ -113,6 +119,8 @@ func (k Kind) String() string {
 		return "stream_open"
 	case KindRenew:
 		return "renew"
+	case KindRetry:
+		return "retry"
 	default:
 		return "unknown"
 	}

@@ -14,10 +14,13 @@ const (
 	PhaseDigest Phase = 1
 	// PhaseWant (cloud to edge): list the entries of these Buckets.
 	PhaseWant Phase = 2
-	// PhaseList (edge to cloud): Entries of the wanted buckets.
+	// PhaseList (edge to cloud): Entries of the wanted buckets. A list
+	// longer than MaxEntries is sent as several List messages in a row,
+	// More set on all but the last; the cloud acts on the last.
 	PhaseList Phase = 3
 	// PhasePrune (cloud to edge): delete the objects with these key Hashes.
-	// The edge acks it like an event, after its commit.
+	// The edge acks it like an event, after its commit. More than
+	// MaxEntries hashes are sent as several Prune messages, each acked.
 	PhasePrune Phase = 4
 	// PhaseDone (cloud to edge): every difference found has been queued;
 	// the edge is in sync once the events before it are applied.
@@ -38,6 +41,9 @@ type Sync struct {
 	Entries []Entry
 	// Hashes are key hashes to delete (PhasePrune).
 	Hashes []uint64
+	// More says that another List of the same reconcile follows
+	// (PhaseList only).
+	More bool
 }
 
 // ErrBadSync is wrapped by every validation error of a Sync payload.

@@ -18,16 +18,10 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/cobra"
-	"golang.org/x/sync/errgroup"
 
 	"github.com/tetheredge/tether/common/pki"
-	"github.com/tetheredge/tether/edgecore/certs"
-	"github.com/tetheredge/tether/edgecore/edgehub"
+	"github.com/tetheredge/tether/edgecore/app"
 	edgejoin "github.com/tetheredge/tether/edgecore/join"
-	"github.com/tetheredge/tether/edgecore/nodestatus"
-	"github.com/tetheredge/tether/edgecore/store"
-	"github.com/tetheredge/tether/edgecore/syncer"
-	"github.com/tetheredge/tether/tunnel"
 )
 
 func main() {
@@ -80,53 +74,29 @@ func run(ctx context.Context, f flags) error {
 	if len(f.cloud) == 0 || f.node == "" {
 		return errors.New("--cloud and --node are required")
 	}
-	pair, pool, leaf, err := loadIdentity(f)
+	pair, _, leaf, err := loadIdentity(f)
 	if err != nil {
 		return err
 	}
 	if err := edgejoin.CheckUsable(leaf, time.Now()); err != nil {
 		return err
 	}
-	if leaf.Subject.CommonName != f.node {
-		return fmt.Errorf("the certificate is for node %q, not %q", leaf.Subject.CommonName, f.node)
-	}
-	holder := certs.NewHolder(pair)
-	client, err := tunnel.NewClient(tunnel.ClientConfig{
-		Options: tunnel.Options{KeepAlive: f.keepAlive, DeadPeerTimeout: f.dead, Logger: logger},
-		Servers: f.cloud,
-		Node:    f.node,
-		Agent:   "edgecore",
-		TLS:     &tls.Config{GetClientCertificate: holder.GetClientCertificate, RootCAs: pool, MinVersion: tls.VersionTLS13},
-	})
+	pair.Leaf = leaf
+	caCert, err := caOf(f)
 	if err != nil {
 		return err
 	}
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if err := os.MkdirAll(f.dataDir, 0o700); err != nil {
-		return fmt.Errorf("create data directory: %w", err)
-	}
-	st, err := store.Open(ctx, filepath.Join(f.dataDir, "edgecore.db"), logger)
+	a, err := app.New(ctx, app.Config{
+		Cloud: f.cloud, Node: f.node, Certificate: pair, CA: caCert, IdentityDir: f.identityDir(), DataDir: f.dataDir,
+		KeepAlive: f.keepAlive, DeadPeerTimeout: f.dead, Logger: logger, Registerer: prometheus.NewRegistry(),
+	})
 	if err != nil {
 		return err
 	}
-	defer st.Close()
-	reg := prometheus.NewRegistry()
-	sy := syncer.New(st, syncer.Config{}, logger, reg)
-	reporter, err := nodestatus.New(nodestatus.Config{Node: f.node}, sy, logger)
-	if err != nil {
-		return err
-	}
-	caCert, err := caOf(f)
-	if err != nil {
-		return err
-	}
-	rotator := certs.NewRotator(f.identityDir(), f.node, caCert, holder, sy.Renew, logger, nil)
-	g, ctx := errgroup.WithContext(ctx)
-	g.Go(func() error { return reporter.Run(ctx) })
-	g.Go(func() error { return rotator.Run(ctx) })
-	g.Go(func() error { return edgehub.New(client, sy, logger).Run(ctx) })
-	return g.Wait()
+	defer a.Close()
+	return a.Run(ctx)
 }
 
 // identityDir is where the node's key and certificates live (and where
