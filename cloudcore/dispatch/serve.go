@@ -341,9 +341,6 @@ func (c *conn) renew(ctx context.Context, m *message.Message) error {
 		Payload: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Raw})})
 }
 
-// ErrForbidden is wrapped by Upstream errors for writes a node may not make.
-var ErrForbidden = errors.New("dispatch: forbidden")
-
 func (c *conn) send(ctx context.Context, actions []Action) error {
 	for _, a := range actions {
 		m := &message.Message{ID: a.ID, Node: c.node, Time: time.Now().UnixNano()}

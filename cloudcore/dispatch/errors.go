@@ -1,0 +1,18 @@
+package dispatch
+
+import "errors"
+
+// How an Upstream error is answered (docs/protocol.md, "Upstream"): an
+// error wrapping ErrForbidden or ErrRejected is final and answered with a
+// KindRefuse, the edge drops the write; any other error is transient and
+// answered with a KindRetry, the edge keeps the write and sends it again.
+var (
+	// ErrForbidden is wrapped by Upstream errors for writes a node may not
+	// make.
+	ErrForbidden = errors.New("dispatch: forbidden")
+	// ErrRejected is wrapped by Upstream errors for writes the API server
+	// refused for good (invalid, or aimed at an object that is gone or was
+	// replaced): sending the same bytes again would be refused the same
+	// way.
+	ErrRejected = errors.New("dispatch: rejected")
+)
