@@ -72,7 +72,7 @@ type Config struct {
 	// Sources are further kinds of objects bound to one node each, such as
 	// custom resources. Default none.
 	Sources []Source
-	// Logger receives the catalog's logs. Default slog.Default().
+	// Logger receives the catalog's logs. Default: discarded.
 	Logger *slog.Logger
 }
 
@@ -151,7 +151,7 @@ func New(client kubernetes.Interface, cfg Config) (*Catalog, error) {
 		return nil, fmt.Errorf("%w: edge label %q: %s", ErrInvalidConfig, cfg.EdgeLabel, strings.Join(errs, "; "))
 	}
 	if cfg.Logger == nil {
-		cfg.Logger = slog.Default()
+		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
 
 	c := &Catalog{

@@ -23,8 +23,11 @@ type EdgeHub struct {
 	logger   *slog.Logger
 }
 
-// New wraps a tunnel client.
+// New wraps a tunnel client. A nil logger discards logs.
 func New(client *tunnel.Client, p Protocol, logger *slog.Logger) *EdgeHub {
+	if logger == nil {
+		logger = slog.New(slog.DiscardHandler)
+	}
 	return &EdgeHub{client: client, protocol: p, logger: logger.With("component", "edgehub")}
 }
 
