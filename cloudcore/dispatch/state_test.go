@@ -103,7 +103,9 @@ func reconnect(t *testing.T, n *Node, w world, e edgeSim) int {
 	d := e.digest()
 	actions := n.OnDigest(d, w)
 	if len(actions) == 1 && actions[0].Kind == SendWant {
-		actions = n.OnList(e.list(actions[0].Buckets, len(d.Buckets)), w)
+		var err error
+		actions, err = n.OnList(e.list(actions[0].Buckets, len(d.Buckets)), w)
+		require.NoError(t, err)
 	}
 	total := 0
 	for range 10_000 {
@@ -250,5 +252,7 @@ func TestNothingSentBeforeReconcile(t *testing.T) {
 	require.Empty(t, n.Next(time.Now(), w), "still waiting for the list")
 	live := NewNode(Config{})
 	live.OnDigest(edgeSim{}.digest(), world{})
-	require.Nil(t, live.OnList(objsync.Sync{Phase: objsync.PhaseList}, w), "a list nobody asked for changes nothing")
+	a, err := live.OnList(objsync.Sync{Phase: objsync.PhaseList}, w)
+	require.ErrorIs(t, err, ErrUnexpectedList, "a list nobody asked for is refused")
+	require.Nil(t, a, "and changes nothing")
 }
