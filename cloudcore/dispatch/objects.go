@@ -87,7 +87,9 @@ func (o *objects) handle(ctx context.Context, m *message.Message) error {
 		o.st.OnAck(m.ReplyTo)
 	case message.KindRefuse:
 		c.d.metrics.edgeRefused.Inc()
-		c.warn("edge refused a message", "edge_refused", "id", m.ReplyTo, "reason", truncateReason(string(m.Payload)))
+		if l := c.limited("edge_refused"); l != nil {
+			l.Warn("edge refused a message", "id", m.ReplyTo, "reason", truncateReason(string(m.Payload)))
+		}
 		o.st.OnRefused(m.ReplyTo)
 	case message.KindSync:
 		var p objsync.Sync
@@ -167,7 +169,9 @@ func (o *objects) send(ctx context.Context, actions []Action) error {
 		if a.Kind == SendObject && errors.Is(err, message.ErrFrameTooLarge) {
 			o.st.OnRefused(a.ID)
 			c.d.metrics.refused.WithLabelValues("too_large").Inc()
-			c.warn("object too large to send", "too_large", "resource", m.Resource.String(), "bytes", len(m.Payload), "err", err)
+			if l := c.limited("too_large"); l != nil {
+				l.Warn("object too large to send", "resource", m.Resource.String(), "bytes", len(m.Payload), "err", err)
+			}
 			continue
 		}
 		if err != nil {

@@ -254,12 +254,16 @@ func (c *conn) route(ctx context.Context, m *message.Message) error {
 	}
 }
 
-// warn logs a problem at most once per minute per node and cause, with the
-// number suppressed since; callers count every occurrence in metrics.
-func (c *conn) warn(msg, cause string, args ...any) {
-	if ok, suppressed := c.d.logLim.Allow(c.node + " " + cause); ok {
-		c.logger.Warn(msg, append(args, "cause", cause, "suppressed", suppressed)...)
+// limited returns the session's logger, marked with the cause and the
+// number of its occurrences suppressed since, when cause may be logged now
+// (once per minute per node and cause), else nil. Callers count every
+// occurrence in metrics.
+func (c *conn) limited(cause string) *slog.Logger {
+	ok, suppressed := c.d.logLim.Allow(c.node + " " + cause)
+	if !ok {
+		return nil
 	}
+	return c.logger.With("cause", cause, "suppressed", suppressed)
 }
 
 // maxReason bounds the reason carried in a Refuse or Retry.
@@ -280,7 +284,9 @@ func truncateReason(s string) string {
 // rate-limited.
 func (c *conn) refuse(ctx context.Context, m *message.Message, reason string, err error) error {
 	c.d.metrics.refused.WithLabelValues(reason).Inc()
-	c.warn("message from edge refused", reason, "kind", m.Kind.String(), "id", m.ID, "resource", m.Resource.String(), "err", err)
+	if l := c.limited(reason); l != nil {
+		l.Warn("message from edge refused", "kind", m.Kind.String(), "id", m.ID, "resource", m.Resource.String(), "err", err)
+	}
 	return c.answer(ctx, m, message.KindRefuse, []byte(truncateReason(err.Error())))
 }
 

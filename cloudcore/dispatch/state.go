@@ -142,6 +142,7 @@ type Node struct {
 	nextID uint64
 
 	edge     map[objsync.Key]uint64 // version hash the edge is known to hold
+	unsure   map[objsync.Key]bool   // a forgotten message may still reach the edge
 	queue    []objsync.Key
 	queued   map[objsync.Key]bool
 	inflight map[objsync.Key]flight
@@ -166,6 +167,7 @@ func NewNode(cfg Config) *Node {
 func (n *Node) reset() {
 	n.phase = phaseAwaitDigest
 	n.edge = make(map[objsync.Key]uint64)
+	n.unsure = make(map[objsync.Key]bool)
 	n.queue = nil
 	n.queued = make(map[objsync.Key]bool)
 	n.inflight = make(map[objsync.Key]flight)
@@ -329,6 +331,7 @@ func (n *Node) OnAck(id uint64) {
 	f := n.inflight[key]
 	delete(n.byID, id)
 	delete(n.inflight, key)
+	delete(n.unsure, key) // anything older that arrives later is stale
 	if f.del {
 		delete(n.edge, key)
 	} else {
@@ -350,12 +353,15 @@ func (n *Node) OnRefused(id uint64) {
 // Tick re-queues messages unacked for longer than ResendAfter. Their ids
 // are forgotten: Next sends the key again, at its version then, under a
 // new and higher id, so the edge drops the first message if it arrives
-// late.
+// late. Until a message for the key is acked, the cloud no longer knows
+// what the edge holds for it: the next message is sent even if it looks
+// redundant (a delete of a key the edge may never have received).
 func (n *Node) Tick(now time.Time) {
 	for key, f := range n.inflight {
 		if now.Sub(f.sentAt) >= n.cfg.ResendAfter {
 			delete(n.byID, f.id)
 			delete(n.inflight, key)
+			n.unsure[key] = true
 			n.Changed(key)
 		}
 	}
@@ -380,13 +386,14 @@ func (n *Node) Next(now time.Time, desired Lookup) []Action {
 		delete(n.queued, key)
 		v, obj, ok := desired.Lookup(key)
 		held, has := n.edge[key]
+		unsure := n.unsure[key]
 		switch {
-		case ok && (!has || held != v):
+		case ok && (!has || held != v || unsure):
 			id := n.id()
 			n.inflight[key] = flight{id: id, version: v, sentAt: now}
 			n.byID[id] = key
 			actions = append(actions, Action{Kind: SendObject, ID: id, Key: key, Object: obj})
-		case !ok && has:
+		case !ok && (has || unsure):
 			id := n.id()
 			n.inflight[key] = flight{id: id, del: true, sentAt: now}
 			n.byID[id] = key

@@ -39,7 +39,9 @@ func (u *upstreamHandler) offer(ctx context.Context, m *message.Message) error {
 	if delay := r.DelayFrom(now); delay > 0 {
 		r.CancelAt(now)
 		u.c.d.metrics.upstream.WithLabelValues("throttled").Inc()
-		u.c.warn("upstream write throttled", "upstream_throttled", "resource", m.Resource.String(), "retry_after", delay)
+		if l := u.c.limited("upstream_throttled"); l != nil {
+			l.Warn("upstream write throttled", "resource", m.Resource.String(), "retry_after", delay)
+		}
 		return u.c.retry(ctx, m, delay, "throttled")
 	}
 	select {
@@ -48,7 +50,9 @@ func (u *upstreamHandler) offer(ctx context.Context, m *message.Message) error {
 	default:
 		r.CancelAt(now) // not written: give its token back
 		u.c.d.metrics.upstream.WithLabelValues("busy").Inc()
-		u.c.warn("upstream write queue full", "upstream_busy", "resource", m.Resource.String())
+		if l := u.c.limited("upstream_busy"); l != nil {
+			l.Warn("upstream write queue full", "resource", m.Resource.String())
+		}
 		return u.c.retry(ctx, m, 0, "busy")
 	}
 }
@@ -107,7 +111,9 @@ func (u *upstreamHandler) answer(ctx context.Context, m *message.Message, err er
 	case message.KindRefuse:
 		return c.refuse(ctx, m, result, err)
 	default:
-		c.warn("upstream write failed, edge told to retry", "upstream_retry", "resource", m.Resource.String(), "retry_after", after, "err", err)
+		if l := c.limited("upstream_retry"); l != nil {
+			l.Warn("upstream write failed, edge told to retry", "resource", m.Resource.String(), "retry_after", after, "err", err)
+		}
 		return c.retry(ctx, m, after, err.Error())
 	}
 }
