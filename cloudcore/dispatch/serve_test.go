@@ -3,6 +3,9 @@ package dispatch
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
 	"fmt"
 	"log/slog"
 	"slices"
@@ -117,9 +120,12 @@ type rig struct {
 	log  *countingHandler
 	edge *tunnel.Session
 	ids  uint64
+
+	edgeSerial string // of the edge's certificate
 }
 
-func newRig(t *testing.T, cfg Config, up *fakeUpstream, opts tunnel.Options) *rig {
+// newRig starts the dispatcher (ren may be nil) and connects the edge.
+func newRig(t *testing.T, cfg Config, up *fakeUpstream, ren Renewer, opts tunnel.Options) *rig {
 	t.Helper()
 	ca, err := pki.NewCA("dispatch-test", time.Hour)
 	require.NoError(t, err)
@@ -128,8 +134,8 @@ func newRig(t *testing.T, cfg Config, up *fakeUpstream, opts tunnel.Options) *ri
 	cc, ck, err := ca.Issue(pki.LeafRequest{CommonName: "edge-1", Usage: pki.UsageClient, Validity: time.Hour})
 	require.NoError(t, err)
 
-	r := &rig{cat: &fakeCatalog{}, up: up, log: &countingHandler{}}
-	r.d, err = New(Deps{Catalog: r.cat, Upstream: up}, cfg, slog.New(r.log), prometheus.NewRegistry())
+	r := &rig{cat: &fakeCatalog{}, up: up, log: &countingHandler{}, edgeSerial: cc.SerialNumber.Text(16)}
+	r.d, err = New(Deps{Catalog: r.cat, Upstream: up, Renewer: ren}, cfg, slog.New(r.log), prometheus.NewRegistry())
 	require.NoError(t, err)
 	opts.KeepAlive, opts.DeadPeerTimeout = 200*time.Millisecond, 5*time.Second
 	opts.Logger = slog.New(slog.DiscardHandler)
@@ -234,7 +240,7 @@ func TestServeAnswersEveryUpstreamOnce(t *testing.T) {
 		"conflict":    apierrors.NewConflict(nodeGR, "conflict", fmt.Errorf("changed")),
 		"unavailable": context.DeadlineExceeded,
 	}}
-	r := newRig(t, Config{}, up, tunnel.Options{})
+	r := newRig(t, Config{}, up, nil, tunnel.Options{})
 	want := map[uint64]struct {
 		kind  message.Kind
 		after uint32
@@ -288,7 +294,7 @@ func TestServeAnswersEveryUpstreamOnce(t *testing.T) {
 func TestServeRateLimitsUpstreamPerSession(t *testing.T) {
 	up := &fakeUpstream{}
 	// A token every 100 s: the test never sees one come back.
-	r := newRig(t, Config{UpstreamQPS: 0.01, UpstreamBurst: 2}, up, tunnel.Options{})
+	r := newRig(t, Config{UpstreamQPS: 0.01, UpstreamBurst: 2}, up, nil, tunnel.Options{})
 	ids := make([]uint64, 5)
 	for i := range ids {
 		ids[i] = r.upstream(t, fmt.Sprint("n", i))
@@ -310,7 +316,7 @@ func TestServeRateLimitsUpstreamPerSession(t *testing.T) {
 
 func TestServeSlowUpstreamDoesNotBlockSync(t *testing.T) {
 	up := &fakeUpstream{started: make(chan string, 16), gate: make(chan struct{})}
-	r := newRig(t, Config{UpstreamQueue: 2}, up, tunnel.Options{})
+	r := newRig(t, Config{UpstreamQueue: 2}, up, nil, tunnel.Options{})
 	k := objsync.Key{Kind: "ConfigMap", Namespace: "default", Name: "cm"}
 	r.cat.put(k, "1", []byte(`{}`))
 
@@ -340,7 +346,7 @@ func TestServeSlowUpstreamDoesNotBlockSync(t *testing.T) {
 }
 
 func TestServeOversizeObjectIsRefusedNotFatal(t *testing.T) {
-	r := newRig(t, Config{}, &fakeUpstream{}, tunnel.Options{MaxFrame: 64 << 10})
+	r := newRig(t, Config{}, &fakeUpstream{}, nil, tunnel.Options{MaxFrame: 64 << 10})
 	big := objsync.Key{Kind: "Secret", Namespace: "default", Name: "big"}
 	small := objsync.Key{Kind: "ConfigMap", Namespace: "default", Name: "small"}
 	r.cat.put(big, "1", make([]byte, 100<<10))
@@ -365,7 +371,7 @@ func TestServeOversizeObjectIsRefusedNotFatal(t *testing.T) {
 }
 
 func TestServeIDsIncreaseAcrossDigests(t *testing.T) {
-	r := newRig(t, Config{}, &fakeUpstream{}, tunnel.Options{})
+	r := newRig(t, Config{}, &fakeUpstream{}, nil, tunnel.Options{})
 	for i := range 3 {
 		r.cat.put(objsync.Key{Kind: "ConfigMap", Namespace: "default", Name: fmt.Sprint("cm-", i)}, "1", []byte(`{}`))
 	}
@@ -385,7 +391,7 @@ func TestServeIDsIncreaseAcrossDigests(t *testing.T) {
 
 func TestServeSplitsListsAndPrunes(t *testing.T) {
 	const maxEntries = 100
-	r := newRig(t, Config{MaxEntries: maxEntries}, &fakeUpstream{}, tunnel.Options{})
+	r := newRig(t, Config{MaxEntries: maxEntries}, &fakeUpstream{}, nil, tunnel.Options{})
 	r.cat.put(objsync.Key{Kind: "ConfigMap", Namespace: "default", Name: "keep"}, "1", []byte(`{}`))
 	// The edge holds 250 objects the cloud no longer wants.
 	e := edgeSim{}
@@ -429,7 +435,7 @@ func TestServeSplitsListsAndPrunes(t *testing.T) {
 }
 
 func TestServeRefusalsAreCountedAndLogRateLimited(t *testing.T) {
-	r := newRig(t, Config{}, &fakeUpstream{}, tunnel.Options{})
+	r := newRig(t, Config{}, &fakeUpstream{}, nil, tunnel.Options{})
 	for range 10 {
 		r.send(t, &message.Message{Kind: message.KindUpstream, Op: message.OpStatus, Node: "edge-2", Resource: message.Resource{Kind: "Node", Name: "edge-2"}})
 		m := r.recv(t)
@@ -441,4 +447,60 @@ func TestServeRefusalsAreCountedAndLogRateLimited(t *testing.T) {
 	require.Eventually(t, func() bool { return testutil.ToFloat64(r.d.metrics.edgeRefused) == 10 }, 5*time.Second, 10*time.Millisecond)
 	require.Equal(t, 10.0, testutil.ToFloat64(r.d.metrics.refused.WithLabelValues("node_mismatch")))
 	require.EqualValues(t, 2, r.log.warns.Load(), "one log line per cause")
+}
+
+// fakeRenewer signs with a test CA; the real renewer (cloudcore/onboard)
+// is tested against a real API server.
+type fakeRenewer struct {
+	ca     *pki.CA
+	serial chan string
+}
+
+func (f *fakeRenewer) Renew(_ context.Context, node, currentSerial string, _ []byte) (*x509.Certificate, error) {
+	f.serial <- currentSerial
+	if node != "edge-1" {
+		return nil, errors.New("unknown node")
+	}
+	cert, _, err := f.ca.Issue(pki.LeafRequest{CommonName: node, Usage: pki.UsageClient, Validity: time.Hour})
+	return cert, err
+}
+
+func TestServeRenewal(t *testing.T) {
+	t.Run("no renewer", func(t *testing.T) {
+		r := newRig(t, Config{}, &fakeUpstream{}, nil, tunnel.Options{})
+		id := r.send(t, &message.Message{Kind: message.KindRenew, Payload: []byte("csr")})
+		m := r.recv(t)
+		require.Equal(t, message.KindRefuse, m.Kind)
+		require.Equal(t, id, m.ReplyTo)
+		require.Equal(t, 1.0, testutil.ToFloat64(r.d.metrics.refused.WithLabelValues("renew_refused")))
+	})
+	t.Run("renewed", func(t *testing.T) {
+		ca, err := pki.NewCA("renew-test", time.Hour)
+		require.NoError(t, err)
+		f := &fakeRenewer{ca: ca, serial: make(chan string, 1)}
+		r := newRig(t, Config{}, &fakeUpstream{}, f, tunnel.Options{})
+		id := r.send(t, &message.Message{Kind: message.KindRenew, Payload: []byte("csr")})
+		m := r.recv(t)
+		require.Equal(t, message.KindRenew, m.Kind)
+		require.Equal(t, id, m.ReplyTo)
+		block, _ := pem.Decode(m.Payload)
+		require.NotNil(t, block)
+		_, err = x509.ParseCertificate(block.Bytes)
+		require.NoError(t, err)
+		require.Equal(t, r.edgeSerial, <-f.serial, "the renewer is told the session's certificate serial")
+	})
+}
+
+func TestNew(t *testing.T) {
+	deps := Deps{Catalog: &fakeCatalog{}, Upstream: &fakeUpstream{}}
+	d, err := New(deps, Config{}, nil, nil)
+	require.NoError(t, err, "nil logger and registry are allowed")
+	require.NotNil(t, d.logger)
+	reg := prometheus.NewRegistry()
+	_, err = New(deps, Config{}, nil, reg)
+	require.NoError(t, err)
+	_, err = New(deps, Config{}, nil, reg)
+	require.Error(t, err, "a metric registered twice is an error, not a panic")
+	_, err = New(Deps{Catalog: &fakeCatalog{}}, Config{}, nil, nil)
+	require.Error(t, err)
 }
