@@ -504,3 +504,40 @@ func TestNew(t *testing.T) {
 	_, err = New(Deps{Catalog: &fakeCatalog{}}, Config{}, nil, nil)
 	require.Error(t, err)
 }
+
+func TestServeDeleteAfterUnackedLargeSend(t *testing.T) {
+	r := newRig(t, Config{ResendAfter: 100 * time.Millisecond}, &fakeUpstream{}, nil, tunnel.Options{})
+	big := objsync.Key{Kind: "Secret", Namespace: "default", Name: "big"}
+	r.cat.put(big, "1", make([]byte, 40<<10)) // over 32 KiB: its own QUIC stream
+	r.sendSync(t, emptyDigest())
+	// Done and the upsert, in either order: the upsert takes its own stream.
+	up := r.recv(t)
+	if up.Kind == message.KindSync {
+		require.Equal(t, objsync.PhaseDone, syncOf(t, up).Phase)
+		up = r.recv(t)
+	}
+	require.Equal(t, message.OpUpsert, up.Op)
+
+	// Not acked (the edge has not committed it yet, or it is still on its
+	// way) when the Secret is deleted: the cloud cannot know whether the
+	// edge will hold it, so a delete follows, under a higher id.
+	r.cat.mu.Lock()
+	delete(r.cat.objs, big)
+	r.cat.mu.Unlock()
+	r.d.Notify("edge-1", big)
+	last := up.ID
+	for {
+		m := r.recv(t)
+		if m.Kind == message.KindSync {
+			require.Equal(t, objsync.PhaseDone, syncOf(t, m).Phase, "a done that came after the upsert")
+			continue
+		}
+		require.Greater(t, m.ID, last)
+		last = m.ID
+		if m.Op == message.OpDelete {
+			require.Equal(t, "big", m.Resource.Name)
+			break
+		}
+		require.Equal(t, message.OpUpsert, m.Op, "only resends of the upsert before the delete")
+	}
+}
