@@ -1,8 +1,11 @@
-// Package dispatch decides what CloudCore sends to one edge node and
-// sends it: a pure state machine (Node) fed with changes, sync messages,
-// acks and clock ticks, and a thin loop (Serve) around it that reads the
-// informer cache and talks to the tunnel session. It never lists or gets
-// from the API server.
+// Package dispatch serves the sync protocol on CloudCore's side of each
+// edge session. It decides what CloudCore sends to one edge node with a
+// pure state machine (Node) fed with changes, sync messages, acks and
+// clock ticks; Serve is the thin I/O around it: one receive path that
+// routes each message by kind to one handler per concern (object sync,
+// upstream writes, certificate renewal). It reads objects from the
+// informer cache only, never lists or gets from the API server, and
+// writes to it only through Upstream and Renewer.
 package dispatch
 
 import (
