@@ -474,6 +474,7 @@ func TestSplitAtRealMaxEntries(t *testing.T) {
 		b, err := codec.Append(nil, &s)
 		require.NoError(t, err)
 		require.Less(t, len(b), message.DefaultMaxFrame, "and fits in a frame")
+		t.Logf("prune of %d hashes: %d bytes", len(p.Hashes), len(b))
 		total += len(p.Hashes)
 	}
 	require.Equal(t, objsync.MaxEntries+5, total)
