@@ -130,7 +130,10 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 	if err != nil {
 		return nil, err
 	}
-	disp := dispatch.New(dispatch.Deps{Catalog: cat, Upstream: up, Renewer: renewer}, dispatch.Config{}, logger, cfg.Registerer)
+	disp, err := dispatch.New(dispatch.Deps{Catalog: cat, Upstream: up, Renewer: renewer}, dispatch.Config{}, logger, cfg.Registerer)
+	if err != nil {
+		return nil, err
+	}
 	cat.Subscribe(disp.Notify)
 	h := hub.New(disp, wl.Connected, logger)
 	wl.OnRevoke(h.Disconnect)

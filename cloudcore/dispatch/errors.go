@@ -16,3 +16,12 @@ var (
 	// way.
 	ErrRejected = errors.New("dispatch: rejected")
 )
+
+// Reconcile errors (Node.OnList), answered with a KindRefuse.
+var (
+	// ErrUnexpectedList means a List arrived when no reconcile wanted one.
+	ErrUnexpectedList = errors.New("dispatch: list not wanted")
+	// ErrListTooLong means a reconcile's Lists hold more entries than the
+	// digest announced, beyond the allowed slack.
+	ErrListTooLong = errors.New("dispatch: reconcile lists too long")
+)

@@ -3,12 +3,12 @@ package dispatch
 import (
 	"context"
 	"crypto/x509"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"log/slog"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/errgroup"
@@ -16,6 +16,7 @@ import (
 	"github.com/tetheredge/tether/cloudcore/catalog"
 	"github.com/tetheredge/tether/common/message"
 	"github.com/tetheredge/tether/common/objsync"
+	"github.com/tetheredge/tether/common/ratelog"
 	"github.com/tetheredge/tether/tunnel"
 )
 
@@ -28,9 +29,10 @@ type Catalog interface {
 	Get(node string, key objsync.Key) (catalog.Object, bool)
 }
 
-// Upstream writes what an edge asks the cloud to write on its behalf. It
-// returns an error wrapping ErrForbidden when the node may not make that
-// write.
+// Upstream writes what an edge asks the cloud to write on its behalf. Its
+// error decides the answer (errors.go): nil is acked, an error wrapping
+// ErrForbidden or ErrRejected is refused for good, any other error is
+// answered with a Retry (with the API server's delay when it gave one).
 type Upstream interface {
 	Apply(ctx context.Context, node string, m *message.Message) error
 }
@@ -41,16 +43,19 @@ type Renewer interface {
 	Renew(ctx context.Context, node, currentSerial string, csrPEM []byte) (*x509.Certificate, error)
 }
 
-// Deps are the dispatcher's collaborators. Renewer may be nil: renewals are
-// then refused.
+// Deps are the dispatcher's collaborators. Catalog and Upstream are
+// required. Renewer may be nil: renewals are then refused.
 type Deps struct {
 	Catalog  Catalog
 	Upstream Upstream
 	Renewer  Renewer
 }
 
-// Dispatcher serves the sync protocol on every edge session: one loop per
-// connected node, fed by the catalog's change notifications.
+// Dispatcher serves the sync protocol on every edge session: one receive
+// path per connected node, routing each message by kind to the handler of
+// its concern (objects.go: object sync; upstream.go: upstream writes;
+// renew.go: certificate renewal), fed by the catalog's change
+// notifications.
 type Dispatcher struct {
 	cat      Catalog
 	upstream Upstream
@@ -58,6 +63,7 @@ type Dispatcher struct {
 	cfg      Config
 	codec    *message.Codec
 	logger   *slog.Logger
+	logLim   *ratelog.Limiter
 	metrics  *metrics
 
 	mu    sync.Mutex
@@ -65,22 +71,25 @@ type Dispatcher struct {
 }
 
 type metrics struct {
-	sent     *prometheus.CounterVec
-	refused  *prometheus.CounterVec
-	resyncs  prometheus.Counter
-	pruned   prometheus.Counter
-	upstream *prometheus.CounterVec
+	sent        *prometheus.CounterVec
+	refused     *prometheus.CounterVec
+	edgeRefused prometheus.Counter
+	resyncs     prometheus.Counter
+	pruned      prometheus.Counter
+	upstream    *prometheus.CounterVec
 }
 
-// New returns a dispatcher. reg may be nil.
-func New(deps Deps, cfg Config, logger *slog.Logger, reg prometheus.Registerer) *Dispatcher {
+func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	m := &metrics{
 		sent: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "tether_sync_messages_sent_total", Help: "Sync messages sent to edges, by kind (object, delete, want, prune, done).",
 		}, []string{"kind"}),
 		refused: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "tether_sync_refused_total", Help: "Messages from edges refused, by reason.",
+			Name: "tether_sync_refused_total", Help: "Messages the cloud refused, from edges or to send (too_large), by reason.",
 		}, []string{"reason"}),
+		edgeRefused: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "tether_sync_edge_refused_total", Help: "Messages edges refused (their reason is logged).",
+		}),
 		resyncs: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "tether_sync_reconciles_total", Help: "Reconciles started (edge digests received).",
 		}),
@@ -88,11 +97,32 @@ func New(deps Deps, cfg Config, logger *slog.Logger, reg prometheus.Registerer) 
 			Name: "tether_sync_pruned_total", Help: "Objects edges were told to delete by a reconcile.",
 		}),
 		upstream: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "tether_upstream_writes_total", Help: "Upstream writes from edges, by result (ok, forbidden, failed).",
+			Name: "tether_upstream_writes_total", Help: "Upstream writes from edges, by answer: ok, forbidden, rejected (refused); retry, throttled, busy (Retry).",
 		}, []string{"result"}),
 	}
-	if reg != nil {
-		reg.MustRegister(m.sent, m.refused, m.resyncs, m.pruned, m.upstream)
+	if reg == nil {
+		return m, nil
+	}
+	for _, c := range []prometheus.Collector{m.sent, m.refused, m.edgeRefused, m.resyncs, m.pruned, m.upstream} {
+		if err := reg.Register(c); err != nil {
+			return nil, fmt.Errorf("register dispatch metrics: %w", err)
+		}
+	}
+	return m, nil
+}
+
+// New returns a dispatcher. logger may be nil (discard); reg may be nil
+// (metrics not exported).
+func New(deps Deps, cfg Config, logger *slog.Logger, reg prometheus.Registerer) (*Dispatcher, error) {
+	if deps.Catalog == nil || deps.Upstream == nil {
+		return nil, errors.New("dispatch: Catalog and Upstream are required")
+	}
+	if logger == nil {
+		logger = slog.New(slog.DiscardHandler)
+	}
+	m, err := newMetrics(reg)
+	if err != nil {
+		return nil, err
 	}
 	return &Dispatcher{
 		cat:      deps.Catalog,
@@ -101,9 +131,10 @@ func New(deps Deps, cfg Config, logger *slog.Logger, reg prometheus.Registerer) 
 		cfg:      cfg.withDefaults(),
 		codec:    message.NewCodec(0),
 		logger:   logger.With("component", "dispatch"),
+		logLim:   ratelog.New(0, nil),
 		metrics:  m,
 		nodes:    make(map[string]*inbox),
-	}
+	}, nil
 }
 
 // inbox collects the keys that changed for one connected node: a set, so
@@ -147,25 +178,6 @@ func (d *Dispatcher) Notify(node string, key objsync.Key) {
 	}
 }
 
-// lookup is one node's view of the catalog.
-type lookup struct {
-	cat  Catalog
-	node string
-}
-
-func (l lookup) Keys() []objsync.Key { return l.cat.Keys(l.node) }
-
-// Lookup returns the version hash only: the object is encoded when it is
-// sent (see conn.send), so a reconcile over many objects encodes none of
-// the unchanged ones.
-func (l lookup) Lookup(key objsync.Key) (uint64, any, bool) {
-	uid, rv, ok := l.cat.Version(l.node, key)
-	if !ok {
-		return 0, nil, false
-	}
-	return objsync.VersionHash(uid, rv), nil, true
-}
-
 // Serve runs the sync protocol on one node's session until the session or
 // ctx ends. The caller guarantees one session per node at a time.
 func (d *Dispatcher) Serve(ctx context.Context, s *tunnel.Session) error {
@@ -181,26 +193,15 @@ func (d *Dispatcher) Serve(ctx context.Context, s *tunnel.Session) error {
 		}
 		d.mu.Unlock()
 	}()
-	c := &conn{d: d, s: s, node: node, st: NewNode(d.cfg), view: lookup{d.cat, node}, logger: d.logger.With("node", node, "session", s.ID())}
+	c := &conn{d: d, s: s, node: node, logger: d.logger.With("node", node, "session", s.ID())}
+	c.objects = newObjects(c, b)
+	c.upstream = newUpstreamHandler(c)
+	c.renewal = newRenewal(c)
 	g, ctx := errgroup.WithContext(ctx)
-	msgs := make(chan *message.Message, 64)
-	ups := make(chan *message.Message, 64)
-	g.Go(func() error {
-		defer close(msgs)
-		for {
-			m, err := s.Recv(ctx)
-			if err != nil {
-				return err
-			}
-			select {
-			case msgs <- m:
-			case <-ctx.Done():
-				return nil
-			}
-		}
-	})
-	g.Go(func() error { return c.upstreamLoop(ctx, ups) })
-	g.Go(func() error { return c.loop(ctx, b, msgs, ups) })
+	g.Go(func() error { return c.recv(ctx) })
+	g.Go(func() error { return c.objects.run(ctx) })
+	g.Go(func() error { return c.upstream.run(ctx) })
+	g.Go(func() error { return c.renewal.run(ctx) })
 	err := g.Wait()
 	if errors.Is(err, tunnel.ErrSessionClosed) || errors.Is(err, context.Canceled) {
 		return nil
@@ -208,184 +209,99 @@ func (d *Dispatcher) Serve(ctx context.Context, s *tunnel.Session) error {
 	return err
 }
 
-// conn is the I/O around one node's state machine.
+// conn is one node's session: the receive path and the answers every
+// handler shares.
 type conn struct {
 	d      *Dispatcher
 	s      *tunnel.Session
 	node   string
-	st     *Node
-	view   lookup
 	logger *slog.Logger
+
+	objects  *objects
+	upstream *upstreamHandler
+	renewal  *renewal
 }
 
-func (c *conn) loop(ctx context.Context, b *inbox, msgs <-chan *message.Message, ups chan<- *message.Message) error {
-	tick := time.NewTicker(time.Second)
-	defer tick.Stop()
+// recv is the one receive path: it checks what every message must satisfy
+// and hands it to the handler of its kind. Handlers that may wait on the
+// API server (upstream, renewal) take messages without blocking, so a slow
+// write never holds up acks and sync.
+func (c *conn) recv(ctx context.Context) error {
 	for {
-		now := time.Now()
-		select {
-		case <-ctx.Done():
-			return nil
-		case m, ok := <-msgs:
-			if !ok {
-				return nil
-			}
-			if err := c.handle(ctx, m, ups); err != nil {
-				return err
-			}
-		case <-b.signal:
-			for _, k := range b.drain() {
-				c.st.Changed(k)
-			}
-		case now = <-tick.C:
-			c.st.Tick(now)
+		m, err := c.s.Recv(ctx)
+		if err != nil {
+			return err
 		}
-		if err := c.send(ctx, c.st.Next(now, c.view)); err != nil {
+		if err := c.route(ctx, m); err != nil {
 			return err
 		}
 	}
 }
 
-func (c *conn) refuse(ctx context.Context, m *message.Message, reason string, err error) error {
-	c.logger.Warn("message from edge refused", "kind", m.Kind.String(), "id", m.ID, "reason", reason, "err", err)
-	c.d.metrics.refused.WithLabelValues(reason).Inc()
-	return c.s.Send(ctx, &message.Message{Kind: message.KindRefuse, ReplyTo: m.ID, Node: c.node, Time: time.Now().UnixNano(), Payload: []byte(err.Error())})
-}
-
-func (c *conn) handle(ctx context.Context, m *message.Message, ups chan<- *message.Message) error {
+func (c *conn) route(ctx context.Context, m *message.Message) error {
 	if m.Node != "" && m.Node != c.node {
 		return c.refuse(ctx, m, "node_mismatch", fmt.Errorf("message names node %q, session belongs to %q", m.Node, c.node))
 	}
 	switch m.Kind {
-	case message.KindAck:
-		c.st.OnAck(m.ReplyTo)
-	case message.KindRefuse:
-		c.logger.Warn("edge refused a message", "id", m.ReplyTo, "reason", string(m.Payload))
-		c.st.OnRefused(m.ReplyTo)
-	case message.KindSync:
-		var p objsync.Sync
-		if err := c.d.codec.UnmarshalValue(m.Payload, &p); err != nil {
-			return c.refuse(ctx, m, "bad_sync", err)
-		}
-		if err := p.Validate(); err != nil {
-			return c.refuse(ctx, m, "bad_sync", err)
-		}
-		switch p.Phase {
-		case objsync.PhaseDigest:
-			c.d.metrics.resyncs.Inc()
-			c.logger.Info("reconcile started", "edge_objects", p.Count, "buckets", len(p.Buckets))
-			c.st = NewNode(c.d.cfg) // a new digest starts over
-			return c.send(ctx, c.st.OnDigest(p, c.view))
-		case objsync.PhaseList:
-			return c.send(ctx, c.st.OnList(p, c.view))
-		default:
-			return c.refuse(ctx, m, "bad_sync", fmt.Errorf("edge sent sync phase %d", p.Phase))
-		}
-	case message.KindUpstream, message.KindRenew:
-		select {
-		case ups <- m:
-		case <-ctx.Done():
-		}
+	case message.KindAck, message.KindRefuse, message.KindSync:
+		return c.objects.offer(ctx, m)
+	case message.KindUpstream:
+		return c.upstream.offer(ctx, m)
+	case message.KindRenew:
+		return c.renewal.offer(ctx, m)
 	default:
 		return c.refuse(ctx, m, "unexpected_kind", fmt.Errorf("edge sent %s", m.Kind))
 	}
-	return nil
 }
 
-func (c *conn) upstreamLoop(ctx context.Context, ups <-chan *message.Message) error {
-	for {
-		var m *message.Message
-		select {
-		case <-ctx.Done():
-			return nil
-		case m = <-ups:
-		}
-		if m.Kind == message.KindRenew {
-			if err := c.renew(ctx, m); err != nil {
-				return err
-			}
-			continue
-		}
-		err := c.d.upstream.Apply(ctx, c.node, m)
-		switch {
-		case err == nil:
-			c.d.metrics.upstream.WithLabelValues("ok").Inc()
-			if err := c.s.Send(ctx, &message.Message{Kind: message.KindAck, ReplyTo: m.ID, Node: c.node, Time: time.Now().UnixNano()}); err != nil {
-				return err
-			}
-		case errors.Is(err, ErrForbidden):
-			c.d.metrics.upstream.WithLabelValues("forbidden").Inc()
-			if err := c.refuse(ctx, m, "forbidden", err); err != nil {
-				return err
-			}
-		default:
-			// The write may succeed later: no ack, so the edge keeps it in
-			// its outbox and sends it again on the next session.
-			c.d.metrics.upstream.WithLabelValues("failed").Inc()
-			c.logger.Warn("upstream write failed", "resource", m.Resource.String(), "err", err)
-		}
+// limited returns the session's logger, marked with the cause and the
+// number of its occurrences suppressed since, when cause may be logged now
+// (once per minute per node and cause), else nil. Callers count every
+// occurrence in metrics.
+func (c *conn) limited(cause string) *slog.Logger {
+	ok, suppressed := c.d.logLim.Allow(c.node + " " + cause)
+	if !ok {
+		return nil
 	}
+	return c.logger.With("cause", cause, "suppressed", suppressed)
 }
 
-// renew answers a certificate renewal over the session.
-func (c *conn) renew(ctx context.Context, m *message.Message) error {
-	if c.d.renewer == nil {
-		return c.refuse(ctx, m, "renew_refused", errors.New("this cloud does not renew certificates"))
+// maxReason bounds the reason carried in a Refuse or Retry.
+const maxReason = 512
+
+func truncateReason(s string) string {
+	if len(s) <= maxReason {
+		return s
 	}
-	cert, err := c.d.renewer.Renew(ctx, c.node, c.s.Peer().Serial, m.Payload)
+	s = s[:maxReason]
+	for !utf8.ValidString(s) {
+		s = s[:len(s)-1]
+	}
+	return s
+}
+
+// refuse answers m with a final KindRefuse, counted by reason and logged
+// rate-limited.
+func (c *conn) refuse(ctx context.Context, m *message.Message, reason string, err error) error {
+	c.d.metrics.refused.WithLabelValues(reason).Inc()
+	if l := c.limited(reason); l != nil {
+		l.Warn("message from edge refused", "kind", m.Kind.String(), "id", m.ID, "resource", m.Resource.String(), "err", err)
+	}
+	return c.answer(ctx, m, message.KindRefuse, []byte(truncateReason(err.Error())))
+}
+
+// retry answers m with a KindRetry: not applied, send it again, not before
+// after.
+func (c *conn) retry(ctx context.Context, m *message.Message, after time.Duration, reason string) error {
+	ms := (after + time.Millisecond - 1) / time.Millisecond
+	p := message.Retry{AfterMillis: uint32(min(ms, 1<<32-1)), Reason: truncateReason(reason)}
+	payload, err := c.d.codec.Append(nil, &p)
 	if err != nil {
-		return c.refuse(ctx, m, "renew_refused", err)
+		return fmt.Errorf("encode retry: %w", err)
 	}
-	c.logger.Info("certificate renewed", "serial", cert.SerialNumber.Text(16), "not_after", cert.NotAfter)
-	return c.s.Send(ctx, &message.Message{Kind: message.KindRenew, ReplyTo: m.ID, Node: c.node, Time: time.Now().UnixNano(),
-		Payload: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Raw})})
+	return c.answer(ctx, m, message.KindRetry, payload)
 }
 
-func (c *conn) send(ctx context.Context, actions []Action) error {
-	for _, a := range actions {
-		m := &message.Message{ID: a.ID, Node: c.node, Time: time.Now().UnixNano()}
-		var kind string
-		switch a.Kind {
-		case SendObject:
-			o, ok := c.d.cat.Get(c.node, a.Key)
-			if !ok {
-				// Gone since the state machine looked: drop the flight and
-				// let the key be evaluated again (it becomes a delete).
-				c.st.OnRefused(a.ID)
-				c.st.Changed(a.Key)
-				continue
-			}
-			// If the object changed since the state machine looked, the
-			// newer version goes out now; the catalog's notification of
-			// that change re-queues the key, and the resend after the ack
-			// is a harmless duplicate.
-			m.Kind, m.Op, m.Resource, m.Version, m.Payload = message.KindEvent, message.OpUpsert, o.Resource, o.Version, o.Data
-			kind = "object"
-		case SendDelete:
-			m.Kind, m.Op = message.KindEvent, message.OpDelete
-			m.Resource = message.Resource{Group: a.Key.Group, Kind: a.Key.Kind, Namespace: a.Key.Namespace, Name: a.Key.Name}
-			kind = "delete"
-		case SendWant, SendPrune, SendDone:
-			var p objsync.Sync
-			switch a.Kind {
-			case SendWant:
-				p, kind = objsync.Sync{Phase: objsync.PhaseWant, Buckets: a.Buckets}, "want"
-			case SendPrune:
-				p, kind = objsync.Sync{Phase: objsync.PhasePrune, Hashes: a.Hashes}, "prune"
-				c.d.metrics.pruned.Add(float64(len(a.Hashes)))
-			default:
-				p, kind = objsync.Sync{Phase: objsync.PhaseDone}, "done"
-			}
-			payload, err := c.d.codec.Append(nil, &p)
-			if err != nil {
-				return err
-			}
-			m.Kind, m.Payload = message.KindSync, payload
-		}
-		if err := c.s.Send(ctx, m); err != nil {
-			return fmt.Errorf("send %s to %s: %w", kind, c.node, err)
-		}
-		c.d.metrics.sent.WithLabelValues(kind).Inc()
-	}
-	return nil
+func (c *conn) answer(ctx context.Context, m *message.Message, kind message.Kind, payload []byte) error {
+	return c.s.Send(ctx, &message.Message{Kind: kind, ReplyTo: m.ID, Node: c.node, Time: time.Now().UnixNano(), Payload: payload})
 }

@@ -1,11 +1,16 @@
-// Package dispatch decides what CloudCore sends to one edge node and
-// sends it: a pure state machine (Node) fed with changes, sync messages,
-// acks and clock ticks, and a thin loop (Serve) around it that reads the
-// informer cache and talks to the tunnel session. It never lists or gets
-// from the API server.
+// Package dispatch serves the sync protocol on CloudCore's side of each
+// edge session. It decides what CloudCore sends to one edge node with a
+// pure state machine (Node) fed with changes, sync messages, acks and
+// clock ticks; Serve is the thin I/O around it: one receive path that
+// routes each message by kind to one handler per concern (object sync,
+// upstream writes, certificate renewal). It reads objects from the
+// informer cache only, never lists or gets from the API server, and
+// writes to it only through Upstream and Renewer.
 package dispatch
 
 import (
+	"fmt"
+	"slices"
 	"time"
 
 	"github.com/tetheredge/tether/common/objsync"
@@ -60,21 +65,60 @@ type flight struct {
 	sentAt  time.Time
 }
 
-// Config tunes a Node. Zero values mean the defaults written beside them.
+// Config tunes the dispatcher. Zero values mean the defaults written
+// beside them. Window, ResendAfter and MaxEntries are the state machine's
+// (Node); the Upstream fields bound what one session may ask of the API
+// server (Dispatcher).
 type Config struct {
 	// Window is how many object messages may await an ack. Default 256.
 	Window int
 	// ResendAfter is how long an unacked message waits before it is sent
 	// again. Default 10s.
 	ResendAfter time.Duration
+	// MaxEntries is the most key hashes in one Prune message, and the
+	// slack allowed beyond the digest's Count for the entries of one
+	// reconcile's Lists. Default objsync.MaxEntries; tests make it small.
+	MaxEntries int
+	// UpstreamQPS is each session's sustained rate of upstream writes,
+	// per second; writes over it are answered with a Retry and never
+	// reach the API server. Default 20; negative means no limit.
+	UpstreamQPS float64
+	// UpstreamBurst is how many upstream writes a session may make at
+	// once above that rate. Default 120: a reconnecting node's Node,
+	// Lease and the statuses of the 110 pods kubelet allows by default.
+	UpstreamBurst int
+	// UpstreamQueue is how many upstream writes of one session may wait
+	// for the API server; more are answered with a Retry. Default 64.
+	UpstreamQueue int
 }
+
+// Defaults of Config.
+const (
+	DefaultWindow        = 256
+	DefaultResendAfter   = 10 * time.Second
+	DefaultUpstreamQPS   = 20
+	DefaultUpstreamBurst = 120
+	DefaultUpstreamQueue = 64
+)
 
 func (c Config) withDefaults() Config {
 	if c.Window <= 0 {
-		c.Window = 256
+		c.Window = DefaultWindow
 	}
 	if c.ResendAfter <= 0 {
-		c.ResendAfter = 10 * time.Second
+		c.ResendAfter = DefaultResendAfter
+	}
+	if c.MaxEntries <= 0 || c.MaxEntries > objsync.MaxEntries {
+		c.MaxEntries = objsync.MaxEntries
+	}
+	if c.UpstreamQPS == 0 {
+		c.UpstreamQPS = DefaultUpstreamQPS
+	}
+	if c.UpstreamBurst <= 0 {
+		c.UpstreamBurst = DefaultUpstreamBurst
+	}
+	if c.UpstreamQueue <= 0 {
+		c.UpstreamQueue = DefaultUpstreamQueue
 	}
 	return c
 }
@@ -83,36 +127,56 @@ func (c Config) withDefaults() Config {
 // waiting for the edge's digest; nothing is sent before the reconcile has
 // established what the edge holds.
 //
-// Invariants: at most one message per key is in flight, so the edge sees
-// one object's versions in the order the cloud saw them; the queue holds
-// keys, not versions, and the version sent is the newest at send time
-// (coalescing).
+// Invariants:
+//   - message ids are strictly increasing for the life of the Node (the
+//     session), across resends and across a new digest, so the edge can
+//     tell a stale message for a key from a newer one by its id alone
+//     (docs/protocol.md, "Message ids");
+//   - at most one message per key awaits an ack; a resend after
+//     ResendAfter forgets the old id and sends the version current at
+//     send time under a new one;
+//   - the queue holds keys, not versions, and the version sent is the
+//     newest at send time (coalescing);
+//   - what a reconcile keeps of the edge's lists is bounded by the
+//     digest's Count plus MaxEntries.
 type Node struct {
 	cfg    Config
 	phase  phase
 	nextID uint64
 
 	edge     map[objsync.Key]uint64 // version hash the edge is known to hold
+	unsure   map[objsync.Key]bool   // a forgotten message may still reach the edge
 	queue    []objsync.Key
 	queued   map[objsync.Key]bool
 	inflight map[objsync.Key]flight
 	byID     map[uint64]objsync.Key
 	prunes   map[uint64]bool // prune messages awaiting an ack
 
-	nb     int
-	wanted map[int]bool
+	nb        int
+	wanted    map[int]bool
+	held      map[uint64]uint64 // entries of the wanted buckets listed so far
+	listed    int               // entries received in this reconcile's lists
+	maxListed int               // the bound on listed: Count + MaxEntries
 }
 
 // NewNode returns the state of a freshly connected node.
 func NewNode(cfg Config) *Node {
-	return &Node{
-		cfg:      cfg.withDefaults(),
-		edge:     make(map[objsync.Key]uint64),
-		queued:   make(map[objsync.Key]bool),
-		inflight: make(map[objsync.Key]flight),
-		byID:     make(map[uint64]objsync.Key),
-		prunes:   make(map[uint64]bool),
-	}
+	n := &Node{cfg: cfg.withDefaults()}
+	n.reset()
+	return n
+}
+
+// reset forgets everything learnt about the edge, but not the last id.
+func (n *Node) reset() {
+	n.phase = phaseAwaitDigest
+	n.edge = make(map[objsync.Key]uint64)
+	n.unsure = make(map[objsync.Key]bool)
+	n.queue = nil
+	n.queued = make(map[objsync.Key]bool)
+	n.inflight = make(map[objsync.Key]flight)
+	n.byID = make(map[uint64]objsync.Key)
+	n.prunes = make(map[uint64]bool)
+	n.nb, n.wanted, n.held, n.listed, n.maxListed = 0, nil, nil, 0, 0
 }
 
 // Live reports whether the reconcile is over and changes flow.
@@ -138,10 +202,13 @@ func (n *Node) Changed(key objsync.Key) {
 	n.queue = append(n.queue, key)
 }
 
-// OnDigest compares the edge's digest with the desired state. Buckets that
-// match are in sync; for the others it asks for the edge's entries, or,
-// when the edge holds nothing, queues every desired key at once.
+// OnDigest starts a reconcile: it forgets what it knew of the edge (a
+// digest in a live session starts over; ids keep increasing) and compares
+// the edge's digest with the desired state. Buckets that match are in
+// sync; for the others it asks for the edge's entries, or, when the edge
+// holds nothing, queues every desired key at once.
 func (n *Node) OnDigest(d objsync.Sync, desired Lookup) []Action {
+	n.reset()
 	n.nb = len(d.Buckets)
 	keys := desired.Keys()
 	type kv struct {
@@ -188,6 +255,8 @@ func (n *Node) OnDigest(d objsync.Sync, desired Lookup) []Action {
 		return []Action{{Kind: SendDone, ID: n.id()}}
 	}
 	n.phase = phaseAwaitList
+	n.held = make(map[uint64]uint64)
+	n.maxListed = int(d.Count) + n.cfg.MaxEntries
 	want := make([]uint64, len(diff))
 	for i, b := range diff {
 		want[i] = uint64(b)
@@ -195,19 +264,35 @@ func (n *Node) OnDigest(d objsync.Sync, desired Lookup) []Action {
 	return []Action{{Kind: SendWant, ID: n.id(), Buckets: want}}
 }
 
-// OnList takes the edge's entries of the wanted buckets: objects it holds
-// at another version, or lacks, are queued; objects it holds but should
-// not are pruned.
-func (n *Node) OnList(l objsync.Sync, desired Lookup) []Action {
+// OnList takes one List of the edge's entries of the wanted buckets. While
+// More is set it only accumulates. On the last List, objects the edge
+// holds at another version, or lacks, are queued, and objects it holds but
+// should not are pruned, in messages of at most MaxEntries hashes, before
+// Done.
+//
+// A List nobody asked for returns ErrUnexpectedList and changes nothing. A
+// reconcile whose Lists exceed the digest's Count by more than MaxEntries
+// returns ErrListTooLong and is abandoned: nothing is sent until the next
+// digest.
+func (n *Node) OnList(l objsync.Sync, desired Lookup) ([]Action, error) {
 	if n.phase != phaseAwaitList {
-		return nil // a list nobody asked for (or a duplicate) changes nothing
+		return nil, ErrUnexpectedList
 	}
-	held := make(map[uint64]uint64, len(l.Entries))
+	n.listed += len(l.Entries)
+	if n.listed > n.maxListed {
+		listed, limit := n.listed, n.maxListed
+		n.reset()
+		return nil, fmt.Errorf("%w: %d entries, the digest announced %d objects (slack %d)", ErrListTooLong, listed, limit-n.cfg.MaxEntries, n.cfg.MaxEntries)
+	}
 	for _, e := range l.Entries {
 		if n.wanted[objsync.Bucket(e.Key, n.nb)] {
-			held[e.Key] = e.Version
+			n.held[e.Key] = e.Version
 		}
 	}
+	if l.More {
+		return nil, nil
+	}
+	held := n.held
 	for _, k := range desired.Keys() {
 		h := k.Hash()
 		if !n.wanted[objsync.Bucket(h, n.nb)] {
@@ -219,19 +304,20 @@ func (n *Node) OnList(l objsync.Sync, desired Lookup) []Action {
 		}
 		n.Changed(k)
 	}
+	hashes := make([]uint64, 0, len(held))
+	for h := range held {
+		hashes = append(hashes, h)
+	}
+	slices.Sort(hashes)
 	var actions []Action
-	if len(held) > 0 {
-		hashes := make([]uint64, 0, len(held))
-		for h := range held {
-			hashes = append(hashes, h)
-		}
+	for chunk := range slices.Chunk(hashes, n.cfg.MaxEntries) {
 		id := n.id()
 		n.prunes[id] = true
-		actions = append(actions, Action{Kind: SendPrune, ID: id, Hashes: hashes})
+		actions = append(actions, Action{Kind: SendPrune, ID: id, Hashes: chunk})
 	}
 	n.phase = phaseLive
-	n.wanted = nil
-	return append(actions, Action{Kind: SendDone, ID: n.id()})
+	n.wanted, n.held = nil, nil
+	return append(actions, Action{Kind: SendDone, ID: n.id()}), nil
 }
 
 // OnAck records that the edge committed message id. Unknown ids (late
@@ -248,6 +334,7 @@ func (n *Node) OnAck(id uint64) {
 	f := n.inflight[key]
 	delete(n.byID, id)
 	delete(n.inflight, key)
+	delete(n.unsure, key) // anything older that arrives later is stale
 	if f.del {
 		delete(n.edge, key)
 	} else {
@@ -266,12 +353,18 @@ func (n *Node) OnRefused(id uint64) {
 	}
 }
 
-// Tick re-queues messages unacked for longer than ResendAfter.
+// Tick re-queues messages unacked for longer than ResendAfter. Their ids
+// are forgotten: Next sends the key again, at its version then, under a
+// new and higher id, so the edge drops the first message if it arrives
+// late. Until a message for the key is acked, the cloud no longer knows
+// what the edge holds for it: the next message is sent even if it looks
+// redundant (a delete of a key the edge may never have received).
 func (n *Node) Tick(now time.Time) {
 	for key, f := range n.inflight {
 		if now.Sub(f.sentAt) >= n.cfg.ResendAfter {
 			delete(n.byID, f.id)
 			delete(n.inflight, key)
+			n.unsure[key] = true
 			n.Changed(key)
 		}
 	}
@@ -296,13 +389,14 @@ func (n *Node) Next(now time.Time, desired Lookup) []Action {
 		delete(n.queued, key)
 		v, obj, ok := desired.Lookup(key)
 		held, has := n.edge[key]
+		unsure := n.unsure[key]
 		switch {
-		case ok && (!has || held != v):
+		case ok && (!has || held != v || unsure):
 			id := n.id()
 			n.inflight[key] = flight{id: id, version: v, sentAt: now}
 			n.byID[id] = key
 			actions = append(actions, Action{Kind: SendObject, ID: id, Key: key, Object: obj})
-		case !ok && has:
+		case !ok && (has || unsure):
 			id := n.id()
 			n.inflight[key] = flight{id: id, del: true, sentAt: now}
 			n.byID[id] = key

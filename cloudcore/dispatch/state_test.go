@@ -2,11 +2,13 @@ package dispatch
 
 import (
 	"fmt"
+	"slices"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/tetheredge/tether/common/message"
 	"github.com/tetheredge/tether/common/objsync"
 )
 
@@ -103,7 +105,9 @@ func reconnect(t *testing.T, n *Node, w world, e edgeSim) int {
 	d := e.digest()
 	actions := n.OnDigest(d, w)
 	if len(actions) == 1 && actions[0].Kind == SendWant {
-		actions = n.OnList(e.list(actions[0].Buckets, len(d.Buckets)), w)
+		var err error
+		actions, err = n.OnList(e.list(actions[0].Buckets, len(d.Buckets)), w)
+		require.NoError(t, err)
 	}
 	total := 0
 	for range 10_000 {
@@ -250,5 +254,257 @@ func TestNothingSentBeforeReconcile(t *testing.T) {
 	require.Empty(t, n.Next(time.Now(), w), "still waiting for the list")
 	live := NewNode(Config{})
 	live.OnDigest(edgeSim{}.digest(), world{})
-	require.Nil(t, live.OnList(objsync.Sync{Phase: objsync.PhaseList}, w), "a list nobody asked for changes nothing")
+	a, err := live.OnList(objsync.Sync{Phase: objsync.PhaseList}, w)
+	require.ErrorIs(t, err, ErrUnexpectedList, "a list nobody asked for is refused")
+	require.Nil(t, a, "and changes nothing")
+}
+
+// staleEdge is an edge that follows the protocol's rule for stale
+// messages: per key hash it remembers the id of the last event or prune it
+// applied, and acks a message with a lower id without applying it.
+type staleEdge struct {
+	objs  edgeSim
+	last  map[uint64]uint64
+	stale int
+}
+
+func newStaleEdge() *staleEdge { return &staleEdge{objs: edgeSim{}, last: map[uint64]uint64{}} }
+
+// deliver applies one message as it arrives and returns the id to ack.
+func (e *staleEdge) deliver(a Action) uint64 {
+	switch a.Kind {
+	case SendObject, SendDelete:
+		h := a.Key.Hash()
+		if a.ID < e.last[h] {
+			e.stale++
+			return a.ID
+		}
+		e.last[h] = a.ID
+		if a.Kind == SendObject {
+			e.objs[a.Key] = a.Object.(string)
+		} else {
+			delete(e.objs, a.Key)
+		}
+	case SendPrune:
+		for _, h := range a.Hashes {
+			for k := range e.objs {
+				if k.Hash() == h {
+					delete(e.objs, k)
+					e.last[h] = a.ID
+				}
+			}
+		}
+	case SendWant, SendDone:
+		return 0
+	}
+	return a.ID
+}
+
+// requireIncreasing checks that the actions' ids strictly increase,
+// continuing from *last.
+func requireIncreasing(t *testing.T, last *uint64, actions []Action) {
+	t.Helper()
+	for _, a := range actions {
+		require.Greater(t, a.ID, *last, "ids strictly increase within a session")
+		*last = a.ID
+	}
+}
+
+func TestIDsIncreaseAcrossResendsAndDigests(t *testing.T) {
+	w := world{}
+	for i := range 5 {
+		w[pod(i)] = "1"
+	}
+	n := NewNode(Config{ResendAfter: time.Second})
+	var last uint64
+	t0 := time.Unix(100, 0)
+	requireIncreasing(t, &last, n.OnDigest(edgeSim{}.digest(), w))
+	first := n.Next(t0, w)
+	require.Len(t, first, 5)
+	requireIncreasing(t, &last, first)
+
+	// Nothing acked: every key is sent again, each under a new, higher id.
+	n.Tick(t0.Add(2 * time.Second))
+	resent := n.Next(t0.Add(2*time.Second), w)
+	require.Len(t, resent, 5)
+	requireIncreasing(t, &last, resent)
+	n.OnAck(first[0].ID)
+	require.Equal(t, 5, n.InFlight(), "the ack of a forgotten id changes nothing")
+
+	// A second digest in the same session starts over, ids go on.
+	e := edgeSim{pod(0): "1", pod(9): "1"}
+	d := e.digest()
+	a := n.OnDigest(d, w)
+	require.Equal(t, 0, n.InFlight(), "a new digest forgets the old flights")
+	requireIncreasing(t, &last, a)
+	require.Equal(t, SendWant, a[0].Kind)
+	a, err := n.OnList(e.list(a[0].Buckets, len(d.Buckets)), w)
+	require.NoError(t, err)
+	requireIncreasing(t, &last, a)
+	requireIncreasing(t, &last, n.Next(t0.Add(3*time.Second), w))
+}
+
+func TestDeleteAfterSlowLargeSendOutranksIt(t *testing.T) {
+	big := objsync.Key{Kind: "Secret", Namespace: "default", Name: "big"}
+	w := world{big: "1"}
+	n := NewNode(Config{ResendAfter: 10 * time.Second})
+	e := newStaleEdge()
+	n.OnDigest(e.objs.digest(), w)
+	t0 := time.Unix(100, 0)
+	send := n.Next(t0, w)
+	require.Len(t, send, 1)
+	require.Equal(t, SendObject, send[0].Kind)
+	// The large message is slow (its own QUIC stream); the cloud resends
+	// it, then the Secret is deleted while both are still on the way.
+	n.Tick(t0.Add(10 * time.Second))
+	resend := n.Next(t0.Add(10*time.Second), w)
+	require.Len(t, resend, 1)
+	delete(w, big)
+	n.Changed(big)
+	require.Empty(t, n.Next(t0.Add(11*time.Second), w), "one message per key awaits an ack")
+	n.Tick(t0.Add(20 * time.Second))
+	del := n.Next(t0.Add(20*time.Second), w)
+	require.Len(t, del, 1)
+	require.Equal(t, SendDelete, del[0].Kind)
+	require.Greater(t, del[0].ID, resend[0].ID)
+	require.Greater(t, resend[0].ID, send[0].ID)
+
+	// The small delete arrives first, the two large sends after it.
+	for _, a := range []Action{del[0], send[0], resend[0]} {
+		n.OnAck(e.deliver(a))
+	}
+	require.Empty(t, e.objs, "the deleted Secret does not come back")
+	require.Equal(t, 2, e.stale)
+	require.Equal(t, 0, n.InFlight())
+	require.Empty(t, n.Next(t0.Add(21*time.Second), w), "the cloud knows the edge holds nothing")
+}
+
+// listChunks splits a list the way the edge does: at most max entries
+// each, More on all but the last.
+func listChunks(l objsync.Sync, max int) []objsync.Sync {
+	var out []objsync.Sync
+	for c := range slices.Chunk(l.Entries, max) {
+		out = append(out, objsync.Sync{Phase: objsync.PhaseList, Entries: c, More: true})
+	}
+	if len(out) == 0 {
+		return []objsync.Sync{{Phase: objsync.PhaseList}}
+	}
+	out[len(out)-1].More = false
+	return out
+}
+
+// reconcileSplit runs a reconcile whose lists the edge splits at max and
+// returns the cloud's answer to the last one, checking that earlier ones
+// get none.
+func reconcileSplit(t *testing.T, n *Node, w world, e edgeSim, max int) []Action {
+	t.Helper()
+	d := e.digest()
+	a := n.OnDigest(d, w)
+	require.Len(t, a, 1)
+	require.Equal(t, SendWant, a[0].Kind)
+	chunks := listChunks(e.list(a[0].Buckets, len(d.Buckets)), max)
+	require.Greater(t, len(chunks), 1, "the test needs a split list")
+	for i, c := range chunks {
+		require.NoError(t, c.Validate())
+		a, err := n.OnList(c, w)
+		require.NoError(t, err)
+		if i < len(chunks)-1 {
+			require.Empty(t, a, "nothing happens before the last list")
+			require.False(t, n.Live())
+			continue
+		}
+		return a
+	}
+	return nil
+}
+
+func TestSplitListsAndPrunes(t *testing.T) {
+	w := world{}
+	e := newStaleEdge()
+	for i := range 35 {
+		e.objs[pod(i)] = "1"
+		if i < 5 {
+			w[pod(i)] = "2"
+		}
+	}
+	n := NewNode(Config{MaxEntries: 10})
+	a := reconcileSplit(t, n, w, e.objs, 10)
+	var last uint64
+	requireIncreasing(t, &last, a)
+	require.Len(t, a, 4, "30 hashes in prunes of 10, then done")
+	for _, p := range a[:3] {
+		require.Equal(t, SendPrune, p.Kind)
+		require.Len(t, p.Hashes, 10)
+	}
+	require.Equal(t, SendDone, a[3].Kind)
+	for _, x := range a {
+		if id := e.deliver(x); id != 0 {
+			n.OnAck(id)
+		}
+	}
+	require.Len(t, e.objs, 5)
+	for {
+		next := n.Next(time.Now(), w)
+		if len(next) == 0 {
+			break
+		}
+		requireIncreasing(t, &last, next)
+		for _, x := range next {
+			n.OnAck(e.deliver(x))
+		}
+	}
+	require.Equal(t, edgeSim(w), e.objs)
+	require.Equal(t, 0, n.InFlight(), "every prune acked")
+}
+
+func TestSplitAtRealMaxEntries(t *testing.T) {
+	codec := message.NewCodec(0)
+	e := edgeSim{}
+	for i := range objsync.MaxEntries + 5 {
+		e[objsync.Key{Kind: "Pod", Namespace: "default", Name: fmt.Sprintf("p-%06d", i)}] = "1"
+	}
+	n := NewNode(Config{})
+	a := reconcileSplit(t, n, world{}, e, objsync.MaxEntries)
+	require.Len(t, a, 3)
+	total := 0
+	for _, p := range a[:2] {
+		require.Equal(t, SendPrune, p.Kind)
+		s := objsync.Sync{Phase: objsync.PhasePrune, Hashes: p.Hashes}
+		require.NoError(t, s.Validate(), "each prune is one the edge accepts")
+		b, err := codec.Append(nil, &s)
+		require.NoError(t, err)
+		require.Less(t, len(b), message.DefaultMaxFrame, "and fits in a frame")
+		t.Logf("prune of %d hashes: %d bytes", len(p.Hashes), len(b))
+		total += len(p.Hashes)
+	}
+	require.Equal(t, objsync.MaxEntries+5, total)
+	require.Equal(t, SendDone, a[2].Kind)
+	require.True(t, n.Live())
+}
+
+func TestListBounds(t *testing.T) {
+	e := edgeSim{pod(1): "1", pod(2): "1", pod(3): "1"}
+	n := NewNode(Config{MaxEntries: 10})
+	w := world{}
+	a := n.OnDigest(e.digest(), w)
+	require.Equal(t, SendWant, a[0].Kind)
+	// The digest announced 3 objects: lists may hold 3+10 entries.
+	junk := make([]objsync.Entry, 7)
+	for i := range junk {
+		junk[i] = objsync.Entry{Key: uint64(i), Version: 1}
+	}
+	_, err := n.OnList(objsync.Sync{Phase: objsync.PhaseList, Entries: junk, More: true}, w)
+	require.NoError(t, err)
+	_, err = n.OnList(objsync.Sync{Phase: objsync.PhaseList, Entries: junk, More: true}, w)
+	require.ErrorIs(t, err, ErrListTooLong)
+	require.False(t, n.Live())
+	_, err = n.OnList(objsync.Sync{Phase: objsync.PhaseList}, w)
+	require.ErrorIs(t, err, ErrUnexpectedList, "the reconcile is abandoned")
+	require.Empty(t, n.Next(time.Now(), w))
+
+	// A new digest starts a fresh reconcile.
+	w[pod(1)] = "1"
+	a = reconcileSplit(t, n, w, e, 1)
+	require.Equal(t, SendPrune, a[0].Kind)
+	require.Len(t, a[0].Hashes, 2)
 }

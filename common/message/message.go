@@ -11,8 +11,12 @@ import (
 type Message struct {
 	_struct bool `codec:",toarray"` //nolint:unused // tells the codec to encode as an array
 
-	// ID is the sender's id for this message, unique within one session and
-	// increasing. Zero for messages that are never answered.
+	// ID is the sender's id for this message; zero for messages that are
+	// never answered. The cloud's ids strictly increase within a session,
+	// across resends (a resend gets a new id) and reconciles, so the edge
+	// can tell a stale event for a key from a newer one. The edge's
+	// upstream ids are its outbox sequence numbers: they only grow, and a
+	// write sent again keeps its id.
 	ID uint64
 	// Kind is the frame type.
 	Kind Kind

@@ -112,7 +112,8 @@ func startCloud(t testing.TB, cfg *rest.Config, p *pkiSet, addr string, timings 
 	require.NoError(t, err)
 	up, err := upstream.New(client, cat, upstream.Config{EdgeLabel: catalog.DefaultEdgeLabel, Logger: log})
 	require.NoError(t, err)
-	disp := dispatch.New(dispatch.Deps{Catalog: cat, Upstream: up}, dispatch.Config{}, log, reg)
+	disp, err := dispatch.New(dispatch.Deps{Catalog: cat, Upstream: up}, dispatch.Config{}, log, reg)
+	require.NoError(t, err)
 	cat.Subscribe(disp.Notify)
 	opts := tunnel.Options{Logger: log, Registerer: reg}
 	if timings != nil {

@@ -1,0 +1,183 @@
+package dispatch
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/tetheredge/tether/common/message"
+	"github.com/tetheredge/tether/common/objsync"
+)
+
+// objects is the object-sync handler of one session: the loop around the
+// node's state machine. It takes acks, refusals and sync messages from the
+// receive path and changes from the catalog, and sends what the state
+// machine decides. It alone touches st.
+type objects struct {
+	c     *conn
+	st    *Node
+	view  lookup
+	inbox *inbox
+	in    chan *message.Message
+}
+
+func newObjects(c *conn, b *inbox) *objects {
+	return &objects{c: c, st: NewNode(c.d.cfg), view: lookup{c.d.cat, c.node}, inbox: b, in: make(chan *message.Message, 64)}
+}
+
+// offer hands m to the loop, waiting while it is busy: acks and sync
+// messages are the loop's own pace, and waiting pushes back on the edge.
+func (o *objects) offer(ctx context.Context, m *message.Message) error {
+	select {
+	case o.in <- m:
+	case <-ctx.Done():
+	}
+	return nil
+}
+
+// lookup is one node's view of the catalog.
+type lookup struct {
+	cat  Catalog
+	node string
+}
+
+func (l lookup) Keys() []objsync.Key { return l.cat.Keys(l.node) }
+
+// Lookup returns the version hash only: the object is encoded when it is
+// sent (see objects.send), so a reconcile over many objects encodes none
+// of the unchanged ones.
+func (l lookup) Lookup(key objsync.Key) (uint64, any, bool) {
+	uid, rv, ok := l.cat.Version(l.node, key)
+	if !ok {
+		return 0, nil, false
+	}
+	return objsync.VersionHash(uid, rv), nil, true
+}
+
+func (o *objects) run(ctx context.Context) error {
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	for {
+		now := time.Now()
+		select {
+		case <-ctx.Done():
+			return nil
+		case m := <-o.in:
+			if err := o.handle(ctx, m); err != nil {
+				return err
+			}
+		case <-o.inbox.signal:
+			for _, k := range o.inbox.drain() {
+				o.st.Changed(k)
+			}
+		case now = <-tick.C:
+			o.st.Tick(now)
+		}
+		if err := o.send(ctx, o.st.Next(now, o.view)); err != nil {
+			return err
+		}
+	}
+}
+
+func (o *objects) handle(ctx context.Context, m *message.Message) error {
+	c := o.c
+	switch m.Kind {
+	case message.KindAck:
+		o.st.OnAck(m.ReplyTo)
+	case message.KindRefuse:
+		c.d.metrics.edgeRefused.Inc()
+		if l := c.limited("edge_refused"); l != nil {
+			l.Warn("edge refused a message", "id", m.ReplyTo, "reason", truncateReason(string(m.Payload)))
+		}
+		o.st.OnRefused(m.ReplyTo)
+	case message.KindSync:
+		var p objsync.Sync
+		if err := c.d.codec.UnmarshalValue(m.Payload, &p); err != nil {
+			return c.refuse(ctx, m, "bad_sync", err)
+		}
+		if err := p.Validate(); err != nil {
+			return c.refuse(ctx, m, "bad_sync", err)
+		}
+		switch p.Phase {
+		case objsync.PhaseDigest:
+			c.d.metrics.resyncs.Inc()
+			c.logger.Info("reconcile started", "edge_objects", p.Count, "buckets", len(p.Buckets))
+			return o.send(ctx, o.st.OnDigest(p, o.view))
+		case objsync.PhaseList:
+			actions, err := o.st.OnList(p, o.view)
+			switch {
+			case errors.Is(err, ErrUnexpectedList):
+				return c.refuse(ctx, m, "unexpected_list", err)
+			case errors.Is(err, ErrListTooLong):
+				return c.refuse(ctx, m, "list_too_long", err)
+			}
+			return o.send(ctx, actions)
+		default:
+			return c.refuse(ctx, m, "bad_sync", fmt.Errorf("edge sent sync phase %d", p.Phase))
+		}
+	}
+	return nil
+}
+
+// send sends the state machine's actions. An object over the frame limit
+// is treated like one the edge refused: counted, logged, and not sent
+// again until it changes; the session goes on.
+func (o *objects) send(ctx context.Context, actions []Action) error {
+	c := o.c
+	for _, a := range actions {
+		m := &message.Message{ID: a.ID, Node: c.node, Time: time.Now().UnixNano()}
+		var kind string
+		switch a.Kind {
+		case SendObject:
+			obj, ok := c.d.cat.Get(c.node, a.Key)
+			if !ok {
+				// Gone since the state machine looked: drop the flight and
+				// let the key be evaluated again (it becomes a delete).
+				o.st.OnRefused(a.ID)
+				o.st.Changed(a.Key)
+				continue
+			}
+			// If the object changed since the state machine looked, the
+			// newer version goes out now; the catalog's notification of
+			// that change re-queues the key, and the resend after the ack
+			// is a harmless duplicate.
+			m.Kind, m.Op, m.Resource, m.Version, m.Payload = message.KindEvent, message.OpUpsert, obj.Resource, obj.Version, obj.Data
+			kind = "object"
+		case SendDelete:
+			m.Kind, m.Op = message.KindEvent, message.OpDelete
+			m.Resource = message.Resource{Group: a.Key.Group, Kind: a.Key.Kind, Namespace: a.Key.Namespace, Name: a.Key.Name}
+			kind = "delete"
+		case SendWant, SendPrune, SendDone:
+			var p objsync.Sync
+			switch a.Kind {
+			case SendWant:
+				p, kind = objsync.Sync{Phase: objsync.PhaseWant, Buckets: a.Buckets}, "want"
+			case SendPrune:
+				p, kind = objsync.Sync{Phase: objsync.PhasePrune, Hashes: a.Hashes}, "prune"
+				c.d.metrics.pruned.Add(float64(len(a.Hashes)))
+			default:
+				p, kind = objsync.Sync{Phase: objsync.PhaseDone}, "done"
+			}
+			payload, err := c.d.codec.Append(nil, &p)
+			if err != nil {
+				return fmt.Errorf("encode %s: %w", kind, err)
+			}
+			m.Kind, m.Payload = message.KindSync, payload
+		}
+		err := c.s.Send(ctx, m)
+		if a.Kind == SendObject && errors.Is(err, message.ErrFrameTooLarge) {
+			o.st.OnRefused(a.ID)
+			c.d.metrics.refused.WithLabelValues("too_large").Inc()
+			if l := c.limited("too_large"); l != nil {
+				l.Warn("object too large to send", "resource", m.Resource.String(), "bytes", len(m.Payload), "err", err)
+			}
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("send %s to %s: %w", kind, c.node, err)
+		}
+		c.d.metrics.sent.WithLabelValues(kind).Inc()
+	}
+	return nil
+}
