@@ -41,10 +41,13 @@ func NewCodec(maxFrame int) *Codec {
 	}
 	h := &codec.MsgpackHandle{WriteExt: true}
 	h.RawToString = false
-	// A collection whose length the (untrusted) input declares is never
-	// pre-allocated beyond one frame; bodies are already checked against the
-	// limit, so a lie costs at most one frame of memory. (A smaller value
-	// makes the codec grow large payloads in small steps, quadratically.)
+	// MaxInitLen caps a collection's first allocation in elements, not
+	// bytes, so it does not bound memory by itself: checkLengths does, by
+	// refusing any declared length that the bytes left cannot hold before
+	// the decoder sees the body. With every length so bounded, a cap of one
+	// frame never binds, and large honest collections are allocated once at
+	// their size (a smaller cap makes the codec grow them in steps of the
+	// cap, quadratically for byte strings).
 	h.MaxInitLen = maxFrame
 	c := &Codec{handle: h, maxFrame: maxFrame}
 	c.encoders.New = func() any { return codec.NewEncoderBytes(nil, h) }
@@ -121,6 +124,9 @@ func (c *Codec) decode(body []byte, v any) (err error) {
 	}
 	if len(body) > c.maxFrame {
 		return fmt.Errorf("%w: %d bytes, limit %d", ErrFrameTooLarge, len(body), c.maxFrame)
+	}
+	if err := checkLengths(body); err != nil {
+		return fmt.Errorf("decode %T: %w", v, err)
 	}
 	dec := c.decoders.Get().(*codec.Decoder)
 	defer c.decoders.Put(dec)

@@ -188,3 +188,74 @@ func BenchmarkUnmarshal256(b *testing.B) {
 		}
 	}
 }
+
+// TestCheckLengthsAcceptsEveryType: every msgpack type the encoder writes,
+// at every length width, passes the length check, and the check measures
+// each value exactly (a body cut by one byte is refused).
+func TestCheckLengthsAcceptsEveryType(t *testing.T) {
+	type all struct {
+		_struct bool `codec:",toarray"` //nolint:unused // tells the codec to encode as an array
+
+		Small, Neg, I8, I16, I32, I64 int64
+		U8, U16, U32, U64             uint64
+		F32                           float32
+		F64                           float64
+		B                             bool
+		Nil                           []byte
+		Strs                          []string
+		Bins                          [][]byte
+		Map                           map[string]uint16
+		Nested                        [][]uint64
+	}
+	v := all{
+		Small: 5, Neg: -3, I8: -100, I16: -3000, I32: -70000, I64: -1 << 40,
+		U8: 200, U16: 60000, U32: 1 << 20, U64: 1 << 40, F32: 1.5, F64: 2.25, B: true,
+		Strs:   []string{"", "a", strings.Repeat("s", 40), strings.Repeat("m", 300), strings.Repeat("l", 70000)},
+		Bins:   [][]byte{{1}, make([]byte, 300), make([]byte, 70000)},
+		Map:    map[string]uint16{"a": 1, "b": 2},
+		Nested: [][]uint64{make([]uint64, 20), make([]uint64, 70000), nil},
+	}
+	c := NewCodec(1 << 20)
+	body, err := c.Append(nil, &v)
+	require.NoError(t, err)
+	require.NoError(t, checkLengths(body))
+	require.Error(t, checkLengths(body[:len(body)-1]))
+	var got all
+	require.NoError(t, c.UnmarshalValue(body, &got))
+	require.Equal(t, v.Strs, got.Strs)
+	require.Equal(t, v.Map, got.Map)
+	for _, m := range []*Message{sampleMessage(), {Kind: KindAck}} {
+		body, err := c.Marshal(m)
+		require.NoError(t, err)
+		require.NoError(t, checkLengths(body))
+		require.NoError(t, checkLengths(append(body, 0xc1)), "bytes after the value are the decoder's business")
+	}
+}
+
+func TestCheckLengthsRaw(t *testing.T) {
+	ok := [][]byte{
+		{0xd4, 0x01, 0xaa},                                     // fixext1
+		{0xd8, 0x01, 15: 0, 17: 0},                             // fixext16
+		{0xc7, 0x02, 0x05, 0xaa, 0xbb},                         // ext8
+		{0xc9, 0, 0, 0, 1, 0x05, 0xaa},                         // ext32
+		{0x92, 0xca, 0, 0, 0, 0, 0xd3, 0, 0, 0, 0, 0, 0, 0, 0}, // float32, int64
+		{0x81, 0xa1, 'k', 0xc0},                                // fixmap
+		{0xde, 0, 1, 0xc0, 0xc0},                               // map16
+	}
+	for _, b := range ok {
+		require.NoError(t, checkLengths(b), "%x", b)
+	}
+	bad := [][]byte{
+		{},
+		{0xc1},
+		{0xd8, 0x01, 0xaa},             // fixext16 cut short
+		{0xc7, 0x02, 0x05, 0xaa},       // ext8 cut short
+		{0xde, 0, 1, 0xc0},             // map16 of one pair, one value
+		{0x92, 0xc0},                   // array of two, one value
+		{0xdc, 0x00},                   // length cut short
+		{0x91, 0x91, 0x91, 0x92, 0xc0}, // nested, short by one
+	}
+	for _, b := range bad {
+		require.ErrorIs(t, checkLengths(b), ErrMalformed, "%x", b)
+	}
+}
