@@ -8,6 +8,7 @@ import (
 	"errors"
 	"net"
 	"net/url"
+	"runtime"
 	"testing"
 	"time"
 
@@ -353,35 +354,125 @@ func TestDeadPeerDetected(t *testing.T) {
 	}
 }
 
-// TestLargeMessageStreamViolations: a uni stream carrying two frames, or an
-// oversized length, ends the session as a counted bad frame.
+// rawSession opens an authenticated QUIC connection and completes the
+// hello on its control stream.
+func rawSession(t *testing.T, srv *testServer, node string) (*quic.Conn, *quic.Stream) {
+	t.Helper()
+	conn, st := rawQUIC(t, srv, node)
+	_, err := st.Write(helloFrame(t, message.ProtocolVersion, node))
+	require.NoError(t, err)
+	_, err = message.NewCodec(0).ReadFrame(st) // hello ack
+	require.NoError(t, err)
+	return conn, st
+}
+
+// requireEchoes checks that a raw session still works: an event sent on
+// the control stream is acked.
+func requireEchoes(t *testing.T, st *quic.Stream, id uint64) {
+	t.Helper()
+	_, err := st.Write(mustFrame(t, &message.Message{ID: id, Kind: message.KindEvent, Op: message.OpUpsert}))
+	require.NoError(t, err)
+	c := message.NewCodec(0)
+	require.NoError(t, st.SetReadDeadline(time.Now().Add(10*time.Second)))
+	for {
+		body, err := c.ReadFrame(st)
+		require.NoError(t, err, "the session must survive")
+		var m message.Message
+		require.NoError(t, c.Unmarshal(body, &m))
+		if m.ReplyTo == id {
+			return
+		}
+	}
+}
+
+// TestLargeMessageStreamViolations: a uni stream carrying two frames ends
+// the session as a counted bad frame (the peer's encoder is broken); one
+// declaring more than the frame limit is reset with the too-large code and
+// counted, and the session continues (the stream is self-contained, and a
+// peer with a larger limit is misconfigured, not hostile).
 func TestLargeMessageStreamViolations(t *testing.T) {
 	ca := newTestCA(t)
 	srv := startServer(t, ca, echo, nil)
-	for name, payload := range map[string][]byte{
-		"two frames": append(mustFrame(t, &message.Message{Kind: message.KindAck}), mustFrame(t, &message.Message{Kind: message.KindAck})...),
-		"oversized":  lengthPrefix(message.DefaultMaxFrame + 1),
-	} {
-		t.Run(name, func(t *testing.T) {
-			before := srv.refused(TransportQUIC, reasonFrame)
-			conn, st := rawQUIC(t, srv, "edge-1")
-			_, err := st.Write(helloFrame(t, message.ProtocolVersion, "edge-1"))
-			require.NoError(t, err)
-			_, err = message.NewCodec(0).ReadFrame(st)
-			require.NoError(t, err)
-			uni, err := conn.OpenUniStream()
-			require.NoError(t, err)
-			_, err = uni.Write(payload)
-			require.NoError(t, err)
-			require.NoError(t, uni.Close())
-			select {
-			case <-conn.Context().Done():
-			case <-time.After(10 * time.Second):
-				t.Fatal("server did not close the connection")
-			}
-			require.Eventually(t, func() bool { return srv.refused(TransportQUIC, reasonFrame) > before }, 5*time.Second, 10*time.Millisecond)
-		})
+	t.Run("two frames", func(t *testing.T) {
+		before := srv.refused(TransportQUIC, reasonFrame)
+		conn, _ := rawSession(t, srv, "edge-1")
+		uni, err := conn.OpenUniStream()
+		require.NoError(t, err)
+		_, err = uni.Write(append(mustFrame(t, &message.Message{Kind: message.KindAck}), mustFrame(t, &message.Message{Kind: message.KindAck})...))
+		require.NoError(t, err)
+		require.NoError(t, uni.Close())
+		select {
+		case <-conn.Context().Done():
+		case <-time.After(10 * time.Second):
+			t.Fatal("server did not close the connection")
+		}
+		require.Eventually(t, func() bool { return srv.refused(TransportQUIC, reasonFrame) > before }, 5*time.Second, 10*time.Millisecond)
+	})
+	t.Run("oversized", func(t *testing.T) {
+		before := srv.refused(TransportQUIC, reasonTooLarge)
+		conn, st := rawSession(t, srv, "edge-1")
+		uni, err := conn.OpenUniStream()
+		require.NoError(t, err)
+		_, err = uni.Write(lengthPrefix(message.DefaultMaxFrame + 1))
+		require.NoError(t, err)
+		select {
+		case <-uni.Context().Done():
+		case <-time.After(10 * time.Second):
+			t.Fatal("server did not reset the stream")
+		}
+		var serr *quic.StreamError
+		require.ErrorAs(t, context.Cause(uni.Context()), &serr)
+		require.Equal(t, quicStreamTooLarge, serr.ErrorCode)
+		require.Equal(t, before+1, srv.refused(TransportQUIC, reasonTooLarge))
+		requireEchoes(t, st, 7)
+	})
+}
+
+// TestStalledLargeStreamsAreBoundedAndReset: a peer opens as many large
+// streams as QUIC lets it, each declaring the largest frame, and sends
+// nothing more. The server allocates as bytes arrive, so memory stays
+// small (it used to allocate 16 x 4 MiB at once); each stream is reset
+// with the timeout code after LargeMessageTimeout, not before; each reset
+// is counted; and the session goes on working.
+func TestStalledLargeStreamsAreBoundedAndReset(t *testing.T) {
+	const timeout = time.Second
+	ca := newTestCA(t)
+	srv := startServer(t, ca, echo, func(c *ServerConfig) { c.LargeMessageTimeout = timeout })
+	conn, st := rawSession(t, srv, "edge-1")
+	before := srv.refused(TransportQUIC, reasonLargeTimeout)
+	var m0, m1 runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&m0)
+	var streams []*quic.SendStream
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for range 16 {
+		uni, err := conn.OpenUniStreamSync(ctx)
+		require.NoError(t, err)
+		_, err = uni.Write(lengthPrefix(message.DefaultMaxFrame))
+		require.NoError(t, err)
+		streams = append(streams, uni)
 	}
+	opened := time.Now()
+	for _, uni := range streams {
+		select {
+		case <-uni.Context().Done():
+		case <-ctx.Done():
+			t.Fatal("server did not reset a stalled large stream")
+		}
+		var serr *quic.StreamError
+		require.ErrorAs(t, context.Cause(uni.Context()), &serr)
+		require.Equal(t, quicStreamTimeout, serr.ErrorCode)
+	}
+	elapsed := time.Since(opened)
+	runtime.ReadMemStats(&m1)
+	allocated := m1.TotalAlloc - m0.TotalAlloc
+	t.Logf("16 stalled streams declaring %d MiB each: %d KiB allocated in the process until all were reset after %s",
+		message.DefaultMaxFrame>>20, allocated>>10, elapsed.Round(time.Millisecond))
+	require.GreaterOrEqual(t, elapsed, timeout, "streams reset before their deadline")
+	require.Less(t, allocated, uint64(4<<20), "stalled streams must not pin their declared size")
+	require.Equal(t, before+16, srv.refused(TransportQUIC, reasonLargeTimeout))
+	requireEchoes(t, st, 8)
 }
 
 // TestCancelledLargeSendKeepsSession: a large Send whose context ends

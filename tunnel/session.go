@@ -12,12 +12,14 @@ import (
 	"io"
 	"log/slog"
 	"sync"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/errgroup"
 	"golang.org/x/sync/semaphore"
 
 	"github.com/tetheredge/tether/common/message"
+	"github.com/tetheredge/tether/common/ratelog"
 )
 
 // Transport names the connection a session runs on.
@@ -50,13 +52,24 @@ type link interface {
 	// such path, and the frame must go through writeFrames.
 	writeLarge(ctx context.Context, frame []byte) (ok bool, err error)
 	// run reads frames from every path until the link fails or closes,
-	// calling deliver for each body; it starts its goroutines in g. A
-	// protocol violation found off the main path is reported to fail.
-	run(ctx context.Context, g *errgroup.Group, deliver func([]byte) error, fail func(error)) error
+	// handing them to sink; it starts its goroutines in g.
+	run(ctx context.Context, g *errgroup.Group, sink linkSink) error
 	openStream(ctx context.Context) (Stream, error)
 	acceptStream(ctx context.Context) (Stream, error)
 	// close ends the connection, telling the peer why when it can.
 	close(reason string) error
+}
+
+// linkSink is where a link hands what it reads and the faults it finds.
+type linkSink struct {
+	// deliver decodes and queues one body; an error ends the link.
+	deliver func(body []byte) error
+	// fail ends the session for a protocol violation found off the main
+	// path (on a QUIC large-message stream).
+	fail func(err error)
+	// drop counts and logs one message refused on its own (its QUIC
+	// stream reset) under reason; the session continues.
+	drop func(reason string, err error)
 }
 
 // controlHandler is implemented by links that take some message kinds for
@@ -71,8 +84,12 @@ type sessionConfig struct {
 	sendQueueBytes int64
 	largeThreshold int
 	recvQueue      int
+	largeTimeout   time.Duration
 	logger         *slog.Logger
 	metrics        *Metrics
+	// drops rate-limits the logs of messages dropped alone, per node and
+	// reason; it is shared by the sessions of one server or client.
+	drops *ratelog.Limiter
 }
 
 // Session is one authenticated connection between an edge node and the
@@ -131,7 +148,11 @@ func (s *Session) start() {
 	g, ctx := errgroup.WithContext(s.ctx)
 	g.Go(func() error { return s.writeLoop(ctx) })
 	g.Go(func() error {
-		err := s.link.run(ctx, g, s.deliver, func(err error) { s.fail(reasonFrame, err) })
+		err := s.link.run(ctx, g, linkSink{
+			deliver: s.deliver,
+			fail:    func(err error) { s.fail(reasonFrame, err) },
+			drop:    s.drop,
+		})
 		switch {
 		case err == nil:
 			err = errPeerClosed
@@ -214,6 +235,15 @@ func (s *Session) fail(reason string, err error) {
 	s.logger.Warn("closing session", "reason", reason, "err", err)
 	s.cfg.metrics.Refused.WithLabelValues(string(s.transport), reason).Inc()
 	s.cancel(fmt.Errorf("%s: %w", reason, err))
+}
+
+// drop counts a message refused on its own, without ending the session,
+// and logs it at most once a minute per node and reason.
+func (s *Session) drop(reason string, err error) {
+	s.cfg.metrics.Refused.WithLabelValues(string(s.transport), reason).Inc()
+	if ok, suppressed := s.cfg.drops.Allow(s.peer.Node + "/" + reason); ok {
+		s.logger.Warn("message dropped", "reason", reason, "err", err, "suppressed", suppressed)
+	}
 }
 
 // Send queues m for the peer. It returns when the message is queued, when

@@ -95,7 +95,7 @@ func (l *wsLink) readFrame() ([]byte, error) {
 
 func (l *wsLink) writeLarge(context.Context, []byte) (bool, error) { return false, nil }
 
-func (l *wsLink) run(ctx context.Context, g *errgroup.Group, deliver func([]byte) error, _ func(error)) error {
+func (l *wsLink) run(ctx context.Context, g *errgroup.Group, sink linkSink) error {
 	alive := func() { _ = l.conn.SetReadDeadline(time.Now().Add(l.deadPeer)) }
 	alive()
 	l.conn.SetPongHandler(func(string) error { alive(); return nil })
@@ -129,7 +129,7 @@ func (l *wsLink) run(ctx context.Context, g *errgroup.Group, deliver func([]byte
 			if err != nil {
 				return fmt.Errorf("read frame: %w", err)
 			}
-			if err := deliver(body); err != nil {
+			if err := sink.deliver(body); err != nil {
 				return err
 			}
 		}
@@ -162,7 +162,7 @@ func (l *wsLink) run(ctx context.Context, g *errgroup.Group, deliver func([]byte
 			if err != nil {
 				return fmt.Errorf("read frame: %w", err)
 			}
-			if err := deliver(body); err != nil {
+			if err := sink.deliver(body); err != nil {
 				return err
 			}
 		}

@@ -5,8 +5,10 @@ import (
 	"encoding/binary"
 	"errors"
 	"io"
+	"runtime"
 	"strings"
 	"testing"
+	"testing/iotest"
 
 	"github.com/stretchr/testify/require"
 )
@@ -257,5 +259,41 @@ func TestCheckLengthsRaw(t *testing.T) {
 	}
 	for _, b := range bad {
 		require.ErrorIs(t, checkLengths(b), ErrMalformed, "%x", b)
+	}
+}
+
+// TestReadFrameAllocatesAsBytesArrive: a frame that declares the limit
+// and delivers a few bytes costs what arrived, not what it declared; a
+// complete large frame is read whole at most twice its size allocated.
+func TestReadFrameAllocatesAsBytesArrive(t *testing.T) {
+	c := NewCodec(0)
+	header := make([]byte, 4)
+	binary.BigEndian.PutUint32(header, DefaultMaxFrame)
+	cost := func(r io.Reader) (uint64, []byte, error) {
+		var before, after runtime.MemStats
+		runtime.ReadMemStats(&before)
+		body, err := c.ReadFrame(r)
+		runtime.ReadMemStats(&after)
+		return after.TotalAlloc - before.TotalAlloc, body, err
+	}
+	n, _, err := cost(bytes.NewReader(append(header, make([]byte, 100)...)))
+	require.ErrorIs(t, err, io.ErrUnexpectedEOF)
+	require.Less(t, n, uint64(64<<10), "a stalled 4 MiB frame allocated %d bytes", n)
+
+	full := make([]byte, DefaultMaxFrame)
+	for i := range full {
+		full[i] = byte(i * 7)
+	}
+	n, body, err := cost(iotest.HalfReader(bytes.NewReader(append(header, full...))))
+	require.NoError(t, err)
+	require.Equal(t, full, body)
+	require.LessOrEqual(t, n, uint64(2*DefaultMaxFrame+(64<<10)))
+
+	for _, size := range []int{1, readChunk - 1, readChunk, readChunk + 1, 3*readChunk + 5} {
+		want := bytes.Repeat([]byte{0x5a}, size)
+		f := binary.BigEndian.AppendUint32(nil, uint32(size))
+		got, err := c.ReadFrame(iotest.OneByteReader(bytes.NewReader(append(f, want...))))
+		require.NoError(t, err, "size %d", size)
+		require.Equal(t, want, got, "size %d", size)
 	}
 }
