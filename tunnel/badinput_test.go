@@ -308,7 +308,10 @@ func TestRefusesNonTLSAndGarbage(t *testing.T) {
 }
 
 // TestDeadPeerDetected cuts the network between client and server: both
-// ends must declare the session dead after about DeadPeerTimeout.
+// ends must declare the session dead once DeadPeerTimeout has passed
+// without hearing from the peer: not before the timeout less one
+// keepalive interval (the last packet heard came at most that long before
+// the cut), and not much after it.
 func TestDeadPeerDetected(t *testing.T) {
 	ca := newTestCA(t)
 	serverSessions := make(chan *Session, 4)
@@ -319,6 +322,9 @@ func TestDeadPeerDetected(t *testing.T) {
 		case <-s.Done():
 		}
 	}), nil)
+	opts := testOptions()
+	earliest := opts.DeadPeerTimeout - opts.KeepAlive - 50*time.Millisecond
+	latest := opts.DeadPeerTimeout + opts.DeadPeerTimeout/2
 	for _, tr := range transports {
 		t.Run(string(tr), func(t *testing.T) {
 			var p *partitionProxy
@@ -330,7 +336,7 @@ func TestDeadPeerDetected(t *testing.T) {
 				p = startTCPProxy(t, srv.WebSocketAddr().String())
 				addr = "wss://" + p.addr
 			}
-			c, err := NewClient(ClientConfig{Options: testOptions(), Servers: []string{addr}, Node: "edge-1",
+			c, err := NewClient(ClientConfig{Options: opts, Servers: []string{addr}, Node: "edge-1",
 				TLS: ca.clientTLS(t, certOpts{cn: "edge-1"})})
 			require.NoError(t, err)
 			cs, err := c.Dial(context.Background())
@@ -338,18 +344,37 @@ func TestDeadPeerDetected(t *testing.T) {
 			defer cs.Close("done")
 			ss := <-serverSessions
 			// Keepalive holds an idle session open well past the timeout.
-			time.Sleep(2 * testOptions().DeadPeerTimeout)
-			require.NoError(t, ss.Err(), "an idle but healthy session must stay up")
+			select {
+			case <-ss.Done():
+				t.Fatalf("an idle but healthy session must stay up: %v", ss.Err())
+			case <-cs.Done():
+				t.Fatalf("an idle but healthy session must stay up: %v", cs.Err())
+			case <-time.After(2 * opts.DeadPeerTimeout):
+			}
 			p.cut.Store(true)
 			cut := time.Now()
-			for _, s := range []*Session{ss, cs} {
-				select {
-				case <-s.Done():
-				case <-time.After(20 * time.Second):
-					t.Fatal("dead peer not detected")
-				}
+			type end struct {
+				side string
+				d    time.Duration
 			}
-			t.Logf("%s: dead peer detected after %s (timeout %s)", tr, time.Since(cut).Round(10*time.Millisecond), testOptions().DeadPeerTimeout)
+			ended := make(chan end, 2)
+			for side, s := range map[string]*Session{"server": ss, "client": cs} {
+				go func() {
+					select {
+					case <-s.Done():
+						ended <- end{side, time.Since(cut)}
+					case <-time.After(4 * opts.DeadPeerTimeout):
+						ended <- end{side, -1}
+					}
+				}()
+			}
+			for range 2 {
+				e := <-ended
+				require.NotEqual(t, time.Duration(-1), e.d, "%s: dead peer not detected", e.side)
+				t.Logf("%s %s: dead peer detected after %s (timeout %s)", tr, e.side, e.d.Round(10*time.Millisecond), opts.DeadPeerTimeout)
+				require.GreaterOrEqual(t, e.d, earliest, "%s: declared dead before the timeout", e.side)
+				require.LessOrEqual(t, e.d, latest, "%s: dead peer detected too late", e.side)
+			}
 		})
 	}
 }

@@ -249,6 +249,13 @@ func (s *Session) drop(reason string, err error) {
 // Send queues m for the peer. It returns when the message is queued, when
 // ctx ends, or when the session ends. The send queue is bounded in bytes, so
 // a slow peer makes Send wait instead of growing memory.
+//
+// A message over the frame limit is refused with an error wrapping
+// message.ErrFrameTooLarge and the session continues. On QUIC, a large
+// message travels on its own stream and Send returns once it is written:
+// if the peer refuses it (over the peer's own limit, or not complete
+// within the peer's LargeMessageTimeout) the error says so (wrapping
+// message.ErrFrameTooLarge for the first) and the session continues.
 func (s *Session) Send(ctx context.Context, m *message.Message) error {
 	if s.ctx.Err() != nil {
 		return s.sendErr(nil)
@@ -312,23 +319,36 @@ func (s *Session) sendErr(err error) error {
 }
 
 // writeLoop drains the send queue, batching whatever is queued into one
-// write, and releases the queue's bytes once written.
+// write, and releases the queue's bytes once written. A batch is one frame
+// or several that total at most limit bytes (maxBatch, or one frame of the
+// size limit if that is smaller): a frame that would take it past that
+// waits for the next write. On WebSocket, where a write is one message, no
+// message is therefore larger than one frame of MaxFrame.
 func (s *Session) writeLoop(ctx context.Context) error {
+	limit := min(maxBatch, s.cfg.codec.MaxFrame()+frameHeaderLen)
+	var held []byte // a frame taken from the queue that did not fit the last batch
 	for {
-		var frame []byte
-		select {
-		case <-ctx.Done():
-			return nil
-		case frame = <-s.sendQ:
+		frame := held
+		held = nil
+		if frame == nil {
+			select {
+			case <-ctx.Done():
+				return nil
+			case frame = <-s.sendQ:
+			}
 		}
 		// An idle session holds no batch buffer: it borrows one per burst.
 		bp := batchPool.Get().(*[]byte)
 		batch := append((*bp)[:0], frame...)
 		count := 1
 	fill:
-		for len(batch) < maxBatch {
+		for len(batch) < limit {
 			select {
 			case frame = <-s.sendQ:
+				if len(batch)+len(frame) > limit {
+					held = frame
+					break fill
+				}
 				batch = append(batch, frame...)
 				count++
 			default:
@@ -351,6 +371,9 @@ func (s *Session) writeLoop(ctx context.Context) error {
 
 // maxBatch is how many bytes of queued frames the writer joins into one write.
 const maxBatch = 64 << 10
+
+// frameHeaderLen is the size of a frame's length prefix.
+const frameHeaderLen = 4
 
 var batchPool = sync.Pool{New: func() any { b := make([]byte, 0, maxBatch); return &b }}
 
@@ -377,7 +400,7 @@ func (s *Session) deliver(body []byte) error {
 		return nil
 	}
 	s.msgIn.Inc()
-	s.bytesIn.Add(float64(len(body) + 4))
+	s.bytesIn.Add(float64(len(body) + frameHeaderLen))
 	select {
 	case s.recvQ <- m:
 		return nil

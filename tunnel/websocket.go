@@ -23,7 +23,9 @@ const (
 )
 
 // wsLink runs a session over one WebSocket connection. Each binary
-// WebSocket message holds one or more complete length-prefixed frames.
+// WebSocket message holds one or more complete length-prefixed frames, at
+// most MaxFrame+4 bytes in all (see Session.writeLoop), and the reader
+// refuses a longer message.
 // Keepalive is WebSocket ping/pong, which gorilla interleaves with the
 // frames of a long message, so a large message does not starve it. Bulk
 // streams are separate WebSocket connections (see wsStreams).
@@ -58,7 +60,7 @@ type wsStreams interface {
 }
 
 func newWSLink(conn *websocket.Conn, c *message.Codec, keepAlive, deadPeer time.Duration, st wsStreams) *wsLink {
-	conn.SetReadLimit(int64(c.MaxFrame()) + 4)
+	conn.SetReadLimit(int64(c.MaxFrame()) + frameHeaderLen)
 	return &wsLink{conn: conn, codec: c, keepAlive: keepAlive, deadPeer: deadPeer, streams: st}
 }
 
