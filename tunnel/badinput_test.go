@@ -6,9 +6,11 @@ import (
 	"crypto/tls"
 	"encoding/binary"
 	"errors"
+	"log/slog"
 	"net"
 	"net/url"
 	"runtime"
+	"sync"
 	"testing"
 	"time"
 
@@ -525,4 +527,50 @@ func TestCancelledLargeSendKeepsSession(t *testing.T) {
 		}
 	}
 	require.NoError(t, sess.Err())
+}
+
+// countingHandler counts warnings and errors by message.
+type countingHandler struct {
+	mu     sync.Mutex
+	counts map[string]int
+}
+
+func (h *countingHandler) Enabled(_ context.Context, l slog.Level) bool { return l >= slog.LevelWarn }
+func (h *countingHandler) WithAttrs([]slog.Attr) slog.Handler           { return h }
+func (h *countingHandler) WithGroup(string) slog.Handler                { return h }
+func (h *countingHandler) Handle(_ context.Context, r slog.Record) error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.counts[r.Message]++
+	return nil
+}
+
+func (h *countingHandler) count(msg string) int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.counts[msg]
+}
+
+// TestBadInputLogsAreRateLimited: a peer repeating bad input is counted
+// every time and logged once per cause and minute.
+func TestBadInputLogsAreRateLimited(t *testing.T) {
+	ca := newTestCA(t)
+	logs := &countingHandler{counts: map[string]int{}}
+	srv := startServer(t, ca, echo, func(c *ServerConfig) { c.Logger = slog.New(logs) })
+	const n = 5
+	for range n {
+		conn, st := rawSession(t, srv, "edge-1")
+		_, err := st.Write(append(lengthPrefix(3), 0x93, 0xc1, 0xc1))
+		require.NoError(t, err)
+		<-conn.Context().Done()
+		c, err := NewClient(ClientConfig{Options: testOptions(), Servers: []string{srv.addr(TransportQUIC)}, Node: "edge-1", TLS: &tls.Config{RootCAs: ca.pool}})
+		require.NoError(t, err)
+		_, err = c.Dial(context.Background())
+		require.Error(t, err)
+	}
+	require.Eventually(t, func() bool {
+		return srv.refused(TransportQUIC, reasonFrame) == n && srv.refused(TransportQUIC, reasonCertificate) == n
+	}, 5*time.Second, 10*time.Millisecond, "every refusal is counted")
+	require.Equal(t, 1, logs.count("closing session"), "bad frames from one node are logged once")
+	require.Equal(t, 1, logs.count("peer refused"), "certificate refusals are logged once")
 }

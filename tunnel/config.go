@@ -89,7 +89,7 @@ func (o Options) withDefaults() (Options, error) {
 	return o, nil
 }
 
-func (o Options) sessionConfig(c *message.Codec, m *Metrics, drops *ratelog.Limiter) sessionConfig {
+func (o Options) sessionConfig(c *message.Codec, m *Metrics, logs *ratelog.Limiter) sessionConfig {
 	return sessionConfig{
 		codec:          c,
 		sendQueueBytes: o.SendQueueBytes,
@@ -98,6 +98,6 @@ func (o Options) sessionConfig(c *message.Codec, m *Metrics, drops *ratelog.Limi
 		recvQueue:      o.RecvQueue,
 		logger:         o.Logger,
 		metrics:        m,
-		drops:          drops,
+		logs:           logs,
 	}
 }

@@ -65,6 +65,9 @@ type Server struct {
 	metrics *Metrics
 	logger  *slog.Logger
 	sessCfg sessionConfig
+	// logs rate-limits the logs of refusals, per transport and reason,
+	// and of the sessions' own faults; every refusal is counted.
+	logs *ratelog.Limiter
 
 	mu       sync.Mutex
 	quicLn   *quic.Listener
@@ -111,7 +114,8 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 		logger:  opts.Logger.With("component", "tunnel_server"),
 		wsByID:  make(map[string]*wsServerStreams),
 	}
-	s.sessCfg = opts.sessionConfig(s.codec, metrics, ratelog.New(0, nil))
+	s.logs = ratelog.New(0, nil)
+	s.sessCfg = opts.sessionConfig(s.codec, metrics, s.logs)
 	s.upgrader = websocket.Upgrader{
 		HandshakeTimeout: opts.HandshakeTimeout,
 		ReadBufferSize:   0,        // reuse net/http's reader
@@ -169,8 +173,10 @@ func (s *Server) tlsConfig(t Transport) *tls.Config {
 }
 
 func (s *Server) refused(t Transport, reason, remote string, err error) {
-	s.logger.Warn("peer refused", "transport", string(t), "remote", remote, "reason", reason, "err", err)
 	s.metrics.Refused.WithLabelValues(string(t), reason).Inc()
+	if ok, suppressed := s.logs.Allow(string(t) + "/" + reason); ok {
+		s.logger.Warn("peer refused", "transport", string(t), "remote", remote, "reason", reason, "err", err, "suppressed", suppressed)
+	}
 }
 
 // Listen binds the configured addresses. Run calls it when it has not been

@@ -87,9 +87,10 @@ type sessionConfig struct {
 	largeTimeout   time.Duration
 	logger         *slog.Logger
 	metrics        *Metrics
-	// drops rate-limits the logs of messages dropped alone, per node and
-	// reason; it is shared by the sessions of one server or client.
-	drops *ratelog.Limiter
+	// logs rate-limits the logs of faults (sessions failed, messages
+	// dropped) per node and reason; it is shared by the sessions of one
+	// server or client. Every fault is counted.
+	logs *ratelog.Limiter
 }
 
 // Session is one authenticated connection between an edge node and the
@@ -230,10 +231,14 @@ func (s *Session) Abort(reason string) {
 	})
 }
 
-// fail ends the session because of err, logging it once.
+// fail ends the session because of err, counting it, and logging it at
+// most once a minute per node and reason (a hostile node can reconnect
+// and fail again at will).
 func (s *Session) fail(reason string, err error) {
-	s.logger.Warn("closing session", "reason", reason, "err", err)
 	s.cfg.metrics.Refused.WithLabelValues(string(s.transport), reason).Inc()
+	if ok, suppressed := s.cfg.logs.Allow(s.peer.Node + "/" + reason); ok {
+		s.logger.Warn("closing session", "reason", reason, "err", err, "suppressed", suppressed)
+	}
 	s.cancel(fmt.Errorf("%s: %w", reason, err))
 }
 
@@ -241,7 +246,7 @@ func (s *Session) fail(reason string, err error) {
 // and logs it at most once a minute per node and reason.
 func (s *Session) drop(reason string, err error) {
 	s.cfg.metrics.Refused.WithLabelValues(string(s.transport), reason).Inc()
-	if ok, suppressed := s.cfg.drops.Allow(s.peer.Node + "/" + reason); ok {
+	if ok, suppressed := s.cfg.logs.Allow(s.peer.Node + "/" + reason); ok {
 		s.logger.Warn("message dropped", "reason", reason, "err", err, "suppressed", suppressed)
 	}
 }
