@@ -500,6 +500,23 @@ func TestStalledLargeStreamsAreBoundedAndReset(t *testing.T) {
 	require.Less(t, allocated, uint64(4<<20), "stalled streams must not pin their declared size")
 	require.Equal(t, before+16, srv.refused(TransportQUIC, reasonLargeTimeout))
 	requireEchoes(t, st, 8)
+
+	// A complete frame whose stream never ends is late too, not a second
+	// frame: reset, counted, session kept.
+	uni, err := conn.OpenUniStreamSync(ctx)
+	require.NoError(t, err)
+	_, err = uni.Write(mustFrame(t, &message.Message{ID: 9, Kind: message.KindEvent, Op: message.OpUpsert, Payload: make([]byte, 40<<10)}))
+	require.NoError(t, err)
+	select {
+	case <-uni.Context().Done():
+	case <-ctx.Done():
+		t.Fatal("server did not reset a large stream without its end")
+	}
+	var serr *quic.StreamError
+	require.ErrorAs(t, context.Cause(uni.Context()), &serr)
+	require.Equal(t, quicStreamTimeout, serr.ErrorCode)
+	require.Equal(t, before+17, srv.refused(TransportQUIC, reasonLargeTimeout))
+	requireEchoes(t, st, 10)
 }
 
 // TestCancelledLargeSendKeepsSession: a large Send whose context ends

@@ -133,12 +133,17 @@ func (l *quicLink) readLarge(ctx context.Context, rs *quic.ReceiveStream, sink l
 	_ = rs.SetReadDeadline(time.Now().Add(l.largeTimeout)) // cannot fail
 	body, err := l.codec.ReadFrame(rs)
 	if err == nil {
-		if _, err := rs.Read(make([]byte, 1)); !errors.Is(err, io.EOF) {
+		// The frame must be followed by the stream's end.
+		var n int
+		n, err = rs.Read(make([]byte, 1))
+		switch {
+		case errors.Is(err, io.EOF) && n == 0:
+			return sink.deliver(body)
+		case n > 0:
 			rs.CancelRead(quicStreamCancel)
 			sink.fail(fmt.Errorf("large-message stream carries more than one frame: %w", message.ErrMalformed))
 			return nil
 		}
-		return sink.deliver(body)
 	}
 	var serr *quic.StreamError
 	switch {
