@@ -412,6 +412,19 @@ func requireEchoes(t *testing.T, st *quic.Stream, id uint64) {
 	}
 }
 
+// requireReset waits until the peer resets uni and checks its code.
+func requireReset(t *testing.T, uni *quic.SendStream, code quic.StreamErrorCode) {
+	t.Helper()
+	select {
+	case <-uni.Context().Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("server did not reset the stream")
+	}
+	var serr *quic.StreamError
+	require.ErrorAs(t, context.Cause(uni.Context()), &serr)
+	require.Equal(t, code, serr.ErrorCode)
+}
+
 // TestLargeMessageStreamViolations: a uni stream carrying two frames ends
 // the session as a counted bad frame (the peer's encoder is broken); one
 // declaring more than the frame limit is reset with the too-large code and
@@ -442,14 +455,7 @@ func TestLargeMessageStreamViolations(t *testing.T) {
 		require.NoError(t, err)
 		_, err = uni.Write(lengthPrefix(message.DefaultMaxFrame + 1))
 		require.NoError(t, err)
-		select {
-		case <-uni.Context().Done():
-		case <-time.After(10 * time.Second):
-			t.Fatal("server did not reset the stream")
-		}
-		var serr *quic.StreamError
-		require.ErrorAs(t, context.Cause(uni.Context()), &serr)
-		require.Equal(t, quicStreamTooLarge, serr.ErrorCode)
+		requireReset(t, uni, quicStreamTooLarge)
 		require.Equal(t, before+1, srv.refused(TransportQUIC, reasonTooLarge))
 		requireEchoes(t, st, 7)
 	})
@@ -482,14 +488,7 @@ func TestStalledLargeStreamsAreBoundedAndReset(t *testing.T) {
 	}
 	opened := time.Now()
 	for _, uni := range streams {
-		select {
-		case <-uni.Context().Done():
-		case <-ctx.Done():
-			t.Fatal("server did not reset a stalled large stream")
-		}
-		var serr *quic.StreamError
-		require.ErrorAs(t, context.Cause(uni.Context()), &serr)
-		require.Equal(t, quicStreamTimeout, serr.ErrorCode)
+		requireReset(t, uni, quicStreamTimeout)
 	}
 	elapsed := time.Since(opened)
 	runtime.ReadMemStats(&m1)
@@ -507,14 +506,7 @@ func TestStalledLargeStreamsAreBoundedAndReset(t *testing.T) {
 	require.NoError(t, err)
 	_, err = uni.Write(mustFrame(t, &message.Message{ID: 9, Kind: message.KindEvent, Op: message.OpUpsert, Payload: make([]byte, 40<<10)}))
 	require.NoError(t, err)
-	select {
-	case <-uni.Context().Done():
-	case <-ctx.Done():
-		t.Fatal("server did not reset a large stream without its end")
-	}
-	var serr *quic.StreamError
-	require.ErrorAs(t, context.Cause(uni.Context()), &serr)
-	require.Equal(t, quicStreamTimeout, serr.ErrorCode)
+	requireReset(t, uni, quicStreamTimeout)
 	require.Equal(t, before+17, srv.refused(TransportQUIC, reasonLargeTimeout))
 	requireEchoes(t, st, 10)
 }
