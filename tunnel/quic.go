@@ -37,9 +37,10 @@ const (
 	quicStreamTimeout quic.StreamErrorCode = 3
 )
 
-// errLargeTimeout is wrapped by a Send whose large message the peer reset
-// for arriving too slowly.
-var errLargeTimeout = errors.New("tunnel: peer reset a large message that did not arrive within its timeout")
+// ErrLargeMessageTimeout is wrapped by the error of a Send whose large
+// message the peer reset for not arriving within its LargeMessageTimeout.
+// Only that message is lost; the session continues.
+var ErrLargeMessageTimeout = errors.New("tunnel: peer reset a large message that did not arrive within its timeout")
 
 // quicLink runs a session over one QUIC connection: an ordered control
 // stream at the highest priority, one unidirectional stream per large
@@ -83,7 +84,7 @@ func (l *quicLink) writeLarge(ctx context.Context, frame []byte) (bool, error) {
 			case quicStreamTooLarge:
 				return true, fmt.Errorf("write large message: peer refused it: %w", message.ErrFrameTooLarge)
 			case quicStreamTimeout:
-				return true, fmt.Errorf("write large message: %w", errLargeTimeout)
+				return true, fmt.Errorf("write large message: %w", ErrLargeMessageTimeout)
 			}
 		}
 		return true, fmt.Errorf("write large message: %w", err)

@@ -255,12 +255,14 @@ func (s *Session) drop(reason string, err error) {
 // ctx ends, or when the session ends. The send queue is bounded in bytes, so
 // a slow peer makes Send wait instead of growing memory.
 //
-// A message over the frame limit is refused with an error wrapping
-// message.ErrFrameTooLarge and the session continues. On QUIC, a large
-// message travels on its own stream and Send returns once it is written:
-// if the peer refuses it (over the peer's own limit, or not complete
-// within the peer's LargeMessageTimeout) the error says so (wrapping
-// message.ErrFrameTooLarge for the first) and the session continues.
+// An error that does not wrap ErrSessionClosed means that this message
+// was not sent and the session continues: ctx ended, or the message is
+// over the frame limit (message.ErrFrameTooLarge, before anything is
+// sent). On QUIC a large message travels on its own stream and Send
+// returns once it is written; if the peer resets that stream, for being
+// over the peer's own limit (message.ErrFrameTooLarge) or for not
+// arriving within its LargeMessageTimeout (ErrLargeMessageTimeout), only
+// that message is lost.
 func (s *Session) Send(ctx context.Context, m *message.Message) error {
 	if s.ctx.Err() != nil {
 		return s.sendErr(nil)

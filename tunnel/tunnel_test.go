@@ -680,3 +680,18 @@ func TestWebSocketBatchesStayWithinPeerLimits(t *testing.T) {
 		})
 	}
 }
+
+// TestLateLargeMessageFailsOnlyItsSend: a receiver whose large-message
+// deadline is shorter than a 4 MiB transfer resets the stream; the
+// sender's Send says why and the session goes on.
+func TestLateLargeMessageFailsOnlyItsSend(t *testing.T) {
+	ca := newTestCA(t)
+	srv := startServer(t, ca, echo, func(c *ServerConfig) { c.LargeMessageTimeout = time.Millisecond })
+	ctx, sess := dialTest(t, newTestClient(t, ca, "edge-1", srv.addr(TransportQUIC)))
+	before := srv.refused(TransportQUIC, reasonLargeTimeout)
+	err := sess.Send(ctx, &message.Message{ID: 1, Kind: message.KindEvent, Op: message.OpUpsert, Payload: make([]byte, 4<<20-1024)})
+	require.ErrorIs(t, err, ErrLargeMessageTimeout)
+	require.NotErrorIs(t, err, ErrSessionClosed)
+	require.Equal(t, before+1, srv.refused(TransportQUIC, reasonLargeTimeout))
+	requireRoundTrip(ctx, t, sess, 2)
+}
