@@ -6,8 +6,11 @@ import (
 	"crypto/tls"
 	"encoding/binary"
 	"errors"
+	"log/slog"
 	"net"
 	"net/url"
+	"runtime"
+	"sync"
 	"testing"
 	"time"
 
@@ -307,7 +310,9 @@ func TestRefusesNonTLSAndGarbage(t *testing.T) {
 }
 
 // TestDeadPeerDetected cuts the network between client and server: both
-// ends must declare the session dead after about DeadPeerTimeout.
+// ends must declare the session dead once DeadPeerTimeout has passed
+// without hearing from the peer: not before the timeout less two
+// keepalive intervals, and not more than half the timeout after it.
 func TestDeadPeerDetected(t *testing.T) {
 	ca := newTestCA(t)
 	serverSessions := make(chan *Session, 4)
@@ -318,6 +323,11 @@ func TestDeadPeerDetected(t *testing.T) {
 		case <-s.Done():
 		}
 	}), nil)
+	opts := testOptions()
+	// The last packet heard before the cut left at most one keepalive
+	// interval earlier, give or take the scheduling of a loaded machine.
+	earliest := opts.DeadPeerTimeout - 2*opts.KeepAlive
+	latest := opts.DeadPeerTimeout + opts.DeadPeerTimeout/2
 	for _, tr := range transports {
 		t.Run(string(tr), func(t *testing.T) {
 			var p *partitionProxy
@@ -329,7 +339,7 @@ func TestDeadPeerDetected(t *testing.T) {
 				p = startTCPProxy(t, srv.WebSocketAddr().String())
 				addr = "wss://" + p.addr
 			}
-			c, err := NewClient(ClientConfig{Options: testOptions(), Servers: []string{addr}, Node: "edge-1",
+			c, err := NewClient(ClientConfig{Options: opts, Servers: []string{addr}, Node: "edge-1",
 				TLS: ca.clientTLS(t, certOpts{cn: "edge-1"})})
 			require.NoError(t, err)
 			cs, err := c.Dial(context.Background())
@@ -337,51 +347,169 @@ func TestDeadPeerDetected(t *testing.T) {
 			defer cs.Close("done")
 			ss := <-serverSessions
 			// Keepalive holds an idle session open well past the timeout.
-			time.Sleep(2 * testOptions().DeadPeerTimeout)
-			require.NoError(t, ss.Err(), "an idle but healthy session must stay up")
+			select {
+			case <-ss.Done():
+				t.Fatalf("an idle but healthy session must stay up: %v", ss.Err())
+			case <-cs.Done():
+				t.Fatalf("an idle but healthy session must stay up: %v", cs.Err())
+			case <-time.After(2 * opts.DeadPeerTimeout):
+			}
 			p.cut.Store(true)
 			cut := time.Now()
-			for _, s := range []*Session{ss, cs} {
-				select {
-				case <-s.Done():
-				case <-time.After(20 * time.Second):
-					t.Fatal("dead peer not detected")
-				}
+			type end struct {
+				side string
+				d    time.Duration
 			}
-			t.Logf("%s: dead peer detected after %s (timeout %s)", tr, time.Since(cut).Round(10*time.Millisecond), testOptions().DeadPeerTimeout)
+			ended := make(chan end, 2)
+			for side, s := range map[string]*Session{"server": ss, "client": cs} {
+				go func() {
+					select {
+					case <-s.Done():
+						ended <- end{side, time.Since(cut)}
+					case <-time.After(4 * opts.DeadPeerTimeout):
+						ended <- end{side, -1}
+					}
+				}()
+			}
+			for range 2 {
+				e := <-ended
+				require.NotEqual(t, time.Duration(-1), e.d, "%s: dead peer not detected", e.side)
+				t.Logf("%s %s: dead peer detected after %s (timeout %s)", tr, e.side, e.d.Round(10*time.Millisecond), opts.DeadPeerTimeout)
+				require.GreaterOrEqual(t, e.d, earliest, "%s: declared dead before the timeout", e.side)
+				require.LessOrEqual(t, e.d, latest, "%s: dead peer detected too late", e.side)
+			}
 		})
 	}
 }
 
-// TestLargeMessageStreamViolations: a uni stream carrying two frames, or an
-// oversized length, ends the session as a counted bad frame.
+// rawSession opens an authenticated QUIC connection and completes the
+// hello on its control stream.
+func rawSession(t *testing.T, srv *testServer, node string) (*quic.Conn, *quic.Stream) {
+	t.Helper()
+	conn, st := rawQUIC(t, srv, node)
+	_, err := st.Write(helloFrame(t, message.ProtocolVersion, node))
+	require.NoError(t, err)
+	_, err = message.NewCodec(0).ReadFrame(st) // hello ack
+	require.NoError(t, err)
+	return conn, st
+}
+
+// requireEchoes checks that a raw session still works: an event sent on
+// the control stream is acked.
+func requireEchoes(t *testing.T, st *quic.Stream, id uint64) {
+	t.Helper()
+	_, err := st.Write(mustFrame(t, &message.Message{ID: id, Kind: message.KindEvent, Op: message.OpUpsert}))
+	require.NoError(t, err)
+	c := message.NewCodec(0)
+	require.NoError(t, st.SetReadDeadline(time.Now().Add(10*time.Second)))
+	for {
+		body, err := c.ReadFrame(st)
+		require.NoError(t, err, "the session must survive")
+		var m message.Message
+		require.NoError(t, c.Unmarshal(body, &m))
+		if m.ReplyTo == id {
+			return
+		}
+	}
+}
+
+// requireReset waits until the peer resets uni and checks its code.
+func requireReset(t *testing.T, uni *quic.SendStream, code quic.StreamErrorCode) {
+	t.Helper()
+	select {
+	case <-uni.Context().Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("server did not reset the stream")
+	}
+	var serr *quic.StreamError
+	require.ErrorAs(t, context.Cause(uni.Context()), &serr)
+	require.Equal(t, code, serr.ErrorCode)
+}
+
+// TestLargeMessageStreamViolations: a uni stream carrying two frames ends
+// the session as a counted bad frame (the peer's encoder is broken); one
+// declaring more than the frame limit is reset with the too-large code and
+// counted, and the session continues (the stream is self-contained, and a
+// peer with a larger limit is misconfigured, not hostile).
 func TestLargeMessageStreamViolations(t *testing.T) {
 	ca := newTestCA(t)
 	srv := startServer(t, ca, echo, nil)
-	for name, payload := range map[string][]byte{
-		"two frames": append(mustFrame(t, &message.Message{Kind: message.KindAck}), mustFrame(t, &message.Message{Kind: message.KindAck})...),
-		"oversized":  lengthPrefix(message.DefaultMaxFrame + 1),
-	} {
-		t.Run(name, func(t *testing.T) {
-			before := srv.refused(TransportQUIC, reasonFrame)
-			conn, st := rawQUIC(t, srv, "edge-1")
-			_, err := st.Write(helloFrame(t, message.ProtocolVersion, "edge-1"))
-			require.NoError(t, err)
-			_, err = message.NewCodec(0).ReadFrame(st)
-			require.NoError(t, err)
-			uni, err := conn.OpenUniStream()
-			require.NoError(t, err)
-			_, err = uni.Write(payload)
-			require.NoError(t, err)
-			require.NoError(t, uni.Close())
-			select {
-			case <-conn.Context().Done():
-			case <-time.After(10 * time.Second):
-				t.Fatal("server did not close the connection")
-			}
-			require.Eventually(t, func() bool { return srv.refused(TransportQUIC, reasonFrame) > before }, 5*time.Second, 10*time.Millisecond)
-		})
+	t.Run("two frames", func(t *testing.T) {
+		before := srv.refused(TransportQUIC, reasonFrame)
+		conn, _ := rawSession(t, srv, "edge-1")
+		uni, err := conn.OpenUniStream()
+		require.NoError(t, err)
+		_, err = uni.Write(append(mustFrame(t, &message.Message{Kind: message.KindAck}), mustFrame(t, &message.Message{Kind: message.KindAck})...))
+		require.NoError(t, err)
+		require.NoError(t, uni.Close())
+		select {
+		case <-conn.Context().Done():
+		case <-time.After(10 * time.Second):
+			t.Fatal("server did not close the connection")
+		}
+		require.Eventually(t, func() bool { return srv.refused(TransportQUIC, reasonFrame) > before }, 5*time.Second, 10*time.Millisecond)
+	})
+	t.Run("oversized", func(t *testing.T) {
+		before := srv.refused(TransportQUIC, reasonTooLarge)
+		conn, st := rawSession(t, srv, "edge-1")
+		uni, err := conn.OpenUniStream()
+		require.NoError(t, err)
+		_, err = uni.Write(lengthPrefix(message.DefaultMaxFrame + 1))
+		require.NoError(t, err)
+		requireReset(t, uni, quicStreamTooLarge)
+		require.Equal(t, before+1, srv.refused(TransportQUIC, reasonTooLarge))
+		requireEchoes(t, st, 7)
+	})
+}
+
+// TestStalledLargeStreamsAreBoundedAndReset: a peer opens as many large
+// streams as QUIC lets it, each declaring the largest frame, and sends
+// nothing more. The server allocates as bytes arrive, so memory stays
+// small (it used to allocate 16 x 4 MiB at once); each stream is reset
+// with the timeout code after LargeMessageTimeout, not before; each reset
+// is counted; and the session goes on working.
+func TestStalledLargeStreamsAreBoundedAndReset(t *testing.T) {
+	const timeout = time.Second
+	ca := newTestCA(t)
+	srv := startServer(t, ca, echo, func(c *ServerConfig) { c.LargeMessageTimeout = timeout })
+	conn, st := rawSession(t, srv, "edge-1")
+	before := srv.refused(TransportQUIC, reasonLargeTimeout)
+	var m0, m1 runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&m0)
+	var streams []*quic.SendStream
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for range 16 {
+		uni, err := conn.OpenUniStreamSync(ctx)
+		require.NoError(t, err)
+		_, err = uni.Write(lengthPrefix(message.DefaultMaxFrame))
+		require.NoError(t, err)
+		streams = append(streams, uni)
 	}
+	opened := time.Now()
+	for _, uni := range streams {
+		requireReset(t, uni, quicStreamTimeout)
+	}
+	elapsed := time.Since(opened)
+	runtime.ReadMemStats(&m1)
+	allocated := m1.TotalAlloc - m0.TotalAlloc
+	t.Logf("16 stalled streams declaring %d MiB each: %d KiB allocated in the process until all were reset after %s",
+		message.DefaultMaxFrame>>20, allocated>>10, elapsed.Round(time.Millisecond))
+	require.GreaterOrEqual(t, elapsed, timeout, "streams reset before their deadline")
+	require.Less(t, allocated, uint64(4<<20), "stalled streams must not pin their declared size")
+	require.Equal(t, before+16, srv.refused(TransportQUIC, reasonLargeTimeout))
+	requireEchoes(t, st, 8)
+
+	// A complete frame whose stream never ends is late too, not a second
+	// frame: reset, counted, session kept.
+	uni, err := conn.OpenUniStreamSync(ctx)
+	require.NoError(t, err)
+	_, err = uni.Write(mustFrame(t, &message.Message{ID: 9, Kind: message.KindEvent, Op: message.OpUpsert, Payload: make([]byte, 40<<10)}))
+	require.NoError(t, err)
+	requireReset(t, uni, quicStreamTimeout)
+	require.Equal(t, before+17, srv.refused(TransportQUIC, reasonLargeTimeout))
+	requireEchoes(t, st, 10)
 }
 
 // TestCancelledLargeSendKeepsSession: a large Send whose context ends
@@ -409,4 +537,50 @@ func TestCancelledLargeSendKeepsSession(t *testing.T) {
 		}
 	}
 	require.NoError(t, sess.Err())
+}
+
+// countingHandler counts warnings and errors by message.
+type countingHandler struct {
+	mu     sync.Mutex
+	counts map[string]int
+}
+
+func (h *countingHandler) Enabled(_ context.Context, l slog.Level) bool { return l >= slog.LevelWarn }
+func (h *countingHandler) WithAttrs([]slog.Attr) slog.Handler           { return h }
+func (h *countingHandler) WithGroup(string) slog.Handler                { return h }
+func (h *countingHandler) Handle(_ context.Context, r slog.Record) error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.counts[r.Message]++
+	return nil
+}
+
+func (h *countingHandler) count(msg string) int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.counts[msg]
+}
+
+// TestBadInputLogsAreRateLimited: a peer repeating bad input is counted
+// every time and logged once per cause and minute.
+func TestBadInputLogsAreRateLimited(t *testing.T) {
+	ca := newTestCA(t)
+	logs := &countingHandler{counts: map[string]int{}}
+	srv := startServer(t, ca, echo, func(c *ServerConfig) { c.Logger = slog.New(logs) })
+	const n = 5
+	for range n {
+		conn, st := rawSession(t, srv, "edge-1")
+		_, err := st.Write(append(lengthPrefix(3), 0x93, 0xc1, 0xc1))
+		require.NoError(t, err)
+		<-conn.Context().Done()
+		c, err := NewClient(ClientConfig{Options: testOptions(), Servers: []string{srv.addr(TransportQUIC)}, Node: "edge-1", TLS: &tls.Config{RootCAs: ca.pool}})
+		require.NoError(t, err)
+		_, err = c.Dial(context.Background())
+		require.Error(t, err)
+	}
+	require.Eventually(t, func() bool {
+		return srv.refused(TransportQUIC, reasonFrame) == n && srv.refused(TransportQUIC, reasonCertificate) == n
+	}, 5*time.Second, 10*time.Millisecond, "every refusal is counted")
+	require.Equal(t, 1, logs.count("closing session"), "bad frames from one node are logged once")
+	require.Equal(t, 1, logs.count("peer refused"), "certificate refusals are logged once")
 }

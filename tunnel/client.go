@@ -17,6 +17,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/tetheredge/tether/common/message"
+	"github.com/tetheredge/tether/common/ratelog"
 )
 
 // ClientConfig configures a Client.
@@ -54,6 +55,7 @@ type Client struct {
 	codec     *message.Codec
 	metrics   *Metrics
 	logger    *slog.Logger
+	sessCfg   sessionConfig
 	endpoints []endpoint
 
 	mu   sync.Mutex
@@ -100,11 +102,17 @@ func NewClient(cfg ClientConfig) (*Client, error) {
 	if len(eps) == 0 {
 		return nil, errors.New("tunnel client config: no servers")
 	}
+	metrics, err := newMetrics(opts.Registerer, "client")
+	if err != nil {
+		return nil, fmt.Errorf("tunnel client: %w", err)
+	}
+	codec := message.NewCodec(opts.MaxFrame)
 	return &Client{
 		cfg:       cfg,
-		codec:     message.NewCodec(opts.MaxFrame),
-		metrics:   newMetrics(opts.Registerer, "client"),
+		codec:     codec,
+		metrics:   metrics,
 		logger:    opts.Logger.With("component", "tunnel_client", "node", cfg.Node),
+		sessCfg:   opts.sessionConfig(codec, metrics, ratelog.New(0, nil)),
 		endpoints: eps,
 	}, nil
 }
@@ -178,7 +186,7 @@ func (c *Client) dialQUIC(ctx context.Context, ep endpoint, deadline time.Time) 
 		_ = conn.CloseWithError(quicCodeClosed, "")
 		return nil, fmt.Errorf("open control stream: %w", err)
 	}
-	l := newQUICLink(conn, ctrl, c.codec)
+	l := newQUICLink(conn, ctrl, c.codec, c.cfg.LargeMessageTimeout)
 	ack, err := clientHello(l, c.codec, c.cfg.Node, c.cfg.Agent, deadline)
 	if err != nil {
 		var appErr *quic.ApplicationError
@@ -188,7 +196,7 @@ func (c *Client) dialQUIC(ctx context.Context, ep endpoint, deadline time.Time) 
 		_ = conn.CloseWithError(quicCodeClosed, "hello failed")
 		return nil, err
 	}
-	sess := newSession(ack.Session, c.serverIdentity(conn.ConnectionState().TLS), TransportQUIC, l, c.cfg.sessionConfig(c.codec, c.metrics))
+	sess := newSession(ack.Session, c.serverIdentity(conn.ConnectionState().TLS), TransportQUIC, l, c.sessCfg)
 	c.started(sess)
 	return sess, nil
 }
@@ -221,7 +229,7 @@ func (c *Client) dialWebSocket(ctx context.Context, ep endpoint, deadline time.T
 		return nil, err
 	}
 	streams.session = ack.Session
-	sess := newSession(ack.Session, c.serverIdentity(conn.UnderlyingConn().(*tls.Conn).ConnectionState()), TransportWebSocket, l, c.cfg.sessionConfig(c.codec, c.metrics))
+	sess := newSession(ack.Session, c.serverIdentity(conn.UnderlyingConn().(*tls.Conn).ConnectionState()), TransportWebSocket, l, c.sessCfg)
 	streams.done = sess.ctx.Done()
 	c.started(sess)
 	return sess, nil

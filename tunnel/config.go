@@ -8,6 +8,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/tetheredge/tether/common/message"
+	"github.com/tetheredge/tether/common/ratelog"
 )
 
 // Options are the settings shared by servers and clients. Every field's
@@ -31,11 +32,19 @@ type Options struct {
 	// LargeMessage is the frame size above which a message travels on its
 	// own QUIC stream instead of the ordered control stream. Default 32 KiB.
 	LargeMessage int
+	// LargeMessageTimeout bounds how long one large message may take to
+	// arrive on its own QUIC stream, from the stream's arrival to its last
+	// byte. A stream not complete by then is reset and counted
+	// (tether_tunnel_refused_total{reason="large_message_timeout"}); the
+	// session continues and the sender's Send fails. It must cover
+	// MaxFrame at the slowest link served: 4 MiB at 1 Mbit/s takes 34 s.
+	// Default 60s.
+	LargeMessageTimeout time.Duration
 	// RecvQueue is how many received messages wait for Recv before the
 	// reader stops reading (and the transport's flow control pushes back).
 	// Default 256.
 	RecvQueue int
-	// Logger receives the tunnel's logs. Default slog.Default().
+	// Logger receives the tunnel's logs. Default: discarded.
 	Logger *slog.Logger
 	// Registerer, when set, gets the tunnel's Prometheus metrics.
 	Registerer prometheus.Registerer
@@ -71,19 +80,24 @@ func (o Options) withDefaults() (Options, error) {
 	if o.RecvQueue <= 0 {
 		o.RecvQueue = 256
 	}
+	if o.LargeMessageTimeout <= 0 {
+		o.LargeMessageTimeout = 60 * time.Second
+	}
 	if o.Logger == nil {
-		o.Logger = slog.Default()
+		o.Logger = slog.New(slog.DiscardHandler)
 	}
 	return o, nil
 }
 
-func (o Options) sessionConfig(c *message.Codec, m *Metrics) sessionConfig {
+func (o Options) sessionConfig(c *message.Codec, m *Metrics, logs *ratelog.Limiter) sessionConfig {
 	return sessionConfig{
 		codec:          c,
 		sendQueueBytes: o.SendQueueBytes,
 		largeThreshold: o.LargeMessage,
+		largeTimeout:   o.LargeMessageTimeout,
 		recvQueue:      o.RecvQueue,
 		logger:         o.Logger,
 		metrics:        m,
+		logs:           logs,
 	}
 }

@@ -1,6 +1,8 @@
 package tunnel
 
 import (
+	"fmt"
+
 	"github.com/prometheus/client_golang/prometheus"
 )
 
@@ -32,9 +34,13 @@ const (
 	reasonTimeout     = "handshake_timeout"
 	reasonFrame       = "bad_frame"
 	reasonOverload    = "overload"
+	// Reasons of messages dropped alone, their QUIC large-message stream
+	// reset while the session continues.
+	reasonLargeTimeout = "large_message_timeout"
+	reasonTooLarge     = "frame_too_large"
 )
 
-func newMetrics(reg prometheus.Registerer, side string) *Metrics {
+func newMetrics(reg prometheus.Registerer, side string) (*Metrics, error) {
 	labels := prometheus.Labels{"side": side}
 	m := &Metrics{
 		SessionsOpened: prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -57,7 +63,11 @@ func newMetrics(reg prometheus.Registerer, side string) *Metrics {
 		}, []string{"direction"}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.SessionsOpened, m.SessionsActive, m.Refused, m.Messages, m.DialFailures, m.Bytes)
+		for _, c := range []prometheus.Collector{m.SessionsOpened, m.SessionsActive, m.Refused, m.Messages, m.DialFailures, m.Bytes} {
+			if err := reg.Register(c); err != nil {
+				return nil, fmt.Errorf("register tunnel metrics: %w", err)
+			}
+		}
 	}
-	return m
+	return m, nil
 }

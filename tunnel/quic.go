@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"time"
 
 	"github.com/quic-go/quic-go"
@@ -19,24 +20,42 @@ const alpnQUIC = "tether/1"
 
 // QUIC application error codes used when closing a connection.
 const (
-	quicCodeClosed   quic.ApplicationErrorCode = 0
-	quicCodeRefused  quic.ApplicationErrorCode = 1
-	quicStreamCancel quic.StreamErrorCode      = 1
+	quicCodeClosed  quic.ApplicationErrorCode = 0
+	quicCodeRefused quic.ApplicationErrorCode = 1
 )
+
+// QUIC stream error codes, with which one end resets a stream.
+const (
+	// quicStreamCancel: the sender gave up on the message (its Send's
+	// context ended), or the receiver is closing.
+	quicStreamCancel quic.StreamErrorCode = 1
+	// quicStreamTooLarge: the receiver refused a large message over its
+	// frame limit; the sender's Send returns message.ErrFrameTooLarge.
+	quicStreamTooLarge quic.StreamErrorCode = 2
+	// quicStreamTimeout: the large message was not complete within the
+	// receiver's LargeMessageTimeout.
+	quicStreamTimeout quic.StreamErrorCode = 3
+)
+
+// ErrLargeMessageTimeout is wrapped by the error of a Send whose large
+// message the peer reset for not arriving within its LargeMessageTimeout.
+// Only that message is lost; the session continues.
+var ErrLargeMessageTimeout = errors.New("tunnel: peer reset a large message that did not arrive within its timeout")
 
 // quicLink runs a session over one QUIC connection: an ordered control
 // stream at the highest priority, one unidirectional stream per large
 // message, and bidirectional streams for bulk data.
 type quicLink struct {
-	conn  *quic.Conn
-	ctrl  *quic.Stream
-	br    *bufio.Reader
-	codec *message.Codec
+	conn         *quic.Conn
+	ctrl         *quic.Stream
+	br           *bufio.Reader
+	codec        *message.Codec
+	largeTimeout time.Duration // how long one incoming large message may take
 }
 
-func newQUICLink(conn *quic.Conn, ctrl *quic.Stream, c *message.Codec) *quicLink {
+func newQUICLink(conn *quic.Conn, ctrl *quic.Stream, c *message.Codec, largeTimeout time.Duration) *quicLink {
 	ctrl.SetPriority(0, false)
-	return &quicLink{conn: conn, ctrl: ctrl, br: bufio.NewReaderSize(ctrl, 4096), codec: c}
+	return &quicLink{conn: conn, ctrl: ctrl, br: bufio.NewReaderSize(ctrl, 4096), codec: c, largeTimeout: largeTimeout}
 }
 
 func (l *quicLink) writeFrames(batch []byte) error {
@@ -59,40 +78,28 @@ func (l *quicLink) writeLarge(ctx context.Context, frame []byte) (bool, error) {
 		if ctx.Err() != nil {
 			return true, ctx.Err()
 		}
+		var serr *quic.StreamError
+		if errors.As(err, &serr) && serr.Remote {
+			switch serr.ErrorCode {
+			case quicStreamTooLarge:
+				return true, fmt.Errorf("write large message: peer refused it: %w", message.ErrFrameTooLarge)
+			case quicStreamTimeout:
+				return true, fmt.Errorf("write large message: %w", ErrLargeMessageTimeout)
+			}
+		}
 		return true, fmt.Errorf("write large message: %w", err)
 	}
 	return true, st.Close()
 }
 
-func (l *quicLink) run(ctx context.Context, g *errgroup.Group, deliver func([]byte) error, fail func(error)) error {
+func (l *quicLink) run(ctx context.Context, g *errgroup.Group, sink linkSink) error {
 	g.Go(func() error {
 		for {
 			rs, err := l.conn.AcceptUniStream(ctx)
 			if err != nil {
 				return nil // the connection is closing; the control stream reports why
 			}
-			g.Go(func() error {
-				body, err := l.codec.ReadFrame(rs)
-				if err != nil {
-					rs.CancelRead(quicStreamCancel)
-					var serr *quic.StreamError
-					switch {
-					case ctx.Err() != nil:
-					case errors.As(err, &serr) && serr.Remote && serr.ErrorCode == quicStreamCancel:
-						// The sender gave up on this message (its Send's
-						// context ended): drop it, keep the session.
-					case errors.Is(err, message.ErrFrameTooLarge), errors.Is(err, message.ErrEmptyFrame), errors.Is(err, io.ErrUnexpectedEOF):
-						fail(fmt.Errorf("large-message stream: %w", err))
-					}
-					return nil
-				}
-				if _, err := rs.Read(make([]byte, 1)); !errors.Is(err, io.EOF) {
-					rs.CancelRead(quicStreamCancel)
-					fail(fmt.Errorf("large-message stream carries more than one frame: %w", message.ErrMalformed))
-					return nil
-				}
-				return deliver(body)
-			})
+			g.Go(func() error { return l.readLarge(ctx, rs, sink) })
 		}
 	})
 	for {
@@ -110,10 +117,54 @@ func (l *quicLink) run(ctx context.Context, g *errgroup.Group, deliver func([]by
 			}
 			return fmt.Errorf("read control stream: %w", err)
 		}
-		if err := deliver(body); err != nil {
+		if err := sink.deliver(body); err != nil {
 			return err
 		}
 	}
+}
+
+// readLarge reads the one frame of a large-message stream and delivers it.
+// The stream is self-contained, so what goes wrong with it alone is dealt
+// with alone: a message over the frame limit, or one not complete within
+// largeTimeout, resets this stream, is counted, and the session continues
+// (its body is allocated as it arrives, so a stalled stream pins what was
+// sent, not what was declared). A stream that ends inside its frame or
+// carries more than one is a broken peer, and ends the session.
+func (l *quicLink) readLarge(ctx context.Context, rs *quic.ReceiveStream, sink linkSink) error {
+	_ = rs.SetReadDeadline(time.Now().Add(l.largeTimeout)) // cannot fail
+	body, err := l.codec.ReadFrame(rs)
+	if err == nil {
+		// The frame must be followed by the stream's end.
+		var n int
+		n, err = rs.Read(make([]byte, 1))
+		switch {
+		case errors.Is(err, io.EOF) && n == 0:
+			return sink.deliver(body)
+		case n > 0:
+			rs.CancelRead(quicStreamCancel)
+			sink.fail(fmt.Errorf("large-message stream carries more than one frame: %w", message.ErrMalformed))
+			return nil
+		}
+	}
+	var serr *quic.StreamError
+	switch {
+	case ctx.Err() != nil:
+		rs.CancelRead(quicStreamCancel)
+	case errors.As(err, &serr) && serr.Remote && serr.ErrorCode == quicStreamCancel:
+		// The sender gave up on this message (its Send's context ended).
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		sink.drop(reasonLargeTimeout, fmt.Errorf("large message not complete within %s: %w", l.largeTimeout, err))
+		rs.CancelRead(quicStreamTimeout) // after counting, so that the count is visible when the peer learns
+	case errors.Is(err, message.ErrFrameTooLarge):
+		sink.drop(reasonTooLarge, fmt.Errorf("large-message stream: %w", err))
+		rs.CancelRead(quicStreamTooLarge)
+	case errors.Is(err, message.ErrEmptyFrame), errors.Is(err, io.ErrUnexpectedEOF):
+		rs.CancelRead(quicStreamCancel)
+		sink.fail(fmt.Errorf("large-message stream: %w", err))
+	default: // the connection is failing; the control stream reports why
+		rs.CancelRead(quicStreamCancel)
+	}
+	return nil
 }
 
 func (l *quicLink) openStream(ctx context.Context) (Stream, error) {

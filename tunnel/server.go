@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/tetheredge/tether/common/message"
+	"github.com/tetheredge/tether/common/ratelog"
 )
 
 // Handler serves one established session. The server closes the session
@@ -63,6 +64,10 @@ type Server struct {
 	codec   *message.Codec
 	metrics *Metrics
 	logger  *slog.Logger
+	sessCfg sessionConfig
+	// logs rate-limits the logs of refusals, per transport and reason,
+	// and of the sessions' own faults; every refusal is counted.
+	logs *ratelog.Limiter
 
 	mu       sync.Mutex
 	quicLn   *quic.Listener
@@ -98,13 +103,19 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
+	metrics, err := newMetrics(opts.Registerer, "server")
+	if err != nil {
+		return nil, fmt.Errorf("tunnel server: %w", err)
+	}
 	s := &Server{
 		cfg:     cfg,
 		codec:   message.NewCodec(opts.MaxFrame),
-		metrics: newMetrics(opts.Registerer, "server"),
+		metrics: metrics,
 		logger:  opts.Logger.With("component", "tunnel_server"),
 		wsByID:  make(map[string]*wsServerStreams),
 	}
+	s.logs = ratelog.New(0, nil)
+	s.sessCfg = opts.sessionConfig(s.codec, metrics, s.logs)
 	s.upgrader = websocket.Upgrader{
 		HandshakeTimeout: opts.HandshakeTimeout,
 		ReadBufferSize:   0,        // reuse net/http's reader
@@ -162,8 +173,10 @@ func (s *Server) tlsConfig(t Transport) *tls.Config {
 }
 
 func (s *Server) refused(t Transport, reason, remote string, err error) {
-	s.logger.Warn("peer refused", "transport", string(t), "remote", remote, "reason", reason, "err", err)
 	s.metrics.Refused.WithLabelValues(string(t), reason).Inc()
+	if ok, suppressed := s.logs.Allow(string(t) + "/" + reason); ok {
+		s.logger.Warn("peer refused", "transport", string(t), "remote", remote, "reason", reason, "err", err, "suppressed", suppressed)
+	}
 }
 
 // Listen binds the configured addresses. Run calls it when it has not been
@@ -287,14 +300,14 @@ func (s *Server) handleQUIC(ctx context.Context, conn *quic.Conn) {
 		_ = conn.CloseWithError(quicCodeRefused, "no control stream before the handshake deadline")
 		return
 	}
-	l := newQUICLink(conn, ctrl, s.codec)
+	l := newQUICLink(conn, ctrl, s.codec, s.cfg.LargeMessageTimeout)
 	id := newSessionID()
 	if _, err := serverHello(l, s.codec, peer, id, time.Now().Add(s.cfg.HandshakeTimeout)); err != nil {
 		s.handshakeFailed(TransportQUIC, remote, err)
 		_ = conn.CloseWithError(quicCodeRefused, err.Error())
 		return
 	}
-	s.serve(ctx, newSession(id, peer, TransportQUIC, l, s.cfg.sessionConfig(s.codec, s.metrics)))
+	s.serve(ctx, newSession(id, peer, TransportQUIC, l, s.sessCfg))
 }
 
 func (s *Server) handshakeFailed(t Transport, remote string, err error) {

@@ -131,7 +131,7 @@ func (s *Server) handleWSSession(ctx context.Context, w http.ResponseWriter, r *
 		_ = l.close(err.Error())
 		return
 	}
-	sess := newSession(id, peer, TransportWebSocket, l, s.cfg.sessionConfig(s.codec, s.metrics))
+	sess := newSession(id, peer, TransportWebSocket, l, s.sessCfg)
 	streams.sess = sess
 	s.mu.Lock()
 	s.wsByID[id] = streams

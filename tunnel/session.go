@@ -12,12 +12,14 @@ import (
 	"io"
 	"log/slog"
 	"sync"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/errgroup"
 	"golang.org/x/sync/semaphore"
 
 	"github.com/tetheredge/tether/common/message"
+	"github.com/tetheredge/tether/common/ratelog"
 )
 
 // Transport names the connection a session runs on.
@@ -50,13 +52,24 @@ type link interface {
 	// such path, and the frame must go through writeFrames.
 	writeLarge(ctx context.Context, frame []byte) (ok bool, err error)
 	// run reads frames from every path until the link fails or closes,
-	// calling deliver for each body; it starts its goroutines in g. A
-	// protocol violation found off the main path is reported to fail.
-	run(ctx context.Context, g *errgroup.Group, deliver func([]byte) error, fail func(error)) error
+	// handing them to sink; it starts its goroutines in g.
+	run(ctx context.Context, g *errgroup.Group, sink linkSink) error
 	openStream(ctx context.Context) (Stream, error)
 	acceptStream(ctx context.Context) (Stream, error)
 	// close ends the connection, telling the peer why when it can.
 	close(reason string) error
+}
+
+// linkSink is where a link hands what it reads and the faults it finds.
+type linkSink struct {
+	// deliver decodes and queues one body; an error ends the link.
+	deliver func(body []byte) error
+	// fail ends the session for a protocol violation found off the main
+	// path (on a QUIC large-message stream).
+	fail func(err error)
+	// drop counts and logs one message refused on its own (its QUIC
+	// stream reset) under reason; the session continues.
+	drop func(reason string, err error)
 }
 
 // controlHandler is implemented by links that take some message kinds for
@@ -71,8 +84,13 @@ type sessionConfig struct {
 	sendQueueBytes int64
 	largeThreshold int
 	recvQueue      int
+	largeTimeout   time.Duration
 	logger         *slog.Logger
 	metrics        *Metrics
+	// logs rate-limits the logs of faults (sessions failed, messages
+	// dropped) per node and reason; it is shared by the sessions of one
+	// server or client. Every fault is counted.
+	logs *ratelog.Limiter
 }
 
 // Session is one authenticated connection between an edge node and the
@@ -131,7 +149,11 @@ func (s *Session) start() {
 	g, ctx := errgroup.WithContext(s.ctx)
 	g.Go(func() error { return s.writeLoop(ctx) })
 	g.Go(func() error {
-		err := s.link.run(ctx, g, s.deliver, func(err error) { s.fail(reasonFrame, err) })
+		err := s.link.run(ctx, g, linkSink{
+			deliver: s.deliver,
+			fail:    func(err error) { s.fail(reasonFrame, err) },
+			drop:    s.drop,
+		})
 		switch {
 		case err == nil:
 			err = errPeerClosed
@@ -209,16 +231,38 @@ func (s *Session) Abort(reason string) {
 	})
 }
 
-// fail ends the session because of err, logging it once.
+// fail ends the session because of err, counting it, and logging it at
+// most once a minute per node and reason (a hostile node can reconnect
+// and fail again at will).
 func (s *Session) fail(reason string, err error) {
-	s.logger.Warn("closing session", "reason", reason, "err", err)
 	s.cfg.metrics.Refused.WithLabelValues(string(s.transport), reason).Inc()
+	if ok, suppressed := s.cfg.logs.Allow(s.peer.Node + "/" + reason); ok {
+		s.logger.Warn("closing session", "reason", reason, "err", err, "suppressed", suppressed)
+	}
 	s.cancel(fmt.Errorf("%s: %w", reason, err))
+}
+
+// drop counts a message refused on its own, without ending the session,
+// and logs it at most once a minute per node and reason.
+func (s *Session) drop(reason string, err error) {
+	s.cfg.metrics.Refused.WithLabelValues(string(s.transport), reason).Inc()
+	if ok, suppressed := s.cfg.logs.Allow(s.peer.Node + "/" + reason); ok {
+		s.logger.Warn("message dropped", "reason", reason, "err", err, "suppressed", suppressed)
+	}
 }
 
 // Send queues m for the peer. It returns when the message is queued, when
 // ctx ends, or when the session ends. The send queue is bounded in bytes, so
 // a slow peer makes Send wait instead of growing memory.
+//
+// An error that does not wrap ErrSessionClosed means that this message
+// was not sent and the session continues: ctx ended, or the message is
+// over the frame limit (message.ErrFrameTooLarge, before anything is
+// sent). On QUIC a large message travels on its own stream and Send
+// returns once it is written; if the peer resets that stream, for being
+// over the peer's own limit (message.ErrFrameTooLarge) or for not
+// arriving within its LargeMessageTimeout (ErrLargeMessageTimeout), only
+// that message is lost.
 func (s *Session) Send(ctx context.Context, m *message.Message) error {
 	if s.ctx.Err() != nil {
 		return s.sendErr(nil)
@@ -282,23 +326,36 @@ func (s *Session) sendErr(err error) error {
 }
 
 // writeLoop drains the send queue, batching whatever is queued into one
-// write, and releases the queue's bytes once written.
+// write, and releases the queue's bytes once written. A batch is one frame
+// or several that total at most limit bytes (maxBatch, or one frame of the
+// size limit if that is smaller): a frame that would take it past that
+// waits for the next write. On WebSocket, where a write is one message, no
+// message is therefore larger than one frame of MaxFrame.
 func (s *Session) writeLoop(ctx context.Context) error {
+	limit := min(maxBatch, s.cfg.codec.MaxFrame()+frameHeaderLen)
+	var held []byte // a frame taken from the queue that did not fit the last batch
 	for {
-		var frame []byte
-		select {
-		case <-ctx.Done():
-			return nil
-		case frame = <-s.sendQ:
+		frame := held
+		held = nil
+		if frame == nil {
+			select {
+			case <-ctx.Done():
+				return nil
+			case frame = <-s.sendQ:
+			}
 		}
 		// An idle session holds no batch buffer: it borrows one per burst.
 		bp := batchPool.Get().(*[]byte)
 		batch := append((*bp)[:0], frame...)
 		count := 1
 	fill:
-		for len(batch) < maxBatch {
+		for len(batch) < limit {
 			select {
 			case frame = <-s.sendQ:
+				if len(batch)+len(frame) > limit {
+					held = frame
+					break fill
+				}
 				batch = append(batch, frame...)
 				count++
 			default:
@@ -321,6 +378,9 @@ func (s *Session) writeLoop(ctx context.Context) error {
 
 // maxBatch is how many bytes of queued frames the writer joins into one write.
 const maxBatch = 64 << 10
+
+// frameHeaderLen is the size of a frame's length prefix.
+const frameHeaderLen = 4
 
 var batchPool = sync.Pool{New: func() any { b := make([]byte, 0, maxBatch); return &b }}
 
@@ -347,7 +407,7 @@ func (s *Session) deliver(body []byte) error {
 		return nil
 	}
 	s.msgIn.Inc()
-	s.bytesIn.Add(float64(len(body) + 4))
+	s.bytesIn.Add(float64(len(body) + frameHeaderLen))
 	select {
 	case s.recvQ <- m:
 		return nil

@@ -5,6 +5,8 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"runtime"
+	"strconv"
 	"testing"
 	"time"
 
@@ -424,19 +426,25 @@ func startServerCancelable(t *testing.T, ca *testCA) *stoppable {
 	return &stoppable{srv: srv, stop: stop}
 }
 
-// TestSendIsBoundedBySlowPeer: a peer that never reads makes Send wait for
-// queue space, and Send honours its context instead of growing memory.
+// TestSendIsBoundedBySlowPeer: a peer that never reads makes Send wait
+// for queue space, and Send honours its context instead of growing memory.
+// The bytes Send accepted but the writer has not handed to the transport
+// are exactly the send queue: at most SendQueueBytes, and within one frame
+// of it (so it is the byte bound, not the frame channel or anything else,
+// that stopped Send). The heap grows by no more than the queue, plus on
+// QUIC the written bytes quic-go buffers at both ends, plus 1 MiB.
 func TestSendIsBoundedBySlowPeer(t *testing.T) {
+	const queueBytes = 1 << 20 // under the 128 frames the channel holds
 	ca := newTestCA(t)
-	srv := startServer(t, ca, HandlerFunc(func(ctx context.Context, s *Session) { <-ctx.Done() }), nil)
+	srv := startServer(t, ca, HandlerFunc(func(ctx context.Context, s *Session) { <-ctx.Done() }),
+		func(c *ServerConfig) { c.RecvQueue = 4 })
 	for _, tr := range transports {
 		t.Run(string(tr), func(t *testing.T) {
 			c, err := NewClient(ClientConfig{
 				Options: func() Options {
 					o := testOptions()
-					o.SendQueueBytes = 1 << 20
+					o.SendQueueBytes = queueBytes
 					o.MaxFrame = 64 << 10
-					o.RecvQueue = 4
 					return o
 				}(),
 				Servers: []string{srv.addr(tr)},
@@ -449,20 +457,38 @@ func TestSendIsBoundedBySlowPeer(t *testing.T) {
 			sess, err := c.Dial(ctx)
 			require.NoError(t, err)
 			defer sess.Close("test done")
-			payload := make([]byte, 16<<10)
-			var sentBytes int
+			m := &message.Message{Kind: message.KindEvent, Op: message.OpUpsert, Payload: make([]byte, 16<<10)}
+			frame, err := message.NewCodec(0).AppendFrame(nil, m)
+			require.NoError(t, err)
+			var before, after runtime.MemStats
+			runtime.GC()
+			runtime.ReadMemStats(&before)
+			var accepted int
 			for {
 				sctx, scancel := context.WithTimeout(ctx, 300*time.Millisecond)
-				err := sess.Send(sctx, &message.Message{Kind: message.KindEvent, Op: message.OpUpsert, Payload: payload})
+				err := sess.Send(sctx, m)
 				scancel()
 				if err != nil {
 					require.ErrorIs(t, err, context.DeadlineExceeded)
 					break
 				}
-				sentBytes += len(payload)
-				require.Less(t, sentBytes, 256<<20, "Send never blocked: the queue is not bounded")
+				accepted += len(frame)
+				require.Less(t, accepted, 256<<20, "Send never blocked: the queue is not bounded")
 			}
-			t.Logf("%s: %d KiB accepted before Send blocked", tr, sentBytes>>10)
+			written := int(testutil.ToFloat64(c.Metrics().Bytes.WithLabelValues("out")))
+			runtime.GC()
+			runtime.ReadMemStats(&after)
+			grown := int64(after.HeapAlloc) - int64(before.HeapAlloc)
+			queued := accepted - written
+			t.Logf("%s: %d KiB accepted, %d KiB written to the transport, %d KiB queued; heap grew %d KiB",
+				tr, accepted>>10, written>>10, queued>>10, grown>>10)
+			require.LessOrEqual(t, queued, queueBytes, "more queued than SendQueueBytes")
+			require.Greater(t, queued, queueBytes-len(frame), "Send blocked before the queue was full")
+			held := 0 // WebSocket's written bytes wait in the kernel's socket buffers
+			if tr == TransportQUIC {
+				held = 2 * written
+			}
+			require.Less(t, grown, int64(queueBytes+held+1<<20), "the heap grew beyond the queue")
 		})
 	}
 }
@@ -511,4 +537,161 @@ func TestOptionsValidation(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, 15*time.Second, o.DeadPeerTimeout)
 	require.Equal(t, message.DefaultMaxFrame, o.MaxFrame)
+	require.Equal(t, 60*time.Second, o.LargeMessageTimeout)
+	require.NotNil(t, o.Logger, "a nil logger means a discard logger")
+	require.NotSame(t, slog.Default(), o.Logger)
+	require.False(t, o.Logger.Enabled(context.Background(), slog.LevelError), "a nil logger discards")
+}
+
+// TestMetricsRegistrationErrorsAreReturned: a registerer that already
+// holds the tunnel's metrics makes the constructors fail, not panic.
+func TestMetricsRegistrationErrorsAreReturned(t *testing.T) {
+	ca := newTestCA(t)
+	reg := prometheus.NewRegistry()
+	opts := testOptions()
+	opts.Registerer = reg
+	cfg := ClientConfig{Options: opts, Servers: []string{"127.0.0.1:1"}, Node: "edge-1", TLS: ca.clientTLS(t, certOpts{cn: "edge-1"})}
+	_, err := NewClient(cfg)
+	require.NoError(t, err)
+	_, err = NewClient(cfg)
+	require.ErrorContains(t, err, "register tunnel metrics")
+	scfg := ServerConfig{Options: opts, QUICAddr: "127.0.0.1:0", TLS: ca.serverTLS(t), Handler: echo}
+	_, err = NewServer(scfg)
+	require.NoError(t, err, "server and client metrics differ by their side label")
+	_, err = NewServer(scfg)
+	require.ErrorContains(t, err, "register tunnel metrics")
+}
+
+// TestSendOverFrameLimitKeepsSession: Send of a message over the frame
+// limit fails with ErrFrameTooLarge and the session goes on working.
+func TestSendOverFrameLimitKeepsSession(t *testing.T) {
+	ca := newTestCA(t)
+	srv := startServer(t, ca, echo, nil)
+	for _, tr := range transports {
+		t.Run(string(tr), func(t *testing.T) {
+			ctx, sess := dialTest(t, newTestClient(t, ca, "edge-1", srv.addr(tr)))
+			err := sess.Send(ctx, &message.Message{ID: 1, Kind: message.KindEvent, Op: message.OpUpsert, Payload: make([]byte, message.DefaultMaxFrame)})
+			require.ErrorIs(t, err, message.ErrFrameTooLarge)
+			requireRoundTrip(ctx, t, sess, 2)
+		})
+	}
+}
+
+// TestPeerWithSmallerFrameLimit: the sender allows 8 MiB frames, the
+// receiver 4 MiB. On QUIC the oversize message travels on its own stream:
+// the receiver resets that stream, counts it, and the sender's Send fails
+// with ErrFrameTooLarge while the session goes on. On WebSocket there is
+// one ordered byte stream, and the receiver closes the session as for any
+// bad frame rather than reading and discarding megabytes it refused.
+func TestPeerWithSmallerFrameLimit(t *testing.T) {
+	ca := newTestCA(t)
+	srv := startServer(t, ca, echo, nil)
+	opts := testOptions()
+	opts.MaxFrame = 8 << 20
+	opts.SendQueueBytes = 16 << 20
+	big := &message.Message{ID: 1, Kind: message.KindEvent, Op: message.OpUpsert, Payload: make([]byte, 5<<20)}
+	for _, tr := range transports {
+		t.Run(string(tr), func(t *testing.T) {
+			ctx, sess := dialTest(t, newOptionsClient(t, ca, opts, srv.addr(tr)))
+			if tr == TransportQUIC {
+				before := srv.refused(tr, reasonTooLarge)
+				require.ErrorIs(t, sess.Send(ctx, big), message.ErrFrameTooLarge)
+				require.Equal(t, before+1, srv.refused(tr, reasonTooLarge))
+				requireRoundTrip(ctx, t, sess, 2)
+				return
+			}
+			before := srv.refused(tr, reasonFrame)
+			_ = sess.Send(ctx, big) // queued: the refusal comes as the session's end
+			select {
+			case <-sess.Done():
+			case <-ctx.Done():
+				t.Fatal("the receiver kept a WebSocket session whose framing it refused")
+			}
+			require.Eventually(t, func() bool { return srv.refused(tr, reasonFrame) > before }, 5*time.Second, 10*time.Millisecond)
+		})
+	}
+}
+
+// newOptionsClient returns a client for node edge-1 with opts.
+func newOptionsClient(t *testing.T, ca *testCA, opts Options, server string) *Client {
+	t.Helper()
+	c, err := NewClient(ClientConfig{Options: opts, Servers: []string{server}, Node: "edge-1", TLS: ca.clientTLS(t, certOpts{cn: "edge-1"})})
+	require.NoError(t, err)
+	return c
+}
+
+// dialTest dials c and returns the session with a context that ends with
+// the test (or after 30 s); the session is closed when the test ends.
+func dialTest(t *testing.T, c *Client) (context.Context, *Session) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	t.Cleanup(cancel)
+	sess, err := c.Dial(ctx)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = sess.Close("test done") })
+	return ctx, sess
+}
+
+// requireRoundTrip sends an event and waits for the echo's ack of it.
+func requireRoundTrip(ctx context.Context, t *testing.T, sess *Session, id uint64) {
+	t.Helper()
+	require.NoError(t, sess.Send(ctx, &message.Message{ID: id, Kind: message.KindEvent, Op: message.OpUpsert, Payload: []byte("after")}))
+	for {
+		m, err := sess.Recv(ctx)
+		require.NoError(t, err, "the session must survive")
+		if m.ReplyTo == id {
+			return
+		}
+	}
+}
+
+// TestWebSocketBatchesStayWithinPeerLimits: the writer joins queued
+// frames into one WebSocket message. Frames near the limit mixed with
+// small ones, and a limit below the batch size, must never make a message
+// the receiver refuses: every message is acked and the session stays up.
+func TestWebSocketBatchesStayWithinPeerLimits(t *testing.T) {
+	for _, maxFrame := range []int{64 << 10, 16 << 10} {
+		t.Run(strconv.Itoa(maxFrame>>10)+"KiB", func(t *testing.T) {
+			ca := newTestCA(t)
+			srv := startServer(t, ca, echo, func(c *ServerConfig) { c.MaxFrame = maxFrame })
+			opts := testOptions()
+			opts.MaxFrame = maxFrame
+			ctx, sess := dialTest(t, newOptionsClient(t, ca, opts, srv.addr(TransportWebSocket)))
+			const n = 400
+			acked := make(chan error, 1)
+			go func() {
+				for got := 0; got < n; got++ {
+					if _, err := sess.Recv(ctx); err != nil {
+						acked <- err
+						return
+					}
+				}
+				acked <- nil
+			}()
+			for i := range n {
+				size := 1 << 10
+				if i%2 == 1 {
+					size = maxFrame - 200 // with the envelope, just under the limit
+				}
+				require.NoError(t, sess.Send(ctx, &message.Message{ID: uint64(i + 1), Kind: message.KindEvent, Op: message.OpUpsert, Payload: make([]byte, size)}))
+			}
+			require.NoError(t, <-acked, "every message is acked on a session that stays up")
+			require.NoError(t, sess.Err())
+		})
+	}
+}
+
+// TestLateLargeMessageFailsOnlyItsSend: a receiver whose large-message
+// deadline is shorter than a 4 MiB transfer resets the stream; the
+// sender's Send says why and the session goes on.
+func TestLateLargeMessageFailsOnlyItsSend(t *testing.T) {
+	ca := newTestCA(t)
+	srv := startServer(t, ca, echo, func(c *ServerConfig) { c.LargeMessageTimeout = time.Millisecond })
+	ctx, sess := dialTest(t, newTestClient(t, ca, "edge-1", srv.addr(TransportQUIC)))
+	before := srv.refused(TransportQUIC, reasonLargeTimeout)
+	err := sess.Send(ctx, &message.Message{ID: 1, Kind: message.KindEvent, Op: message.OpUpsert, Payload: make([]byte, 4<<20-1024)})
+	require.ErrorIs(t, err, ErrLargeMessageTimeout)
+	require.NotErrorIs(t, err, ErrSessionClosed)
+	require.Equal(t, before+1, srv.refused(TransportQUIC, reasonLargeTimeout))
+	requireRoundTrip(ctx, t, sess, 2)
 }

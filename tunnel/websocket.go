@@ -23,7 +23,9 @@ const (
 )
 
 // wsLink runs a session over one WebSocket connection. Each binary
-// WebSocket message holds one or more complete length-prefixed frames.
+// WebSocket message holds one or more complete length-prefixed frames, at
+// most MaxFrame+4 bytes in all (see Session.writeLoop), and the reader
+// refuses a longer message.
 // Keepalive is WebSocket ping/pong, which gorilla interleaves with the
 // frames of a long message, so a large message does not starve it. Bulk
 // streams are separate WebSocket connections (see wsStreams).
@@ -58,7 +60,7 @@ type wsStreams interface {
 }
 
 func newWSLink(conn *websocket.Conn, c *message.Codec, keepAlive, deadPeer time.Duration, st wsStreams) *wsLink {
-	conn.SetReadLimit(int64(c.MaxFrame()) + 4)
+	conn.SetReadLimit(int64(c.MaxFrame()) + frameHeaderLen)
 	return &wsLink{conn: conn, codec: c, keepAlive: keepAlive, deadPeer: deadPeer, streams: st}
 }
 
@@ -95,7 +97,7 @@ func (l *wsLink) readFrame() ([]byte, error) {
 
 func (l *wsLink) writeLarge(context.Context, []byte) (bool, error) { return false, nil }
 
-func (l *wsLink) run(ctx context.Context, g *errgroup.Group, deliver func([]byte) error, _ func(error)) error {
+func (l *wsLink) run(ctx context.Context, g *errgroup.Group, sink linkSink) error {
 	alive := func() { _ = l.conn.SetReadDeadline(time.Now().Add(l.deadPeer)) }
 	alive()
 	l.conn.SetPongHandler(func(string) error { alive(); return nil })
@@ -129,7 +131,7 @@ func (l *wsLink) run(ctx context.Context, g *errgroup.Group, deliver func([]byte
 			if err != nil {
 				return fmt.Errorf("read frame: %w", err)
 			}
-			if err := deliver(body); err != nil {
+			if err := sink.deliver(body); err != nil {
 				return err
 			}
 		}
@@ -162,7 +164,7 @@ func (l *wsLink) run(ctx context.Context, g *errgroup.Group, deliver func([]byte
 			if err != nil {
 				return fmt.Errorf("read frame: %w", err)
 			}
-			if err := deliver(body); err != nil {
+			if err := sink.deliver(body); err != nil {
 				return err
 			}
 		}

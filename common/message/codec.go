@@ -41,10 +41,13 @@ func NewCodec(maxFrame int) *Codec {
 	}
 	h := &codec.MsgpackHandle{WriteExt: true}
 	h.RawToString = false
-	// A collection whose length the (untrusted) input declares is never
-	// pre-allocated beyond one frame; bodies are already checked against the
-	// limit, so a lie costs at most one frame of memory. (A smaller value
-	// makes the codec grow large payloads in small steps, quadratically.)
+	// MaxInitLen caps a collection's first allocation in elements, not
+	// bytes, so it does not bound memory by itself: checkLengths does, by
+	// refusing any declared length that the bytes left cannot hold before
+	// the decoder sees the body. With every length so bounded, a cap of one
+	// frame never binds, and large honest collections are allocated once at
+	// their size (a smaller cap makes the codec grow them in steps of the
+	// cap, quadratically for byte strings).
 	h.MaxInitLen = maxFrame
 	c := &Codec{handle: h, maxFrame: maxFrame}
 	c.encoders.New = func() any { return codec.NewEncoderBytes(nil, h) }
@@ -122,6 +125,9 @@ func (c *Codec) decode(body []byte, v any) (err error) {
 	if len(body) > c.maxFrame {
 		return fmt.Errorf("%w: %d bytes, limit %d", ErrFrameTooLarge, len(body), c.maxFrame)
 	}
+	if err := checkLengths(body); err != nil {
+		return fmt.Errorf("decode %T: %w", v, err)
+	}
 	dec := c.decoders.Get().(*codec.Decoder)
 	defer c.decoders.Put(dec)
 	dec.ResetBytes(body)
@@ -132,8 +138,10 @@ func (c *Codec) decode(body []byte, v any) (err error) {
 }
 
 // ReadFrame reads one length-prefixed frame body from r. It checks the
-// declared length against the limit before allocating, and returns
-// io.EOF only when r ends cleanly between frames.
+// declared length against the limit before allocating, allocates as the
+// body's bytes arrive rather than at the declared length (a peer that
+// declares MaxFrame and sends nothing pins readChunk bytes, not MaxFrame),
+// and returns io.EOF only when r ends cleanly between frames.
 func (c *Codec) ReadFrame(r io.Reader) ([]byte, error) {
 	var hdr [frameHeaderLen]byte
 	if _, err := io.ReadFull(r, hdr[:]); err != nil {
@@ -149,12 +157,41 @@ func (c *Codec) ReadFrame(r io.Reader) ([]byte, error) {
 	if uint64(n) > uint64(c.maxFrame) {
 		return nil, fmt.Errorf("%w: declared %d bytes, limit %d", ErrFrameTooLarge, n, c.maxFrame)
 	}
-	body := make([]byte, n)
-	if _, err := io.ReadFull(r, body); err != nil {
+	body, err := readBody(r, int(n))
+	if err != nil {
 		if errors.Is(err, io.EOF) {
 			err = io.ErrUnexpectedEOF
 		}
 		return nil, fmt.Errorf("read frame body of %d bytes: truncated: %w", n, err)
+	}
+	return body, nil
+}
+
+// readChunk is the most ReadFrame allocates for a body before its bytes
+// arrive; smaller bodies are allocated at their size.
+const readChunk = 16 << 10
+
+// readBody reads exactly n bytes from r into a buffer that starts at
+// readChunk and doubles as it fills, up to n: a body of n bytes costs at
+// most 2n allocated and n copied, and a stalled sender costs what it sent.
+func readBody(r io.Reader, n int) ([]byte, error) {
+	if n <= readChunk {
+		body := make([]byte, n)
+		_, err := io.ReadFull(r, body)
+		return body, err
+	}
+	body := make([]byte, 0, readChunk)
+	for len(body) < n {
+		if len(body) == cap(body) {
+			grown := make([]byte, len(body), min(2*cap(body), n))
+			copy(grown, body)
+			body = grown
+		}
+		m, err := r.Read(body[len(body):cap(body)])
+		body = body[:len(body)+m]
+		if err != nil && len(body) < n {
+			return nil, err
+		}
 	}
 	return body, nil
 }

@@ -5,8 +5,10 @@ import (
 	"encoding/binary"
 	"errors"
 	"io"
+	"runtime"
 	"strings"
 	"testing"
+	"testing/iotest"
 
 	"github.com/stretchr/testify/require"
 )
@@ -186,5 +188,112 @@ func BenchmarkUnmarshal256(b *testing.B) {
 		if err := c.Unmarshal(body, &got); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// TestCheckLengthsAcceptsEveryType: every msgpack type the encoder writes,
+// at every length width, passes the length check, and the check measures
+// each value exactly (a body cut by one byte is refused).
+func TestCheckLengthsAcceptsEveryType(t *testing.T) {
+	type all struct {
+		_struct bool `codec:",toarray"` //nolint:unused // tells the codec to encode as an array
+
+		Small, Neg, I8, I16, I32, I64 int64
+		U8, U16, U32, U64             uint64
+		F32                           float32
+		F64                           float64
+		B                             bool
+		Nil                           []byte
+		Strs                          []string
+		Bins                          [][]byte
+		Map                           map[string]uint16
+		Nested                        [][]uint64
+	}
+	v := all{
+		Small: 5, Neg: -3, I8: -100, I16: -3000, I32: -70000, I64: -1 << 40,
+		U8: 200, U16: 60000, U32: 1 << 20, U64: 1 << 40, F32: 1.5, F64: 2.25, B: true,
+		Strs:   []string{"", "a", strings.Repeat("s", 40), strings.Repeat("m", 300), strings.Repeat("l", 70000)},
+		Bins:   [][]byte{{1}, make([]byte, 300), make([]byte, 70000)},
+		Map:    map[string]uint16{"a": 1, "b": 2},
+		Nested: [][]uint64{make([]uint64, 20), make([]uint64, 70000), nil},
+	}
+	c := NewCodec(1 << 20)
+	body, err := c.Append(nil, &v)
+	require.NoError(t, err)
+	require.NoError(t, checkLengths(body))
+	require.Error(t, checkLengths(body[:len(body)-1]))
+	var got all
+	require.NoError(t, c.UnmarshalValue(body, &got))
+	require.Equal(t, v.Strs, got.Strs)
+	require.Equal(t, v.Map, got.Map)
+	for _, m := range []*Message{sampleMessage(), {Kind: KindAck}} {
+		body, err := c.Marshal(m)
+		require.NoError(t, err)
+		require.NoError(t, checkLengths(body))
+		require.NoError(t, checkLengths(append(body, 0xc1)), "bytes after the value are the decoder's business")
+	}
+}
+
+func TestCheckLengthsRaw(t *testing.T) {
+	ok := [][]byte{
+		{0xd4, 0x01, 0xaa},                                     // fixext1
+		{0xd8, 0x01, 15: 0, 17: 0},                             // fixext16
+		{0xc7, 0x02, 0x05, 0xaa, 0xbb},                         // ext8
+		{0xc9, 0, 0, 0, 1, 0x05, 0xaa},                         // ext32
+		{0x92, 0xca, 0, 0, 0, 0, 0xd3, 0, 0, 0, 0, 0, 0, 0, 0}, // float32, int64
+		{0x81, 0xa1, 'k', 0xc0},                                // fixmap
+		{0xde, 0, 1, 0xc0, 0xc0},                               // map16
+	}
+	for _, b := range ok {
+		require.NoError(t, checkLengths(b), "%x", b)
+	}
+	bad := [][]byte{
+		{},
+		{0xc1},
+		{0xd8, 0x01, 0xaa},             // fixext16 cut short
+		{0xc7, 0x02, 0x05, 0xaa},       // ext8 cut short
+		{0xde, 0, 1, 0xc0},             // map16 of one pair, one value
+		{0x92, 0xc0},                   // array of two, one value
+		{0xdc, 0x00},                   // length cut short
+		{0x91, 0x91, 0x91, 0x92, 0xc0}, // nested, short by one
+	}
+	for _, b := range bad {
+		require.ErrorIs(t, checkLengths(b), ErrMalformed, "%x", b)
+	}
+}
+
+// TestReadFrameAllocatesAsBytesArrive: a frame that declares the limit
+// and delivers a few bytes costs what arrived, not what it declared; a
+// complete large frame is read whole at most twice its size allocated.
+func TestReadFrameAllocatesAsBytesArrive(t *testing.T) {
+	c := NewCodec(0)
+	header := make([]byte, 4)
+	binary.BigEndian.PutUint32(header, DefaultMaxFrame)
+	cost := func(r io.Reader) (uint64, []byte, error) {
+		var before, after runtime.MemStats
+		runtime.ReadMemStats(&before)
+		body, err := c.ReadFrame(r)
+		runtime.ReadMemStats(&after)
+		return after.TotalAlloc - before.TotalAlloc, body, err
+	}
+	n, _, err := cost(bytes.NewReader(append(header, make([]byte, 100)...)))
+	require.ErrorIs(t, err, io.ErrUnexpectedEOF)
+	require.Less(t, n, uint64(64<<10), "a stalled 4 MiB frame allocated %d bytes", n)
+
+	full := make([]byte, DefaultMaxFrame)
+	for i := range full {
+		full[i] = byte(i * 7)
+	}
+	n, body, err := cost(iotest.HalfReader(bytes.NewReader(append(header, full...))))
+	require.NoError(t, err)
+	require.Equal(t, full, body)
+	require.LessOrEqual(t, n, uint64(2*DefaultMaxFrame+(64<<10)))
+
+	for _, size := range []int{1, readChunk - 1, readChunk, readChunk + 1, 3*readChunk + 5} {
+		want := bytes.Repeat([]byte{0x5a}, size)
+		f := binary.BigEndian.AppendUint32(nil, uint32(size))
+		got, err := c.ReadFrame(iotest.OneByteReader(bytes.NewReader(append(f, want...))))
+		require.NoError(t, err, "size %d", size)
+		require.Equal(t, want, got, "size %d", size)
 	}
 }

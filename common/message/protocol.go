@@ -14,16 +14,33 @@
 //
 // # Frame layout
 //
-// On a byte stream (a QUIC stream) every message is one frame:
+// Every message is one frame, on every transport:
 //
 //	+------------------------+--------------------------------------+
 //	| length: uint32, big    | body: msgpack array, `length` bytes  |
 //	| endian, 1..MaxFrame    | (see Message for the element order)  |
 //	+------------------------+--------------------------------------+
 //
-// On WebSocket every binary WebSocket message is exactly one body, without
-// the length prefix (WebSocket already delimits messages). The length is
-// checked against the configured maximum before any buffer is allocated.
+// On QUIC, frames follow one another on the control stream, and a frame
+// larger than the large-message threshold (32 KiB) travels alone on a
+// unidirectional stream of its own. On WebSocket each binary WebSocket
+// message holds one or more complete frames, length prefixes included (the
+// sender joins what is queued, up to 64 KiB, or MaxFrame+4 if smaller); a
+// frame never spans two WebSocket messages and a message is never longer
+// than MaxFrame+4 bytes.
+//
+// The length is checked against the configured maximum before anything is
+// allocated, and the body is allocated as its bytes arrive. Before a body
+// is decoded, every length it declares is checked against the bytes left
+// ([ErrMalformed] otherwise), so decoding N bytes allocates at most a small
+// multiple of N.
+//
+// A frame over the limit on an ordered path (the QUIC control stream, a
+// WebSocket connection) ends the session: its bytes cannot be skipped
+// without reading them. On a QUIC large-message stream it resets that
+// stream only, and the sender's Send fails with [ErrFrameTooLarge]; so
+// does a large message not complete within the receiver's deadline
+// (tunnel.Options.LargeMessageTimeout).
 //
 // The body is a msgpack array whose elements are, in order, the fields of
 // [Message]: id, kind, node, resource, version, op, reply_to, time, payload.
@@ -38,7 +55,12 @@
 //	   |-- Hello{version, node, agent} -------------->|  checks version and node
 //	   |<------------ HelloAck{version, session} -----|  or Refuse{reason}, close
 //	   |<=========== Event / Ack / Upstream ========>|  both directions
-//	   |<------------------------- Goodbye{reason} ---|  either side, then close
+//	   |<------------------------------ close(reason) |  either side
+//
+// A session ends with the transport's own close, which carries the reason:
+// a QUIC CONNECTION_CLOSE with application error 0 (normal) or 1 (refused),
+// or a WebSocket close frame with code 1000. No envelope is sent first:
+// [KindGoodbye] is reserved and never sent.
 //
 // Keepalive is the transport's own: QUIC PING frames and idle timeout,
 // WebSocket ping/pong control frames; neither is an envelope kind.
@@ -63,7 +85,9 @@ const (
 	// KindRefuse refuses a session or a request. Payload: a UTF-8 reason.
 	// ReplyTo names the refused message when there is one.
 	KindRefuse Kind = 3
-	// KindGoodbye announces an orderly close. Payload: a UTF-8 reason.
+	// KindGoodbye is reserved: no build sends it, and a session ends with
+	// the transport's close, which carries the reason (see Flow). A peer
+	// that sends one has it passed to the session's user like any kind.
 	KindGoodbye Kind = 4
 	// KindEvent carries one object change (cloud to edge): Resource and
 	// Version identify it, Op says what happened, Payload holds the object.
