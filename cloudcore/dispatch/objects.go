@@ -8,6 +8,7 @@ import (
 
 	"github.com/tetheredge/tether/common/message"
 	"github.com/tetheredge/tether/common/objsync"
+	"github.com/tetheredge/tether/tunnel"
 )
 
 // objects is the object-sync handler of one session: the loop around the
@@ -171,6 +172,14 @@ func (o *objects) send(ctx context.Context, actions []Action) error {
 			c.d.metrics.refused.WithLabelValues("too_large").Inc()
 			if l := c.limited("too_large"); l != nil {
 				l.Warn("object too large to send", "resource", m.Resource.String(), "bytes", len(m.Payload), "err", err)
+			}
+			continue
+		}
+		if errors.Is(err, tunnel.ErrLargeMessageTimeout) {
+			// Only this message was lost and the session goes on; its
+			// flight stays, so the resend after ResendAfter covers it.
+			if l := c.limited("large_send_timeout"); l != nil {
+				l.Warn("large message not delivered in time", "kind", kind, "bytes", len(m.Payload), "err", err)
 			}
 			continue
 		}
