@@ -132,8 +132,8 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 	}
 	disp := dispatch.New(dispatch.Deps{Catalog: cat, Upstream: up, Renewer: renewer}, dispatch.Config{}, logger, cfg.Registerer)
 	cat.Subscribe(disp.Notify)
-	h := hub.New(disp, wl.Connected, logger)
-	wl.OnRevoke(h.Disconnect)
+	h := hub.New(disp, wl, logger)
+	wl.OnChange(h.Recheck)
 	srv, err := tunnel.NewServer(tunnel.ServerConfig{
 		Options:       tunnel.Options{KeepAlive: cfg.KeepAlive, DeadPeerTimeout: cfg.DeadPeerTimeout, Logger: logger, Registerer: cfg.Registerer},
 		QUICAddr:      cfg.QUICAddr,

@@ -147,7 +147,8 @@ func TestJoinSucceeds(t *testing.T) {
 	require.Equal(t, cert.SerialNumber.Text(16), e.Status.Certificate.Serial)
 	require.True(t, cert.NotAfter.Equal(e.Status.Certificate.NotAfter.Time))
 	// What the tunnel's whitelist will check at connection time.
-	require.NoError(t, e.CertificateCurrent(cert.SerialNumber.Text(16), time.Now()))
+	_, err = e.Accepts(cert.SerialNumber.Text(16), time.Now())
+	require.NoError(t, err)
 
 	require.Equal(t, 1.0, counter(t, s.reg, "tether_join_total", nil))
 	require.Equal(t, 0.0, counter(t, s.reg, "tether_join_refused_total", nil))
