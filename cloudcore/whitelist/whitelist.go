@@ -20,6 +20,7 @@ import (
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/dynamic/dynamicinformer"
 	"k8s.io/client-go/tools/cache"
+	"k8s.io/client-go/util/retry"
 
 	"github.com/tetheredge/tether/cloudcore/edgenode"
 	"github.com/tetheredge/tether/tunnel"
@@ -143,24 +144,54 @@ func (w *Whitelist) recordConnected(ctx context.Context, id tunnel.Identity) {
 		return
 	}
 	now := w.now()
-	endGrace := e.Status.Previous != nil && e.Status.Certificate != nil && e.Status.Certificate.Serial == id.Serial
-	if !endGrace && e.Status.LastConnected != nil && now.Sub(e.Status.LastConnected.Time) < time.Minute {
+	if endsGrace(e, id) {
+		w.endGrace(ctx, e, id, now)
+		return
+	}
+	if e.Status.LastConnected != nil && now.Sub(e.Status.LastConnected.Time) < time.Minute {
 		return
 	}
 	t := metav1.NewTime(now)
 	e.Status.LastConnected = &t
-	if endGrace {
-		e.Status.Previous = nil
-	}
 	// Written over the cached version: a conflict means the status changed
-	// meanwhile, and the next connection tries again.
+	// meanwhile, and a later connection records it.
 	if _, err := w.client.UpdateStatus(ctx, e); err != nil {
 		w.logger.Debug("cannot record connection", "node", id.Node, "err", err)
+	}
+}
+
+// endsGrace says whether a session of id ends the grace of e's previous
+// certificate: id presents the current one.
+func endsGrace(e *edgenode.EdgeNode, id tunnel.Identity) bool {
+	return e.Status.Previous != nil && e.Status.Certificate != nil && e.Status.Certificate.Serial == id.Serial
+}
+
+// endGrace drops e's previous certificate, since the node connected with
+// the current one. Unlike the connection record it is not skipped on a
+// conflict: it is read again and retried (it happens once per renewal).
+func (w *Whitelist) endGrace(ctx context.Context, e *edgenode.EdgeNode, id tunnel.Identity, now time.Time) {
+	err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
+		if e == nil {
+			fresh, err := w.client.Get(ctx, id.Node)
+			if err != nil {
+				return err
+			}
+			e = fresh
+		}
+		if !endsGrace(e, id) {
+			return nil
+		}
+		t := metav1.NewTime(now)
+		e.Status.LastConnected, e.Status.Previous = &t, nil
+		_, err := w.client.UpdateStatus(ctx, e)
+		e = nil
+		return err
+	})
+	if err != nil {
+		w.logger.Warn("cannot end the grace of the previous certificate", "node", id.Node, "err", err)
 		return
 	}
-	if endGrace {
-		w.logger.Info("previous certificate no longer accepted", "node", id.Node, "serial", id.Serial)
-	}
+	w.logger.Info("previous certificate no longer accepted", "node", id.Node, "serial", id.Serial)
 }
 
 // WaitForSync waits for the cache.
