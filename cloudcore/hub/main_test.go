@@ -193,10 +193,17 @@ type replica struct {
 	sessions map[string]*tunnel.Session // served, by node
 }
 
-// startReplica starts a replica. authorize, when not nil, wraps the
-// whitelist's handshake check (tests use it to act at the exact moment
-// the handshake has been authorised).
-func (c *cluster) startReplica(t *testing.T, authorize func(tunnel.Identity, func(tunnel.Identity) error) error) *replica {
+// replicaHooks let a test act at exact moments.
+type replicaHooks struct {
+	// authorize, when not nil, wraps the whitelist's handshake check.
+	authorize func(tunnel.Identity, func(tunnel.Identity) error) error
+	// changed, when not nil, is told of each whitelist change after the
+	// hub has re-checked its sessions.
+	changed func(node string)
+}
+
+// startReplica starts a replica.
+func (c *cluster) startReplica(t *testing.T, hooks replicaHooks) *replica {
 	t.Helper()
 	r := &replica{wl: whitelist.New(c.dyn, testLogger(), nil), sessions: map[string]*tunnel.Session{}}
 	r.hub = hub.New(protocolFunc(func(ctx context.Context, s *tunnel.Session) error {
@@ -210,13 +217,16 @@ func (c *cluster) startReplica(t *testing.T, authorize func(tunnel.Identity, fun
 		return nil
 	}), r.wl, testLogger())
 	r.wl.OnChange(r.hub.Recheck)
+	if hooks.changed != nil {
+		r.wl.OnChange(hooks.changed)
+	}
 	run(t, r.wl.Run)
 	require.NoError(t, r.wl.WaitForSync(t.Context()))
 	serverCert, err := onboard.ServerCertificate(c.ca, []string{"127.0.0.1"}, time.Hour)
 	require.NoError(t, err)
 	auth := r.wl.Authorize
-	if authorize != nil {
-		auth = func(id tunnel.Identity) error { return authorize(id, r.wl.Authorize) }
+	if hooks.authorize != nil {
+		auth = func(id tunnel.Identity) error { return hooks.authorize(id, r.wl.Authorize) }
 	}
 	srv, err := tunnel.NewServer(tunnel.ServerConfig{
 		Options:   tunnel.Options{Logger: testLogger()},

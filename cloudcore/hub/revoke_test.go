@@ -2,6 +2,7 @@ package hub_test
 
 import (
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -18,27 +19,62 @@ func TestDisableBetweenHandshakeAndHello(t *testing.T) {
 	node, tok := c.allow(t, "race")
 	id := c.startJoin(t, 0).join(t, node, tok)
 
+	changed := make(chan string, 64)
+	var armed atomic.Bool
 	var once sync.Once
-	r := c.startReplica(t, func(peer tunnel.Identity, authorize func(tunnel.Identity) error) error {
-		err := authorize(peer)
-		if err == nil && peer.Node == node {
-			// The handshake is authorised; the operator disables the node
-			// before the hello arrives, and the whitelist sees it.
-			once.Do(func() {
-				_, derr := onboard.Disable(t.Context(), c.nodes, node)
-				require.NoError(t, derr)
-				require.Eventually(t, func() bool { return authorize(peer) != nil }, waitFor, 10*time.Millisecond)
-			})
-		}
-		return err
+	r := c.startReplica(t, replicaHooks{
+		changed: func(n string) {
+			if n == node {
+				changed <- n
+			}
+		},
+		authorize: func(peer tunnel.Identity, authorize func(tunnel.Identity) error) error {
+			err := authorize(peer)
+			if err == nil && peer.Node == node && armed.Load() {
+				// The handshake is authorised; the operator disables the
+				// node before the hello arrives, and the whitelist has told
+				// the hub (which has no session of the node yet).
+				once.Do(func() {
+					_, derr := onboard.Disable(t.Context(), c.nodes, node)
+					require.NoError(t, derr)
+					// A notification that comes once the cache refuses the
+					// node: the hub has handled the disable's event (the
+					// cache is updated before its handlers run).
+					for {
+						select {
+						case <-changed:
+						case <-time.After(waitFor):
+							t.Errorf("the whitelist did not see the disable")
+							return
+						}
+						if authorize(peer) != nil {
+							return
+						}
+					}
+				})
+			}
+			return err
+		},
 	})
+	// The node was connected a moment ago, so the connection record is not
+	// written again (it is once a minute): no EdgeNode event follows the
+	// next connection by chance.
 	s, err := c.dial(t, r, id)
+	require.NoError(t, err)
+	require.Eventually(t, func() bool {
+		e, ok := r.wl.Get(node)
+		return ok && e.Status.LastConnected != nil
+	}, waitFor, 10*time.Millisecond)
+	require.NoError(t, s.Close("edge restarts"))
+
+	armed.Store(true)
+	s, err = c.dial(t, r, id)
 	if err != nil {
 		require.ErrorContains(t, err, "disabled")
 		return
 	}
 	requireClosed(t, s, "disabled")
-	require.NotContains(t, r.hub.Connected(), node)
+	require.Eventually(t, func() bool { return len(r.hub.Connected()) == 0 }, waitFor, 10*time.Millisecond)
 }
 
 // A re-join supersedes the serial: the old certificate's live session ends
@@ -48,8 +84,8 @@ func TestRejoinClosesOldSessionOnEveryReplica(t *testing.T) {
 	c := newCluster(t)
 	node, tok := c.allow(t, "rejoin")
 	js := c.startJoin(t, 0) // replica A's join endpoint
-	a := c.startReplica(t, nil)
-	b := c.startReplica(t, nil)
+	a := c.startReplica(t, replicaHooks{})
+	b := c.startReplica(t, replicaHooks{})
 	old := js.join(t, node, tok)
 	s, err := c.dial(t, b, old)
 	require.NoError(t, err)
@@ -81,7 +117,7 @@ func TestAllowAfterDisableKeepsOldCertificateRefused(t *testing.T) {
 	c := newCluster(t)
 	node, tok := c.allow(t, "reallow")
 	old := c.startJoin(t, 0).join(t, node, tok)
-	r := c.startReplica(t, nil)
+	r := c.startReplica(t, replicaHooks{})
 	s, err := c.dial(t, r, old)
 	require.NoError(t, err)
 
@@ -108,7 +144,7 @@ func TestSessionEndsWhenCertificateExpires(t *testing.T) {
 	c := newCluster(t)
 	node, _ := c.allow(t, "expire")
 	id := c.record(t, node, 4*time.Second)
-	r := c.startReplica(t, nil)
+	r := c.startReplica(t, replicaHooks{})
 	require.Eventually(t, func() bool { return r.wl.Authorize(id.peer()) == nil }, waitFor, 10*time.Millisecond)
 	s, err := c.dial(t, r, id)
 	require.NoError(t, err)
@@ -123,7 +159,7 @@ func TestLostRenewalReplyKeepsOldCertificate(t *testing.T) {
 	c := newCluster(t)
 	node, tok := c.allow(t, "lostreply")
 	old := c.startJoin(t, 0).join(t, node, tok)
-	r := c.startReplica(t, nil)
+	r := c.startReplica(t, replicaHooks{})
 	renewer, err := onboard.NewRenewer(onboard.RenewerConfig{EdgeNodes: c.nodes, Issuer: &onboard.Issuer{CA: c.ca}})
 	require.NoError(t, err)
 
