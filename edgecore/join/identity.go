@@ -257,6 +257,12 @@ func loadPair(certPath, keyPath string) (tls.Certificate, *x509.Certificate, err
 	return pair, leaf, nil
 }
 
+// issuedLater says whether a was issued after b: it starts later, or at
+// the same second and lasts longer.
+func issuedLater(a, b *x509.Certificate) bool {
+	return a.NotBefore.After(b.NotBefore) || a.NotBefore.Equal(b.NotBefore) && a.NotAfter.After(b.NotAfter)
+}
+
 // LoadFiles reads an identity given as files (edgecore's --tls-cert,
 // --tls-key and --ca), which edgecore never rewrites: renewals go to dir.
 // So when dir holds an identity of the same node, chaining to the same CA
@@ -277,7 +283,7 @@ func LoadFiles(certPath, keyPath, caPath, dir string) (pair tls.Certificate, poo
 		// No renewal stored (or none readable): the files are the identity.
 		return pair, pool, leaf, false, nil //nolint:nilerr // a missing or unreadable renewal is not an error here
 	}
-	if l.Subject.CommonName != leaf.Subject.CommonName || !l.NotBefore.After(leaf.NotBefore) {
+	if l.Subject.CommonName != leaf.Subject.CommonName || !issuedLater(l, leaf) {
 		return pair, pool, leaf, false, nil
 	}
 	if _, err := l.Verify(x509.VerifyOptions{Roots: pool, CurrentTime: l.NotBefore,
