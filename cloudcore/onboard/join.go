@@ -28,11 +28,12 @@ const (
 	reasonExpiredToken     = "expired_token"
 	reasonTokenUsed        = "token_used"
 	reasonBadCSR           = "bad_csr"
+	reasonRateLimited      = "rate_limited"
 )
 
 var refusalReasons = []string{
 	reasonMalformedRequest, reasonMalformedToken, reasonWrongCA, reasonUnknownNode, reasonDisabled,
-	reasonInvalidToken, reasonExpiredToken, reasonTokenUsed, reasonBadCSR,
+	reasonInvalidToken, reasonExpiredToken, reasonTokenUsed, reasonBadCSR, reasonRateLimited,
 }
 
 // updateAttempts bounds the retries of an EdgeNode write that lost a race
