@@ -9,12 +9,15 @@ import (
 	"golang.org/x/time/rate"
 )
 
-// Defaults of the join endpoint's limits (see Config).
+// DefaultSourceRate is Config.SourceRate's default: joins per second and
+// source.
+const DefaultSourceRate rate.Limit = 1
+
+// Defaults of the join endpoint's other limits (see Config).
 const (
-	DefaultSourceRate  rate.Limit = 1 // joins per second and source
-	DefaultSourceBurst            = 5
-	DefaultMaxSources             = 10000
-	DefaultMaxConns               = 256
+	DefaultSourceBurst = 5
+	DefaultMaxSources  = 10000
+	DefaultMaxConns    = 256
 	// DefaultClientQPS and DefaultClientBurst size the join endpoint's own
 	// Kubernetes client (cloudcore/app gives it one, apart from the
 	// client that serves renewals, the whitelist and the edges' writes).
