@@ -191,3 +191,23 @@ func TestLostRenewalReplyKeepsOldCertificate(t *testing.T) {
 	_, err = c.dial(t, r, old)
 	require.Error(t, err)
 }
+
+// One node, one session: a new session of the node replaces the older
+// one, which is closed, and the hub lists the node once.
+func TestNewSessionReplacesOld(t *testing.T) {
+	c := newCluster(t)
+	node, tok := c.allow(t, "replace")
+	id := c.startJoin(t, 0).join(t, node, tok)
+	r := c.startReplica(t, replicaHooks{})
+	first, err := c.dial(t, r, id)
+	require.NoError(t, err)
+	second, err := c.dial(t, r, id)
+	require.NoError(t, err)
+	requireClosed(t, first, "replaced by a newer session")
+	require.Equal(t, []string{node}, r.hub.Connected())
+	select {
+	case <-second.Done():
+		t.Fatalf("the newer session was closed: %v", second.Err())
+	default:
+	}
+}
