@@ -178,15 +178,19 @@ func TestLostRenewalReplyKeepsOldCertificate(t *testing.T) {
 	default:
 	}
 	require.NoError(t, s.Close("edge restarts"))
-	s, err = c.dial(t, r, old)
+	// Another replica still serves a session of the old certificate (say,
+	// the edge's connection there has not noticed it is gone yet).
+	other := c.startReplica(t, replicaHooks{})
+	s, err = c.dial(t, other, old)
 	require.NoError(t, err, "the old certificate is refused after a renewal the edge never received")
-	require.NoError(t, s.Close("edge restarts"))
 
 	// The edge connects with the new certificate: from then on the old one
-	// is refused, on every replica (the grace ends in the EdgeNode).
+	// is refused, on every replica (the grace ends in the EdgeNode), and
+	// the other replica's session of it ends.
 	_, err = c.dial(t, r, fresh)
 	require.NoError(t, err)
 	require.Eventually(t, func() bool { return c.get(t, node).Status.Previous == nil }, waitFor, 10*time.Millisecond)
+	requireClosed(t, s, "not its current one")
 	waitRefused(t, r, old)
 	_, err = c.dial(t, r, old)
 	require.Error(t, err)
