@@ -4,7 +4,9 @@
 // serial as current (or as the previous one, within its grace after a
 // renewal). It tells its subscribers of every change of an EdgeNode, so
 // that each replica re-checks its live sessions against the new state. It
-// makes no API request per connection.
+// makes no API request to authorise a connection; it writes the EdgeNode's
+// status only to record connections (at most once a minute per node) and
+// to end a grace.
 package whitelist
 
 import (
