@@ -114,9 +114,18 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 	if err != nil {
 		return nil, err
 	}
+	// The join endpoint is open to anyone with a well-formed token: it gets
+	// a client of its own, so that a flood of joins cannot take the API
+	// capacity the edges' sessions, renewals and the whitelist use.
+	joinKube := rest.CopyConfig(cfg.Kubernetes)
+	joinKube.QPS, joinKube.Burst = onboard.DefaultClientQPS, onboard.DefaultClientBurst
+	joinDyn, err := dynamic.NewForConfig(joinKube)
+	if err != nil {
+		return nil, fmt.Errorf("kubernetes dynamic client for joins: %w", err)
+	}
 	joinSvc, err := onboard.New(onboard.Config{
 		Addr: cfg.JoinAddr, TLS: &tls.Config{Certificates: []tls.Certificate{serverCert}, MinVersion: tls.VersionTLS13},
-		EdgeNodes: nodes, Issuer: issuer, Logger: logger, Registerer: cfg.Registerer,
+		EdgeNodes: edgenode.NewClient(joinDyn), Issuer: issuer, Logger: logger, Registerer: cfg.Registerer,
 	})
 	if err != nil {
 		return nil, err
@@ -135,8 +144,8 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 		return nil, err
 	}
 	cat.Subscribe(disp.Notify)
-	h := hub.New(disp, wl.Connected, logger)
-	wl.OnRevoke(h.Disconnect)
+	h := hub.New(disp, wl, logger)
+	wl.OnChange(h.Recheck)
 	srv, err := tunnel.NewServer(tunnel.ServerConfig{
 		Options:       tunnel.Options{KeepAlive: cfg.KeepAlive, DeadPeerTimeout: cfg.DeadPeerTimeout, Logger: logger, Registerer: cfg.Registerer},
 		QUICAddr:      cfg.QUICAddr,

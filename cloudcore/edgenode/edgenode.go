@@ -56,6 +56,14 @@ type JoinToken struct {
 type Status struct {
 	// Certificate is the node's current certificate.
 	Certificate *Certificate `json:"certificate,omitempty"`
+	// Previous is the certificate the last renewal replaced, still accepted
+	// because the node may not have received the new one (a lost reply, a
+	// crash before it was stored). Its NotAfter is when that acceptance
+	// ends: the earlier of the certificate's own expiry and the renewal
+	// time plus the grace period. It is cleared when the node connects
+	// with Certificate, and by a join or re-enabling, which accept no
+	// older certificate.
+	Previous *Certificate `json:"previous,omitempty"`
 	// LastConnected is when the node last opened a session.
 	LastConnected *metav1.Time `json:"lastConnected,omitempty"`
 }
@@ -167,18 +175,32 @@ func (c *Client) Delete(ctx context.Context, name string) error {
 // Resource returns the dynamic resource client, for informers.
 func (c *Client) Resource() dynamic.NamespaceableResourceInterface { return c.res }
 
-// CertificateCurrent reports whether serial is the node's current
-// certificate and the node is allowed.
-func (e *EdgeNode) CertificateCurrent(serial string, now time.Time) error {
-	switch {
-	case !e.Spec.Allowed:
-		return fmt.Errorf("node %q is disabled on the whitelist", e.Name)
-	case e.Status.Certificate == nil:
-		return fmt.Errorf("node %q has no certificate on record (not joined)", e.Name)
-	case e.Status.Certificate.Serial != serial:
-		return fmt.Errorf("certificate serial %s of node %q is not its current one (superseded by a rotation or a new join)", serial, e.Name)
-	case now.After(e.Status.Certificate.NotAfter.Time):
-		return fmt.Errorf("certificate of node %q expired at %s", e.Name, e.Status.Certificate.NotAfter.Time.UTC().Format(time.RFC3339))
+// Accepts reports until when the certificate with serial may keep a
+// session, or why it may not now: the node must be allowed, and serial
+// must be its current certificate (until that expires) or the previous one
+// within its grace (see Status.Previous).
+func (e *EdgeNode) Accepts(serial string, now time.Time) (time.Time, error) {
+	if !e.Spec.Allowed {
+		return time.Time{}, fmt.Errorf("node %q is disabled on the whitelist", e.Name)
 	}
-	return nil
+	cur, prev := e.Status.Certificate, e.Status.Previous
+	var c *Certificate
+	switch {
+	case cur == nil:
+		return time.Time{}, fmt.Errorf("node %q has no certificate on record (not joined)", e.Name)
+	case cur.Serial == serial:
+		c = cur
+	case prev != nil && prev.Serial == serial:
+		c = prev
+		if now.After(c.NotAfter.Time) {
+			return time.Time{}, fmt.Errorf("certificate serial %s of node %q was replaced by a renewal and its grace ended at %s",
+				serial, e.Name, c.NotAfter.Time.UTC().Format(time.RFC3339))
+		}
+	default:
+		return time.Time{}, fmt.Errorf("certificate serial %s of node %q is not its current one (superseded by a rotation or a new join)", serial, e.Name)
+	}
+	if now.After(c.NotAfter.Time) {
+		return time.Time{}, fmt.Errorf("certificate of node %q expired at %s", e.Name, c.NotAfter.Time.UTC().Format(time.RFC3339))
+	}
+	return c.NotAfter.Time, nil
 }

@@ -46,7 +46,9 @@ type AllowOptions struct {
 // Allow puts node on the whitelist, or re-enables it, with a fresh join
 // token for the cluster CA ca, and returns the token (whose secret is
 // stored nowhere: only its hash is in the EdgeNode) and the EdgeNode as
-// written. A token issued earlier for the node stops working.
+// written. A token issued earlier for the node stops working. Re-enabling
+// a disabled node withdraws its certificate: it must join again with the
+// new token. An allowed node keeps its certificate until it joins again.
 func Allow(ctx context.Context, nodes *edgenode.Client, ca *x509.Certificate, node string, opts AllowOptions) (join.Token, *edgenode.EdgeNode, error) {
 	if err := validateNodeName(node); err != nil {
 		return join.Token{}, nil, err
@@ -93,6 +95,17 @@ func Allow(ctx context.Context, nodes *edgenode.Client, ca *x509.Certificate, no
 		}
 		if err != nil {
 			return err
+		}
+		if !e.Spec.Allowed && (e.Status.Certificate != nil || e.Status.Previous != nil) {
+			// Re-enabling a disabled node must not make the certificate it
+			// was disabled with valid again: the node joins anew. The
+			// certificate is withdrawn while the node is still disabled, so
+			// that no moment accepts it; if enabling fails after this, the
+			// node stays disabled.
+			e.Status.Certificate, e.Status.Previous = nil, nil
+			if e, err = nodes.UpdateStatus(ctx, e); err != nil {
+				return err
+			}
 		}
 		e.Spec.Allowed = true
 		e.Spec.Join = pending

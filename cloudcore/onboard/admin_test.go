@@ -158,3 +158,38 @@ func TestListDisableRemove(t *testing.T) {
 	_, err = Disable(ctx, c.nodes, a)
 	require.ErrorIs(t, err, ErrNotWhitelisted)
 }
+
+// Re-enabling a disabled node withdraws its certificate (current and
+// previous); allowing a node that is still allowed keeps it.
+func TestAllowAfterDisableWithdrawsCertificate(t *testing.T) {
+	c := newCluster(t)
+	ca := newCA(t)
+	iss := &Issuer{CA: ca}
+	ctx := t.Context()
+	node := c.name(t, "reallow")
+	_, _, err := Allow(ctx, c.nodes, ca.Cert, node, AllowOptions{})
+	require.NoError(t, err)
+	cert, err := iss.Sign(csrPEM(t, ecKey(t), nil), node)
+	require.NoError(t, err)
+	require.NoError(t, recordCertificate(ctx, c.nodes, nil, node, func(e *edgenode.EdgeNode) error {
+		e.Status.Certificate = certRecord(cert)
+		e.Status.Previous = &edgenode.Certificate{Serial: "01", NotAfter: metav1.NewTime(time.Now().Add(time.Hour))}
+		return nil
+	}))
+
+	// Still allowed: a new token, the certificate stays until a join.
+	_, _, err = Allow(ctx, c.nodes, ca.Cert, node, AllowOptions{})
+	require.NoError(t, err)
+	require.NotNil(t, c.get(t, node).Status.Certificate)
+
+	_, err = Disable(ctx, c.nodes, node)
+	require.NoError(t, err)
+	_, e, err := Allow(ctx, c.nodes, ca.Cert, node, AllowOptions{})
+	require.NoError(t, err)
+	require.True(t, e.Spec.Allowed)
+	got := c.get(t, node)
+	require.Nil(t, got.Status.Certificate)
+	require.Nil(t, got.Status.Previous)
+	_, err = got.Accepts(cert.SerialNumber.Text(16), time.Now())
+	require.ErrorContains(t, err, "no certificate on record")
+}

@@ -28,11 +28,12 @@ const (
 	reasonExpiredToken     = "expired_token"
 	reasonTokenUsed        = "token_used"
 	reasonBadCSR           = "bad_csr"
+	reasonRateLimited      = "rate_limited"
 )
 
 var refusalReasons = []string{
 	reasonMalformedRequest, reasonMalformedToken, reasonWrongCA, reasonUnknownNode, reasonDisabled,
-	reasonInvalidToken, reasonExpiredToken, reasonTokenUsed, reasonBadCSR,
+	reasonInvalidToken, reasonExpiredToken, reasonTokenUsed, reasonBadCSR, reasonRateLimited,
 }
 
 // updateAttempts bounds the retries of an EdgeNode write that lost a race
@@ -107,7 +108,7 @@ func (s *Service) join(ctx context.Context, req join.Request) (*x509.Certificate
 	if err != nil {
 		return nil, err
 	}
-	if err := recordCertificate(ctx, s.cfg.EdgeNodes, used, node, cert, nil); err != nil {
+	if err := recordCertificate(ctx, s.cfg.EdgeNodes, used, node, joined(cert)); err != nil {
 		// The token is gone and the node holds no certificate on record:
 		// the operator has to issue a new token.
 		return nil, fmt.Errorf("record the certificate of node %s after using its token: %w", node, err)
@@ -175,28 +176,24 @@ func (s *Service) useToken(ctx context.Context, e *edgenode.EdgeNode, tok join.T
 	}
 }
 
-// recordCertificate makes cert the node's current certificate in the
-// EdgeNode's status. It writes over e, the latest version the caller read
-// (nil: read it here), and when it loses a race with another writer it
-// reads the node again, runs check on it (when not nil, its error stops
-// the write) and retries.
+// recordCertificate writes the certificate status that update sets on the
+// EdgeNode. It writes over e, the latest version the caller read (nil:
+// read it here); when it loses a race with another writer it reads the
+// node again and runs update on the fresh version (update's error stops
+// the write), so update must decide from what it is given.
 func recordCertificate(ctx context.Context, nodes *edgenode.Client, e *edgenode.EdgeNode, node string,
-	cert *x509.Certificate, check func(*edgenode.EdgeNode) error) error {
-	rec := &edgenode.Certificate{Serial: cert.SerialNumber.Text(16), NotAfter: metav1.NewTime(cert.NotAfter)}
+	update func(*edgenode.EdgeNode) error) error {
 	for attempt := 1; ; attempt++ {
 		if e == nil {
 			fresh, err := nodes.Get(ctx, node)
 			if err != nil {
 				return fmt.Errorf("read EdgeNode %s: %w", node, err)
 			}
-			if check != nil {
-				if err := check(fresh); err != nil {
-					return err
-				}
-			}
 			e = fresh
 		}
-		e.Status.Certificate = rec
+		if err := update(e); err != nil {
+			return err
+		}
 		_, err := nodes.UpdateStatus(ctx, e)
 		switch {
 		case err == nil:
@@ -207,5 +204,19 @@ func recordCertificate(ctx context.Context, nodes *edgenode.Client, e *edgenode.
 			return fmt.Errorf("update the status of EdgeNode %s: still conflicting after %d attempts: %w", node, attempt, err)
 		}
 		e = nil
+	}
+}
+
+// certRecord is how the status names cert.
+func certRecord(cert *x509.Certificate) *edgenode.Certificate {
+	return &edgenode.Certificate{Serial: cert.SerialNumber.Text(16), NotAfter: metav1.NewTime(cert.NotAfter)}
+}
+
+// joined makes cert the node's only accepted certificate: a join
+// supersedes every earlier one at once, with no grace.
+func joined(cert *x509.Certificate) func(*edgenode.EdgeNode) error {
+	return func(e *edgenode.EdgeNode) error {
+		e.Status.Certificate, e.Status.Previous = certRecord(cert), nil
+		return nil
 	}
 }

@@ -8,8 +8,9 @@
 //
 // The EdgeNode object is the single source of truth: a token is usable only
 // while its hash is in the node's spec, using it removes it with an
-// optimistic-concurrency update, and the status names the one certificate
-// serial the tunnel accepts. A refused join or renewal changes nothing.
+// optimistic-concurrency update, and the status names the certificate
+// serial the tunnel accepts (and, for a bounded grace after a renewal, the
+// one it replaced). A refused join or renewal changes nothing.
 //
 // It must not decide whether a live session may continue (that is the
 // whitelist's job, from its cache) and it never stores a token's secret.

@@ -10,6 +10,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/tetheredge/tether/cloudcore/edgenode"
 )
@@ -20,6 +21,12 @@ type RenewerConfig struct {
 	EdgeNodes *edgenode.Client
 	// Issuer signs the new certificates. Required.
 	Issuer *Issuer
+	// Grace is how long, at most, the certificate a renewal replaces stays
+	// accepted, in case the node never received the new one (a lost reply,
+	// a crash before it was stored); it ends earlier when that certificate
+	// expires or the node connects with the new one. Zero means
+	// DefaultRenewGrace.
+	Grace time.Duration
 	// Now is the clock for the current certificate's expiry. Nil means
 	// time.Now.
 	Now func() time.Time
@@ -29,11 +36,17 @@ type RenewerConfig struct {
 	Registerer prometheus.Registerer
 }
 
+// DefaultRenewGrace is RenewerConfig.Grace's default.
+const DefaultRenewGrace = 24 * time.Hour
+
 // Renewer renews the certificate of a node over its live session: the
 // session's certificate vouches for the node, so no token is needed, but
-// only the node's current certificate may be renewed, and only while the
-// node is allowed. The new certificate replaces it as the current one, so
-// the old one stops being accepted at the next connection.
+// only the node's current certificate (or the previous one, within its
+// grace) may be renewed, and only while the node is allowed. The new
+// certificate becomes the current one; the one it replaces stays accepted
+// as the previous one until the node connects with the new one, for at
+// most Grace and never past its own expiry, so that a renewal whose reply
+// is lost does not lock the node out.
 type Renewer struct {
 	cfg     RenewerConfig
 	logger  *slog.Logger
@@ -48,6 +61,12 @@ func NewRenewer(cfg RenewerConfig) (*Renewer, error) {
 	}
 	if cfg.Issuer == nil || cfg.Issuer.CA == nil {
 		return nil, errors.New("renewer: an Issuer with a CA is required")
+	}
+	if cfg.Grace == 0 {
+		cfg.Grace = DefaultRenewGrace
+	}
+	if cfg.Grace < 0 {
+		return nil, fmt.Errorf("renewer: negative grace %s", cfg.Grace)
 	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
@@ -78,8 +97,9 @@ func NewRenewer(cfg RenewerConfig) (*Renewer, error) {
 }
 
 // Renew issues node a new certificate for the key in csrPEM, provided
-// currentSerial (hex, as tunnel.Identity.Serial) is the serial of the
-// certificate on record for an allowed node, and records the new one as
+// currentSerial (hex, as tunnel.Identity.Serial) is the serial of a
+// certificate the whitelist accepts for an allowed node (the current one,
+// or the previous one within its grace), and records the new one as
 // current. Refusals wrap ErrRefused; other errors are the API server's.
 func (r *Renewer) Renew(ctx context.Context, node, currentSerial string, csrPEM []byte) (*x509.Certificate, error) {
 	cert, err := r.renew(ctx, node, currentSerial, csrPEM)
@@ -101,12 +121,6 @@ func (r *Renewer) renew(ctx context.Context, node, currentSerial string, csrPEM 
 	if err != nil {
 		return nil, fmt.Errorf("%w: renew node %s: %w", ErrRefused, node, err)
 	}
-	check := func(e *edgenode.EdgeNode) error {
-		if err := e.CertificateCurrent(currentSerial, r.cfg.Now()); err != nil {
-			return fmt.Errorf("%w: renew: %w", ErrRefused, err)
-		}
-		return nil
-	}
 	e, err := r.cfg.EdgeNodes.Get(ctx, node)
 	if err != nil {
 		if apierrors.IsNotFound(err) {
@@ -114,20 +128,43 @@ func (r *Renewer) renew(ctx context.Context, node, currentSerial string, csrPEM 
 		}
 		return nil, fmt.Errorf("renew node %s: read EdgeNode: %w", node, err)
 	}
-	if err := check(e); err != nil {
-		return nil, err
+	if _, err := e.Accepts(currentSerial, r.cfg.Now()); err != nil {
+		return nil, fmt.Errorf("%w: renew: %w", ErrRefused, err)
 	}
 	cert, err := r.cfg.Issuer.sign(csr, node)
 	if err != nil {
 		return nil, fmt.Errorf("renew node %s: %w", node, err)
 	}
-	// Written over the version that was checked; a conflict re-checks, so
-	// of two renewals of one certificate only one is recorded.
-	if err := recordCertificate(ctx, r.cfg.EdgeNodes, e, node, cert, check); err != nil {
+	// Written over the version that was checked; a conflict re-checks.
+	if err := recordCertificate(ctx, r.cfg.EdgeNodes, e, node, r.replace(currentSerial, cert)); err != nil {
 		if apierrors.IsNotFound(err) {
 			return nil, fmt.Errorf("%w: renew: node %q was removed from the whitelist", ErrRefused, node)
 		}
 		return nil, fmt.Errorf("renew node %s: %w", node, err)
 	}
 	return cert, nil
+}
+
+// replace makes cert current in place of the certificate with serial. When
+// that was the current one, it becomes the previous one, accepted until
+// the earlier of its expiry and now plus the grace. When it was already
+// the previous one (the node never got the certificate it was issued
+// last), the previous one stays as it was, grace included: retries do not
+// extend it, and the certificate that was never delivered is dropped.
+func (r *Renewer) replace(serial string, cert *x509.Certificate) func(*edgenode.EdgeNode) error {
+	return func(e *edgenode.EdgeNode) error {
+		now := r.cfg.Now()
+		if _, err := e.Accepts(serial, now); err != nil {
+			return fmt.Errorf("%w: renew: %w", ErrRefused, err)
+		}
+		if cur := e.Status.Certificate; cur.Serial == serial {
+			until := cur.NotAfter.Time
+			if g := now.Add(r.cfg.Grace); g.Before(until) {
+				until = g
+			}
+			e.Status.Previous = &edgenode.Certificate{Serial: serial, NotAfter: metav1.NewTime(until)}
+		}
+		e.Status.Certificate = certRecord(cert)
+		return nil
+	}
 }

@@ -37,7 +37,7 @@ func (f *renewFixture) joined(t *testing.T, prefix string) (string, *x509.Certif
 	require.NoError(t, err)
 	cert, err := f.issuer.Sign(csrPEM(t, ecKey(t), nil), node)
 	require.NoError(t, err)
-	require.NoError(t, recordCertificate(t.Context(), f.nodes, nil, node, cert, nil))
+	require.NoError(t, recordCertificate(t.Context(), f.nodes, nil, node, joined(cert)))
 	return node, cert
 }
 
@@ -55,17 +55,59 @@ func TestRenewCurrentCertificate(t *testing.T) {
 	e := f.get(t, node)
 	require.Equal(t, second.SerialNumber.Text(16), e.Status.Certificate.Serial)
 	require.True(t, second.NotAfter.Equal(e.Status.Certificate.NotAfter.Time))
-	require.Error(t, e.CertificateCurrent(first.SerialNumber.Text(16), time.Now()), "the old certificate is superseded")
+	// The replaced certificate stays accepted, as the previous one, in case
+	// the node never got the new one; for the grace at most.
+	require.NotNil(t, e.Status.Previous)
+	require.Equal(t, first.SerialNumber.Text(16), e.Status.Previous.Serial)
+	until, err := e.Accepts(first.SerialNumber.Text(16), time.Now())
+	require.NoError(t, err)
+	require.WithinDuration(t, time.Now().Add(DefaultRenewGrace), until, time.Minute)
 
-	// The superseded certificate cannot renew again.
+	// The node did not get the second certificate and renews with the
+	// first again: it gets a third, the second is dropped, and the grace of
+	// the first is not extended.
+	third, err := f.renewer.Renew(t.Context(), node, first.SerialNumber.Text(16), csrPEM(t, key, nil))
+	require.NoError(t, err)
+	e = f.get(t, node)
+	require.Equal(t, third.SerialNumber.Text(16), e.Status.Certificate.Serial)
+	require.Equal(t, first.SerialNumber.Text(16), e.Status.Previous.Serial)
+	require.True(t, until.Equal(e.Status.Previous.NotAfter.Time), "a retry must not extend the grace")
+
+	// The dropped second certificate can neither connect nor renew.
+	_, err = e.Accepts(second.SerialNumber.Text(16), time.Now())
+	require.ErrorContains(t, err, "not its current one")
 	before := f.snapshot(t, node)
-	_, err = f.renewer.Renew(t.Context(), node, first.SerialNumber.Text(16), csrPEM(t, key, nil))
+	_, err = f.renewer.Renew(t.Context(), node, second.SerialNumber.Text(16), csrPEM(t, key, nil))
 	require.ErrorIs(t, err, ErrRefused)
 	require.ErrorContains(t, err, "not its current one")
 	require.Equal(t, before, f.snapshot(t, node))
 
-	require.Equal(t, 1.0, counter(t, f.reg, "tether_cert_renewed_total", nil))
+	// Renewing with the current one ends the first's acceptance.
+	fourth, err := f.renewer.Renew(t.Context(), node, third.SerialNumber.Text(16), csrPEM(t, key, nil))
+	require.NoError(t, err)
+	e = f.get(t, node)
+	require.Equal(t, fourth.SerialNumber.Text(16), e.Status.Certificate.Serial)
+	require.Equal(t, third.SerialNumber.Text(16), e.Status.Previous.Serial)
+	_, err = e.Accepts(first.SerialNumber.Text(16), time.Now())
+	require.Error(t, err)
+
+	require.Equal(t, 3.0, counter(t, f.reg, "tether_cert_renewed_total", nil))
 	require.Equal(t, 1.0, counter(t, f.reg, "tether_cert_renew_refused_total", nil))
+}
+
+// The grace of the replaced certificate never outlasts its own expiry.
+func TestRenewGraceEndsAtExpiry(t *testing.T) {
+	c := newCluster(t)
+	iss := &Issuer{CA: newCA(t), Validity: time.Hour}
+	r, err := NewRenewer(RenewerConfig{EdgeNodes: c.nodes, Issuer: iss, Logger: testLogger()})
+	require.NoError(t, err)
+	f := &renewFixture{cluster: c, issuer: iss, renewer: r}
+	node, first := f.joined(t, "renew-grace")
+	_, err = r.Renew(t.Context(), node, first.SerialNumber.Text(16), csrPEM(t, ecKey(t), nil))
+	require.NoError(t, err)
+	prev := f.get(t, node).Status.Previous
+	require.NotNil(t, prev)
+	require.True(t, first.NotAfter.Equal(prev.NotAfter.Time), "grace %s, certificate expires %s", prev.NotAfter, first.NotAfter)
 }
 
 func TestRenewRefusals(t *testing.T) {
@@ -123,7 +165,7 @@ func TestRenewRefusals(t *testing.T) {
 	}
 }
 
-// Two renewals of the same certificate racing: exactly one is recorded.
+// Renewals of the same certificate racing leave a consistent record.
 func TestRenewConcurrentOnlyOneWins(t *testing.T) {
 	f := newRenewFixture(t)
 	node, first := f.joined(t, "renew-race")
@@ -144,15 +186,20 @@ func TestRenewConcurrentOnlyOneWins(t *testing.T) {
 	}
 	close(start)
 	wg.Wait()
-	var won *x509.Certificate
+	// Each renewal presented an accepted certificate (the first stays
+	// accepted as the previous one), so each may succeed; whatever the
+	// interleaving, the first is still accepted and the current one is one
+	// of those handed out.
+	issued := map[string]bool{}
 	for i := range n {
-		if errs[i] == nil {
-			require.Nil(t, won, "two renewals of one certificate succeeded")
-			won = certs[i]
+		if errs[i] != nil {
+			require.ErrorContains(t, errs[i], "still conflicting")
 			continue
 		}
-		require.ErrorIs(t, errs[i], ErrRefused)
+		issued[certs[i].SerialNumber.Text(16)] = true
 	}
-	require.NotNil(t, won)
-	require.Equal(t, won.SerialNumber.Text(16), f.get(t, node).Status.Certificate.Serial)
+	require.NotEmpty(t, issued)
+	e := f.get(t, node)
+	require.True(t, issued[e.Status.Certificate.Serial], "current %s is not one of the issued %v", e.Status.Certificate.Serial, issued)
+	require.Equal(t, first.SerialNumber.Text(16), e.Status.Previous.Serial)
 }

@@ -14,11 +14,14 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/net/netutil"
 	"golang.org/x/sync/errgroup"
+	"golang.org/x/time/rate"
 
 	"github.com/tetheredge/tether/cloudcore/edgenode"
 	"github.com/tetheredge/tether/common/join"
 	"github.com/tetheredge/tether/common/pki"
+	"github.com/tetheredge/tether/common/ratelog"
 )
 
 // DefaultAddr is where the join endpoint listens unless told otherwise.
@@ -49,11 +52,27 @@ type Config struct {
 	// The service uses a copy with TLS 1.3 as the minimum and no client
 	// certificate asked for: a joining node has none yet.
 	TLS *tls.Config
-	// EdgeNodes is the whitelist. Required.
+	// EdgeNodes is the whitelist. Required. Give it a Kubernetes client of
+	// its own (DefaultClientQPS): joins then never take API capacity from
+	// the edges' sessions, and a flood of joins is bounded by that
+	// client's rate as well as by SourceRate.
 	EdgeNodes *edgenode.Client
 	// Issuer signs the node certificates. Required.
 	Issuer *Issuer
-	// Now is the clock for token expiry. Nil means time.Now.
+	// SourceRate and SourceBurst limit the join requests of one source
+	// address (an IPv4 address or an IPv6 /64): beyond them a request is
+	// refused with 429 before it is read or costs an API request. Zero
+	// means DefaultSourceRate and DefaultSourceBurst.
+	SourceRate  rate.Limit
+	SourceBurst int
+	// MaxSources bounds the sources remembered for SourceRate. Zero means
+	// DefaultMaxSources.
+	MaxSources int
+	// MaxConns caps the connections served at once; more wait to be
+	// accepted. Zero means DefaultMaxConns.
+	MaxConns int
+	// Now is the clock for token expiry and the rate limits. Nil means
+	// time.Now.
 	Now func() time.Time
 	// Logger receives the service's logs. Nil discards them.
 	Logger *slog.Logger
@@ -70,6 +89,8 @@ type Service struct {
 	caPEM   []byte
 	caHash  string
 	srv     *http.Server
+	sources *sourceLimiter
+	logLim  *ratelog.Limiter
 
 	mu sync.Mutex
 	ln net.Listener
@@ -95,6 +116,21 @@ func New(cfg Config) (*Service, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
+	if cfg.SourceRate == 0 {
+		cfg.SourceRate = DefaultSourceRate
+	}
+	if cfg.SourceBurst == 0 {
+		cfg.SourceBurst = DefaultSourceBurst
+	}
+	if cfg.MaxSources == 0 {
+		cfg.MaxSources = DefaultMaxSources
+	}
+	if cfg.MaxConns == 0 {
+		cfg.MaxConns = DefaultMaxConns
+	}
+	if cfg.SourceRate < 0 || cfg.SourceBurst < 0 || cfg.MaxSources < 0 || cfg.MaxConns < 0 {
+		return nil, errors.New("join service: negative limits")
+	}
 	tlsCfg := cfg.TLS.Clone()
 	tlsCfg.MinVersion = tls.VersionTLS13
 	tlsCfg.ClientAuth = tls.NoClientCert
@@ -111,6 +147,8 @@ func New(cfg Config) (*Service, error) {
 		metrics: m,
 		caPEM:   pki.EncodeCert(cfg.Issuer.CA.Cert),
 		caHash:  join.CAHash(cfg.Issuer.CA.Cert),
+		sources: newSourceLimiter(cfg.SourceRate, cfg.SourceBurst, cfg.MaxSources),
+		logLim:  ratelog.New(0, nil),
 	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET "+join.PathCA, s.serveCA)
@@ -141,7 +179,7 @@ func (s *Service) Listen() error {
 	if err != nil {
 		return fmt.Errorf("join service: listen on %s: %w", s.cfg.Addr, err)
 	}
-	s.ln = ln
+	s.ln = netutil.LimitListener(ln, s.cfg.MaxConns)
 	return nil
 }
 
@@ -196,6 +234,13 @@ func (s *Service) serveCA(w http.ResponseWriter, _ *http.Request) {
 
 func (s *Service) serveJoin(w http.ResponseWriter, r *http.Request) {
 	remote := r.RemoteAddr
+	if !s.sources.allow(remote, s.cfg.Now()) {
+		// Answered before the body is read and before any API request.
+		w.Header().Set("Retry-After", "1")
+		s.refuse(w, "", remote, refused(http.StatusTooManyRequests, reasonRateLimited,
+			"too many join requests from this address; try again later"))
+		return
+	}
 	r.Body = http.MaxBytesReader(w, r.Body, MaxRequestBytes)
 	body, err := io.ReadAll(r.Body)
 	if err != nil {
@@ -238,7 +283,10 @@ func (s *Service) refuse(w http.ResponseWriter, node, remote string, err error) 
 		return
 	}
 	s.metrics.refused.WithLabelValues(r.reason).Inc()
-	s.logger.Warn("join refused", "node", node, "reason", r.reason, "detail", r.msg, "remote", remote)
+	// Anyone can make refusals: one log line per reason and minute.
+	if ok, suppressed := s.logLim.Allow(r.reason); ok {
+		s.logger.Warn("join refused", "node", node, "reason", r.reason, "detail", r.msg, "remote", remote, "suppressed", suppressed)
+	}
 	writeJSON(w, r.status, join.Response{Error: r.msg})
 }
 

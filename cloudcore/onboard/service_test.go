@@ -33,21 +33,28 @@ type joinServer struct {
 	client *http.Client
 }
 
-func startJoinServer(t *testing.T) *joinServer {
+// startJoinServer starts the service; opts change its Config (the tests
+// that do not test the rate limit get one that does not get in the way).
+func startJoinServer(t *testing.T, opts ...func(*cluster, *Config)) *joinServer {
 	t.Helper()
 	c := newCluster(t)
 	ca := newCA(t)
 	serverCert, err := ServerCertificate(ca, []string{"127.0.0.1"}, time.Hour)
 	require.NoError(t, err)
 	reg := prometheus.NewRegistry()
-	svc, err := New(Config{
-		Addr:       "127.0.0.1:0",
-		TLS:        &tls.Config{Certificates: []tls.Certificate{serverCert}},
-		EdgeNodes:  c.nodes,
-		Issuer:     &Issuer{CA: ca},
-		Logger:     testLogger(),
-		Registerer: reg,
-	})
+	cfg := Config{
+		Addr:        "127.0.0.1:0",
+		TLS:         &tls.Config{Certificates: []tls.Certificate{serverCert}},
+		EdgeNodes:   c.nodes,
+		Issuer:      &Issuer{CA: ca},
+		SourceBurst: 1000,
+		Logger:      testLogger(),
+		Registerer:  reg,
+	}
+	for _, o := range opts {
+		o(c, &cfg)
+	}
+	svc, err := New(cfg)
 	require.NoError(t, err)
 	require.NoError(t, svc.Listen())
 
@@ -147,7 +154,8 @@ func TestJoinSucceeds(t *testing.T) {
 	require.Equal(t, cert.SerialNumber.Text(16), e.Status.Certificate.Serial)
 	require.True(t, cert.NotAfter.Equal(e.Status.Certificate.NotAfter.Time))
 	// What the tunnel's whitelist will check at connection time.
-	require.NoError(t, e.CertificateCurrent(cert.SerialNumber.Text(16), time.Now()))
+	_, err = e.Accepts(cert.SerialNumber.Text(16), time.Now())
+	require.NoError(t, err)
 
 	require.Equal(t, 1.0, counter(t, s.reg, "tether_join_total", nil))
 	require.Equal(t, 0.0, counter(t, s.reg, "tether_join_refused_total", nil))

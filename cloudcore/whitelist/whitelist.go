@@ -1,8 +1,12 @@
 // Package whitelist decides, from an informer cache of EdgeNode objects,
-// whether a connecting edge may have a session: its EdgeNode exists, is
-// allowed, and names the presented certificate's serial as current. It
-// tells its subscribers when a node is disabled or removed so that live
-// sessions end. It makes no API request per connection.
+// whether a connecting edge may have a session, and until when: its
+// EdgeNode exists, is allowed, and names the presented certificate's
+// serial as current (or as the previous one, within its grace after a
+// renewal). It tells its subscribers of every change of an EdgeNode, so
+// that each replica re-checks its live sessions against the new state. It
+// makes no API request to authorise a connection; it writes the EdgeNode's
+// status only to record connections (at most once a minute per node) and
+// to end a grace.
 package whitelist
 
 import (
@@ -18,6 +22,7 @@ import (
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/dynamic/dynamicinformer"
 	"k8s.io/client-go/tools/cache"
+	"k8s.io/client-go/util/retry"
 
 	"github.com/tetheredge/tether/cloudcore/edgenode"
 	"github.com/tetheredge/tether/tunnel"
@@ -33,38 +38,47 @@ type Whitelist struct {
 	client    *edgenode.Client
 	logger    *slog.Logger
 	now       func() time.Time
-	connected chan string
+	connected chan tunnel.Identity
 
 	mu      sync.Mutex
-	revoked []func(node, reason string)
+	changed []func(node string)
 }
 
-// New builds the whitelist over a dynamic client. now may be nil.
+// New builds the whitelist over a dynamic client. now may be nil
+// (time.Now), logger too (logs are discarded).
 func New(client dynamic.Interface, logger *slog.Logger, now func() time.Time) *Whitelist {
 	if now == nil {
 		now = time.Now
 	}
+	if logger == nil {
+		logger = slog.New(slog.DiscardHandler)
+	}
 	f := dynamicinformer.NewDynamicSharedInformerFactory(client, 0)
 	w := &Whitelist{
 		informer: f.ForResource(edgenode.GVR).Informer(), factory: f, client: edgenode.NewClient(client),
-		logger: logger.With("component", "whitelist"), now: now, connected: make(chan string, 256),
+		logger: logger.With("component", "whitelist"), now: now, connected: make(chan tunnel.Identity, 256),
 	}
+	// Every change is passed on, not only a disable: a join that supersedes
+	// the serial, a removed grace and a deletion all end sessions, and the
+	// subscriber decides by asking Until again.
 	_, _ = w.informer.AddEventHandler(cache.ResourceEventHandlerFuncs{
-		UpdateFunc: func(_, obj any) {
-			if e := decode(obj); e != nil && !e.Spec.Allowed {
-				w.revoke(e.Name, "node disabled on the whitelist")
-			}
-		},
+		AddFunc:    func(obj any) { w.notify(nameOf(obj)) },
+		UpdateFunc: func(_, obj any) { w.notify(nameOf(obj)) },
 		DeleteFunc: func(obj any) {
 			if d, ok := obj.(cache.DeletedFinalStateUnknown); ok {
 				obj = d.Obj
 			}
-			if u, ok := obj.(*unstructured.Unstructured); ok {
-				w.revoke(u.GetName(), "node removed from the whitelist")
-			}
+			w.notify(nameOf(obj))
 		},
 	})
 	return w
+}
+
+func nameOf(obj any) string {
+	if u, ok := obj.(*unstructured.Unstructured); ok {
+		return u.GetName()
+	}
+	return ""
 }
 
 func decode(obj any) *edgenode.EdgeNode {
@@ -79,21 +93,24 @@ func decode(obj any) *edgenode.EdgeNode {
 	return e
 }
 
-// OnRevoke registers fn, called when a node loses its right to a session.
+// OnChange registers fn, called (from the informer's goroutine, so it must
+// not block) with the name of every EdgeNode added, changed or removed.
 // Register before Run.
-func (w *Whitelist) OnRevoke(fn func(node, reason string)) {
+func (w *Whitelist) OnChange(fn func(node string)) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	w.revoked = append(w.revoked, fn)
+	w.changed = append(w.changed, fn)
 }
 
-func (w *Whitelist) revoke(node, reason string) {
-	w.logger.Info("node revoked", "node", node, "reason", reason)
+func (w *Whitelist) notify(node string) {
+	if node == "" {
+		return
+	}
 	w.mu.Lock()
-	fns := append([]func(string, string){}, w.revoked...)
+	fns := append([]func(string){}, w.changed...)
 	w.mu.Unlock()
 	for _, fn := range fns {
-		fn(node, reason)
+		fn(node)
 	}
 }
 
@@ -105,33 +122,78 @@ func (w *Whitelist) Run(ctx context.Context) error {
 		select {
 		case <-ctx.Done():
 			return nil
-		case node := <-w.connected:
-			w.recordConnected(ctx, node)
+		case id := <-w.connected:
+			w.recordConnected(ctx, id)
 		}
 	}
 }
 
-// Connected notes that node opened a session; Run records it in the
-// EdgeNode's status (at most once a minute per node). Never blocks: when
-// many nodes connect at once, some records are skipped.
-func (w *Whitelist) Connected(node string) {
+// Connected notes that the peer id opened a session; Run records it in the
+// EdgeNode's status (at most once a minute per node), and ends the grace
+// of the previous certificate when id presents the current one. Never
+// blocks: when many nodes connect at once, some records are skipped (a
+// skipped grace ends at its deadline or at the node's next connection).
+func (w *Whitelist) Connected(id tunnel.Identity) {
 	select {
-	case w.connected <- node:
+	case w.connected <- id:
 	default:
 	}
 }
 
-func (w *Whitelist) recordConnected(ctx context.Context, node string) {
-	e, ok := w.Get(node)
+func (w *Whitelist) recordConnected(ctx context.Context, id tunnel.Identity) {
+	e, ok := w.Get(id.Node)
+	if !ok {
+		return
+	}
 	now := w.now()
-	if !ok || (e.Status.LastConnected != nil && now.Sub(e.Status.LastConnected.Time) < time.Minute) {
+	if endsGrace(e, id) {
+		w.endGrace(ctx, e, id, now)
+		return
+	}
+	if e.Status.LastConnected != nil && now.Sub(e.Status.LastConnected.Time) < time.Minute {
 		return
 	}
 	t := metav1.NewTime(now)
 	e.Status.LastConnected = &t
+	// Written over the cached version: a conflict means the status changed
+	// meanwhile, and a later connection records it.
 	if _, err := w.client.UpdateStatus(ctx, e); err != nil {
-		w.logger.Debug("cannot record connection", "node", node, "err", err)
+		w.logger.Debug("cannot record connection", "node", id.Node, "err", err)
 	}
+}
+
+// endsGrace says whether a session of id ends the grace of e's previous
+// certificate: id presents the current one.
+func endsGrace(e *edgenode.EdgeNode, id tunnel.Identity) bool {
+	return e.Status.Previous != nil && e.Status.Certificate != nil && e.Status.Certificate.Serial == id.Serial
+}
+
+// endGrace drops e's previous certificate, since the node connected with
+// the current one. Unlike the connection record it is not skipped on a
+// conflict: it is read again and retried (it happens once per renewal).
+func (w *Whitelist) endGrace(ctx context.Context, e *edgenode.EdgeNode, id tunnel.Identity, now time.Time) {
+	err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
+		if e == nil {
+			fresh, err := w.client.Get(ctx, id.Node)
+			if err != nil {
+				return err
+			}
+			e = fresh
+		}
+		if !endsGrace(e, id) {
+			return nil
+		}
+		t := metav1.NewTime(now)
+		e.Status.LastConnected, e.Status.Previous = &t, nil
+		_, err := w.client.UpdateStatus(ctx, e)
+		e = nil
+		return err
+	})
+	if err != nil {
+		w.logger.Warn("cannot end the grace of the previous certificate", "node", id.Node, "err", err)
+		return
+	}
+	w.logger.Info("previous certificate no longer accepted", "node", id.Node, "serial", id.Serial)
 }
 
 // WaitForSync waits for the cache.
@@ -152,17 +214,29 @@ func (w *Whitelist) Get(node string) (*edgenode.EdgeNode, bool) {
 	return e, e != nil
 }
 
-// Authorize is the tunnel's handshake hook: the certificate must be the
-// current one of an allowed EdgeNode.
-func (w *Whitelist) Authorize(id tunnel.Identity) error {
+// Until reports until when the peer id may keep a session (the end of
+// its certificate's acceptance, never past the certificate's own expiry),
+// or why it may not have one now.
+func (w *Whitelist) Until(id tunnel.Identity) (time.Time, error) {
 	e, ok := w.Get(id.Node)
 	if !ok {
-		return fmt.Errorf("%w: node %q is not on the whitelist", ErrNotAllowed, id.Node)
+		return time.Time{}, fmt.Errorf("%w: node %q is not on the whitelist", ErrNotAllowed, id.Node)
 	}
-	if err := e.CertificateCurrent(id.Serial, w.now()); err != nil {
-		return fmt.Errorf("%w: %w", ErrNotAllowed, err)
+	until, err := e.Accepts(id.Serial, w.now())
+	if err != nil {
+		return time.Time{}, fmt.Errorf("%w: %w", ErrNotAllowed, err)
 	}
-	return nil
+	if !id.NotAfter.IsZero() && id.NotAfter.Before(until) {
+		until = id.NotAfter
+	}
+	return until, nil
+}
+
+// Authorize is the tunnel's handshake hook: the certificate must be one
+// the whitelist accepts for an allowed EdgeNode now.
+func (w *Whitelist) Authorize(id tunnel.Identity) error {
+	_, err := w.Until(id)
+	return err
 }
 
 // Labels returns the labels the operator set for node's Node.

@@ -107,7 +107,9 @@ func (t Token) String() string {
 
 // Parse checks a token's format.
 func Parse(s string) (Token, error) {
-	parts := strings.Split(strings.TrimSpace(s), ".")
+	// At most five parts: more than four is refused, and a long run of
+	// dots costs nothing.
+	parts := strings.SplitN(strings.TrimSpace(s), ".", 5)
 	if len(parts) != 4 || parts[0] != prefix {
 		return Token{}, fmt.Errorf("%w: want tj1.<id>.<secret>.<ca hash>", ErrBadToken)
 	}

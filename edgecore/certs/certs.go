@@ -62,10 +62,16 @@ type Rotator struct {
 	now    func() time.Time
 }
 
-// NewRotator returns a rotator for the identity stored in dir. now may be nil.
+// NewRotator returns a rotator for the identity stored in dir (see
+// edgecore/join's Store: the renewed key and certificate replace the old
+// pair in one atomic step). now may be nil (time.Now), logger too (logs
+// are discarded).
 func NewRotator(dir, node string, ca *x509.Certificate, holder *Holder, renew RenewFunc, logger *slog.Logger, now func() time.Time) *Rotator {
 	if now == nil {
 		now = time.Now
+	}
+	if logger == nil {
+		logger = slog.New(slog.DiscardHandler)
 	}
 	return &Rotator{dir: dir, node: node, ca: ca, holder: holder, renew: renew, logger: logger.With("component", "certs"), now: now}
 }
@@ -94,7 +100,9 @@ func (r *Rotator) Run(ctx context.Context) error {
 }
 
 // RenewOnce makes a new key, has the cloud sign it, checks the answer and
-// stores it, then presents it on new connections.
+// stores it, then presents it on new connections. When the answer is lost
+// or cannot be stored, the held certificate stays: the cloud keeps
+// accepting it for a grace period, and the next attempt renews it again.
 func (r *Rotator) RenewOnce(ctx context.Context) error {
 	key, csr, err := edgejoin.NewRenewalKey()
 	if err != nil {

@@ -1,11 +1,18 @@
 package join
 
 import (
+	"crypto"
+	"crypto/rand"
 	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/pem"
+	"errors"
 	"io/fs"
+	"math/big"
 	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -90,7 +97,7 @@ func TestRenewalKeyStoreLoad(t *testing.T) {
 	require.ErrorContains(t, err, "run edgecore join first")
 
 	require.NoError(t, Store(dir, key, leaf, ca.Cert))
-	for _, name := range []string{KeyFile, CertFile, CAFile} {
+	for _, name := range []string{IdentityFile, CAFile} {
 		info, err := os.Stat(filepath.Join(dir, name))
 		require.NoError(t, err)
 		require.Equal(t, fs.FileMode(0o600), info.Mode().Perm(), name)
@@ -102,14 +109,163 @@ func TestRenewalKeyStoreLoad(t *testing.T) {
 	_, err = loaded.Verify(x509.VerifyOptions{Roots: pool, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}})
 	require.NoError(t, err)
 
-	// A renewal replaces the pair; a key left from another pair is caught.
+	// An identity in the separate files of earlier versions still loads,
+	// and a key left from another pair there is caught.
+	legacy := t.TempDir()
+	require.NoError(t, pki.WriteFiles(filepath.Join(legacy, CertFile), leaf, filepath.Join(legacy, KeyFile), key))
+	require.NoError(t, pki.WriteFiles(filepath.Join(legacy, CAFile), ca.Cert, "", nil))
+	_, _, loaded, err = Load(legacy)
+	require.NoError(t, err)
+	require.Equal(t, leaf.Raw, loaded.Raw)
 	key2, _, err := NewRenewalKey()
 	require.NoError(t, err)
-	require.NoError(t, pki.WriteFiles(filepath.Join(dir, "unused.crt"), leaf, filepath.Join(dir, KeyFile), key2))
-	_, _, _, err = Load(dir)
+	require.NoError(t, pki.WriteFiles(filepath.Join(legacy, "unused.crt"), leaf, filepath.Join(legacy, KeyFile), key2))
+	_, _, _, err = Load(legacy)
 	require.ErrorContains(t, err, "load the node identity")
+	// Storing there replaces them with the one file.
+	require.NoError(t, Store(legacy, key, leaf, ca.Cert))
+	for _, name := range []string{KeyFile, CertFile} {
+		_, err := os.Stat(filepath.Join(legacy, name))
+		require.ErrorIs(t, err, fs.ErrNotExist, name)
+	}
+	_, _, loaded, err = Load(legacy)
+	require.NoError(t, err)
+	require.Equal(t, leaf.Raw, loaded.Raw)
 
 	require.ErrorContains(t, Store(dir, nil, leaf, ca.Cert), "required")
+}
+
+// issued returns a fresh key and a certificate for it, issued by ca for
+// node.
+func issued(t *testing.T, ca *pki.CA, node string, validity time.Duration) (crypto.Signer, *x509.Certificate) {
+	t.Helper()
+	key, _, err := NewRenewalKey()
+	require.NoError(t, err)
+	cert, _, err := ca.Issue(pki.LeafRequest{CommonName: node, Validity: validity, PublicKey: key.Public()})
+	require.NoError(t, err)
+	return key, cert
+}
+
+// issuedAt is issued with a chosen start of validity.
+func issuedAt(t *testing.T, ca *pki.CA, node string, notBefore time.Time) (crypto.Signer, *x509.Certificate) {
+	t.Helper()
+	key, _, err := NewRenewalKey()
+	require.NoError(t, err)
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(notBefore.UnixNano()),
+		Subject:      pkix.Name{CommonName: node},
+		NotBefore:    notBefore,
+		NotAfter:     notBefore.Add(24 * time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Cert, key.Public(), ca.Key)
+	require.NoError(t, err)
+	cert, err := x509.ParseCertificate(der)
+	require.NoError(t, err)
+	return key, cert
+}
+
+// A crash at any step of replacing the identity leaves a pair that loads,
+// whose key matches its certificate: the old one before the rename, the
+// new one after.
+func TestStoreCrashAtEveryStep(t *testing.T) {
+	ca := newCA(t)
+	oldKey, oldCert := issued(t, ca, testNode, time.Hour)
+	newKey, newCert := issued(t, ca, testNode, time.Hour)
+
+	// The steps of one Store, as it performs them.
+	var steps []string
+	require.NoError(t, store(t.TempDir(), newKey, newCert, ca.Cert, func(s string) error {
+		steps = append(steps, s)
+		return nil
+	}))
+	require.Greater(t, len(steps), 8)
+
+	errCrash := errors.New("crash")
+	renamed := false
+	for i, at := range steps {
+		t.Run(strconv.Itoa(i)+" "+at, func(t *testing.T) {
+			dir := t.TempDir()
+			require.NoError(t, Store(dir, oldKey, oldCert, ca.Cert))
+			err := store(dir, newKey, newCert, ca.Cert, func(s string) error {
+				if s == at {
+					return errCrash
+				}
+				return nil
+			})
+			require.ErrorIs(t, err, errCrash)
+			pair, _, leaf, err := Load(dir)
+			require.NoError(t, err, "the identity does not load after a crash at %q", at)
+			require.True(t, leaf.PublicKey.(interface{ Equal(crypto.PublicKey) bool }).Equal(pair.PrivateKey.(crypto.Signer).Public()),
+				"key and certificate of different pairs after a crash at %q", at)
+			want := oldCert
+			if renamed {
+				want = newCert
+			}
+			require.Equal(t, want.Raw, leaf.Raw, "crash at %q", at)
+			entries, err := os.ReadDir(dir)
+			require.NoError(t, err)
+			for _, e := range entries {
+				require.Contains(t, []string{IdentityFile, CAFile}, e.Name(), "file left behind")
+			}
+		})
+		// Once the identity's rename has happened, the new pair is in place.
+		if strings.HasPrefix(at, "rename ") && strings.HasSuffix(at, IdentityFile) {
+			renamed = true
+		}
+	}
+}
+
+// With the identity given as files (--tls-cert, --tls-key, --ca), a newer
+// renewal of the same node and CA stored in the data directory is loaded
+// instead, and nothing else is.
+func TestLoadFilesPrefersNewerRenewal(t *testing.T) {
+	ca := newCA(t)
+	other := newCA(t)
+	dir := t.TempDir()
+	files := filepath.Join(dir, "etc")
+	data := filepath.Join(dir, "data")
+	certPath, keyPath, caPath := filepath.Join(files, "edge.crt"), filepath.Join(files, "edge.key"), filepath.Join(files, "ca.pem")
+	fileKey, fileCert := issued(t, ca, testNode, time.Hour)
+	require.NoError(t, pki.WriteFiles(certPath, fileCert, keyPath, fileKey))
+	require.NoError(t, pki.WriteFiles(caPath, ca.Cert, "", nil))
+
+	load := func() (*x509.Certificate, bool) {
+		t.Helper()
+		_, _, leaf, fromDir, err := LoadFiles(certPath, keyPath, caPath, data)
+		require.NoError(t, err)
+		return leaf, fromDir
+	}
+	leaf, fromDir := load()
+	require.Equal(t, fileCert.Raw, leaf.Raw, "no renewal stored yet")
+	require.False(t, fromDir)
+
+	// Issued later than the files' certificate, as a renewal is.
+	later := func(ca *pki.CA, node string, than *x509.Certificate) (crypto.Signer, *x509.Certificate) {
+		return issuedAt(t, ca, node, than.NotBefore.Add(time.Minute))
+	}
+	k, c := later(other, testNode, fileCert)
+	require.NoError(t, Store(data, k, c, other.Cert))
+	leaf, _ = load()
+	require.Equal(t, fileCert.Raw, leaf.Raw, "a renewal from another CA")
+	k, c = later(ca, "other-node", fileCert)
+	require.NoError(t, Store(data, k, c, ca.Cert))
+	leaf, _ = load()
+	require.Equal(t, fileCert.Raw, leaf.Raw, "a renewal of another node")
+
+	k, renewed := later(ca, testNode, fileCert)
+	require.NoError(t, Store(data, k, renewed, ca.Cert))
+	leaf, fromDir = load()
+	require.Equal(t, renewed.Raw, leaf.Raw, "the renewal is newer than --tls-cert")
+	require.True(t, fromDir)
+
+	// The operator provisions a newer certificate in the files: it wins.
+	k, c = later(ca, testNode, renewed)
+	require.NoError(t, pki.WriteFiles(certPath, c, keyPath, k))
+	leaf, fromDir = load()
+	require.Equal(t, c.Raw, leaf.Raw)
+	require.False(t, fromDir)
 }
 
 func TestRenewAt(t *testing.T) {

@@ -1,8 +1,8 @@
 // Package join gives an edge node its identity: with a join token from the
 // operator it makes a private key on the node, downloads the cluster CA and
 // checks it against the hash in the token, asks CloudCore to sign a
-// certificate request, checks what comes back and stores node.key, node.crt
-// and ca.crt. It also builds and checks renewals of that certificate.
+// certificate request, checks what comes back and stores node.pem (key and
+// certificate in one file, replaced atomically) and ca.crt. It also builds and checks renewals of that certificate.
 //
 // It must never send the private key anywhere, never send the token to a
 // server it has not authenticated with the token-verified CA, and never
@@ -64,11 +64,12 @@ type Config struct {
 	// Node is this node's name; the certificate must be issued for it.
 	// Required.
 	Node string
-	// Dir receives node.key, node.crt and ca.crt; it is created 0700 when
-	// missing. Required.
+	// Dir receives node.pem and ca.crt; it is created 0700 when missing.
+	// Required.
 	Dir string
 	// Force replaces an identity already in Dir. Default false: Join
-	// refuses, before it contacts the cloud, when Dir holds a node.key.
+	// refuses, before it contacts the cloud, when Dir holds a node.pem
+	// (or the node.key of an earlier version).
 	Force bool
 	// HTTPClient supplies dialing, proxy and timeout settings. Its
 	// Transport must be nil or an *http.Transport; Join clones it and
@@ -86,7 +87,9 @@ type Config struct {
 
 // Result describes the stored identity.
 type Result struct {
-	// KeyPath, CertPath and CAPath are the files written.
+	// KeyPath, CertPath and CAPath are the files written; KeyPath and
+	// CertPath are both IdentityFile, which holds the key and the
+	// certificate together (tls.LoadX509KeyPair reads it as both).
 	KeyPath, CertPath, CAPath string
 	// Serial is the certificate's serial number, lowercase hex.
 	Serial string
@@ -215,7 +218,7 @@ func (j *joiner) run(ctx context.Context) (Result, error) {
 		return Result{}, fmt.Errorf("check the issued certificate: %w", err)
 	}
 
-	j.progress("writing %s, %s and %s to %s", KeyFile, CertFile, CAFile, j.cfg.Dir)
+	j.progress("writing %s and %s to %s", IdentityFile, CAFile, j.cfg.Dir)
 	if err := j.checkNoIdentity(); err != nil {
 		return Result{}, err
 	}
@@ -223,8 +226,8 @@ func (j *joiner) run(ctx context.Context) (Result, error) {
 		return Result{}, fmt.Errorf("store the node identity in %s: %w", j.cfg.Dir, err)
 	}
 	res := Result{
-		KeyPath:  filepath.Join(j.cfg.Dir, KeyFile),
-		CertPath: filepath.Join(j.cfg.Dir, CertFile),
+		KeyPath:  filepath.Join(j.cfg.Dir, IdentityFile),
+		CertPath: filepath.Join(j.cfg.Dir, IdentityFile),
 		CAPath:   filepath.Join(j.cfg.Dir, CAFile),
 		Serial:   leaf.SerialNumber.Text(16),
 		NotAfter: leaf.NotAfter,
@@ -237,16 +240,17 @@ func (j *joiner) checkNoIdentity() error {
 	if j.cfg.Force {
 		return nil
 	}
-	path := filepath.Join(j.cfg.Dir, KeyFile)
-	_, err := os.Lstat(path)
-	switch {
-	case err == nil:
-		return fmt.Errorf("%w: %s already exists, so this node has already joined; pass --force to replace its identity", ErrAlreadyJoined, path)
-	case errors.Is(err, fs.ErrNotExist):
-		return nil
-	default:
-		return fmt.Errorf("check for an existing node key: %w", err)
+	for _, name := range []string{IdentityFile, KeyFile} {
+		path := filepath.Join(j.cfg.Dir, name)
+		_, err := os.Lstat(path)
+		switch {
+		case err == nil:
+			return fmt.Errorf("%w: %s already exists, so this node has already joined; pass --force to replace its identity", ErrAlreadyJoined, path)
+		case !errors.Is(err, fs.ErrNotExist):
+			return fmt.Errorf("check for an existing node identity: %w", err)
+		}
 	}
+	return nil
 }
 
 func verifyCA(tok joinapi.Token, ca *x509.Certificate) error {

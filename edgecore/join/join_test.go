@@ -216,7 +216,7 @@ func newKey(t *testing.T) *ecdsa.PrivateKey {
 // requireNothingStored checks that no identity file is in dir.
 func requireNothingStored(t *testing.T, dir string) {
 	t.Helper()
-	for _, name := range []string{KeyFile, CertFile, CAFile} {
+	for _, name := range []string{IdentityFile, KeyFile, CertFile, CAFile} {
 		_, err := os.Stat(filepath.Join(dir, name))
 		require.ErrorIs(t, err, fs.ErrNotExist, name)
 	}
@@ -313,7 +313,7 @@ func TestJoin(t *testing.T) {
 			dir := filepath.Join(t.TempDir(), "edge")
 			if tc.existingKey {
 				require.NoError(t, os.MkdirAll(dir, 0o700))
-				require.NoError(t, os.WriteFile(filepath.Join(dir, KeyFile), []byte("old identity"), 0o600))
+				require.NoError(t, os.WriteFile(filepath.Join(dir, IdentityFile), []byte("old identity"), 0o600))
 			}
 			token := cloud.token.String()
 			if tc.token != "" {
@@ -336,7 +336,7 @@ func TestJoin(t *testing.T) {
 					require.ErrorIs(t, err, tc.wantIs)
 				}
 				if tc.existingKey {
-					b, err := os.ReadFile(filepath.Join(dir, KeyFile))
+					b, err := os.ReadFile(filepath.Join(dir, IdentityFile))
 					require.NoError(t, err)
 					require.Equal(t, "old identity", string(b))
 					return
@@ -356,8 +356,8 @@ func TestJoin(t *testing.T) {
 				require.NoError(t, err)
 				require.Equal(t, fs.FileMode(0o600), info.Mode().Perm(), p)
 			}
-			require.Equal(t, filepath.Join(dir, KeyFile), res.KeyPath)
-			require.Equal(t, filepath.Join(dir, CertFile), res.CertPath)
+			require.Equal(t, filepath.Join(dir, IdentityFile), res.KeyPath)
+			require.Equal(t, filepath.Join(dir, IdentityFile), res.CertPath)
 			require.Equal(t, filepath.Join(dir, CAFile), res.CAPath)
 
 			pair, pool, leaf, err := Load(dir)

@@ -70,7 +70,8 @@ func newAdminAllowCommand(f *adminFlags) *cobra.Command {
 		Use:   "allow NODE",
 		Short: "Whitelist a node (or re-enable it) and print a new join token",
 		Long: "Whitelist a node, or re-enable a disabled one, and print a new one-time join token on stdout.\n" +
-			"A token issued earlier for the node stops working. The cluster CA is created if there is none.",
+			"A token issued earlier for the node stops working. Re-enabling a disabled node withdraws the\n" +
+			"certificate it had: it must join again with the new token. The cluster CA is created if there is none.",
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			node := args[0]
@@ -133,7 +134,7 @@ func newAdminListCommand(f *adminFlags) *cobra.Command {
 func newAdminDisableCommand(f *adminFlags) *cobra.Command {
 	return &cobra.Command{
 		Use:   "disable NODE",
-		Short: "Refuse a node's joins, connections and renewals; its live session is closed",
+		Short: "Refuse a node's joins, connections and renewals; its live session is closed (allow re-enables it, with a new join)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return adminNodeVerb(cmd.Context(), f, func(ctx context.Context, nodes *edgenode.Client) error {

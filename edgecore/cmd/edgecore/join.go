@@ -31,8 +31,8 @@ func newJoinCommand() *cobra.Command {
 		Short: "Join this node to a Tether cluster with a token from the operator",
 		Long: "Join makes this node's private key (it never leaves the node), checks the cluster CA\n" +
 			"against the hash in the token, has CloudCore sign a certificate and writes\n" +
-			join.KeyFile + ", " + join.CertFile + " and " + join.CAFile + " (mode 0600) to --data-dir.",
-		Example: "  edgecore join --cloud cloud.example.com:8443 --token tj1.… --node edge-1",
+			join.IdentityFile + " (key and certificate) and " + join.CAFile + " (mode 0600) to --data-dir.",
+		Example: "  edgecore join --cloud cloud.example.com:10002 --token tj1.… --node edge-1",
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if err := runJoin(cmd, f); err != nil {
@@ -45,7 +45,7 @@ func newJoinCommand() *cobra.Command {
 	fl.StringVar(&f.cloud, "cloud", "", "host:port of CloudCore's join endpoint (HTTPS); the host must be a name in the cloud's certificate")
 	fl.StringVar(&f.token, "token", "", "join token from the operator (tj1.<id>.<secret>.<ca hash>)")
 	fl.StringVar(&f.node, "node", "", "this node's name (the one the token was made for)")
-	fl.StringVar(&f.dataDir, "data-dir", "/var/lib/tether/edgecore", "directory that receives "+join.KeyFile+", "+join.CertFile+" and "+join.CAFile)
+	fl.StringVar(&f.dataDir, "data-dir", "/var/lib/tether/edgecore", "directory that receives "+join.IdentityFile+" and "+join.CAFile)
 	fl.BoolVar(&f.force, "force", false, "replace an identity already in --data-dir")
 	fl.DurationVar(&f.timeout, "timeout", 30*time.Second, "limit on each request to the cloud")
 	fl.StringVar(&f.logLevel, "log-level", "warn", "debug, info, warn or error")

@@ -19,7 +19,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/cobra"
 
-	"github.com/tetheredge/tether/common/pki"
 	"github.com/tetheredge/tether/edgecore/app"
 	edgejoin "github.com/tetheredge/tether/edgecore/join"
 )
@@ -54,13 +53,13 @@ func newRootCommand() *cobra.Command {
 	fl := root.Flags()
 	fl.StringSliceVar(&f.cloud, "cloud", nil, "cloud addresses, tried in order: host:port (QUIC, then WebSocket), quic://host:port or wss://host:port")
 	fl.StringVar(&f.node, "node", "", "this node's name (must match the certificate)")
-	fl.StringVar(&f.cert, "tls-cert", "", "node certificate (PEM); default: the one edgecore join stored in --data-dir")
+	fl.StringVar(&f.cert, "tls-cert", "", "node certificate (PEM), never rewritten: renewals are stored in --data-dir and loaded instead once newer; default: the identity edgecore join stored in --data-dir")
 	fl.StringVar(&f.key, "tls-key", "", "node private key (PEM); default: from --data-dir")
 	fl.StringVar(&f.ca, "ca", "", "cluster CA (PEM); default: from --data-dir")
 	fl.DurationVar(&f.keepAlive, "keepalive", 5*time.Second, "keepalive interval")
 	fl.DurationVar(&f.dead, "dead-peer-timeout", 15*time.Second, "silence after which the cloud is declared gone")
 	fl.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
-	fl.StringVar(&f.dataDir, "data-dir", "/var/lib/tether/edgecore", "directory of the node's state: SQLite store and, after edgecore join, its identity (node.key, node.crt, ca.crt)")
+	fl.StringVar(&f.dataDir, "data-dir", "/var/lib/tether/edgecore", "directory of the node's state: SQLite store and its identity (node.pem: key and certificate, ca.crt), from edgecore join or renewals")
 	root.AddCommand(newJoinCommand())
 	return root
 }
@@ -74,24 +73,13 @@ func run(ctx context.Context, f flags) error {
 	if len(f.cloud) == 0 || f.node == "" {
 		return errors.New("--cloud and --node are required")
 	}
-	pair, _, leaf, err := loadIdentity(f)
-	if err != nil {
-		return err
-	}
-	if err := edgejoin.CheckUsable(leaf, time.Now()); err != nil {
-		return err
-	}
-	pair.Leaf = leaf
-	caCert, err := caOf(f)
+	cfg, err := appConfig(f, logger)
 	if err != nil {
 		return err
 	}
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	a, err := app.New(ctx, app.Config{
-		Cloud: f.cloud, Node: f.node, Certificate: pair, CA: caCert, IdentityDir: f.identityDir(), DataDir: f.dataDir,
-		KeepAlive: f.keepAlive, DeadPeerTimeout: f.dead, Logger: logger, Registerer: prometheus.NewRegistry(),
-	})
+	a, err := app.New(ctx, cfg)
 	if err != nil {
 		return err
 	}
@@ -99,31 +87,48 @@ func run(ctx context.Context, f flags) error {
 	return a.Run(ctx)
 }
 
-// identityDir is where the node's key and certificates live (and where
-// renewals are written).
-func (f flags) identityDir() string {
-	if f.cert != "" {
-		return filepath.Dir(f.cert)
+// appConfig is EdgeCore's configuration from the flags, with the node's
+// identity loaded.
+func appConfig(f flags, logger *slog.Logger) (app.Config, error) {
+	pair, _, leaf, err := loadIdentity(f, logger)
+	if err != nil {
+		return app.Config{}, err
 	}
-	return f.dataDir
+	if err := edgejoin.CheckUsable(leaf, time.Now()); err != nil {
+		return app.Config{}, err
+	}
+	pair.Leaf = leaf
+	caCert, err := caOf(f)
+	if err != nil {
+		return app.Config{}, err
+	}
+	// Renewals are stored in --data-dir, also with --tls-cert: the files
+	// named by flags are the operator's.
+	return app.Config{
+		Cloud: f.cloud, Node: f.node, Certificate: pair, CA: caCert, IdentityDir: f.dataDir, DataDir: f.dataDir,
+		KeepAlive: f.keepAlive, DeadPeerTimeout: f.dead, Logger: logger, Registerer: prometheus.NewRegistry(),
+	}, nil
 }
 
-func loadIdentity(f flags) (tls.Certificate, *x509.CertPool, *x509.Certificate, error) {
+// loadIdentity loads the node's identity from --data-dir, or from
+// --tls-cert, --tls-key and --ca, which are never rewritten: renewals are
+// stored in --data-dir, and a renewal newer than those files is the one
+// loaded.
+func loadIdentity(f flags, logger *slog.Logger) (tls.Certificate, *x509.CertPool, *x509.Certificate, error) {
 	if f.cert == "" && f.key == "" && f.ca == "" {
 		return edgejoin.Load(f.dataDir)
 	}
 	if f.cert == "" || f.key == "" || f.ca == "" {
 		return tls.Certificate{}, nil, nil, errors.New("--tls-cert, --tls-key and --ca go together")
 	}
-	pair, err := tls.LoadX509KeyPair(f.cert, f.key)
-	if err != nil {
-		return tls.Certificate{}, nil, nil, fmt.Errorf("load node certificate: %w", err)
-	}
-	pool, err := pki.LoadPool(f.ca)
+	pair, pool, leaf, renewed, err := edgejoin.LoadFiles(f.cert, f.key, f.ca, f.dataDir)
 	if err != nil {
 		return tls.Certificate{}, nil, nil, err
 	}
-	return pair, pool, pair.Leaf, nil
+	if renewed {
+		logger.Info("using the renewed certificate instead of --tls-cert", "dir", f.dataDir, "serial", leaf.SerialNumber.Text(16))
+	}
+	return pair, pool, leaf, nil
 }
 
 func caOf(f flags) (*x509.Certificate, error) {
