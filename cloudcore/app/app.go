@@ -51,7 +51,7 @@ type Config struct {
 	KeepAlive, DeadPeerTimeout time.Duration
 	// EdgeLabel marks edge Nodes. Default catalog.DefaultEdgeLabel.
 	EdgeLabel string
-	// Logger defaults to slog.Default().
+	// Logger defaults to a discard logger.
 	Logger *slog.Logger
 	// Registerer receives every component's metrics; may be nil.
 	Registerer prometheus.Registerer
@@ -89,7 +89,7 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 		cfg.EdgeLabel = catalog.DefaultEdgeLabel
 	}
 	if cfg.Logger == nil {
-		cfg.Logger = slog.Default()
+		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
 	logger := cfg.Logger
 	client, err := kubernetes.NewForConfig(cfg.Kubernetes)
