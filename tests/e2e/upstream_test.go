@@ -45,20 +45,20 @@ func TestUpstreamWhileOffline(t *testing.T) {
 	cs := adminClient(t, env.Config)
 	ns := env.Namespace(t)
 	ctx := context.Background()
-	p := newPKI(t)
 	otherNode := uniqueNode("edge-other")
 	createEdgeNode(t, cs, otherNode)
 	createPods(t, cs, ns, "up", "edge-u", 0, 2)
 	createPods(t, cs, ns, "other", otherNode, 0, 1)
 	t.Cleanup(func() { _ = cs.CoreV1().Nodes().Delete(context.Background(), "edge-u", metav1.DeleteOptions{}) })
 
-	path := dbPath(t, "edge-u")
-	rep, err := nodestatus.New(nodestatus.Config{Node: "edge-u", Labels: map[string]string{"site": "shop-17"}, MemoryBytes: 4 << 30}, nil, logger())
+	dir := dataDir(t, "edge-u")
+	status := nodestatus.Config{Node: "edge-u", Labels: map[string]string{"site": "shop-17"}, MemoryBytes: 4 << 30}
+	rep, err := nodestatus.New(status, nil, logger())
 	require.NoError(t, err)
 	nodeJSON, err := json.Marshal(rep.Node())
 	require.NoError(t, err)
 	leaseJSON := []byte(`{"spec":{"holderIdentity":"edge-u","leaseDurationSeconds":40,"renewTime":"2026-11-22T04:00:00.000000Z"}}`)
-	publishOffline(t, path,
+	publishOffline(t, storePath(dir),
 		store.OutboxItem{Op: message.OpUpsert, Resource: message.Resource{Version: "v1", Kind: "Node", Name: "edge-u"}, Data: nodeJSON},
 		store.OutboxItem{Op: message.OpUpsert, Resource: message.Resource{Group: "coordination.k8s.io", Version: "v1", Kind: "Lease", Namespace: "kube-node-lease", Name: "edge-u"}, Data: leaseJSON},
 		store.OutboxItem{Op: message.OpUpsert, Resource: message.Resource{Group: "coordination.k8s.io", Version: "v1", Kind: "Lease", Namespace: "kube-node-lease", Name: otherNode}, Data: leaseJSON}, // forged
@@ -69,9 +69,8 @@ func TestUpstreamWhileOffline(t *testing.T) {
 		store.OutboxItem{Op: message.OpUpsert, Resource: message.Resource{Version: "v1", Kind: "Node", Name: otherNode}, Data: nodeJSON}, // forged
 	)
 
-	addr := freeUDP(t)
-	c := startCloud(t, env.Config, p, addr, testTimings)
-	e := startEdge(t, "edge-u", path, addr, p, testTimings, nil)
+	c := startCloud(t, env.Config, cloudOptions{timings: testTimings})
+	e := startEdge(t, c.admit(t, "edge-u"), dir, c.addr, edgeOptions{timings: testTimings, nodeStatus: status})
 
 	require.Eventually(t, func() bool {
 		n, err := cs.CoreV1().Nodes().Get(ctx, "edge-u", metav1.GetOptions{})

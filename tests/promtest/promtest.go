@@ -113,9 +113,19 @@ func parseDesc(d *prometheus.Desc) (name string, labels []string, ok bool) {
 // a value that has not occurred yet is a sum of 0.
 func Sum(tb testing.TB, g prometheus.Gatherer, name string, want map[string]string) float64 {
 	tb.Helper()
+	v, err := Value(g, name, want)
+	if err != nil {
+		tb.Fatalf("%v", err)
+	}
+	return v
+}
+
+// Value is Sum returning its failure, for conditions polled off the test's
+// goroutine (require.Eventually), where tb.Fatalf must not be called.
+func Value(g prometheus.Gatherer, name string, want map[string]string) (float64, error) {
 	mfs, err := g.Gather()
 	if err != nil {
-		tb.Fatalf("gather metrics: %v", err)
+		return 0, fmt.Errorf("promtest: gather metrics: %w", err)
 	}
 	var labels []string
 	known := false
@@ -138,14 +148,14 @@ func Sum(tb testing.TB, g prometheus.Gatherer, name string, want map[string]stri
 		total += sum(mf, want)
 	}
 	if !known {
-		tb.Fatalf("promtest: no metric %q is registered or gathered (renamed, or a vector whose label values were never initialised?)", name)
+		return 0, fmt.Errorf("promtest: no metric %q is registered or gathered (renamed, or a vector whose label values were never initialised?)", name)
 	}
 	for k := range want {
 		if !slices.Contains(labels, k) {
-			tb.Fatalf("promtest: metric %q has no label %q (it has %v)", name, k, labels)
+			return 0, fmt.Errorf("promtest: metric %q has no label %q (it has %v)", name, k, labels)
 		}
 	}
-	return total
+	return total, nil
 }
 
 func sum(mf *dto.MetricFamily, want map[string]string) float64 {
