@@ -14,6 +14,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 
@@ -193,13 +194,32 @@ func TestSyncAndReconcile(t *testing.T) {
 			removed: podKeys(ns, "a", 500+round*50, 5),
 		}
 	}
-	// reconnect starts edge-a again on its store and, once the cloud has
+	// barrier changes pod a-0000, which nothing else touches, after the
+	// reconcile, and waits until edge-a holds the new version. The cloud
+	// sends each node's changes in the order it queued them, so once the
+	// barrier is there, whatever the reconcile queued has been sent: a
+	// condition to count on, where waiting "long enough" would be a guess.
+	barrierKey := objsync.Key{Kind: "Pod", Namespace: ns, Name: "a-0000"}
+	barriers := 0
+	barrier := func() {
+		t.Helper()
+		barriers++
+		patched, err := cs.CoreV1().Pods(ns).Patch(ctx, barrierKey.Name, types.MergePatchType,
+			fmt.Appendf(nil, `{"metadata":{"labels":{"barrier":"%d"}}}`, barriers), metav1.PatchOptions{})
+		require.NoError(t, err)
+		require.Eventually(t, func() bool {
+			o, ok, err := a.st.Get(ctx, barrierKey)
+			return err == nil && ok && o.Version == patched.ResourceVersion
+		}, 30*time.Second, 10*time.Millisecond, "the barrier reaches the edge")
+	}
+	// reconnect starts edge-a again on its store; once the cloud has
 	// finished reconciles in all (edge-b's included after a cloud
-	// restart), the edge matches the catalog and has applied every event
-	// the cloud sent, checks that exactly what changed crossed, with no API
-	// read.
+	// restart), the edge matches the catalog, a barrier has passed and the
+	// edge has applied every event the cloud sent, it checks that exactly
+	// what changed crossed (and the barrier), with no API read.
 	reconnect := func(c *cloud, dones float64, ch change) {
 		t.Helper()
+		ch.changed = append(ch.changed, barrierKey)
 		before := storeContents(t, dirA)
 		objects0 := c.counter(t, "tether_sync_messages_sent_total", map[string]string{"kind": "object"})
 		deleteEvents0 := c.counter(t, "tether_sync_messages_sent_total", map[string]string{"kind": "delete"})
@@ -207,29 +227,33 @@ func TestSyncAndReconcile(t *testing.T) {
 		bytesOut0 := c.counter(t, "tether_tunnel_bytes_total", map[string]string{"direction": "out"})
 		bytesIn0 := c.counter(t, "tether_tunnel_bytes_total", map[string]string{"direction": "in"})
 		reads0 := c.requests.total()
+		appliedB0 := b.applied(t)
 		a = startEdge(t, idA, dirA, c.addr, edgeOpts)
 		c.waitDones(t, dones)
 		waitConverged(t, c.cat, a.st, nodeA, 1000)
+		barrier()
 		sent := func() float64 {
 			return c.counter(t, "tether_sync_messages_sent_total", map[string]string{"kind": "object"}) - objects0 +
 				c.counter(t, "tether_sync_messages_sent_total", map[string]string{"kind": "delete"}) - deleteEvents0
 		}
-		a.applied(t)
+		a.applied(t) // fails at once if the metric is gone
 		require.Eventually(t, func() bool {
 			sentObjects, err1 := promtest.Value(c.reg, "tether_sync_messages_sent_total", map[string]string{"kind": "object"})
 			sentDeletes, err2 := promtest.Value(c.reg, "tether_sync_messages_sent_total", map[string]string{"kind": "delete"})
-			applied, err3 := promtest.Value(a.reg, "tether_edge_events_applied_total", nil)
-			return err1 == nil && err2 == nil && err3 == nil && applied == sentObjects-objects0+sentDeletes-deleteEvents0
-		}, 30*time.Second, 10*time.Millisecond, "the edge applies every event the cloud sent")
+			appliedA, err3 := promtest.Value(a.reg, "tether_edge_events_applied_total", nil)
+			appliedB, err4 := promtest.Value(b.reg, "tether_edge_events_applied_total", nil)
+			return err1 == nil && err2 == nil && err3 == nil && err4 == nil &&
+				appliedA+appliedB-appliedB0 == sentObjects-objects0+sentDeletes-deleteEvents0
+		}, 30*time.Second, 10*time.Millisecond, "the edges apply every event the cloud sent")
 		objects := c.counter(t, "tether_sync_messages_sent_total", map[string]string{"kind": "object"}) - objects0
 		deletes := c.counter(t, "tether_sync_messages_sent_total", map[string]string{"kind": "delete"}) - deleteEvents0 +
 			c.counter(t, "tether_sync_pruned_total", nil) - pruned0
 		down := c.counter(t, "tether_tunnel_bytes_total", map[string]string{"direction": "out"}) - bytesOut0
 		up := c.counter(t, "tether_tunnel_bytes_total", map[string]string{"direction": "in"}) - bytesIn0
 		t.Logf("reconnect sent %v objects and %v deletes; %v bytes down, %v bytes up (edge-b's traffic included)", objects, deletes, down, up)
-		require.Equal(t, float64(len(ch.changed)), objects, "the objects changed while away cross, nothing else")
+		require.Equal(t, float64(len(ch.changed)), objects, "the objects changed while away (and the barrier) cross, nothing else")
 		require.Equal(t, float64(len(ch.removed)), deletes, "the objects deleted while away are pruned, nothing else")
-		require.Equal(t, sent(), a.applied(t), "the edge applied each event once")
+		require.Equal(t, sent(), a.applied(t), "edge-a applied each event once; edge-b got none")
 		require.Zero(t, c.requests.total()-reads0, "a reconnect makes no LIST or GET, and no watch that lists: %s", describe(c.requests.since(reads0)))
 		requireDiff(t, before, held(t, a.st), ch.changed, ch.removed)
 		requireKeys(t, b.st, keysB)
@@ -248,8 +272,8 @@ func TestSyncAndReconcile(t *testing.T) {
 	reconnect(c, 2, ch)
 	waitConverged(t, c.cat, b.st, nodeB, 23)
 
-	// A reconnect with nothing changed moves no object.
+	// A reconnect with nothing changed moves no object but the barrier.
 	a.stop()
 	reconnect(c, c.dones(t)+1, change{})
-	require.Zero(t, a.applied(t), "an unchanged edge applies nothing")
+	require.Equal(t, 1.0, a.applied(t), "an unchanged edge applies nothing but the barrier")
 }
