@@ -81,8 +81,9 @@ func benchReconnect(b *testing.B, objects, changed int) {
 	r := &reconnectRun{node: node, cloud: c, relay: startRelay(b, c.addr), id: c.admit(b, node)}
 	// The edge registers its Node on its first start; every later start
 	// registers the same Node, a no-op, so the rounds see a fixed node.
-	benchEdge(b, r.id, b.TempDir(), c.addr, nopObserver{}).stop()
+	warm := benchEdge(b, r.id, b.TempDir(), c.addr, nopObserver{})
 	waitRegistered(b, cs, c, node)
+	warm.stop()
 
 	var relists, reconnects []traffic
 	for round := 0; b.Loop(); round++ {
