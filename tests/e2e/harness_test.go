@@ -7,6 +7,7 @@ import (
 	"crypto/x509"
 	"fmt"
 	"log/slog"
+	"math"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -17,6 +18,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -219,8 +221,10 @@ func startCloud(tb testing.TB, cfg *rest.Config, o cloudOptions) *cloud {
 		}
 		return true
 	}
-	require.Eventually(tb, listed, 30*time.Second, 5*time.Millisecond,
-		"the request counter sees the cloud's initial list of pods, nodes, ConfigMaps, Secrets and EdgeNodes; it saw %s", describe(rc.since(0)))
+	if !assert.Eventually(tb, listed, 30*time.Second, 5*time.Millisecond) {
+		tb.Fatalf("the request counter did not see the cloud's initial lists of pods, Nodes, ConfigMaps, Secrets and EdgeNodes; it saw %s",
+			describe(rc.since(0)))
+	}
 	return c
 }
 
@@ -229,6 +233,19 @@ func startCloud(tb testing.TB, cfg *rest.Config, o cloudOptions) *cloud {
 func (c *cloud) counter(tb testing.TB, name string, want map[string]string) float64 {
 	tb.Helper()
 	return promtest.Sum(tb, c.reg, name, want)
+}
+
+// poll is counter for conditions polled off the test's goroutine
+// (require.Eventually), where failing the test is not allowed: it returns
+// NaN, which no comparison accepts, for an unknown name or label. Read the
+// counter with counter once on the test's goroutine first, so that such a
+// mistake fails at once rather than as a timeout.
+func (c *cloud) poll(name string, want map[string]string) float64 {
+	v, err := promtest.Value(c.reg, name, want)
+	if err != nil {
+		return math.NaN()
+	}
+	return v
 }
 
 // dones returns how many reconciles the cloud has finished (sent Done for).
@@ -242,8 +259,7 @@ func (c *cloud) waitDones(tb testing.TB, n float64) {
 	tb.Helper()
 	c.dones(tb) // fails at once if the metric is gone
 	require.Eventually(tb, func() bool {
-		v, err := promtest.Value(c.reg, "tether_sync_messages_sent_total", map[string]string{"kind": "done"})
-		return err == nil && v >= n
+		return c.poll("tether_sync_messages_sent_total", map[string]string{"kind": "done"}) >= n
 	}, 60*time.Second, 10*time.Millisecond, "the cloud did not finish %v reconciles", n)
 }
 

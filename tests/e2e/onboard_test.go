@@ -137,7 +137,9 @@ func TestOnboarding(t *testing.T) {
 	for _, r := range refusals {
 		before := tunnelRefused(t, c, r.reason)
 		require.Error(t, dialAs(a, r.hello, r.cert), r.name)
-		require.Eventually(t, func() bool { return tunnelRefused(t, c, r.reason) > before }, 5*time.Second, 10*time.Millisecond, r.name)
+		require.Eventually(t, func() bool {
+			return c.poll("tether_tunnel_refused_total", map[string]string{"reason": r.reason}) > before
+		}, 5*time.Second, 10*time.Millisecond, r.name)
 	}
 	require.True(t, connected(c, node), "the live session is untouched")
 	require.Equal(t, 1.0, sessions(), "the live session is untouched")
@@ -166,7 +168,9 @@ func TestOnboarding(t *testing.T) {
 	require.Eventually(t, func() bool { return !connected(c, node) }, 10*time.Second, 20*time.Millisecond,
 		"the disabled node's session is closed")
 	refusedBefore := tunnelRefused(t, c, "authorize")
-	require.Eventually(t, func() bool { return tunnelRefused(t, c, "authorize") > refusedBefore }, 10*time.Second, 20*time.Millisecond,
+	require.Eventually(t, func() bool {
+		return c.poll("tether_tunnel_refused_total", map[string]string{"reason": "authorize"}) > refusedBefore
+	}, 10*time.Second, 20*time.Millisecond,
 		"the disabled node tries to reconnect and is refused")
 	require.Never(t, func() bool { return connected(c, node) }, 2*time.Second, 50*time.Millisecond, "reconnects of a disabled node are refused")
 	// Renewal needs a session, which a disabled node cannot have; the
