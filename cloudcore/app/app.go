@@ -190,6 +190,10 @@ func (a *App) EdgeNodes() *edgenode.Client { return a.nodes }
 // Connected returns the nodes with a live session.
 func (a *App) Connected() []string { return a.hub.Connected() }
 
+// Authorize is the whitelist's handshake check of id, for tests that wait
+// until the whitelist has seen an EdgeNode they wrote.
+func (a *App) Authorize(id tunnel.Identity) error { return a.wl.Authorize(id) }
+
 // Run serves until ctx ends and joins every component.
 func (a *App) Run(ctx context.Context) error {
 	g, ctx := errgroup.WithContext(ctx)

@@ -150,6 +150,10 @@ func (a *App) Syncer() *syncer.Syncer { return a.sy }
 // Certificate returns the certificate the tunnel presents now.
 func (a *App) Certificate() *x509.Certificate { return a.holder.Leaf() }
 
+// RenewOnce renews the certificate now, over the live session, as the
+// rotator does at 80 % of its lifetime (tests and tools).
+func (a *App) RenewOnce(ctx context.Context) error { return a.rotator.RenewOnce(ctx) }
+
 // Run serves until ctx ends and joins every component. It does not close
 // the store: Close does.
 func (a *App) Run(ctx context.Context) error {

@@ -34,8 +34,9 @@ import (
 )
 
 // The benchmarks in this file measure the sync protocol end to end: the real
-// etcd and kube-apiserver, an in-process CloudCore and in-process EdgeCores
-// with SQLite files, over QUIC on loopback. They assert correctness (the edge
+// etcd and kube-apiserver, an in-process CloudCore (cloudcore/app) and
+// in-process EdgeCores (edgecore/app) with SQLite files, over QUIC on
+// loopback. They assert correctness (the edge
 // ends up holding exactly what the catalog says), never timings; figures and
 // the command that produced them are in docs/benchmarks.md.
 //
@@ -64,7 +65,6 @@ func benchReconnect(b *testing.B, objects, changed int) {
 	env := cp.Env(b)
 	cs := adminClient(b, env.Config)
 	ns := env.Namespace(b)
-	p := newPKI(b)
 	node := fmt.Sprintf("bench-%d-%d", objects, changed)
 	createEdgeNode(b, cs, node)
 	benchConfigMap(b, cs, ns, "shared")
@@ -77,16 +77,20 @@ func benchReconnect(b *testing.B, objects, changed int) {
 	created := time.Since(begin)
 	b.Logf("created %d pods in %s (%.0f/s)", len(pods), created.Round(time.Millisecond), float64(len(pods))/created.Seconds())
 
-	addr := freeUDP(b)
-	c := startCloud(b, env.Config, p, addr, nil)
-	r := &reconnectRun{node: node, cloud: c, relay: startRelay(b, addr), pki: p}
+	c := startCloud(b, env.Config, cloudOptions{})
+	r := &reconnectRun{node: node, cloud: c, relay: startRelay(b, c.addr), id: c.admit(b, node)}
+	// The edge registers its Node on its first start; every later start
+	// registers the same Node, a no-op, so the rounds see a fixed node.
+	warm := benchEdge(b, r.id, b.TempDir(), c.addr, nopObserver{})
+	waitRegistered(b, cs, c, node)
+	warm.stop()
 
 	var relists, reconnects []traffic
 	for round := 0; b.Loop(); round++ {
 		want := desired(c.cat, node)
 		require.Len(b, want, objects, "catalog's view of %s", node)
-		path := filepath.Join(b.TempDir(), node+".db")
-		relist := r.connect(b, path, want, nil)
+		dir := b.TempDir()
+		relist := r.connect(b, dir, want, nil)
 
 		for i := range changed {
 			pod := pods[(round*changed+i)%len(pods)]
@@ -95,7 +99,7 @@ func benchReconnect(b *testing.B, objects, changed int) {
 			require.NoError(b, err)
 			waitCatalogVersion(b, c.cat, node, objsync.Key{Kind: "Pod", Namespace: ns, Name: pod}, patched.ResourceVersion)
 		}
-		reconnect := r.connect(b, path, desired(c.cat, node), want)
+		reconnect := r.connect(b, dir, desired(c.cat, node), want)
 
 		b.Logf("round %d: relist %s; reconnect %s", round, relist, reconnect)
 		relists = append(relists, relist)
@@ -126,7 +130,7 @@ type reconnectRun struct {
 	node  string
 	cloud *cloud
 	relay *udpRelay
-	pki   *pkiSet
+	id    identity
 }
 
 // traffic is what crossed the tunnel during one sync, or a snapshot of the
@@ -164,7 +168,7 @@ func (r *reconnectRun) snapshot(tb testing.TB) traffic {
 		pktDown: r.relay.downPkts.Load(), pktUp: r.relay.upPkts.Load(),
 		objects: promtest.Sum(tb, reg, "tether_sync_messages_sent_total", map[string]string{"kind": "object"}),
 		done:    promtest.Sum(tb, reg, "tether_sync_messages_sent_total", map[string]string{"kind": "done"}),
-		reads:   r.cloud.requests.reads.Load(),
+		reads:   r.cloud.requests.total(),
 	}
 }
 
@@ -190,18 +194,18 @@ func (r *reconnectRun) settle(tb testing.TB) traffic {
 	return last
 }
 
-// connect starts the node's edge on the store at path, which holds have
+// connect starts the node's edge on the data directory dir, whose store holds have
 // (nil: empty), waits until it holds want and the cloud has finished the
 // reconcile, and stops it. The time runs from the edge's start, store
 // opening included, to the commit that made the store equal want (seen as
 // the syncer's Apply returns), or to the cloud sending Done if that came
 // later, as when nothing changed (seen by polling its counter every 1 ms).
-func (r *reconnectRun) connect(tb testing.TB, path string, want, have map[uint64]uint64) traffic {
+func (r *reconnectRun) connect(tb testing.TB, dir string, want, have map[uint64]uint64) traffic {
 	tb.Helper()
 	before := r.settle(tb)
 	conv := newConvergence(want, have)
 	start := time.Now()
-	e := benchEdge(tb, r.node, path, r.relay.addr(), r.pki, conv)
+	e := benchEdge(tb, r.id, dir, r.relay.addr(), conv)
 	var doneAt time.Time
 	tick := time.NewTicker(time.Millisecond)
 	defer tick.Stop()
@@ -274,7 +278,6 @@ func BenchmarkEventLatency100Edges(b *testing.B) {
 	env := cp.Env(b)
 	cs := adminClient(b, env.Config)
 	ns := env.Namespace(b)
-	p := newPKI(b)
 	benchConfigMap(b, cs, ns, "shared")
 	nodes := make([]string, edges)
 	for i := range nodes {
@@ -287,13 +290,12 @@ func BenchmarkEventLatency100Edges(b *testing.B) {
 		benchPods(b, cs, ns, nodes[i], pods, "shared")
 	}
 
-	addr := freeUDP(b)
-	c := startCloud(b, env.Config, p, addr, nil)
+	c := startCloud(b, env.Config, cloudOptions{})
 	probe := &arrivals{signal: make(chan struct{}, 1)}
 	dir := b.TempDir()
 	es := make([]*edge, edges)
 	for i, node := range nodes {
-		es[i] = benchEdge(b, node, filepath.Join(dir, node+".db"), addr, p, probeObserver{probe, node})
+		es[i] = benchEdge(b, c.admit(b, node), filepath.Join(dir, node), c.addr, probeObserver{probe, node})
 	}
 	for i, node := range nodes {
 		require.Eventually(b, func() bool {
@@ -720,10 +722,16 @@ func benchPods(tb testing.TB, cs kubernetes.Interface, ns, node string, names []
 
 // benchEdge starts an edge whose syncer reports its commits to obs, with
 // production tunnel timings.
-func benchEdge(tb testing.TB, node, dbPath, cloudAddr string, p *pkiSet, obs commitObserver) *edge {
+func benchEdge(tb testing.TB, id identity, dataDir, cloudAddr string, obs commitObserver) *edge {
 	tb.Helper()
-	return startEdge(tb, node, dbPath, cloudAddr, p, nil, func(st *store.Store) syncer.Store { return observedStore{Store: st, obs: obs} })
+	return startEdge(tb, id, dataDir, cloudAddr, edgeOptions{wrap: func(st *store.Store) syncer.Store { return observedStore{Store: st, obs: obs} }})
 }
+
+// nopObserver ignores commits.
+type nopObserver struct{}
+
+func (nopObserver) applied([]store.Change, time.Time) {}
+func (nopObserver) pruned([]objsync.Key, time.Time)   {}
 
 // medianTraffic returns each field's median over samples, fields taken
 // separately; the upper median for an even count.

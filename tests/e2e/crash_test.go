@@ -3,29 +3,35 @@ package e2e
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"database/sql"
+	"encoding/pem"
 	"os"
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"syscall"
 	"testing"
 	"time"
 
 	_ "github.com/mattn/go-sqlite3" // read-only peek at the child's database
 	"github.com/stretchr/testify/require"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/tetheredge/tether/common/pki"
-	"github.com/tetheredge/tether/edgecore/edgehub"
-	"github.com/tetheredge/tether/edgecore/store"
+	edgeapp "github.com/tetheredge/tether/edgecore/app"
+	"github.com/tetheredge/tether/edgecore/nodestatus"
 	"github.com/tetheredge/tether/edgecore/syncer"
-	"github.com/tetheredge/tether/tunnel"
+	"github.com/tetheredge/tether/tests/promtest"
 )
 
 const childEnv = "TETHER_E2E_EDGE_CHILD"
 
-// TestEdgeChild is the EdgeCore process that TestEdgeKill9 kills. It does
-// nothing unless started by that test.
+// TestEdgeChild is the EdgeCore process that TestEdgeKill9 kills: the
+// shipped wiring (edgecore/app) on the identity and data directory the
+// test prepared. It does nothing unless started by that test.
 func TestEdgeChild(t *testing.T) {
 	dir := os.Getenv(childEnv)
 	if dir == "" {
@@ -35,41 +41,51 @@ func TestEdgeChild(t *testing.T) {
 	defer stop()
 	pair, err := tls.LoadX509KeyPair(filepath.Join(dir, "node.crt"), filepath.Join(dir, "node.key"))
 	require.NoError(t, err)
-	pool, err := pki.LoadPool(filepath.Join(dir, "ca.crt"))
+	caPEM, err := os.ReadFile(filepath.Join(dir, "ca.crt"))
 	require.NoError(t, err)
-	addr, err := os.ReadFile(filepath.Join(dir, "addr"))
+	block, _ := pem.Decode(caPEM)
+	require.NotNil(t, block)
+	ca, err := x509.ParseCertificate(block.Bytes)
 	require.NoError(t, err)
-	st, err := store.Open(ctx, filepath.Join(dir, "edge.db"), logger())
-	require.NoError(t, err)
-	client, err := tunnel.NewClient(tunnel.ClientConfig{
-		Servers: []string{"quic://" + string(addr)}, Node: "edge-k", Options: tunnel.Options{Logger: logger()},
-		TLS: &tls.Config{Certificates: []tls.Certificate{pair}, RootCAs: pool, MinVersion: tls.VersionTLS13},
+	read := func(name string) string {
+		b, err := os.ReadFile(filepath.Join(dir, name))
+		require.NoError(t, err)
+		return string(b)
+	}
+	a, err := edgeapp.New(ctx, edgeapp.Config{
+		Cloud: []string{"quic://" + read("addr")}, Node: read("node"), Certificate: pair, CA: ca,
+		IdentityDir: dir, DataDir: dir, Syncer: syncer.Config{MaxBatch: 64},
+		NodeStatus: nodestatus.Config{Now: func() time.Time { return stableEpoch }, MemoryBytes: 4 << 30},
+		Logger:     logger(),
 	})
 	require.NoError(t, err)
-	_ = edgehub.New(client, syncer.New(st, syncer.Config{MaxBatch: 64}, logger(), nil), logger()).Run(ctx)
+	_ = a.Run(ctx)
+	_ = a.Close()
 }
 
 // TestEdgeKill9 kills an EdgeCore process with SIGKILL while it applies the
-// cloud's batches, then starts it again on the same database: the store is
-// intact and the edge converges to the cloud's state.
+// cloud's batches, then starts it again on the same data directory: the
+// store is intact, every object committed before the kill is still there,
+// and the cloud sends exactly the objects the store lacks, no committed
+// one again.
 func TestEdgeKill9(t *testing.T) {
 	env := cp.Env(t)
 	cs := adminClient(t, env.Config)
 	ns := env.Namespace(t)
-	p := newPKI(t)
-	createEdgeNode(t, cs, "edge-k")
+	ctx := context.Background()
+	node := uniqueNode("edge-k")
+	createEdgeNode(t, cs, node)
 	const pods = 1500
-	createPods(t, cs, ns, "k", "edge-k", 0, pods)
-	addr := freeUDP(t)
-	c := startCloud(t, env.Config, p, addr, testTimings)
+	createPods(t, cs, ns, "k", node, 0, pods)
+	c := startCloud(t, env.Config, cloudOptions{timings: testTimings})
+	id := c.admit(t, node)
 
-	dir := t.TempDir()
-	cert, key, err := p.ca.Issue(pki.LeafRequest{CommonName: "edge-k", Usage: pki.UsageClient, Validity: time.Hour})
-	require.NoError(t, err)
-	require.NoError(t, pki.WriteFiles(filepath.Join(dir, "node.crt"), cert, filepath.Join(dir, "node.key"), key))
-	require.NoError(t, pki.WriteFiles(filepath.Join(dir, "ca.crt"), p.ca.Cert, "", nil))
-	require.NoError(t, os.WriteFile(filepath.Join(dir, "addr"), []byte(addr), 0o600))
-	dbFile := filepath.Join(dir, "edge.db")
+	dir := dataDir(t, node)
+	require.NoError(t, pki.WriteFiles(filepath.Join(dir, "node.crt"), id.cert.Leaf, filepath.Join(dir, "node.key"), id.key))
+	require.NoError(t, pki.WriteFiles(filepath.Join(dir, "ca.crt"), id.ca, "", nil))
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "addr"), []byte(c.addr), 0o600))
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "node"), []byte(node), 0o600))
+	dbFile := storePath(dir)
 
 	cmd := exec.Command(os.Args[0], "-test.run=^TestEdgeChild$", "-test.count=1")
 	cmd.Env = append(os.Environ(), childEnv+"="+dir)
@@ -82,34 +98,80 @@ func TestEdgeKill9(t *testing.T) {
 		}
 	})
 
-	// Kill it while the sync is under way: some objects committed, not all.
+	// Kill it while the sync is under way: at least one batch of objects
+	// committed, not half, and its Node registered (so that no write of
+	// the killed process is left to change, during the restart, what the
+	// cloud must send).
+	registered := func() bool {
+		n, err := cs.CoreV1().Nodes().Get(ctx, node, metav1.GetOptions{})
+		return err == nil && slices.ContainsFunc(n.Status.Conditions, func(c corev1.NodeCondition) bool { return c.Reason == "EdgeCoreReady" })
+	}
 	seen := 0
 	deadline := time.Now().Add(60 * time.Second)
 	for time.Now().Before(deadline) {
 		seen = countObjects(dbFile)
-		if seen > 0 && seen < pods/2 {
+		if seen > 64 && seen < pods/2 && registered() {
 			break
 		}
 		if seen >= pods/2 {
 			t.Fatalf("the edge applied %d objects before the test could kill it mid-sync", seen)
 		}
-		time.Sleep(time.Millisecond)
+		time.Sleep(time.Millisecond) // polling another process's file: there is nothing to wait on
 	}
-	require.Positive(t, seen, "the edge never started applying")
+	require.Greater(t, seen, 64, "the edge never applied a batch")
 	require.NoError(t, cmd.Process.Signal(syscall.SIGKILL))
 	killed = true
 	_ = cmd.Wait()
-	t.Logf("killed the edge with %d of %d+ objects committed", seen, pods)
 
-	// The same database, a new EdgeCore: intact and converging.
-	e := startEdge(t, "edge-k", dbFile, addr, p, testTimings, nil)
-	var integrity string
+	// What the killed process committed, read before anything opens the
+	// store again.
 	db, err := sql.Open("sqlite3", "file:"+dbFile+"?mode=ro")
 	require.NoError(t, err)
+	var integrity string
 	require.NoError(t, db.QueryRow("PRAGMA integrity_check").Scan(&integrity))
 	require.NoError(t, db.Close())
 	require.Equal(t, "ok", integrity)
-	waitConverged(t, c.cat, e.st, "edge-k", pods+1)
+	committed := storeContents(t, dir)
+	t.Logf("killed the edge with %d of %d objects committed", len(committed), pods+1)
+	require.Less(t, len(committed), pods+1, "the kill came before the sync was complete")
+
+	// The cloud notices the dead session before the counters are read, so
+	// that what it sends the dead process does not count.
+	require.Eventually(t, func() bool { return !slices.Contains(c.app.Connected(), node) }, 30*time.Second, 20*time.Millisecond)
+	objects0 := c.counter(t, "tether_sync_messages_sent_total", map[string]string{"kind": "object"})
+	dones0 := c.dones(t)
+
+	e := startEdge(t, id, dir, c.addr, edgeOptions{timings: testTimings})
+	c.waitDones(t, dones0+1)
+	waitConverged(t, c.cat, e.st, node, pods+1)
+	// An object committed before the kill at the version the cloud still
+	// has must be there and must not cross again; the rest (missing, or
+	// changed in the API since, like the Node its registration wrote)
+	// crosses once.
+	want, after := desired(c.cat, node), held(t, e.st)
+	survived, resend := 0, 0
+	for k, v := range want {
+		if committed[k] == v {
+			survived++
+		} else {
+			resend++
+		}
+	}
+	require.Positive(t, survived, "objects committed before the kill are still current")
+	for k, v := range committed {
+		if want[k] == v && after[k] != v {
+			t.Errorf("object %x committed at version %x before the kill is at %x after the restart", k, v, after[k])
+		}
+	}
+	require.Eventually(t, func() bool {
+		v, err := promtest.Value(e.reg, "tether_edge_events_applied_total", nil)
+		return err == nil && v >= float64(resend)
+	}, 30*time.Second, 10*time.Millisecond)
+	objects := c.counter(t, "tether_sync_messages_sent_total", map[string]string{"kind": "object"}) - objects0
+	t.Logf("after the restart: %d committed objects survived, %d had to cross; the cloud sent %v, the edge applied %v",
+		survived, resend, objects, e.applied(t))
+	require.Equal(t, float64(resend), objects, "the cloud sends exactly the objects the store lacks")
+	require.Equal(t, float64(resend), e.applied(t), "the edge applies only what it lacked")
 }
 
 // countObjects peeks at a store another process writes (WAL allows it).

@@ -2,29 +2,38 @@ package e2e
 
 import (
 	"context"
+	"crypto"
 	"crypto/tls"
+	"crypto/x509"
+	"fmt"
 	"log/slog"
+	"math"
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 
+	cloudapp "github.com/tetheredge/tether/cloudcore/app"
 	"github.com/tetheredge/tether/cloudcore/catalog"
-	"github.com/tetheredge/tether/cloudcore/dispatch"
-	"github.com/tetheredge/tether/cloudcore/hub"
-	"github.com/tetheredge/tether/cloudcore/upstream"
+	"github.com/tetheredge/tether/cloudcore/edgenode"
 	"github.com/tetheredge/tether/common/objsync"
 	"github.com/tetheredge/tether/common/pki"
-	"github.com/tetheredge/tether/edgecore/edgehub"
+	edgeapp "github.com/tetheredge/tether/edgecore/app"
+	"github.com/tetheredge/tether/edgecore/nodestatus"
 	"github.com/tetheredge/tether/edgecore/store"
 	"github.com/tetheredge/tether/edgecore/syncer"
 	"github.com/tetheredge/tether/tests/controlplane"
@@ -32,9 +41,19 @@ import (
 	"github.com/tetheredge/tether/tunnel"
 )
 
+// The harness runs what ships: CloudCore is cloudcore/app and EdgeCore is
+// edgecore/app, in this process, over loopback, against the shared etcd
+// and kube-apiserver. Nodes join the whitelist as `cloudcore admin allow`
+// and `edgecore join` would leave them (cloud.admit), so the handshake's
+// authorisation, the renewer and the whitelist's revocation are those of
+// production. The one thing the harness adds is a request counter on the
+// API client CloudCore is given.
+
 var cp controlplane.Shared
 
-func TestMain(m *testing.M) { os.Exit(cp.Run(m)) }
+// TestMain shares one control plane and fails the run if a goroutine is
+// left once it has stopped.
+func TestMain(m *testing.M) { os.Exit(cp.RunChecked(m)) }
 
 func logger() *slog.Logger {
 	if os.Getenv("TETHER_TEST_LOG") != "" {
@@ -43,53 +62,60 @@ func logger() *slog.Logger {
 	return slog.New(slog.DiscardHandler)
 }
 
-// requestCounter counts API requests that are not watches: the LISTs and
-// GETs a reconnect must never cause.
+// requestCounter counts the API requests CloudCore makes. A read is what a
+// relist would cost: a GET that is not a watch (a GET or a LIST), or a
+// watch that starts by sending the current state, which is how client-go's
+// informers list (sendInitialEvents=true) and what a watch from no
+// resourceVersion or from "0" does. Only a watch resumed from a given
+// resourceVersion reads nothing.
 type requestCounter struct {
-	reads  atomic.Int64
-	writes atomic.Int64
+	gets       atomic.Int64 // GETs and LISTs
+	watchLists atomic.Int64 // watches that send the current state first
+	writes     atomic.Int64
+
+	mu    sync.Mutex
+	reads []string // "GET /api/v1/pods?..." of each read, for failure messages
+}
+
+// countingTransport is one client's transport, counted into counts.
+type countingTransport struct {
+	counts *requestCounter
 	next   http.RoundTripper
 }
 
-func (c *requestCounter) RoundTrip(r *http.Request) (*http.Response, error) {
-	if r.Method == http.MethodGet {
-		if r.URL.Query().Get("watch") != "true" && !strings.Contains(r.URL.Path, "/watch/") {
-			c.reads.Add(1)
-		}
-	} else {
-		c.writes.Add(1)
-	}
+func (c countingTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	c.counts.count(r)
 	return c.next.RoundTrip(r)
 }
 
-// pkiSet is a cluster CA with the server's certificate.
-type pkiSet struct {
-	ca     *pki.CA
-	server tls.Certificate
+func (c *requestCounter) count(r *http.Request) {
+	if r.Method != http.MethodGet {
+		c.writes.Add(1)
+		return
+	}
+	q := r.URL.Query()
+	watch := q.Get("watch") == "true" || q.Get("watch") == "1" || strings.Contains(r.URL.Path, "/watch/")
+	switch rv := q.Get("resourceVersion"); {
+	case !watch:
+		c.gets.Add(1)
+	case q.Get("sendInitialEvents") == "true", rv == "", rv == "0":
+		c.watchLists.Add(1)
+	default:
+		return // a watch resumed from rv
+	}
+	c.mu.Lock()
+	c.reads = append(c.reads, r.Method+" "+r.URL.RequestURI())
+	c.mu.Unlock()
 }
 
-func newPKI(t testing.TB) *pkiSet {
-	ca, err := pki.NewCA("e2e", time.Hour)
-	require.NoError(t, err)
-	cert, key, err := ca.Issue(pki.LeafRequest{CommonName: "cloudcore", Usage: pki.UsageServer, Hosts: []string{"127.0.0.1"}, Validity: time.Hour})
-	require.NoError(t, err)
-	return &pkiSet{ca: ca, server: tls.Certificate{Certificate: [][]byte{cert.Raw}, PrivateKey: key, Leaf: cert}}
-}
+// total returns the number of reads so far.
+func (c *requestCounter) total() int64 { return c.gets.Load() + c.watchLists.Load() }
 
-func (p *pkiSet) client(t testing.TB, node string) *tls.Config {
-	cert, key, err := p.ca.Issue(pki.LeafRequest{CommonName: node, Usage: pki.UsageClient, Validity: time.Hour})
-	require.NoError(t, err)
-	return &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{cert.Raw}, PrivateKey: key}}, RootCAs: p.ca.Pool(), MinVersion: tls.VersionTLS13}
-}
-
-// cloud is an in-process CloudCore: catalog, dispatcher, upstream writer
-// and tunnel server, with its API requests counted.
-type cloud struct {
-	cat      *catalog.Catalog
-	srv      *tunnel.Server
-	reg      *prometheus.Registry
-	requests *requestCounter
-	stop     func()
+// since returns the reads after the first n, to say which they were.
+func (c *requestCounter) since(n int64) []string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return slices.Clone(c.reads[min(int(n), len(c.reads)):])
 }
 
 // testTimings make dead peers visible in seconds; benchmarks keep the
@@ -98,102 +124,287 @@ func testTimings(o *tunnel.Options) {
 	o.KeepAlive, o.DeadPeerTimeout = 200*time.Millisecond, 2*time.Second
 }
 
-func startCloud(t testing.TB, cfg *rest.Config, p *pkiSet, addr string, timings func(*tunnel.Options)) *cloud {
-	t.Helper()
-	counted := rest.CopyConfig(cfg)
-	rc := &requestCounter{}
-	counted.Wrap(func(rt http.RoundTripper) http.RoundTripper { rc.next = rt; return rc })
-	counted.QPS, counted.Burst = 1000, 1000
-	client, err := kubernetes.NewForConfig(counted)
-	require.NoError(t, err)
-	log := logger()
-	reg := prometheus.NewRegistry()
-	cat, err := catalog.New(client, catalog.Config{Logger: log})
-	require.NoError(t, err)
-	up, err := upstream.New(client, cat, upstream.Config{EdgeLabel: catalog.DefaultEdgeLabel, Logger: log})
-	require.NoError(t, err)
-	disp, err := dispatch.New(dispatch.Deps{Catalog: cat, Upstream: up}, dispatch.Config{}, log, reg)
-	require.NoError(t, err)
-	cat.Subscribe(disp.Notify)
-	opts := tunnel.Options{Logger: log, Registerer: reg}
+// timingsOf returns the keepalive and dead-peer timeout timings sets (zero:
+// the defaults).
+func timingsOf(timings func(*tunnel.Options)) (keepAlive, deadPeer time.Duration) {
+	var o tunnel.Options
 	if timings != nil {
-		timings(&opts)
+		timings(&o)
 	}
-	srv, err := tunnel.NewServer(tunnel.ServerConfig{
-		Options:  opts,
-		QUICAddr: addr,
-		TLS:      &tls.Config{Certificates: []tls.Certificate{p.server}, ClientCAs: p.ca.Pool(), MinVersion: tls.VersionTLS13},
-		Handler:  hub.New(disp, nil, log),
-	})
-	require.NoError(t, err)
-	require.NoError(t, srv.Listen())
+	return o.KeepAlive, o.DeadPeerTimeout
+}
+
+// cloudOptions are startCloud's options; the zero value is a QUIC listener
+// on a free port with production timings.
+type cloudOptions struct {
+	// quicAddr is the QUIC address; a restarted cloud is given its
+	// predecessor's. Default 127.0.0.1:0.
+	quicAddr string
+	// webSocket adds a WebSocket listener on a free port.
+	webSocket bool
+	// timings tune the tunnel (testTimings); nil keeps the defaults.
+	timings func(*tunnel.Options)
+	// certValidity of node certificates the cloud issues and renews.
+	// Default the cloud's.
+	certValidity time.Duration
+}
+
+// cloud is an in-process CloudCore with its API requests counted.
+type cloud struct {
+	app      *cloudapp.App
+	cat      *catalog.Catalog
+	reg      *promtest.Registry
+	requests *requestCounter
+	nodes    *edgenode.Client // the admin's, not counted
+	addr     string           // the bound QUIC address
+	stop     func()
+}
+
+// startCloud runs CloudCore (cloudcore/app) until tb ends or stop is
+// called, and returns once its catalog holds the cluster's state. Every
+// cloud start is the positive control of the request counter: building
+// the caches reads.
+func startCloud(tb testing.TB, cfg *rest.Config, o cloudOptions) *cloud {
+	tb.Helper()
+	if o.quicAddr == "" {
+		o.quicAddr = "127.0.0.1:0"
+	}
+	rc := &requestCounter{}
+	counted := rest.CopyConfig(cfg)
+	counted.QPS, counted.Burst = 1000, 1000
+	counted.Wrap(func(rt http.RoundTripper) http.RoundTripper { return countingTransport{counts: rc, next: rt} })
+	admin := rest.CopyConfig(cfg)
+	admin.QPS, admin.Burst = 1000, 1000
+	dyn, err := dynamic.NewForConfig(admin)
+	require.NoError(tb, err)
+	keepAlive, deadPeer := timingsOf(o.timings)
+	wsAddr := ""
+	if o.webSocket {
+		wsAddr = "127.0.0.1:0"
+	}
+	reg := promtest.NewRegistry()
 	ctx, cancel := context.WithCancel(context.Background())
-	catDone := make(chan error, 1)
-	go func() { catDone <- cat.Run(ctx) }()
-	require.NoError(t, cat.WaitForSync(ctx))
-	srvDone := make(chan error, 1)
-	go func() { srvDone <- srv.Run(ctx) }()
-	c := &cloud{cat: cat, srv: srv, reg: reg, requests: rc}
+	a, err := cloudapp.New(ctx, cloudapp.Config{
+		Kubernetes: counted, QUICAddr: o.quicAddr, WebSocketAddr: wsAddr, JoinAddr: "127.0.0.1:0",
+		ServerSANs: []string{"127.0.0.1"}, CertValidity: o.certValidity,
+		KeepAlive: keepAlive, DeadPeerTimeout: deadPeer, Logger: logger(), Registerer: reg,
+	})
+	if err != nil {
+		cancel()
+		require.NoError(tb, err)
+	}
+	if err := a.Listen(); err != nil {
+		cancel()
+		require.NoError(tb, err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- a.Run(ctx) }()
+	c := &cloud{
+		app: a, cat: a.Catalog(), reg: reg, requests: rc, nodes: edgenode.NewClient(dyn),
+		addr: a.QUICAddr().String(),
+	}
 	c.stop = sync.OnceFunc(func() {
 		cancel()
-		require.NoError(t, <-srvDone)
-		require.NoError(t, <-catDone)
+		require.NoError(tb, <-done)
 	})
-	t.Cleanup(c.stop)
+	tb.Cleanup(c.stop)
+	require.NoError(tb, c.cat.WaitForSync(ctx))
+	// The positive control: building the caches lists every resource the
+	// cloud syncs or authorises from (today through watches with
+	// sendInitialEvents=true), and the counter sees each list.
+	listed := func() bool {
+		reads := rc.since(0)
+		for _, path := range []string{"/api/v1/pods", "/api/v1/nodes", "/api/v1/configmaps", "/api/v1/secrets", "/apis/edge.tether.dev/v1alpha1/edgenodes"} {
+			if !slices.ContainsFunc(reads, func(r string) bool { return strings.HasPrefix(r, "GET "+path+"?") || r == "GET "+path }) {
+				return false
+			}
+		}
+		return true
+	}
+	if !assert.Eventually(tb, listed, 30*time.Second, 5*time.Millisecond) {
+		tb.Fatalf("the request counter did not see the cloud's initial lists of pods, Nodes, ConfigMaps, Secrets and EdgeNodes; it saw %s",
+			describe(rc.since(0)))
+	}
 	return c
 }
 
 // counter reads a counter from the cloud's registry, summed over labels
-// matching want.
-func (c *cloud) counter(t testing.TB, name string, want map[string]string) float64 {
-	t.Helper()
-	return promtest.Sum(t, c.reg, name, want)
+// matching want. An unknown name or label fails tb.
+func (c *cloud) counter(tb testing.TB, name string, want map[string]string) float64 {
+	tb.Helper()
+	return promtest.Sum(tb, c.reg, name, want)
 }
 
-// edge is an in-process EdgeCore: store, syncer and tunnel client.
+// poll is counter for conditions polled off the test's goroutine
+// (require.Eventually), where failing the test is not allowed: it returns
+// NaN, which no comparison accepts, for an unknown name or label. Read the
+// counter with counter once on the test's goroutine first, so that such a
+// mistake fails at once rather than as a timeout.
+func (c *cloud) poll(name string, want map[string]string) float64 {
+	v, err := promtest.Value(c.reg, name, want)
+	if err != nil {
+		return math.NaN()
+	}
+	return v
+}
+
+// dones returns how many reconciles the cloud has finished (sent Done for).
+func (c *cloud) dones(tb testing.TB) float64 {
+	tb.Helper()
+	return c.counter(tb, "tether_sync_messages_sent_total", map[string]string{"kind": "done"})
+}
+
+// waitDones waits until the cloud has finished n reconciles in all.
+func (c *cloud) waitDones(tb testing.TB, n float64) {
+	tb.Helper()
+	c.dones(tb) // fails at once if the metric is gone
+	require.Eventually(tb, func() bool {
+		return c.poll("tether_sync_messages_sent_total", map[string]string{"kind": "done"}) >= n
+	}, 60*time.Second, 10*time.Millisecond, "the cloud did not finish %v reconciles", n)
+}
+
+// identity is a node's certificate, current on the whitelist.
+type identity struct {
+	node string
+	cert tls.Certificate // Leaf set
+	key  crypto.Signer   // cert's key
+	ca   *x509.Certificate
+}
+
+// tlsConfig is the client TLS configuration of a raw tunnel client with
+// this identity.
+func (id identity) tlsConfig() *tls.Config {
+	pool := x509.NewCertPool()
+	pool.AddCert(id.ca)
+	return &tls.Config{Certificates: []tls.Certificate{id.cert}, RootCAs: pool, MinVersion: tls.VersionTLS13}
+}
+
+// admit puts node on the whitelist as `cloudcore admin allow` and
+// `edgecore join` leave it: an allowed EdgeNode whose current certificate
+// is a fresh one from the cluster CA, which it returns. The EdgeNode is
+// removed when tb ends. admit returns once the cloud's whitelist admits
+// the certificate.
+func (c *cloud) admit(tb testing.TB, node string) identity {
+	tb.Helper()
+	ctx := context.Background()
+	ca := c.app.CA()
+	cert, key, err := ca.Issue(pki.LeafRequest{CommonName: node, Usage: pki.UsageClient, Validity: time.Hour})
+	require.NoError(tb, err)
+	en, err := c.nodes.Create(ctx, &edgenode.EdgeNode{ObjectMeta: metav1.ObjectMeta{Name: node}, Spec: edgenode.Spec{Allowed: true}})
+	if apierrors.IsAlreadyExists(err) { // left by an earlier run on a reused name
+		en, err = c.nodes.Get(ctx, node)
+		require.NoError(tb, err)
+		en.Spec = edgenode.Spec{Allowed: true}
+		en, err = c.nodes.Update(ctx, en)
+	}
+	require.NoError(tb, err)
+	tb.Cleanup(func() {
+		if err := c.nodes.Delete(context.Background(), node); err != nil && !apierrors.IsNotFound(err) {
+			tb.Errorf("delete EdgeNode %s: %v", node, err)
+		}
+	})
+	en.Status.Certificate = &edgenode.Certificate{Serial: cert.SerialNumber.Text(16), NotAfter: metav1.NewTime(cert.NotAfter)}
+	_, err = c.nodes.UpdateStatus(ctx, en)
+	require.NoError(tb, err)
+	tid := tunnel.Identity{Node: node, Serial: cert.SerialNumber.Text(16), NotAfter: cert.NotAfter, Certificate: cert}
+	require.Eventually(tb, func() bool { return c.app.Authorize(tid) == nil }, 30*time.Second, 5*time.Millisecond,
+		"the whitelist did not admit %s", node)
+	return identity{node: node, cert: tls.Certificate{Certificate: [][]byte{cert.Raw}, PrivateKey: key, Leaf: cert}, key: key, ca: ca.Cert}
+}
+
+// edgeOptions are startEdge's options; the zero value has production
+// tunnel timings and a Node that is the same on every start.
+type edgeOptions struct {
+	// timings tune the tunnel (testTimings); nil keeps the defaults.
+	timings func(*tunnel.Options)
+	// wrap, when set, wraps the store the syncer writes through
+	// (benchmarks observe commits that way).
+	wrap func(*store.Store) syncer.Store
+	// nodeStatus configures the node's registration and heartbeat. Its
+	// zero Now is a fixed instant and its zero MemoryBytes 4 GiB, so that
+	// every start of the edge registers the same Node: re-registering
+	// changes nothing, and a test can count exactly what a reconnect
+	// sends.
+	nodeStatus nodestatus.Config
+}
+
+// stableEpoch is the edges' clock unless a test gives one.
+var stableEpoch = time.Date(2026, 11, 1, 0, 0, 0, 0, time.UTC)
+
+// edge is an in-process EdgeCore (edgecore/app).
 type edge struct {
 	node string
+	app  *edgeapp.App
 	st   *store.Store
-	sy   *syncer.Syncer
+	reg  *promtest.Registry
 	stop func()
 }
 
-// startEdge runs an edge on dbPath. wrap, when set, wraps the store the
-// syncer writes through (benchmarks observe commits that way).
-func startEdge(t testing.TB, node, dbPath, cloudAddr string, p *pkiSet, timings func(*tunnel.Options), wrap func(*store.Store) syncer.Store) *edge {
-	t.Helper()
-	log := logger().With("edge", node)
+// startEdge runs EdgeCore with identity id and its data in dataDir,
+// connecting over QUIC to cloudAddr, until tb ends or stop is called.
+func startEdge(tb testing.TB, id identity, dataDir, cloudAddr string, o edgeOptions) *edge {
+	tb.Helper()
+	ns := o.nodeStatus
+	if ns.Now == nil {
+		ns.Now = func() time.Time { return stableEpoch }
+	}
+	if ns.MemoryBytes == 0 {
+		ns.MemoryBytes = 4 << 30
+	}
+	keepAlive, deadPeer := timingsOf(o.timings)
+	reg := promtest.NewRegistry()
 	ctx, cancel := context.WithCancel(context.Background())
-	st, err := store.Open(ctx, dbPath, log)
-	require.NoError(t, err)
-	var sst syncer.Store = st
-	if wrap != nil {
-		sst = wrap(st)
-	}
-	sy := syncer.New(sst, syncer.Config{}, log, nil)
-	opts := tunnel.Options{Logger: log}
-	if timings != nil {
-		timings(&opts)
-	}
-	client, err := tunnel.NewClient(tunnel.ClientConfig{
-		Options: opts,
-		Servers: []string{"quic://" + cloudAddr},
-		Node:    node,
-		TLS:     p.client(t, node),
-		Backoff: tunnel.Backoff{Min: 50 * time.Millisecond, Max: 500 * time.Millisecond},
+	a, err := edgeapp.New(ctx, edgeapp.Config{
+		Cloud: []string{"quic://" + cloudAddr}, Node: id.node, Certificate: id.cert, CA: id.ca,
+		IdentityDir: dataDir, DataDir: dataDir,
+		KeepAlive: keepAlive, DeadPeerTimeout: deadPeer,
+		Backoff:    tunnel.Backoff{Min: 50 * time.Millisecond, Max: 500 * time.Millisecond},
+		NodeStatus: ns, WrapStore: o.wrap, Logger: logger().With("edge", id.node), Registerer: reg,
 	})
-	require.NoError(t, err)
+	if err != nil {
+		cancel()
+		require.NoError(tb, err)
+	}
 	done := make(chan error, 1)
-	go func() { done <- edgehub.New(client, sy, log).Run(ctx) }()
-	e := &edge{node: node, st: st, sy: sy}
+	go func() { done <- a.Run(ctx) }()
+	e := &edge{node: id.node, app: a, st: a.Store(), reg: reg}
 	e.stop = sync.OnceFunc(func() {
 		cancel()
-		require.NoError(t, <-done)
-		require.NoError(t, st.Close())
+		require.NoError(tb, <-done)
+		require.NoError(tb, a.Close())
 	})
-	t.Cleanup(e.stop)
+	tb.Cleanup(e.stop)
 	return e
 }
+
+// waitRegistered waits until node's EdgeCore has registered its Node and
+// the cloud's catalog holds the registered version.
+func waitRegistered(tb testing.TB, cs kubernetes.Interface, c *cloud, node string) {
+	tb.Helper()
+	require.Eventually(tb, func() bool {
+		n, err := cs.CoreV1().Nodes().Get(context.Background(), node, metav1.GetOptions{})
+		if err != nil || !slices.ContainsFunc(n.Status.Conditions, func(c corev1.NodeCondition) bool { return c.Reason == "EdgeCoreReady" }) {
+			return false
+		}
+		o, ok := c.cat.Get(node, objsync.Key{Kind: "Node", Name: node})
+		return ok && o.Version == n.ResourceVersion
+	}, 30*time.Second, 10*time.Millisecond, "node %s did not register", node)
+}
+
+// counter reads a counter from the edge's registry, as cloud.counter.
+func (e *edge) counter(tb testing.TB, name string, want map[string]string) float64 {
+	tb.Helper()
+	return promtest.Sum(tb, e.reg, name, want)
+}
+
+// applied returns how many cloud events this run of the edge committed.
+func (e *edge) applied(tb testing.TB) float64 {
+	tb.Helper()
+	return e.counter(tb, "tether_edge_events_applied_total", nil)
+}
+
+// storePath is the edge store's file in dataDir.
+func storePath(dataDir string) string { return filepath.Join(dataDir, edgeapp.DBFile) }
 
 // desired returns what the catalog says node should hold: key -> version hash.
 func desired(c *catalog.Catalog, node string) map[uint64]uint64 {
@@ -206,9 +417,11 @@ func desired(c *catalog.Catalog, node string) map[uint64]uint64 {
 	return out
 }
 
-func held(t *testing.T, st *store.Store) map[uint64]uint64 {
+// held returns what st holds: key hash -> version hash.
+func held(tb testing.TB, st *store.Store) map[uint64]uint64 {
+	tb.Helper()
 	inv, err := st.Inventory(context.Background())
-	require.NoError(t, err)
+	require.NoError(tb, err)
 	out := make(map[uint64]uint64, len(inv))
 	for _, e := range inv {
 		out[e.Key] = e.Version
@@ -217,10 +430,10 @@ func held(t *testing.T, st *store.Store) map[uint64]uint64 {
 }
 
 // waitConverged waits until the edge store holds exactly what the catalog
-// says the node should hold.
-func waitConverged(t *testing.T, c *catalog.Catalog, st *store.Store, node string, minObjects int) {
-	t.Helper()
-	require.Eventually(t, func() bool {
+// says the node should hold, and that is at least minObjects objects.
+func waitConverged(tb testing.TB, c *catalog.Catalog, st *store.Store, node string, minObjects int) {
+	tb.Helper()
+	require.Eventually(tb, func() bool {
 		want := desired(c, node)
 		if len(want) < minObjects {
 			return false
@@ -229,15 +442,11 @@ func waitConverged(t *testing.T, c *catalog.Catalog, st *store.Store, node strin
 		if err != nil {
 			return false // Eventually's condition runs off the test goroutine: no require here
 		}
-		got := make(map[uint64]uint64, len(inv))
-		for _, e := range inv {
-			got[e.Key] = e.Version
-		}
-		if len(got) != len(want) {
+		if len(inv) != len(want) {
 			return false
 		}
-		for k, v := range want {
-			if got[k] != v {
+		for _, e := range inv {
+			if want[e.Key] != e.Version {
 				return false
 			}
 		}
@@ -245,6 +454,35 @@ func waitConverged(t *testing.T, c *catalog.Catalog, st *store.Store, node strin
 	}, 60*time.Second, 50*time.Millisecond, "edge %s did not converge", node)
 }
 
-func dbPath(t *testing.T, node string) string {
-	return filepath.Join(t.TempDir(), node+".db")
+// requireKeys fails tb unless st holds exactly the objects want names,
+// naming the missing ones and counting the others.
+func requireKeys(tb testing.TB, st *store.Store, want []objsync.Key) {
+	tb.Helper()
+	got := held(tb, st)
+	var missing []string
+	for _, k := range want {
+		if _, ok := got[k.Hash()]; !ok {
+			missing = append(missing, k.String())
+		}
+		delete(got, k.Hash())
+	}
+	if len(missing) > 0 || len(got) > 0 {
+		tb.Fatalf("edge store: %d of %d wanted objects missing %v; %d objects it must not hold", len(missing), len(want), missing, len(got))
+	}
+}
+
+// dataDir returns a fresh data directory for an edge.
+func dataDir(tb testing.TB, node string) string {
+	tb.Helper()
+	dir := filepath.Join(tb.TempDir(), node)
+	require.NoError(tb, os.Mkdir(dir, 0o700))
+	return dir
+}
+
+// describe formats reads for a failure message.
+func describe(reads []string) string {
+	if len(reads) > 20 {
+		return fmt.Sprintf("%v ... (%d in all)", reads[:20], len(reads))
+	}
+	return fmt.Sprint(reads)
 }

@@ -23,16 +23,19 @@ func TestHostileEdge(t *testing.T) {
 	cs := adminClient(t, env.Config)
 	ns := env.Namespace(t)
 	ctx := context.Background()
-	p := newPKI(t)
 	createEdgeNode(t, cs, "edge-good")
 	createEdgeNode(t, cs, "edge-evil")
 	createPods(t, cs, ns, "good", "edge-good", 0, 5)
-	addr := freeUDP(t)
-	c := startCloud(t, env.Config, p, addr, testTimings)
-	good := startEdge(t, "edge-good", dbPath(t, "edge-good"), addr, p, testTimings, nil)
+	c := startCloud(t, env.Config, cloudOptions{timings: testTimings})
+	good := startEdge(t, c.admit(t, "edge-good"), dataDir(t, "edge-good"), c.addr, edgeOptions{timings: testTimings})
 	waitConverged(t, c.cat, good.st, "edge-good", 6)
 
-	client, err := tunnel.NewClient(tunnel.ClientConfig{Servers: []string{"quic://" + addr}, Node: "edge-evil", TLS: p.client(t, "edge-evil"), Options: tunnel.Options{Logger: logger()}})
+	// The hostile edge is on the whitelist: what it sends is the test.
+	evil := c.admit(t, "edge-evil")
+	client, err := tunnel.NewClient(tunnel.ClientConfig{
+		Servers: []string{"quic://" + c.addr}, Node: "edge-evil", TLS: evil.tlsConfig(), Options: tunnel.Options{Logger: logger()},
+		Backoff: tunnel.Backoff{Min: 50 * time.Millisecond, Max: 500 * time.Millisecond},
+	})
 	require.NoError(t, err)
 	sess, err := client.Dial(ctx)
 	require.NoError(t, err)

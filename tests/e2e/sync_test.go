@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net"
+	"slices"
 	"testing"
 	"time"
 
@@ -13,10 +14,14 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 
 	"github.com/tetheredge/tether/cloudcore/catalog"
+	"github.com/tetheredge/tether/common/objsync"
+	"github.com/tetheredge/tether/edgecore/store"
+	"github.com/tetheredge/tether/tests/promtest"
 )
 
 // uniqueNode returns prefix with a random suffix.
@@ -80,15 +85,64 @@ func createPods(t *testing.T, cs kubernetes.Interface, ns, prefix, node string, 
 	require.NoError(t, g.Wait())
 }
 
+// podKeys returns the keys of pods prefix-from .. prefix-(from+n-1).
+func podKeys(ns, prefix string, from, n int) []objsync.Key {
+	keys := make([]objsync.Key, n)
+	for i := range keys {
+		keys[i] = objsync.Key{Kind: "Pod", Namespace: ns, Name: fmt.Sprintf("%s-%04d", prefix, from+i)}
+	}
+	return keys
+}
+
+// storeContents opens the store in dataDir while no edge runs on it and
+// returns what it holds: key hash -> version hash.
+func storeContents(tb testing.TB, dataDir string) map[uint64]uint64 {
+	tb.Helper()
+	st, err := store.Open(context.Background(), storePath(dataDir), logger())
+	require.NoError(tb, err)
+	defer func() { require.NoError(tb, st.Close()) }()
+	return held(tb, st)
+}
+
+// requireDiff fails tb unless going from before to after changed (added
+// or gave a new version to) exactly the keys changed and removed exactly
+// the keys removed.
+func requireDiff(tb testing.TB, before, after map[uint64]uint64, changed, removed []objsync.Key) {
+	tb.Helper()
+	hashes := func(keys []objsync.Key) []uint64 {
+		var out []uint64
+		for _, k := range keys {
+			out = append(out, k.Hash())
+		}
+		slices.Sort(out)
+		return out
+	}
+	var gotChanged, gotRemoved []uint64
+	for k, v := range after {
+		if w, ok := before[k]; !ok || w != v {
+			gotChanged = append(gotChanged, k)
+		}
+	}
+	for k := range before {
+		if _, ok := after[k]; !ok {
+			gotRemoved = append(gotRemoved, k)
+		}
+	}
+	slices.Sort(gotChanged)
+	slices.Sort(gotRemoved)
+	require.Equal(tb, hashes(changed), gotChanged, "the objects the edge got anew are exactly those changed while it was away")
+	require.Equal(tb, hashes(removed), gotRemoved, "the objects the edge removed are exactly those deleted while it was away")
+}
+
 // TestSyncAndReconcile is the issue's main scenario on one control plane:
 // 1,000 objects reach their node only; offline changes cost what changed
-// and no API reads; the same after a CloudCore restart.
+// and no API reads; the same after a CloudCore restart; a reconnect with
+// nothing changed sends nothing.
 func TestSyncAndReconcile(t *testing.T) {
 	env := cp.Env(t)
 	cs := adminClient(t, env.Config)
 	ns := env.Namespace(t)
 	ctx := context.Background()
-	p := newPKI(t)
 	// Node names are unique per run: without a controller manager the
 	// namespaces of earlier runs are never emptied, and their pods would
 	// still be bound to a reused name.
@@ -102,34 +156,27 @@ func TestSyncAndReconcile(t *testing.T) {
 	// 998 pods + the shared ConfigMap + the Node = 1,000 objects for edge-a.
 	createPods(t, cs, ns, "a", nodeA, 0, 998, "shared")
 	createPods(t, cs, ns, "b", nodeB, 0, 20, "shared", "b-only")
+	// What each edge must hold, from what the test created rather than
+	// from the catalog under test.
+	shared := objsync.Key{Kind: "ConfigMap", Namespace: ns, Name: "shared"}
+	keysA := append(podKeys(ns, "a", 0, 998), shared, objsync.Key{Kind: "Node", Name: nodeA})
+	keysB := append(podKeys(ns, "b", 0, 20), shared, objsync.Key{Kind: "ConfigMap", Namespace: ns, Name: "b-only"}, objsync.Key{Kind: "Node", Name: nodeB})
 
-	addr := freeUDP(t)
-	c := startCloud(t, env.Config, p, addr, testTimings)
-	pathA, pathB := dbPath(t, nodeA), dbPath(t, nodeB)
-	a := startEdge(t, nodeA, pathA, addr, p, testTimings, nil)
-	b := startEdge(t, nodeB, pathB, addr, p, testTimings, nil)
+	opts := cloudOptions{quicAddr: freeUDP(t), timings: testTimings}
+	c := startCloud(t, env.Config, opts)
+	idA, idB := c.admit(t, nodeA), c.admit(t, nodeB)
+	dirA, dirB := dataDir(t, nodeA), dataDir(t, nodeB)
+	edgeOpts := edgeOptions{timings: testTimings}
+	a := startEdge(t, idA, dirA, c.addr, edgeOpts)
+	b := startEdge(t, idB, dirB, c.addr, edgeOpts)
 	waitConverged(t, c.cat, a.st, nodeA, 1000)
 	waitConverged(t, c.cat, b.st, nodeB, 23)
-	n, err := a.st.Count(ctx)
-	require.NoError(t, err)
-	require.Equal(t, 1000, n)
-	for key := range held(t, a.st) {
-		_, isB := desired(c.cat, nodeB)[key]
-		_, isA := desired(c.cat, nodeA)[key]
-		require.True(t, isA, "edge-a holds only its own objects")
-		_ = isB
-	}
-	bHeld := held(t, b.st)
-	for key := range desired(c.cat, nodeA) {
-		if _, shared := desired(c.cat, nodeB)[key]; shared {
-			continue // the shared ConfigMap belongs to both
-		}
-		_, leaked := bHeld[key]
-		require.False(t, leaked, "edge-b must not hold edge-a's objects")
-	}
+	requireKeys(t, a.st, keysA)
+	requireKeys(t, b.st, keysB)
 
 	// Offline: update 10, delete 5, create 5.
-	offline := func(round int) {
+	type change struct{ changed, removed []objsync.Key }
+	offline := func(round int) change {
 		for i := range 10 {
 			name := fmt.Sprintf("a-%04d", 100+round*50+i)
 			pod, err := cs.CoreV1().Pods(ns).Get(ctx, name, metav1.GetOptions{})
@@ -142,43 +189,91 @@ func TestSyncAndReconcile(t *testing.T) {
 			require.NoError(t, cs.CoreV1().Pods(ns).Delete(ctx, fmt.Sprintf("a-%04d", 500+round*50+i), metav1.DeleteOptions{GracePeriodSeconds: new(int64)}))
 		}
 		createPods(t, cs, ns, "a", nodeA, 2000+round*10, 5, "shared")
+		return change{
+			changed: append(podKeys(ns, "a", 100+round*50, 10), podKeys(ns, "a", 2000+round*10, 5)...),
+			removed: podKeys(ns, "a", 500+round*50, 5),
+		}
 	}
-	reconnect := func(c *cloud, round int) {
+	// barrier changes pod a-0000, which nothing else touches, after the
+	// reconcile, and waits until edge-a holds the new version. The cloud
+	// sends each node's changes in the order it queued them, so once the
+	// barrier is there, whatever the reconcile queued has been sent: a
+	// condition to count on, where waiting "long enough" would be a guess.
+	barrierKey := objsync.Key{Kind: "Pod", Namespace: ns, Name: "a-0000"}
+	barriers := 0
+	barrier := func() {
 		t.Helper()
+		barriers++
+		patched, err := cs.CoreV1().Pods(ns).Patch(ctx, barrierKey.Name, types.MergePatchType,
+			fmt.Appendf(nil, `{"metadata":{"labels":{"barrier":"%d"}}}`, barriers), metav1.PatchOptions{})
+		require.NoError(t, err)
+		require.Eventually(t, func() bool {
+			o, ok, err := a.st.Get(ctx, barrierKey)
+			return err == nil && ok && o.Version == patched.ResourceVersion
+		}, 30*time.Second, 10*time.Millisecond, "the barrier reaches the edge")
+	}
+	// reconnect starts edge-a again on its store; once the cloud has
+	// finished reconciles in all (edge-b's included after a cloud
+	// restart), the edge matches the catalog, a barrier has passed and the
+	// edge has applied every event the cloud sent, it checks that exactly
+	// what changed crossed (and the barrier), with no API read.
+	reconnect := func(c *cloud, dones float64, ch change) {
+		t.Helper()
+		ch.changed = append(ch.changed, barrierKey)
+		before := storeContents(t, dirA)
 		objects0 := c.counter(t, "tether_sync_messages_sent_total", map[string]string{"kind": "object"})
-		deletes0 := c.counter(t, "tether_sync_messages_sent_total", map[string]string{"kind": "delete"}) + c.counter(t, "tether_sync_pruned_total", nil)
+		deleteEvents0 := c.counter(t, "tether_sync_messages_sent_total", map[string]string{"kind": "delete"})
+		pruned0 := c.counter(t, "tether_sync_pruned_total", nil)
 		bytesOut0 := c.counter(t, "tether_tunnel_bytes_total", map[string]string{"direction": "out"})
 		bytesIn0 := c.counter(t, "tether_tunnel_bytes_total", map[string]string{"direction": "in"})
-		reads0 := c.requests.reads.Load()
-		a = startEdge(t, nodeA, pathA, addr, p, testTimings, nil)
+		reads0 := c.requests.total()
+		appliedB0 := b.applied(t)
+		a = startEdge(t, idA, dirA, c.addr, edgeOpts)
+		c.waitDones(t, dones)
 		waitConverged(t, c.cat, a.st, nodeA, 1000)
+		barrier()
+		sent := func() float64 {
+			return c.counter(t, "tether_sync_messages_sent_total", map[string]string{"kind": "object"}) - objects0 +
+				c.counter(t, "tether_sync_messages_sent_total", map[string]string{"kind": "delete"}) - deleteEvents0
+		}
+		a.applied(t) // fails at once if the metric is gone
+		require.Eventually(t, func() bool {
+			sentObjects, err1 := promtest.Value(c.reg, "tether_sync_messages_sent_total", map[string]string{"kind": "object"})
+			sentDeletes, err2 := promtest.Value(c.reg, "tether_sync_messages_sent_total", map[string]string{"kind": "delete"})
+			appliedA, err3 := promtest.Value(a.reg, "tether_edge_events_applied_total", nil)
+			appliedB, err4 := promtest.Value(b.reg, "tether_edge_events_applied_total", nil)
+			return err1 == nil && err2 == nil && err3 == nil && err4 == nil &&
+				appliedA+appliedB-appliedB0 == sentObjects-objects0+sentDeletes-deleteEvents0
+		}, 30*time.Second, 10*time.Millisecond, "the edges apply every event the cloud sent")
 		objects := c.counter(t, "tether_sync_messages_sent_total", map[string]string{"kind": "object"}) - objects0
-		deletes := c.counter(t, "tether_sync_messages_sent_total", map[string]string{"kind": "delete"}) + c.counter(t, "tether_sync_pruned_total", nil) - deletes0
+		deletes := c.counter(t, "tether_sync_messages_sent_total", map[string]string{"kind": "delete"}) - deleteEvents0 +
+			c.counter(t, "tether_sync_pruned_total", nil) - pruned0
 		down := c.counter(t, "tether_tunnel_bytes_total", map[string]string{"direction": "out"}) - bytesOut0
 		up := c.counter(t, "tether_tunnel_bytes_total", map[string]string{"direction": "in"}) - bytesIn0
-		t.Logf("round %d: reconnect sent %v objects and %v deletes; %v bytes down, %v bytes up (edge-b's traffic included)", round, objects, deletes, down, up)
-		require.Equal(t, 15.0, objects, "10 updated + 5 created objects cross, nothing else")
-		require.Equal(t, 5.0, deletes, "5 deleted objects are pruned")
-		require.Zero(t, c.requests.reads.Load()-reads0, "a reconnect makes no LIST or GET")
+		t.Logf("reconnect sent %v objects and %v deletes; %v bytes down, %v bytes up (edge-b's traffic included)", objects, deletes, down, up)
+		require.Equal(t, float64(len(ch.changed)), objects, "the objects changed while away (and the barrier) cross, nothing else")
+		require.Equal(t, float64(len(ch.removed)), deletes, "the objects deleted while away are pruned, nothing else")
+		require.Equal(t, sent(), a.applied(t), "edge-a applied each event once; edge-b got none")
+		require.Zero(t, c.requests.total()-reads0, "a reconnect makes no LIST or GET, and no watch that lists: %s", describe(c.requests.since(reads0)))
+		requireDiff(t, before, held(t, a.st), ch.changed, ch.removed)
+		requireKeys(t, b.st, keysB)
 	}
 
 	a.stop()
-	offline(0)
-	reconnect(c, 0)
+	ch := offline(0)
+	reconnect(c, c.dones(t)+1, ch)
 
-	// CloudCore restarts (its memory is gone) while the edge is away.
+	// CloudCore restarts (its memory is gone) while the edge is away; the
+	// new cloud finishes two reconciles: edge-b's and edge-a's.
 	a.stop()
 	c.stop()
-	offline(1)
-	c = startCloud(t, env.Config, p, addr, testTimings)
-	reconnect(c, 1)
+	ch = offline(1)
+	c = startCloud(t, env.Config, opts)
+	reconnect(c, 2, ch)
 	waitConverged(t, c.cat, b.st, nodeB, 23)
 
-	// A reconnect with nothing changed moves no object.
+	// A reconnect with nothing changed moves no object but the barrier.
 	a.stop()
-	objects0 := c.counter(t, "tether_sync_messages_sent_total", map[string]string{"kind": "object"})
-	a = startEdge(t, nodeA, pathA, addr, p, testTimings, nil)
-	waitConverged(t, c.cat, a.st, nodeA, 1000)
-	time.Sleep(200 * time.Millisecond) // let any stray message surface before counting
-	require.Equal(t, objects0, c.counter(t, "tether_sync_messages_sent_total", map[string]string{"kind": "object"}))
+	reconnect(c, c.dones(t)+1, change{})
+	require.Equal(t, 1.0, a.applied(t), "an unchanged edge applies nothing but the barrier")
 }

@@ -36,43 +36,54 @@ func podStatusItem(t *testing.T, ns, name string, phase corev1.PodPhase) store.O
 	return store.OutboxItem{Op: message.OpStatus, Resource: message.Resource{Version: "v1", Kind: "Pod", Namespace: ns, Name: name}, Data: b}
 }
 
-// TestUpstreamWhileOffline: status written at the edge while offline
-// reaches the API server after reconnect, newest per object; the node
-// registers itself; writes for another node's objects are refused and
-// not written.
+// TestUpstreamWhileOffline: a new node's registration and lease queued
+// while offline reach the API server when it connects, and the node is
+// labelled an edge by the cloud; pod status written at the edge while
+// offline reaches the API server after the next reconnect, newest per
+// object; writes for another node's objects are refused and not written.
+//
+// The pod status waits for the second start because a status for a pod of
+// a node the cloud does not know as an edge yet is refused for good, and
+// EdgeCore queues its registration anew, behind what is queued, at every
+// start.
 func TestUpstreamWhileOffline(t *testing.T) {
 	env := cp.Env(t)
 	cs := adminClient(t, env.Config)
 	ns := env.Namespace(t)
 	ctx := context.Background()
-	p := newPKI(t)
 	otherNode := uniqueNode("edge-other")
 	createEdgeNode(t, cs, otherNode)
 	createPods(t, cs, ns, "up", "edge-u", 0, 2)
 	createPods(t, cs, ns, "other", otherNode, 0, 1)
 	t.Cleanup(func() { _ = cs.CoreV1().Nodes().Delete(context.Background(), "edge-u", metav1.DeleteOptions{}) })
 
-	path := dbPath(t, "edge-u")
-	rep, err := nodestatus.New(nodestatus.Config{Node: "edge-u", Labels: map[string]string{"site": "shop-17"}, MemoryBytes: 4 << 30}, nil, logger())
+	dir := dataDir(t, "edge-u")
+	status := nodestatus.Config{Node: "edge-u", Labels: map[string]string{"site": "shop-17"}, MemoryBytes: 4 << 30}
+	rep, err := nodestatus.New(status, nil, logger())
 	require.NoError(t, err)
 	nodeJSON, err := json.Marshal(rep.Node())
 	require.NoError(t, err)
 	leaseJSON := []byte(`{"spec":{"holderIdentity":"edge-u","leaseDurationSeconds":40,"renewTime":"2026-11-22T04:00:00.000000Z"}}`)
-	publishOffline(t, path,
+	c := startCloud(t, env.Config, cloudOptions{timings: testTimings})
+	id := c.admit(t, "edge-u")
+	opts := edgeOptions{timings: testTimings, nodeStatus: status}
+	drained := func(e *edge) {
+		t.Helper()
+		require.Eventually(t, func() bool {
+			n, err := e.st.PendingCount(ctx)
+			return err == nil && n == 0
+		}, 30*time.Second, 50*time.Millisecond, "the outbox drains: written items are acked, forged ones refused")
+	}
+
+	// A new node, offline: its registration and lease, and forgeries, wait
+	// in the outbox.
+	publishOffline(t, storePath(dir),
 		store.OutboxItem{Op: message.OpUpsert, Resource: message.Resource{Version: "v1", Kind: "Node", Name: "edge-u"}, Data: nodeJSON},
 		store.OutboxItem{Op: message.OpUpsert, Resource: message.Resource{Group: "coordination.k8s.io", Version: "v1", Kind: "Lease", Namespace: "kube-node-lease", Name: "edge-u"}, Data: leaseJSON},
 		store.OutboxItem{Op: message.OpUpsert, Resource: message.Resource{Group: "coordination.k8s.io", Version: "v1", Kind: "Lease", Namespace: "kube-node-lease", Name: otherNode}, Data: leaseJSON}, // forged
-		podStatusItem(t, ns, "up-0000", corev1.PodPending),
-		podStatusItem(t, ns, "up-0000", corev1.PodRunning), // newer status for the same pod wins
-		podStatusItem(t, ns, "up-0001", corev1.PodFailed),
-		podStatusItem(t, ns, "other-0000", corev1.PodSucceeded), // forged: bound to another node
-		store.OutboxItem{Op: message.OpUpsert, Resource: message.Resource{Version: "v1", Kind: "Node", Name: otherNode}, Data: nodeJSON}, // forged
+		store.OutboxItem{Op: message.OpUpsert, Resource: message.Resource{Version: "v1", Kind: "Node", Name: otherNode}, Data: nodeJSON},                                                               // forged
 	)
-
-	addr := freeUDP(t)
-	c := startCloud(t, env.Config, p, addr, testTimings)
-	e := startEdge(t, "edge-u", path, addr, p, testTimings, nil)
-
+	e := startEdge(t, id, dir, c.addr, opts)
 	require.Eventually(t, func() bool {
 		n, err := cs.CoreV1().Nodes().Get(ctx, "edge-u", metav1.GetOptions{})
 		if err != nil {
@@ -82,15 +93,25 @@ func TestUpstreamWhileOffline(t *testing.T) {
 		mem := n.Status.Capacity[corev1.ResourceMemory]
 		return edge && n.Labels["site"] == "shop-17" && mem.Value() == 4<<30
 	}, 30*time.Second, 50*time.Millisecond, "the edge registers its Node, labelled as an edge by the cloud")
+	drained(e)
+	waitRegistered(t, cs, c, "edge-u")
+	e.stop()
+
+	// Offline again, now a known edge node: pod status for its pods, and
+	// for another node's.
+	publishOffline(t, storePath(dir),
+		podStatusItem(t, ns, "up-0000", corev1.PodPending),
+		podStatusItem(t, ns, "up-0000", corev1.PodRunning), // newer status for the same pod wins
+		podStatusItem(t, ns, "up-0001", corev1.PodFailed),
+		podStatusItem(t, ns, "other-0000", corev1.PodSucceeded), // forged: bound to another node
+	)
+	e = startEdge(t, id, dir, c.addr, opts)
 	require.Eventually(t, func() bool {
 		p0, err0 := cs.CoreV1().Pods(ns).Get(ctx, "up-0000", metav1.GetOptions{})
 		p1, err1 := cs.CoreV1().Pods(ns).Get(ctx, "up-0001", metav1.GetOptions{})
 		return err0 == nil && err1 == nil && p0.Status.Phase == corev1.PodRunning && p1.Status.Phase == corev1.PodFailed
 	}, 30*time.Second, 50*time.Millisecond, "offline pod status reaches the API server")
-	require.Eventually(t, func() bool {
-		n, err := e.st.PendingCount(ctx)
-		return err == nil && n == 0
-	}, 30*time.Second, 50*time.Millisecond, "the outbox drains: written items are acked, forged ones refused")
+	drained(e)
 
 	require.Equal(t, 3.0, c.counter(t, "tether_upstream_writes_total", map[string]string{"result": "forbidden"}))
 	lease, err := cs.CoordinationV1().Leases("kube-node-lease").Get(ctx, "edge-u", metav1.GetOptions{})
