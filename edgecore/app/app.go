@@ -135,9 +135,11 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 		return nil, err
 	}
 	rotator := certs.NewRotator(cfg.IdentityDir, cfg.Node, cfg.CA, holder, sy.Renew, logger, nil)
+	hub := edgehub.New(client, sy, logger)
+	rotator.OnRenewed(func() { hub.Reconnect("certificate renewed") })
 	return &App{
 		cfg: cfg, st: st, sy: sy, reporter: reporter, rotator: rotator, holder: holder,
-		hub: edgehub.New(client, sy, logger), logger: logger,
+		hub: hub, logger: logger,
 	}, nil
 }
 

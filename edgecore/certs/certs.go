@@ -60,6 +60,8 @@ type Rotator struct {
 	renew  RenewFunc
 	logger *slog.Logger
 	now    func() time.Time
+
+	onRenewed func()
 }
 
 // NewRotator returns a rotator for the identity stored in dir (see
@@ -75,6 +77,11 @@ func NewRotator(dir, node string, ca *x509.Certificate, holder *Holder, renew Re
 	}
 	return &Rotator{dir: dir, node: node, ca: ca, holder: holder, renew: renew, logger: logger.With("component", "certs"), now: now}
 }
+
+// OnRenewed sets f to be called after every renewal that was stored and
+// installed (EdgeCore reconnects with the new certificate then). Call it
+// before Run.
+func (r *Rotator) OnRenewed(f func()) { r.onRenewed = f }
 
 // Run renews the certificate at 80% of each lifetime until ctx ends. A
 // failed renewal (offline, refused) is retried after a delay that shrinks
@@ -121,6 +128,9 @@ func (r *Rotator) RenewOnce(ctx context.Context) error {
 	}
 	r.holder.Set(tls.Certificate{Certificate: [][]byte{cert.Raw}, PrivateKey: key, Leaf: cert})
 	r.logger.Info("certificate renewed", "serial", cert.SerialNumber.Text(16), "not_after", cert.NotAfter)
+	if r.onRenewed != nil {
+		r.onRenewed()
+	}
 	return nil
 }
 
