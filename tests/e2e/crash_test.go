@@ -46,7 +46,9 @@ func TestEdgeChild(t *testing.T) {
 		TLS: &tls.Config{Certificates: []tls.Certificate{pair}, RootCAs: pool, MinVersion: tls.VersionTLS13},
 	})
 	require.NoError(t, err)
-	_ = edgehub.New(client, syncer.New(st, syncer.Config{MaxBatch: 64}, logger(), nil), logger()).Run(ctx)
+	sy, err := syncer.New(st, syncer.Config{MaxBatch: 64}, logger(), nil)
+	require.NoError(t, err)
+	_ = edgehub.New(client, sy, logger()).Run(ctx)
 }
 
 // TestEdgeKill9 kills an EdgeCore process with SIGKILL while it applies the

@@ -169,7 +169,8 @@ func startEdge(t testing.TB, node, dbPath, cloudAddr string, p *pkiSet, timings 
 	if wrap != nil {
 		sst = wrap(st)
 	}
-	sy := syncer.New(sst, syncer.Config{}, log, nil)
+	sy, err := syncer.New(sst, syncer.Config{}, log, nil)
+	require.NoError(t, err)
 	opts := tunnel.Options{Logger: log}
 	if timings != nil {
 		timings(&opts)

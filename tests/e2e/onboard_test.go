@@ -62,7 +62,8 @@ func startJoinedEdge(t *testing.T, a *app.App, node, dir string) *joinedEdge {
 	ctx, cancel := context.WithCancel(context.Background())
 	st, err := store.Open(ctx, dir+"/edge.db", logger())
 	require.NoError(t, err)
-	sy := syncer.New(st, syncer.Config{}, logger(), nil)
+	sy, err := syncer.New(st, syncer.Config{}, logger(), nil)
+	require.NoError(t, err)
 	holder := certs.NewHolder(pair)
 	client, err := tunnel.NewClient(tunnel.ClientConfig{
 		Options: tunnel.Options{KeepAlive: 200 * time.Millisecond, DeadPeerTimeout: 2 * time.Second, Logger: logger()},
