@@ -252,7 +252,10 @@ func (e *Edge) receiveSync(now time.Time, m *message.Message) []Action {
 
 // OnInventory takes the store's inventory: the first one makes the
 // digest, later ones answer the cloud's want with the entries of the
-// wanted buckets, in chunks of at most objsync.MaxEntries.
+// wanted buckets, in chunks of at most Config.ListChunk (itself at most
+// objsync.MaxEntries). Every chunk carries in Count the number of entries
+// of the whole list, so that a receiver can tell when it has them all
+// even if chunks overtake one another.
 func (e *Edge) OnInventory(_ time.Time, inv []objsync.Entry) []Action {
 	o := &e.obj
 	if !o.invReading {
@@ -284,9 +287,10 @@ func (e *Edge) OnInventory(_ time.Time, inv []objsync.Entry) []Action {
 			entries = append(entries, x)
 		}
 	}
+	total := uint32(len(entries))
 	for {
-		n := min(len(entries), objsync.MaxEntries)
-		chunk := &objsync.Sync{Phase: objsync.PhaseList, Entries: entries[:n:n], More: n < len(entries)}
+		n := min(len(entries), e.cfg.ListChunk)
+		chunk := &objsync.Sync{Phase: objsync.PhaseList, Count: total, Entries: entries[:n:n], More: n < len(entries)}
 		acts = append(acts, Action{Kind: SendSync, Sync: chunk})
 		entries = entries[n:]
 		if !chunk.More {

@@ -56,6 +56,13 @@ type Config struct {
 	// ResendAfter is how long an upstream write may go unanswered before
 	// it is sent again. Default 30s.
 	ResendAfter time.Duration
+	// ListChunk is the most entries in one List message; a longer list is
+	// sent in several, More set on all but the last. Default 1024 (about
+	// 20 KiB), so that every List stays below the tunnel's large-message
+	// threshold (32 KiB by default) and travels on the ordered control
+	// stream: a larger one would go on its own QUIC stream and could
+	// arrive after the last chunk. At most objsync.MaxEntries.
+	ListChunk int
 	// StoreRetryMin and StoreRetryMax bound the back-off after a failed
 	// store read or write (busy, disk full), retried within the session.
 	// Defaults 100ms and 10s.
@@ -84,6 +91,10 @@ func (c Config) withDefaults() Config {
 	if c.StoreRetryMax <= 0 {
 		c.StoreRetryMax = 10 * time.Second
 	}
+	if c.ListChunk <= 0 {
+		c.ListChunk = 1024
+	}
+	c.ListChunk = min(c.ListChunk, objsync.MaxEntries)
 	c.RetryMax = max(c.RetryMax, c.RetryMin)
 	c.StoreRetryMax = max(c.StoreRetryMax, c.StoreRetryMin)
 	return c
