@@ -113,7 +113,9 @@ func (l *loop) exec(ctx context.Context, a Action) ([]Action, error) {
 		return nil, l.sess.Send(ctx, &message.Message{Kind: message.KindAck, ReplyTo: a.ReplyTo})
 	case SendRefuse:
 		l.s.metrics.refused.WithLabelValues(a.Reason).Inc()
-		l.warn("refuse:"+a.Reason, "message from cloud refused", "id", a.ReplyTo, "reason", a.Reason, "err", a.Detail)
+		if ok, suppressed := l.s.lim.Allow("refuse:" + a.Reason); ok {
+			l.logger.Warn("message from cloud refused", "id", a.ReplyTo, "reason", a.Reason, "err", a.Detail, "suppressed", suppressed)
+		}
 		return nil, l.sess.Send(ctx, &message.Message{Kind: message.KindRefuse, ReplyTo: a.ReplyTo, Time: time.Now().UnixNano(), Payload: []byte(a.Detail)})
 	case ReadOutbox:
 		items, err := st.Pending(ctx, a.Limit)
@@ -134,7 +136,9 @@ func (l *loop) exec(ctx context.Context, a Action) ([]Action, error) {
 	case DeliverRenewal:
 		l.s.answerRenewal(a.Msg)
 	case Report:
-		l.warn(a.Reason, "cloud refused a message", "reason", a.Detail)
+		if ok, suppressed := l.s.lim.Allow(a.Reason); ok {
+			l.logger.Warn("cloud refused a message", "reason", a.Detail, "suppressed", suppressed)
+		}
 	case Reconciled:
 		l.logger.Info("reconcile: cloud has queued every difference")
 	}
@@ -162,7 +166,9 @@ func (l *loop) storeFailed(ctx context.Context, op string, err error, tell func(
 		return nil, ctx.Err()
 	}
 	l.s.metrics.storeErrors.WithLabelValues(op).Inc()
-	l.warn("store:"+op, "store operation failed; retrying", "op", op, "err", err)
+	if ok, suppressed := l.s.lim.Allow("store:" + op); ok {
+		l.logger.Warn("store operation failed; retrying", "op", op, "err", err, "suppressed", suppressed)
+	}
 	return tell(time.Now()), nil
 }
 
@@ -170,22 +176,21 @@ func (l *loop) outboxDone(ctx context.Context, a Action) {
 	it := a.Item
 	switch a.Outcome {
 	case Refused:
-		l.warn("upstream_refused:"+it.Key().String(), "cloud refused an upstream write; dropping it", "resource", it.Resource.String(), "reason", a.Detail)
+		if ok, suppressed := l.s.lim.Allow("upstream_refused:" + it.Key().String()); ok {
+			l.logger.Warn("cloud refused an upstream write; dropping it", "resource", it.Resource.String(), "reason", a.Detail, "suppressed", suppressed)
+		}
 	case TooLarge:
-		l.warn("upstream_too_large:"+it.Key().String(), "upstream write exceeds the frame limit; dropping it", "resource", it.Resource.String(), "bytes", len(it.Data))
+		if ok, suppressed := l.s.lim.Allow("upstream_too_large:" + it.Key().String()); ok {
+			l.logger.Warn("upstream write exceeds the frame limit; dropping it", "resource", it.Resource.String(), "bytes", len(it.Data), "suppressed", suppressed)
+		}
 	}
 	if err := l.s.store.Done(ctx, it.Key(), it.Seq); err != nil && ctx.Err() == nil {
 		// The item stays in the outbox and is sent again: a duplicate
 		// the cloud tolerates.
 		l.s.metrics.storeErrors.WithLabelValues("outbox_done").Inc()
-		l.warn("store:outbox_done", "store operation failed; the item will be sent again", "op", "outbox_done", "err", err)
-	}
-}
-
-// warn logs at most once per cause and interval.
-func (l *loop) warn(cause, msg string, args ...any) {
-	if ok, suppressed := l.s.lim.Allow(cause); ok {
-		l.logger.Warn(msg, append(args, "suppressed", suppressed)...)
+		if ok, suppressed := l.s.lim.Allow("store:outbox_done"); ok {
+			l.logger.Warn("store operation failed; the item will be sent again", "op", "outbox_done", "err", err, "suppressed", suppressed)
+		}
 	}
 }
 

@@ -356,7 +356,7 @@ func TestListSplitIntoChunks(t *testing.T) {
 	require.Equal(t, want, got)
 
 	// A want of some buckets lists only theirs, in one message.
-	acts = e.Receive(now, syncMsg(t, 2, objsync.Sync{Phase: objsync.PhaseWant, Buckets: []uint64{3}}))
+	require.Equal(t, []ActionKind{ReadInventory}, kindsOf(e.Receive(now, syncMsg(t, 2, objsync.Sync{Phase: objsync.PhaseWant, Buckets: []uint64{3}}))))
 	acts = e.OnInventory(now, inv)
 	require.Len(t, acts, 1)
 	require.False(t, acts[0].Sync.More)
