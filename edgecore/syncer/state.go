@@ -41,7 +41,9 @@ const (
 	OutboxDone
 	// DeliverRenewal: hand Msg to the Renew call waiting for it.
 	DeliverRenewal
-	// Report: log Detail, rate-limited by Reason (nothing else to do).
+	// Report: the cloud refused a message the machine cannot match (a
+	// digest or list, an item replaced since); log Detail, rate-limited
+	// by Reason. Nothing else to do.
 	Report
 	// Reconciled: the cloud has queued every difference (log it).
 	Reconciled
@@ -124,7 +126,8 @@ const renewIDBase = 1 << 62
 //     answer) or waiting (not before its back-off); an answer, a resend
 //     timeout or a newer item for the key always takes it out of the
 //     window, so the window cannot leak.
-//   - Deadline is never in the past after a call returns.
+//   - Tick(now) does everything due at now, so Deadline after it is
+//     later than now: the loop's timer never spins.
 type Edge struct {
 	cfg   Config
 	codec *message.Codec
