@@ -3,6 +3,7 @@ package syncer
 import (
 	"context"
 	"crypto/tls"
+	"database/sql"
 	"errors"
 	"log/slog"
 	"path/filepath"
@@ -12,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	_ "github.com/mattn/go-sqlite3" // the driver behind sql.Open("sqlite3")
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/stretchr/testify/require"
@@ -74,6 +76,7 @@ func (l *logCount) count(msg string) int {
 // of each session it receives.
 type rig struct {
 	t        *testing.T
+	path     string // the store's file
 	st       *faultStore
 	sy       *Syncer
 	reg      *prometheus.Registry
@@ -108,7 +111,8 @@ func newRig(t *testing.T, cfg Config, maxFrame int, before func(*Syncer)) *rig {
 	require.NoError(t, err)
 	require.NoError(t, srv.Listen())
 
-	st, err := store.Open(ctx, filepath.Join(t.TempDir(), "edge.db"), quiet)
+	r.path = filepath.Join(t.TempDir(), "edge.db")
+	st, err := store.Open(ctx, r.path, quiet)
 	require.NoError(t, err)
 	r.st = &faultStore{Store: st}
 	r.sy, err = New(r.st, cfg, slog.New(r.logs), r.reg)
@@ -213,6 +217,40 @@ func TestServeAcksAfterCommitAndRetriesFailedApply(t *testing.T) {
 		require.True(t, ok, "ack %d before its commit", m.ReplyTo)
 	}
 	require.Equal(t, 4.0, testutil.ToFloat64(r.sy.metrics.storeErrors.WithLabelValues("apply")))
+	r.noReconnect(c)
+}
+
+// TestServeRetriesBusyStore: a real transient fault. Another connection
+// holds the store's write lock, so Apply fails with SQLITE_BUSY after the
+// store's busy timeout; the event is retried within the session and acked
+// once the lock is released, without a reconnect.
+func TestServeRetriesBusyStore(t *testing.T) {
+	r := newRig(t, Config{StoreRetryMin: 10 * time.Millisecond, StoreRetryMax: 50 * time.Millisecond}, 0, nil)
+	c := r.accept()
+	c.reconcile()
+	ctx := context.Background()
+	db, err := sql.Open("sqlite3", "file:"+r.path+"?_busy_timeout=0")
+	require.NoError(t, err)
+	defer db.Close()
+	conn, err := db.Conn(ctx)
+	require.NoError(t, err)
+	_, err = conn.ExecContext(ctx, "BEGIN IMMEDIATE")
+	require.NoError(t, err)
+	c.send(upsert(1, "a", "1"))
+	applyErrors := r.sy.metrics.storeErrors.WithLabelValues("apply")
+	require.Eventually(t, func() bool { return testutil.ToFloat64(applyErrors) >= 1 }, 20*time.Second, 10*time.Millisecond)
+	_, ok, err := r.st.Get(ctx, podKey("a"))
+	require.NoError(t, err)
+	require.False(t, ok)
+	_, err = conn.ExecContext(ctx, "ROLLBACK")
+	require.NoError(t, err)
+	require.NoError(t, conn.Close())
+	m := c.recv()
+	require.Equal(t, message.KindAck, m.Kind)
+	require.Equal(t, uint64(1), m.ReplyTo)
+	_, ok, err = r.st.Get(ctx, podKey("a"))
+	require.NoError(t, err)
+	require.True(t, ok)
 	r.noReconnect(c)
 }
 
