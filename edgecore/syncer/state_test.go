@@ -29,6 +29,7 @@ type sim struct {
 	seq     uint64
 
 	failApply int                     // the next N transactions fail (disk full)
+	failReads int                     // the next N inventory or outbox reads fail
 	invalid   func(store.Change) bool // changes the store refuses as invalid
 
 	trace []string // "commit N", "ack ID", "refuse ID", in order
@@ -57,6 +58,11 @@ func (s *sim) run(acts []Action) {
 		var more []Action
 		switch a.Kind {
 		case ReadInventory:
+			if s.failReads > 0 {
+				s.failReads--
+				more = s.e.OnInventoryFailed(s.now)
+				break
+			}
 			more = s.e.OnInventory(s.now, s.inventory())
 		case ApplyChanges:
 			if s.failApply > 0 {
@@ -89,6 +95,11 @@ func (s *sim) run(acts []Action) {
 			s.trace = append(s.trace, fmt.Sprintf("commit %d", len(a.Hashes)))
 			more = s.e.OnCommitted(s.now)
 		case ReadOutbox:
+			if s.failReads > 0 {
+				s.failReads--
+				more = s.e.OnOutboxFailed(s.now)
+				break
+			}
 			more = s.e.OnOutbox(s.now, s.pending(a.Limit))
 		case OutboxDone:
 			if it, ok := s.outbox[a.Item.Key()]; ok && it.Seq == a.Item.Seq {
@@ -550,4 +561,37 @@ func TestRouting(t *testing.T) {
 	acts := e.Receive(now, &message.Message{Kind: message.KindRefuse, Payload: []byte("list too long")})
 	require.Equal(t, []ActionKind{Report}, kindsOf(acts))
 	require.Empty(t, e.Receive(now, &message.Message{Kind: message.KindAck, ReplyTo: 99}), "a late ack changes nothing")
+}
+
+// TestFailedReadsRetried: failed inventory and outbox reads are tried
+// again after a back-off; the digest and the outbox still go out.
+func TestFailedReadsRetried(t *testing.T) {
+	s := newSim(t, Config{})
+	s.seq++
+	s.outbox[lease("a").Key()] = store.OutboxItem{Seq: s.seq, Op: message.OpUpsert, Resource: lease("a").Resource, Data: []byte(`{}`)}
+	s.failReads = 4 // inventory, outbox, inventory, outbox
+	s.run(s.e.Start(s.now))
+	require.Empty(t, s.wire)
+	s.advance(s.now.Add(time.Second))
+	require.Equal(t, []ActionKind{SendSync, SendUpstream}, kindsOf(s.take()))
+	require.Equal(t, 4, s.e.Stats().StoreFailures)
+}
+
+// TestOverflowWhileStoreFails: events beyond the bound that arrive while
+// the store fails are dropped unacked (the cloud resends them); those
+// kept are applied and acked once the store recovers.
+func TestOverflowWhileStoreFails(t *testing.T) {
+	s := newSim(t, Config{MaxBatch: 4})
+	s.start()
+	s.failApply = 3
+	var msgs []*message.Message
+	for i := range 4 + maxPending*4 + 3 {
+		msgs = append(msgs, upsert(uint64(i+1), fmt.Sprint("p", i), "1"))
+	}
+	s.receive(msgs...)
+	require.Empty(t, s.acks())
+	require.Equal(t, 3, s.e.Stats().Overflow)
+	s.advance(s.now.Add(time.Minute))
+	require.Len(t, s.acks(), 4+maxPending*4)
+	require.Len(t, s.objects, 4+maxPending*4)
 }
