@@ -123,9 +123,10 @@ const renewIDBase = 1 << 62
 //     that of the last event or prune it applied for the key (protocol
 //     contract: the cloud's ids increase within a session).
 //   - Every upstream item is either in the window (sent, awaiting an
-//     answer) or waiting (not before its back-off); an answer, a resend
-//     timeout or a newer item for the key always takes it out of the
-//     window, so the window cannot leak.
+//     answer) or waiting (not before its back-off). An answer, a newer
+//     item for the key, or ResendAfter without an answer takes it out of
+//     the window, so the window cannot leak, even if the cloud never
+//     answers.
 //   - Tick(now) does everything due at now, so Deadline after it is
 //     later than now: the loop's timer never spins.
 type Edge struct {

@@ -480,6 +480,8 @@ func TestUpstreamRefuseDroppedAndUnansweredResent(t *testing.T) {
 	s.advance(s.now.Add(29 * time.Second))
 	require.Empty(t, s.sent(SendUpstream))
 	s.advance(s.now.Add(time.Second))
+	require.Empty(t, s.sent(SendUpstream), "out of the window, waiting for its back-off")
+	s.advance(s.now.Add(time.Second))
 	resent := s.take()
 	require.Len(t, resent, 1, "the unanswered lease, not the refused node")
 	require.Equal(t, "Lease", resent[0].Item.Resource.Kind)
@@ -594,4 +596,24 @@ func TestOverflowWhileStoreFails(t *testing.T) {
 	s.advance(s.now.Add(time.Minute))
 	require.Len(t, s.acks(), 4+maxPending*4)
 	require.Len(t, s.objects, 4+maxPending*4)
+}
+
+// TestUnansweredItemsDoNotHoldTheWindow: a window full of items the cloud
+// never answers (an older cloud, lost answers) does not keep the lease
+// out: after ResendAfter they leave the window and back off.
+func TestUnansweredItemsDoNotHoldTheWindow(t *testing.T) {
+	s := newSim(t, Config{OutboxWindow: 8})
+	s.start()
+	for i := range 8 {
+		s.publish(store.OutboxItem{Op: message.OpStatus, Resource: message.Resource{Version: "v1", Kind: "Pod", Namespace: "default", Name: fmt.Sprint("p", i)}, Data: []byte(`{}`)})
+	}
+	require.Len(t, s.take(), 8)
+	s.publish(lease("edge-1"))
+	require.Empty(t, s.take(), "the window is full")
+	s.advance(s.now.Add(30 * time.Second))
+	ups := s.take()
+	require.Len(t, ups, 1)
+	require.Equal(t, "Lease", ups[0].Item.Resource.Kind, "the lease goes out first")
+	s.advance(s.now.Add(time.Second))
+	require.Len(t, s.take(), 7, "then the others, after their back-off, as the window allows")
 }

@@ -53,8 +53,9 @@ type Config struct {
 	// cloud answered with Retry: RetryMin after the first, doubling up to
 	// RetryMax (or the cloud's hint if longer). Defaults 1s and 60s.
 	RetryMin, RetryMax time.Duration
-	// ResendAfter is how long an upstream write may go unanswered before
-	// it is sent again. Default 30s.
+	// ResendAfter is how long an upstream write may go unanswered; then it
+	// leaves the window and is sent again after its back-off, as if the
+	// cloud had answered Retry. Default 30s.
 	ResendAfter time.Duration
 	// ListChunk is the most entries in one List message; a longer list is
 	// sent in several, More set on all but the last. Default 1024 (about

@@ -150,22 +150,25 @@ func (e *Edge) receiveAnswer(now time.Time, m *message.Message) []Action {
 	return append(acts, e.pumpUpstream(now)...)
 }
 
-// tickUpstream sends again what has waited too long for an answer, then
-// what is due.
+// tickUpstream takes out of the window what has waited too long for an
+// answer, to be sent again after its back-off as if the cloud had said
+// Retry (so that items the cloud never answers cannot hold the window),
+// then sends what is due.
 func (e *Edge) tickUpstream(now time.Time) []Action {
 	u := &e.up
-	var acts []Action
-	for _, x := range u.sorted() {
+	for _, x := range u.bySeq {
 		if x.inflight && now.Sub(x.sentAt) >= e.cfg.ResendAfter {
-			x.sentAt = now
+			x.inflight = false
+			u.inflight--
+			x.attempts++
+			x.due = now.Add(backoff(x.attempts, e.cfg.RetryMin, e.cfg.RetryMax))
 			e.stats.UpstreamResent++
-			acts = append(acts, Action{Kind: SendUpstream, Item: x.item})
 		}
 	}
 	if !u.readRetryAt.IsZero() && !now.Before(u.readRetryAt) {
 		u.readRetryAt = time.Time{}
 	}
-	return append(acts, e.pumpUpstream(now)...)
+	return e.pumpUpstream(now)
 }
 
 // pumpUpstream sends due items while the window has room, oldest first,
