@@ -27,7 +27,7 @@ type batch struct {
 	changes  []store.Change
 	hashes   []uint64 // a prune's hashes that are not stale
 	acks     []uint64 // every unit's id, in arrival order
-	applied  map[uint64]uint64
+	applied  map[uint64]uint64 // key hash -> the id this batch commits for it
 	stale    int
 	applying bool
 }
