@@ -25,8 +25,8 @@ func (u unit) isPrune() bool { return u.prune != nil }
 type batch struct {
 	units    []unit
 	changes  []store.Change
-	hashes   []uint64 // a prune's hashes that are not stale
-	acks     []uint64 // every unit's id, in arrival order
+	hashes   []uint64          // a prune's hashes that are not stale
+	acks     []uint64          // every unit's id, in arrival order
 	applied  map[uint64]uint64 // key hash -> the id this batch commits for it
 	stale    int
 	applying bool
