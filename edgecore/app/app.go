@@ -126,9 +126,16 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 	if cfg.WrapStore != nil {
 		sst = cfg.WrapStore(st)
 	}
-	sy := syncer.New(sst, cfg.Syncer, logger, cfg.Registerer)
+	sy, err := syncer.New(sst, cfg.Syncer, logger, cfg.Registerer)
+	if err != nil {
+		_ = st.Close()
+		return nil, err
+	}
 	nsCfg := cfg.NodeStatus
 	nsCfg.Node = cfg.Node
+	if nsCfg.Registerer == nil {
+		nsCfg.Registerer = cfg.Registerer
+	}
 	reporter, err := nodestatus.New(nsCfg, sy, logger)
 	if err != nil {
 		_ = st.Close()

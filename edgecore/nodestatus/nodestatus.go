@@ -2,24 +2,30 @@
 // Node (capacity, allocatable, addresses, labels) once per start, renews
 // the node's Lease as a heartbeat, and refreshes the Ready condition. It
 // only publishes into the durable outbox, so reports made while offline
-// wait there (newest per object) and reach the cloud on reconnect.
+// wait there (newest per object) and reach the cloud on reconnect. A
+// report that cannot be queued (the store is busy or the disk full) is
+// logged, counted and made again at the next report; it never stops the
+// reporter.
 package nodestatus
 
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"runtime"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/tetheredge/tether/common/message"
+	"github.com/tetheredge/tether/common/ratelog"
 	"github.com/tetheredge/tether/edgecore/store"
 )
 
@@ -43,19 +49,26 @@ type Config struct {
 	MemoryBytes int64
 	// Now defaults to time.Now.
 	Now func() time.Time
+	// Registerer, when set, gets the reporter's metrics.
+	Registerer prometheus.Registerer
 }
 
 // Reporter publishes the node's registration, lease and status.
 type Reporter struct {
-	cfg    Config
-	pub    Publisher
-	logger *slog.Logger
+	cfg      Config
+	pub      Publisher
+	logger   *slog.Logger
+	lim      *ratelog.Limiter
+	failures *prometheus.CounterVec
 }
 
-// New returns a reporter.
+// New returns a reporter. A nil logger discards logs.
 func New(cfg Config, pub Publisher, logger *slog.Logger) (*Reporter, error) {
 	if cfg.Node == "" {
-		return nil, fmt.Errorf("nodestatus config: Node is required")
+		return nil, errors.New("nodestatus config: Node is required")
+	}
+	if logger == nil {
+		logger = slog.New(slog.DiscardHandler)
 	}
 	if cfg.LeaseDuration <= 0 {
 		cfg.LeaseDuration = 40 * time.Second
@@ -69,35 +82,60 @@ func New(cfg Config, pub Publisher, logger *slog.Logger) (*Reporter, error) {
 	if cfg.MemoryBytes <= 0 {
 		cfg.MemoryBytes = memTotal()
 	}
-	return &Reporter{cfg: cfg, pub: pub, logger: logger.With("component", "nodestatus")}, nil
+	failures := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "tether_edge_nodestatus_publish_failures_total",
+		Help: "Node and lease reports that could not be queued in the outbox (made again at the next report), by report.",
+	}, []string{"report"})
+	if cfg.Registerer != nil {
+		if err := cfg.Registerer.Register(failures); err != nil {
+			return nil, fmt.Errorf("register nodestatus metrics: %w", err)
+		}
+	}
+	return &Reporter{cfg: cfg, pub: pub, logger: logger.With("component", "nodestatus"), lim: ratelog.New(0, nil), failures: failures}, nil
 }
 
 // Run registers the node, then renews its lease and status until ctx ends.
+// A report that fails is made again at the next report (a registration
+// that failed: at every lease renewal until it succeeds); Run returns only
+// when ctx ends, with nil.
 func (r *Reporter) Run(ctx context.Context) error {
-	if err := r.publishNode(ctx, message.OpUpsert); err != nil {
-		return err
-	}
 	lease := time.NewTicker(r.cfg.LeaseDuration / 4)
 	defer lease.Stop()
 	status := time.NewTicker(r.cfg.StatusEvery)
 	defer status.Stop()
-	if err := r.publishLease(ctx); err != nil {
-		return err
-	}
+	registered := r.report(ctx, "node", r.publishNode(ctx, message.OpUpsert))
+	r.report(ctx, "lease", r.publishLease(ctx))
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
 		case <-lease.C:
-			if err := r.publishLease(ctx); err != nil {
-				return err
+			if !registered {
+				registered = r.report(ctx, "node", r.publishNode(ctx, message.OpUpsert))
 			}
+			r.report(ctx, "lease", r.publishLease(ctx))
 		case <-status.C:
-			if err := r.publishNode(ctx, message.OpStatus); err != nil {
-				return err
+			if registered {
+				r.report(ctx, "status", r.publishNode(ctx, message.OpStatus))
 			}
 		}
 	}
+}
+
+// report counts and logs (rate-limited) a failed report; it returns
+// whether the report was queued.
+func (r *Reporter) report(ctx context.Context, what string, err error) bool {
+	if err == nil {
+		return true
+	}
+	if ctx.Err() != nil {
+		return false // stopping: not a failure
+	}
+	r.failures.WithLabelValues(what).Inc()
+	if ok, suppressed := r.lim.Allow(what); ok {
+		r.logger.Warn("node report not queued; retrying at the next report", "report", what, "err", err, "suppressed", suppressed)
+	}
+	return false
 }
 
 // Node returns the Node object this reporter registers.
@@ -130,7 +168,7 @@ func (r *Reporter) Node() *corev1.Node {
 func (r *Reporter) publishNode(ctx context.Context, op message.Op) error {
 	data, err := json.Marshal(r.Node())
 	if err != nil {
-		return err
+		return fmt.Errorf("encode node: %w", err)
 	}
 	return r.pub.Publish(ctx, store.OutboxItem{Op: op, Resource: message.Resource{Version: "v1", Kind: "Node", Name: r.cfg.Node}, Data: data})
 }
@@ -146,7 +184,7 @@ func (r *Reporter) publishLease(ctx context.Context) error {
 	}
 	data, err := json.Marshal(&l)
 	if err != nil {
-		return err
+		return fmt.Errorf("encode lease: %w", err)
 	}
 	return r.pub.Publish(ctx, store.OutboxItem{
 		Op:       message.OpUpsert,

@@ -1,8 +1,17 @@
 // Package syncer is EdgeCore's side of the sync protocol: on every session
 // it tells the cloud what the edge holds (a digest of its store), applies
-// the cloud's events in batches and acks them only after the batch is
-// committed, and delivers the edge's durable outbox of upstream writes. It
-// keeps no state of its own outside the store.
+// the cloud's events and prunes in batches and acks them only after the
+// batch is committed, delivers the edge's durable outbox of upstream
+// writes, and carries certificate renewals.
+//
+// The protocol logic is a pure state machine, Edge (state.go), made anew
+// for each session: what it holds (the digest's bucket count, per key hash
+// the id of the last event or prune applied, the events waiting for the
+// store, the outbox items in the window or in back-off) lives only as long
+// as the session. What outlasts a session is in the store. Serve is the
+// thin loop around it that does the I/O: one receive path, the store's
+// reads and writes, the sends. The syncer never talks to Kubernetes and
+// makes no decision the state machine does not.
 package syncer
 
 import (
@@ -18,6 +27,7 @@ import (
 
 	"github.com/tetheredge/tether/common/message"
 	"github.com/tetheredge/tether/common/objsync"
+	"github.com/tetheredge/tether/common/ratelog"
 	"github.com/tetheredge/tether/edgecore/store"
 	"github.com/tetheredge/tether/tunnel"
 )
@@ -36,9 +46,59 @@ type Store interface {
 type Config struct {
 	// MaxBatch is the most events applied in one transaction. Default 512.
 	MaxBatch int
-	// OutboxWindow is how many upstream writes may await the cloud's ack.
-	// Default 128.
+	// OutboxWindow is how many upstream writes may await the cloud's
+	// answer. Default 128.
 	OutboxWindow int
+	// RetryMin and RetryMax bound the back-off of an upstream write the
+	// cloud answered with Retry: RetryMin after the first, doubling up to
+	// RetryMax (or the cloud's hint if longer). Defaults 1s and 60s.
+	RetryMin, RetryMax time.Duration
+	// ResendAfter is how long an upstream write may go unanswered; then it
+	// leaves the window and is sent again after its back-off, as if the
+	// cloud had answered Retry. Default 30s.
+	ResendAfter time.Duration
+	// ListChunk is the most entries in one List message; a longer list is
+	// sent in several, More set on all but the last. Default 1024 (about
+	// 20 KiB), so that every List stays below the tunnel's large-message
+	// threshold (32 KiB by default) and travels on the ordered control
+	// stream: a larger one would go on its own QUIC stream and could
+	// arrive after the last chunk. At most objsync.MaxEntries.
+	ListChunk int
+	// StoreRetryMin and StoreRetryMax bound the back-off after a failed
+	// store read or write (busy, disk full), retried within the session.
+	// Defaults 100ms and 10s.
+	StoreRetryMin, StoreRetryMax time.Duration
+}
+
+func (c Config) withDefaults() Config {
+	if c.MaxBatch <= 0 {
+		c.MaxBatch = 512
+	}
+	if c.OutboxWindow <= 0 {
+		c.OutboxWindow = 128
+	}
+	if c.RetryMin <= 0 {
+		c.RetryMin = time.Second
+	}
+	if c.RetryMax <= 0 {
+		c.RetryMax = time.Minute
+	}
+	if c.ResendAfter <= 0 {
+		c.ResendAfter = 30 * time.Second
+	}
+	if c.StoreRetryMin <= 0 {
+		c.StoreRetryMin = 100 * time.Millisecond
+	}
+	if c.StoreRetryMax <= 0 {
+		c.StoreRetryMax = 10 * time.Second
+	}
+	if c.ListChunk <= 0 {
+		c.ListChunk = 1024
+	}
+	c.ListChunk = min(c.ListChunk, objsync.MaxEntries)
+	c.RetryMax = max(c.RetryMax, c.RetryMin)
+	c.StoreRetryMax = max(c.StoreRetryMax, c.StoreRetryMin)
+	return c
 }
 
 // Syncer keeps the edge store in step with the cloud.
@@ -47,103 +107,73 @@ type Syncer struct {
 	cfg     Config
 	codec   *message.Codec
 	logger  *slog.Logger
+	lim     *ratelog.Limiter
 	outbox  chan struct{}
 	metrics *metrics
 
 	mu      sync.Mutex
-	current *conn                            // the live session, if any
+	current *tunnel.Session                  // the live session, if any
 	renewID uint64                           // last renewal request id
 	waiting map[uint64]chan *message.Message // renewal requests awaiting an answer
 }
 
-// renewIDBase starts the ids of renewal requests, far from outbox
-// sequence numbers, so that the answers are never mistaken for acks.
-const renewIDBase = 1 << 62
-
 // ErrOffline means there is no session to the cloud.
 var ErrOffline = errors.New("syncer: not connected to the cloud")
 
-// Renew sends a certificate request over the live session and returns the
-// cloud's answer: the new certificate, PEM.
-func (s *Syncer) Renew(ctx context.Context, csrPEM []byte) ([]byte, error) {
-	s.mu.Lock()
-	c := s.current
-	s.renewID++
-	id := renewIDBase + s.renewID
-	ch := make(chan *message.Message, 1)
-	if s.waiting == nil {
-		s.waiting = make(map[uint64]chan *message.Message)
-	}
-	s.waiting[id] = ch
-	s.mu.Unlock()
-	defer func() {
-		s.mu.Lock()
-		delete(s.waiting, id)
-		s.mu.Unlock()
-	}()
-	if c == nil {
-		return nil, ErrOffline
-	}
-	if err := c.sess.Send(ctx, &message.Message{ID: id, Kind: message.KindRenew, Time: time.Now().UnixNano(), Payload: csrPEM}); err != nil {
-		return nil, fmt.Errorf("send renewal: %w", err)
-	}
-	select {
-	case m := <-ch:
-		if m.Kind == message.KindRefuse {
-			return nil, fmt.Errorf("the cloud refused the renewal: %s", m.Payload)
-		}
-		return m.Payload, nil
-	case <-ctx.Done():
-		return nil, ctx.Err()
-	case <-c.sess.Done():
-		return nil, fmt.Errorf("renewal: %w", ErrOffline)
-	}
-}
-
-// answerRenewal hands a renewal answer to its waiter; false if it is not one.
-func (s *Syncer) answerRenewal(m *message.Message) bool {
-	if m.ReplyTo < renewIDBase {
-		return false
-	}
-	s.mu.Lock()
-	ch := s.waiting[m.ReplyTo]
-	s.mu.Unlock()
-	if ch != nil {
-		select {
-		case ch <- m:
-		default:
-		}
-	}
-	return true
-}
-
 type metrics struct {
-	applied  prometheus.Counter
-	batches  prometheus.Counter
-	refused  *prometheus.CounterVec
-	upstream prometheus.Counter
+	applied     prometheus.Counter
+	batches     prometheus.Counter
+	stale       prometheus.Counter
+	pruned      prometheus.Counter
+	overflow    prometheus.Counter
+	refused     *prometheus.CounterVec
+	storeErrors *prometheus.CounterVec
+	upstream    *prometheus.CounterVec
 }
 
-// New returns a syncer over st. reg may be nil.
-func New(st Store, cfg Config, logger *slog.Logger, reg prometheus.Registerer) *Syncer {
-	if cfg.MaxBatch <= 0 {
-		cfg.MaxBatch = 512
-	}
-	if cfg.OutboxWindow <= 0 {
-		cfg.OutboxWindow = 128
-	}
+func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	m := &metrics{
-		applied: prometheus.NewCounter(prometheus.CounterOpts{Name: "tether_edge_events_applied_total", Help: "Cloud events committed to the store."}),
-		batches: prometheus.NewCounter(prometheus.CounterOpts{Name: "tether_edge_batches_total", Help: "Store transactions of applied events."}),
-		refused: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tether_edge_refused_total", Help: "Cloud messages refused, by reason."}, []string{"reason"}),
-		upstream: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "tether_edge_upstream_acked_total", Help: "Upstream writes the cloud confirmed.",
-		}),
+		applied:  prometheus.NewCounter(prometheus.CounterOpts{Name: "tether_edge_events_applied_total", Help: "Cloud events committed to the store."}),
+		batches:  prometheus.NewCounter(prometheus.CounterOpts{Name: "tether_edge_batches_total", Help: "Store transactions of applied events and prunes."}),
+		stale:    prometheus.NewCounter(prometheus.CounterOpts{Name: "tether_edge_stale_events_total", Help: "Cloud events (and prune hashes) acked but not applied: the edge had applied a newer message for the key."}),
+		pruned:   prometheus.NewCounter(prometheus.CounterOpts{Name: "tether_edge_pruned_total", Help: "Key hashes deleted by reconcile prunes."}),
+		overflow: prometheus.NewCounter(prometheus.CounterOpts{Name: "tether_edge_events_overflow_total", Help: "Cloud events dropped unacked because too many waited for a failing store (the cloud sends them again)."}),
+		refused:  prometheus.NewCounterVec(prometheus.CounterOpts{Name: "tether_edge_refused_total", Help: "Cloud messages refused, by reason."}, []string{"reason"}),
+		storeErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tether_edge_store_errors_total", Help: "Failed store operations of the syncer, retried within the session, by operation.",
+		}, []string{"op"}),
+		upstream: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tether_edge_upstream_total", Help: "Upstream writes by result (acked, refused, retried, resent, too_large).",
+		}, []string{"result"}),
 	}
-	if reg != nil {
-		reg.MustRegister(m.applied, m.batches, m.refused, m.upstream)
+	if reg == nil {
+		return m, nil
 	}
-	return &Syncer{store: st, cfg: cfg, codec: message.NewCodec(0), logger: logger.With("component", "syncer"), outbox: make(chan struct{}, 1), metrics: m}
+	for _, c := range []prometheus.Collector{m.applied, m.batches, m.stale, m.pruned, m.overflow, m.refused, m.storeErrors, m.upstream} {
+		if err := reg.Register(c); err != nil {
+			return nil, fmt.Errorf("register syncer metrics: %w", err)
+		}
+	}
+	return m, nil
+}
+
+// New returns a syncer over st. A nil logger discards logs; reg may be nil.
+func New(st Store, cfg Config, logger *slog.Logger, reg prometheus.Registerer) (*Syncer, error) {
+	if st == nil {
+		return nil, errors.New("syncer: a store is required")
+	}
+	if logger == nil {
+		logger = slog.New(slog.DiscardHandler)
+	}
+	m, err := newMetrics(reg)
+	if err != nil {
+		return nil, err
+	}
+	return &Syncer{
+		store: st, cfg: cfg.withDefaults(), codec: message.NewCodec(0),
+		logger: logger.With("component", "syncer"), lim: ratelog.New(0, nil),
+		outbox: make(chan struct{}, 1), metrics: m,
+	}, nil
 }
 
 // Publish queues an upstream write (node status, lease, pod status) in the
@@ -159,23 +189,73 @@ func (s *Syncer) Publish(ctx context.Context, item store.OutboxItem) error {
 	return nil
 }
 
-// Serve runs the protocol on one session until it or ctx ends.
-func (s *Syncer) Serve(ctx context.Context, sess *tunnel.Session) error {
-	c := &conn{s: s, sess: sess, logger: s.logger.With("session", sess.ID())}
+// Renew sends a certificate request over the live session and returns the
+// cloud's answer: the new certificate, PEM. A refusal is an error.
+func (s *Syncer) Renew(ctx context.Context, csrPEM []byte) ([]byte, error) {
 	s.mu.Lock()
-	s.current = c
+	sess := s.current
+	s.renewID++
+	id := renewIDBase + s.renewID
+	ch := make(chan *message.Message, 1)
+	if s.waiting == nil {
+		s.waiting = make(map[uint64]chan *message.Message)
+	}
+	s.waiting[id] = ch
 	s.mu.Unlock()
 	defer func() {
 		s.mu.Lock()
-		if s.current == c {
+		delete(s.waiting, id)
+		s.mu.Unlock()
+	}()
+	if sess == nil {
+		return nil, ErrOffline
+	}
+	if err := sess.Send(ctx, &message.Message{ID: id, Kind: message.KindRenew, Time: time.Now().UnixNano(), Payload: csrPEM}); err != nil {
+		return nil, fmt.Errorf("send renewal: %w", err)
+	}
+	select {
+	case m := <-ch:
+		if m.Kind != message.KindRenew {
+			return nil, fmt.Errorf("renewal: the cloud answered %s: %s", m.Kind, reason(m.Payload))
+		}
+		return m.Payload, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	case <-sess.Done():
+		return nil, fmt.Errorf("renewal: %w", ErrOffline)
+	}
+}
+
+// answerRenewal hands a renewal answer to its waiter, if it still waits.
+func (s *Syncer) answerRenewal(m *message.Message) {
+	s.mu.Lock()
+	ch := s.waiting[m.ReplyTo]
+	s.mu.Unlock()
+	if ch != nil {
+		select {
+		case ch <- m:
+		default:
+		}
+	}
+}
+
+// Serve runs the protocol on one session until it or ctx ends. Store
+// failures do not end it: they are retried within the session.
+func (s *Syncer) Serve(ctx context.Context, sess *tunnel.Session) error {
+	s.mu.Lock()
+	s.current = sess
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		if s.current == sess {
 			s.current = nil
 		}
 		s.mu.Unlock()
 	}()
+	l := &loop{s: s, sess: sess, edge: NewEdge(s.cfg), logger: s.logger.With("session", sess.ID())}
 	g, ctx := errgroup.WithContext(ctx)
 	msgs := make(chan *message.Message, s.cfg.MaxBatch)
-	acks := make(chan *message.Message, 64)
-	g.Go(func() error {
+	g.Go(func() error { // the one receive path
 		defer close(msgs)
 		for {
 			m, err := sess.Recv(ctx)
@@ -189,255 +269,10 @@ func (s *Syncer) Serve(ctx context.Context, sess *tunnel.Session) error {
 			}
 		}
 	})
-	g.Go(func() error {
-		if err := c.sendDigest(ctx); err != nil {
-			return err
-		}
-		return c.applyLoop(ctx, msgs, acks)
-	})
-	g.Go(func() error { return c.outboxLoop(ctx, acks) })
+	g.Go(func() error { return l.run(ctx, msgs) })
 	err := g.Wait()
 	if errors.Is(err, tunnel.ErrSessionClosed) || errors.Is(err, context.Canceled) {
 		return nil
 	}
 	return err
-}
-
-type conn struct {
-	s      *Syncer
-	sess   *tunnel.Session
-	logger *slog.Logger
-	nb     int // buckets of the digest sent on this session
-}
-
-func (c *conn) sendSync(ctx context.Context, p *objsync.Sync) error {
-	payload, err := c.s.codec.Append(nil, p)
-	if err != nil {
-		return err
-	}
-	return c.sess.Send(ctx, &message.Message{Kind: message.KindSync, Time: time.Now().UnixNano(), Payload: payload})
-}
-
-func (c *conn) sendDigest(ctx context.Context) error {
-	inv, err := c.s.store.Inventory(ctx)
-	if err != nil {
-		return fmt.Errorf("read inventory: %w", err)
-	}
-	c.nb = objsync.BucketCount(len(inv))
-	d := objsync.NewDigest(c.nb)
-	for _, e := range inv {
-		d.Add(e)
-	}
-	c.logger.Info("reconcile: digest sent", "objects", len(inv), "buckets", c.nb)
-	return c.sendSync(ctx, &objsync.Sync{Phase: objsync.PhaseDigest, Count: uint32(len(inv)), Buckets: d.Buckets})
-}
-
-func (c *conn) ack(ctx context.Context, id uint64) error {
-	return c.sess.Send(ctx, &message.Message{Kind: message.KindAck, ReplyTo: id})
-}
-
-func (c *conn) refuse(ctx context.Context, m *message.Message, reason string, err error) error {
-	c.logger.Warn("message from cloud refused", "kind", m.Kind.String(), "id", m.ID, "reason", reason, "err", err)
-	c.s.metrics.refused.WithLabelValues(reason).Inc()
-	return c.sess.Send(ctx, &message.Message{Kind: message.KindRefuse, ReplyTo: m.ID, Payload: []byte(err.Error())})
-}
-
-// applyLoop takes messages in arrival order. Consecutive events are applied
-// as one transaction and acked after its commit.
-func (c *conn) applyLoop(ctx context.Context, msgs <-chan *message.Message, acks chan<- *message.Message) error {
-	var pending *message.Message
-	for {
-		m := pending
-		pending = nil
-		if m == nil {
-			var ok bool
-			select {
-			case <-ctx.Done():
-				return nil
-			case m, ok = <-msgs:
-				if !ok {
-					return nil
-				}
-			}
-		}
-		if m.Kind != message.KindEvent {
-			if err := c.handle(ctx, m, acks); err != nil {
-				return err
-			}
-			continue
-		}
-		batch := []*message.Message{m}
-	fill:
-		for len(batch) < c.s.cfg.MaxBatch {
-			select {
-			case next, ok := <-msgs:
-				if !ok {
-					break fill
-				}
-				if next.Kind != message.KindEvent {
-					pending = next
-					break fill
-				}
-				batch = append(batch, next)
-			default:
-				break fill
-			}
-		}
-		if err := c.applyBatch(ctx, batch); err != nil {
-			return err
-		}
-	}
-}
-
-func (c *conn) applyBatch(ctx context.Context, batch []*message.Message) error {
-	changes := make([]store.Change, 0, len(batch))
-	ids := make([]uint64, 0, len(batch))
-	for _, m := range batch {
-		ch, err := toChange(m)
-		if err != nil {
-			if err := c.refuse(ctx, m, "bad_event", err); err != nil {
-				return err
-			}
-			continue
-		}
-		changes = append(changes, ch)
-		ids = append(ids, m.ID)
-	}
-	if len(changes) == 0 {
-		return nil
-	}
-	if err := c.s.store.Apply(ctx, changes); err != nil {
-		return fmt.Errorf("apply %d events: %w", len(changes), err)
-	}
-	c.s.metrics.batches.Inc()
-	c.s.metrics.applied.Add(float64(len(changes)))
-	for _, id := range ids {
-		if err := c.ack(ctx, id); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-func toChange(m *message.Message) (store.Change, error) {
-	switch m.Op {
-	case message.OpUpsert:
-		if len(m.Payload) == 0 || m.Resource.Kind == "" || m.Resource.Name == "" {
-			return store.Change{}, errors.New("upsert without object, kind or name")
-		}
-	case message.OpDelete:
-		if m.Resource.Kind == "" || m.Resource.Name == "" {
-			return store.Change{}, errors.New("delete without kind or name")
-		}
-	default:
-		return store.Change{}, fmt.Errorf("event with op %s", m.Op)
-	}
-	return store.Change{Op: m.Op, Object: store.Object{Resource: m.Resource, Version: m.Version, Data: m.Payload}}, nil
-}
-
-func (c *conn) handle(ctx context.Context, m *message.Message, acks chan<- *message.Message) error {
-	switch m.Kind {
-	case message.KindSync:
-		var p objsync.Sync
-		if err := c.s.codec.UnmarshalValue(m.Payload, &p); err != nil {
-			return c.refuse(ctx, m, "bad_sync", err)
-		}
-		if err := p.Validate(); err != nil {
-			return c.refuse(ctx, m, "bad_sync", err)
-		}
-		switch p.Phase {
-		case objsync.PhaseWant:
-			return c.sendList(ctx, p.Buckets)
-		case objsync.PhasePrune:
-			removed, err := c.s.store.DeleteByKeyHash(ctx, p.Hashes)
-			if err != nil {
-				return fmt.Errorf("prune: %w", err)
-			}
-			c.logger.Info("reconcile: pruned objects the node no longer holds", "count", len(removed))
-			return c.ack(ctx, m.ID)
-		case objsync.PhaseDone:
-			c.logger.Info("reconcile: cloud has queued every difference")
-			return nil
-		default:
-			return c.refuse(ctx, m, "bad_sync", fmt.Errorf("cloud sent sync phase %d", p.Phase))
-		}
-	case message.KindRenew:
-		if !c.s.answerRenewal(m) {
-			return c.refuse(ctx, m, "unexpected_kind", errors.New("renewal answer without a request"))
-		}
-		return nil
-	case message.KindAck, message.KindRefuse:
-		if m.Kind == message.KindRefuse && c.s.answerRenewal(m) {
-			return nil
-		}
-		select {
-		case acks <- m:
-		case <-ctx.Done():
-		}
-		return nil
-	default:
-		return c.refuse(ctx, m, "unexpected_kind", fmt.Errorf("cloud sent %s", m.Kind))
-	}
-}
-
-func (c *conn) sendList(ctx context.Context, want []uint64) error {
-	inv, err := c.s.store.Inventory(ctx)
-	if err != nil {
-		return fmt.Errorf("read inventory: %w", err)
-	}
-	wanted := make(map[int]bool, len(want))
-	for _, b := range want {
-		wanted[int(b)] = true
-	}
-	var entries []objsync.Entry
-	for _, e := range inv {
-		if wanted[objsync.Bucket(e.Key, c.nb)] {
-			entries = append(entries, e)
-		}
-	}
-	c.logger.Info("reconcile: list sent", "buckets", len(want), "entries", len(entries))
-	return c.sendSync(ctx, &objsync.Sync{Phase: objsync.PhaseList, Entries: entries})
-}
-
-// outboxLoop sends pending upstream writes, at most OutboxWindow awaiting
-// an ack, and removes each from the outbox when the cloud confirms it.
-func (c *conn) outboxLoop(ctx context.Context, acks <-chan *message.Message) error {
-	sent := make(map[uint64]objsync.Key)
-	for {
-		if len(sent) < c.s.cfg.OutboxWindow {
-			items, err := c.s.store.Pending(ctx, c.s.cfg.OutboxWindow)
-			if err != nil {
-				return fmt.Errorf("read outbox: %w", err)
-			}
-			for _, it := range items {
-				if _, ok := sent[it.Seq]; ok || len(sent) >= c.s.cfg.OutboxWindow {
-					continue
-				}
-				m := &message.Message{ID: it.Seq, Kind: message.KindUpstream, Op: it.Op, Resource: it.Resource, Time: time.Now().UnixNano(), Payload: it.Data}
-				if err := c.sess.Send(ctx, m); err != nil {
-					return err
-				}
-				sent[it.Seq] = objsync.KeyOf(it.Resource)
-			}
-		}
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-c.s.outbox:
-		case a := <-acks:
-			key, ok := sent[a.ReplyTo]
-			if !ok {
-				continue
-			}
-			delete(sent, a.ReplyTo)
-			if a.Kind == message.KindRefuse {
-				c.logger.Warn("cloud refused an upstream write; dropping it", "resource", key.String(), "reason", string(a.Payload))
-			} else {
-				c.s.metrics.upstream.Inc()
-			}
-			if err := c.s.store.Done(ctx, key, a.ReplyTo); err != nil {
-				return fmt.Errorf("outbox done: %w", err)
-			}
-		}
-	}
 }

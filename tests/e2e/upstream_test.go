@@ -23,7 +23,8 @@ func publishOffline(t *testing.T, path string, items ...store.OutboxItem) {
 	ctx := context.Background()
 	st, err := store.Open(ctx, path, logger())
 	require.NoError(t, err)
-	sy := syncer.New(st, syncer.Config{}, logger(), nil)
+	sy, err := syncer.New(st, syncer.Config{}, logger(), nil)
+	require.NoError(t, err)
 	for _, it := range items {
 		require.NoError(t, sy.Publish(ctx, it))
 	}
