@@ -16,6 +16,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/tetheredge/tether/common/message"
+	"github.com/tetheredge/tether/tests/netproxy"
 )
 
 // requireServes checks that a well-behaved client still gets a working
@@ -320,14 +321,14 @@ func TestDeadPeerDetected(t *testing.T) {
 	}), nil)
 	for _, tr := range transports {
 		t.Run(string(tr), func(t *testing.T) {
-			var p *partitionProxy
+			var p *netproxy.Proxy
 			addr := ""
 			if tr == TransportQUIC {
-				p = startUDPProxy(t, srv.QUICAddr().String())
-				addr = "quic://" + p.addr
+				p = netproxy.Start(t, srv.QUICAddr().String(), netproxy.Options{Network: "udp"})
+				addr = "quic://" + p.Addr().String()
 			} else {
-				p = startTCPProxy(t, srv.WebSocketAddr().String())
-				addr = "wss://" + p.addr
+				p = netproxy.Start(t, srv.WebSocketAddr().String(), netproxy.Options{Network: "tcp"})
+				addr = "wss://" + p.Addr().String()
 			}
 			c, err := NewClient(ClientConfig{Options: testOptions(), Servers: []string{addr}, Node: "edge-1",
 				TLS: ca.clientTLS(t, certOpts{cn: "edge-1"})})
@@ -339,7 +340,7 @@ func TestDeadPeerDetected(t *testing.T) {
 			// Keepalive holds an idle session open well past the timeout.
 			time.Sleep(2 * testOptions().DeadPeerTimeout)
 			require.NoError(t, ss.Err(), "an idle but healthy session must stay up")
-			p.cut.Store(true)
+			p.Partition(true)
 			cut := time.Now()
 			for _, s := range []*Session{ss, cs} {
 				select {
