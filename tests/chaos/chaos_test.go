@@ -76,6 +76,7 @@ type edgeRig struct {
 	db      string
 	history []applied
 	kills   int
+	wrong   []string // keys that differed at the last check
 }
 
 // note adds a line to the timeline printed at the end.
@@ -282,11 +283,24 @@ func runChaos(t *testing.T, env *controlplane.Env, transport string, sched sched
 		if len(crashes) > 0 {
 			fmt.Fprintf(&b, "processes that exited on their own:\n  %s\n", strings.Join(crashes, "\n  "))
 		}
+		for i, e := range r.edges {
+			for _, k := range first(e.wrong, 10) {
+				fmt.Fprintf(&b, "--- %s, key %s\n  the churn wrote: %s\n  the edge applied: %s\n",
+					e.node, k, strings.Join(lastN(churners[i].writes[k], 8), "; "), strings.Join(lastN(keyHistory(e.history, k), 8), "; "))
+			}
+		}
 		for _, p := range append([]*proc{r.cloud}, r.edges[0].proc, r.edges[1].proc) {
 			fmt.Fprintf(&b, "--- last lines of %s:\n%s\n", p.logPath(), tail(p.logPath(), 25))
 		}
 		t.Errorf("%s chaos run failed:\n%s", transport, b.String())
 	}
+}
+
+func lastN(s []string, n int) []string {
+	if len(s) > n {
+		return append([]string{fmt.Sprintf("(%d before)", len(s)-n)}, s[len(s)-n:]...)
+	}
+	return s
 }
 
 func first(s []string, n int) []string {
@@ -325,6 +339,7 @@ func (r *rig) converged(ctx context.Context, cs kubernetes.Interface, ns string,
 			problems = append(problems, fmt.Sprintf("%s: %v", e.node, err))
 			continue
 		}
+		e.wrong = differing(want, st.objects)
 		if d := diff(want, st.objects); d != "" {
 			problems = append(problems, fmt.Sprintf("%s store: %s", e.node, d))
 		}

@@ -126,6 +126,28 @@ func checkOrder(node string, history []applied, vers *versions) []string {
 	return bad
 }
 
+// keyHistory describes what happened to key in an edge's history.
+func keyHistory(history []applied, key string) []string {
+	var out []string
+	for _, a := range history {
+		at := a.at.Format("15:04:05.000")
+		switch {
+		case a.op == 'S':
+			if h, ok := a.snap[key]; ok {
+				out = append(out, fmt.Sprintf("%s %s: holds %s", at, a.src, h))
+			} else {
+				out = append(out, fmt.Sprintf("%s %s: absent", at, a.src))
+			}
+		case a.key != key:
+		case a.op == 'U':
+			out = append(out, fmt.Sprintf("%s upsert %s (%s)", at, a.held, a.src))
+		default:
+			out = append(out, fmt.Sprintf("%s %c (%s)", at, a.op, a.src))
+		}
+	}
+	return out
+}
+
 // counts sums a history's entries by kind.
 func counts(history []applied) string {
 	n := map[byte]int{}

@@ -95,19 +95,23 @@ func newSchedule(name string, length time.Duration, phases ...[]step) schedule {
 // fullSchedule is two minutes of churn with every fault of the issue:
 // 20-40 % loss, 80 ms delay, a 20 s partition (the sessions end), 2 s
 // flaps, two 12 s partitions (the sessions survive them and the cloud
-// resends), each edge and the cloud killed with SIGKILL and restarted.
+// resends; each is followed by 8 s with delay only, for the first copies
+// and the resends to land), each edge and the cloud killed with SIGKILL and
+// restarted. QUIC edges notice the cloud's restart only at the dead-peer
+// timeout (the server sends no stateless reset), after the churn.
 func fullSchedule() schedule {
 	s := time.Second
 	return newSchedule("full", 120*s,
 		delayOn(5*s), lossy(5*s, 20*s),
 		partition(20*s, 20*s),
-		flaps(40*s, 4), lossy(40*s, 112*s),
+		flaps(40*s, 4), lossy(40*s, 58*s),
 		partition(58*s, 12*s),
-		killEdge(72*s, 0),
-		killCloud(78*s),
-		killEdge(88*s, 1),
-		partition(92*s, 12*s),
-		flaps(104*s, 2),
+		lossy(78*s, 90*s),
+		killEdge(78*s, 0),
+		killEdge(86*s, 1),
+		partition(90*s, 12*s),
+		lossy(110*s, 114*s),
+		killCloud(106*s),
 		clean(114*s),
 	)
 }
@@ -119,12 +123,13 @@ func shortSchedule() schedule {
 	return newSchedule("short", 60*s,
 		delayOn(3*s), lossy(3*s, 8*s),
 		partition(8*s, 12*s),
-		flaps(20*s, 2), lossy(20*s, 56*s),
-		killCloud(28*s),
-		killEdge(36*s, 0),
-		killEdge(40*s, 1),
-		partition(44*s, 12*s),
-		clean(56*s),
+		lossy(28*s, 52*s),
+		killEdge(24*s, 0),
+		flaps(28*s, 2),
+		killEdge(32*s, 1),
+		killCloud(38*s),
+		flaps(44*s, 2),
+		clean(54*s),
 	)
 }
 

@@ -135,6 +135,23 @@ func wanted(ctx context.Context, cs kubernetes.Interface, ns, node string) (map[
 	return out, n, nil
 }
 
+// differing returns the keys whose state differs between want and got.
+func differing(want, got map[string]held) []string {
+	var out []string
+	for k, w := range want {
+		if g, ok := got[k]; !ok || g != w {
+			out = append(out, k)
+		}
+	}
+	for k := range got {
+		if _, ok := want[k]; !ok {
+			out = append(out, k)
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
 // diff describes, both ways, how got differs from want; "" when equal.
 func diff(want, got map[string]held) string {
 	var missing, extra, wrong []string
