@@ -40,7 +40,7 @@ const childEnv = "TETHER_CHAOS_CHILD"
 // outlives the cloud's resend timer (10 s): the session survives (QUIC's
 // probe backoff sends the next probe about 15 s into the silence, so a
 // 15 s timeout would end it) and the cloud resends while the first copies
-// are still in transit. A 20 s partition ends the session.
+// are still in transit. A 20 s partition may end a session.
 const (
 	keepAlive       = 5 * time.Second
 	deadPeerTimeout = 30 * time.Second

@@ -93,7 +93,7 @@ func newSchedule(name string, length time.Duration, phases ...[]step) schedule {
 }
 
 // fullSchedule is two minutes of churn with every fault of the issue:
-// 20-40 % loss, 80 ms delay, a 20 s partition (the sessions end), 2 s
+// 20-40 % loss, 80 ms delay, a 20 s partition (sessions may end), 2 s
 // flaps, two 12 s partitions (the sessions survive them and the cloud
 // resends; each is followed by 8 s with delay only, for the first copies
 // and the resends to land), each edge and the cloud killed with SIGKILL and
