@@ -11,7 +11,7 @@ GOLANGCI_VERSION := v2.15.0
 GOLANGCI := $(TOOLS)/golangci-lint-$(GOLANGCI_VERSION)
 TESTFLAGS ?= -race -count=1 -timeout 30m
 
-.PHONY: all build run test vet lint testbin tools check-env fuzz bench clean
+.PHONY: all build run test vet lint testbin tools check-env fuzz bench chaos clean
 
 all: build
 
@@ -59,6 +59,11 @@ fuzz:
 	    echo ">> $$pkg $$f"; $(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) $$pkg; \
 	  done; \
 	done
+
+## chaos: the full chaos test (two minutes per transport; make test runs the
+## one-minute form, TETHER_CHAOS_FULL=1 make test the full one). docs/testing.md
+chaos: check-env testbin
+	$(GO) test $(TESTFLAGS) ./tests/chaos -chaos.full
 
 ## bench: every benchmark, 5 runs each, into _output/bench.txt
 bench: testbin

@@ -19,6 +19,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/tetheredge/tether/common/message"
+	"github.com/tetheredge/tether/tests/netproxy"
 )
 
 // requireServes checks that a well-behaved client still gets a working
@@ -330,14 +331,14 @@ func TestDeadPeerDetected(t *testing.T) {
 	latest := opts.DeadPeerTimeout + opts.DeadPeerTimeout/2
 	for _, tr := range transports {
 		t.Run(string(tr), func(t *testing.T) {
-			var p *partitionProxy
+			var p *netproxy.Proxy
 			addr := ""
 			if tr == TransportQUIC {
-				p = startUDPProxy(t, srv.QUICAddr().String())
-				addr = "quic://" + p.addr
+				p = netproxy.Start(t, srv.QUICAddr().String(), netproxy.Options{Network: "udp"})
+				addr = "quic://" + p.Addr().String()
 			} else {
-				p = startTCPProxy(t, srv.WebSocketAddr().String())
-				addr = "wss://" + p.addr
+				p = netproxy.Start(t, srv.WebSocketAddr().String(), netproxy.Options{Network: "tcp"})
+				addr = "wss://" + p.Addr().String()
 			}
 			c, err := NewClient(ClientConfig{Options: opts, Servers: []string{addr}, Node: "edge-1",
 				TLS: ca.clientTLS(t, certOpts{cn: "edge-1"})})
@@ -354,7 +355,7 @@ func TestDeadPeerDetected(t *testing.T) {
 				t.Fatalf("an idle but healthy session must stay up: %v", cs.Err())
 			case <-time.After(2 * opts.DeadPeerTimeout):
 			}
-			p.cut.Store(true)
+			p.Partition(true)
 			cut := time.Now()
 			type end struct {
 				side string
