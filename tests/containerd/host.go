@@ -146,8 +146,11 @@ func Start(tb testing.TB, opts ...Option) *Host {
 		logPath:      filepath.Join(dir, "containerd.log"),
 	}
 	tb.Cleanup(func() {
-		if err := h.Stop(); err != nil {
-			tb.Errorf("containerd host: %v", err)
+		// A test that called Stop itself has seen its error.
+		ran := false
+		h.stopOnce.Do(func() { ran, h.stopErr = true, h.stop() })
+		if ran && h.stopErr != nil {
+			tb.Errorf("containerd host: %v", h.stopErr)
 		}
 	})
 	if err := overlayWorks(dir); err != nil {
@@ -305,7 +308,8 @@ func (h *Host) importImage(ctx context.Context, a images.Archive) error {
 // the CRI, stops containerd, removes the CNI bridge, and removes Dir. It
 // then returns an error naming anything that had to be cleaned up by force
 // (processes, mounts, network namespaces left by the orderly teardown), so
-// a leak fails the test. Stop is idempotent; test cleanup calls it.
+// a leak fails the test. Stop is idempotent; test cleanup calls it and
+// reports its error unless the test called Stop first.
 func (h *Host) Stop() error {
 	h.stopOnce.Do(func() { h.stopErr = h.stop() })
 	return h.stopErr

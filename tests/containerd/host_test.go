@@ -2,52 +2,31 @@ package containerd_test
 
 import (
 	"context"
+	"encoding/json"
+	"io"
+	"net/http"
+	"net/netip"
 	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/tetheredge/tether/tests/containerd"
 )
 
-// sandboxConfig is a minimal pod: host network unless hostNet is false.
-func sandboxConfig(name, logDir string, hostNet bool) *runtimeapi.PodSandboxConfig {
-	// As kubelet does: a host-network pod keeps the node's UTS namespace,
-	// so it gets no hostname of its own (runc refuses one).
-	mode, hostname := runtimeapi.NamespaceMode_POD, name
-	if hostNet {
-		mode, hostname = runtimeapi.NamespaceMode_NODE, ""
-	}
-	return &runtimeapi.PodSandboxConfig{
-		Metadata:     &runtimeapi.PodSandboxMetadata{Name: name, Namespace: "default", Uid: "uid-" + name},
-		Hostname:     hostname,
-		LogDirectory: logDir,
-		Linux: &runtimeapi.LinuxPodSandboxConfig{
-			SecurityContext: &runtimeapi.LinuxSandboxSecurityContext{
-				NamespaceOptions: &runtimeapi.NamespaceOption{Network: mode},
-			},
-		},
-	}
-}
-
-func busybox(h *containerd.Host, name string, cmd ...string) *runtimeapi.ContainerConfig {
-	return &runtimeapi.ContainerConfig{
-		Metadata: &runtimeapi.ContainerMetadata{Name: name},
-		Image:    &runtimeapi.ImageSpec{Image: h.BusyboxImage},
-		Command:  cmd,
-		LogPath:  name + ".log",
-	}
-}
-
 // runPod runs a sandbox and one started container in it.
-func runPod(ctx context.Context, t *testing.T, h *containerd.Host, sb *runtimeapi.PodSandboxConfig, c *runtimeapi.ContainerConfig) (string, string) {
+func runPod(ctx context.Context, t *testing.T, h *containerd.Host, sb *runtimeapi.PodSandboxConfig, c *runtimeapi.ContainerConfig) (podID, ctrID string) {
 	t.Helper()
 	podID, err := h.Runtime.RunPodSandbox(ctx, sb, "")
 	require.NoError(t, err)
-	ctrID, err := h.Runtime.CreateContainer(ctx, podID, c, sb)
+	ctrID, err = h.Runtime.CreateContainer(ctx, podID, c, sb)
 	require.NoError(t, err)
 	require.NoError(t, h.Runtime.StartContainer(ctx, ctrID))
 	return podID, ctrID
@@ -65,8 +44,8 @@ func TestHostNetworkPodLogs(t *testing.T) {
 	h := containerd.Start(t)
 	ctx := testContext(t)
 
-	sb := sandboxConfig("echo", h.PodLogDir("echo"), true)
-	_, ctrID := runPod(ctx, t, h, sb, busybox(h, "echo", "sh", "-c", "echo hello from busybox; echo to stderr >&2"))
+	sb := h.PodSandboxConfig("echo", true)
+	_, ctrID := runPod(ctx, t, h, sb, h.BusyboxContainer("echo", "sh", "-c", "echo hello from busybox; echo to stderr >&2"))
 
 	var status *runtimeapi.ContainerStatus
 	require.Eventually(t, func() bool {
@@ -76,7 +55,7 @@ func TestHostNetworkPodLogs(t *testing.T) {
 		return status.GetState() == runtimeapi.ContainerState_CONTAINER_EXITED
 	}, time.Minute, 20*time.Millisecond)
 	require.Equal(t, int32(0), status.GetExitCode())
-	require.NotEmpty(t, status.GetLogPath())
+	require.Equal(t, filepath.Join(sb.GetLogDirectory(), "echo.log"), status.GetLogPath())
 
 	b, err := os.ReadFile(status.GetLogPath())
 	require.NoError(t, err)
@@ -91,4 +70,219 @@ func TestHostNetworkPodLogs(t *testing.T) {
 		got = append(got, f[1]+": "+f[3])
 	}
 	require.ElementsMatch(t, []string{"stdout: hello from busybox", "stderr: to stderr"}, got)
+}
+
+// A pod on the CNI bridge gets an address from the host's subnet, and the
+// node reaches a server in it through the bridge.
+func TestBridgePodGetsAddress(t *testing.T) {
+	h := containerd.Start(t, containerd.WithCNI())
+	ctx := testContext(t)
+
+	sb := h.PodSandboxConfig("web", false)
+	podID, _ := runPod(ctx, t, h, sb, h.BusyboxContainer("web", "sh", "-c", "echo served > /tmp/index.html && exec httpd -f -p 8080 -h /tmp"))
+
+	resp, err := h.Runtime.PodSandboxStatus(ctx, podID, false)
+	require.NoError(t, err)
+	ip, err := netip.ParseAddr(resp.GetStatus().GetNetwork().GetIp())
+	require.NoError(t, err, "pod IP %q", resp.GetStatus().GetNetwork().GetIp())
+	require.True(t, h.Network.Subnet.Contains(ip), "pod IP %s outside %s", ip, h.Network.Subnet)
+	require.NotEqual(t, h.Network.Gateway, ip)
+
+	url := "http://" + netip.AddrPortFrom(ip, 8080).String() + "/index.html"
+	client := &http.Client{Timeout: time.Second}
+	var body string
+	require.Eventually(t, func() bool { // until httpd listens
+		r, err := client.Get(url)
+		if err != nil {
+			return false
+		}
+		defer r.Body.Close()
+		b, err := io.ReadAll(r.Body)
+		body = string(b)
+		return err == nil && r.StatusCode == http.StatusOK
+	}, 30*time.Second, 20*time.Millisecond)
+	require.Equal(t, "served\n", body)
+}
+
+// ExecSync runs a command in a running container and returns its output
+// streams and exit code.
+func TestExecSync(t *testing.T) {
+	h := containerd.Start(t)
+	ctx := testContext(t)
+
+	_, ctrID := runPod(ctx, t, h, h.PodSandboxConfig("exec", true), h.BusyboxContainer("exec", "sleep", "3600"))
+	stdout, stderr, err := h.Runtime.ExecSync(ctx, ctrID, []string{"sh", "-c", "echo out; echo err >&2; exit 3"}, 10*time.Second)
+	require.Error(t, err) // cri-client reports a non-zero exit as an error
+	var exitErr interface{ ExitStatus() int }
+	require.ErrorAs(t, err, &exitErr)
+	require.Equal(t, 3, exitErr.ExitStatus())
+	require.Equal(t, "out\n", string(stdout))
+	require.Equal(t, "err\n", string(stderr))
+
+	stdout, _, err = h.Runtime.ExecSync(ctx, ctrID, []string{"cat", "/etc/passwd"}, 10*time.Second)
+	require.NoError(t, err)
+	require.Contains(t, string(stdout), "root:x:0:0:")
+}
+
+// Teardown leaves no process, no mount and no network namespace behind,
+// neither of the host-network pod nor of the bridge pod, and removes the
+// bridge and the host's directory.
+func TestTeardownLeavesNothing(t *testing.T) {
+	h := containerd.Start(t, containerd.WithCNI())
+	ctx := testContext(t)
+
+	var pids []procID
+	var netns string
+	for _, hostNet := range []bool{true, false} {
+		name := "sleep-bridge"
+		if hostNet {
+			name = "sleep-host"
+		}
+		podID, ctrID := runPod(ctx, t, h, h.PodSandboxConfig(name, hostNet), h.BusyboxContainer(name, "sleep", "3600"))
+		sb, err := h.Runtime.PodSandboxStatus(ctx, podID, true)
+		require.NoError(t, err)
+		info := verboseInfo(t, sb.GetInfo())
+		pids = append(pids, procOf(t, info.Pid))
+		if !hostNet {
+			for _, ns := range info.RuntimeSpec.Linux.Namespaces {
+				if ns.Type == "network" {
+					netns = ns.Path
+				}
+			}
+		}
+		c, err := h.Runtime.ContainerStatus(ctx, ctrID, true)
+		require.NoError(t, err)
+		pids = append(pids, procOf(t, verboseInfo(t, c.GetInfo()).Pid))
+	}
+	shims := processesNaming(t, h.Dir)
+	require.NotEmpty(t, shims, "containerd and its shims name the host dir")
+	pids = append(pids, shims...)
+	require.NotEmpty(t, netns, "bridge pod's network namespace")
+	require.FileExists(t, netns)
+	require.NotEmpty(t, mountsUnder(t, h.Dir), "rootfs, shm and netns mounts while pods run")
+	_, err := os.Stat("/sys/class/net/" + h.Network.Bridge)
+	require.NoError(t, err, "bridge %s exists while a pod uses it", h.Network.Bridge)
+
+	require.NoError(t, h.Stop())
+
+	for _, p := range pids {
+		require.False(t, p.alive(), "process %d still runs", p.pid)
+	}
+	require.Empty(t, processesNaming(t, h.Dir))
+	require.Empty(t, mountsUnder(t, h.Dir))
+	require.NoFileExists(t, netns)
+	require.NoDirExists(t, h.Dir)
+	_, err = os.Stat("/sys/class/net/" + h.Network.Bridge)
+	require.ErrorIs(t, err, os.ErrNotExist, "bridge %s removed", h.Network.Bridge)
+}
+
+// Stop reports, and cleans up, what an orderly teardown left: here a mount
+// and a process the test plants under the host's directory.
+func TestStopReportsLeaks(t *testing.T) {
+	h := containerd.Start(t)
+
+	src, dst := t.TempDir(), filepath.Join(h.Dir, "planted")
+	require.NoError(t, os.Mkdir(dst, 0o755))
+	require.NoError(t, unix.Mount(src, dst, "", unix.MS_BIND, ""))
+	t.Cleanup(func() { _ = unix.Unmount(dst, unix.MNT_DETACH) }) // only if Stop failed to
+	// $0 of the shell names the host dir, as a shim's -address does.
+	sleeper := exec.Command("sh", "-c", "sleep 600", h.Dir)
+	require.NoError(t, sleeper.Start())
+	t.Cleanup(func() { _ = sleeper.Process.Kill() })
+
+	err := h.Stop()
+	require.ErrorContains(t, err, "mounts left after teardown, unmounted: "+dst)
+	require.ErrorContains(t, err, "processes left after teardown, killed: "+strconv.Itoa(sleeper.Process.Pid))
+	require.EqualError(t, sleeper.Wait(), "signal: killed")
+	require.Empty(t, mountsUnder(t, h.Dir))
+	require.NoDirExists(t, h.Dir)
+	require.Equal(t, err, h.Stop(), "Stop is idempotent")
+}
+
+type verbose struct {
+	Pid         int `json:"pid"`
+	RuntimeSpec struct {
+		Linux struct {
+			Namespaces []struct {
+				Type string `json:"type"`
+				Path string `json:"path"`
+			} `json:"namespaces"`
+		} `json:"linux"`
+	} `json:"runtimeSpec"`
+}
+
+func verboseInfo(t *testing.T, info map[string]string) verbose {
+	t.Helper()
+	var v verbose
+	require.NoError(t, json.Unmarshal([]byte(info["info"]), &v))
+	require.Positive(t, v.Pid)
+	return v
+}
+
+// procID is a process told apart from a later one with the same pid by its
+// start time.
+type procID struct {
+	pid   int
+	start string
+}
+
+func procOf(t *testing.T, pid int) procID {
+	t.Helper()
+	start, ok := startOf(pid)
+	require.True(t, ok, "process %d runs", pid)
+	return procID{pid: pid, start: start}
+}
+
+func (p procID) alive() bool {
+	start, ok := startOf(p.pid)
+	return ok && start == p.start
+}
+
+func startOf(pid int) (string, bool) {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return "", false
+	}
+	s := string(b)
+	f := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
+	if len(f) < 20 || f[0] == "Z" { // a zombie has ended
+		return "", false
+	}
+	return f[19], true
+}
+
+// processesNaming lists the processes whose command line contains s.
+func processesNaming(t *testing.T, s string) []procID {
+	t.Helper()
+	entries, err := os.ReadDir("/proc")
+	require.NoError(t, err)
+	var found []procID
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		cmdline, err := os.ReadFile("/proc/" + e.Name() + "/cmdline")
+		if err != nil || !strings.Contains(string(cmdline), s) {
+			continue
+		}
+		if start, ok := startOf(pid); ok {
+			found = append(found, procID{pid: pid, start: start})
+		}
+	}
+	return found
+}
+
+// mountsUnder lists the lines of /proc/self/mountinfo that name dir.
+func mountsUnder(t *testing.T, dir string) []string {
+	t.Helper()
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	require.NoError(t, err)
+	var found []string
+	for line := range strings.Lines(string(b)) {
+		if strings.Contains(line, dir) {
+			found = append(found, line)
+		}
+	}
+	return found
 }

@@ -57,7 +57,9 @@ func startTime(pid int) (uint64, bool) {
 		return 0, false
 	}
 	fields := strings.Fields(s[i+1:])
-	if len(fields) < 20 {
+	// A zombie (state Z) has ended: it waits to be reaped by its parent,
+	// often PID 1 for a shim, which may take its time.
+	if len(fields) < 20 || fields[0] == "Z" {
 		return 0, false
 	}
 	v, err := strconv.ParseUint(fields[19], 10, 64) // field 22 overall
@@ -183,11 +185,19 @@ func unescapeMount(s string) string {
 // still mounted under Dir, and reports both.
 func (h *Host) reapLeftovers(owned []proc) error {
 	var errs []error
+	// Polling /proc: there is no exit notification for non-children.
 	left := h.processes(owned)
-	for deadline := time.Now().Add(5 * time.Second); len(left) > 0 && time.Now().Before(deadline); {
-		time.Sleep(20 * time.Millisecond) // polling /proc: no exit notification for non-children
-		left = h.processes(owned)
+	tick := time.NewTicker(20 * time.Millisecond)
+	deadline := time.After(5 * time.Second)
+	for wait := true; wait && len(left) > 0; {
+		select {
+		case <-tick.C:
+			left = h.processes(owned)
+		case <-deadline:
+			wait = false
+		}
 	}
+	tick.Stop()
 	if len(left) > 0 {
 		var pids []string
 		for _, p := range left {
