@@ -172,7 +172,7 @@ func Start(tb testing.TB, opts ...Option) *Host {
 		State:        filepath.Join(dir, "state"),
 		Socket:       h.Socket,
 		Opt:          filepath.Join(dir, "opt"),
-		RuncRoot:     filepath.Join(dir, "runc"),
+		RuncRoot:     h.runcRoot(),
 		LogLevel:     o.logLevel,
 		SandboxImage: images.PauseRef,
 		Snapshotter:  h.Snapshotter,

@@ -133,6 +133,7 @@ func TestTeardownLeavesNothing(t *testing.T) {
 
 	var pids []procID
 	var netns string
+	var cgroups []string
 	for _, hostNet := range []bool{true, false} {
 		name := "sleep-bridge"
 		if hostNet {
@@ -152,12 +153,17 @@ func TestTeardownLeavesNothing(t *testing.T) {
 		}
 		c, err := h.Runtime.ContainerStatus(ctx, ctrID, true)
 		require.NoError(t, err)
-		pids = append(pids, procOf(t, verboseInfo(t, c.GetInfo()).Pid))
+		ctrPid := verboseInfo(t, c.GetInfo()).Pid
+		pids = append(pids, procOf(t, ctrPid))
+		cgroups = append(cgroups, cgroupDirs(t, ctrPid)...)
 	}
 	shims := processesNaming(t, h.Dir)
 	require.NotEmpty(t, shims, "containerd and its shims name the host dir")
 	pids = append(pids, shims...)
 	require.NotEmpty(t, netns, "bridge pod's network namespace")
+	for _, dir := range cgroups {
+		require.DirExists(t, dir)
+	}
 	require.FileExists(t, netns)
 	require.NotEmpty(t, mountsUnder(t, h.Dir), "rootfs, shm and netns mounts while pods run")
 	_, err := os.Stat("/sys/class/net/" + h.Network.Bridge)
@@ -172,6 +178,9 @@ func TestTeardownLeavesNothing(t *testing.T) {
 	require.Empty(t, mountsUnder(t, h.Dir))
 	require.NoFileExists(t, netns)
 	require.NoDirExists(t, h.Dir)
+	for _, dir := range cgroups {
+		require.NoDirExists(t, dir)
+	}
 	_, err = os.Stat("/sys/class/net/" + h.Network.Bridge)
 	require.ErrorIs(t, err, os.ErrNotExist, "bridge %s removed", h.Network.Bridge)
 }
@@ -249,6 +258,36 @@ func startOf(pid int) (string, bool) {
 		return "", false
 	}
 	return f[19], true
+}
+
+// cgroupDirs returns the cgroup directories of a process (v1 hierarchies
+// and the unified one) below the root cgroup.
+func cgroupDirs(t *testing.T, pid int) []string {
+	t.Helper()
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cgroup")
+	require.NoError(t, err)
+	var dirs []string
+	for line := range strings.Lines(string(b)) {
+		// hierarchy-id:controllers:path
+		f := strings.SplitN(strings.TrimSpace(line), ":", 3)
+		if len(f) != 3 || f[2] == "/" {
+			continue
+		}
+		name := strings.TrimPrefix(f[1], "name=")
+		if name == "" {
+			name = "unified"
+		}
+		if dir := filepath.Join("/sys/fs/cgroup", name, f[2]); isDir(dir) {
+			dirs = append(dirs, dir)
+		}
+	}
+	require.NotEmpty(t, dirs, "cgroups of process %d", pid)
+	return dirs
+}
+
+func isDir(path string) bool {
+	fi, err := os.Stat(path)
+	return err == nil && fi.IsDir()
 }
 
 // processesNaming lists the processes whose command line contains s.

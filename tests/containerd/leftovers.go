@@ -1,11 +1,16 @@
 package containerd
 
 // What a host leaves behind when its teardown is not orderly, and how it is
-// found: processes (containerd, its shims and runc name Dir or Socket on
-// their command line; the containers' own processes are known by the pids
-// the CRI reported, checked with their start time against pid reuse) and
-// mounts under Dir (overlay rootfs, sandbox /dev/shm, and, since
-// netns_mounts_under_state_dir is set, the pods' network namespaces).
+// found:
+//
+//   - processes: containerd, its shims and runc name Dir or Socket on their
+//     command line; the containers' processes are those the CRI reported,
+//     and every process in the cgroups of a container still in runc's state
+//     directory (Dir/runc, which survives containerd and the shims). A pid
+//     is checked with its start time against reuse.
+//   - cgroups of containers runc never deleted (removed once empty);
+//   - mounts under Dir: overlay rootfs, sandbox /dev/shm, and, since
+//     netns_mounts_under_state_dir is set, the pods' network namespaces.
 //
 // A test binary killed outright (go test's -timeout panic, SIGKILL) runs no
 // cleanup: containerd dies with it (Pdeathsig) but shims and containers
@@ -106,13 +111,64 @@ func livingProc(pid int) []proc {
 	return nil
 }
 
-// Processes returns the processes of this host still alive: any whose
-// command line names Dir (containerd, shims, runc) and those of owned.
+// runcState is the part of runc's state.json (libcontainer.State) read
+// here.
+type runcState struct {
+	ID          string            `json:"id"`
+	InitPid     int               `json:"init_process_pid"`
+	InitStart   uint64            `json:"init_process_start"`
+	CgroupPaths map[string]string `json:"cgroup_paths"`
+}
+
+// runcStates reads the containers runc still knows under root
+// (root/<namespace>/<id>/state.json).
+func runcStates(root string) []runcState {
+	files, _ := filepath.Glob(filepath.Join(root, "*", "*", "state.json"))
+	var states []runcState
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			continue
+		}
+		var st runcState
+		if json.Unmarshal(b, &st) == nil {
+			states = append(states, st)
+		}
+	}
+	return states
+}
+
+// statePids returns the processes of the containers in states: the init
+// process and every member of their cgroups.
+func statePids(states []runcState) []proc {
+	var procs []proc
+	for _, st := range states {
+		if st.InitPid > 0 {
+			procs = append(procs, proc{pid: st.InitPid, start: st.InitStart})
+		}
+		for _, path := range st.CgroupPaths {
+			b, err := os.ReadFile(filepath.Join(path, "cgroup.procs"))
+			if err != nil {
+				continue
+			}
+			for _, f := range strings.Fields(string(b)) {
+				if pid, err := strconv.Atoi(f); err == nil {
+					procs = append(procs, livingProc(pid)...)
+				}
+			}
+		}
+	}
+	return procs
+}
+
+// processes returns the processes of this host still alive: any whose
+// command line names Dir (containerd, shims, runc), those of owned, and
+// those of containers in runc's state directory.
 func (h *Host) processes(owned []proc) []proc {
 	var left []proc
 	seen := map[int]bool{}
-	for _, p := range owned {
-		if p.alive() {
+	for _, p := range append(owned, statePids(runcStates(h.runcRoot()))...) {
+		if !seen[p.pid] && p.alive() {
 			left = append(left, p)
 			seen[p.pid] = true
 		}
@@ -181,23 +237,11 @@ func unescapeMount(s string) string {
 }
 
 // reapLeftovers waits briefly for the host's processes to end (shims exit
-// just after their task is deleted), kills what remains, unmounts what is
-// still mounted under Dir, and reports both.
+// just after their task is deleted), kills what remains, removes the
+// cgroups and unmounts what is still mounted under Dir, and reports it all.
 func (h *Host) reapLeftovers(owned []proc) error {
 	var errs []error
-	// Polling /proc: there is no exit notification for non-children.
-	left := h.processes(owned)
-	tick := time.NewTicker(20 * time.Millisecond)
-	deadline := time.After(5 * time.Second)
-	for wait := true; wait && len(left) > 0; {
-		select {
-		case <-tick.C:
-			left = h.processes(owned)
-		case <-deadline:
-			wait = false
-		}
-	}
-	tick.Stop()
+	left := h.waitGone(owned, 5*time.Second)
 	if len(left) > 0 {
 		var pids []string
 		for _, p := range left {
@@ -205,6 +249,21 @@ func (h *Host) reapLeftovers(owned []proc) error {
 			_ = syscall.Kill(p.pid, syscall.SIGKILL)
 		}
 		errs = append(errs, fmt.Errorf("processes left after teardown, killed: %s", strings.Join(pids, "; ")))
+		if left = h.waitGone(left, 5*time.Second); len(left) > 0 {
+			errs = append(errs, fmt.Errorf("processes survive SIGKILL: %v", left))
+		}
+	}
+	var cgroups []string
+	for _, st := range runcStates(h.runcRoot()) {
+		for _, path := range st.CgroupPaths {
+			if err := os.Remove(path); err == nil || !errors.Is(err, os.ErrNotExist) {
+				cgroups = append(cgroups, path)
+			}
+		}
+	}
+	if len(cgroups) > 0 {
+		sort.Strings(cgroups)
+		errs = append(errs, fmt.Errorf("cgroups left after teardown, removed where empty: %s", strings.Join(cgroups, ", ")))
 	}
 	mps, err := mounts(h.Dir)
 	if err != nil {
@@ -220,6 +279,27 @@ func (h *Host) reapLeftovers(owned []proc) error {
 	}
 	return errors.Join(errs...)
 }
+
+// waitGone polls /proc (there is no exit notification for processes that
+// are not our children) until none of the host's processes (see processes)
+// is alive or timeout passes, and returns those still alive.
+func (h *Host) waitGone(owned []proc, timeout time.Duration) []proc {
+	left := h.processes(owned)
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	deadline := time.After(timeout)
+	for len(left) > 0 {
+		select {
+		case <-tick.C:
+			left = h.processes(owned)
+		case <-deadline:
+			return left
+		}
+	}
+	return nil
+}
+
+func (h *Host) runcRoot() string { return filepath.Join(h.Dir, "runc") }
 
 func describe(pid int) string {
 	cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
