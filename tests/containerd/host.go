@@ -30,9 +30,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/go-logr/logr"
 	internalapi "k8s.io/cri-api/pkg/apis"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 	remote "k8s.io/cri-client/pkg"
+	"k8s.io/klog/v2"
 
 	"github.com/tetheredge/tether/build/images"
 )
@@ -122,7 +124,7 @@ func Start(tb testing.TB, opts ...Option) *Host {
 		}
 	}
 
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	ctx, cancel := context.WithTimeout(quiet(), 2*time.Minute)
 	defer cancel()
 	archives, err := images.All(ctx, o.images)
 	if err != nil {
@@ -319,7 +321,7 @@ func (h *Host) stop() error {
 	var errs []error
 	var owned []proc
 	if h.Runtime != nil {
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		ctx, cancel := context.WithTimeout(quiet(), 2*time.Minute)
 		var err error
 		owned, err = h.removeAll(ctx)
 		if err != nil {
@@ -398,6 +400,10 @@ func (h *Host) stopContainerd() error {
 	<-h.exited
 	return errors.New("containerd did not stop within 10s of SIGTERM, killed")
 }
+
+// quiet is a context whose klog logger (cri-client logs through it)
+// discards: the host returns or reports every error itself.
+func quiet() context.Context { return klog.NewContext(context.Background(), logr.Discard()) }
 
 // logTail returns the last n lines of containerd.log.
 func (h *Host) logTail(n int) string {
