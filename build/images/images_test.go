@@ -17,13 +17,20 @@ import (
 	"github.com/tetheredge/tether/build/images"
 )
 
-// entries lists the single layer of an archive: path -> header.
-func entries(t *testing.T, a images.Archive) (*v1.ConfigFile, map[string]*tar.Header) {
+// load reads the image tagged a.Ref from the archive.
+func load(t *testing.T, a images.Archive) v1.Image {
 	t.Helper()
 	tag, err := name.NewTag(a.Ref)
 	require.NoError(t, err)
 	img, err := tarball.ImageFromPath(a.Path, &tag)
 	require.NoError(t, err)
+	return img
+}
+
+// entries lists the single layer of an archive: path -> header.
+func entries(t *testing.T, a images.Archive) (*v1.ConfigFile, map[string]*tar.Header) {
+	t.Helper()
+	img := load(t, a)
 	cfg, err := img.ConfigFile()
 	require.NoError(t, err)
 	layers, err := img.Layers()
@@ -111,11 +118,7 @@ func TestCacheKeyedByContent(t *testing.T) {
 
 func digest(t *testing.T, a images.Archive) v1.Hash {
 	t.Helper()
-	tag, err := name.NewTag(a.Ref)
-	require.NoError(t, err)
-	img, err := tarball.ImageFromPath(a.Path, &tag)
-	require.NoError(t, err)
-	d, err := img.Digest()
+	d, err := load(t, a).Digest()
 	require.NoError(t, err)
 	return d
 }
