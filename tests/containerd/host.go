@@ -110,10 +110,16 @@ func Start(tb testing.TB, opts ...Option) *Host {
 	for _, opt := range opts {
 		opt(&o)
 	}
+	if uid := os.Geteuid(); uid != 0 {
+		tb.Fatalf("containerd host: containerd needs root, running as uid %d", uid)
+	}
 	need := []string{"containerd", "containerd-shim-runc-v2", "runc", "ctr"}
+	if o.cni {
+		need = append(need, "ip") // deletes the bridge
+	}
 	for _, bin := range need {
 		if _, err := exec.LookPath(bin); err != nil {
-			tb.Fatalf("containerd host: %s not found (run `make runtime-deps`, or apt-get install containerd runc containernetworking-plugins busybox-static): %v", bin, err)
+			tb.Fatalf("containerd host: %s not found (run `make runtime-deps`, or apt-get install containerd runc containernetworking-plugins busybox-static iproute2): %v", bin, err)
 		}
 	}
 	if o.cni {
