@@ -1,6 +1,7 @@
 # Tether build, test and run targets. `make test` is the one test command:
 # on a fresh Debian machine with Go and gcc it builds everything the tests
-# need (kube-apiserver, etcd, golangci-lint) and runs vet, lint and the tests.
+# need (kube-apiserver, etcd, golangci-lint; containerd, runc and the CNI
+# plugins from apt, as root) and runs vet, lint and the tests.
 SHELL := bash
 .SHELLFLAGS := -euo pipefail -c
 GO ?= go
