@@ -94,6 +94,7 @@ type Host struct {
 	Network *Network
 
 	tb       testing.TB
+	owner    *os.File // flock held for the host's life, see stale.go
 	logPath  string
 	cmd      *exec.Cmd
 	exited   chan struct{}
@@ -140,8 +141,16 @@ func Start(tb testing.TB, opts ...Option) *Host {
 	// Not t.TempDir: the socket path must stay under the 108 bytes of a
 	// unix address whatever the test's name, and teardown must unmount
 	// before anything is removed.
-	dir, err := os.MkdirTemp("", "tether-ctrd-")
+	for _, r := range reapStale() {
+		tb.Logf("containerd host: reaped the host of a killed test binary: %s", r)
+	}
+	dir, err := os.MkdirTemp("", hostPattern)
 	if err != nil {
+		tb.Fatalf("containerd host: %v", err)
+	}
+	owner, err := lockDir(dir)
+	if err != nil {
+		_ = os.RemoveAll(dir)
 		tb.Fatalf("containerd host: %v", err)
 	}
 	h := &Host{
@@ -152,6 +161,7 @@ func Start(tb testing.TB, opts ...Option) *Host {
 		Snapshotter:  "overlayfs",
 		tb:           tb,
 		logPath:      filepath.Join(dir, "containerd.log"),
+		owner:        owner,
 	}
 	tb.Cleanup(func() {
 		// A test that called Stop itself has seen its error.
@@ -231,7 +241,7 @@ func (h *Host) start(cfgPath string) error {
 	cmd := exec.Command("containerd", "--config", cfgPath)
 	cmd.Stdout, cmd.Stderr = logFile, logFile
 	// containerd must not outlive the test binary. (Its shims do when
-	// the binary is killed; see leftovers.go.)
+	// the binary is killed, until the next Start; see stale.go.)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("start containerd: %w", err)
@@ -339,7 +349,7 @@ func (h *Host) stop() error {
 	if h.cmd != nil {
 		errs = append(errs, h.stopContainerd())
 	}
-	if err := h.reapLeftovers(owned); err != nil {
+	if err := h.reapLeftovers(owned, 5*time.Second); err != nil {
 		errs = append(errs, err)
 	}
 	if h.Network != nil {
@@ -349,6 +359,7 @@ func (h *Host) stop() error {
 	if err := os.RemoveAll(h.Dir); err != nil {
 		errs = append(errs, fmt.Errorf("remove host dir: %w", err))
 	}
+	_ = h.owner.Close() // after the removal: no reaper may take the dir before
 	err := errors.Join(errs...)
 	if err != nil || h.tb.Failed() {
 		h.tb.Logf("containerd host %s, last lines of containerd.log:\n%s", h.Dir, tail)

@@ -1,8 +1,10 @@
 package containerd_test
 
 import (
+	"bufio"
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net/http"
 	"net/netip"
@@ -349,4 +351,54 @@ func TestRuntimeFacts(t *testing.T) {
 	events := make(chan *runtimeapi.ContainerEventResponse, 1)
 	err = h.Runtime.GetContainerEvents(ctx, events, nil)
 	require.Equal(t, codes.Unimplemented, status.Code(err), "containerd %s: GetContainerEvents: %v", v.GetRuntimeVersion(), err)
+}
+
+// helperEnv makes TestStaleHostIsReaped, run again as a child, the test
+// binary that gets killed.
+const helperEnv = "TETHER_CONTAINERD_KILLED_HOST"
+
+// A test binary killed before its cleanup leaves its host behind (shims,
+// a container, mounts); the next Start reaps it.
+func TestStaleHostIsReaped(t *testing.T) {
+	if os.Getenv(helperEnv) != "" {
+		// The child: a host with a running pod, then wait to be killed.
+		h := containerd.Start(t)
+		ctx := testContext(t)
+		_, ctrID := runPod(ctx, t, h, h.PodSandboxConfig("stale", true), h.BusyboxContainer("stale", "sleep", "3600"))
+		c, err := h.Runtime.ContainerStatus(ctx, ctrID, true)
+		require.NoError(t, err)
+		fmt.Printf("host %s %d\n", h.Dir, verboseInfo(t, c.GetInfo()).Pid)
+		_, _ = io.Copy(io.Discard, os.Stdin) // until killed: the parent never closes it
+		t.Fatal("stdin closed: the parent died")
+	}
+
+	child := exec.Command(os.Args[0], "-test.run=^TestStaleHostIsReaped$")
+	child.Env = append(os.Environ(), helperEnv+"=1")
+	stdin, err := child.StdinPipe()
+	require.NoError(t, err)
+	defer stdin.Close()
+	out, err := child.StdoutPipe()
+	require.NoError(t, err)
+	require.NoError(t, child.Start())
+	var dir string
+	var pid int
+	sc := bufio.NewScanner(out)
+	for dir == "" && sc.Scan() {
+		_, _ = fmt.Sscanf(sc.Text(), "host %s %d", &dir, &pid)
+	}
+	require.NotEmpty(t, dir, "the child reports its host: %v", sc.Err())
+	ctr := procOf(t, pid)
+	require.NoError(t, child.Process.Kill())
+	require.Error(t, child.Wait())
+
+	require.DirExists(t, dir)
+	require.NotEmpty(t, mountsUnder(t, dir), "the killed binary's mounts stay")
+	require.True(t, ctr.alive(), "the killed binary's container runs on")
+
+	containerd.Start(t)
+
+	require.NoDirExists(t, dir)
+	require.Empty(t, mountsUnder(t, dir))
+	require.Empty(t, processesNaming(t, dir))
+	require.False(t, ctr.alive())
 }

@@ -14,8 +14,8 @@ package containerd
 //
 // A test binary killed outright (go test's -timeout panic, SIGKILL) runs no
 // cleanup: containerd dies with it (Pdeathsig) but shims and containers
-// survive, and /tmp/tether-ctrd-* stays. A later host cannot tell those from
-// a live host of another test binary, so it does not touch them.
+// survive, and /tmp/tether-ctrd-* stays, until the next Start reaps it
+// (stale.go).
 
 import (
 	"bufio"
@@ -236,12 +236,12 @@ func unescapeMount(s string) string {
 	return b.String()
 }
 
-// reapLeftovers waits briefly for the host's processes to end (shims exit
-// just after their task is deleted), kills what remains, removes the
+// reapLeftovers waits up to grace for the host's processes to end (shims
+// exit just after their task is deleted), kills what remains, removes the
 // cgroups and unmounts what is still mounted under Dir, and reports it all.
-func (h *Host) reapLeftovers(owned []proc) error {
+func (h *Host) reapLeftovers(owned []proc, grace time.Duration) error {
 	var errs []error
-	left := h.waitGone(owned, 5*time.Second)
+	left := h.waitGone(owned, grace)
 	if len(left) > 0 {
 		var pids []string
 		for _, p := range left {
