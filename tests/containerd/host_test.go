@@ -391,9 +391,14 @@ func TestStaleHostIsReaped(t *testing.T) {
 	require.NoError(t, child.Process.Kill())
 	require.Error(t, child.Wait())
 
-	require.DirExists(t, dir)
+	// Hold the dead host's lock while looking at it, so that the Start of
+	// another test binary does not reap it under our eyes.
+	lock, err := os.Open(filepath.Join(dir, "owner.lock"))
+	require.NoError(t, err)
+	require.NoError(t, unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB), "the dead child's lock is free")
 	require.NotEmpty(t, mountsUnder(t, dir), "the killed binary's mounts stay")
 	require.True(t, ctr.alive(), "the killed binary's container runs on")
+	require.NoError(t, lock.Close())
 
 	containerd.Start(t)
 
