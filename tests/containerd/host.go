@@ -9,7 +9,8 @@
 // image clients. Test cleanup (or Stop) removes every pod sandbox and
 // container, stops containerd, then checks that no process, mount or network
 // namespace of this host is left; leftovers are removed and reported as an
-// error, so a test that leaks fails.
+// error, so a test that leaks fails. What a killed test binary left behind
+// is reaped by the next Start (stale.go). docs/runtime.md has the details.
 //
 // Missing binaries or a containerd that does not start fail the test with
 // the reason: these tests never skip. `make runtime-deps` installs the
