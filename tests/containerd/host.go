@@ -54,6 +54,7 @@ type options struct {
 	images   images.Config
 	logLevel string
 	start    time.Duration
+	grace    time.Duration
 }
 
 // WithCNI installs build/cni's bridge network (on a bridge and subnet of
@@ -71,6 +72,12 @@ func WithLogLevel(level string) Option { return func(o *options) { o.logLevel = 
 
 // WithStartTimeout bounds the wait for containerd's CRI (30 s by default).
 func WithStartTimeout(d time.Duration) Option { return func(o *options) { o.start = d } }
+
+// WithLeakGrace sets how long teardown waits for the host's processes to
+// end by themselves (shims exit just after their last task is deleted)
+// before it kills them and reports them as leaked: 15 s by default, which
+// a loaded machine needs; a test that plants a leak shortens it.
+func WithLeakGrace(d time.Duration) Option { return func(o *options) { o.grace = d } }
 
 // Host is a running private containerd. Its fields are set by Start and
 // read-only afterwards.
@@ -95,6 +102,7 @@ type Host struct {
 	Network *Network
 
 	tb       testing.TB
+	grace    time.Duration
 	owner    *os.File // flock held for the host's life, see stale.go
 	logPath  string
 	cmd      *exec.Cmd
@@ -108,7 +116,7 @@ type Host struct {
 // containerd does not come up.
 func Start(tb testing.TB, opts ...Option) *Host {
 	tb.Helper()
-	o := options{logLevel: "info", start: 30 * time.Second}
+	o := options{logLevel: "info", start: 30 * time.Second, grace: 15 * time.Second}
 	for _, opt := range opts {
 		opt(&o)
 	}
@@ -163,6 +171,7 @@ func Start(tb testing.TB, opts ...Option) *Host {
 		tb:           tb,
 		logPath:      filepath.Join(dir, "containerd.log"),
 		owner:        owner,
+		grace:        o.grace,
 	}
 	tb.Cleanup(func() {
 		// A test that called Stop itself has seen its error.
@@ -350,7 +359,7 @@ func (h *Host) stop() error {
 	if h.cmd != nil {
 		errs = append(errs, h.stopContainerd())
 	}
-	if err := h.reapLeftovers(owned, 5*time.Second); err != nil {
+	if err := h.reapLeftovers(owned, h.grace); err != nil {
 		errs = append(errs, err)
 	}
 	if h.Network != nil {

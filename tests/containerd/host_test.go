@@ -196,7 +196,7 @@ func TestTeardownLeavesNothing(t *testing.T) {
 // Stop reports, and cleans up, what an orderly teardown left: here a mount
 // and a process the test plants under the host's directory.
 func TestStopReportsLeaks(t *testing.T) {
-	h := containerd.Start(t)
+	h := containerd.Start(t, containerd.WithLeakGrace(200*time.Millisecond))
 
 	src, dst := t.TempDir(), filepath.Join(h.Dir, "planted")
 	require.NoError(t, os.Mkdir(dst, 0o755))
