@@ -1,6 +1,7 @@
 # Tether build, test and run targets. `make test` is the one test command:
 # on a fresh Debian machine with Go and gcc it builds everything the tests
-# need (kube-apiserver, etcd, golangci-lint) and runs vet, lint and the tests.
+# need (kube-apiserver, etcd, golangci-lint; containerd, runc and the CNI
+# plugins from apt, as root) and runs vet, lint and the tests.
 SHELL := bash
 .SHELLFLAGS := -euo pipefail -c
 GO ?= go
@@ -11,7 +12,7 @@ GOLANGCI_VERSION := v2.15.0
 GOLANGCI := $(TOOLS)/golangci-lint-$(GOLANGCI_VERSION)
 TESTFLAGS ?= -race -count=1 -timeout 30m
 
-.PHONY: all build run test vet lint testbin tools check-env fuzz bench chaos clean
+.PHONY: all build run test vet lint testbin tools check-env fuzz bench chaos clean runtime-deps
 
 all: build
 
@@ -25,7 +26,7 @@ run: build testbin
 	bash build/run-local.sh
 
 ## test: vet, lint and every test (race detector on), against a real control plane
-test: check-env testbin vet lint
+test: check-env testbin runtime-deps vet lint
 	$(GO) test $(TESTFLAGS) ./...
 
 vet: check-env
@@ -37,6 +38,29 @@ lint: $(GOLANGCI)
 ## testbin: kube-apiserver and etcd built from Go modules into _output/testbin
 testbin: check-env
 	bash build/testbin/build.sh
+
+## runtime-deps: containerd, runc, the CNI plugins, busybox-static (and iproute2) from apt, when missing
+# Idempotent and silent when everything is present. The tests start containerd
+# themselves (tests/containerd), so a system containerd the package may have
+# started is stopped and disabled. See docs/testing.md.
+RUNTIME_PKGS := containerd runc containernetworking-plugins busybox-static iproute2
+runtime-deps:
+	@missing=""; for p in $(RUNTIME_PKGS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  [ "$$(id -u)" = 0 ] || { echo "error: installing$$missing needs root (apt-get)" >&2; exit 1; }; \
+	  start=$$(date +%s); echo ">> runtime-deps: installing$$missing (apt-get)"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  log=$$(mktemp); \
+	  { apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing; } >$$log 2>&1 \
+	    || { cat $$log >&2; rm -f $$log; echo "error: apt-get install$$missing failed" >&2; exit 1; }; \
+	  rm -f $$log; \
+	  if command -v systemctl >/dev/null && systemctl is-active -q containerd 2>/dev/null; then \
+	    systemctl stop containerd; systemctl disable -q containerd; \
+	  fi; \
+	  echo ">> runtime-deps: installed$$missing in $$(( $$(date +%s) - start ))s"; \
+	fi
 
 tools: $(GOLANGCI)
 
