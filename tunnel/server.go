@@ -56,6 +56,13 @@ type ServerConfig struct {
 	// Now returns the time used to check certificate validity.
 	// Default time.Now.
 	Now func() time.Time
+	// StatelessResetKey, when set, lets this server end at once the QUIC
+	// connections of an earlier run of it that used the same key (after a
+	// crash or a restart): a packet of such a connection is answered with a
+	// stateless reset (RFC 9000, 10.3), so the edge reconnects within a
+	// keepalive instead of waiting for its dead-peer timeout. It must stay
+	// the same across restarts and be secret. Nil: no resets.
+	StatelessResetKey *[32]byte
 }
 
 // Server accepts edge sessions on QUIC and on WebSocket over TLS at once.
@@ -197,6 +204,10 @@ func (s *Server) Listen() error {
 			return fmt.Errorf("listen quic %s: %w", s.cfg.QUICAddr, err)
 		}
 		tr := &quic.Transport{Conn: udp}
+		if k := s.cfg.StatelessResetKey; k != nil {
+			key := quic.StatelessResetKey(*k)
+			tr.StatelessResetKey = &key
+		}
 		ln, err := tr.Listen(s.tlsConfig(TransportQUIC), quicConfig(s.cfg.KeepAlive, s.cfg.DeadPeerTimeout, s.cfg.HandshakeTimeout))
 		if err != nil {
 			_ = udp.Close()

@@ -7,7 +7,10 @@ package app
 
 import (
 	"context"
+	"crypto/hmac"
+	"crypto/sha256"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -146,13 +149,18 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 	cat.Subscribe(disp.Notify)
 	h := hub.New(disp, wl, logger)
 	wl.OnChange(h.Recheck)
+	resetKey, err := statelessResetKey(ca)
+	if err != nil {
+		return nil, err
+	}
 	srv, err := tunnel.NewServer(tunnel.ServerConfig{
-		Options:       tunnel.Options{KeepAlive: cfg.KeepAlive, DeadPeerTimeout: cfg.DeadPeerTimeout, Logger: logger, Registerer: cfg.Registerer},
-		QUICAddr:      cfg.QUICAddr,
-		WebSocketAddr: cfg.WebSocketAddr,
-		TLS:           &tls.Config{Certificates: []tls.Certificate{serverCert}, ClientCAs: ca.Pool(), MinVersion: tls.VersionTLS13},
-		Authorize:     wl.Authorize,
-		Handler:       h,
+		StatelessResetKey: resetKey,
+		Options:           tunnel.Options{KeepAlive: cfg.KeepAlive, DeadPeerTimeout: cfg.DeadPeerTimeout, Logger: logger, Registerer: cfg.Registerer},
+		QUICAddr:          cfg.QUICAddr,
+		WebSocketAddr:     cfg.WebSocketAddr,
+		TLS:               &tls.Config{Certificates: []tls.Certificate{serverCert}, ClientCAs: ca.Pool(), MinVersion: tls.VersionTLS13},
+		Authorize:         wl.Authorize,
+		Handler:           h,
 	})
 	if err != nil {
 		return nil, err
@@ -217,4 +225,20 @@ func (a *App) Run(ctx context.Context) error {
 		return nil
 	}
 	return err
+}
+
+// statelessResetKey derives the QUIC stateless reset key from the cluster
+// CA's private key: secret, and the same for every run and replica of
+// CloudCore, so a restarted CloudCore resets its predecessor's connections
+// and edges reconnect at once instead of after their dead-peer timeout.
+func statelessResetKey(ca *pki.CA) (*[32]byte, error) {
+	der, err := x509.MarshalPKCS8PrivateKey(ca.Key)
+	if err != nil {
+		return nil, fmt.Errorf("derive stateless reset key: %w", err)
+	}
+	mac := hmac.New(sha256.New, der)
+	mac.Write([]byte("tether quic stateless reset key v1"))
+	var k [32]byte
+	copy(k[:], mac.Sum(nil))
+	return &k, nil
 }
