@@ -8,9 +8,11 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/dynamic"
 
 	"github.com/tetheredge/tether/cloudcore/catalog"
 	"github.com/tetheredge/tether/cloudcore/dispatch"
+	"github.com/tetheredge/tether/cloudcore/edgenode"
 	"github.com/tetheredge/tether/common/message"
 )
 
@@ -243,4 +245,22 @@ func TestNodeSpec(t *testing.T) {
 		requireRefused(t, f, err, dispatch.ErrForbidden, reasonNotOwn, 0)
 		require.Nil(t, getNode(t, f.admin, name))
 	})
+}
+
+// TestEdgeNodeTaintsStored: the EdgeNode CRD keeps spec.taints (a field
+// missing from its schema would be pruned silently), which cloudcore/app
+// hands to the writer as Config.Taints.
+func TestEdgeNodeTaintsStored(t *testing.T) {
+	env := cp.Env(t)
+	dyn, err := dynamic.NewForConfig(env.Config)
+	require.NoError(t, err)
+	nodes := edgenode.NewClient(dyn)
+	name := nodeName(t, adminClient(t, env.Config))
+	want := []corev1.Taint{{Key: "tether.dev/site", Value: "shop-17", Effect: corev1.TaintEffectNoSchedule}, {Key: "dedicated", Effect: corev1.TaintEffectNoExecute}}
+	_, err = nodes.Create(context.Background(), &edgenode.EdgeNode{ObjectMeta: metav1.ObjectMeta{Name: name}, Spec: edgenode.Spec{Allowed: true, Taints: want}})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = nodes.Delete(context.Background(), name) })
+	got, err := nodes.Get(context.Background(), name)
+	require.NoError(t, err)
+	require.Equal(t, want, got.Spec.Taints)
 }
