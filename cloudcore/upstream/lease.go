@@ -17,8 +17,13 @@ import (
 // leaseCache remembers, per node, the renewTime of the last lease this
 // writer wrote, so that a renewal that is not newer (a resend after a lost
 // ack, an old one from another replica's session) costs no API request:
-// the API server already holds that renewal or a later one. It holds one
-// entry per node that renewed through this writer, a few dozen bytes each.
+// the API server already holds that renewal or a later one. Skipping it
+// loses nothing even when the edge's clock stepped back: the node
+// lifecycle controller counts a heartbeat only when the renewTime it sees
+// is after the one it saved (monitorNodeHealth, RenewTime.Before), so a
+// renewal that is not newer would not count either, written or not. The
+// cache holds one entry per node that renewed through this writer, a few
+// dozen bytes each.
 type leaseCache struct {
 	mu   sync.Mutex
 	last map[string]int64 // node -> renewTime in Unix microseconds
