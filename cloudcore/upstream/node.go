@@ -118,7 +118,7 @@ func (w *Writer) register(ctx context.Context, name string, edge *corev1.Node) e
 	if err != nil {
 		return err
 	}
-	if edge.Spec.ConfigSource != nil {
+	if edge.Spec.ConfigSource != nil { //nolint:staticcheck // deprecated, yet NodeRestriction still refuses it and the API still has it
 		return forbidden(reasonConfigSource, "node %q may not set spec.configSource", name)
 	}
 	var bad []string

@@ -193,7 +193,7 @@ func TestNodeSpec(t *testing.T) {
 		f := newFixture(t, nil, Config{})
 		name := nodeName(t, f.admin)
 		n := edgeNode(name, nil)
-		n.Spec.ConfigSource = &corev1.NodeConfigSource{ConfigMap: &corev1.ConfigMapNodeConfigSource{
+		n.Spec.ConfigSource = &corev1.NodeConfigSource{ConfigMap: &corev1.ConfigMapNodeConfigSource{ //nolint:staticcheck // the deprecated field a node must not set
 			Namespace: "kube-system", Name: "kubelet", KubeletConfigKey: "kubelet",
 		}}
 		err := f.w.Apply(ctx, name, nodeMessage(t, message.OpUpsert, name, n))
