@@ -102,10 +102,14 @@ func adminClient(t testing.TB, cfg *rest.Config) kubernetes.Interface {
 	return cs
 }
 
-// newFixture builds a writer over binding (nil for tests that write no
-// pod status) with cfg; EdgeLabel, Logger and Registerer are filled in.
+// newFixture builds a writer over binding (nil: one that binds no pod, for
+// tests that write no pod status) with cfg; EdgeLabel, Logger and
+// Registerer are filled in.
 func newFixture(t *testing.T, binding Binding, cfg Config) *fixture {
 	t.Helper()
+	if binding == nil {
+		binding = staleBinding{}
+	}
 	env := cp.Env(t)
 	rc := rest.CopyConfig(env.Config)
 	rc.QPS, rc.Burst = 1000, 1000

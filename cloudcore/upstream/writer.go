@@ -79,6 +79,9 @@ type Writer struct {
 // New returns a writer. Metrics are registered with cfg.Registerer; a
 // registration error is returned.
 func New(client kubernetes.Interface, binding Binding, cfg Config) (*Writer, error) {
+	if binding == nil {
+		return nil, errors.New("upstream: a Binding is required")
+	}
 	if cfg.EdgeLabel == "" {
 		return nil, errors.New("upstream config: EdgeLabel is required")
 	}

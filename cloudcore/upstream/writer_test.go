@@ -46,16 +46,18 @@ func TestNewDefaults(t *testing.T) {
 	client, err := kubernetes.NewForConfig(cp.Env(t).Config)
 	require.NoError(t, err)
 	reg := prometheus.NewRegistry()
-	w, err := New(client, nil, Config{EdgeLabel: catalog.DefaultEdgeLabel, Registerer: reg})
+	w, err := New(client, staleBinding{}, Config{EdgeLabel: catalog.DefaultEdgeLabel, Registerer: reg})
 	require.NoError(t, err)
 	err = w.Apply(context.Background(), "edge-a", &message.Message{Kind: message.KindUpstream, Op: message.OpUpsert,
 		Resource: message.Resource{Version: "v1", Kind: "Secret", Namespace: "kube-system", Name: "x"}})
 	require.ErrorIs(t, err, dispatch.ErrForbidden)
 	require.Zero(t, logs.count("refused"), "a nil logger must not fall back to slog.Default")
 
-	_, err = New(client, nil, Config{EdgeLabel: catalog.DefaultEdgeLabel, Registerer: reg})
+	_, err = New(client, staleBinding{}, Config{EdgeLabel: catalog.DefaultEdgeLabel, Registerer: reg})
 	require.Error(t, err, "registering the metrics twice fails, and New says so")
 
-	_, err = New(client, nil, Config{})
+	_, err = New(client, staleBinding{}, Config{})
 	require.Error(t, err, "EdgeLabel is required")
+	_, err = New(client, nil, Config{EdgeLabel: catalog.DefaultEdgeLabel})
+	require.Error(t, err, "a Binding is required")
 }
