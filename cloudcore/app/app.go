@@ -19,6 +19,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/errgroup"
+	corev1 "k8s.io/api/core/v1"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
@@ -54,11 +55,33 @@ type Config struct {
 	KeepAlive, DeadPeerTimeout time.Duration
 	// EdgeLabel marks edge Nodes. Default catalog.DefaultEdgeLabel.
 	EdgeLabel string
+	// QPS and Burst bound the API requests of each of CloudCore's two
+	// Kubernetes clients (client-go's token bucket). One client writes
+	// what edges ask (leases, Node and pod status), so heartbeats never
+	// queue behind the other's informer lists, onboarding and renewals.
+	// Defaults DefaultQPS and DefaultBurst; client-go's own default of 5
+	// and 10 would carry 50 edges' 10-second lease renewals and no more. A
+	// RateLimiter set in Kubernetes is used as it is instead.
+	QPS   float32
+	Burst int
+	// RegisterTaintKeys are the taint keys an edge may register its Node
+	// with (upstream.Config.RegisterTaintKeys). Default none.
+	RegisterTaintKeys []string
 	// Logger defaults to a discard logger.
 	Logger *slog.Logger
 	// Registerer receives every component's metrics; may be nil.
 	Registerer prometheus.Registerer
 }
+
+// Client rate limits by default: enough for about 8,000 edges renewing a
+// lease every 10 s and reporting status every minute (about 950 writes/s),
+// with the burst absorbing the surge of a mass reconnect. The API server
+// protects itself with priority and fairness; these only keep one
+// CloudCore from being the client that floods it.
+const (
+	DefaultQPS   = 1000
+	DefaultBurst = 2000
+)
 
 // App is a wired CloudCore.
 type App struct {
@@ -94,12 +117,24 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
+	if cfg.QPS <= 0 {
+		cfg.QPS = DefaultQPS
+	}
+	if cfg.Burst <= 0 {
+		cfg.Burst = DefaultBurst
+	}
 	logger := cfg.Logger
-	client, err := kubernetes.NewForConfig(cfg.Kubernetes)
+	kube := rateLimited(cfg.Kubernetes, cfg.QPS, cfg.Burst)
+	client, err := kubernetes.NewForConfig(kube)
 	if err != nil {
 		return nil, fmt.Errorf("kubernetes client: %w", err)
 	}
-	dyn, err := dynamic.NewForConfig(cfg.Kubernetes)
+	// Its own config, so its own token bucket.
+	upClient, err := kubernetes.NewForConfig(rateLimited(cfg.Kubernetes, cfg.QPS, cfg.Burst))
+	if err != nil {
+		return nil, fmt.Errorf("kubernetes upstream client: %w", err)
+	}
+	dyn, err := dynamic.NewForConfig(kube)
 	if err != nil {
 		return nil, fmt.Errorf("kubernetes dynamic client: %w", err)
 	}
@@ -138,7 +173,10 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 	if err != nil {
 		return nil, err
 	}
-	up, err := upstream.New(client, cat, upstream.Config{EdgeLabel: cfg.EdgeLabel, Labels: wl.Labels, Logger: logger})
+	up, err := upstream.New(upClient, cat, upstream.Config{
+		EdgeLabel: cfg.EdgeLabel, Labels: wl.Labels, Taints: edgeNodeTaints(wl), RegisterTaintKeys: cfg.RegisterTaintKeys,
+		Logger: logger, Registerer: cfg.Registerer,
+	})
 	if err != nil {
 		return nil, err
 	}
@@ -166,6 +204,25 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 		return nil, err
 	}
 	return &App{ca: ca, cat: cat, wl: wl, join: joinSvc, srv: srv, nodes: nodes, logger: logger, hub: h, disp: disp}, nil
+}
+
+// rateLimited returns a copy of base whose clients allow qps requests per
+// second with burst, unless base brings its own RateLimiter.
+func rateLimited(base *rest.Config, qps float32, burst int) *rest.Config {
+	c := rest.CopyConfig(base)
+	c.QPS, c.Burst = qps, burst
+	return c
+}
+
+// edgeNodeTaints returns the operator's taints for a node: its EdgeNode's
+// spec.taints.
+func edgeNodeTaints(wl *whitelist.Whitelist) func(node string) []corev1.Taint {
+	return func(node string) []corev1.Taint {
+		if e, ok := wl.Get(node); ok {
+			return e.Spec.Taints
+		}
+		return nil
+	}
 }
 
 // Listen binds the tunnel and join addresses (Run does it otherwise), so a

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -40,6 +41,8 @@ type Spec struct {
 	Allowed bool `json:"allowed"`
 	// Labels are applied to the node's Node object.
 	Labels map[string]string `json:"labels,omitempty"`
+	// Taints are applied to the node's Node object at each registration.
+	Taints []corev1.Taint `json:"taints,omitempty"`
 	// Join is the pending join token, if any.
 	Join *JoinToken `json:"join,omitempty"`
 }

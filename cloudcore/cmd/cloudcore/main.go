@@ -36,6 +36,9 @@ type serveFlags struct {
 	logLevel                   string
 	kubeconfig                 string
 	edgeLabel                  string
+	kubeQPS                    float32
+	kubeBurst                  int
+	registerTaintKeys          []string
 }
 
 func newRootCommand() *cobra.Command {
@@ -63,6 +66,9 @@ func newRootCommand() *cobra.Command {
 	fl.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
 	fl.StringVar(&f.kubeconfig, "kubeconfig", "", "kubeconfig of the cluster (empty: in-cluster config)")
 	fl.StringVar(&f.edgeLabel, "edge-label", catalog.DefaultEdgeLabel, "label that marks a Node as an edge node")
+	fl.Float32Var(&f.kubeQPS, "kube-api-qps", app.DefaultQPS, "API requests per second of each Kubernetes client (one writes edges' leases and status, one the rest)")
+	fl.IntVar(&f.kubeBurst, "kube-api-burst", app.DefaultBurst, "API request burst of each Kubernetes client")
+	fl.StringSliceVar(&f.registerTaintKeys, "edge-register-taint-keys", nil, "taint keys an edge may put on its own Node when it registers (default none)")
 	root.AddCommand(newAdminCommand())
 	return root
 }
@@ -87,19 +93,22 @@ func serve(ctx context.Context, f serveFlags) error {
 		return fmt.Errorf("kubernetes client config: %w", err)
 	}
 	a, err := app.New(ctx, app.Config{
-		Kubernetes:      restCfg,
-		QUICAddr:        f.quicAddr,
-		WebSocketAddr:   f.wsAddr,
-		JoinAddr:        f.joinAddr,
-		ServerSANs:      f.serverSANs,
-		CertValidity:    f.certValidity,
-		CANamespace:     f.caNamespace,
-		CAName:          f.caName,
-		KeepAlive:       f.keepAlive,
-		DeadPeerTimeout: f.dead,
-		EdgeLabel:       f.edgeLabel,
-		Logger:          logger,
-		Registerer:      prometheus.NewRegistry(),
+		Kubernetes:        restCfg,
+		QUICAddr:          f.quicAddr,
+		WebSocketAddr:     f.wsAddr,
+		JoinAddr:          f.joinAddr,
+		ServerSANs:        f.serverSANs,
+		CertValidity:      f.certValidity,
+		CANamespace:       f.caNamespace,
+		CAName:            f.caName,
+		KeepAlive:         f.keepAlive,
+		DeadPeerTimeout:   f.dead,
+		EdgeLabel:         f.edgeLabel,
+		QPS:               f.kubeQPS,
+		Burst:             f.kubeBurst,
+		RegisterTaintKeys: f.registerTaintKeys,
+		Logger:            logger,
+		Registerer:        prometheus.NewRegistry(),
 	})
 	if err != nil {
 		return err
