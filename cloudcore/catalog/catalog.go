@@ -385,6 +385,22 @@ func (c *Catalog) Version(node string, key objsync.Key) (uid, resourceVersion st
 	return string(o.GetUID()), o.GetResourceVersion(), true
 }
 
+// Node returns the cached Node of edge node name (a copy is the caller's
+// to make: the object is the cache's). Nodes without the edge label are
+// not cached. It reads caches only.
+func (c *Catalog) Node(name string) (*corev1.Node, bool) {
+	k := c.kinds[kindID{"", kindNode}]
+	if k == nil {
+		return nil, false
+	}
+	o, ok := k.get(objsync.Key{Kind: kindNode, Name: name})
+	if !ok {
+		return nil, false
+	}
+	n, ok := o.(*corev1.Node)
+	return n, ok
+}
+
 // Belongs reports whether the object named by key exists and belongs to
 // node now. It reads caches only.
 func (c *Catalog) Belongs(node string, key objsync.Key) bool {

@@ -17,7 +17,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
 	"github.com/stretchr/testify/require"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -89,7 +88,7 @@ type fixture struct {
 	w     *Writer
 	admin kubernetes.Interface
 	reqs  *requestLog
-	reg   *prometheus.Registry
+	reg   *promtest.Registry
 	logs  *logBuffer
 }
 
@@ -117,7 +116,7 @@ func newFixture(t *testing.T, binding Binding, cfg Config) *fixture {
 	rc.Wrap(func(rt http.RoundTripper) http.RoundTripper { reqs.next = rt; return reqs })
 	client, err := kubernetes.NewForConfig(rc)
 	require.NoError(t, err)
-	f := &fixture{admin: adminClient(t, env.Config), reqs: reqs, reg: prometheus.NewRegistry(), logs: &logBuffer{}}
+	f := &fixture{admin: adminClient(t, env.Config), reqs: reqs, reg: promtest.NewRegistry(), logs: &logBuffer{}}
 	if cfg.EdgeLabel == "" {
 		cfg.EdgeLabel = catalog.DefaultEdgeLabel
 	}

@@ -153,15 +153,21 @@ func (w *Writer) register(ctx context.Context, name string, edge *corev1.Node) e
 }
 
 // reregister adds labels and the operator's taints to an existing Node,
-// keeping the rest of it. It reads the Node first (registration happens
-// once per EdgeCore start, not per heartbeat) and writes only if something
-// changes, conditionally on the version read: a conflict is transient and
-// the edge sends the registration again.
+// keeping the rest of it. It reads the Node from the catalog's cache (a
+// GET only when the Node is not an edge node yet), and writes only if
+// something changes, conditionally on the version read: a conflict (a
+// stale cache) is transient and the edge sends the registration again.
 func (w *Writer) reregister(ctx context.Context, name string, labels map[string]string) error {
 	nodes := w.client.CoreV1().Nodes()
-	cur, err := nodes.Get(ctx, name, metav1.GetOptions{})
-	if err != nil {
-		return apiError("read node "+name, err, false)
+	var cur *corev1.Node
+	if nc, ok := w.binding.(NodeCache); ok {
+		cur, _ = nc.Node(name)
+	}
+	if cur == nil {
+		var err error
+		if cur, err = nodes.Get(ctx, name, metav1.GetOptions{}); err != nil {
+			return apiError("read node "+name, err, false)
+		}
 	}
 	next := cur.DeepCopy()
 	if next.Labels == nil {
@@ -172,7 +178,7 @@ func (w *Writer) reregister(ctx context.Context, name string, labels map[string]
 	if maps.Equal(next.Labels, cur.Labels) && slices.EqualFunc(next.Spec.Taints, cur.Spec.Taints, func(a, b corev1.Taint) bool { return a.MatchTaint(&b) && a.Value == b.Value }) {
 		return nil
 	}
-	_, err = nodes.Update(ctx, next, metav1.UpdateOptions{FieldManager: w.cfg.FieldManager})
+	_, err := nodes.Update(ctx, next, metav1.UpdateOptions{FieldManager: w.cfg.FieldManager})
 	return apiError("update node "+name, err, false)
 }
 

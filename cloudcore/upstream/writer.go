@@ -34,6 +34,13 @@ type Binding interface {
 	Version(node string, key objsync.Key) (uid, resourceVersion string, ok bool)
 }
 
+// NodeCache is an optional capability of a Binding: the cached Node of an
+// edge node (the catalog's informer), so that a re-registration reads no
+// Node from the API server. Without it, or on a miss, the writer GETs.
+type NodeCache interface {
+	Node(name string) (*corev1.Node, bool)
+}
+
 // Config configures a Writer. Zero values mean the defaults beside each
 // field.
 type Config struct {
