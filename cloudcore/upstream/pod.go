@@ -6,6 +6,7 @@ import (
 	"fmt"
 
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 
@@ -28,9 +29,9 @@ import (
 // the claims a pod may use): a status carrying them is refused.
 func (w *Writer) podStatus(ctx context.Context, node string, m *message.Message) error {
 	r := m.Resource
-	cached, _, ok := w.binding.Version(node, objsync.KeyOf(r))
-	if !ok {
-		return forbidden(reasonNotOwn, "node %q: pod %s/%s is not bound to it", node, r.Namespace, r.Name)
+	cached, err := w.boundPod(node, r)
+	if err != nil {
+		return err
 	}
 	var st corev1.PodStatus
 	if err := json.Unmarshal(m.Payload, &st); err != nil {
@@ -50,4 +51,49 @@ func (w *Writer) podStatus(ctx context.Context, node string, m *message.Message)
 	_, err = w.client.CoreV1().Pods(r.Namespace).Patch(ctx, r.Name, types.MergePatchType, patch,
 		metav1.PatchOptions{FieldManager: w.cfg.FieldManager}, "status")
 	return apiError(fmt.Sprintf("write pod status %s/%s (uid %s)", r.Namespace, r.Name, uid), err, true)
+}
+
+// boundPod returns the cached uid of the pod r if it is bound to node. A
+// pod of a node the cloud does not know as an edge node yet (its
+// registration is still on the way, queued behind older writes in the
+// edge's outbox) is a transient refusal: the edge sends it again, and it
+// is written once the Node is. Any other pod is forbidden.
+func (w *Writer) boundPod(node string, r message.Resource) (string, error) {
+	cached, _, ok := w.binding.Version(node, objsync.KeyOf(r))
+	if ok {
+		return cached, nil
+	}
+	if nc, isCache := w.binding.(NodeCache); isCache {
+		if _, known := nc.Node(node); !known {
+			return "", fmt.Errorf("node %q is not registered as an edge node yet; pod %s/%s waits for it", node, r.Namespace, r.Name)
+		}
+	}
+	return "", forbidden(reasonNotOwn, "node %q: pod %s/%s is not bound to it", node, r.Namespace, r.Name)
+}
+
+// podDelete finishes the deletion of a pod bound to node once the edge has
+// stopped it, as a kubelet does (NodeRestriction lets a node delete the
+// pods bound to it): a delete with grace period 0 and the pod's uid as a
+// precondition, so that it can never delete a recreated pod of the same
+// name. A message without a uid is refused; a pod already gone is done.
+func (w *Writer) podDelete(ctx context.Context, node string, m *message.Message) error {
+	r := m.Resource
+	if _, err := w.boundPod(node, r); err != nil {
+		return err
+	}
+	if r.UID == "" {
+		return forbidden(reasonNotOwn, "node %q: deleting pod %s/%s needs its uid", node, r.Namespace, r.Name)
+	}
+	uid := types.UID(r.UID)
+	zero := int64(0)
+	err := w.client.CoreV1().Pods(r.Namespace).Delete(ctx, r.Name, metav1.DeleteOptions{
+		GracePeriodSeconds: &zero, Preconditions: &metav1.Preconditions{UID: &uid},
+	})
+	switch {
+	case err == nil, apierrors.IsNotFound(err):
+		return nil
+	case apierrors.IsConflict(err):
+		return rejected(reasonPodReplaced, fmt.Errorf("delete pod %s/%s (uid %s): %w", r.Namespace, r.Name, uid, err))
+	}
+	return apiError(fmt.Sprintf("delete pod %s/%s (uid %s)", r.Namespace, r.Name, uid), err, false)
 }

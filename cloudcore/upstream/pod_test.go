@@ -9,6 +9,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
@@ -199,4 +200,80 @@ func TestPodStatusPatchIsAPrecondition(t *testing.T) {
 	_, err := admin.CoreV1().Pods(ns).Patch(context.Background(), p.Name, types.MergePatchType,
 		[]byte(`{"metadata":{"uid":"00000000-0000-0000-0000-000000000000"},"status":{"phase":"Failed"}}`), metav1.PatchOptions{}, "status")
 	require.True(t, invalidField(err, "metadata.uid"), "got %v", err)
+}
+
+// TestPodDelete: an edge finishes the deletion of a pod bound to it, for
+// that pod only (its uid is a precondition); never another node's pod, a
+// recreated pod of the same name, or a pod without naming its uid.
+func TestPodDelete(t *testing.T) {
+	env := cp.Env(t)
+	admin := adminClient(t, env.Config)
+	ns := env.Namespace(t)
+	ctx := context.Background()
+	node, other := nodeName(t, admin), nodeName(t, admin)
+	for _, n := range []string{node, other} {
+		_, err := admin.CoreV1().Nodes().Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{
+			Name: n, Labels: map[string]string{catalog.DefaultEdgeLabel: ""},
+		}}, metav1.CreateOptions{})
+		require.NoError(t, err)
+	}
+	cat := startCatalog(t, admin)
+	del := func(ns, name, uid string) *message.Message {
+		return &message.Message{Kind: message.KindUpstream, Op: message.OpDelete,
+			Resource: message.Resource{Version: "v1", Kind: "Pod", Namespace: ns, Name: name, UID: uid}}
+	}
+	gone := func(name string) bool {
+		_, err := admin.CoreV1().Pods(ns).Get(ctx, name, metav1.GetOptions{})
+		return apierrors.IsNotFound(err)
+	}
+
+	t.Run("own pod", func(t *testing.T) {
+		f := newFixture(t, cat, Config{})
+		p := createPod(t, admin, ns, "own-del", node)
+		waitCached(t, cat, node, p)
+		require.NoError(t, f.w.Apply(ctx, node, del(ns, p.Name, string(p.UID))))
+		require.True(t, gone(p.Name))
+	})
+	t.Run("without uid", func(t *testing.T) {
+		f := newFixture(t, cat, Config{})
+		p := createPod(t, admin, ns, "nouid-del", node)
+		waitCached(t, cat, node, p)
+		requireRefused(t, f, f.w.Apply(ctx, node, del(ns, p.Name, "")), dispatch.ErrForbidden, reasonNotOwn, 0)
+		require.False(t, gone(p.Name))
+	})
+	t.Run("recreated pod", func(t *testing.T) {
+		f := newFixture(t, cat, Config{})
+		old := createPod(t, admin, ns, "recreated-del", node)
+		waitCached(t, cat, node, old)
+		deletePod(t, admin, ns, old.Name)
+		p := createPod(t, admin, ns, old.Name, node)
+		waitCached(t, cat, node, p)
+		requireRefused(t, f, f.w.Apply(ctx, node, del(ns, p.Name, string(old.UID))), dispatch.ErrRejected, reasonPodReplaced, 0)
+		require.False(t, gone(p.Name), "the new pod is untouched")
+	})
+	t.Run("another node's pod", func(t *testing.T) {
+		f := newFixture(t, cat, Config{})
+		p := createPod(t, admin, ns, "theirs-del", other)
+		waitCached(t, cat, other, p)
+		requireRefused(t, f, f.w.Apply(ctx, node, del(ns, p.Name, string(p.UID))), dispatch.ErrForbidden, reasonNotOwn, 0)
+		require.False(t, gone(p.Name))
+	})
+}
+
+// TestPodStatusBeforeRegistration: a pod status from a node the cloud does
+// not know as an edge node yet (its registration still queued behind it)
+// is a transient refusal, not a final one: the edge keeps it and sends it
+// again once the Node is registered.
+func TestPodStatusBeforeRegistration(t *testing.T) {
+	env := cp.Env(t)
+	admin := adminClient(t, env.Config)
+	ns := env.Namespace(t)
+	cat := startCatalog(t, admin)
+	f := newFixture(t, cat, Config{})
+	node := nodeName(t, admin)
+	p := createPod(t, admin, ns, "early", node)
+	err := f.w.Apply(context.Background(), node, podMessage(t, ns, p.Name, string(p.UID), corev1.PodStatus{Phase: corev1.PodRunning}))
+	require.Error(t, err)
+	require.NotErrorIs(t, err, dispatch.ErrForbidden)
+	require.NotErrorIs(t, err, dispatch.ErrRejected)
 }

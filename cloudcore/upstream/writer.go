@@ -219,10 +219,14 @@ func (w *Writer) apply(ctx context.Context, node string, m *message.Message) err
 		}
 		return w.lease(ctx, node, m)
 	case r.Group == "" && r.Kind == "Pod":
-		if m.Op != message.OpStatus {
-			return forbidden(reasonNotOwn, "node %q may only write pod status, not %s", node, m.Op)
+		switch m.Op {
+		case message.OpStatus:
+			return w.podStatus(ctx, node, m)
+		case message.OpDelete:
+			return w.podDelete(ctx, node, m)
+		default:
+			return forbidden(reasonNotOwn, "node %q may only write pod status or finish a pod's deletion, not %s", node, m.Op)
 		}
-		return w.podStatus(ctx, node, m)
 	default:
 		return forbidden(reasonNotOwn, "node %q may not write %s", node, r.String())
 	}
