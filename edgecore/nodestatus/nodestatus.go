@@ -111,6 +111,7 @@ type Reporter struct {
 	logger      *slog.Logger
 	lim         *ratelog.Limiter
 	failures    *prometheus.CounterVec
+	readyGauge  prometheus.Gauge
 	facts       hostinfo.Facts
 	capacity    corev1.ResourceList
 	allocatable corev1.ResourceList
@@ -174,20 +175,37 @@ func New(cfg Config, pub Publisher, logger *slog.Logger) (*Reporter, error) {
 		Name: "tether_edge_nodestatus_publish_failures_total",
 		Help: "Node and lease reports that could not be queued in the outbox (made again at the next report), by report.",
 	}, []string{"report"})
+	readyGauge := prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "tether_edge_nodestatus_ready",
+		Help: "1 while the Node's Ready condition is True (the runtime answers ready), else 0.",
+	})
 	if cfg.Registerer != nil {
-		if err := cfg.Registerer.Register(failures); err != nil {
-			return nil, fmt.Errorf("register nodestatus metrics: %w", err)
+		for _, c := range []prometheus.Collector{failures, readyGauge} {
+			if err := cfg.Registerer.Register(c); err != nil {
+				return nil, fmt.Errorf("register nodestatus metrics: %w", err)
+			}
 		}
 	}
-	return &Reporter{
+	r := &Reporter{
 		cfg: cfg, pub: pub, logger: logger.With("component", "nodestatus"), lim: ratelog.New(0, nil), failures: failures,
-		facts: facts, capacity: capacity, allocatable: allocatable(capacity, reserved, eviction),
+		readyGauge: readyGauge, facts: facts, capacity: capacity, allocatable: allocatable(capacity, reserved, eviction),
 		ready: ready(cfg.Runtime != nil, RuntimeState{}, errNotAsked, cfg.RequireRuntime, cfg.RequireNetwork), since: cfg.Now(),
-	}, nil
+	}
+	r.setGauge(r.ready)
+	return r, nil
+}
+
+func (r *Reporter) setGauge(rd readiness) {
+	if rd.status == corev1.ConditionTrue {
+		r.readyGauge.Set(1)
+	} else {
+		r.readyGauge.Set(0)
+	}
 }
 
 // probe asks the runtime (when one is configured) and updates the Ready
-// condition; it returns whether the condition's status changed.
+// condition; it returns whether the condition's status or reason changed
+// (only a status change moves its lastTransitionTime).
 func (r *Reporter) probe(ctx context.Context) bool {
 	var st RuntimeState
 	var err error
@@ -205,12 +223,15 @@ func (r *Reporter) probe(ctx context.Context) bool {
 	if err == nil && st.Version != "" {
 		r.version = st.Version
 	}
-	changed := now.status != r.ready.status
-	if changed {
+	if now.status != r.ready.status {
 		r.since = r.cfg.Now()
+	}
+	changed := now.status != r.ready.status || now.reason != r.ready.reason
+	if changed {
 		r.logger.Info("node readiness changed", "ready", now.status, "reason", now.reason, "message", now.message)
 	}
 	r.ready = now
+	r.setGauge(now)
 	return changed
 }
 

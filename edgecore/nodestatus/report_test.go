@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/stretchr/testify/require"
 	corev1 "k8s.io/api/core/v1"
 
@@ -163,7 +165,7 @@ func TestReadyFollowsRuntime(t *testing.T) {
 	st, _ := openStore(t)
 	pub := &recorder{st: st}
 	rt := &lateRuntime{}
-	r, err := New(Config{Node: "edge-1", Runtime: rt, LeaseDuration: 2 * time.Second, StatusEvery: time.Hour}, pub, nil)
+	r, err := New(Config{Node: "edge-1", Runtime: rt, LeaseDuration: 2 * time.Second, StatusEvery: time.Hour, Registerer: prometheus.NewRegistry()}, pub, nil)
 	require.NoError(t, err)
 	stop, _ := start(t, r)
 	defer func() { require.NoError(t, stop()) }()
@@ -178,8 +180,10 @@ func TestReadyFollowsRuntime(t *testing.T) {
 		return n
 	}
 	n := waitReady(corev1.ConditionFalse, ReasonRuntimeUnreachable)
+	since := readyOf(n).LastTransitionTime
 	require.Contains(t, readyOf(n).Message, "no such file or directory")
 	require.Empty(t, n.Status.NodeInfo.ContainerRuntimeVersion)
+	require.Zero(t, testutil.ToFloat64(r.readyGauge))
 
 	host := containerd.Start(t)
 	rt.p.Store(&CRI{Service: host.Runtime})
@@ -190,6 +194,9 @@ func TestReadyFollowsRuntime(t *testing.T) {
 	require.Regexp(t, `^containerd://1\.6\.20`, version, "Debian's containerd says 1.6.20~ds1")
 	require.Equal(t, version, n.Status.NodeInfo.ContainerRuntimeVersion)
 	require.Equal(t, "edgecore is posting ready status; container runtime "+version+" is ready", readyOf(n).Message)
+	require.Equal(t, 1.0, testutil.ToFloat64(r.readyGauge))
+	// Node times travel with second precision: not before, maybe equal.
+	require.False(t, readyOf(n).LastTransitionTime.Time.Before(since.Time), "the transition is dated")
 
 	// The same containerd, with CNI required: it has no CNI config.
 	state, err := (&CRI{Service: host.Runtime}).RuntimeStatus(t.Context())
