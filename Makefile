@@ -35,7 +35,7 @@ vet: check-env
 lint: $(GOLANGCI)
 	$(GOLANGCI) run ./...
 
-## testbin: kube-apiserver and etcd built from Go modules into _output/testbin
+## testbin: kube-apiserver, kube-controller-manager and etcd built from Go modules into _output/testbin
 testbin: check-env
 	bash build/testbin/build.sh
 

@@ -51,7 +51,10 @@ type Config struct {
 	// Syncer tunes the sync protocol. Zero: the syncer's defaults.
 	Syncer syncer.Config
 	// NodeStatus tunes node status and lease reports; its Node is set
-	// from Node.
+	// from Node, and its DataDir, when empty, from DataDir (the
+	// filesystem whose size is the ephemeral-storage capacity). With no
+	// NodeStatus.Runtime the Node is Ready only if
+	// NodeStatus.RequireRuntime is false (the edgecore command sets it).
 	NodeStatus nodestatus.Config
 	// WrapStore, when set, wraps the store the syncer writes through
 	// (benchmarks and fault-injection tests observe commits that way).
@@ -133,6 +136,9 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 	}
 	nsCfg := cfg.NodeStatus
 	nsCfg.Node = cfg.Node
+	if nsCfg.DataDir == "" {
+		nsCfg.DataDir = cfg.DataDir
+	}
 	if nsCfg.Registerer == nil {
 		nsCfg.Registerer = cfg.Registerer
 	}

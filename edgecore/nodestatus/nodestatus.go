@@ -1,6 +1,9 @@
 // Package nodestatus reports the edge node to the cloud: it registers the
-// Node (capacity, allocatable, addresses, labels) once per start, renews
-// the node's Lease as a heartbeat, and refreshes the Ready condition. It
+// Node (capacity, allocatable, nodeInfo, addresses, labels) once per start,
+// renews the node's Lease as a heartbeat, and refreshes the Ready
+// condition, which is True only when the container runtime answers that it
+// can run pods. Host facts come from edgecore/hostinfo; the runtime is
+// asked through the Runtime interface (CRI adapts a CRI client). It
 // only publishes into the durable outbox, so reports made while offline
 // wait there (newest per object) and reach the cloud on reconnect. A
 // report that cannot be queued (the store is busy or the disk full) is
@@ -16,18 +19,29 @@ import (
 	"log/slog"
 	"net"
 	"runtime"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
-	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/tetheredge/tether/common/message"
 	"github.com/tetheredge/tether/common/ratelog"
+	"github.com/tetheredge/tether/edgecore/hostinfo"
 	"github.com/tetheredge/tether/edgecore/store"
 )
+
+// KubeletVersion is the Node's nodeInfo.kubeletVersion. It is a valid
+// semantic version, as components that compare kubelet versions require,
+// and 0.0.0 so that nothing takes Tether for a kubelet of some Kubernetes
+// release and assumes that release's kubelet features.
+const KubeletVersion = "v0.0.0-tether"
+
+// DefaultMaxPods is the pods capacity when Config.MaxPods is 0 (kubelet's
+// default).
+const DefaultMaxPods = 110
 
 // Publisher queues an upstream write (the syncer).
 type Publisher interface {
@@ -43,10 +57,47 @@ type Config struct {
 	// LeaseDuration is the lease's duration; it is renewed every quarter
 	// of it. Default 40s (as kubelet).
 	LeaseDuration time.Duration
-	// StatusEvery is how often the Ready condition is refreshed. Default 1m.
+	// StatusEvery is how often the Node's status is published. Default 1m.
+	// The runtime is asked at every lease renewal too, and a change of the
+	// Ready condition is published then, without waiting for StatusEvery.
 	StatusEvery time.Duration
-	// MemoryBytes overrides the memory capacity (default: /proc/meminfo).
+	// Runtime, when set, decides the Ready condition: Ready is True only
+	// while it answers RuntimeReady (and NetworkReady, with
+	// RequireNetwork), and its version is the Node's
+	// containerRuntimeVersion. Each question has a deadline of
+	// LeaseDuration/8. Nil: no runtime is configured; see RequireRuntime.
+	Runtime Runtime
+	// RequireRuntime, with Runtime nil, makes the Node NotReady (reason
+	// ContainerRuntimeUnreachable): nothing can run there. False (the
+	// default): a node without a runtime is Ready while EdgeCore runs, as
+	// for a node that only syncs (the sync path's end-to-end tests). It has
+	// no effect when Runtime is set.
+	RequireRuntime bool
+	// RequireNetwork makes Ready also require the runtime's NetworkReady:
+	// set it when pods use CNI. Default false (host network only).
+	RequireNetwork bool
+	// HostRoot is the root below which host facts are read (/proc, /sys,
+	// /etc). Default "/"; tests use a synthetic tree.
+	HostRoot string
+	// DataDir is a directory on the filesystem whose size is the
+	// ephemeral-storage capacity (EdgeCore's data directory). Default
+	// HostRoot.
+	DataDir string
+	// MemoryBytes overrides the memory capacity (default: MemTotal of
+	// /proc/meminfo).
 	MemoryBytes int64
+	// MaxPods is the pods capacity. Default DefaultMaxPods.
+	MaxPods int64
+	// SystemReserved and KubeReserved are subtracted from capacity to give
+	// allocatable, as kubelet's flags of those names; only cpu, memory and
+	// ephemeral-storage. Default none.
+	SystemReserved, KubeReserved corev1.ResourceList
+	// EvictionHard are the hard eviction thresholds subtracted from
+	// allocatable, as kubelet's --eviction-hard: memory.available and
+	// nodefs.available (ephemeral-storage), each a quantity or a
+	// percentage of capacity. Nil: kubelet's defaults, memory.available
+	// 100Mi and nodefs.available 10%; an empty map: none.
+	EvictionHard map[string]string
 	// Now defaults to time.Now.
 	Now func() time.Time
 	// Registerer, when set, gets the reporter's metrics.
@@ -55,11 +106,20 @@ type Config struct {
 
 // Reporter publishes the node's registration, lease and status.
 type Reporter struct {
-	cfg      Config
-	pub      Publisher
-	logger   *slog.Logger
-	lim      *ratelog.Limiter
-	failures *prometheus.CounterVec
+	cfg         Config
+	pub         Publisher
+	logger      *slog.Logger
+	lim         *ratelog.Limiter
+	failures    *prometheus.CounterVec
+	readyGauge  prometheus.Gauge
+	facts       hostinfo.Facts
+	capacity    corev1.ResourceList
+	allocatable corev1.ResourceList
+
+	mu      sync.Mutex
+	ready   readiness // the Ready condition now
+	since   time.Time // when ready.status last changed
+	version string    // the runtime's last answered version
 }
 
 // New returns a reporter. A nil logger discards logs.
@@ -79,19 +139,100 @@ func New(cfg Config, pub Publisher, logger *slog.Logger) (*Reporter, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
-	if cfg.MemoryBytes <= 0 {
-		cfg.MemoryBytes = memTotal()
+	if cfg.HostRoot == "" {
+		cfg.HostRoot = "/"
 	}
+	if cfg.DataDir == "" {
+		cfg.DataDir = cfg.HostRoot
+	}
+	if cfg.MaxPods <= 0 {
+		cfg.MaxPods = DefaultMaxPods
+	}
+	facts, err := hostinfo.Read(cfg.HostRoot)
+	if cfg.MemoryBytes > 0 {
+		facts.MemoryBytes = cfg.MemoryBytes
+	}
+	if err != nil && (facts.MemoryBytes == 0 || facts.KernelVersion == "") {
+		return nil, fmt.Errorf("read host facts: %w", err)
+	}
+	if err != nil {
+		logger.Warn("some host facts could not be read", "err", err)
+	}
+	storage, err := hostinfo.StorageBytes(cfg.DataDir)
+	if err != nil {
+		return nil, fmt.Errorf("read ephemeral storage: %w", err)
+	}
+	reserved, err := sumReserved(cfg.SystemReserved, cfg.KubeReserved)
+	if err != nil {
+		return nil, fmt.Errorf("nodestatus config: %w", err)
+	}
+	eviction, err := parseEviction(cfg.EvictionHard)
+	if err != nil {
+		return nil, fmt.Errorf("nodestatus config: %w", err)
+	}
+	capacity := hostResources{facts: facts, storageBytes: storage, maxPods: cfg.MaxPods}.capacity()
 	failures := prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "tether_edge_nodestatus_publish_failures_total",
 		Help: "Node and lease reports that could not be queued in the outbox (made again at the next report), by report.",
 	}, []string{"report"})
+	readyGauge := prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "tether_edge_nodestatus_ready",
+		Help: "1 while the Node's Ready condition is True (the runtime answers ready), else 0.",
+	})
 	if cfg.Registerer != nil {
-		if err := cfg.Registerer.Register(failures); err != nil {
-			return nil, fmt.Errorf("register nodestatus metrics: %w", err)
+		for _, c := range []prometheus.Collector{failures, readyGauge} {
+			if err := cfg.Registerer.Register(c); err != nil {
+				return nil, fmt.Errorf("register nodestatus metrics: %w", err)
+			}
 		}
 	}
-	return &Reporter{cfg: cfg, pub: pub, logger: logger.With("component", "nodestatus"), lim: ratelog.New(0, nil), failures: failures}, nil
+	r := &Reporter{
+		cfg: cfg, pub: pub, logger: logger.With("component", "nodestatus"), lim: ratelog.New(0, nil), failures: failures,
+		readyGauge: readyGauge, facts: facts, capacity: capacity, allocatable: allocatable(capacity, reserved, eviction),
+		ready: ready(cfg.Runtime != nil, RuntimeState{}, errNotAsked, cfg.RequireRuntime, cfg.RequireNetwork), since: cfg.Now(),
+	}
+	r.setGauge(r.ready)
+	return r, nil
+}
+
+func (r *Reporter) setGauge(rd readiness) {
+	if rd.status == corev1.ConditionTrue {
+		r.readyGauge.Set(1)
+	} else {
+		r.readyGauge.Set(0)
+	}
+}
+
+// probe asks the runtime (when one is configured) and updates the Ready
+// condition; it returns whether the condition's status or reason changed
+// (only a status change moves its lastTransitionTime).
+func (r *Reporter) probe(ctx context.Context) bool {
+	var st RuntimeState
+	var err error
+	if r.cfg.Runtime != nil {
+		pctx, cancel := context.WithTimeout(ctx, r.cfg.LeaseDuration/8)
+		st, err = r.cfg.Runtime.RuntimeStatus(pctx)
+		cancel()
+		if ctx.Err() != nil {
+			return false // stopping: the answer says nothing of the runtime
+		}
+	}
+	now := ready(r.cfg.Runtime != nil, st, err, r.cfg.RequireRuntime, r.cfg.RequireNetwork)
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if err == nil && st.Version != "" {
+		r.version = st.Version
+	}
+	if now.status != r.ready.status {
+		r.since = r.cfg.Now()
+	}
+	changed := now.status != r.ready.status || now.reason != r.ready.reason
+	if changed {
+		r.logger.Info("node readiness changed", "ready", now.status, "reason", now.reason, "message", now.message)
+	}
+	r.ready = now
+	r.setGauge(now)
+	return changed
 }
 
 // Run registers the node, then renews its lease and status until ctx ends.
@@ -103,6 +244,7 @@ func (r *Reporter) Run(ctx context.Context) error {
 	defer lease.Stop()
 	status := time.NewTicker(r.cfg.StatusEvery)
 	defer status.Stop()
+	r.probe(ctx)
 	registered := r.report(ctx, "node", r.publishNode(ctx, message.OpUpsert))
 	r.report(ctx, "lease", r.publishLease(ctx))
 	for {
@@ -110,11 +252,15 @@ func (r *Reporter) Run(ctx context.Context) error {
 		case <-ctx.Done():
 			return nil
 		case <-lease.C:
+			r.report(ctx, "lease", r.publishLease(ctx))
+			changed := r.probe(ctx)
 			if !registered {
 				registered = r.report(ctx, "node", r.publishNode(ctx, message.OpUpsert))
+			} else if changed {
+				r.report(ctx, "status", r.publishNode(ctx, message.OpStatus))
 			}
-			r.report(ctx, "lease", r.publishLease(ctx))
 		case <-status.C:
+			r.probe(ctx)
 			if registered {
 				r.report(ctx, "status", r.publishNode(ctx, message.OpStatus))
 			}
@@ -138,25 +284,31 @@ func (r *Reporter) report(ctx context.Context, what string, err error) bool {
 	return false
 }
 
-// Node returns the Node object this reporter registers.
+// Node returns the Node object this reporter registers, with the Ready
+// condition of the runtime's last answer (before Run has asked: NotReady
+// when a Runtime is configured).
 func (r *Reporter) Node() *corev1.Node {
+	r.mu.Lock()
+	rd, since, version := r.ready, metav1.NewTime(r.since), r.version
+	r.mu.Unlock()
 	now := metav1.NewTime(r.cfg.Now())
-	cpu := resource.NewQuantity(int64(runtime.NumCPU()), resource.DecimalSI)
-	mem := resource.NewQuantity(r.cfg.MemoryBytes, resource.BinarySI)
-	pods := resource.NewQuantity(110, resource.DecimalSI)
-	res := corev1.ResourceList{corev1.ResourceCPU: *cpu, corev1.ResourceMemory: *mem, corev1.ResourcePods: *pods}
+	f := r.facts
 	n := &corev1.Node{
 		TypeMeta:   metav1.TypeMeta{APIVersion: "v1", Kind: "Node"},
 		ObjectMeta: metav1.ObjectMeta{Name: r.cfg.Node, Labels: map[string]string{"kubernetes.io/hostname": r.cfg.Node, "kubernetes.io/os": runtime.GOOS, "kubernetes.io/arch": runtime.GOARCH}},
 		Status: corev1.NodeStatus{
-			Capacity:    res,
-			Allocatable: res.DeepCopy(),
+			Capacity:    r.capacity.DeepCopy(),
+			Allocatable: r.allocatable.DeepCopy(),
 			Addresses:   addresses(r.cfg.Node),
 			Conditions: []corev1.NodeCondition{{
-				Type: corev1.NodeReady, Status: corev1.ConditionTrue, Reason: "EdgeCoreReady",
-				Message: "edgecore is running", LastHeartbeatTime: now, LastTransitionTime: now,
+				Type: corev1.NodeReady, Status: rd.status, Reason: rd.reason,
+				Message: rd.message, LastHeartbeatTime: now, LastTransitionTime: since,
 			}},
-			NodeInfo: corev1.NodeSystemInfo{OperatingSystem: runtime.GOOS, Architecture: runtime.GOARCH, KubeletVersion: "tether-edgecore"},
+			NodeInfo: corev1.NodeSystemInfo{
+				MachineID: f.MachineID, SystemUUID: f.SystemUUID, BootID: f.BootID,
+				KernelVersion: f.KernelVersion, OSImage: f.OSImage, ContainerRuntimeVersion: version,
+				KubeletVersion: KubeletVersion, OperatingSystem: runtime.GOOS, Architecture: runtime.GOARCH,
+			},
 		},
 	}
 	for k, v := range r.cfg.Labels {

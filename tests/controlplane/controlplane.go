@@ -8,6 +8,11 @@
 // installed before a control plane is handed out. Missing binaries fail the
 // test with a hint to run `make testbin`; they never skip it.
 //
+// Start(tb, WithControllerManager(...)) also runs a real
+// kube-controller-manager (by default its node lifecycle and taint eviction
+// controllers with timers of seconds), for tests of what the cloud does to
+// nodes that stop reporting.
+//
 // A test that wants its own control plane calls Start. A package whose tests
 // can share one declares a Shared next to its TestMain:
 //
@@ -66,7 +71,7 @@ const (
 )
 
 // Env is a running control plane: one etcd and one kube-apiserver, with the
-// project's CRDs installed.
+// project's CRDs installed, and a kube-controller-manager when asked.
 type Env struct {
 	// Config reaches the apiserver as a member of system:masters. Callers may
 	// copy it with rest.CopyConfig and change the copy; it is shared.
@@ -79,6 +84,7 @@ type Env struct {
 	StartupTime time.Duration
 
 	env      *envtest.Environment
+	cm       *cmProcess // nil without WithControllerManager
 	stopOnce sync.Once
 	stopErr  error
 }
@@ -86,9 +92,9 @@ type Env struct {
 // Start starts a control plane for tb and stops it when tb ends. It fails tb
 // if the control plane cannot start, including when the binaries have not
 // been built.
-func Start(tb testing.TB) *Env {
+func Start(tb testing.TB, opts ...Option) *Env {
 	tb.Helper()
-	env, err := New()
+	env, err := New(opts...)
 	if err != nil {
 		tb.Fatalf("%v", err)
 	}
@@ -97,7 +103,11 @@ func Start(tb testing.TB) *Env {
 			tb.Errorf("%v", err)
 		}
 	})
-	tb.Logf("controlplane: etcd and kube-apiserver ready in %s", env.StartupTime.Round(time.Millisecond))
+	what := "etcd and kube-apiserver"
+	if env.cm != nil {
+		what = "etcd, kube-apiserver and kube-controller-manager"
+	}
+	tb.Logf("controlplane: %s ready in %s", what, env.StartupTime.Round(time.Millisecond))
 	return env
 }
 
@@ -105,9 +115,14 @@ func Start(tb testing.TB) *Env {
 // Start or Shared; New is for code that has no testing.TB.
 //
 // It returns an error wrapping ErrBinariesMissing when kube-apiserver or etcd
-// has not been built.
-func New() (*Env, error) {
-	paths, err := findPaths()
+// (or, with WithControllerManager, kube-controller-manager) has not been
+// built.
+func New(opts ...Option) (*Env, error) {
+	var o options
+	for _, opt := range opts {
+		opt(&o)
+	}
+	paths, err := findPaths(o.cm != nil)
 	if err != nil {
 		return nil, err
 	}
@@ -133,6 +148,9 @@ func New() (*Env, error) {
 		UseExistingCluster: new(false),
 	}
 	configureAPIServer(te.ControlPlane.GetAPIServer())
+	if o.cm != nil {
+		o.cm.configureTolerations(te.ControlPlane.GetAPIServer())
+	}
 
 	begin := time.Now()
 	cfg, err := te.Start()
@@ -142,12 +160,14 @@ func New() (*Env, error) {
 		return nil, fmt.Errorf("controlplane: start etcd and kube-apiserver from %s: %w\n%s",
 			paths.binDir, errors.Join(err, stopErr), tail.Tail())
 	}
-	return &Env{
-		Config:      cfg,
-		KubeConfig:  te.KubeConfig,
-		StartupTime: time.Since(begin),
-		env:         te,
-	}, nil
+	env := &Env{Config: cfg, KubeConfig: te.KubeConfig, env: te}
+	if o.cm != nil {
+		if env.cm, err = startControllerManager(paths.controllerManager, te.KubeConfig, o.cm, os.Getenv(attachOutputEnv) == "true"); err != nil {
+			return nil, errors.Join(err, te.Stop())
+		}
+	}
+	env.StartupTime = time.Since(begin)
+	return env, nil
 }
 
 // configureAPIServer adjusts envtest's kube-apiserver flags: loopback
@@ -165,14 +185,20 @@ func configureAPIServer(s *envtest.APIServer) {
 	s.Configure().Set("profiling", "false")
 }
 
-// Stop stops kube-apiserver and etcd and removes their data. It is safe to
-// call more than once and from several goroutines; every call returns the
-// first call's result.
+// Stop stops kube-controller-manager (if running), kube-apiserver and etcd
+// and removes their data. It is safe to call more than once and from
+// several goroutines; every call returns the first call's result, which
+// includes a controller manager that had exited on its own.
 func (e *Env) Stop() error {
 	e.stopOnce.Do(func() {
-		if err := e.env.Stop(); err != nil {
-			e.stopErr = fmt.Errorf("controlplane: stop etcd and kube-apiserver: %w", err)
+		var errs []error
+		if e.cm != nil {
+			errs = append(errs, e.cm.stop())
 		}
+		if err := e.env.Stop(); err != nil {
+			errs = append(errs, fmt.Errorf("controlplane: stop etcd and kube-apiserver: %w", err))
+		}
+		e.stopErr = errors.Join(errs...)
 	})
 	return e.stopErr
 }

@@ -12,12 +12,14 @@ import (
 const (
 	// rootModule is the module path of the repository root's go.mod.
 	rootModule = "github.com/tetheredge/tether"
-	// testbinEnv names a directory holding kube-apiserver and etcd to use
-	// instead of <repo>/_output/testbin.
+	// testbinEnv names a directory holding kube-apiserver and etcd (and
+	// kube-controller-manager, for WithControllerManager) to use instead
+	// of <repo>/_output/testbin.
 	testbinEnv = "TETHER_TESTBIN"
 )
 
-// ErrBinariesMissing reports that kube-apiserver or etcd has not been built.
+// ErrBinariesMissing reports that kube-apiserver or etcd (or a
+// kube-controller-manager asked for) has not been built.
 var ErrBinariesMissing = errors.New("controlplane: test binaries missing")
 
 // paths locates what a control plane is started from.
@@ -26,12 +28,15 @@ type paths struct {
 	apiServer string // kube-apiserver binary
 	etcd      string // etcd binary
 	crdDir    string // directory of CRD manifests to install
+	// controllerManager is the kube-controller-manager binary, checked
+	// only when a controller manager is asked for.
+	controllerManager string
 }
 
 // findPaths finds the repository root from the working directory (go test
 // runs a test binary in its package's directory) and the binaries in
 // TETHER_TESTBIN or <repo>/_output/testbin.
-func findPaths() (paths, error) {
+func findPaths(withControllerManager bool) (paths, error) {
 	wd, err := os.Getwd()
 	if err != nil {
 		return paths{}, fmt.Errorf("controlplane: get working directory: %w", err)
@@ -51,10 +56,15 @@ func findPaths() (paths, error) {
 	}
 	p.apiServer = filepath.Join(p.binDir, "kube-apiserver")
 	p.etcd = filepath.Join(p.binDir, "etcd")
-	for _, bin := range []string{p.apiServer, p.etcd} {
+	p.controllerManager = filepath.Join(p.binDir, "kube-controller-manager")
+	bins := []string{p.apiServer, p.etcd}
+	if withControllerManager {
+		bins = append(bins, p.controllerManager)
+	}
+	for _, bin := range bins {
 		if err := checkExecutable(bin); err != nil {
 			return paths{}, fmt.Errorf("%w: %w; run `make testbin` (bash build/testbin/build.sh) "+
-				"to build kube-apiserver and etcd into %s, or set %s to a directory that holds them",
+				"to build kube-apiserver, kube-controller-manager and etcd into %s, or set %s to a directory that holds them",
 				ErrBinariesMissing, err, filepath.Join(root, "_output", "testbin"), testbinEnv)
 		}
 	}

@@ -21,6 +21,7 @@ import (
 
 	"github.com/tetheredge/tether/edgecore/app"
 	edgejoin "github.com/tetheredge/tether/edgecore/join"
+	"github.com/tetheredge/tether/edgecore/nodestatus"
 )
 
 func main() {
@@ -107,6 +108,10 @@ func appConfig(f flags, logger *slog.Logger) (app.Config, error) {
 	return app.Config{
 		Cloud: f.cloud, Node: f.node, Certificate: pair, CA: caCert, IdentityDir: f.dataDir, DataDir: f.dataDir,
 		KeepAlive: f.keepAlive, DeadPeerTimeout: f.dead, Logger: logger, Registerer: prometheus.NewRegistry(),
+		// The node is Ready only when a container runtime answers; until
+		// one is wired here it is NotReady, ContainerRuntimeUnreachable:
+		// nothing can run on it.
+		NodeStatus: nodestatus.Config{RequireRuntime: true},
 	}, nil
 }
 
