@@ -1,0 +1,320 @@
+package pods_test
+
+import (
+	"context"
+	"encoding/json"
+	"net/netip"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/go-logr/logr"
+	"github.com/stretchr/testify/require"
+	"go.uber.org/goleak"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+	"k8s.io/klog/v2"
+
+	"github.com/tetheredge/tether/common/message"
+	"github.com/tetheredge/tether/edgecore/pods"
+	"github.com/tetheredge/tether/edgecore/store"
+	"github.com/tetheredge/tether/tests/containerd"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+// recorder is a Publisher that keeps what was published.
+type recorder struct {
+	mu    sync.Mutex
+	items []store.OutboxItem
+}
+
+func (r *recorder) Publish(_ context.Context, it store.OutboxItem) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.items = append(r.items, it)
+	return nil
+}
+
+// status returns the last status published for the pod uid.
+func (r *recorder) status(t *testing.T, uid string) (corev1.PodStatus, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for i := len(r.items) - 1; i >= 0; i-- {
+		it := r.items[i]
+		if it.Op == message.OpStatus && it.Resource.UID == uid {
+			var st corev1.PodStatus
+			require.NoError(t, json.Unmarshal(it.Data, &st))
+			return st, true
+		}
+	}
+	return corev1.PodStatus{}, false
+}
+
+func (r *recorder) deleted(uid string) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, it := range r.items {
+		if it.Op == message.OpDelete && it.Resource.UID == uid {
+			return true
+		}
+	}
+	return false
+}
+
+// env is one containerd, one store and a way to run managers on them.
+type env struct {
+	t   *testing.T
+	ctx context.Context
+	h   *containerd.Host
+	st  *store.Store
+	pub *recorder
+	dir string
+}
+
+func newEnv(t *testing.T, opts ...containerd.Option) *env {
+	h := containerd.Start(t, opts...)
+	ctx, cancel := context.WithTimeout(klog.NewContext(context.Background(), logr.Discard()), 3*time.Minute)
+	t.Cleanup(cancel)
+	dir := t.TempDir()
+	st, err := store.Open(ctx, filepath.Join(dir, "edgecore.db"), nil)
+	require.NoError(t, err)
+	t.Cleanup(func() { require.NoError(t, st.Close()) })
+	return &env{t: t, ctx: ctx, h: h, st: st, pub: &recorder{}, dir: dir}
+}
+
+// run starts a manager and returns a function that stops it and waits.
+func (e *env) run(cfg pods.Config) (stop func()) {
+	e.t.Helper()
+	cfg.Node = "edge-1"
+	cfg.HostIPs = []string{"192.0.2.10"}
+	cfg.LogDir = filepath.Join(e.dir, "logs")
+	if cfg.RelistPeriod == 0 {
+		cfg.RelistPeriod = 200 * time.Millisecond
+	}
+	m, err := pods.New(cfg, e.st, e.h.Runtime, e.h.Images, e.pub, nil)
+	require.NoError(e.t, err)
+	cancelSub := e.st.Subscribe(m.OnStoreChange)
+	ctx, cancel := context.WithCancel(e.ctx)
+	done := make(chan error, 1)
+	go func() { done <- m.Run(ctx) }()
+	var once sync.Once
+	stop = func() {
+		once.Do(func() {
+			cancelSub()
+			cancel()
+			require.NoError(e.t, <-done)
+		})
+	}
+	e.t.Cleanup(stop)
+	return stop
+}
+
+func (e *env) put(objs ...any) {
+	e.t.Helper()
+	var changes []store.Change
+	for _, o := range objs {
+		data, err := json.Marshal(o)
+		require.NoError(e.t, err)
+		var r message.Resource
+		switch v := o.(type) {
+		case *corev1.Pod:
+			r = message.Resource{Version: "v1", Kind: "Pod", Namespace: v.Namespace, Name: v.Name, UID: string(v.UID)}
+		case *corev1.Secret:
+			r = message.Resource{Version: "v1", Kind: "Secret", Namespace: v.Namespace, Name: v.Name, UID: string(v.UID)}
+		case *corev1.ConfigMap:
+			r = message.Resource{Version: "v1", Kind: "ConfigMap", Namespace: v.Namespace, Name: v.Name, UID: string(v.UID)}
+		}
+		changes = append(changes, store.Change{Op: message.OpUpsert, Object: store.Object{Resource: r, Version: "1", Data: data}})
+	}
+	require.NoError(e.t, e.st.Apply(e.ctx, changes))
+}
+
+func (e *env) deletePod(p *corev1.Pod) {
+	require.NoError(e.t, e.st.Apply(e.ctx, []store.Change{{Op: message.OpDelete, Object: store.Object{
+		Resource: message.Resource{Kind: "Pod", Namespace: p.Namespace, Name: p.Name},
+	}}}))
+}
+
+// waitStatus waits until the pod's published status satisfies cond.
+func (e *env) waitStatus(p *corev1.Pod, what string, cond func(corev1.PodStatus) bool) corev1.PodStatus {
+	e.t.Helper()
+	var last corev1.PodStatus
+	require.Eventuallyf(e.t, func() bool {
+		st, ok := e.pub.status(e.t, string(p.UID))
+		last = st
+		return ok && cond(st)
+	}, time.Minute, 50*time.Millisecond, "pod %s: %s; last status %+v", p.Name, what, &last)
+	return last
+}
+
+func (e *env) containers(uid types.UID) []*runtimeapi.Container {
+	cs, err := e.h.Runtime.ListContainers(e.ctx, &runtimeapi.ContainerFilter{
+		LabelSelector: map[string]string{"io.kubernetes.pod.uid": string(uid)},
+	})
+	require.NoError(e.t, err)
+	return cs
+}
+
+func busyboxPod(h *containerd.Host, name string, policy corev1.RestartPolicy, hostNet bool, cmd ...string) *corev1.Pod {
+	grace := int64(1)
+	return &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: "default", UID: types.UID("uid-" + name + "-1")},
+		Spec: corev1.PodSpec{
+			NodeName:                      "edge-1",
+			HostNetwork:                   hostNet,
+			RestartPolicy:                 policy,
+			TerminationGracePeriodSeconds: &grace,
+			Containers: []corev1.Container{{
+				Name: "main", Image: h.BusyboxImage, ImagePullPolicy: corev1.PullNever, Command: cmd,
+			}},
+		},
+	}
+}
+
+func running(st corev1.PodStatus) bool {
+	return st.Phase == corev1.PodRunning && len(st.ContainerStatuses) == 1 && st.ContainerStatuses[0].State.Running != nil
+}
+
+// A pod written into the store runs on the CNI network: its status reaches
+// Running with the container's start time and the sandbox's IP, and its
+// env holds a Secret key and fieldRefs.
+func TestPodRunsWithEnv(t *testing.T) {
+	e := newEnv(t, containerd.WithCNI())
+	e.run(pods.Config{})
+	p := busyboxPod(e.h, "web", corev1.RestartPolicyAlways, false, "sleep", "3600")
+	c := &p.Spec.Containers[0]
+	c.Env = []corev1.EnvVar{
+		{Name: "PLAIN", Value: "v1"},
+		{Name: "TOKEN", ValueFrom: &corev1.EnvVarSource{SecretKeyRef: &corev1.SecretKeySelector{
+			LocalObjectReference: corev1.LocalObjectReference{Name: "creds"}, Key: "token"}}},
+		{Name: "MY_NAME", ValueFrom: &corev1.EnvVarSource{FieldRef: &corev1.ObjectFieldSelector{FieldPath: "metadata.name"}}},
+		{Name: "MY_IP", ValueFrom: &corev1.EnvVarSource{FieldRef: &corev1.ObjectFieldSelector{FieldPath: "status.podIP"}}},
+		{Name: "MY_NODE", ValueFrom: &corev1.EnvVarSource{FieldRef: &corev1.ObjectFieldSelector{FieldPath: "spec.nodeName"}}},
+	}
+	secret := &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: "creds", Namespace: "default", UID: "uid-creds"},
+		Data: map[string][]byte{"token": []byte("s3cret")}}
+	e.put(secret, p)
+
+	st := e.waitStatus(p, "running", running)
+	cs := st.ContainerStatuses[0]
+	require.False(t, cs.State.Running.StartedAt.IsZero())
+	require.True(t, cs.Ready)
+	require.True(t, strings.HasPrefix(cs.ContainerID, "containerd://"), cs.ContainerID)
+	require.NotEmpty(t, cs.ImageID)
+	require.NotEmpty(t, st.PodIP)
+	ip, err := netip.ParseAddr(st.PodIP)
+	require.NoError(t, err)
+	require.True(t, e.h.Network.Subnet.Contains(ip), "pod IP %s in %s", ip, e.h.Network.Subnet)
+	require.Equal(t, "192.0.2.10", st.HostIP)
+	require.NotNil(t, st.StartTime)
+	for _, ct := range []corev1.PodConditionType{corev1.PodReady, corev1.ContainersReady, corev1.PodInitialized, corev1.PodScheduled, corev1.PodReadyToStartContainers} {
+		require.Truef(t, hasCondition(st, ct, corev1.ConditionTrue), "condition %s in %+v", ct, st.Conditions)
+	}
+
+	id := strings.TrimPrefix(cs.ContainerID, "containerd://")
+	out, _, err := e.h.Runtime.ExecSync(e.ctx, id, []string{"sh", "-c", "echo $PLAIN $TOKEN $MY_NAME $MY_IP $MY_NODE"}, 10*time.Second)
+	require.NoError(t, err)
+	require.Equal(t, "v1 s3cret web "+st.PodIP+" edge-1\n", string(out))
+}
+
+func hasCondition(st corev1.PodStatus, t corev1.PodConditionType, s corev1.ConditionStatus) bool {
+	for _, c := range st.Conditions {
+		if c.Type == t {
+			return c.Status == s
+		}
+	}
+	return false
+}
+
+// An OnFailure container that exits 1 is restarted with back-off: the
+// restart count climbs, the last state keeps exit code 1, and it waits in
+// CrashLoopBackOff between restarts.
+func TestOnFailureRestartsWithBackoff(t *testing.T) {
+	e := newEnv(t)
+	e.run(pods.Config{BackoffBase: 100 * time.Millisecond, BackoffMax: 400 * time.Millisecond})
+	p := busyboxPod(e.h, "crash", corev1.RestartPolicyOnFailure, true, "sh", "-c", "exit 1")
+	e.put(p)
+
+	sawBackoff := false
+	st := e.waitStatus(p, "restartCount >= 3", func(st corev1.PodStatus) bool {
+		if len(st.ContainerStatuses) != 1 {
+			return false
+		}
+		cs := st.ContainerStatuses[0]
+		if w := cs.State.Waiting; w != nil && w.Reason == "CrashLoopBackOff" {
+			sawBackoff = true
+		}
+		return cs.RestartCount >= 3 && cs.LastTerminationState.Terminated != nil
+	})
+	require.True(t, sawBackoff, "no CrashLoopBackOff status seen")
+	require.Equal(t, corev1.PodRunning, st.Phase)
+	require.Equal(t, int32(1), st.ContainerStatuses[0].LastTerminationState.Terminated.ExitCode)
+	require.Equal(t, "Error", st.ContainerStatuses[0].LastTerminationState.Terminated.Reason)
+	// Old instances are removed: the current one and the last dead one stay.
+	require.LessOrEqual(t, len(e.containers(p.UID)), 2)
+}
+
+// A Never container that exits 3 leaves the pod Failed with the exit code,
+// and is not restarted.
+func TestNeverFails(t *testing.T) {
+	e := newEnv(t)
+	e.run(pods.Config{BackoffBase: 50 * time.Millisecond})
+	p := busyboxPod(e.h, "once", corev1.RestartPolicyNever, true, "sh", "-c", "exit 3")
+	e.put(p)
+	st := e.waitStatus(p, "failed", func(st corev1.PodStatus) bool { return st.Phase == corev1.PodFailed })
+	term := st.ContainerStatuses[0].State.Terminated
+	require.NotNil(t, term)
+	require.Equal(t, int32(3), term.ExitCode)
+	require.Equal(t, int32(0), st.ContainerStatuses[0].RestartCount)
+	require.Len(t, e.containers(p.UID), 1)
+}
+
+// A pod deleted from the store is stopped and its sandbox removed; a pod
+// with a deletionTimestamp is too, and its deletion is published.
+func TestDeletion(t *testing.T) {
+	e := newEnv(t)
+	e.run(pods.Config{})
+	gone := busyboxPod(e.h, "gone", corev1.RestartPolicyAlways, true, "sleep", "3600")
+	term := busyboxPod(e.h, "term", corev1.RestartPolicyAlways, true, "sleep", "3600")
+	e.put(gone, term)
+	e.waitStatus(gone, "running", running)
+	e.waitStatus(term, "running", running)
+
+	e.deletePod(gone)
+	now := metav1.Now()
+	grace := int64(1)
+	term.DeletionTimestamp, term.DeletionGracePeriodSeconds = &now, &grace
+	e.put(term)
+
+	require.Eventually(t, func() bool {
+		sbs, err := e.h.Runtime.ListPodSandbox(e.ctx, nil)
+		require.NoError(t, err)
+		return len(sbs) == 0 && len(e.containers(gone.UID)) == 0 && len(e.containers(term.UID)) == 0
+	}, time.Minute, 50*time.Millisecond)
+	require.Eventually(t, func() bool { return e.pub.deleted(string(term.UID)) }, time.Minute, 50*time.Millisecond)
+	require.False(t, e.pub.deleted(string(gone.UID)), "a pod the cloud removed needs no deletion")
+}
+
+// A new manager on the same store and runtime adopts the running container:
+// same id, same start time, no restart.
+func TestAdoptsRunningPods(t *testing.T) {
+	e := newEnv(t)
+	stop := e.run(pods.Config{})
+	p := busyboxPod(e.h, "keep", corev1.RestartPolicyAlways, true, "sleep", "3600")
+	e.put(p)
+	before := e.waitStatus(p, "running", running).ContainerStatuses[0]
+	stop()
+
+	e.pub = &recorder{}
+	e.run(pods.Config{})
+	after := e.waitStatus(p, "running", running).ContainerStatuses[0]
+	require.Equal(t, before.ContainerID, after.ContainerID)
+	require.True(t, before.State.Running.StartedAt.Equal(&after.State.Running.StartedAt))
+	require.Equal(t, int32(0), after.RestartCount)
+	require.Len(t, e.containers(p.UID), 1)
+}
