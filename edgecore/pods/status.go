@@ -118,7 +118,8 @@ func computeStatus(o observation) corev1.PodStatus {
 		}
 		st.Conditions = append(st.Conditions, c)
 	}
-	sandboxReady := o.sandbox.GetState() == runtimeapi.PodSandboxState_SANDBOX_READY
+	// SANDBOX_READY is the zero value: a nil sandbox would read as ready.
+	sandboxReady := o.sandbox != nil && o.sandbox.GetState() == runtimeapi.PodSandboxState_SANDBOX_READY
 	cond(corev1.PodReadyToStartContainers, sandboxReady, "", "")
 	cond(corev1.PodInitialized, initDone, "ContainersNotInitialized",
 		fmt.Sprintf("containers with incomplete status: [%s]", strings.Join(initPending, " ")))
