@@ -3,17 +3,23 @@ package pods_test
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"net/netip"
 	"path/filepath"
+	"slices"
+	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/go-logr/logr"
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"go.uber.org/goleak"
 	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
@@ -23,6 +29,7 @@ import (
 	"github.com/tetheredge/tether/edgecore/pods"
 	"github.com/tetheredge/tether/edgecore/store"
 	"github.com/tetheredge/tether/tests/containerd"
+	"github.com/tetheredge/tether/tests/promtest"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -48,7 +55,7 @@ func (r *recorder) status(t *testing.T, uid string) (corev1.PodStatus, bool) {
 		it := r.items[i]
 		if it.Op == message.OpStatus && it.Resource.UID == uid {
 			var st corev1.PodStatus
-			require.NoError(t, json.Unmarshal(it.Data, &st))
+			assert.NoError(t, json.Unmarshal(it.Data, &st)) // off the test goroutine: no FailNow
 			return st, true
 		}
 	}
@@ -143,13 +150,19 @@ func (e *env) deletePod(p *corev1.Pod) {
 // waitStatus waits until the pod's published status satisfies cond.
 func (e *env) waitStatus(p *corev1.Pod, what string, cond func(corev1.PodStatus) bool) corev1.PodStatus {
 	e.t.Helper()
-	var last corev1.PodStatus
-	require.Eventuallyf(e.t, func() bool {
+	// The condition runs on its own goroutine, which may still run when
+	// Eventually gives up and formats the message.
+	var last atomic.Pointer[corev1.PodStatus]
+	last.Store(&corev1.PodStatus{})
+	ok := assert.Eventuallyf(e.t, func() bool {
 		st, ok := e.pub.status(e.t, string(p.UID))
-		last = st
+		last.Store(&st)
 		return ok && cond(st)
-	}, time.Minute, 50*time.Millisecond, "pod %s: %s; last status %+v", p.Name, what, &last)
-	return last
+	}, time.Minute, 50*time.Millisecond, "pod %s: %s", p.Name, what)
+	if !ok {
+		e.t.Fatalf("pod %s: last status %+v", p.Name, last.Load())
+	}
+	return *last.Load()
 }
 
 func (e *env) containers(uid types.UID) []*runtimeapi.Container {
@@ -240,23 +253,35 @@ func TestOnFailureRestartsWithBackoff(t *testing.T) {
 	p := busyboxPod(e.h, "crash", corev1.RestartPolicyOnFailure, true, "sh", "-c", "exit 1")
 	e.put(p)
 
-	sawBackoff := false
+	var sawBackoff atomic.Bool
 	st := e.waitStatus(p, "restartCount >= 3", func(st corev1.PodStatus) bool {
 		if len(st.ContainerStatuses) != 1 {
 			return false
 		}
 		cs := st.ContainerStatuses[0]
 		if w := cs.State.Waiting; w != nil && w.Reason == "CrashLoopBackOff" {
-			sawBackoff = true
+			sawBackoff.Store(true)
 		}
 		return cs.RestartCount >= 3 && cs.LastTerminationState.Terminated != nil
 	})
-	require.True(t, sawBackoff, "no CrashLoopBackOff status seen")
+	require.True(t, sawBackoff.Load(), "no CrashLoopBackOff status seen")
 	require.Equal(t, corev1.PodRunning, st.Phase)
 	require.Equal(t, int32(1), st.ContainerStatuses[0].LastTerminationState.Terminated.ExitCode)
 	require.Equal(t, "Error", st.ContainerStatuses[0].LastTerminationState.Terminated.Reason)
 	// Old instances are removed: the current one and the last dead one stay.
 	require.LessOrEqual(t, len(e.containers(p.UID)), 2)
+	// The back-off doubles: each instance was created no earlier than
+	// base·2^step after the exit of the one before (step on the dead one).
+	require.Eventually(t, func() bool { return len(e.criStatus(p.UID, "main")) == 2 }, time.Minute, 20*time.Millisecond)
+	list := e.criStatus(p.UID, "main")
+	newer, older := list[0], list[1]
+	step, err := strconv.Atoi(older.Annotations["tether.io/backoff-step"])
+	require.NoError(t, err)
+	require.GreaterOrEqual(t, step, 2)
+	want := min(100*time.Millisecond<<step, 400*time.Millisecond)
+	require.GreaterOrEqual(t, time.Duration(newer.CreatedAt-older.FinishedAt), want,
+		"attempt %d created %s after attempt %d exited", newer.Metadata.Attempt,
+		time.Duration(newer.CreatedAt-older.FinishedAt), older.Metadata.Attempt)
 }
 
 // A Never container that exits 3 leaves the pod Failed with the exit code,
@@ -317,4 +342,155 @@ func TestAdoptsRunningPods(t *testing.T) {
 	require.True(t, before.State.Running.StartedAt.Equal(&after.State.Running.StartedAt))
 	require.Equal(t, int32(0), after.RestartCount)
 	require.Len(t, e.containers(p.UID), 1)
+}
+
+// criStatus returns the CRI status of the pod's newest instance of the
+// container name.
+func (e *env) criStatus(uid types.UID, name string) []*runtimeapi.ContainerStatus {
+	e.t.Helper()
+	cs, err := e.h.Runtime.ListContainers(e.ctx, &runtimeapi.ContainerFilter{
+		LabelSelector: map[string]string{"io.kubernetes.pod.uid": string(uid), "io.kubernetes.container.name": name},
+	})
+	require.NoError(e.t, err)
+	var out []*runtimeapi.ContainerStatus
+	for _, c := range cs {
+		resp, err := e.h.Runtime.ContainerStatus(e.ctx, c.Id, false)
+		require.NoError(e.t, err)
+		out = append(out, resp.Status)
+	}
+	slices.SortFunc(out, func(a, b *runtimeapi.ContainerStatus) int {
+		return int(b.Metadata.Attempt) - int(a.Metadata.Attempt)
+	})
+	return out
+}
+
+// Init containers run one after the other, to completion, before the app
+// container starts.
+func TestInitContainersRunInOrder(t *testing.T) {
+	e := newEnv(t)
+	e.run(pods.Config{})
+	p := busyboxPod(e.h, "init", corev1.RestartPolicyAlways, true, "sleep", "3600")
+	p.Spec.InitContainers = []corev1.Container{
+		{Name: "first", Image: e.h.BusyboxImage, ImagePullPolicy: corev1.PullNever, Command: []string{"sleep", "1"}},
+		{Name: "second", Image: e.h.BusyboxImage, ImagePullPolicy: corev1.PullNever, Command: []string{"true"}},
+	}
+	e.put(p)
+	st := e.waitStatus(p, "running", running)
+	require.True(t, hasCondition(st, corev1.PodInitialized, corev1.ConditionTrue))
+	require.Len(t, st.InitContainerStatuses, 2)
+	for _, ics := range st.InitContainerStatuses {
+		require.NotNil(t, ics.State.Terminated, ics.Name)
+		require.Equal(t, int32(0), ics.State.Terminated.ExitCode, ics.Name)
+	}
+	first, second, app := e.criStatus(p.UID, "first")[0], e.criStatus(p.UID, "second")[0], e.criStatus(p.UID, "main")[0]
+	require.LessOrEqual(t, first.FinishedAt, second.StartedAt, "second started before first ended")
+	require.LessOrEqual(t, second.FinishedAt, app.StartedAt, "app started before the init containers ended")
+}
+
+// Resources and the securityContext reach the container: cgroup values by
+// kubelet's formulas, the user, a read-only root and capabilities.
+func TestResourcesAndSecurityContext(t *testing.T) {
+	e := newEnv(t)
+	e.run(pods.Config{})
+	p := busyboxPod(e.h, "limits", corev1.RestartPolicyAlways, true, "sleep", "3600")
+	c := &p.Spec.Containers[0]
+	c.Resources = corev1.ResourceRequirements{
+		Requests: corev1.ResourceList{corev1.ResourceCPU: resource.MustParse("250m")},
+		Limits:   corev1.ResourceList{corev1.ResourceCPU: resource.MustParse("500m"), corev1.ResourceMemory: resource.MustParse("64Mi")},
+	}
+	user := int64(65534)
+	ro := true
+	c.SecurityContext = &corev1.SecurityContext{
+		RunAsUser: &user, ReadOnlyRootFilesystem: &ro,
+		Capabilities: &corev1.Capabilities{Drop: []corev1.Capability{"ALL"}, Add: []corev1.Capability{"NET_BIND_SERVICE"}},
+	}
+	e.put(p)
+	st := e.waitStatus(p, "running", running)
+	id := strings.TrimPrefix(st.ContainerStatuses[0].ContainerID, "containerd://")
+	exec := func(cmd string) (string, error) {
+		out, errOut, err := e.h.Runtime.ExecSync(e.ctx, id, []string{"sh", "-c", cmd}, 10*time.Second)
+		if err == nil && len(errOut) > 0 {
+			err = errors.New(string(errOut))
+		}
+		return strings.TrimSpace(string(out)), err
+	}
+	for cmd, want := range map[string]string{
+		"cat /sys/fs/cgroup/cpu/cpu.shares":               "256",
+		"cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us":         "50000",
+		"cat /sys/fs/cgroup/cpu/cpu.cfs_period_us":        "100000",
+		"cat /sys/fs/cgroup/memory/memory.limit_in_bytes": "67108864",
+		"id -u": "65534",
+		"grep CapBnd /proc/self/status | cut -f2": "0000000000000400", // CAP_NET_BIND_SERVICE only (a non-root user has no effective ones)
+	} {
+		got, err := exec(cmd)
+		require.NoError(t, err, cmd)
+		require.Equal(t, want, got, cmd)
+	}
+	_, err := exec("touch /probe")
+	require.Error(t, err, "the root filesystem is writable")
+}
+
+// A pod replaced by a new one of the same name (another UID) loses its
+// sandbox; the new one runs.
+func TestReplacedPodIsTornDown(t *testing.T) {
+	e := newEnv(t)
+	e.run(pods.Config{})
+	old := busyboxPod(e.h, "same", corev1.RestartPolicyAlways, true, "sleep", "3600")
+	e.put(old)
+	e.waitStatus(old, "running", running)
+	next := busyboxPod(e.h, "same", corev1.RestartPolicyAlways, true, "sleep", "3600")
+	next.UID = "uid-same-2"
+	e.put(next)
+	e.waitStatus(next, "running", running)
+	require.Eventually(t, func() bool { return len(e.containers(old.UID)) == 0 }, time.Minute, 50*time.Millisecond)
+	sbs, err := e.h.Runtime.ListPodSandbox(e.ctx, nil)
+	require.NoError(t, err)
+	require.Len(t, sbs, 1)
+	require.Equal(t, string(next.UID), sbs[0].Metadata.Uid)
+}
+
+// events is an EventSource the test feeds.
+type events chan pods.ContainerEvent
+
+func (ev events) Events() <-chan pods.ContainerEvent { return ev }
+
+// With the relist out of the way, an event about a container makes the
+// manager look at its pod at once: the exit is reported.
+func TestEventTriggersSync(t *testing.T) {
+	e := newEnv(t)
+	ev := make(events, 1)
+	e.run(pods.Config{RelistPeriod: time.Hour, Events: ev})
+	p := busyboxPod(e.h, "evented", corev1.RestartPolicyNever, true, "sh", "-c", "sleep 1; exit 4")
+	e.put(p)
+	st := e.waitStatus(p, "running", running)
+	id := strings.TrimPrefix(st.ContainerStatuses[0].ContainerID, "containerd://")
+	require.Eventually(t, func() bool {
+		resp, err := e.h.Runtime.ContainerStatus(e.ctx, id, false)
+		require.NoError(t, err)
+		return resp.Status.State == runtimeapi.ContainerState_CONTAINER_EXITED
+	}, time.Minute, 50*time.Millisecond)
+	ev <- pods.ContainerEvent{ContainerID: id}
+	st = e.waitStatus(p, "failed", func(st corev1.PodStatus) bool { return st.Phase == corev1.PodFailed })
+	require.Equal(t, int32(4), st.ContainerStatuses[0].State.Terminated.ExitCode)
+}
+
+// A stored pod that does not decode is counted and left alone; the other
+// pods run.
+func TestBadPodIsCounted(t *testing.T) {
+	e := newEnv(t)
+	reg := promtest.NewRegistry()
+	e.run(pods.Config{Registerer: reg})
+	require.NoError(t, e.st.Apply(e.ctx, []store.Change{{Op: message.OpUpsert, Object: store.Object{
+		Resource: message.Resource{Version: "v1", Kind: "Pod", Namespace: "default", Name: "bad", UID: "uid-bad"},
+		Version:  "1", Data: []byte(`{"spec":{"containers":"not a list"}}`),
+	}}}))
+	good := busyboxPod(e.h, "good", corev1.RestartPolicyAlways, true, "sleep", "3600")
+	e.put(good)
+	e.waitStatus(good, "running", running)
+	require.Eventually(t, func() bool {
+		v, err := promtest.Value(reg, "tether_pods_bad_objects_total", nil)
+		return err == nil && v >= 1
+	}, time.Minute, 50*time.Millisecond)
+	_, ok := e.pub.status(t, "uid-bad")
+	require.False(t, ok)
 }

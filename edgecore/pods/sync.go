@@ -204,9 +204,21 @@ func (m *Manager) syncPod(ctx context.Context, key string, pod *corev1.Pod, sbs 
 	if err != nil {
 		return 0, err
 	}
-	waiting := map[string]waitReason{}
-	after, acted, syncErr := m.act(ctx, pod, sbs, &a, waiting)
-	if acted {
+	var (
+		after   time.Duration
+		syncErr error
+		waiting map[string]waitReason
+	)
+	// A sandbox just started gets its containers in the same sync: nothing
+	// else would enqueue the pod until the relist.
+	for round := 0; round < 2; round++ {
+		hadSandbox := a.sandbox != nil
+		waiting = map[string]waitReason{}
+		var acted bool
+		after, acted, syncErr = m.act(ctx, pod, sbs, &a, waiting)
+		if !acted {
+			break
+		}
 		// Look again at what the actions made, for the status.
 		if sbs, err = m.rt.ListPodSandbox(ctx, &runtimeapi.PodSandboxFilter{
 			LabelSelector: map[string]string{labelPodUID: string(pod.UID)},
@@ -215,6 +227,9 @@ func (m *Manager) syncPod(ctx context.Context, key string, pod *corev1.Pod, sbs 
 		}
 		if a, err = m.observe(ctx, pod, sbs); err != nil {
 			return 0, errors.Join(syncErr, err)
+		}
+		if hadSandbox || syncErr != nil {
+			break
 		}
 	}
 	if err := m.publishStatus(ctx, key, pod, a, waiting); err != nil {
