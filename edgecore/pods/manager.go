@@ -18,9 +18,11 @@ package pods
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/http"
 	"strings"
 	"sync"
 	"time"
@@ -85,6 +87,9 @@ type Config struct {
 	// RetryBase and RetryMax bound the back-off of a pod whose sync failed
 	// (the workqueue's one retry policy). Defaults 500ms and 5m.
 	RetryBase, RetryMax time.Duration
+	// ProbeTick is how often due probes are looked for. Default 250ms
+	// (probe periods are whole seconds).
+	ProbeTick time.Duration
 	// Workers is the number of pods synced at once. Default 4.
 	Workers int
 	// Clock defaults to the real clock.
@@ -120,6 +125,9 @@ func (c Config) withDefaults() Config {
 	if c.RetryMax <= 0 {
 		c.RetryMax = 5 * time.Minute
 	}
+	if c.ProbeTick <= 0 {
+		c.ProbeTick = 250 * time.Millisecond
+	}
 	if c.Workers <= 0 {
 		c.Workers = 4
 	}
@@ -142,6 +150,10 @@ type Manager struct {
 	queue   workqueue.TypedRateLimitingInterface[string]
 	backoff backoff
 	metrics metrics
+	prober  prober
+	// httpProbe runs httpGet probes: no keep-alive, no certificate check
+	// (as kubelet's), no redirects followed beyond the client's default.
+	httpProbe *http.Client
 
 	// runtimeName prefixes container IDs in statuses ("containerd://").
 	runtimeName string
@@ -196,6 +208,11 @@ func New(cfg Config, st Store, rt cri.RuntimeService, img cri.ImageManagerServic
 		queue: workqueue.NewTypedRateLimitingQueueWithConfig(
 			workqueue.NewTypedItemExponentialFailureRateLimiter[string](cfg.RetryBase, cfg.RetryMax),
 			workqueue.TypedRateLimitingQueueConfig[string]{Clock: cfg.Clock}),
+		prober: prober{entries: make(map[string]*probeEntry)},
+		httpProbe: &http.Client{Transport: &http.Transport{
+			DisableKeepAlives: true,
+			TLSClientConfig:   &tls.Config{InsecureSkipVerify: true}, //nolint:gosec // kubelet does not verify probe targets either
+		}},
 		published: make(map[string]published),
 		deleted:   make(map[string]bool),
 	}, nil
@@ -246,6 +263,7 @@ func (m *Manager) Run(ctx context.Context) error {
 			}
 		}
 	})
+	g.Go(func() error { return m.probeLoop(ctx, g.Go) })
 	if m.cfg.Events != nil {
 		g.Go(func() error { return m.watchEvents(ctx) })
 	}

@@ -494,3 +494,49 @@ func TestBadPodIsCounted(t *testing.T) {
 	_, ok := e.pub.status(t, "uid-bad")
 	require.False(t, ok)
 }
+
+// Probes: a startup probe gates Started, a readiness probe flips Ready both
+// ways, and a failed liveness probe restarts the container.
+func TestProbes(t *testing.T) {
+	e := newEnv(t)
+	e.run(pods.Config{BackoffBase: 100 * time.Millisecond, ProbeTick: 50 * time.Millisecond})
+	p := busyboxPod(e.h, "probed", corev1.RestartPolicyAlways, true, "sh", "-c", "touch /tmp/ready /tmp/alive; exec sleep 3600")
+	exec := func(file string) *corev1.Probe {
+		return &corev1.Probe{PeriodSeconds: 1, FailureThreshold: 1, ProbeHandler: corev1.ProbeHandler{
+			Exec: &corev1.ExecAction{Command: []string{"test", "-f", file}}}}
+	}
+	c := &p.Spec.Containers[0]
+	c.StartupProbe, c.ReadinessProbe, c.LivenessProbe = exec("/tmp/alive"), exec("/tmp/ready"), exec("/tmp/alive")
+	e.put(p)
+
+	ready := func(want bool) func(corev1.PodStatus) bool {
+		return func(st corev1.PodStatus) bool {
+			if !running(st) {
+				return false
+			}
+			cs := st.ContainerStatuses[0]
+			cond := corev1.ConditionFalse
+			if want {
+				cond = corev1.ConditionTrue
+			}
+			return cs.Ready == want && cs.Started != nil && *cs.Started && hasCondition(st, corev1.PodReady, cond)
+		}
+	}
+	st := e.waitStatus(p, "ready", ready(true))
+	id := strings.TrimPrefix(st.ContainerStatuses[0].ContainerID, "containerd://")
+	sh := func(cmd string) {
+		_, _, err := e.h.Runtime.ExecSync(e.ctx, id, []string{"sh", "-c", cmd}, 10*time.Second)
+		require.NoError(t, err)
+	}
+	sh("rm /tmp/ready")
+	e.waitStatus(p, "not ready", ready(false))
+	sh("touch /tmp/ready")
+	e.waitStatus(p, "ready again", ready(true))
+
+	sh("rm /tmp/alive")
+	st = e.waitStatus(p, "restarted", func(st corev1.PodStatus) bool {
+		return ready(true)(st) && st.ContainerStatuses[0].RestartCount == 1
+	})
+	require.NotEqual(t, "containerd://"+id, st.ContainerStatuses[0].ContainerID)
+	require.NotNil(t, st.ContainerStatuses[0].LastTerminationState.Terminated)
+}

@@ -2,6 +2,7 @@ package pods
 
 import (
 	"errors"
+	"slices"
 	"testing"
 	"time"
 
@@ -379,5 +380,93 @@ func TestComputeStatusKeepsTimes(t *testing.T) {
 	for _, c := range third.Conditions {
 		moved := c.Type == corev1.PodReady || c.Type == corev1.ContainersReady
 		require.Equalf(t, moved, c.LastTransitionTime.Time.Equal(t1), "%s", c.Type)
+	}
+}
+
+// The prober's thresholds and gating, without running anything.
+func TestProberThresholds(t *testing.T) {
+	now := time.Unix(1000, 0)
+	c := &corev1.Container{
+		StartupProbe:   &corev1.Probe{PeriodSeconds: 1, FailureThreshold: 2},
+		ReadinessProbe: &corev1.Probe{PeriodSeconds: 2, SuccessThreshold: 2, FailureThreshold: 1, InitialDelaySeconds: 5},
+		LivenessProbe:  &corev1.Probe{PeriodSeconds: 1, FailureThreshold: 3},
+	}
+	p := prober{entries: map[string]*probeEntry{}}
+	p.track("ns/pod", "c1", "10.0.0.5", c, now)
+	kinds := func(runs []probeRun) []probeKind {
+		var out []probeKind
+		for _, r := range runs {
+			out = append(out, r.kind)
+		}
+		slices.Sort(out)
+		return out
+	}
+	// Only the startup probe runs until it succeeds.
+	runs := p.due(now)
+	require.Equal(t, []probeKind{startupProbe}, kinds(runs))
+	require.Empty(t, p.due(now), "a running probe is not due again")
+	_, changed := p.record(runs[0], true, now)
+	require.True(t, changed)
+	r, _ := p.result("c1")
+	require.True(t, r.started)
+
+	// Liveness runs now; readiness waits for its initial delay.
+	runs = p.due(now.Add(time.Second))
+	require.Equal(t, []probeKind{livenessProbe}, kinds(runs))
+	for i := range 2 {
+		_, changed = p.record(runs[0], false, now.Add(time.Duration(i+1)*time.Second))
+		require.False(t, changed, "below the failure threshold")
+		runs = p.due(now.Add(time.Duration(i+2) * time.Second))
+		runs = slices.DeleteFunc(runs, func(r probeRun) bool { return r.kind != livenessProbe })
+	}
+	key, changed := p.record(runs[0], false, now.Add(3*time.Second))
+	require.True(t, changed)
+	require.Equal(t, "ns/pod", key)
+	r, _ = p.result("c1")
+	require.Equal(t, "liveness", r.failed)
+
+	// Readiness needs two successes in a row.
+	runs = slices.DeleteFunc(p.due(now.Add(5*time.Second)), func(r probeRun) bool { return r.kind != readinessProbe })
+	require.Len(t, runs, 1)
+	_, changed = p.record(runs[0], true, now.Add(5*time.Second))
+	require.False(t, changed)
+	runs = slices.DeleteFunc(p.due(now.Add(7*time.Second)), func(r probeRun) bool { return r.kind != readinessProbe })
+	require.Len(t, runs, 1)
+	_, changed = p.record(runs[0], true, now.Add(7*time.Second))
+	require.True(t, changed)
+	r, _ = p.result("c1")
+	require.True(t, r.ready)
+
+	p.retain("ns/pod", nil)
+	_, ok := p.result("c1")
+	require.False(t, ok)
+}
+
+// A running container with a readiness probe is not ready until the probe
+// says so; one with a startup probe is not started.
+func TestComputeStatusProbes(t *testing.T) {
+	p := &corev1.Pod{Spec: corev1.PodSpec{Containers: []corev1.Container{{
+		Name: "app", ReadinessProbe: &corev1.Probe{}, StartupProbe: &corev1.Probe{},
+	}}}}
+	run := map[string][]*runtimeapi.ContainerStatus{"app": {
+		instance("app", 0, runtimeapi.ContainerState_CONTAINER_RUNNING, 0, 1, 0)}}
+	sb := &runtimeapi.PodSandboxStatus{State: runtimeapi.PodSandboxState_SANDBOX_READY}
+	for _, tc := range []struct {
+		name           string
+		probes         map[string]probeResult
+		started, ready bool
+	}{
+		{"not tracked yet", nil, false, false},
+		{"started, not ready", map[string]probeResult{"app-a": {started: true}}, true, false},
+		{"ready but not started", map[string]probeResult{"app-a": {ready: true}}, false, false},
+		{"started and ready", map[string]probeResult{"app-a": {started: true, ready: true}}, true, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			st := computeStatus(observation{pod: p, sandbox: sb, containers: run, probes: tc.probes, now: time.Unix(5, 0)})
+			cs := st.ContainerStatuses[0]
+			require.Equal(t, tc.started, *cs.Started)
+			require.Equal(t, tc.ready, cs.Ready)
+			require.Equal(t, corev1.PodRunning, st.Phase)
+		})
 	}
 }

@@ -30,7 +30,9 @@ type observation struct {
 	// containers are the instances of each container, newest first.
 	containers map[string][]*runtimeapi.ContainerStatus
 	// waiting is why a container waits, by name.
-	waiting     map[string]waitReason
+	waiting map[string]waitReason
+	// probes are the probe results of running containers, by container ID.
+	probes      map[string]probeResult
 	hostIPs     []string
 	runtimeName string
 	now         time.Time
@@ -208,7 +210,15 @@ func (o observation) containerStatus(c *corev1.Container, wait string) corev1.Co
 	switch latest.GetState() {
 	case runtimeapi.ContainerState_CONTAINER_RUNNING:
 		cs.State.Running = &corev1.ContainerStateRunning{StartedAt: nanoTime(latest.GetStartedAt())}
-		cs.Started, cs.Ready = ptr(true), true
+		started, ready := true, true
+		r, tracked := o.probes[latest.GetId()]
+		if c.StartupProbe != nil {
+			started = tracked && r.started
+		}
+		if c.ReadinessProbe != nil {
+			ready = tracked && r.ready
+		}
+		cs.Started, cs.Ready = ptr(started), started && ready
 	case runtimeapi.ContainerState_CONTAINER_EXITED:
 		if blocked {
 			// Waiting to be replaced (CrashLoopBackOff): the exit is the

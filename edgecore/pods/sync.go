@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"strconv"
 	"time"
 
@@ -117,6 +118,7 @@ func (m *Manager) finishDeletion(ctx context.Context, key string, pod *corev1.Po
 			return err
 		}
 	}
+	m.prober.retain(key, nil)
 	m.mu.Lock()
 	done := m.deleted[string(pod.UID)]
 	m.mu.Unlock()
@@ -135,6 +137,7 @@ func (m *Manager) finishDeletion(ctx context.Context, key string, pod *corev1.Po
 }
 
 func (m *Manager) forget(key string) {
+	m.prober.retain(key, nil)
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if p, ok := m.published[key]; ok {
@@ -232,6 +235,7 @@ func (m *Manager) syncPod(ctx context.Context, key string, pod *corev1.Pod, sbs 
 			break
 		}
 	}
+	m.trackProbes(key, pod, a)
 	if err := m.publishStatus(ctx, key, pod, a, waiting); err != nil {
 		return 0, errors.Join(syncErr, err)
 	}
@@ -340,7 +344,8 @@ func (m *Manager) ensureContainer(ctx context.Context, pod *corev1.Pod, a *actua
 		inSandbox := a.sandboxOf[latest.GetId()] == a.sandbox.GetId()
 		switch latest.GetState() {
 		case runtimeapi.ContainerState_CONTAINER_RUNNING:
-			return 0, false, nil
+			killed, err := m.killFailed(ctx, pod, c, latest)
+			return 0, killed, err
 		case runtimeapi.ContainerState_CONTAINER_CREATED:
 			if inSandbox {
 				if err := m.rt.StartContainer(ctx, latest.GetId()); err != nil {
@@ -386,14 +391,9 @@ func (m *Manager) startContainer(ctx context.Context, pod *corev1.Pod, a *actual
 		waiting[c.Name] = w
 		return nil
 	}
-	facts := envFacts{node: m.cfg.Node}
+	facts := envFacts{node: m.cfg.Node, podIP: m.podIP(pod, a.sandboxStatus)}
 	if len(m.cfg.HostIPs) > 0 {
 		facts.hostIP = m.cfg.HostIPs[0]
-	}
-	if hostNetwork(pod) {
-		facts.podIP = facts.hostIP
-	} else if n := a.sandboxStatus.GetNetwork(); n != nil {
-		facts.podIP = n.Ip
 	}
 	env, err := resolveEnv(pod, c, facts, m.lookup(ctx, pod.Namespace))
 	if err != nil {
@@ -493,8 +493,14 @@ func (m *Manager) publishStatus(ctx context.Context, key string, pod *corev1.Pod
 		last = published{uid: string(pod.UID), status: pod.Status}
 		last.json, _ = json.Marshal(pod.Status)
 	}
+	probes := map[string]probeResult{}
+	for _, list := range a.containers {
+		if r, ok := m.prober.result(list[0].GetId()); ok {
+			probes[list[0].GetId()] = r
+		}
+	}
 	st := computeStatus(observation{
-		pod: pod, prev: last.status, sandbox: a.sandboxStatus, containers: a.containers,
+		pod: pod, prev: last.status, sandbox: a.sandboxStatus, containers: a.containers, probes: probes,
 		waiting: waiting, hostIPs: m.cfg.HostIPs, runtimeName: m.runtimeName, now: m.cfg.Clock.Now(),
 	})
 	data, err := json.Marshal(st)
@@ -511,4 +517,49 @@ func (m *Manager) publishStatus(ctx context.Context, key string, pod *corev1.Pod
 	m.published[key] = published{uid: string(pod.UID), status: st, json: data}
 	m.mu.Unlock()
 	return nil
+}
+
+// podIP is the pod's first IP: the sandbox's, or the host's for a
+// host-network pod.
+func (m *Manager) podIP(pod *corev1.Pod, sb *runtimeapi.PodSandboxStatus) string {
+	if hostNetwork(pod) {
+		if len(m.cfg.HostIPs) > 0 {
+			return m.cfg.HostIPs[0]
+		}
+		return "127.0.0.1"
+	}
+	return sb.GetNetwork().GetIp()
+}
+
+// trackProbes registers the pod's running containers that have probes
+// with the prober, and drops the rest.
+func (m *Manager) trackProbes(key string, pod *corev1.Pod, a actual) {
+	keep := map[string]bool{}
+	for _, c := range slices.Concat(pod.Spec.InitContainers, pod.Spec.Containers) {
+		list := a.containers[c.Name]
+		if !hasProbes(&c) || len(list) == 0 || list[0].GetState() != runtimeapi.ContainerState_CONTAINER_RUNNING {
+			continue
+		}
+		id := list[0].GetId()
+		keep[id] = true
+		m.prober.track(key, id, m.podIP(pod, a.sandboxStatus), &c, time.Unix(0, list[0].GetStartedAt()))
+	}
+	m.prober.retain(key, keep)
+}
+
+// killFailed stops a running container whose startup or liveness probe
+// failed; its restart policy then decides, as kubelet's does. It reports
+// whether it stopped one.
+func (m *Manager) killFailed(ctx context.Context, pod *corev1.Pod, c *corev1.Container, s *runtimeapi.ContainerStatus) (bool, error) {
+	r, ok := m.prober.result(s.GetId())
+	if !ok || r.failed == "" {
+		return false, nil
+	}
+	m.logger.Info("container failed its probe", "pod", pod.Namespace+"/"+pod.Name, "container", c.Name, "probe", r.failed)
+	if err := m.rt.StopContainer(ctx, s.GetId(), gracePeriod(pod)); err != nil {
+		return true, fmt.Errorf("stop container %s after its %s probe failed: %w", c.Name, r.failed, err)
+	}
+	// Look again at once: the restart policy and back-off apply now.
+	m.Enqueue(pod.Namespace + "/" + pod.Name)
+	return true, nil
 }
