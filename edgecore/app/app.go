@@ -66,7 +66,8 @@ type Config struct {
 	CRITimeout time.Duration
 	// Pods tunes the pod manager (host IPs, log directory, relist period,
 	// restart back-off); its Node and Registerer are set from Node and
-	// Registerer. Unused without CRIEndpoint.
+	// Registerer, and its RootDir (the pods' volumes) defaults to
+	// DataDir/pods. Unused without CRIEndpoint.
 	Pods pods.Config
 	// WrapStore, when set, wraps the store the syncer writes through
 	// (benchmarks and fault-injection tests observe commits that way).
@@ -194,6 +195,9 @@ func (a *App) newPods(ctx context.Context) error {
 	a.img = img
 	pcfg := a.cfg.Pods
 	pcfg.Node = a.cfg.Node
+	if pcfg.RootDir == "" {
+		pcfg.RootDir = filepath.Join(a.cfg.DataDir, "pods")
+	}
 	if pcfg.Registerer == nil {
 		pcfg.Registerer = a.cfg.Registerer
 	}

@@ -75,6 +75,9 @@ type Config struct {
 	// LogDir holds the pods' container logs, one directory per pod. Default
 	// /var/log/pods.
 	LogDir string
+	// RootDir holds the pods' volumes, one directory per pod UID. Default
+	// /var/lib/tether/pods.
+	RootDir string
 	// RelistPeriod is how often every pod is re-examined, the safety net
 	// for missed events. Default 10s.
 	RelistPeriod time.Duration
@@ -103,6 +106,9 @@ type Config struct {
 func (c Config) withDefaults() Config {
 	if c.LogDir == "" {
 		c.LogDir = "/var/log/pods"
+	}
+	if c.RootDir == "" {
+		c.RootDir = "/var/lib/tether/pods"
 	}
 	if c.RelistPeriod <= 0 {
 		c.RelistPeriod = 10 * time.Second

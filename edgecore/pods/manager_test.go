@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -18,6 +19,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"go.uber.org/goleak"
+	"golang.org/x/sys/unix"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -100,6 +102,7 @@ func (e *env) run(cfg pods.Config) (stop func()) {
 	cfg.Node = "edge-1"
 	cfg.HostIPs = []string{"192.0.2.10"}
 	cfg.LogDir = filepath.Join(e.dir, "logs")
+	cfg.RootDir = filepath.Join(e.dir, "pods")
 	if cfg.RelistPeriod == 0 {
 		cfg.RelistPeriod = 200 * time.Millisecond
 	}
@@ -407,13 +410,7 @@ func TestResourcesAndSecurityContext(t *testing.T) {
 	e.put(p)
 	st := e.waitStatus(p, "running", running)
 	id := strings.TrimPrefix(st.ContainerStatuses[0].ContainerID, "containerd://")
-	exec := func(cmd string) (string, error) {
-		out, errOut, err := e.h.Runtime.ExecSync(e.ctx, id, []string{"sh", "-c", cmd}, 10*time.Second)
-		if err == nil && len(errOut) > 0 {
-			err = errors.New(string(errOut))
-		}
-		return strings.TrimSpace(string(out)), err
-	}
+	exec := func(cmd string) (string, error) { return e.sh(id, cmd) }
 	for cmd, want := range map[string]string{
 		"cat /sys/fs/cgroup/cpu/cpu.shares":               "256",
 		"cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us":         "50000",
@@ -539,4 +536,81 @@ func TestProbes(t *testing.T) {
 	})
 	require.NotEqual(t, "containerd://"+id, st.ContainerStatuses[0].ContainerID)
 	require.NotNil(t, st.ContainerStatuses[0].LastTerminationState.Terminated)
+}
+
+// ConfigMap, Secret and emptyDir volumes: the files with their items and
+// modes, the Secret on tmpfs, a ConfigMap change reaching the running
+// container in place, and nothing left once the pod is deleted.
+func TestVolumes(t *testing.T) {
+	e := newEnv(t)
+	e.run(pods.Config{})
+	cm := &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Name: "cfg", Namespace: "default", UID: "uid-cfg"},
+		Data: map[string]string{"greeting": "hello", "other": "x"}}
+	secret := &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: "sec", Namespace: "default", UID: "uid-sec"},
+		Data: map[string][]byte{"password": []byte("pw")}}
+	p := busyboxPod(e.h, "vols", corev1.RestartPolicyAlways, true, "sh", "-c", "echo data > /scratch/x; exec sleep 3600")
+	fileMode, secretMode := int32(0o600), int32(0o400)
+	p.Spec.Volumes = []corev1.Volume{
+		{Name: "cfg", VolumeSource: corev1.VolumeSource{ConfigMap: &corev1.ConfigMapVolumeSource{
+			LocalObjectReference: corev1.LocalObjectReference{Name: "cfg"},
+			Items:                []corev1.KeyToPath{{Key: "greeting", Path: "sub/hello.txt", Mode: &fileMode}},
+		}}},
+		{Name: "sec", VolumeSource: corev1.VolumeSource{Secret: &corev1.SecretVolumeSource{SecretName: "sec", DefaultMode: &secretMode}}},
+		{Name: "scratch", VolumeSource: corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{}}},
+	}
+	p.Spec.Containers[0].VolumeMounts = []corev1.VolumeMount{
+		{Name: "cfg", MountPath: "/etc/cfg"}, {Name: "sec", MountPath: "/etc/sec"}, {Name: "scratch", MountPath: "/scratch"},
+	}
+	e.put(cm, secret, p)
+	st := e.waitStatus(p, "running", running)
+	id := strings.TrimPrefix(st.ContainerStatuses[0].ContainerID, "containerd://")
+	sh := func(cmd string) (string, error) { return e.sh(id, cmd) }
+	for cmd, want := range map[string]string{
+		"cat /etc/cfg/sub/hello.txt":        "hello",
+		"stat -c %a /etc/cfg/sub/hello.txt": "600",
+		"ls /etc/cfg":                       "sub",
+		"cat /etc/sec/password":             "pw",
+		"stat -c %a /etc/sec/password":      "400",
+		"cat /scratch/x":                    "data",
+	} {
+		got, err := sh(cmd)
+		require.NoError(t, err, cmd)
+		require.Equal(t, want, got, cmd)
+	}
+	_, err := sh("touch /etc/cfg/new")
+	require.Error(t, err, "a ConfigMap volume is read-only")
+
+	secretDir := filepath.Join(e.dir, "pods", string(p.UID), "volumes", "secret", "sec")
+	var fs unix.Statfs_t
+	require.NoError(t, unix.Statfs(secretDir, &fs))
+	require.Equal(t, int64(unix.TMPFS_MAGIC), int64(fs.Type), "the Secret volume is not on tmpfs")
+
+	cm.Data["greeting"] = "bye"
+	e.put(cm)
+	require.Eventually(t, func() bool {
+		got, err := sh("cat /etc/cfg/sub/hello.txt")
+		return err == nil && got == "bye"
+	}, time.Minute, 50*time.Millisecond)
+	st, _ = e.pub.status(t, string(p.UID))
+	require.Equal(t, "containerd://"+id, st.ContainerStatuses[0].ContainerID, "updated in place, not restarted")
+
+	e.deletePod(p)
+	require.Eventually(t, func() bool { return len(e.containers(p.UID)) == 0 }, time.Minute, 50*time.Millisecond)
+	require.Eventually(t, func() bool {
+		_, err := os.Stat(filepath.Join(e.dir, "pods", string(p.UID)))
+		return errors.Is(err, os.ErrNotExist)
+	}, time.Minute, 50*time.Millisecond)
+	mounts, err := os.ReadFile("/proc/self/mountinfo")
+	require.NoError(t, err)
+	require.NotContains(t, string(mounts), e.dir, "a volume is still mounted")
+}
+
+// sh runs cmd with sh -c in container id and returns its trimmed stdout;
+// output on stderr is an error.
+func (e *env) sh(id, cmd string) (string, error) {
+	out, errOut, err := e.h.Runtime.ExecSync(e.ctx, id, []string{"sh", "-c", cmd}, 10*time.Second)
+	if err == nil && len(errOut) > 0 {
+		err = errors.New(string(errOut))
+	}
+	return strings.TrimSpace(string(out)), err
 }

@@ -470,3 +470,38 @@ func TestComputeStatusProbes(t *testing.T) {
 		})
 	}
 }
+
+func TestVolumeFiles(t *testing.T) {
+	data := map[string]string{"a": "1", "b": "2"}
+	mode := int32(0o440)
+	itemMode := int32(0o600)
+	for _, tc := range []struct {
+		name     string
+		data     map[string]string
+		items    []corev1.KeyToPath
+		mode     *int32
+		optional bool
+		want     map[string]volumeFile
+		wantErr  string
+	}{
+		{name: "all keys", data: data, want: map[string]volumeFile{"a": {[]byte("1"), 0o644}, "b": {[]byte("2"), 0o644}}},
+		{name: "default mode", data: data, mode: &mode, want: map[string]volumeFile{"a": {[]byte("1"), 0o440}, "b": {[]byte("2"), 0o440}}},
+		{name: "items", data: data, mode: &mode, items: []corev1.KeyToPath{{Key: "a", Path: "dir/a.txt", Mode: &itemMode}, {Key: "b", Path: "b"}},
+			want: map[string]volumeFile{"dir/a.txt": {[]byte("1"), 0o600}, "b": {[]byte("2"), 0o440}}},
+		{name: "missing key", data: data, items: []corev1.KeyToPath{{Key: "c", Path: "c"}}, wantErr: `key "c" not found`},
+		{name: "missing optional key", data: data, optional: true, items: []corev1.KeyToPath{{Key: "c", Path: "c"}}, want: map[string]volumeFile{}},
+		{name: "escape", data: data, items: []corev1.KeyToPath{{Key: "a", Path: "../../etc/passwd"}}, wantErr: `path "../../etc/passwd" leaves the volume`},
+		{name: "absolute", data: data, items: []corev1.KeyToPath{{Key: "a", Path: "/etc/passwd"}}, wantErr: `path "/etc/passwd" leaves the volume`},
+		{name: "bad key name", data: map[string]string{"..": "x"}, wantErr: `path ".." leaves the volume`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := volumeFiles(tc.data, tc.items, tc.mode, tc.optional)
+			if tc.wantErr != "" {
+				require.EqualError(t, err, tc.wantErr)
+				return
+			}
+			require.NoError(t, err)
+			require.Equal(t, tc.want, got)
+		})
+	}
+}

@@ -105,6 +105,9 @@ func (m *Manager) teardown(ctx context.Context, sb *runtimeapi.PodSandbox, grace
 	if err := m.rt.RemovePodSandbox(ctx, sb.GetId()); err != nil {
 		return fmt.Errorf("remove sandbox %s: %w", sb.GetId(), err)
 	}
+	if err := m.removeVolumes(sb.GetMetadata().GetUid()); err != nil {
+		return err
+	}
 	m.logger.Info("pod sandbox removed", "pod", sb.GetMetadata().GetNamespace()+"/"+sb.GetMetadata().GetName(),
 		"pod_uid", sb.GetMetadata().GetUid(), "sandbox", sb.GetId())
 	return nil
@@ -159,6 +162,9 @@ type actual struct {
 	containers map[string][]*runtimeapi.ContainerStatus
 	// sandboxOf maps container ids to their sandbox ids.
 	sandboxOf map[string]string
+	// volumes are the host paths of the pod's volumes, by name, once
+	// prepared.
+	volumes map[string]string
 }
 
 func (m *Manager) observe(ctx context.Context, pod *corev1.Pod, sbs []*runtimeapi.PodSandbox) (actual, error) {
@@ -255,6 +261,18 @@ func (m *Manager) act(ctx context.Context, pod *corev1.Pod, sbs []*runtimeapi.Po
 		}
 		return 0, true, nil
 	}
+	volumes, err := m.prepareVolumes(pod, m.lookup(ctx, pod.Namespace))
+	if err != nil {
+		// Retried by the relist: the object may come later.
+		for _, c := range slices.Concat(pod.Spec.InitContainers, pod.Spec.Containers) {
+			waiting[c.Name] = waitReason{Reason: "ContainerCreating", Message: err.Error()}
+		}
+		if ok, suppressed := m.lim.Allow("volumes " + string(pod.UID)); ok {
+			m.logger.Info("pod volumes not ready", "pod", pod.Namespace+"/"+pod.Name, "error", err, "suppressed", suppressed)
+		}
+		return 0, false, nil
+	}
+	a.volumes = volumes
 	acted := false
 	var after time.Duration
 	next := func(d time.Duration) {
@@ -402,8 +420,15 @@ func (m *Manager) startContainer(ctx context.Context, pod *corev1.Pod, a *actual
 		m.logger.Info("container config incomplete", "pod", pod.Namespace+"/"+pod.Name, "container", c.Name, "error", err)
 		return nil
 	}
+	mounts, err := containerMounts(pod, c, a.volumes)
+	if err != nil {
+		waiting[c.Name] = waitReason{Reason: "CreateContainerConfigError", Message: err.Error()}
+		return nil
+	}
+	cfg := containerConfig(pod, c, attempt, step, env)
+	cfg.Mounts = mounts
 	sbCfg := sandboxConfig(pod, a.sandbox.GetMetadata().GetAttempt(), m.cfg.LogDir)
-	id, err := m.rt.CreateContainer(ctx, a.sandbox.GetId(), containerConfig(pod, c, attempt, step, env), sbCfg)
+	id, err := m.rt.CreateContainer(ctx, a.sandbox.GetId(), cfg, sbCfg)
 	if err != nil {
 		waiting[c.Name] = waitReason{Reason: "CreateContainerError", Message: err.Error()}
 		return fmt.Errorf("create container %s: %w", c.Name, err)
