@@ -64,6 +64,22 @@ func (r *recorder) status(t *testing.T, uid string) (corev1.PodStatus, bool) {
 	return corev1.PodStatus{}, false
 }
 
+// seen reports whether any status published for uid satisfied cond.
+func (r *recorder) seen(t *testing.T, uid string, cond func(corev1.PodStatus) bool) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, it := range r.items {
+		var st corev1.PodStatus
+		if it.Op == message.OpStatus && it.Resource.UID == uid {
+			require.NoError(t, json.Unmarshal(it.Data, &st))
+			if cond(st) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
 func (r *recorder) deleted(uid string) bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -256,18 +272,17 @@ func TestOnFailureRestartsWithBackoff(t *testing.T) {
 	p := busyboxPod(e.h, "crash", corev1.RestartPolicyOnFailure, true, "sh", "-c", "exit 1")
 	e.put(p)
 
-	var sawBackoff atomic.Bool
 	st := e.waitStatus(p, "restartCount >= 3", func(st corev1.PodStatus) bool {
 		if len(st.ContainerStatuses) != 1 {
 			return false
 		}
 		cs := st.ContainerStatuses[0]
-		if w := cs.State.Waiting; w != nil && w.Reason == "CrashLoopBackOff" {
-			sawBackoff.Store(true)
-		}
 		return cs.RestartCount >= 3 && cs.LastTerminationState.Terminated != nil
 	})
-	require.True(t, sawBackoff.Load(), "no CrashLoopBackOff status seen")
+	require.True(t, e.pub.seen(t, string(p.UID), func(st corev1.PodStatus) bool {
+		w := st.ContainerStatuses[0].State.Waiting
+		return w != nil && w.Reason == "CrashLoopBackOff" && st.ContainerStatuses[0].LastTerminationState.Terminated != nil
+	}), "no CrashLoopBackOff status published")
 	require.Equal(t, corev1.PodRunning, st.Phase)
 	require.Equal(t, int32(1), st.ContainerStatuses[0].LastTerminationState.Terminated.ExitCode)
 	require.Equal(t, "Error", st.ContainerStatuses[0].LastTerminationState.Terminated.Reason)
