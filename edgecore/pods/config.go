@@ -2,7 +2,9 @@ package pods
 
 import (
 	"cmp"
+	"encoding/json"
 	"fmt"
+	"hash/fnv"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -25,7 +27,22 @@ const (
 	// annotationBackoffStep is Tether's: the crash-loop back-off step of the
 	// container instance (see backoff).
 	annotationBackoffStep = "tether.io/backoff-step"
+	// annotationSpecHash is the hash of the container's spec (specHash),
+	// as kubelet's io.kubernetes.container.hash: a running container whose
+	// spec changed is replaced.
+	annotationSpecHash = "io.kubernetes.container.hash"
 )
+
+// specHash is the FNV-1a hash of the container's spec JSON, resources
+// left out (kubelet resizes those in place; this manager does not yet).
+func specHash(c *corev1.Container) string {
+	cc := c.DeepCopy()
+	cc.Resources = corev1.ResourceRequirements{}
+	data, _ := json.Marshal(cc) // a Container always marshals
+	h := fnv.New32a()
+	_, _ = h.Write(data)
+	return strconv.FormatUint(uint64(h.Sum32()), 16)
+}
 
 // Kubelet's CPU conversion constants (pkg/kubelet/cm/helpers_linux.go).
 const (
@@ -163,6 +180,7 @@ func containerConfig(pod *corev1.Pod, c *corev1.Container, attempt uint32, step 
 			annotationRestartCount: strconv.FormatUint(uint64(attempt), 10),
 			annotationGracePeriod:  strconv.FormatInt(gracePeriod(pod), 10),
 			annotationBackoffStep:  strconv.Itoa(step),
+			annotationSpecHash:     specHash(c),
 		},
 		LogPath: fmt.Sprintf("%s_%d.log", c.Name, attempt),
 		Stdin:   c.Stdin, StdinOnce: c.StdinOnce, Tty: c.TTY,

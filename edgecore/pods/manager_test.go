@@ -629,3 +629,20 @@ func (e *env) sh(id, cmd string) (string, error) {
 	}
 	return strings.TrimSpace(string(out)), err
 }
+
+// A running container whose image changes in the pod is replaced at once,
+// whatever the restart policy.
+func TestChangedSpecReplacesContainer(t *testing.T) {
+	e := newEnv(t)
+	e.run(pods.Config{})
+	p := busyboxPod(e.h, "upgrade", corev1.RestartPolicyNever, true, "sleep", "3600")
+	e.put(p)
+	before := e.waitStatus(p, "running", running).ContainerStatuses[0]
+	p.Spec.Containers[0].Image, p.Spec.Containers[0].Command = e.h.PauseImage, nil
+	e.put(p)
+	after := e.waitStatus(p, "replaced", func(st corev1.PodStatus) bool {
+		return running(st) && st.ContainerStatuses[0].Image == e.h.PauseImage && st.ContainerStatuses[0].RestartCount == 1
+	}).ContainerStatuses[0]
+	require.NotEqual(t, before.ContainerID, after.ContainerID)
+	require.NotEqual(t, before.ImageID, after.ImageID)
+}

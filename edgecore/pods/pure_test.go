@@ -96,8 +96,9 @@ func TestContainerConfig(t *testing.T) {
 		Labels: map[string]string{
 			labelPodName: "web", labelPodNamespace: "ns", labelPodUID: "u1", labelContainerName: "app",
 		},
-		Annotations: map[string]string{annotationRestartCount: "3", annotationGracePeriod: "7", annotationBackoffStep: "2"},
-		LogPath:     "app_3.log",
+		Annotations: map[string]string{annotationRestartCount: "3", annotationGracePeriod: "7", annotationBackoffStep: "2",
+			annotationSpecHash: specHash(&pod.Spec.Containers[0])},
+		LogPath: "app_3.log",
 		Linux: &runtimeapi.LinuxContainerConfig{
 			Resources: &runtimeapi.LinuxContainerResources{CpuShares: 2},
 			SecurityContext: &runtimeapi.LinuxContainerSecurityContext{
@@ -504,4 +505,14 @@ func TestVolumeFiles(t *testing.T) {
 			require.Equal(t, tc.want, got)
 		})
 	}
+}
+
+// The spec hash changes with the image, not with resources.
+func TestSpecHash(t *testing.T) {
+	c := testPod().Spec.Containers[0]
+	h := specHash(&c)
+	c.Resources.Limits = corev1.ResourceList{corev1.ResourceCPU: resource.MustParse("1")}
+	require.Equal(t, h, specHash(&c))
+	c.Image = "img:2"
+	require.NotEqual(t, h, specHash(&c))
 }

@@ -362,8 +362,16 @@ func (m *Manager) ensureContainer(ctx context.Context, pod *corev1.Pod, a *actua
 		inSandbox := a.sandboxOf[latest.GetId()] == a.sandbox.GetId()
 		switch latest.GetState() {
 		case runtimeapi.ContainerState_CONTAINER_RUNNING:
-			killed, err := m.killFailed(ctx, pod, c, latest)
-			return 0, killed, err
+			if h := latest.GetAnnotations()[annotationSpecHash]; h == "" || h == specHash(c) {
+				killed, err := m.killFailed(ctx, pod, c, latest)
+				return 0, killed, err
+			}
+			// The spec changed (a new image): replace the container now,
+			// whatever the restart policy, as kubelet does.
+			m.logger.Info("container spec changed", "pod", pod.Namespace+"/"+pod.Name, "container", c.Name)
+			if err := m.rt.StopContainer(ctx, latest.GetId(), gracePeriod(pod)); err != nil {
+				return 0, true, fmt.Errorf("stop changed container %s: %w", c.Name, err)
+			}
 		case runtimeapi.ContainerState_CONTAINER_CREATED:
 			if inSandbox {
 				if err := m.rt.StartContainer(ctx, latest.GetId()); err != nil {
