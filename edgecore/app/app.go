@@ -1,5 +1,6 @@
 // Package app wires EdgeCore's components together: the SQLite store, the
-// tunnel client, the syncer, node status and certificate rotation. The
+// tunnel client, the syncer, node status, certificate rotation and, when a
+// CRI endpoint is configured, the pod manager. The
 // edgecore command and the end-to-end tests both build EdgeCore through
 // it, so what the tests run is what ships. It holds no logic of its own.
 package app
@@ -17,10 +18,13 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/errgroup"
+	cri "k8s.io/cri-api/pkg/apis"
+	remote "k8s.io/cri-client/pkg"
 
 	"github.com/tetheredge/tether/edgecore/certs"
 	"github.com/tetheredge/tether/edgecore/edgehub"
 	"github.com/tetheredge/tether/edgecore/nodestatus"
+	"github.com/tetheredge/tether/edgecore/pods"
 	"github.com/tetheredge/tether/edgecore/store"
 	"github.com/tetheredge/tether/edgecore/syncer"
 	"github.com/tetheredge/tether/tunnel"
@@ -56,6 +60,18 @@ type Config struct {
 	// NodeStatus.Runtime the Node is Ready only if
 	// NodeStatus.RequireRuntime is false (the edgecore command sets it).
 	NodeStatus nodestatus.Config
+	// CRIEndpoint is the CRI runtime the pod manager drives, such as
+	// "unix:///run/containerd/containerd.sock" or EdgeCore's CRI shim. Empty:
+	// no pod manager, and EdgeCore runs no pods.
+	CRIEndpoint string
+	// CRITimeout bounds each CRI call. Default 2m (image pulls and stops
+	// with a grace period take long).
+	CRITimeout time.Duration
+	// Pods tunes the pod manager (host IPs, log directory, relist period,
+	// restart back-off); its Node and Registerer are set from Node and
+	// Registerer, and its RootDir (the pods' volumes) defaults to
+	// DataDir/pods. Unused without CRIEndpoint.
+	Pods pods.Config
 	// WrapStore, when set, wraps the store the syncer writes through
 	// (benchmarks and fault-injection tests observe commits that way).
 	WrapStore func(*store.Store) syncer.Store
@@ -78,6 +94,10 @@ type App struct {
 	hub      *edgehub.EdgeHub
 	holder   *certs.Holder
 	logger   *slog.Logger
+	// pods, rt and img are nil without a CRI endpoint.
+	pods *pods.Manager
+	rt   cri.RuntimeService
+	img  cri.ImageManagerService
 }
 
 // New opens the store and wires everything; Run starts it. Close releases
@@ -150,10 +170,45 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 	rotator := certs.NewRotator(cfg.IdentityDir, cfg.Node, cfg.CA, holder, sy.Renew, logger, nil)
 	hub := edgehub.New(client, sy, logger)
 	rotator.OnRenewed(func() { hub.Reconnect("certificate renewed") })
-	return &App{
+	a := &App{
 		cfg: cfg, st: st, sy: sy, reporter: reporter, rotator: rotator, holder: holder,
 		hub: hub, logger: logger,
-	}, nil
+	}
+	if cfg.CRIEndpoint != "" {
+		if err := a.newPods(ctx); err != nil {
+			return nil, errors.Join(err, a.Close())
+		}
+	}
+	return a, nil
+}
+
+// newPods connects the CRI clients and builds the pod manager, which reads
+// the store, hears its changes and publishes through the syncer.
+func (a *App) newPods(ctx context.Context) error {
+	timeout := a.cfg.CRITimeout
+	if timeout <= 0 {
+		timeout = 2 * time.Minute
+	}
+	rt, err := remote.NewRemoteRuntimeService(ctx, a.cfg.CRIEndpoint, timeout, nil, false)
+	if err != nil {
+		return fmt.Errorf("connect CRI runtime %s: %w", a.cfg.CRIEndpoint, err)
+	}
+	a.rt = rt
+	img, err := remote.NewRemoteImageService(ctx, a.cfg.CRIEndpoint, timeout, nil, false)
+	if err != nil {
+		return fmt.Errorf("connect CRI image service %s: %w", a.cfg.CRIEndpoint, err)
+	}
+	a.img = img
+	pcfg := a.cfg.Pods
+	pcfg.Node = a.cfg.Node
+	if pcfg.RootDir == "" {
+		pcfg.RootDir = filepath.Join(a.cfg.DataDir, "pods")
+	}
+	if pcfg.Registerer == nil {
+		pcfg.Registerer = a.cfg.Registerer
+	}
+	a.pods, err = pods.New(pcfg, a.st, rt, img, a.sy, a.logger)
+	return err
 }
 
 // Store returns the edge store (read-only use by tests and tools).
@@ -176,6 +231,11 @@ func (a *App) Run(ctx context.Context) error {
 	g.Go(func() error { return a.reporter.Run(ctx) })
 	g.Go(func() error { return a.rotator.Run(ctx) })
 	g.Go(func() error { return a.hub.Run(ctx) })
+	if a.pods != nil {
+		cancel := a.st.Subscribe(a.pods.OnStoreChange)
+		defer cancel()
+		g.Go(func() error { return a.pods.Run(ctx) })
+	}
 	err := g.Wait()
 	if errors.Is(err, context.Canceled) {
 		return nil
@@ -183,5 +243,16 @@ func (a *App) Run(ctx context.Context) error {
 	return err
 }
 
-// Close closes the store. Call it after Run has returned.
-func (a *App) Close() error { return a.st.Close() }
+// Close closes the CRI clients and the store. Call it after Run has
+// returned.
+func (a *App) Close() error {
+	var errs []error
+	ctx := context.Background()
+	if a.rt != nil {
+		errs = append(errs, a.rt.Close(ctx))
+	}
+	if a.img != nil {
+		errs = append(errs, a.img.Close(ctx))
+	}
+	return errors.Join(append(errs, a.st.Close())...)
+}

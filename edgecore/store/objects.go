@@ -100,6 +100,11 @@ func (s *Store) Apply(ctx context.Context, changes []Change) error {
 	if err != nil {
 		return fmt.Errorf("apply batch: %w", err)
 	}
+	keys := make([]objsync.Key, len(changes))
+	for i := range changes {
+		keys[i] = changes[i].Object.Key()
+	}
+	s.notify(keys)
 	return nil
 }
 
@@ -131,6 +136,7 @@ func (s *Store) DeleteByKeyHash(ctx context.Context, hashes []uint64) ([]objsync
 	if err != nil {
 		return nil, fmt.Errorf("delete by key hash: %w", err)
 	}
+	s.notify(removed)
 	return removed, nil
 }
 

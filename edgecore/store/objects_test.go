@@ -376,3 +376,27 @@ func TestConcurrentUse(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, writers*batches*perBatch, n)
 }
+
+// Subscribers hear the keys of each committed batch and of each delete by
+// key hash, and nothing of a refused batch or after they cancel.
+func TestSubscribe(t *testing.T) {
+	s := openStore(t, filepath.Join(t.TempDir(), "s.db"))
+	ctx := t.Context()
+	var got [][]objsync.Key
+	cancel := s.Subscribe(func(keys []objsync.Key) { got = append(got, slices.Clone(keys)) })
+
+	a, b := configMap("ns", "a", "1"), configMap("ns", "b", "1")
+	require.NoError(t, s.Apply(ctx, []Change{upsert(a), upsert(b)}))
+	bad := configMap("ns", "c", "1")
+	bad.Resource.Kind = ""
+	require.Error(t, s.Apply(ctx, []Change{upsert(bad)}))
+	removed, err := s.DeleteByKeyHash(ctx, []uint64{a.Key().Hash()})
+	require.NoError(t, err)
+	require.Equal(t, []objsync.Key{a.Key()}, removed)
+	require.Equal(t, [][]objsync.Key{{a.Key(), b.Key()}, {a.Key()}}, got)
+
+	cancel()
+	cancel()
+	require.NoError(t, s.Apply(ctx, []Change{del(b)}))
+	require.Len(t, got, 2)
+}

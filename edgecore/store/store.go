@@ -30,6 +30,8 @@ import (
 	"sync"
 
 	"github.com/mattn/go-sqlite3"
+
+	"github.com/tetheredge/tether/common/objsync"
 )
 
 // Sentinel errors. Each error the store returns for the reason named wraps
@@ -75,6 +77,11 @@ type Store struct {
 
 	closeOnce sync.Once
 	closeErr  error
+
+	// subsMu guards subs, the change subscribers (see Subscribe).
+	subsMu sync.Mutex
+	subs   map[uint64]func([]objsync.Key)
+	subSeq uint64
 }
 
 // Open opens the store in the file at path, creating the file if it does
@@ -264,4 +271,42 @@ func (s *Store) inTx(ctx context.Context, fn func(tx *sql.Tx) error) error {
 		return fmt.Errorf("commit: %w", err)
 	}
 	return nil
+}
+
+// Subscribe registers fn to be called, after each committed Apply or
+// DeleteByKeyHash, with the keys that batch wrote or removed (in batch
+// order; a key may repeat). fn runs on the writer's goroutine after the
+// commit, so it must not block or call back into the store's writes: hand
+// the keys to a queue and return. A failed batch calls nothing. The
+// returned function removes the subscription; it is idempotent.
+func (s *Store) Subscribe(fn func(keys []objsync.Key)) (cancel func()) {
+	s.subsMu.Lock()
+	defer s.subsMu.Unlock()
+	if s.subs == nil {
+		s.subs = make(map[uint64]func([]objsync.Key))
+	}
+	s.subSeq++
+	id := s.subSeq
+	s.subs[id] = fn
+	return func() {
+		s.subsMu.Lock()
+		defer s.subsMu.Unlock()
+		delete(s.subs, id)
+	}
+}
+
+// notify calls the subscribers with keys; see Subscribe.
+func (s *Store) notify(keys []objsync.Key) {
+	if len(keys) == 0 {
+		return
+	}
+	s.subsMu.Lock()
+	fns := make([]func([]objsync.Key), 0, len(s.subs))
+	for _, fn := range s.subs {
+		fns = append(fns, fn)
+	}
+	s.subsMu.Unlock()
+	for _, fn := range fns {
+		fn(keys)
+	}
 }

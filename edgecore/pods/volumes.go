@@ -1,0 +1,252 @@
+package pods
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"golang.org/x/sys/unix"
+	corev1 "k8s.io/api/core/v1"
+	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+)
+
+// Volumes live under <RootDir>/<pod uid>/volumes/<kind>/<name>. ConfigMap
+// and Secret volumes are rewritten on every sync, so a changed object
+// reaches running containers (each file is replaced atomically by a
+// rename; unlike kubelet's ..data symlink swap, the files of one volume do
+// not all change in the same instant). Secret volumes, and emptyDirs with
+// medium Memory, are tmpfs mounts: a Secret's bytes never touch the disk
+// outside the store.
+
+// volumeDir is the host directory of a pod's volume.
+func (m *Manager) volumeDir(uid, kind, name string) string {
+	return filepath.Join(m.cfg.RootDir, uid, "volumes", kind, name)
+}
+
+// prepareVolumes makes every volume of pod ready and returns the host path
+// of each, by volume name. A missing ConfigMap or Secret (or key) that is
+// not optional is an error: the containers wait.
+func (m *Manager) prepareVolumes(pod *corev1.Pod, lookup lookupFunc) (map[string]string, error) {
+	paths := make(map[string]string, len(pod.Spec.Volumes))
+	uid := string(pod.UID)
+	for _, v := range pod.Spec.Volumes {
+		var dir string
+		var err error
+		switch {
+		case v.EmptyDir != nil:
+			dir = m.volumeDir(uid, "empty-dir", v.Name)
+			err = ensureDir(dir, 0o777, v.EmptyDir.Medium == corev1.StorageMediumMemory)
+		case v.HostPath != nil:
+			dir = v.HostPath.Path
+			if t := v.HostPath.Type; t != nil && *t == corev1.HostPathDirectoryOrCreate {
+				err = os.MkdirAll(dir, 0o755)
+			}
+		case v.ConfigMap != nil:
+			dir = m.volumeDir(uid, "configmap", v.Name)
+			err = m.projectVolume(dir, false, "ConfigMap", v.ConfigMap.Name, v.ConfigMap.Items,
+				v.ConfigMap.DefaultMode, isTrue(v.ConfigMap.Optional), lookup)
+		case v.Secret != nil:
+			dir = m.volumeDir(uid, "secret", v.Name)
+			err = m.projectVolume(dir, true, "Secret", v.Secret.SecretName, v.Secret.Items,
+				v.Secret.DefaultMode, isTrue(v.Secret.Optional), lookup)
+		default:
+			err = errors.New("only emptyDir, hostPath, configMap and secret volumes are supported")
+		}
+		if err != nil {
+			return nil, fmt.Errorf("volume %s: %w", v.Name, err)
+		}
+		paths[v.Name] = dir
+	}
+	return paths, nil
+}
+
+// projectVolume writes the keys of a ConfigMap or Secret as files into dir
+// (a tmpfs when onTmpfs), and removes files that are no longer wanted.
+func (m *Manager) projectVolume(dir string, onTmpfs bool, kind, name string, items []corev1.KeyToPath,
+	defaultMode *int32, optional bool, lookup lookupFunc) error {
+	data, ok, err := lookup(kind, name)
+	if err != nil {
+		return err
+	}
+	if !ok && !optional {
+		return fmt.Errorf("%s %q not found", kind, name)
+	}
+	files, err := volumeFiles(data, items, defaultMode, optional)
+	if err != nil {
+		return fmt.Errorf("%s %q: %w", kind, name, err)
+	}
+	if err := ensureDir(dir, 0o755, onTmpfs); err != nil {
+		return err
+	}
+	for path, f := range files {
+		if err := writeIfChanged(filepath.Join(dir, path), f.data, f.mode); err != nil {
+			return err
+		}
+	}
+	return filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil || d.IsDir() {
+			return err
+		}
+		rel, _ := filepath.Rel(dir, p)
+		if _, keep := files[rel]; !keep {
+			return os.Remove(p)
+		}
+		return nil
+	})
+}
+
+// volumeFile is one file of a projected volume.
+type volumeFile struct {
+	data []byte
+	mode os.FileMode
+}
+
+// volumeFiles maps an object's data to files: every key, or the items
+// asked for, with their modes (default 0644). Paths must be relative and
+// stay inside the volume.
+func volumeFiles(data map[string]string, items []corev1.KeyToPath, defaultMode *int32, optional bool) (map[string]volumeFile, error) {
+	mode := os.FileMode(0o644)
+	if defaultMode != nil {
+		mode = os.FileMode(*defaultMode) & os.ModePerm
+	}
+	files := map[string]volumeFile{}
+	if len(items) == 0 {
+		for k, v := range data {
+			if err := checkPath(k); err != nil {
+				return nil, err
+			}
+			files[k] = volumeFile{data: []byte(v), mode: mode}
+		}
+		return files, nil
+	}
+	for _, it := range items {
+		v, ok := data[it.Key]
+		if !ok {
+			if optional {
+				continue
+			}
+			return nil, fmt.Errorf("key %q not found", it.Key)
+		}
+		if err := checkPath(it.Path); err != nil {
+			return nil, err
+		}
+		m := mode
+		if it.Mode != nil {
+			m = os.FileMode(*it.Mode) & os.ModePerm
+		}
+		files[filepath.Clean(it.Path)] = volumeFile{data: []byte(v), mode: m}
+	}
+	return files, nil
+}
+
+func checkPath(p string) error {
+	c := filepath.Clean(p)
+	if p == "" || filepath.IsAbs(p) || c == ".." || strings.HasPrefix(c, "../") {
+		return fmt.Errorf("path %q leaves the volume", p)
+	}
+	return nil
+}
+
+// ensureDir creates dir, and mounts a tmpfs on it when tmpfs is set and
+// none is mounted there yet.
+func ensureDir(dir string, mode os.FileMode, tmpfs bool) error {
+	if err := os.MkdirAll(dir, mode); err != nil {
+		return fmt.Errorf("create volume directory: %w", err)
+	}
+	if err := os.Chmod(dir, mode); err != nil {
+		return fmt.Errorf("set volume directory mode: %w", err)
+	}
+	if !tmpfs {
+		return nil
+	}
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		return fmt.Errorf("statfs volume directory: %w", err)
+	}
+	if st.Type == unix.TMPFS_MAGIC {
+		return nil
+	}
+	if err := unix.Mount("tmpfs", dir, "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, "mode=0755"); err != nil {
+		return fmt.Errorf("mount tmpfs on %s: %w", dir, err)
+	}
+	return nil
+}
+
+// writeIfChanged replaces path with data, atomically, unless it already
+// holds exactly that with that mode.
+func writeIfChanged(path string, data []byte, mode os.FileMode) error {
+	if old, err := os.ReadFile(path); err == nil && string(old) == string(data) {
+		if info, err := os.Stat(path); err == nil && info.Mode().Perm() == mode {
+			return nil
+		}
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return fmt.Errorf("create volume directory: %w", err)
+	}
+	tmp, err := os.CreateTemp(filepath.Dir(path), ".tmp-")
+	if err != nil {
+		return fmt.Errorf("write volume file: %w", err)
+	}
+	_, werr := tmp.Write(data)
+	err = errors.Join(werr, tmp.Chmod(mode), tmp.Close())
+	if err == nil {
+		err = os.Rename(tmp.Name(), path)
+	}
+	if err != nil {
+		_ = os.Remove(tmp.Name())
+		return fmt.Errorf("write volume file %s: %w", path, err)
+	}
+	return nil
+}
+
+// removeVolumes unmounts the tmpfs volumes of pod uid and removes its
+// directory.
+func (m *Manager) removeVolumes(uid string) error {
+	if uid == "" || checkPath(uid) != nil || strings.Contains(uid, "/") {
+		return fmt.Errorf("remove volumes: bad pod uid %q", uid)
+	}
+	root := filepath.Join(m.cfg.RootDir, uid)
+	for _, kind := range []string{"secret", "empty-dir"} {
+		dirs, _ := os.ReadDir(filepath.Join(root, "volumes", kind))
+		for _, d := range dirs {
+			p := filepath.Join(root, "volumes", kind, d.Name())
+			if err := unix.Unmount(p, 0); err != nil && !errors.Is(err, unix.EINVAL) {
+				return fmt.Errorf("unmount volume %s: %w", p, err)
+			}
+		}
+	}
+	if err := os.RemoveAll(root); err != nil {
+		return fmt.Errorf("remove volumes: %w", err)
+	}
+	return nil
+}
+
+// containerMounts are the CRI mounts of c's volumeMounts.
+func containerMounts(pod *corev1.Pod, c *corev1.Container, paths map[string]string) ([]*runtimeapi.Mount, error) {
+	readOnly := map[string]bool{}
+	for _, v := range pod.Spec.Volumes {
+		readOnly[v.Name] = v.ConfigMap != nil || v.Secret != nil
+	}
+	var out []*runtimeapi.Mount
+	for _, vm := range c.VolumeMounts {
+		host, ok := paths[vm.Name]
+		if !ok {
+			return nil, fmt.Errorf("volumeMount %s: no such volume", vm.Name)
+		}
+		if vm.SubPath != "" {
+			if err := checkPath(vm.SubPath); err != nil {
+				return nil, fmt.Errorf("volumeMount %s: %w", vm.Name, err)
+			}
+			host = filepath.Join(host, vm.SubPath)
+		}
+		out = append(out, &runtimeapi.Mount{
+			ContainerPath: vm.MountPath,
+			HostPath:      host,
+			Readonly:      vm.ReadOnly || readOnly[vm.Name],
+		})
+	}
+	return out, nil
+}
