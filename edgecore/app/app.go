@@ -56,8 +56,9 @@ type Config struct {
 	Syncer syncer.Config
 	// NodeStatus tunes node status and lease reports; its Node is set
 	// from Node, and its DataDir, when empty, from DataDir (the
-	// filesystem whose size is the ephemeral-storage capacity). With no
-	// NodeStatus.Runtime the Node is Ready only if
+	// filesystem whose size is the ephemeral-storage capacity). With a
+	// CRIEndpoint and no NodeStatus.Runtime, Ready follows that runtime's
+	// CRI Status; with neither, the Node is Ready only if
 	// NodeStatus.RequireRuntime is false (the edgecore command sets it).
 	NodeStatus nodestatus.Config
 	// CRIEndpoint is the CRI runtime the pod manager drives, such as
@@ -154,8 +155,18 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 		_ = st.Close()
 		return nil, err
 	}
+	a := &App{cfg: cfg, st: st, sy: sy, holder: holder, logger: logger}
+	if cfg.CRIEndpoint != "" {
+		if err := a.connectCRI(ctx); err != nil {
+			return nil, errors.Join(err, a.Close())
+		}
+	}
 	nsCfg := cfg.NodeStatus
 	nsCfg.Node = cfg.Node
+	if nsCfg.Runtime == nil && a.rt != nil {
+		// Ready means the runtime the pod manager drives can run pods.
+		nsCfg.Runtime = nodestatus.CRI{Service: a.rt}
+	}
 	if nsCfg.DataDir == "" {
 		nsCfg.DataDir = cfg.DataDir
 	}
@@ -164,27 +175,23 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 	}
 	reporter, err := nodestatus.New(nsCfg, sy, logger)
 	if err != nil {
-		_ = st.Close()
-		return nil, err
+		return nil, errors.Join(err, a.Close())
 	}
 	rotator := certs.NewRotator(cfg.IdentityDir, cfg.Node, cfg.CA, holder, sy.Renew, logger, nil)
 	hub := edgehub.New(client, sy, logger)
 	rotator.OnRenewed(func() { hub.Reconnect("certificate renewed") })
-	a := &App{
-		cfg: cfg, st: st, sy: sy, reporter: reporter, rotator: rotator, holder: holder,
-		hub: hub, logger: logger,
-	}
-	if cfg.CRIEndpoint != "" {
-		if err := a.newPods(ctx); err != nil {
+	a.reporter, a.rotator, a.hub = reporter, rotator, hub
+	if a.rt != nil {
+		if err := a.newPods(); err != nil {
 			return nil, errors.Join(err, a.Close())
 		}
 	}
 	return a, nil
 }
 
-// newPods connects the CRI clients and builds the pod manager, which reads
-// the store, hears its changes and publishes through the syncer.
-func (a *App) newPods(ctx context.Context) error {
+// connectCRI connects the CRI clients of the runtime the pod manager
+// drives (and node status asks whether it is ready).
+func (a *App) connectCRI(ctx context.Context) error {
 	timeout := a.cfg.CRITimeout
 	if timeout <= 0 {
 		timeout = 2 * time.Minute
@@ -199,6 +206,13 @@ func (a *App) newPods(ctx context.Context) error {
 		return fmt.Errorf("connect CRI image service %s: %w", a.cfg.CRIEndpoint, err)
 	}
 	a.img = img
+	return nil
+}
+
+// newPods builds the pod manager, which reads the store, hears its changes
+// and publishes through the syncer.
+func (a *App) newPods() error {
+	var err error
 	pcfg := a.cfg.Pods
 	pcfg.Node = a.cfg.Node
 	if pcfg.RootDir == "" {
@@ -207,7 +221,7 @@ func (a *App) newPods(ctx context.Context) error {
 	if pcfg.Registerer == nil {
 		pcfg.Registerer = a.cfg.Registerer
 	}
-	a.pods, err = pods.New(pcfg, a.st, rt, img, a.sy, a.logger)
+	a.pods, err = pods.New(pcfg, a.st, a.rt, a.img, a.sy, a.logger)
 	return err
 }
 
