@@ -38,6 +38,7 @@ type flags struct {
 	keepAlive, dead time.Duration
 	logLevel        string
 	dataDir         string
+	runtime         string
 }
 
 func newRootCommand() *cobra.Command {
@@ -60,6 +61,7 @@ func newRootCommand() *cobra.Command {
 	fl.DurationVar(&f.keepAlive, "keepalive", 5*time.Second, "keepalive interval")
 	fl.DurationVar(&f.dead, "dead-peer-timeout", 15*time.Second, "silence after which the cloud is declared gone")
 	fl.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
+	fl.StringVar(&f.runtime, "container-runtime-endpoint", "", "CRI endpoint the pod manager drives, such as unix:///run/containerd/containerd.sock; empty: EdgeCore runs no pods and its Node stays NotReady (ContainerRuntimeUnreachable)")
 	fl.StringVar(&f.dataDir, "data-dir", "/var/lib/tether/edgecore", "directory of the node's state: SQLite store and its identity (node.pem: key and certificate, ca.crt), from edgecore join or renewals")
 	root.AddCommand(newJoinCommand())
 	return root
@@ -108,10 +110,11 @@ func appConfig(f flags, logger *slog.Logger) (app.Config, error) {
 	return app.Config{
 		Cloud: f.cloud, Node: f.node, Certificate: pair, CA: caCert, IdentityDir: f.dataDir, DataDir: f.dataDir,
 		KeepAlive: f.keepAlive, DeadPeerTimeout: f.dead, Logger: logger, Registerer: prometheus.NewRegistry(),
-		// The node is Ready only when a container runtime answers; until
-		// one is wired here it is NotReady, ContainerRuntimeUnreachable:
-		// nothing can run on it.
-		NodeStatus: nodestatus.Config{RequireRuntime: true},
+		// The node is Ready only when its container runtime answers; with
+		// none it is NotReady, ContainerRuntimeUnreachable: nothing can
+		// run on it.
+		CRIEndpoint: f.runtime,
+		NodeStatus:  nodestatus.Config{RequireRuntime: true},
 	}, nil
 }
 
