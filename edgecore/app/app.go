@@ -1,5 +1,6 @@
 // Package app wires EdgeCore's components together: the SQLite store, the
-// tunnel client, the syncer, node status and certificate rotation. The
+// tunnel client, the syncer, node status, certificate rotation and the
+// CRI shim with its containerd backend. The
 // edgecore command and the end-to-end tests both build EdgeCore through
 // it, so what the tests run is what ships. It holds no logic of its own.
 package app
@@ -53,6 +54,8 @@ type Config struct {
 	// NodeStatus tunes node status and lease reports; its Node is set
 	// from Node.
 	NodeStatus nodestatus.Config
+	// CRI configures the CRI shim; the zero value runs none.
+	CRI CRIConfig
 	// WrapStore, when set, wraps the store the syncer writes through
 	// (benchmarks and fault-injection tests observe commits that way).
 	WrapStore func(*store.Store) syncer.Store
@@ -74,6 +77,7 @@ type App struct {
 	rotator  *certs.Rotator
 	hub      *edgehub.EdgeHub
 	holder   *certs.Holder
+	cri      *criShim // nil without CRI.Listen
 	logger   *slog.Logger
 }
 
@@ -141,12 +145,19 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 		_ = st.Close()
 		return nil, err
 	}
+	var shim *criShim
+	if cfg.CRI.Listen != "" {
+		if shim, err = newCRIShim(ctx, cfg.CRI, st.RuntimeIDs(), logger, cfg.Registerer); err != nil {
+			_ = st.Close()
+			return nil, err
+		}
+	}
 	rotator := certs.NewRotator(cfg.IdentityDir, cfg.Node, cfg.CA, holder, sy.Renew, logger, nil)
 	hub := edgehub.New(client, sy, logger)
 	rotator.OnRenewed(func() { hub.Reconnect("certificate renewed") })
 	return &App{
 		cfg: cfg, st: st, sy: sy, reporter: reporter, rotator: rotator, holder: holder,
-		hub: hub, logger: logger,
+		hub: hub, cri: shim, logger: logger,
 	}, nil
 }
 
@@ -170,6 +181,9 @@ func (a *App) Run(ctx context.Context) error {
 	g.Go(func() error { return a.reporter.Run(ctx) })
 	g.Go(func() error { return a.rotator.Run(ctx) })
 	g.Go(func() error { return a.hub.Run(ctx) })
+	if a.cri != nil {
+		g.Go(func() error { return a.cri.run(ctx) })
+	}
 	err := g.Wait()
 	if errors.Is(err, context.Canceled) {
 		return nil
@@ -177,5 +191,12 @@ func (a *App) Run(ctx context.Context) error {
 	return err
 }
 
-// Close closes the store. Call it after Run has returned.
-func (a *App) Close() error { return a.st.Close() }
+// Close closes the shim's backend and the store. Call it after Run has
+// returned.
+func (a *App) Close() error {
+	var err error
+	if a.cri != nil {
+		err = a.cri.close()
+	}
+	return errors.Join(err, a.st.Close())
+}

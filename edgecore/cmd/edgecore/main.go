@@ -60,7 +60,7 @@ func newRootCommand() *cobra.Command {
 	fl.DurationVar(&f.dead, "dead-peer-timeout", 15*time.Second, "silence after which the cloud is declared gone")
 	fl.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
 	fl.StringVar(&f.dataDir, "data-dir", "/var/lib/tether/edgecore", "directory of the node's state: SQLite store and its identity (node.pem: key and certificate, ca.crt), from edgecore join or renewals")
-	root.AddCommand(newJoinCommand())
+	root.AddCommand(newJoinCommand(), newCRICommand())
 	return root
 }
 
