@@ -216,11 +216,22 @@ func toStatus(ctx context.Context, err error) error {
 	if err == nil {
 		return nil
 	}
-	if st, ok := status.FromError(err); ok {
+	var se interface {
+		error
+		GRPCStatus() *status.Status
+	}
+	if errors.As(err, &se) {
+		st := se.GRPCStatus()
 		if st.Code() == codes.OK {
 			return nil
 		}
-		return status.Error(st.Code(), err.Error())
+		if se == err { //nolint:errorlint // identity: is err the status itself, unwrapped?
+			return err
+		}
+		// Wrapped: keep the wrapping's words and the status's message,
+		// not "rpc error: code = ... desc =" twice.
+		prefix := strings.TrimSuffix(err.Error(), se.Error())
+		return status.Error(st.Code(), prefix+st.Message())
 	}
 	switch {
 	case errors.Is(err, context.DeadlineExceeded):

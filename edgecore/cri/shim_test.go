@@ -56,7 +56,7 @@ type shimOpts struct {
 
 // startShim serves a shim over a containerd backend of h. It stops when
 // the test ends, before the host's teardown.
-func startShim(t *testing.T, h *containerd.Host, o shimOpts) *shim {
+func startShim(t testing.TB, h *containerd.Host, o shimOpts) *shim {
 	t.Helper()
 	ctx := quiet(context.Background())
 	if o.db == "" {
@@ -111,7 +111,7 @@ func startShim(t *testing.T, h *containerd.Host, o shimOpts) *shim {
 
 // shortTempDir is a directory under /tmp: a unix socket path must stay
 // under 108 bytes, and t.TempDir's can be longer.
-func shortTempDir(t *testing.T) string {
+func shortTempDir(t testing.TB) string {
 	t.Helper()
 	d, err := os.MkdirTemp("", "tether-cri-")
 	require.NoError(t, err)
