@@ -10,6 +10,7 @@ import (
 // ImageSpec.runtime_handler ("" for the default); the shim routes by it as
 // RunPodSandbox does. ListImages and ImageFsInfo cover every backend.
 
+// ListImages asks every backend and merges the answers.
 func (s *Server) ListImages(ctx context.Context, req *runtimeapi.ListImagesRequest) (*runtimeapi.ListImagesResponse, error) {
 	items, err := fanOut(ctx, s.route, func(ctx context.Context, b Backend) ([]*runtimeapi.Image, error) {
 		return b.ListImages(ctx, req.GetFilter())
@@ -20,6 +21,7 @@ func (s *Server) ListImages(ctx context.Context, req *runtimeapi.ListImagesReque
 	return &runtimeapi.ListImagesResponse{Images: items}, nil
 }
 
+// ImageStatus routes by the image's runtime handler.
 func (s *Server) ImageStatus(ctx context.Context, req *runtimeapi.ImageStatusRequest) (*runtimeapi.ImageStatusResponse, error) {
 	nb, err := s.image(req.GetImage())
 	if err != nil {
@@ -28,6 +30,7 @@ func (s *Server) ImageStatus(ctx context.Context, req *runtimeapi.ImageStatusReq
 	return nb.b.ImageStatus(ctx, req.GetImage(), req.GetVerbose())
 }
 
+// PullImage routes by the image's runtime handler.
 func (s *Server) PullImage(ctx context.Context, req *runtimeapi.PullImageRequest) (*runtimeapi.PullImageResponse, error) {
 	nb, err := s.image(req.GetImage())
 	if err != nil {
@@ -40,6 +43,7 @@ func (s *Server) PullImage(ctx context.Context, req *runtimeapi.PullImageRequest
 	return &runtimeapi.PullImageResponse{ImageRef: ref}, nil
 }
 
+// RemoveImage routes by the image's runtime handler.
 func (s *Server) RemoveImage(ctx context.Context, req *runtimeapi.RemoveImageRequest) (*runtimeapi.RemoveImageResponse, error) {
 	nb, err := s.image(req.GetImage())
 	if err != nil {
@@ -51,6 +55,7 @@ func (s *Server) RemoveImage(ctx context.Context, req *runtimeapi.RemoveImageReq
 	return &runtimeapi.RemoveImageResponse{}, nil
 }
 
+// ImageFsInfo asks every backend and merges the answers.
 func (s *Server) ImageFsInfo(ctx context.Context, _ *runtimeapi.ImageFsInfoRequest) (*runtimeapi.ImageFsInfoResponse, error) {
 	out := &runtimeapi.ImageFsInfoResponse{}
 	if _, err := fanOut(ctx, s.route, func(ctx context.Context, b Backend) ([]struct{}, error) {

@@ -17,14 +17,17 @@ import (
 // lists) and passes the call through. Methods not written here are
 // Unimplemented (UnimplementedRuntimeServiceServer).
 
+// Version goes to the default backend.
 func (s *Server) Version(ctx context.Context, req *runtimeapi.VersionRequest) (*runtimeapi.VersionResponse, error) {
 	return s.route.backends.Default.Version(ctx, req.GetVersion())
 }
 
+// Status goes to the default backend.
 func (s *Server) Status(ctx context.Context, req *runtimeapi.StatusRequest) (*runtimeapi.StatusResponse, error) {
 	return s.route.backends.Default.Status(ctx, req.GetVerbose())
 }
 
+// RuntimeConfig goes to the default backend.
 func (s *Server) RuntimeConfig(ctx context.Context, _ *runtimeapi.RuntimeConfigRequest) (*runtimeapi.RuntimeConfigResponse, error) {
 	return s.route.backends.Default.RuntimeConfig(ctx)
 }
@@ -65,6 +68,7 @@ func (s *Server) RunPodSandbox(ctx context.Context, req *runtimeapi.RunPodSandbo
 	return &runtimeapi.RunPodSandboxResponse{PodSandboxId: id}, nil
 }
 
+// StopPodSandbox routes by sandbox id.
 func (s *Server) StopPodSandbox(ctx context.Context, req *runtimeapi.StopPodSandboxRequest) (*runtimeapi.StopPodSandboxResponse, error) {
 	nb, err := s.sandbox(ctx, req.GetPodSandboxId())
 	if err != nil {
@@ -92,6 +96,7 @@ func (s *Server) RemovePodSandbox(ctx context.Context, req *runtimeapi.RemovePod
 	return &runtimeapi.RemovePodSandboxResponse{}, nil
 }
 
+// PodSandboxStatus routes by sandbox id.
 func (s *Server) PodSandboxStatus(ctx context.Context, req *runtimeapi.PodSandboxStatusRequest) (*runtimeapi.PodSandboxStatusResponse, error) {
 	nb, err := s.sandbox(ctx, req.GetPodSandboxId())
 	if err != nil {
@@ -100,6 +105,7 @@ func (s *Server) PodSandboxStatus(ctx context.Context, req *runtimeapi.PodSandbo
 	return nb.b.PodSandboxStatus(ctx, req.GetPodSandboxId(), req.GetVerbose())
 }
 
+// ListPodSandbox asks every backend and merges the answers.
 func (s *Server) ListPodSandbox(ctx context.Context, req *runtimeapi.ListPodSandboxRequest) (*runtimeapi.ListPodSandboxResponse, error) {
 	items, err := fanOut(ctx, s.route, func(ctx context.Context, b Backend) ([]*runtimeapi.PodSandbox, error) {
 		return b.ListPodSandbox(ctx, req.GetFilter())
@@ -110,6 +116,7 @@ func (s *Server) ListPodSandbox(ctx context.Context, req *runtimeapi.ListPodSand
 	return &runtimeapi.ListPodSandboxResponse{Items: items}, nil
 }
 
+// PortForward routes by sandbox id.
 func (s *Server) PortForward(ctx context.Context, req *runtimeapi.PortForwardRequest) (*runtimeapi.PortForwardResponse, error) {
 	nb, err := s.sandbox(ctx, req.GetPodSandboxId())
 	if err != nil {
@@ -118,6 +125,7 @@ func (s *Server) PortForward(ctx context.Context, req *runtimeapi.PortForwardReq
 	return nb.b.PortForward(ctx, req)
 }
 
+// PodSandboxStats routes by sandbox id.
 func (s *Server) PodSandboxStats(ctx context.Context, req *runtimeapi.PodSandboxStatsRequest) (*runtimeapi.PodSandboxStatsResponse, error) {
 	nb, err := s.sandbox(ctx, req.GetPodSandboxId())
 	if err != nil {
@@ -130,6 +138,7 @@ func (s *Server) PodSandboxStats(ctx context.Context, req *runtimeapi.PodSandbox
 	return &runtimeapi.PodSandboxStatsResponse{Stats: st}, nil
 }
 
+// ListPodSandboxStats asks every backend and merges the answers.
 func (s *Server) ListPodSandboxStats(ctx context.Context, req *runtimeapi.ListPodSandboxStatsRequest) (*runtimeapi.ListPodSandboxStatsResponse, error) {
 	items, err := fanOut(ctx, s.route, func(ctx context.Context, b Backend) ([]*runtimeapi.PodSandboxStats, error) {
 		return b.ListPodSandboxStats(ctx, req.GetFilter())
@@ -140,6 +149,7 @@ func (s *Server) ListPodSandboxStats(ctx context.Context, req *runtimeapi.ListPo
 	return &runtimeapi.ListPodSandboxStatsResponse{Stats: items}, nil
 }
 
+// UpdatePodSandboxResources routes by sandbox id.
 func (s *Server) UpdatePodSandboxResources(ctx context.Context, req *runtimeapi.UpdatePodSandboxResourcesRequest) (*runtimeapi.UpdatePodSandboxResourcesResponse, error) {
 	nb, err := s.sandbox(ctx, req.GetPodSandboxId())
 	if err != nil {
@@ -175,6 +185,7 @@ func (s *Server) CreateContainer(ctx context.Context, req *runtimeapi.CreateCont
 	return &runtimeapi.CreateContainerResponse{ContainerId: id}, nil
 }
 
+// StartContainer routes by container id.
 func (s *Server) StartContainer(ctx context.Context, req *runtimeapi.StartContainerRequest) (*runtimeapi.StartContainerResponse, error) {
 	nb, err := s.container(ctx, req.GetContainerId())
 	if err != nil {
@@ -186,6 +197,7 @@ func (s *Server) StartContainer(ctx context.Context, req *runtimeapi.StartContai
 	return &runtimeapi.StartContainerResponse{}, nil
 }
 
+// StopContainer routes by container id.
 func (s *Server) StopContainer(ctx context.Context, req *runtimeapi.StopContainerRequest) (*runtimeapi.StopContainerResponse, error) {
 	nb, err := s.container(ctx, req.GetContainerId())
 	if err != nil {
@@ -197,6 +209,7 @@ func (s *Server) StopContainer(ctx context.Context, req *runtimeapi.StopContaine
 	return &runtimeapi.StopContainerResponse{}, nil
 }
 
+// RemoveContainer routes by container id.
 func (s *Server) RemoveContainer(ctx context.Context, req *runtimeapi.RemoveContainerRequest) (*runtimeapi.RemoveContainerResponse, error) {
 	nb, err := s.container(ctx, req.GetContainerId())
 	if err != nil {
@@ -211,6 +224,7 @@ func (s *Server) RemoveContainer(ctx context.Context, req *runtimeapi.RemoveCont
 	return &runtimeapi.RemoveContainerResponse{}, nil
 }
 
+// ListContainers asks every backend and merges the answers.
 func (s *Server) ListContainers(ctx context.Context, req *runtimeapi.ListContainersRequest) (*runtimeapi.ListContainersResponse, error) {
 	items, err := fanOut(ctx, s.route, func(ctx context.Context, b Backend) ([]*runtimeapi.Container, error) {
 		return b.ListContainers(ctx, req.GetFilter())
@@ -221,6 +235,7 @@ func (s *Server) ListContainers(ctx context.Context, req *runtimeapi.ListContain
 	return &runtimeapi.ListContainersResponse{Containers: items}, nil
 }
 
+// ContainerStatus routes by container id.
 func (s *Server) ContainerStatus(ctx context.Context, req *runtimeapi.ContainerStatusRequest) (*runtimeapi.ContainerStatusResponse, error) {
 	nb, err := s.container(ctx, req.GetContainerId())
 	if err != nil {
@@ -229,6 +244,7 @@ func (s *Server) ContainerStatus(ctx context.Context, req *runtimeapi.ContainerS
 	return nb.b.ContainerStatus(ctx, req.GetContainerId(), req.GetVerbose())
 }
 
+// UpdateContainerResources routes by container id.
 func (s *Server) UpdateContainerResources(ctx context.Context, req *runtimeapi.UpdateContainerResourcesRequest) (*runtimeapi.UpdateContainerResourcesResponse, error) {
 	nb, err := s.container(ctx, req.GetContainerId())
 	if err != nil {
@@ -242,6 +258,7 @@ func (s *Server) UpdateContainerResources(ctx context.Context, req *runtimeapi.U
 	return &runtimeapi.UpdateContainerResourcesResponse{}, nil
 }
 
+// ReopenContainerLog routes by container id.
 func (s *Server) ReopenContainerLog(ctx context.Context, req *runtimeapi.ReopenContainerLogRequest) (*runtimeapi.ReopenContainerLogResponse, error) {
 	nb, err := s.container(ctx, req.GetContainerId())
 	if err != nil {
@@ -274,8 +291,8 @@ func (s *Server) ExecSync(ctx context.Context, req *runtimeapi.ExecSyncRequest) 
 	return &runtimeapi.ExecSyncResponse{Stdout: stdout, Stderr: stderr}, nil
 }
 
-// Exec, Attach and PortForward return the backend's streaming URL: the
-// stream itself goes from the caller to the backend's streaming server.
+// Exec returns the backend's streaming URL, as Attach and PortForward do:
+// the stream itself goes from the caller to the backend's streaming server.
 func (s *Server) Exec(ctx context.Context, req *runtimeapi.ExecRequest) (*runtimeapi.ExecResponse, error) {
 	if len(req.GetCmd()) == 0 {
 		return nil, invalid("cmd is required")
@@ -287,6 +304,7 @@ func (s *Server) Exec(ctx context.Context, req *runtimeapi.ExecRequest) (*runtim
 	return nb.b.Exec(ctx, req)
 }
 
+// Attach routes by container id.
 func (s *Server) Attach(ctx context.Context, req *runtimeapi.AttachRequest) (*runtimeapi.AttachResponse, error) {
 	nb, err := s.container(ctx, req.GetContainerId())
 	if err != nil {
@@ -295,6 +313,7 @@ func (s *Server) Attach(ctx context.Context, req *runtimeapi.AttachRequest) (*ru
 	return nb.b.Attach(ctx, req)
 }
 
+// ContainerStats routes by container id.
 func (s *Server) ContainerStats(ctx context.Context, req *runtimeapi.ContainerStatsRequest) (*runtimeapi.ContainerStatsResponse, error) {
 	nb, err := s.container(ctx, req.GetContainerId())
 	if err != nil {
@@ -307,6 +326,7 @@ func (s *Server) ContainerStats(ctx context.Context, req *runtimeapi.ContainerSt
 	return &runtimeapi.ContainerStatsResponse{Stats: st}, nil
 }
 
+// ListContainerStats asks every backend and merges the answers.
 func (s *Server) ListContainerStats(ctx context.Context, req *runtimeapi.ListContainerStatsRequest) (*runtimeapi.ListContainerStatsResponse, error) {
 	items, err := fanOut(ctx, s.route, func(ctx context.Context, b Backend) ([]*runtimeapi.ContainerStats, error) {
 		return b.ListContainerStats(ctx, req.GetFilter())
@@ -317,6 +337,7 @@ func (s *Server) ListContainerStats(ctx context.Context, req *runtimeapi.ListCon
 	return &runtimeapi.ListContainerStatsResponse{Stats: items}, nil
 }
 
+// CheckpointContainer routes by container id.
 func (s *Server) CheckpointContainer(ctx context.Context, req *runtimeapi.CheckpointContainerRequest) (*runtimeapi.CheckpointContainerResponse, error) {
 	nb, err := s.container(ctx, req.GetContainerId())
 	if err != nil {
@@ -328,6 +349,7 @@ func (s *Server) CheckpointContainer(ctx context.Context, req *runtimeapi.Checkp
 	return &runtimeapi.CheckpointContainerResponse{}, nil
 }
 
+// ListMetricDescriptors asks every backend and merges the answers.
 func (s *Server) ListMetricDescriptors(ctx context.Context, _ *runtimeapi.ListMetricDescriptorsRequest) (*runtimeapi.ListMetricDescriptorsResponse, error) {
 	items, err := fanOut(ctx, s.route, func(ctx context.Context, b Backend) ([]*runtimeapi.MetricDescriptor, error) {
 		return b.ListMetricDescriptors(ctx)
@@ -338,6 +360,7 @@ func (s *Server) ListMetricDescriptors(ctx context.Context, _ *runtimeapi.ListMe
 	return &runtimeapi.ListMetricDescriptorsResponse{Descriptors: items}, nil
 }
 
+// ListPodSandboxMetrics asks every backend and merges the answers.
 func (s *Server) ListPodSandboxMetrics(ctx context.Context, _ *runtimeapi.ListPodSandboxMetricsRequest) (*runtimeapi.ListPodSandboxMetricsResponse, error) {
 	items, err := fanOut(ctx, s.route, func(ctx context.Context, b Backend) ([]*runtimeapi.PodSandboxMetrics, error) {
 		return b.ListPodSandboxMetrics(ctx)
