@@ -75,8 +75,9 @@ func startShim(t testing.TB, h *containerd.Host, o shimOpts) *shim {
 	srv, err := cri.New(cfg, cri.Backends{Default: def, VM: o.vm}, st.RuntimeIDs())
 	require.NoError(t, err)
 	runCtx, cancel := context.WithCancel(ctx)
-	done := make(chan error, 1)
+	done, events := make(chan error, 1), make(chan error, 1)
 	go func() { done <- srv.Run(runCtx) }()
+	go func() { events <- b.Run(runCtx) }()
 	require.Eventually(t, func() bool {
 		c, err := net.Dial("unix", cfg.Listen)
 		if err == nil {
@@ -101,6 +102,7 @@ func startShim(t testing.TB, h *containerd.Host, o shimOpts) *shim {
 		require.NoError(t, errors.Join(s.Runtime.Close(ctx), s.Images.Close(ctx), conn.Close()))
 		cancel()
 		require.NoError(t, <-done)
+		require.NoError(t, <-events)
 		require.NoError(t, errors.Join(b.Close(ctx), st.Close()))
 		_, err := os.Stat(cfg.Listen)
 		require.ErrorIs(t, err, os.ErrNotExist, "Run removes its socket")
@@ -259,4 +261,37 @@ func TestShimRefuses(t *testing.T) {
 	require.NoError(t, err)
 	_, err = stream.Recv()
 	require.Equal(t, codes.Unimplemented, status.Code(err), "%v", err)
+}
+
+// TestGetContainerEvents: the shim streams the containerd backend's start
+// and exit as CRI events (containerd 1.6 itself answers Unimplemented).
+func TestGetContainerEvents(t *testing.T) {
+	h := containerd.Start(t)
+	s := startShim(t, h, shimOpts{})
+	ctx := quiet(t.Context())
+	stream, err := s.Raw.GetContainerEvents(ctx, &runtimeapi.GetEventsRequest{})
+	require.NoError(t, err)
+	// The shim sends the headers once it is subscribed.
+	_, err = stream.Header()
+	require.NoError(t, err)
+
+	sb := h.PodSandboxConfig("events", true)
+	podID, err := s.Runtime.RunPodSandbox(ctx, sb, "")
+	require.NoError(t, err)
+	ctrID, err := s.Runtime.CreateContainer(ctx, podID, h.BusyboxContainer("events", "sh", "-c", "exit 3"), sb)
+	require.NoError(t, err)
+	require.NoError(t, s.Runtime.StartContainer(ctx, ctrID))
+	var got []runtimeapi.ContainerEventType
+	for len(got) < 2 {
+		ev, err := stream.Recv()
+		require.NoError(t, err)
+		require.NotEqual(t, podID, ev.GetContainerId(), "sandbox events are not sent")
+		if ev.GetContainerId() == ctrID {
+			got = append(got, ev.GetContainerEventType())
+			require.NotEmpty(t, ev.GetContainersStatuses())
+		}
+	}
+	require.Equal(t, []runtimeapi.ContainerEventType{
+		runtimeapi.ContainerEventType_CONTAINER_STARTED_EVENT, runtimeapi.ContainerEventType_CONTAINER_STOPPED_EVENT,
+	}, got)
 }
