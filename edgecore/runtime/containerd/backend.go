@@ -22,6 +22,7 @@ import (
 	remote "k8s.io/cri-client/pkg"
 	"k8s.io/klog/v2"
 
+	"github.com/tetheredge/tether/common/ratelog"
 	"github.com/tetheredge/tether/edgecore/cri"
 )
 
@@ -52,6 +53,7 @@ type Backend struct {
 
 	cfg    Config
 	logger *slog.Logger
+	lim    *ratelog.Limiter
 	events *broker
 	// conn is the events service's connection (cri-client keeps its own).
 	conn *grpc.ClientConn
@@ -101,7 +103,7 @@ func New(ctx context.Context, cfg Config) (*Backend, error) {
 	}
 	return &Backend{
 		RuntimeService: rt, ImageManagerService: img,
-		cfg: cfg, logger: cfg.Logger.With("component", "containerd"), events: newBroker(), conn: conn,
+		cfg: cfg, logger: cfg.Logger.With("component", "containerd"), lim: ratelog.New(0, nil), events: newBroker(), conn: conn,
 	}, nil
 }
 

@@ -75,7 +75,7 @@ func decode(env *types.Envelope, received time.Time) (ev cri.Event, ok bool, err
 
 // Events returns a subscription to the backend's events. It delivers what
 // happens while Run runs; a subscriber that falls 256 events behind loses
-// the newest ones (counted in the log), so a consumer keeps a relist as its
+// the newest ones (logged), so a consumer keeps a relist as its
 // safety net. The channel is closed when ctx ends or Run returns.
 func (b *Backend) Events(ctx context.Context) <-chan cri.Event { return b.events.subscribe(ctx) }
 
@@ -123,11 +123,17 @@ func (b *Backend) subscribeOnce(ctx context.Context, client eventsvc.EventsClien
 		}
 		ev, ok, err := decode(env, time.Now())
 		if err != nil {
-			b.logger.Warn("containerd event dropped", "topic", env.GetTopic(), "err", err)
+			if ok, suppressed := b.lim.Allow("event_undecodable"); ok {
+				b.logger.Warn("containerd event dropped", "topic", env.GetTopic(), "err", err, "suppressed", suppressed)
+			}
 			continue
 		}
 		if ok {
-			b.events.publish(ev)
+			if dropped := b.events.publish(ev); dropped > 0 {
+				if ok, suppressed := b.lim.Allow("event_dropped"); ok {
+					b.logger.Warn("container event dropped for slow subscribers", "container_id", ev.ContainerID, "kind", ev.Kind.String(), "subscribers", dropped, "suppressed", suppressed)
+				}
+			}
 		}
 	}
 }
@@ -146,7 +152,6 @@ type broker struct {
 	mu         sync.Mutex
 	subs       map[chan cri.Event]struct{}
 	closed     bool
-	dropped    int
 	reconnects chan struct{}
 }
 
@@ -177,16 +182,19 @@ func (k *broker) unsubscribe(ch chan cri.Event) {
 	}
 }
 
-func (k *broker) publish(ev cri.Event) {
+// publish delivers ev to every subscription that has room and returns how
+// many had none.
+func (k *broker) publish(ev cri.Event) (dropped int) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	for ch := range k.subs {
 		select {
 		case ch <- ev:
 		default:
-			k.dropped++
+			dropped++
 		}
 	}
+	return dropped
 }
 
 func (k *broker) reconnected() {
