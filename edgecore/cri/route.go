@@ -58,9 +58,10 @@ func (r *router) forHandler(h string) (named, error) {
 		return named{BackendVM, r.backends.VM}, nil
 	}
 	known := make([]string, 0, len(r.handlers)+1)
-	for _, x := range append(r.handlers, r.vmHandler) {
+	for _, x := range r.handlers {
 		known = append(known, fmt.Sprintf("%q", x))
 	}
+	known = append(known, fmt.Sprintf("%q", r.vmHandler))
 	return named{}, status.Errorf(codes.InvalidArgument, "unknown runtime handler %q (known: %s)", h, strings.Join(known, ", "))
 }
 
