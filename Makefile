@@ -10,6 +10,8 @@ BIN := $(OUTPUT)/bin
 TOOLS := $(OUTPUT)/tools/bin
 GOLANGCI_VERSION := v2.15.0
 GOLANGCI := $(TOOLS)/golangci-lint-$(GOLANGCI_VERSION)
+CRICTL_VERSION := v1.37.0
+CRICTL := $(TOOLS)/crictl-$(CRICTL_VERSION)
 TESTFLAGS ?= -race -count=1 -timeout 30m
 
 .PHONY: all build run test vet lint testbin tools check-env fuzz bench chaos clean runtime-deps
@@ -26,7 +28,7 @@ run: build testbin
 	bash build/run-local.sh
 
 ## test: vet, lint and every test (race detector on), against a real control plane
-test: check-env testbin runtime-deps vet lint
+test: check-env testbin runtime-deps $(CRICTL) vet lint
 	$(GO) test $(TESTFLAGS) ./...
 
 vet: check-env
@@ -62,7 +64,15 @@ runtime-deps:
 	  echo ">> runtime-deps: installed$$missing in $$(( $$(date +%s) - start ))s"; \
 	fi
 
-tools: $(GOLANGCI)
+tools: $(GOLANGCI) $(CRICTL)
+
+# crictl drives the standalone CRI shim in edgecore/cmd/edgecore's tests.
+$(CRICTL):
+	@echo ">> installing crictl $(CRICTL_VERSION) (go install)"
+	@mkdir -p $(TOOLS)
+	GOBIN=$(abspath $(TOOLS))/.tmp-crictl $(GO) install sigs.k8s.io/cri-tools/cmd/crictl@$(CRICTL_VERSION)
+	mv $(TOOLS)/.tmp-crictl/crictl $@
+	rm -rf $(TOOLS)/.tmp-crictl
 
 $(GOLANGCI):
 	@echo ">> installing golangci-lint $(GOLANGCI_VERSION) (go install, a few minutes the first time)"

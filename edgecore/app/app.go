@@ -1,6 +1,7 @@
 // Package app wires EdgeCore's components together: the SQLite store, the
-// tunnel client, the syncer, node status, certificate rotation and, when a
-// CRI endpoint is configured, the pod manager. The
+// tunnel client, the syncer, node status, certificate rotation, the CRI
+// shim with its containerd backend and, when a CRI endpoint is
+// configured, the pod manager. The
 // edgecore command and the end-to-end tests both build EdgeCore through
 // it, so what the tests run is what ships. It holds no logic of its own.
 package app
@@ -73,6 +74,8 @@ type Config struct {
 	// Registerer, and its RootDir (the pods' volumes) defaults to
 	// DataDir/pods. Unused without CRIEndpoint.
 	Pods pods.Config
+	// CRI configures the CRI shim; the zero value runs none.
+	CRI CRIConfig
 	// WrapStore, when set, wraps the store the syncer writes through
 	// (benchmarks and fault-injection tests observe commits that way).
 	WrapStore func(*store.Store) syncer.Store
@@ -94,6 +97,7 @@ type App struct {
 	rotator  *certs.Rotator
 	hub      *edgehub.EdgeHub
 	holder   *certs.Holder
+	cri      *criShim // nil without CRI.Listen
 	logger   *slog.Logger
 	// pods, rt and img are nil without a CRI endpoint.
 	pods *pods.Manager
@@ -177,10 +181,16 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 	if err != nil {
 		return nil, errors.Join(err, a.Close())
 	}
+	var shim *criShim
+	if cfg.CRI.Listen != "" {
+		if shim, err = newCRIShim(ctx, cfg.CRI, st.RuntimeIDs(), logger, cfg.Registerer); err != nil {
+			return nil, errors.Join(err, a.Close())
+		}
+	}
 	rotator := certs.NewRotator(cfg.IdentityDir, cfg.Node, cfg.CA, holder, sy.Renew, logger, nil)
 	hub := edgehub.New(client, sy, logger)
 	rotator.OnRenewed(func() { hub.Reconnect("certificate renewed") })
-	a.reporter, a.rotator, a.hub = reporter, rotator, hub
+	a.reporter, a.rotator, a.hub, a.cri = reporter, rotator, hub, shim
 	if a.rt != nil {
 		if err := a.newPods(); err != nil {
 			return nil, errors.Join(err, a.Close())
@@ -250,6 +260,9 @@ func (a *App) Run(ctx context.Context) error {
 		defer cancel()
 		g.Go(func() error { return a.pods.Run(ctx) })
 	}
+	if a.cri != nil {
+		g.Go(func() error { return a.cri.run(ctx) })
+	}
 	err := g.Wait()
 	if errors.Is(err, context.Canceled) {
 		return nil
@@ -257,7 +270,7 @@ func (a *App) Run(ctx context.Context) error {
 	return err
 }
 
-// Close closes the CRI clients and the store. Call it after Run has
+// Close closes the CRI clients, the shim's backend and the store. Call it after Run has
 // returned.
 func (a *App) Close() error {
 	var errs []error
@@ -267,6 +280,9 @@ func (a *App) Close() error {
 	}
 	if a.img != nil {
 		errs = append(errs, a.img.Close(ctx))
+	}
+	if a.cri != nil {
+		errs = append(errs, a.cri.close())
 	}
 	return errors.Join(append(errs, a.st.Close())...)
 }

@@ -67,6 +67,21 @@ INSERT INTO meta (name, value) VALUES ('outbox_seq', 0);
 
 PRAGMA application_id = 1413829704; -- applicationID, "TETH"
 `},
+		{version: 2, name: "runtime id map", sql: `
+-- Which CRI shim backend owns each sandbox and container (runtimeids.go).
+-- Only RunPodSandbox names a runtime handler; every later call names an id,
+-- and this table routes it, also after a restart.
+CREATE TABLE runtime_ids (
+	id         TEXT    NOT NULL PRIMARY KEY, -- the CRI sandbox or container id
+	kind       INTEGER NOT NULL,             -- RuntimeKind: 1 sandbox, 2 container
+	backend    TEXT    NOT NULL,             -- the shim's backend name
+	sandbox_id TEXT    NOT NULL,             -- a container's sandbox; a sandbox's own id
+	created_at INTEGER NOT NULL              -- Unix nanoseconds
+) STRICT;
+
+-- A sandbox's containers, removed with it.
+CREATE INDEX runtime_ids_by_sandbox ON runtime_ids (sandbox_id);
+`},
 	}
 }
 

@@ -63,7 +63,7 @@ func newRootCommand() *cobra.Command {
 	fl.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
 	fl.StringVar(&f.runtime, "container-runtime-endpoint", "", "CRI endpoint the pod manager drives, such as unix:///run/containerd/containerd.sock; empty: EdgeCore runs no pods and its Node stays NotReady (ContainerRuntimeUnreachable)")
 	fl.StringVar(&f.dataDir, "data-dir", "/var/lib/tether/edgecore", "directory of the node's state: SQLite store and its identity (node.pem: key and certificate, ca.crt), from edgecore join or renewals")
-	root.AddCommand(newJoinCommand())
+	root.AddCommand(newJoinCommand(), newCRICommand())
 	return root
 }
 

@@ -1,0 +1,61 @@
+package main
+
+import (
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/spf13/cobra"
+
+	"github.com/tetheredge/tether/edgecore/app"
+)
+
+type criFlags struct {
+	cfg      app.CRIConfig
+	state    string
+	logLevel string
+}
+
+// newCRICommand returns "edgecore cri": the CRI shim alone, for any CRI
+// client (crictl, a kubelet) to drive.
+func newCRICommand() *cobra.Command {
+	var f criFlags
+	cmd := &cobra.Command{
+		Use:   "cri",
+		Short: "Serve EdgeCore's CRI shim alone, in front of containerd",
+		Long: "cri serves the CRI v1 RuntimeService and ImageService on --listen and routes each\n" +
+			"sandbox by its runtime handler: --handlers go to containerd, --vm-handler is refused\n" +
+			"(no VM backend yet). Which backend owns each id is kept in --state.",
+		Example: "  edgecore cri --listen /run/tether/cri.sock --containerd unix:///run/containerd/containerd.sock",
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			var level slog.Level
+			if err := level.UnmarshalText([]byte(f.logLevel)); err != nil {
+				return fmt.Errorf("log level %q: %w", f.logLevel, err)
+			}
+			logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			c, err := app.NewCRI(ctx, f.cfg, f.state, logger, prometheus.NewRegistry())
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			return c.Run(ctx)
+		},
+	}
+	fl := cmd.Flags()
+	fl.StringVar(&f.cfg.Listen, "listen", "/run/tether/cri.sock", "unix socket to serve the CRI on")
+	fl.StringVar(&f.cfg.Containerd, "containerd", app.DefaultContainerd, "containerd's CRI endpoint")
+	fl.StringSliceVar(&f.cfg.Handlers, "handlers", []string{"", "runc"}, "runtime handlers containerd serves")
+	fl.StringVar(&f.cfg.VMHandler, "vm-handler", "tether-vm", "runtime handler of virtual machines")
+	fl.DurationVar(&f.cfg.CallTimeout, "call-timeout", 30*time.Second, "deadline of each CRI call")
+	fl.DurationVar(&f.cfg.PullTimeout, "pull-timeout", 2*time.Minute, "deadline of each image pull")
+	fl.StringVar(&f.state, "state", "/var/lib/tether/cri/state.db", "SQLite file of the sandbox and container id map")
+	fl.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
+	return cmd
+}
