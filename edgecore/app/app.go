@@ -63,8 +63,10 @@ type Config struct {
 	// NodeStatus.RequireRuntime is false (the edgecore command sets it).
 	NodeStatus nodestatus.Config
 	// CRIEndpoint is the CRI runtime the pod manager drives, such as
-	// "unix:///run/containerd/containerd.sock" or EdgeCore's CRI shim. Empty:
-	// no pod manager, and EdgeCore runs no pods.
+	// "unix:///run/containerd/containerd.sock" or a standalone CRI shim.
+	// Empty with CRI.Listen set: the pod manager drives the in-process
+	// shim over its socket, and hears containerd's events through it.
+	// Empty without: no pod manager, and EdgeCore runs no pods.
 	CRIEndpoint string
 	// CRITimeout bounds each CRI call. Default 2m (image pulls and stops
 	// with a grace period take long).
@@ -98,7 +100,12 @@ type App struct {
 	hub      *edgehub.EdgeHub
 	holder   *certs.Holder
 	cri      *criShim // nil without CRI.Listen
-	logger   *slog.Logger
+	// viaShim: the pod manager drives the in-process shim, connected in
+	// Run; late is node status' runtime until then, events the shim's.
+	viaShim bool
+	late    *lateRuntime
+	events  shimEvents
+	logger  *slog.Logger
 	// pods, rt and img are nil without a CRI endpoint.
 	pods *pods.Manager
 	rt   cri.RuntimeService
@@ -167,9 +174,17 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 	}
 	nsCfg := cfg.NodeStatus
 	nsCfg.Node = cfg.Node
-	if nsCfg.Runtime == nil && a.rt != nil {
+	a.viaShim = cfg.CRIEndpoint == "" && cfg.CRI.Listen != ""
+	switch {
+	case nsCfg.Runtime != nil:
+	case a.rt != nil:
 		// Ready means the runtime the pod manager drives can run pods.
 		nsCfg.Runtime = nodestatus.CRI{Service: a.rt}
+	case a.viaShim:
+		a.late = &lateRuntime{}
+		nsCfg.Runtime = a.late
+		a.cfg.CRIEndpoint = "unix://" + cfg.CRI.Listen
+		a.events = shimEvents{ch: make(chan pods.ContainerEvent, 256)}
 	}
 	if nsCfg.DataDir == "" {
 		nsCfg.DataDir = cfg.DataDir
@@ -213,7 +228,8 @@ func (a *App) connectCRI(ctx context.Context) error {
 	a.rt = rt
 	img, err := remote.NewRemoteImageService(ctx, a.cfg.CRIEndpoint, timeout, nil, false)
 	if err != nil {
-		return fmt.Errorf("connect CRI image service %s: %w", a.cfg.CRIEndpoint, err)
+		a.rt = nil
+		return errors.Join(fmt.Errorf("connect CRI image service %s: %w", a.cfg.CRIEndpoint, err), rt.Close(ctx))
 	}
 	a.img = img
 	return nil
@@ -230,6 +246,9 @@ func (a *App) newPods() error {
 	}
 	if pcfg.Registerer == nil {
 		pcfg.Registerer = a.cfg.Registerer
+	}
+	if pcfg.Events == nil && a.viaShim {
+		pcfg.Events = a.events
 	}
 	a.pods, err = pods.New(pcfg, a.st, a.rt, a.img, a.sy, a.logger)
 	return err
@@ -262,6 +281,18 @@ func (a *App) Run(ctx context.Context) error {
 	}
 	if a.cri != nil {
 		g.Go(func() error { return a.cri.run(ctx) })
+	}
+	if a.viaShim {
+		src := a.cri.backend.Events(ctx)
+		g.Go(func() error { return a.events.pump(ctx, src) })
+		g.Go(func() error {
+			if err := a.connectViaShim(ctx); err != nil || a.pods == nil {
+				return err
+			}
+			cancel := a.st.Subscribe(a.pods.OnStoreChange)
+			defer cancel()
+			return a.pods.Run(ctx)
+		})
 	}
 	err := g.Wait()
 	if errors.Is(err, context.Canceled) {

@@ -100,3 +100,90 @@ func TestRunsPodsFromStore(t *testing.T) {
 	require.Len(t, cs, 1)
 	require.Equal(t, runtimeapi.ContainerState_CONTAINER_RUNNING, cs[0].State)
 }
+
+// With the shim in EdgeCore and no other endpoint, the pod manager drives
+// the shim (store -> pods -> CRI -> shim -> containerd): the sandbox and
+// container are in the shim's id map, containerd's exit event reaches the
+// pod manager at once (the relist is an hour away), and the Node is Ready
+// once the shim answers.
+func TestPodsThroughInProcessShim(t *testing.T) {
+	h := containerd.Start(t)
+	ctx, cancel := context.WithTimeout(klog.NewContext(context.Background(), logr.Discard()), 2*time.Minute)
+	defer cancel()
+	cfg := config(t)
+	cfg.CRI = app.CRIConfig{Listen: filepath.Join(t.TempDir(), "cri.sock"), Containerd: h.Endpoint()}
+	cfg.Pods = pods.Config{HostIPs: []string{"192.0.2.10"}, LogDir: filepath.Join(t.TempDir(), "logs"), RelistPeriod: time.Hour}
+	a, err := app.New(ctx, cfg)
+	require.NoError(t, err)
+	defer func() { require.NoError(t, a.Close()) }()
+
+	pod := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "once", Namespace: "default", UID: "uid-once"},
+		Spec: corev1.PodSpec{NodeName: "edge-1", HostNetwork: true, RestartPolicy: corev1.RestartPolicyNever, Containers: []corev1.Container{{
+			Name: "main", Image: h.BusyboxImage, ImagePullPolicy: corev1.PullNever, Command: []string{"sh", "-c", "sleep 2; exit 7"},
+		}}},
+	}
+	data, err := json.Marshal(pod)
+	require.NoError(t, err)
+	require.NoError(t, a.Store().Apply(ctx, []store.Change{{Op: message.OpUpsert, Object: store.Object{
+		Resource: message.Resource{Version: "v1", Kind: "Pod", Namespace: "default", Name: "once", UID: "uid-once"},
+		Version:  "1", Data: data,
+	}}}))
+
+	runCtx, stop := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- a.Run(runCtx) }()
+	defer func() {
+		stop()
+		require.NoError(t, <-done)
+	}()
+
+	phase := func() (corev1.PodPhase, int32) {
+		items, err := a.Store().Pending(ctx, 100)
+		if err != nil {
+			return "", 0
+		}
+		for _, it := range items {
+			if it.Op != message.OpStatus || it.Resource.Kind != "Pod" || it.Resource.UID != "uid-once" {
+				continue
+			}
+			var st corev1.PodStatus
+			if json.Unmarshal(it.Data, &st) == nil {
+				var code int32
+				if len(st.ContainerStatuses) == 1 && st.ContainerStatuses[0].State.Terminated != nil {
+					code = st.ContainerStatuses[0].State.Terminated.ExitCode
+				}
+				return st.Phase, code
+			}
+		}
+		return "", 0
+	}
+	require.Eventually(t, func() bool { p, _ := phase(); return p == corev1.PodRunning }, time.Minute, 50*time.Millisecond)
+	ids, err := a.Store().RuntimeIDs().List(ctx)
+	require.NoError(t, err)
+	require.Len(t, ids, 2, "the sandbox and the container went through the shim: %+v", ids)
+	// The exit comes from containerd's events through the shim's backend:
+	// without them the pod would stay Running until the hourly relist.
+	require.Eventually(t, func() bool { p, code := phase(); return p == corev1.PodFailed && code == 7 }, 30*time.Second, 50*time.Millisecond)
+	require.Eventually(t, func() bool {
+		items, err := a.Store().Pending(ctx, 100)
+		if err != nil {
+			return false
+		}
+		for _, it := range items {
+			if it.Resource.Kind != "Node" {
+				continue
+			}
+			var n corev1.Node
+			if json.Unmarshal(it.Data, &n) != nil {
+				return false
+			}
+			for _, c := range n.Status.Conditions {
+				if c.Type == corev1.NodeReady {
+					return c.Status == corev1.ConditionTrue
+				}
+			}
+		}
+		return false
+	}, time.Minute, 100*time.Millisecond, "the Node turns Ready once the shim answers")
+}

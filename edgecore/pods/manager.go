@@ -333,6 +333,11 @@ func (m *Manager) relist(ctx context.Context) {
 	}
 }
 
+// eventSettle is how long after a container event its pod is synced again:
+// containerd's CRI plugin records an exit a little after the events service
+// reports it.
+const eventSettle = 300 * time.Millisecond
+
 func (m *Manager) watchEvents(ctx context.Context) error {
 	ch := m.cfg.Events.Events()
 	for {
@@ -350,6 +355,11 @@ func (m *Manager) watchEvents(ctx context.Context) error {
 			for _, c := range cs {
 				if key, ok := podKeyOf(c.GetLabels()); ok {
 					m.Enqueue(key)
+					// containerd publishes a task's exit before its CRI
+					// plugin has recorded it, so the sync just queued may
+					// still see the container running: look again once the
+					// runtime has caught up.
+					m.queue.AddAfter(key, eventSettle)
 				}
 			}
 		}
