@@ -62,20 +62,8 @@ func TestRunsPodsFromStore(t *testing.T) {
 			Name: "main", Image: h.BusyboxImage, ImagePullPolicy: corev1.PullNever, Command: []string{"sleep", "3600"},
 		}}},
 	}
-	data, err := json.Marshal(pod)
-	require.NoError(t, err)
-	require.NoError(t, a.Store().Apply(ctx, []store.Change{{Op: message.OpUpsert, Object: store.Object{
-		Resource: message.Resource{Version: "v1", Kind: "Pod", Namespace: "default", Name: "web", UID: "uid-web"},
-		Version:  "1", Data: data,
-	}}}))
-
-	runCtx, stop := context.WithCancel(ctx)
-	done := make(chan error, 1)
-	go func() { done <- a.Run(runCtx) }()
-	defer func() {
-		stop()
-		require.NoError(t, <-done)
-	}()
+	putPod(ctx, t, a, pod)
+	defer run(ctx, t, a)()
 
 	require.Eventually(t, func() bool {
 		items, err := a.Store().Pending(ctx, 100)
@@ -123,20 +111,8 @@ func TestPodsThroughInProcessShim(t *testing.T) {
 			Name: "main", Image: h.BusyboxImage, ImagePullPolicy: corev1.PullNever, Command: []string{"sh", "-c", "sleep 2; exit 7"},
 		}}},
 	}
-	data, err := json.Marshal(pod)
-	require.NoError(t, err)
-	require.NoError(t, a.Store().Apply(ctx, []store.Change{{Op: message.OpUpsert, Object: store.Object{
-		Resource: message.Resource{Version: "v1", Kind: "Pod", Namespace: "default", Name: "once", UID: "uid-once"},
-		Version:  "1", Data: data,
-	}}}))
-
-	runCtx, stop := context.WithCancel(ctx)
-	done := make(chan error, 1)
-	go func() { done <- a.Run(runCtx) }()
-	defer func() {
-		stop()
-		require.NoError(t, <-done)
-	}()
+	putPod(ctx, t, a, pod)
+	defer run(ctx, t, a)()
 
 	phase := func() (corev1.PodPhase, int32) {
 		items, err := a.Store().Pending(ctx, 100)
@@ -186,4 +162,27 @@ func TestPodsThroughInProcessShim(t *testing.T) {
 		}
 		return false
 	}, time.Minute, 100*time.Millisecond, "the Node turns Ready once the shim answers")
+}
+
+// putPod writes pod into a's store as the cloud's sync would.
+func putPod(ctx context.Context, t *testing.T, a *app.App, pod *corev1.Pod) {
+	t.Helper()
+	data, err := json.Marshal(pod)
+	require.NoError(t, err)
+	require.NoError(t, a.Store().Apply(ctx, []store.Change{{Op: message.OpUpsert, Object: store.Object{
+		Resource: message.Resource{Version: "v1", Kind: "Pod", Namespace: pod.Namespace, Name: pod.Name, UID: string(pod.UID)},
+		Version:  "1", Data: data,
+	}}}))
+}
+
+// run runs a until the returned stop is called, which waits for Run.
+func run(ctx context.Context, t *testing.T, a *app.App) (stop func()) {
+	t.Helper()
+	runCtx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- a.Run(runCtx) }()
+	return func() {
+		cancel()
+		require.NoError(t, <-done)
+	}
 }
