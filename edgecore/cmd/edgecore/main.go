@@ -39,6 +39,8 @@ type flags struct {
 	logLevel        string
 	dataDir         string
 	runtime         string
+	criListen       string
+	containerd      string
 }
 
 func newRootCommand() *cobra.Command {
@@ -61,7 +63,9 @@ func newRootCommand() *cobra.Command {
 	fl.DurationVar(&f.keepAlive, "keepalive", 5*time.Second, "keepalive interval")
 	fl.DurationVar(&f.dead, "dead-peer-timeout", 15*time.Second, "silence after which the cloud is declared gone")
 	fl.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
-	fl.StringVar(&f.runtime, "container-runtime-endpoint", "", "CRI endpoint the pod manager drives, such as unix:///run/containerd/containerd.sock; empty: EdgeCore runs no pods and its Node stays NotReady (ContainerRuntimeUnreachable)")
+	fl.StringVar(&f.runtime, "container-runtime-endpoint", "", "CRI endpoint the pod manager drives, such as unix:///run/containerd/containerd.sock; empty with --cri-listen: the in-process CRI shim; empty without: EdgeCore runs no pods and its Node stays NotReady (ContainerRuntimeUnreachable)")
+	fl.StringVar(&f.criListen, "cri-listen", "", "serve EdgeCore's CRI shim on this unix socket, in front of --containerd (empty: no shim)")
+	fl.StringVar(&f.containerd, "containerd", app.DefaultContainerd, "containerd's CRI endpoint, behind the shim")
 	fl.StringVar(&f.dataDir, "data-dir", "/var/lib/tether/edgecore", "directory of the node's state: SQLite store and its identity (node.pem: key and certificate, ca.crt), from edgecore join or renewals")
 	root.AddCommand(newJoinCommand(), newCRICommand())
 	return root
@@ -114,6 +118,7 @@ func appConfig(f flags, logger *slog.Logger) (app.Config, error) {
 		// none it is NotReady, ContainerRuntimeUnreachable: nothing can
 		// run on it.
 		CRIEndpoint: f.runtime,
+		CRI:         app.CRIConfig{Listen: f.criListen, Containerd: f.containerd},
 		NodeStatus:  nodestatus.Config{RequireRuntime: true},
 	}, nil
 }
