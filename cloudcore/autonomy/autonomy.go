@@ -89,15 +89,19 @@ type node struct {
 // Invariants: it writes a node's Lease only while the node has no session
 // here, it saw the node connected within Window, the node is trusted, and
 // the Lease's renewTime is the one it wrote last (or, at the first
-// renewal, the edge's). A node it never saw connected (this replica
-// started while the site was offline, or the site used another replica)
-// is left alone.
+// renewal, the edge's). A node it never saw connected is left alone,
+// except that the first look adopts the nodes whose TetherConnected
+// condition is False/EdgeDisconnected with its lastHeartbeatTime (when the
+// edge was last seen) within Window: a CloudCore restarted during an
+// outage keeps standing in. Several replicas adopting one node settle on
+// one writer through the conditional Lease update.
 type Controller struct {
 	cfg      Config
 	client   kubernetes.Interface
 	sessions Sessions
 	logger   *slog.Logger
 	nodes    map[string]*node // touched only by Tick's caller
+	adopted  bool             // the first Tick has looked for nodes to adopt
 
 	renewals, failures prometheus.Counter
 	offline            prometheus.Gauge
@@ -174,6 +178,9 @@ func (c *Controller) Run(ctx context.Context) error {
 // edges: a failed condition write is written again).
 func (c *Controller) Tick(ctx context.Context) {
 	now := c.cfg.Now()
+	if !c.adopted {
+		c.adopt(ctx, now)
+	}
 	live := make(map[string]bool)
 	for _, name := range c.sessions.Connected() {
 		live[name] = true
@@ -215,6 +222,32 @@ func (c *Controller) Tick(ctx context.Context) {
 		}
 	}
 	c.offline.Set(float64(offline))
+}
+
+// adopt takes on the nodes a CloudCore was standing in for when it
+// stopped (their condition says so). A failed list is retried next look.
+func (c *Controller) adopt(ctx context.Context, now time.Time) {
+	list, err := c.client.CoreV1().Nodes().List(ctx, metav1.ListOptions{})
+	if err != nil {
+		c.failures.Inc()
+		c.logger.Warn("list nodes to adopt failed", "err", err)
+		return
+	}
+	c.adopted = true
+	offline := false
+	for i := range list.Items {
+		for _, cond := range list.Items[i].Status.Conditions {
+			if cond.Type != ConditionType || cond.Status != corev1.ConditionFalse || cond.Reason != ReasonDisconnected ||
+				now.Sub(cond.LastHeartbeatTime.Time) > c.cfg.Window {
+				continue
+			}
+			name := list.Items[i].Name
+			if _, ok := c.nodes[name]; !ok {
+				c.nodes[name] = &node{lastSeen: cond.LastHeartbeatTime.Time, online: &offline}
+				c.logger.Info("offline autonomy adopted", "node", name, "offline_since", cond.LastHeartbeatTime.Time)
+			}
+		}
+	}
 }
 
 // renew writes the Lease's renewTime when a quarter of its duration has

@@ -224,3 +224,29 @@ func TestDisabled(t *testing.T) {
 	_, err := New(f.cs, f.sess, Config{Window: -time.Second})
 	require.ErrorContains(t, err, "negative window")
 }
+
+// TestAdopt: a CloudCore started while a site is offline, its Node saying
+// so, stands in for it within the window counted from the condition's
+// lastHeartbeatTime, and not past it.
+func TestAdopt(t *testing.T) {
+	f := newFixture(t, time.Hour)
+	f.sess.set(f.node)
+	f.tick(t, 0)
+	f.sess.set()
+	f.tick(t, time.Second) // writes TetherConnected False
+	require.Equal(t, ReasonDisconnected, f.condition(t).Reason)
+
+	// A new controller (a restarted CloudCore) with no session for it.
+	restarted, err := New(f.cs, &sessions{}, Config{Window: time.Hour, Now: func() time.Time { return f.now }, Registerer: promtest.NewRegistry()})
+	require.NoError(t, err)
+	f.c = restarted
+	f.tick(t, 10*time.Second)
+	require.Equal(t, f.now.UnixMicro(), f.renewTime(t).UnixMicro(), "the adopted node's Lease is renewed")
+
+	late, err := New(f.cs, &sessions{}, Config{Window: time.Hour, Now: func() time.Time { return f.now }})
+	require.NoError(t, err)
+	f.c = late
+	renewed := f.renewTime(t)
+	f.tick(t, 2*time.Hour)
+	require.Equal(t, renewed, f.renewTime(t), "a node offline longer than the window is not adopted")
+}
