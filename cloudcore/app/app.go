@@ -24,6 +24,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 
+	"github.com/tetheredge/tether/cloudcore/autonomy"
 	"github.com/tetheredge/tether/cloudcore/catalog"
 	"github.com/tetheredge/tether/cloudcore/dispatch"
 	"github.com/tetheredge/tether/cloudcore/edgenode"
@@ -67,6 +68,12 @@ type Config struct {
 	// RegisterTaintKeys are the taint keys an edge may register its Node
 	// with (upstream.Config.RegisterTaintKeys). Default none.
 	RegisterTaintKeys []string
+	// OfflineAutonomy is how long after a trusted edge's session ended
+	// CloudCore keeps renewing its Node Lease in its place, so that the
+	// node stays Ready and its pods are not evicted while the site is cut
+	// off (cloudcore/autonomy; docs/operations.md). Zero: never, a lost
+	// edge is handled as a lost kubelet.
+	OfflineAutonomy time.Duration
 	// Logger defaults to a discard logger.
 	Logger *slog.Logger
 	// Registerer receives every component's metrics; may be nil.
@@ -94,6 +101,7 @@ type App struct {
 	logger *slog.Logger
 	hub    *hub.Hub
 	disp   *dispatch.Dispatcher
+	auto   *autonomy.Controller
 }
 
 // New builds CloudCore: it loads or creates the cluster CA (an API call)
@@ -187,6 +195,12 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 	cat.Subscribe(disp.Notify)
 	h := hub.New(disp, wl, logger)
 	wl.OnChange(h.Recheck)
+	auto, err := autonomy.New(upClient, h, autonomy.Config{
+		Window: cfg.OfflineAutonomy, Trusted: trusted(wl), Logger: logger, Registerer: cfg.Registerer,
+	})
+	if err != nil {
+		return nil, err
+	}
 	resetKey, err := statelessResetKey(ca)
 	if err != nil {
 		return nil, err
@@ -203,7 +217,7 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &App{ca: ca, cat: cat, wl: wl, join: joinSvc, srv: srv, nodes: nodes, logger: logger, hub: h, disp: disp}, nil
+	return &App{ca: ca, cat: cat, wl: wl, join: joinSvc, srv: srv, nodes: nodes, logger: logger, hub: h, disp: disp, auto: auto}, nil
 }
 
 // rateLimited returns a copy of base whose clients allow qps requests per
@@ -222,6 +236,14 @@ func edgeNodeTaints(wl *whitelist.Whitelist) func(node string) []corev1.Taint {
 			return e.Spec.Taints
 		}
 		return nil
+	}
+}
+
+// trusted says whether node's EdgeNode exists and is allowed.
+func trusted(wl *whitelist.Whitelist) func(node string) bool {
+	return func(node string) bool {
+		e, ok := wl.Get(node)
+		return ok && e.Spec.Allowed
 	}
 }
 
@@ -277,6 +299,7 @@ func (a *App) Run(ctx context.Context) error {
 		a.logger.Info("cloudcore ready")
 		return a.srv.Run(ctx)
 	})
+	g.Go(func() error { return a.auto.Run(ctx) })
 	err := g.Wait()
 	if errors.Is(err, context.Canceled) {
 		return nil

@@ -147,6 +147,9 @@ type cloudOptions struct {
 	// certValidity of node certificates the cloud issues and renews.
 	// Default the cloud's.
 	certValidity time.Duration
+	// offlineAutonomy is the cloud's OfflineAutonomy; zero (off) unless
+	// a test is about it.
+	offlineAutonomy time.Duration
 }
 
 // cloud is an in-process CloudCore with its API requests counted.
@@ -187,7 +190,7 @@ func startCloud(tb testing.TB, cfg *rest.Config, o cloudOptions) *cloud {
 	a, err := cloudapp.New(ctx, cloudapp.Config{
 		Kubernetes: counted, QUICAddr: o.quicAddr, WebSocketAddr: wsAddr, JoinAddr: "127.0.0.1:0",
 		ServerSANs: []string{"127.0.0.1"}, CertValidity: o.certValidity,
-		KeepAlive: keepAlive, DeadPeerTimeout: deadPeer, Logger: logger(), Registerer: reg,
+		KeepAlive: keepAlive, DeadPeerTimeout: deadPeer, OfflineAutonomy: o.offlineAutonomy, Logger: logger(), Registerer: reg,
 	})
 	if err != nil {
 		cancel()

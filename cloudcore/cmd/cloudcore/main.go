@@ -39,6 +39,7 @@ type serveFlags struct {
 	kubeQPS                    float32
 	kubeBurst                  int
 	registerTaintKeys          []string
+	offlineAutonomy            time.Duration
 }
 
 func newRootCommand() *cobra.Command {
@@ -69,6 +70,7 @@ func newRootCommand() *cobra.Command {
 	fl.Float32Var(&f.kubeQPS, "kube-api-qps", app.DefaultQPS, "API requests per second of each Kubernetes client (one writes edges' leases and status, one the rest)")
 	fl.IntVar(&f.kubeBurst, "kube-api-burst", app.DefaultBurst, "API request burst of each Kubernetes client")
 	fl.StringSliceVar(&f.registerTaintKeys, "edge-register-taint-keys", nil, "taint keys an edge may put on its own Node when it registers (default none)")
+	fl.DurationVar(&f.offlineAutonomy, "offline-autonomy", 24*time.Hour, "how long CloudCore keeps renewing the lease of a trusted edge node that lost its session, so it stays Ready and its pods are not evicted (0 disables)")
 	root.AddCommand(newAdminCommand())
 	return root
 }
@@ -107,6 +109,7 @@ func serve(ctx context.Context, f serveFlags) error {
 		QPS:               f.kubeQPS,
 		Burst:             f.kubeBurst,
 		RegisterTaintKeys: f.registerTaintKeys,
+		OfflineAutonomy:   f.offlineAutonomy,
 		Logger:            logger,
 		Registerer:        prometheus.NewRegistry(),
 	})
