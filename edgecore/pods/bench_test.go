@@ -74,7 +74,9 @@ type benchEnv struct {
 	pub *runningClock
 }
 
-func newBenchEnv(b *testing.B) *benchEnv {
+// newBenchEnv runs a manager that syncs workers pods at once (0: the
+// default, 4).
+func newBenchEnv(b *testing.B, workers int) *benchEnv {
 	h := containerd.Start(b)
 	ctx, cancel := context.WithCancel(klog.NewContext(context.Background(), logr.Discard()))
 	dir := b.TempDir()
@@ -84,6 +86,7 @@ func newBenchEnv(b *testing.B) *benchEnv {
 	m, err := pods.New(pods.Config{
 		Node: "edge-1", HostIPs: []string{"192.0.2.10"},
 		LogDir: filepath.Join(dir, "logs"), RootDir: filepath.Join(dir, "pods"),
+		Workers: workers,
 	}, st, h.Runtime, h.Images, pub, nil)
 	require.NoError(b, err)
 	cancelSub := st.Subscribe(m.OnStoreChange)
@@ -210,9 +213,16 @@ func pct(d []time.Duration, p float64) float64 {
 // straight to containerd, the same 20 and 20. Each iteration is one round
 // of each of the four, interleaved so that the load of the shared machine
 // falls on both sides alike; ns/op is the whole iteration and means
-// little.
+// little. Sub-benchmarks: the default 4 workers, and 20 (one per pod of a
+// concurrent round).
 func BenchmarkPodCreateToRunning(b *testing.B) {
-	e := newBenchEnv(b)
+	for _, workers := range []int{4, 20} {
+		b.Run(fmt.Sprintf("workers=%d", workers), func(b *testing.B) { benchCreateToRunning(b, workers) })
+	}
+}
+
+func benchCreateToRunning(b *testing.B, workers int) {
+	e := newBenchEnv(b, workers)
 	const n = 20
 	var seq, conc, aloneSeq, aloneConc []time.Duration
 	for i := range b.N {
@@ -241,7 +251,7 @@ func BenchmarkPodCreateToRunning(b *testing.B) {
 // containers are other processes and not counted. Run it with
 // -benchtime 1x.
 func BenchmarkManagerMemory(b *testing.B) {
-	e := newBenchEnv(b)
+	e := newBenchEnv(b, 0)
 	const n = 100
 	for i := range b.N {
 		idle := readMem(b)
