@@ -29,6 +29,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/errgroup"
+	corev1 "k8s.io/api/core/v1"
 	"k8s.io/client-go/util/workqueue"
 	cri "k8s.io/cri-api/pkg/apis"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
@@ -93,6 +94,13 @@ type Config struct {
 	// ProbeTick is how often due probes are looked for. Default 250ms
 	// (probe periods are whole seconds).
 	ProbeTick time.Duration
+	// Allocatable is what the node offers pods (the Node's
+	// status.allocatable): a pod whose requests do not fit beside those of
+	// the admitted pods is not started and gets a Failed status with
+	// reason OutOfcpu, OutOfmemory, OutOfpods, OutOfhugepages-2Mi, ...
+	// (see admit.go). A resource it does not name is not checked, except
+	// hugepages. Default nil: every pod is admitted.
+	Allocatable corev1.ResourceList
 	// Workers is the number of pods synced at once. Default 4.
 	Workers int
 	// Clock defaults to the real clock.
@@ -141,6 +149,9 @@ func (c Config) withDefaults() Config {
 		c.Clock = clock.RealClock{}
 	}
 	c.HostIPs = append([]string(nil), c.HostIPs...)
+	if c.Allocatable != nil {
+		c.Allocatable = c.Allocatable.DeepCopy()
+	}
 	return c
 }
 
@@ -169,6 +180,8 @@ type Manager struct {
 	published map[string]published
 	// deleted holds the UIDs whose deletion was published.
 	deleted map[string]bool
+	// admission holds the admission decisions.
+	admission admission
 }
 
 type metrics struct {
@@ -221,6 +234,7 @@ func New(cfg Config, st Store, rt cri.RuntimeService, img cri.ImageManagerServic
 		}},
 		published: make(map[string]published),
 		deleted:   make(map[string]bool),
+		admission: newAdmission(),
 	}, nil
 }
 
@@ -246,6 +260,9 @@ func (m *Manager) Run(ctx context.Context) error {
 	}
 	m.runtimeName = v.GetRuntimeName()
 	m.logger.Info("pod manager started", "runtime", v.GetRuntimeName(), "runtime_version", v.GetRuntimeVersion())
+	if err := m.adoptAdmitted(ctx); err != nil {
+		return err
+	}
 
 	g, ctx := errgroup.WithContext(ctx)
 	for range m.cfg.Workers {

@@ -59,6 +59,7 @@ func (m *Manager) sync(ctx context.Context, key string) (time.Duration, error) {
 		if err := m.teardown(ctx, sb, -1); err != nil {
 			return 0, err
 		}
+		m.finish(sb.GetLabels()[labelPodUID], true)
 	}
 	if pod == nil {
 		m.forget(key)
@@ -66,6 +67,12 @@ func (m *Manager) sync(ctx context.Context, key string) (time.Duration, error) {
 	}
 	if pod.DeletionTimestamp != nil {
 		return 0, m.finishDeletion(ctx, key, pod, mine)
+	}
+	if r, ok := m.admit(pod, len(mine) > 0); !ok {
+		if r.stored {
+			return 0, nil
+		}
+		return 0, m.publish(ctx, key, pod, rejectedStatus(pod, r), m.lastPublished(key, pod))
 	}
 	return m.syncPod(ctx, key, pod, mine)
 }
@@ -122,6 +129,7 @@ func (m *Manager) finishDeletion(ctx context.Context, key string, pod *corev1.Po
 		}
 	}
 	m.prober.retain(key, nil)
+	m.finish(string(pod.UID), true)
 	m.mu.Lock()
 	done := m.deleted[string(pod.UID)]
 	m.mu.Unlock()
@@ -145,6 +153,9 @@ func (m *Manager) forget(key string) {
 	defer m.mu.Unlock()
 	if p, ok := m.published[key]; ok {
 		delete(m.deleted, p.uid)
+		delete(m.admission.admitted, p.uid)
+		delete(m.admission.rejected, p.uid)
+		delete(m.admission.finished, p.uid)
 	}
 	delete(m.published, key)
 }
@@ -519,13 +530,7 @@ type published struct {
 // publishStatus computes the pod's status and publishes it when it differs
 // from the last one published (or, after a restart, from the stored one).
 func (m *Manager) publishStatus(ctx context.Context, key string, pod *corev1.Pod, a actual, waiting map[string]waitReason) error {
-	m.mu.Lock()
-	last, ok := m.published[key]
-	m.mu.Unlock()
-	if !ok || last.uid != string(pod.UID) {
-		last = published{uid: string(pod.UID), status: pod.Status}
-		last.json, _ = json.Marshal(pod.Status)
-	}
+	last := m.lastPublished(key, pod)
 	probes := map[string]probeResult{}
 	for _, list := range a.containers {
 		if r, ok := m.prober.result(list[0].GetId()); ok {
@@ -536,6 +541,28 @@ func (m *Manager) publishStatus(ctx context.Context, key string, pod *corev1.Pod
 		pod: pod, prev: last.status, sandbox: a.sandboxStatus, containers: a.containers, probes: probes,
 		waiting: waiting, hostIPs: m.cfg.HostIPs, runtimeName: m.runtimeName, now: m.cfg.Clock.Now(),
 	})
+	return m.publish(ctx, key, pod, st, last)
+}
+
+// lastPublished is the status last published for the pod, or the stored
+// one after a restart or for a new UID.
+func (m *Manager) lastPublished(key string, pod *corev1.Pod) published {
+	m.mu.Lock()
+	last, ok := m.published[key]
+	m.mu.Unlock()
+	if !ok || last.uid != string(pod.UID) {
+		last = published{uid: string(pod.UID), status: pod.Status}
+		last.json, _ = json.Marshal(pod.Status)
+	}
+	return last
+}
+
+// publish queues status st of pod upstream unless it equals last. A pod
+// that finished for good no longer counts against admission.
+func (m *Manager) publish(ctx context.Context, key string, pod *corev1.Pod, st corev1.PodStatus, last published) error {
+	if st.Phase == corev1.PodSucceeded || st.Phase == corev1.PodFailed {
+		m.finish(string(pod.UID), false)
+	}
 	data, err := json.Marshal(st)
 	if err != nil {
 		return fmt.Errorf("encode status: %w", err)
