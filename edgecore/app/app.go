@@ -247,6 +247,10 @@ func (a *App) newPods() error {
 	if pcfg.Registerer == nil {
 		pcfg.Registerer = a.cfg.Registerer
 	}
+	if pcfg.Allocatable == nil {
+		// Admission draws on what the Node advertises as allocatable.
+		pcfg.Allocatable = a.reporter.Node().Status.Allocatable
+	}
 	if pcfg.Events == nil && a.viaShim {
 		pcfg.Events = a.events
 	}
