@@ -116,7 +116,9 @@ func TestTCPPartitionStallsWithoutLosingBytes(t *testing.T) {
 	c, err := net.Dial("tcp", p.Addr().String())
 	require.NoError(t, err)
 	defer c.Close()
-	p.SetLoss(0.3)
+	// Every chunk is "lost": held for StallTime, never dropped (a loss
+	// below 1 may stall no chunk at all, the few chunks 64 KiB makes).
+	p.SetLoss(1)
 	p.SetDelay(5 * time.Millisecond)
 	want := bytes.Repeat([]byte("0123456789abcdef"), 64<<10/16)
 	got := make(chan []byte, 1)
