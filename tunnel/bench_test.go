@@ -32,6 +32,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/tetheredge/tether/common/message"
+	"github.com/tetheredge/tether/tests/testlog"
 )
 
 // The benchmarks below measure one loopback session per transport against a
@@ -64,7 +65,7 @@ func benchOptions() Options {
 		KeepAlive:        time.Second,
 		DeadPeerTimeout:  10 * time.Second,
 		HandshakeTimeout: 10 * time.Second,
-		Logger:           testLogger(),
+		Logger:           testlog.New(),
 	}
 }
 
@@ -488,7 +489,7 @@ func idleOptions() Options {
 		KeepAlive:        time.Second,
 		DeadPeerTimeout:  10 * time.Second,
 		HandshakeTimeout: 30 * time.Second,
-		Logger:           testLogger(),
+		Logger:           testlog.New(),
 	}
 }
 

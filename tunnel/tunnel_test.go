@@ -4,7 +4,6 @@ import (
 	"context"
 	"log/slog"
 	"net"
-	"os"
 	"runtime"
 	"strconv"
 	"testing"
@@ -16,17 +15,11 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/tetheredge/tether/common/message"
+	"github.com/tetheredge/tether/tests/testlog"
 )
 
 func TestMain(m *testing.M) {
 	goleak.VerifyTestMain(m)
-}
-
-func testLogger() *slog.Logger {
-	if os.Getenv("TETHER_TEST_LOG") != "" {
-		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	}
-	return slog.New(slog.DiscardHandler)
 }
 
 func testOptions() Options {
@@ -34,7 +27,7 @@ func testOptions() Options {
 		KeepAlive:        200 * time.Millisecond,
 		DeadPeerTimeout:  2 * time.Second,
 		HandshakeTimeout: 2 * time.Second,
-		Logger:           testLogger(),
+		Logger:           testlog.New(),
 	}
 }
 

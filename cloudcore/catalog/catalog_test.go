@@ -13,6 +13,7 @@ import (
 
 	"github.com/tetheredge/tether/common/message"
 	"github.com/tetheredge/tether/common/objsync"
+	"github.com/tetheredge/tether/tests/testlog"
 )
 
 func cmEnv(name, cm string) corev1.EnvVar {
@@ -343,7 +344,7 @@ func TestData(t *testing.T) {
 			Env: []corev1.EnvVar{cmEnv("C", "applied"), secretEnv("S", "token", false)}}},
 	})
 
-	c, _ := startCatalog(t, cfg, Config{Logger: testLogger()})
+	c, _ := startCatalog(t, cfg, Config{Logger: testlog.New()})
 
 	core := k.cs.CoreV1()
 	cases := []struct {

@@ -2,7 +2,6 @@ package catalog
 
 import (
 	"context"
-	"log/slog"
 	"net/http"
 	"os"
 	"slices"
@@ -18,6 +17,7 @@ import (
 
 	"github.com/tetheredge/tether/common/objsync"
 	"github.com/tetheredge/tether/tests/controlplane"
+	"github.com/tetheredge/tether/tests/testlog"
 )
 
 // cp is the real etcd and kube-apiserver all tests of this package share.
@@ -29,13 +29,6 @@ const (
 	waitFor = 30 * time.Second // informer propagation; generous under -race
 	tick    = 10 * time.Millisecond
 )
-
-func testLogger() *slog.Logger {
-	if os.Getenv("TETHER_TEST_LOG") != "" {
-		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	}
-	return slog.New(slog.DiscardHandler)
-}
 
 // restConfig returns a copy of the control plane's config without client
 // rate limiting, for tests that create many objects.
@@ -57,7 +50,7 @@ func clientset(tb testing.TB, cfg *rest.Config) kubernetes.Interface {
 func startCatalog(tb testing.TB, cfg *rest.Config, ccfg Config) (*Catalog, *recorder) {
 	tb.Helper()
 	if ccfg.Logger == nil {
-		ccfg.Logger = testLogger()
+		ccfg.Logger = testlog.New()
 	}
 	c, err := New(clientset(tb, cfg), ccfg)
 	require.NoError(tb, err)

@@ -12,7 +12,6 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"io"
-	"log/slog"
 	"net/http"
 	"os"
 	"strings"
@@ -33,6 +32,7 @@ import (
 	"github.com/tetheredge/tether/common/join"
 	"github.com/tetheredge/tether/common/pki"
 	"github.com/tetheredge/tether/tests/controlplane"
+	"github.com/tetheredge/tether/tests/testlog"
 	"github.com/tetheredge/tether/tunnel"
 )
 
@@ -40,13 +40,6 @@ import (
 var cp controlplane.Shared
 
 func TestMain(m *testing.M) { os.Exit(cp.RunChecked(m)) }
-
-func testLogger() *slog.Logger {
-	if os.Getenv("TETHER_TEST_LOG") != "" {
-		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	}
-	return slog.New(slog.DiscardHandler)
-}
 
 // waitFor bounds every wait of these tests: the informer sees a change
 // within about a second, so this is ample and a hang fails, never passes.
@@ -132,7 +125,7 @@ func (c *cluster) startJoin(t *testing.T, validity time.Duration) *joinService {
 	require.NoError(t, err)
 	svc, err := onboard.New(onboard.Config{
 		Addr: "127.0.0.1:0", TLS: &tls.Config{Certificates: []tls.Certificate{serverCert}},
-		EdgeNodes: c.nodes, Issuer: &onboard.Issuer{CA: c.ca, Validity: validity}, Logger: testLogger(),
+		EdgeNodes: c.nodes, Issuer: &onboard.Issuer{CA: c.ca, Validity: validity}, Logger: testlog.New(),
 	})
 	require.NoError(t, err)
 	require.NoError(t, svc.Listen())
@@ -205,7 +198,7 @@ type replicaHooks struct {
 // startReplica starts a replica.
 func (c *cluster) startReplica(t *testing.T, hooks replicaHooks) *replica {
 	t.Helper()
-	r := &replica{wl: whitelist.New(c.dyn, testLogger(), nil), sessions: map[string]*tunnel.Session{}}
+	r := &replica{wl: whitelist.New(c.dyn, testlog.New(), nil), sessions: map[string]*tunnel.Session{}}
 	r.hub = hub.New(protocolFunc(func(ctx context.Context, s *tunnel.Session) error {
 		r.mu.Lock()
 		r.sessions[s.Peer().Node] = s
@@ -215,7 +208,7 @@ func (c *cluster) startReplica(t *testing.T, hooks replicaHooks) *replica {
 		case <-s.Done():
 		}
 		return nil
-	}), r.wl, testLogger())
+	}), r.wl, testlog.New())
 	r.wl.OnChange(r.hub.Recheck)
 	if hooks.changed != nil {
 		r.wl.OnChange(hooks.changed)
@@ -229,7 +222,7 @@ func (c *cluster) startReplica(t *testing.T, hooks replicaHooks) *replica {
 		auth = func(id tunnel.Identity) error { return hooks.authorize(id, r.wl.Authorize) }
 	}
 	srv, err := tunnel.NewServer(tunnel.ServerConfig{
-		Options:   tunnel.Options{Logger: testLogger()},
+		Options:   tunnel.Options{Logger: testlog.New()},
 		QUICAddr:  "127.0.0.1:0",
 		TLS:       &tls.Config{Certificates: []tls.Certificate{serverCert}, ClientCAs: c.ca.Pool()},
 		Authorize: auth,
@@ -250,7 +243,7 @@ func (f protocolFunc) Serve(ctx context.Context, s *tunnel.Session) error { retu
 func (c *cluster) dial(t *testing.T, r *replica, id identity) (*tunnel.Session, error) {
 	t.Helper()
 	client, err := tunnel.NewClient(tunnel.ClientConfig{
-		Options: tunnel.Options{Logger: testLogger()},
+		Options: tunnel.Options{Logger: testlog.New()},
 		Servers: []string{"quic://" + r.addr},
 		Node:    id.cert.Subject.CommonName,
 		TLS:     &tls.Config{Certificates: []tls.Certificate{id.tls()}, RootCAs: c.ca.Pool()},

@@ -14,6 +14,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/tetheredge/tether/common/pki"
+	"github.com/tetheredge/tether/tests/testlog"
 )
 
 func TestEnsureCACreatesOnceAndReloads(t *testing.T) {
@@ -21,7 +22,7 @@ func TestEnsureCACreatesOnceAndReloads(t *testing.T) {
 	ns := cp.Env(t).Namespace(t)
 	ctx := t.Context()
 
-	ca, err := EnsureCA(ctx, c.kube, ns, "ca", testLogger())
+	ca, err := EnsureCA(ctx, c.kube, ns, "ca", testlog.New())
 	require.NoError(t, err)
 	require.True(t, ca.Cert.IsCA)
 	require.WithinDuration(t, time.Now().Add(CAValidity), ca.Cert.NotAfter, time.Hour)
@@ -31,7 +32,7 @@ func TestEnsureCACreatesOnceAndReloads(t *testing.T) {
 	require.Equal(t, corev1.SecretTypeTLS, s.Type)
 	require.Equal(t, pki.EncodeCert(ca.Cert), s.Data[corev1.TLSCertKey])
 
-	again, err := EnsureCA(ctx, c.kube, ns, "ca", testLogger())
+	again, err := EnsureCA(ctx, c.kube, ns, "ca", testlog.New())
 	require.NoError(t, err)
 	require.Equal(t, ca.Cert.Raw, again.Cert.Raw)
 	// The loaded key is the one that signed: it issues verifiable certs.
@@ -63,7 +64,7 @@ func TestEnsureCAConcurrentReplicasAgree(t *testing.T) {
 	for i := range replicas {
 		wg.Go(func() {
 			<-start
-			cas[i], errs[i] = EnsureCA(context.Background(), c.kube, ns, DefaultCAName, testLogger())
+			cas[i], errs[i] = EnsureCA(context.Background(), c.kube, ns, DefaultCAName, testlog.New())
 		})
 	}
 	close(start)
@@ -136,7 +137,7 @@ func TestEnsureCARefusesBadSecretAndLeavesIt(t *testing.T) {
 			}, metav1.CreateOptions{})
 			require.NoError(t, err)
 
-			_, err = EnsureCA(t.Context(), c.kube, ns, name, testLogger())
+			_, err = EnsureCA(t.Context(), c.kube, ns, name, testlog.New())
 			require.ErrorContains(t, err, "does not hold a usable cluster CA")
 			require.ErrorContains(t, err, ns+"/"+name)
 			require.ErrorContains(t, err, tc.want)

@@ -9,7 +9,6 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
-	"log/slog"
 	"os"
 	"strings"
 	"testing"
@@ -32,13 +31,6 @@ import (
 var cp controlplane.Shared
 
 func TestMain(m *testing.M) { os.Exit(cp.RunChecked(m)) }
-
-func testLogger() *slog.Logger {
-	if os.Getenv("TETHER_TEST_LOG") != "" {
-		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	}
-	return slog.New(slog.DiscardHandler)
-}
 
 // cluster is the clients of the shared control plane.
 type cluster struct {

@@ -9,6 +9,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/stretchr/testify/require"
+
+	"github.com/tetheredge/tether/tests/testlog"
 )
 
 type renewFixture struct {
@@ -23,7 +25,7 @@ func newRenewFixture(t *testing.T) *renewFixture {
 	c := newCluster(t)
 	iss := &Issuer{CA: newCA(t)}
 	reg := prometheus.NewRegistry()
-	r, err := NewRenewer(RenewerConfig{EdgeNodes: c.nodes, Issuer: iss, Logger: testLogger(), Registerer: reg})
+	r, err := NewRenewer(RenewerConfig{EdgeNodes: c.nodes, Issuer: iss, Logger: testlog.New(), Registerer: reg})
 	require.NoError(t, err)
 	return &renewFixture{cluster: c, issuer: iss, renewer: r, reg: reg}
 }
@@ -99,7 +101,7 @@ func TestRenewCurrentCertificate(t *testing.T) {
 func TestRenewGraceEndsAtExpiry(t *testing.T) {
 	c := newCluster(t)
 	iss := &Issuer{CA: newCA(t), Validity: time.Hour}
-	r, err := NewRenewer(RenewerConfig{EdgeNodes: c.nodes, Issuer: iss, Logger: testLogger()})
+	r, err := NewRenewer(RenewerConfig{EdgeNodes: c.nodes, Issuer: iss, Logger: testlog.New()})
 	require.NoError(t, err)
 	f := &renewFixture{cluster: c, issuer: iss, renewer: r}
 	node, first := f.joined(t, "renew-grace")

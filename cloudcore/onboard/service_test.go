@@ -20,6 +20,7 @@ import (
 
 	"github.com/tetheredge/tether/common/join"
 	"github.com/tetheredge/tether/common/pki"
+	"github.com/tetheredge/tether/tests/testlog"
 )
 
 // joinServer is a Service on a real loopback HTTPS listener, with a real
@@ -48,7 +49,7 @@ func startJoinServer(t *testing.T, opts ...func(*cluster, *Config)) *joinServer 
 		EdgeNodes:   c.nodes,
 		Issuer:      &Issuer{CA: ca},
 		SourceBurst: 1000,
-		Logger:      testLogger(),
+		Logger:      testlog.New(),
 		Registerer:  reg,
 	}
 	for _, o := range opts {

@@ -22,6 +22,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/tetheredge/tether/common/message"
+	"github.com/tetheredge/tether/tests/testlog"
 )
 
 // The kill -9 test: a child process (this test binary, running only
@@ -188,7 +189,7 @@ func runAndKill(t *testing.T, path string, run int) int {
 func verifyCrashRuns(t *testing.T, path string, committed map[int]int) {
 	t.Helper()
 	ctx := t.Context()
-	s, err := Open(ctx, path, testLogger())
+	s, err := Open(ctx, path, testlog.New())
 	require.NoError(t, err)
 	defer func() { require.NoError(t, s.Close()) }()
 	require.Equal(t, "ok", pragma(t, s.w, "integrity_check"))

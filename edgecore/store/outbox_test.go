@@ -7,6 +7,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/tetheredge/tether/common/message"
+	"github.com/tetheredge/tether/tests/testlog"
 )
 
 func statusItem(name, status string) OutboxItem {
@@ -16,7 +17,7 @@ func statusItem(name, status string) OutboxItem {
 func TestOutboxCoalesces(t *testing.T) {
 	ctx := t.Context()
 	path := filepath.Join(t.TempDir(), "edge.db")
-	s, err := Open(ctx, path, testLogger())
+	s, err := Open(ctx, path, testlog.New())
 	require.NoError(t, err)
 
 	a1, a2, b := statusItem("a", "v1"), statusItem("a", "v2"), statusItem("b", "v1")
@@ -45,7 +46,7 @@ func TestOutboxCoalesces(t *testing.T) {
 
 	// Survives a restart.
 	require.NoError(t, s.Close())
-	s, err = Open(ctx, path, testLogger())
+	s, err = Open(ctx, path, testlog.New())
 	require.NoError(t, err)
 	defer func() { require.NoError(t, s.Close()) }()
 	got, err = s.Pending(ctx, 10)

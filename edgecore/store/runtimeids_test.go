@@ -7,12 +7,14 @@ import (
 	"testing"
 
 	"github.com/stretchr/testify/require"
+
+	"github.com/tetheredge/tether/tests/testlog"
 )
 
 func TestRuntimeIDsSurviveReopen(t *testing.T) {
 	ctx := t.Context()
 	path := filepath.Join(t.TempDir(), "edge.db")
-	s, err := Open(ctx, path, testLogger())
+	s, err := Open(ctx, path, testlog.New())
 	require.NoError(t, err)
 	m := s.RuntimeIDs()
 	require.NoError(t, m.PutSandbox(ctx, "sb1", "containerd"))
@@ -79,10 +81,10 @@ func TestRuntimeIDsRefuseBadInput(t *testing.T) {
 func TestMigrateV1FileToRuntimeIDs(t *testing.T) {
 	ctx := t.Context()
 	path := filepath.Join(t.TempDir(), "edge.db")
-	require.NoError(t, createFile(path, testLogger()))
+	require.NoError(t, createFile(path, testlog.New()))
 	db := rawDB(t, path)
 	db.SetMaxOpenConns(1)
-	version, err := prepare(ctx, db, migrations()[:1], testLogger())
+	version, err := prepare(ctx, db, migrations()[:1], testlog.New())
 	require.NoError(t, err)
 	require.Equal(t, 1, version)
 	_, err = db.ExecContext(ctx, `INSERT INTO meta (name, value) VALUES ('probe', 7)`)

@@ -5,7 +5,6 @@ import (
 	"crypto/sha256"
 	"database/sql"
 	"fmt"
-	"log/slog"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -16,23 +15,17 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/tetheredge/tether/common/message"
+	"github.com/tetheredge/tether/tests/testlog"
 )
 
 func TestMain(m *testing.M) {
 	goleak.VerifyTestMain(m)
 }
 
-func testLogger() *slog.Logger {
-	if os.Getenv("TETHER_TEST_LOG") != "" {
-		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	}
-	return slog.New(slog.DiscardHandler)
-}
-
 // openStore opens a store at path and closes it when the test ends.
 func openStore(t testing.TB, path string) *Store {
 	t.Helper()
-	s, err := Open(t.Context(), path, testLogger())
+	s, err := Open(t.Context(), path, testlog.New())
 	require.NoError(t, err)
 	t.Cleanup(func() { require.NoError(t, s.Close()) })
 	return s
@@ -99,7 +92,7 @@ func TestOpenInvalidPath(t *testing.T) {
 func TestReopenKeepsDataAndSchema(t *testing.T) {
 	ctx := t.Context()
 	path := filepath.Join(t.TempDir(), "edge.db")
-	s, err := Open(ctx, path, testLogger())
+	s, err := Open(ctx, path, testlog.New())
 	require.NoError(t, err)
 	o := configMap("default", "a", "1")
 	require.NoError(t, s.Apply(ctx, []Change{upsert(o)}))
@@ -109,7 +102,7 @@ func TestReopenKeepsDataAndSchema(t *testing.T) {
 	require.NoError(t, s.Close(), "Close is idempotent")
 
 	for range 2 {
-		s, err = Open(ctx, path, testLogger())
+		s, err = Open(ctx, path, testlog.New())
 		require.NoError(t, err)
 		require.Equal(t, fmt.Sprint(len(migrations())), pragma(t, s.w, "user_version"))
 		got, ok, err := s.Get(ctx, o.Key())
@@ -147,7 +140,7 @@ func TestOpenRefusesForeignFiles(t *testing.T) {
 		{
 			name: "newer schema version",
 			prepare: func(t *testing.T, path string) {
-				s, err := Open(t.Context(), path, testLogger())
+				s, err := Open(t.Context(), path, testlog.New())
 				require.NoError(t, err)
 				require.NoError(t, s.Apply(t.Context(), []Change{upsert(configMap("default", "a", "1"))}))
 				require.NoError(t, s.Close())
@@ -192,7 +185,7 @@ func TestOpenRefusesForeignFiles(t *testing.T) {
 			tt.prepare(t, path)
 			before := fileState(t, dir)
 
-			s, err := Open(t.Context(), path, testLogger())
+			s, err := Open(t.Context(), path, testlog.New())
 			require.Error(t, err)
 			require.Nil(t, s)
 			if tt.wantErr != nil {
@@ -234,7 +227,7 @@ func TestMigrate(t *testing.T) {
 	for _, tt := range tests {
 		db := rawDB(t, path)
 		db.SetMaxOpenConns(1)
-		version, err := prepare(t.Context(), db, tt.steps, testLogger())
+		version, err := prepare(t.Context(), db, tt.steps, testlog.New())
 		switch {
 		case tt.wantErr != nil:
 			require.ErrorIs(t, err, tt.wantErr, tt.name)

@@ -25,6 +25,7 @@ import (
 	"github.com/tetheredge/tether/edgecore/nodestatus"
 	"github.com/tetheredge/tether/edgecore/syncer"
 	"github.com/tetheredge/tether/tests/promtest"
+	"github.com/tetheredge/tether/tests/testlog"
 )
 
 const childEnv = "TETHER_E2E_EDGE_CHILD"
@@ -56,7 +57,7 @@ func TestEdgeChild(t *testing.T) {
 		Cloud: []string{"quic://" + read("addr")}, Node: read("node"), Certificate: pair, CA: ca,
 		IdentityDir: dir, DataDir: dir, Syncer: syncer.Config{MaxBatch: 64},
 		NodeStatus: nodestatus.Config{Now: func() time.Time { return stableEpoch }, MemoryBytes: 4 << 30},
-		Logger:     logger(),
+		Logger:     testlog.New(),
 	})
 	require.NoError(t, err)
 	_ = a.Run(ctx)

@@ -6,7 +6,6 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"fmt"
-	"log/slog"
 	"math"
 	"net/http"
 	"os"
@@ -38,6 +37,7 @@ import (
 	"github.com/tetheredge/tether/edgecore/syncer"
 	"github.com/tetheredge/tether/tests/controlplane"
 	"github.com/tetheredge/tether/tests/promtest"
+	"github.com/tetheredge/tether/tests/testlog"
 	"github.com/tetheredge/tether/tunnel"
 )
 
@@ -54,13 +54,6 @@ var cp controlplane.Shared
 // TestMain shares one control plane and fails the run if a goroutine is
 // left once it has stopped.
 func TestMain(m *testing.M) { os.Exit(cp.RunChecked(m)) }
-
-func logger() *slog.Logger {
-	if os.Getenv("TETHER_TEST_LOG") != "" {
-		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	}
-	return slog.New(slog.DiscardHandler)
-}
 
 // requestCounter counts the API requests CloudCore makes. A read is what a
 // relist would cost: a GET that is not a watch (a GET or a LIST), or a
@@ -190,7 +183,7 @@ func startCloud(tb testing.TB, cfg *rest.Config, o cloudOptions) *cloud {
 	a, err := cloudapp.New(ctx, cloudapp.Config{
 		Kubernetes: counted, QUICAddr: o.quicAddr, WebSocketAddr: wsAddr, JoinAddr: "127.0.0.1:0",
 		ServerSANs: []string{"127.0.0.1"}, CertValidity: o.certValidity,
-		KeepAlive: keepAlive, DeadPeerTimeout: deadPeer, OfflineAutonomy: o.offlineAutonomy, Logger: logger(), Registerer: reg,
+		KeepAlive: keepAlive, DeadPeerTimeout: deadPeer, OfflineAutonomy: o.offlineAutonomy, Logger: testlog.New(), Registerer: reg,
 	})
 	if err != nil {
 		cancel()
@@ -362,7 +355,7 @@ func startEdge(tb testing.TB, id identity, dataDir, cloudAddr string, o edgeOpti
 		IdentityDir: dataDir, DataDir: dataDir,
 		KeepAlive: keepAlive, DeadPeerTimeout: deadPeer,
 		Backoff:    tunnel.Backoff{Min: 50 * time.Millisecond, Max: 500 * time.Millisecond},
-		NodeStatus: ns, WrapStore: o.wrap, Logger: logger().With("edge", id.node), Registerer: reg,
+		NodeStatus: ns, WrapStore: o.wrap, Logger: testlog.New().With("edge", id.node), Registerer: reg,
 	})
 	if err != nil {
 		cancel()

@@ -12,6 +12,7 @@ import (
 
 	"github.com/tetheredge/tether/common/message"
 	"github.com/tetheredge/tether/common/objsync"
+	"github.com/tetheredge/tether/tests/testlog"
 	"github.com/tetheredge/tether/tunnel"
 )
 
@@ -33,7 +34,7 @@ func TestHostileEdge(t *testing.T) {
 	// The hostile edge is on the whitelist: what it sends is the test.
 	evil := c.admit(t, "edge-evil")
 	client, err := tunnel.NewClient(tunnel.ClientConfig{
-		Servers: []string{"quic://" + c.addr}, Node: "edge-evil", TLS: evil.tlsConfig(), Options: tunnel.Options{Logger: logger()},
+		Servers: []string{"quic://" + c.addr}, Node: "edge-evil", TLS: evil.tlsConfig(), Options: tunnel.Options{Logger: testlog.New()},
 		Backoff: tunnel.Backoff{Min: 50 * time.Millisecond, Max: 500 * time.Millisecond},
 	})
 	require.NoError(t, err)

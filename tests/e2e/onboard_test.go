@@ -16,6 +16,7 @@ import (
 	"github.com/tetheredge/tether/common/pki"
 	edgejoin "github.com/tetheredge/tether/edgecore/join"
 	"github.com/tetheredge/tether/edgecore/syncer"
+	"github.com/tetheredge/tether/tests/testlog"
 	"github.com/tetheredge/tether/tunnel"
 )
 
@@ -39,7 +40,7 @@ func connected(c *cloud, node string) bool { return slices.Contains(c.app.Connec
 func dialAs(a *app.App, node string, cert tls.Certificate) error {
 	pool := a.CA().Pool()
 	c, err := tunnel.NewClient(tunnel.ClientConfig{
-		Options: tunnel.Options{Logger: logger()}, Servers: []string{"quic://" + a.QUICAddr().String()}, Node: node,
+		Options: tunnel.Options{Logger: testlog.New()}, Servers: []string{"quic://" + a.QUICAddr().String()}, Node: node,
 		TLS: &tls.Config{Certificates: []tls.Certificate{cert}, RootCAs: pool, MinVersion: tls.VersionTLS13}, DialTimeout: 3 * time.Second,
 	})
 	if err != nil {

@@ -22,6 +22,7 @@ import (
 	"github.com/tetheredge/tether/common/objsync"
 	"github.com/tetheredge/tether/edgecore/store"
 	"github.com/tetheredge/tether/tests/promtest"
+	"github.com/tetheredge/tether/tests/testlog"
 )
 
 // uniqueNode returns prefix with a random suffix.
@@ -98,7 +99,7 @@ func podKeys(ns, prefix string, from, n int) []objsync.Key {
 // returns what it holds: key hash -> version hash.
 func storeContents(tb testing.TB, dataDir string) map[uint64]uint64 {
 	tb.Helper()
-	st, err := store.Open(context.Background(), storePath(dataDir), logger())
+	st, err := store.Open(context.Background(), storePath(dataDir), testlog.New())
 	require.NoError(tb, err)
 	defer func() { require.NoError(tb, st.Close()) }()
 	return held(tb, st)

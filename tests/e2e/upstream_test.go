@@ -14,6 +14,7 @@ import (
 	"github.com/tetheredge/tether/edgecore/nodestatus"
 	"github.com/tetheredge/tether/edgecore/store"
 	"github.com/tetheredge/tether/edgecore/syncer"
+	"github.com/tetheredge/tether/tests/testlog"
 )
 
 // publishOffline writes upstream items into an edge's outbox while the edge
@@ -21,9 +22,9 @@ import (
 func publishOffline(t *testing.T, path string, items ...store.OutboxItem) {
 	t.Helper()
 	ctx := context.Background()
-	st, err := store.Open(ctx, path, logger())
+	st, err := store.Open(ctx, path, testlog.New())
 	require.NoError(t, err)
-	sy, err := syncer.New(st, syncer.Config{}, logger(), nil)
+	sy, err := syncer.New(st, syncer.Config{}, testlog.New(), nil)
 	require.NoError(t, err)
 	for _, it := range items {
 		require.NoError(t, sy.Publish(ctx, it))
@@ -60,7 +61,7 @@ func TestUpstreamWhileOffline(t *testing.T) {
 
 	dir := dataDir(t, "edge-u")
 	status := nodestatus.Config{Node: "edge-u", Labels: map[string]string{"site": "shop-17"}, MemoryBytes: 4 << 30}
-	rep, err := nodestatus.New(status, nil, logger())
+	rep, err := nodestatus.New(status, nil, testlog.New())
 	require.NoError(t, err)
 	nodeJSON, err := json.Marshal(rep.Node())
 	require.NoError(t, err)
