@@ -92,7 +92,7 @@ func TestMigrateV1FileToRuntimeIDs(t *testing.T) {
 	require.NoError(t, db.Close())
 
 	s := openStore(t, path)
-	require.Equal(t, "2", pragma(t, s.w, "user_version"))
+	require.Equal(t, fmt.Sprint(len(migrations())), pragma(t, s.w, "user_version"))
 	var probe int
 	require.NoError(t, s.r.QueryRowContext(ctx, `SELECT value FROM meta WHERE name = 'probe'`).Scan(&probe))
 	require.Equal(t, 7, probe)

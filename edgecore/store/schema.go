@@ -82,6 +82,24 @@ CREATE TABLE runtime_ids (
 -- A sandbox's containers, removed with it.
 CREATE INDEX runtime_ids_by_sandbox ON runtime_ids (sandbox_id);
 `},
+		{version: 3, name: "runtime allocations", sql: `
+-- What each sandbox holds of the node (allocations.go): exclusive items
+-- (a core, a VF, an overlay path) are unique per (kind, item), so two
+-- owners can never hold the same one; counted resources (hugepage bytes)
+-- are one row per owner with an amount, summed against a limit in the
+-- claiming transaction. An owner's rows are claimed and released together.
+CREATE TABLE allocations (
+	kind       TEXT    NOT NULL, -- "cpu", "hugepages-2Mi", "vf", "vm", ...
+	item       TEXT    NOT NULL, -- the core, PCI address, path; the owner for counted kinds
+	owner      TEXT    NOT NULL, -- the CRI sandbox id holding it
+	amount     INTEGER NOT NULL, -- for counted kinds; 0 otherwise
+	detail     BLOB    NOT NULL, -- kind-specific JSON, may be empty
+	created_at INTEGER NOT NULL, -- Unix nanoseconds
+	PRIMARY KEY (kind, item)
+) STRICT;
+
+CREATE INDEX allocations_by_owner ON allocations (owner);
+`},
 	}
 }
 
