@@ -165,6 +165,25 @@ func (a Allocations) Release(ctx context.Context, owner string) error {
 	return nil
 }
 
+// ReleaseKinds removes the rows of owner whose kind is one of kinds, in
+// one transaction, and leaves its other rows: the resource pool gives back
+// what it granted without dropping the VM record of the same sandbox.
+// Releasing kinds the owner does not hold is not an error.
+func (a Allocations) ReleaseKinds(ctx context.Context, owner string, kinds ...string) error {
+	err := a.s.inTx(ctx, func(tx *sql.Tx) error {
+		for _, k := range kinds {
+			if _, err := tx.ExecContext(ctx, `DELETE FROM allocations WHERE owner = ? AND kind = ?`, owner, k); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("release %v of %q: %w", kinds, owner, err)
+	}
+	return nil
+}
+
 // Owner returns the rows of owner, in (kind, item) order.
 func (a Allocations) Owner(ctx context.Context, owner string) ([]Allocation, error) {
 	return a.query(ctx, `WHERE owner = ? ORDER BY kind, item`, owner)

@@ -137,3 +137,23 @@ func TestAllocationsRefuseBadInput(t *testing.T) {
 	require.NoError(t, err)
 	require.Empty(t, all)
 }
+
+// ReleaseKinds drops the named kinds of one owner and keeps its other
+// rows and every other owner's.
+func TestAllocationsReleaseKinds(t *testing.T) {
+	ctx := t.Context()
+	s := openStore(t, filepath.Join(t.TempDir(), "edge.db"))
+	a := s.Allocations()
+	require.NoError(t, a.Claim(ctx, "sb1", []Allocation{{Kind: "cpu", Item: "1"}, {Kind: "vf", Item: "0000:3b:02.1"}, {Kind: "vm", Item: "sb1"}}, nil))
+	require.NoError(t, a.Claim(ctx, "sb2", []Allocation{{Kind: "cpu", Item: "2"}}, nil))
+	require.NoError(t, a.ReleaseKinds(ctx, "sb1", "cpu", "vf", "hugepages-2Mi"))
+	got, err := a.Owner(ctx, "sb1")
+	require.NoError(t, err)
+	require.Len(t, got, 1)
+	require.Equal(t, "vm", got[0].Kind)
+	got, err = a.Owner(ctx, "sb2")
+	require.NoError(t, err)
+	require.Len(t, got, 1)
+	require.NoError(t, a.ReleaseKinds(ctx, "sb1", "cpu"))
+	require.NoError(t, a.Claim(ctx, "sb3", []Allocation{{Kind: "cpu", Item: "1"}}, nil))
+}
