@@ -142,23 +142,13 @@ func parseDefaultHugepageSize(r io.Reader) int64 {
 }
 
 // unescapeMount undoes the kernel's octal escapes of a mount point
-// (\040 for a space, \011, \012, \134).
+// (\040 for a space, \011, \012, \134): the kernel escapes nothing else,
+// and those are Go's octal escapes too.
 func unescapeMount(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
+	if u, err := strconv.Unquote(`"` + strings.ReplaceAll(s, `"`, `\"`) + `"`); err == nil {
+		return u
 	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) {
-			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(n))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
+	return s
 }
 
 // readInt reads a sysfs file holding one integer.

@@ -8,6 +8,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/stretchr/testify/require"
+
+	"github.com/tetheredge/tether/edgecore/store"
 )
 
 // The SR-IOV tests run on the SYNTHETIC sysfs tree of synth (see there
@@ -105,11 +107,7 @@ func TestVFBindAndRelease(t *testing.T) {
 // the recorded VF, keeping the driver recorded before.
 func TestVFAllocateAgainBinds(t *testing.T) {
 	ctx := t.Context()
-	s := newSynth(t, "0-3")
-	s.pf(pfA, 8, "iavf", vfA0)
-	s.pf(pfB, 8, "")
-	st := openStore(t, filepath.Join(t.TempDir(), "edge.db"))
-	p := newPool(t, sriovConfig(s), st)
+	s, _, p := oneVF(t)
 	req := Request{Owner: "vm1", VFs: map[string]int{"a": 1}}
 	g, err := p.Allocate(ctx, req)
 	require.NoError(t, err)
@@ -201,11 +199,7 @@ func TestVFBindFailureRollsBack(t *testing.T) {
 // state the pool does not know, and a later Release finishes the job.
 func TestVFReleaseFailureKeepsRows(t *testing.T) {
 	ctx := t.Context()
-	s := newSynth(t, "0-3")
-	s.pf(pfA, 8, "iavf", vfA0)
-	s.pf(pfB, 8, "")
-	st := openStore(t, filepath.Join(t.TempDir(), "edge.db"))
-	p := newPool(t, sriovConfig(s), st)
+	s, st, p := oneVF(t)
 	g, err := p.Allocate(ctx, Request{Owner: "vm1", VFs: map[string]int{"a": 1}})
 	require.NoError(t, err)
 	s.setDriver(vfA0, vfioDriver) // the kernel's probe
@@ -222,4 +216,13 @@ func TestVFReleaseFailureKeepsRows(t *testing.T) {
 	require.NoError(t, p.Release(ctx, "vm1"))
 	requireHoldsNothing(t, st, "vm1")
 	require.Equal(t, vfA0, s.read("bus/pci/drivers/vfio-pci/unbind"))
+}
+
+// oneVF is a pool whose pool a has one VF, vfA0 on iavf, and pool b none.
+func oneVF(t *testing.T) (*synth, *store.Store, *Pool) {
+	s := newSynth(t, "0-3")
+	s.pf(pfA, 8, "iavf", vfA0)
+	s.pf(pfB, 8, "")
+	st := openStore(t, filepath.Join(t.TempDir(), "edge.db"))
+	return s, st, newPool(t, sriovConfig(s), st)
 }
