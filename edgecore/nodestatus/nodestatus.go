@@ -92,6 +92,17 @@ type Config struct {
 	// allocatable, as kubelet's flags of those names; only cpu, memory and
 	// ephemeral-storage. Default none.
 	SystemReserved, KubeReserved corev1.ResourceList
+	// ReservedCores are whole cores kept from pods and VMs: the resource
+	// pool's reserved system and data-plane cores (edgecore/resources).
+	// Allocatable cpu is capacity less them. System cores, when any,
+	// supersede the cpu of SystemReserved and KubeReserved, as kubelet's
+	// --reserved-cpus supersedes those flags' cpu; data-plane cores are
+	// subtracted on top. Zero: none.
+	ReservedCores ReservedCores
+	// ExtendedResources are advertised with capacity and allocatable
+	// alike, such as the pool's VF counts (sriov.edge.tether.dev/<pool>).
+	// Names must be domain-qualified (contain a "/"). Nil: none.
+	ExtendedResources map[corev1.ResourceName]int64
 	// EvictionHard are the hard eviction thresholds subtracted from
 	// allocatable, as kubelet's --eviction-hard: memory.available and
 	// nodefs.available (ephemeral-storage), each a quantity or a
@@ -170,7 +181,13 @@ func New(cfg Config, pub Publisher, logger *slog.Logger) (*Reporter, error) {
 	if err != nil {
 		return nil, fmt.Errorf("nodestatus config: %w", err)
 	}
+	if reserved, err = reserveCores(reserved, cfg.ReservedCores); err != nil {
+		return nil, fmt.Errorf("nodestatus config: %w", err)
+	}
 	capacity := hostResources{facts: facts, storageBytes: storage, maxPods: cfg.MaxPods}.capacity()
+	if err := addExtended(capacity, cfg.ExtendedResources); err != nil {
+		return nil, fmt.Errorf("nodestatus config: %w", err)
+	}
 	failures := prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "tether_edge_nodestatus_publish_failures_total",
 		Help: "Node and lease reports that could not be queued in the outbox (made again at the next report), by report.",

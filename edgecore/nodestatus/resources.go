@@ -102,6 +102,47 @@ func isReservable(name corev1.ResourceName) bool {
 	return false
 }
 
+// ReservedCores counts the whole cores the resource pool keeps from pods
+// and VMs.
+type ReservedCores struct {
+	// System are the reserved system cores (the pool's
+	// ReservedSystemCPUs); DataPlane the data-plane cores.
+	System, DataPlane int64
+}
+
+// reserveCores folds the reserved cores into the reservations: system
+// cores replace the cpu reserved by quantity, data-plane cores add to it.
+func reserveCores(reserved corev1.ResourceList, cores ReservedCores) (corev1.ResourceList, error) {
+	if cores.System < 0 || cores.DataPlane < 0 {
+		return nil, fmt.Errorf("reserve cores: negative count %+v", cores)
+	}
+	if cores.System == 0 && cores.DataPlane == 0 {
+		return reserved, nil
+	}
+	cpu := reserved[corev1.ResourceCPU]
+	if cores.System > 0 {
+		cpu = *resource.NewQuantity(cores.System, resource.DecimalSI)
+	}
+	cpu.Add(*resource.NewQuantity(cores.DataPlane, resource.DecimalSI))
+	reserved[corev1.ResourceCPU] = cpu
+	return reserved, nil
+}
+
+// addExtended adds extended resources to capacity (and so, unreduced, to
+// allocatable).
+func addExtended(capacity corev1.ResourceList, ext map[corev1.ResourceName]int64) error {
+	for name, n := range ext {
+		if !strings.Contains(string(name), "/") || n < 0 {
+			return fmt.Errorf("extended resource %s=%d: want a domain-qualified name and a count >= 0", name, n)
+		}
+		if _, ok := capacity[name]; ok {
+			return fmt.Errorf("extended resource %s: already advertised", name)
+		}
+		capacity[name] = *resource.NewQuantity(n, resource.DecimalSI)
+	}
+	return nil
+}
+
 // hostResources are the inputs of the Node's capacity.
 type hostResources struct {
 	facts        hostinfo.Facts

@@ -109,3 +109,48 @@ func resourceFraction(q resource.Quantity, pct float64) *resource.Quantity {
 	t := threshold{percent: pct}.of(q)
 	return &t
 }
+
+// The pool's reserved cores come off allocatable cpu in whole cores
+// (system cores supersede SystemReserved's cpu, as kubelet's
+// --reserved-cpus; data-plane cores add to it); VF pools are extended
+// resources with allocatable = capacity; labels (the VM backend's
+// acceleration) are on the Node.
+func TestReservedCoresAndExtendedResources(t *testing.T) {
+	host := syntheticHost(t) // 6 CPUs
+	for _, tc := range []struct {
+		name  string
+		cores ReservedCores
+		want  string
+	}{
+		{"system cores supersede the quantity", ReservedCores{System: 1, DataPlane: 2}, "3"},
+		{"data-plane cores add to the quantity", ReservedCores{DataPlane: 2}, "3500m"},
+		{"none: the quantity alone", ReservedCores{}, "5500m"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r, err := New(Config{
+				Node: "edge-1", HostRoot: host, SystemReserved: list("cpu", "500m"), ReservedCores: tc.cores,
+				ExtendedResources: map[corev1.ResourceName]int64{"sriov.edge.tether.dev/a": 3},
+				Labels:            map[string]string{"vm.edge.tether.dev/acceleration": "tcg"},
+			}, nil, nil)
+			require.NoError(t, err)
+			n := r.Node()
+			c, got := n.Status.Capacity[corev1.ResourceCPU], n.Status.Allocatable[corev1.ResourceCPU]
+			require.Equal(t, int64(6), c.Value())
+			want := resource.MustParse(tc.want)
+			require.Zero(t, want.Cmp(got), "allocatable cpu %s", got.String())
+			for _, l := range []corev1.ResourceList{n.Status.Capacity, n.Status.Allocatable} {
+				q := l["sriov.edge.tether.dev/a"]
+				require.Equal(t, int64(3), q.Value())
+			}
+			require.Equal(t, "tcg", n.Labels["vm.edge.tether.dev/acceleration"])
+		})
+	}
+	for _, bad := range []Config{
+		{Node: "a", HostRoot: host, ReservedCores: ReservedCores{System: -1}},
+		{Node: "a", HostRoot: host, ExtendedResources: map[corev1.ResourceName]int64{"vfs": 1}},
+		{Node: "a", HostRoot: host, ExtendedResources: map[corev1.ResourceName]int64{"example.com/x": -1}},
+	} {
+		_, err := New(bad, nil, nil)
+		require.ErrorContains(t, err, "nodestatus config:")
+	}
+}
