@@ -1,7 +1,7 @@
 // Package app wires EdgeCore's components together: the SQLite store, the
-// tunnel client, the syncer, node status, certificate rotation, the CRI
-// shim with its containerd backend and, when a CRI endpoint is
-// configured, the pod manager. The
+// tunnel client, the syncer, node status, the resource pool, certificate
+// rotation, the CRI shim with its containerd backend and, when a CRI
+// endpoint is configured, the pod manager. The
 // edgecore command and the end-to-end tests both build EdgeCore through
 // it, so what the tests run is what ships. It holds no logic of its own.
 package app
@@ -13,12 +13,14 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"os"
 	"path/filepath"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/errgroup"
+	corev1 "k8s.io/api/core/v1"
 	cri "k8s.io/cri-api/pkg/apis"
 	remote "k8s.io/cri-client/pkg"
 
@@ -26,6 +28,7 @@ import (
 	"github.com/tetheredge/tether/edgecore/edgehub"
 	"github.com/tetheredge/tether/edgecore/nodestatus"
 	"github.com/tetheredge/tether/edgecore/pods"
+	"github.com/tetheredge/tether/edgecore/resources"
 	"github.com/tetheredge/tether/edgecore/store"
 	"github.com/tetheredge/tether/edgecore/syncer"
 	"github.com/tetheredge/tether/tunnel"
@@ -76,6 +79,12 @@ type Config struct {
 	// Registerer, and its RootDir (the pods' volumes) defaults to
 	// DataDir/pods. Unused without CRIEndpoint.
 	Pods pods.Config
+	// Resources configures the node's one resource pool for pods and VMs
+	// (edgecore/resources: reserved system and data-plane cores, hugepage
+	// mounts, SR-IOV VF pools); its Registerer, when nil, is Registerer.
+	// The Node then advertises allocatable cpu without the reserved cores
+	// and each VF pool as sriov.edge.tether.dev/<pool>. Nil: no pool.
+	Resources *resources.Config
 	// CRI configures the CRI shim; the zero value runs none.
 	CRI CRIConfig
 	// WrapStore, when set, wraps the store the syncer writes through
@@ -99,7 +108,8 @@ type App struct {
 	rotator  *certs.Rotator
 	hub      *edgehub.EdgeHub
 	holder   *certs.Holder
-	cri      *criShim // nil without CRI.Listen
+	cri      *criShim        // nil without CRI.Listen
+	pool     *resources.Pool // nil without Resources
 	// viaShim: the pod manager drives the in-process shim, connected in
 	// Run; late is node status' runtime until then, events the shim's.
 	viaShim bool
@@ -174,6 +184,14 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 	}
 	nsCfg := cfg.NodeStatus
 	nsCfg.Node = cfg.Node
+	// A copy, so that wiring may add labels (the VM backend's
+	// vm.edge.tether.dev/acceleration) without touching the caller's map.
+	nsCfg.Labels = maps.Clone(nsCfg.Labels)
+	if cfg.Resources != nil {
+		if err := a.newPool(&nsCfg); err != nil {
+			return nil, errors.Join(err, a.Close())
+		}
+	}
 	a.viaShim = cfg.CRIEndpoint == "" && cfg.CRI.Listen != ""
 	switch {
 	case nsCfg.Runtime != nil:
@@ -213,6 +231,37 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 	}
 	return a, nil
 }
+
+// newPool builds the resource pool on the store's allocation table and
+// has the Node advertise it.
+func (a *App) newPool(nsCfg *nodestatus.Config) error {
+	rc := *a.cfg.Resources
+	if rc.Registerer == nil {
+		rc.Registerer = a.cfg.Registerer
+	}
+	pool, err := resources.New(rc, a.st.Allocations(), a.logger)
+	if err != nil {
+		return err
+	}
+	adv, err := pool.Advertise()
+	if err != nil {
+		return err
+	}
+	nsCfg.ReservedCores = nodestatus.ReservedCores{System: adv.ReservedSystemCPUs, DataPlane: adv.ReservedDataPlaneCPUs}
+	ext := maps.Clone(nsCfg.ExtendedResources)
+	if ext == nil {
+		ext = map[corev1.ResourceName]int64{}
+	}
+	for name, n := range adv.VFs {
+		ext[corev1.ResourceName(name)] = n
+	}
+	nsCfg.ExtendedResources = ext
+	a.pool = pool
+	return nil
+}
+
+// Pool returns the resource pool; nil without Config.Resources.
+func (a *App) Pool() *resources.Pool { return a.pool }
 
 // connectCRI connects the CRI clients of the runtime the pod manager
 // drives (and node status asks whether it is ready).
