@@ -62,6 +62,10 @@ type Pool struct {
 	requests *prometheus.CounterVec
 
 	mu sync.Mutex
+
+	subMu  sync.Mutex
+	subs   map[int]func(shared []int)
+	nextID int
 }
 
 // New validates cfg and returns a pool that records its grants in allocs.
@@ -76,7 +80,7 @@ func New(cfg Config, allocs store.Allocations, logger *slog.Logger) (*Pool, erro
 	}
 	requests := prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "tether_edge_resources_requests_total",
-		Help: "Allocate calls of the resource pool by result: granted, insufficient, invalid (refused request), failed (store or sysfs error).",
+		Help: "Allocate calls of the resource pool by result: granted, insufficient, invalid (refused request), failed (store or sysfs error); and release_failed, Release calls that could not restore a VF.",
 	}, []string{"result"})
 	if cfg.Registerer != nil {
 		if err := cfg.Registerer.Register(requests); err != nil {
@@ -125,7 +129,52 @@ func (p *Pool) Allocate(ctx context.Context, req Request) (Grant, error) {
 		}
 		return Grant{}, err
 	}
+	if len(g.CPUs) > 0 {
+		p.notify(ctx)
+	}
 	return g, nil
+}
+
+// Subscribe calls f with the shared set after each Allocate or Release
+// that changed the dedicated cores: whoever pins threads or containers
+// to the shared set (a VM's emulator threads, the containers of pods
+// without exclusive cores) moves them off cores just dedicated, and onto
+// cores just freed. f runs on the goroutine of that Allocate or Release,
+// after the pool's lock is released; it must not block. cancel stops the
+// calls.
+func (p *Pool) Subscribe(f func(shared []int)) (cancel func()) {
+	p.subMu.Lock()
+	defer p.subMu.Unlock()
+	if p.subs == nil {
+		p.subs = map[int]func([]int){}
+	}
+	id := p.nextID
+	p.nextID++
+	p.subs[id] = f
+	return func() {
+		p.subMu.Lock()
+		defer p.subMu.Unlock()
+		delete(p.subs, id)
+	}
+}
+
+func (p *Pool) notify(ctx context.Context) {
+	p.subMu.Lock()
+	subs := slices.Collect(maps.Values(p.subs))
+	p.subMu.Unlock()
+	if len(subs) == 0 {
+		return
+	}
+	shared, err := p.SharedCPUs(ctx)
+	if err != nil {
+		if ok, suppressed := p.lim.Allow("shared"); ok {
+			p.logger.Warn("shared cpus not read; subscribers not told", "err", err, "suppressed", suppressed)
+		}
+		return
+	}
+	for _, f := range subs {
+		f(shared)
+	}
 }
 
 func (p *Pool) allocate(ctx context.Context, req Request) (Grant, error) {
@@ -401,11 +450,21 @@ func sameRequest(a, b Request) bool {
 // be restored, nothing is released (the VF is not handed out again in a
 // state the pool does not know) and the error says which.
 func (p *Pool) Release(ctx context.Context, owner string) error {
+	cores, err := p.release(ctx, owner)
+	if err == nil && cores {
+		p.notify(ctx)
+	}
+	return err
+}
+
+// release does Release's work under the lock; cores says whether it
+// released dedicated cores.
+func (p *Pool) release(ctx context.Context, owner string) (cores bool, err error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	rows, err := p.allocs.Owner(ctx, owner)
 	if err != nil {
-		return fmt.Errorf("release %q: %w", owner, err)
+		return false, fmt.Errorf("release %q: %w", owner, err)
 	}
 	var kinds []string
 	var errs []error
@@ -425,16 +484,16 @@ func (p *Pool) Release(ctx context.Context, owner string) error {
 	}
 	if err := errors.Join(errs...); err != nil {
 		p.requests.WithLabelValues("release_failed").Inc()
-		return fmt.Errorf("release %q: %w", owner, err)
+		return false, fmt.Errorf("release %q: %w", owner, err)
 	}
 	if len(kinds) == 0 {
-		return nil
+		return false, nil
 	}
 	if err := p.allocs.ReleaseKinds(ctx, owner, kinds...); err != nil {
-		return err
+		return false, err
 	}
 	p.logger.Info("resources released", "owner", owner)
-	return nil
+	return slices.Contains(kinds, kindCPU), nil
 }
 
 // Lookup returns owner's grant as Allocate returned it, from the store

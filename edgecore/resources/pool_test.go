@@ -252,3 +252,25 @@ func TestParseHugetlbfsMounts(t *testing.T) {
 	require.ErrorContains(t, err, `parse mount of /x: bad pagesize "lots"`)
 	require.Equal(t, int64(2<<20), parseDefaultHugepageSize(strings.NewReader("HugePages_Total: 0\nHugepagesize:       2048 kB\n")))
 }
+
+// Subscribers hear the shared set whenever dedicated cores come or go,
+// and not for grants without dedicated cores.
+func TestSubscribeSharedSet(t *testing.T) {
+	ctx := t.Context()
+	s := newSynth(t, "0-3")
+	st := openStore(t, filepath.Join(t.TempDir(), "edge.db"))
+	p := newPool(t, Config{SysfsRoot: s.root, HugepageMounts: map[int64]string{}, ReservedSystemCPUs: "0"}, st)
+	var heard [][]int
+	cancel := p.Subscribe(func(shared []int) { heard = append(heard, shared) })
+	_, err := p.Allocate(ctx, Request{Owner: "a", DedicatedCPUs: 2})
+	require.NoError(t, err)
+	_, err = p.Allocate(ctx, Request{Owner: "b"})
+	require.NoError(t, err)
+	require.NoError(t, p.Release(ctx, "b"))
+	require.NoError(t, p.Release(ctx, "a"))
+	require.Equal(t, [][]int{{3}, {1, 2, 3}}, heard)
+	cancel()
+	_, err = p.Allocate(ctx, Request{Owner: "c", DedicatedCPUs: 1})
+	require.NoError(t, err)
+	require.Len(t, heard, 2)
+}
