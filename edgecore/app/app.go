@@ -85,6 +85,11 @@ type Config struct {
 	// The Node then advertises allocatable cpu without the reserved cores
 	// and each VF pool as sriov.edge.tether.dev/<pool>. Nil: no pool.
 	Resources *resources.Config
+	// StaticCPUPolicy gives the pod manager kubelet's CPU manager "static"
+	// policy on the resource pool (pods.Config.StaticCPUs): Guaranteed
+	// pods with whole cores get cores of their own, never a VM's.
+	// Requires Resources. Default false (every container on every CPU).
+	StaticCPUPolicy bool
 	// CRI configures the CRI shim; the zero value runs none.
 	CRI CRIConfig
 	// WrapStore, when set, wraps the store the syncer writes through
@@ -299,6 +304,12 @@ func (a *App) newPods() error {
 	if pcfg.Allocatable == nil {
 		// Admission draws on what the Node advertises as allocatable.
 		pcfg.Allocatable = a.reporter.Node().Status.Allocatable
+	}
+	if a.cfg.StaticCPUPolicy && pcfg.StaticCPUs == nil {
+		if a.pool == nil {
+			return errors.New("edgecore: the static CPU policy needs a resource pool (Config.Resources)")
+		}
+		pcfg.StaticCPUs = a.pool
 	}
 	if pcfg.Events == nil && a.viaShim {
 		pcfg.Events = a.events

@@ -101,6 +101,12 @@ type Config struct {
 	// (see admit.go). A resource it does not name is not checked, except
 	// hugepages. Default nil: every pod is admitted.
 	Allocatable corev1.ResourceList
+	// StaticCPUs, when set, is kubelet's CPU manager "static" policy on
+	// this pool (the node's resource pool, shared with VMs): app
+	// containers of Guaranteed pods with whole cores get cores of their
+	// own, every other container the shared set (see cpus.go). Nil: the
+	// "none" policy, every container on every CPU.
+	StaticCPUs CPUPool
 	// Workers is the number of pods synced at once. Default 4.
 	Workers int
 	// Clock defaults to the real clock.
@@ -272,6 +278,10 @@ func (m *Manager) Run(ctx context.Context) error {
 			return nil
 		})
 	}
+	resync := make(chan struct{}, 1) // the static CPU policy's safety net
+	if m.cfg.StaticCPUs != nil {
+		g.Go(func() error { return m.cpuLoop(ctx, resync) })
+	}
 	g.Go(func() error {
 		// The first relist adopts what already runs and starts what is
 		// missing.
@@ -279,6 +289,10 @@ func (m *Manager) Run(ctx context.Context) error {
 		defer t.Stop()
 		for {
 			m.relist(ctx)
+			select {
+			case resync <- struct{}{}:
+			default:
+			}
 			select {
 			case <-ctx.Done():
 				return nil

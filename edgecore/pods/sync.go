@@ -112,6 +112,9 @@ func (m *Manager) teardown(ctx context.Context, sb *runtimeapi.PodSandbox, grace
 	if err := m.rt.RemovePodSandbox(ctx, sb.GetId()); err != nil {
 		return fmt.Errorf("remove sandbox %s: %w", sb.GetId(), err)
 	}
+	if err := m.releaseCPUs(ctx, sb.GetMetadata().GetUid(), cs); err != nil {
+		return err
+	}
 	if err := m.removeVolumes(sb.GetMetadata().GetUid()); err != nil {
 		return err
 	}
@@ -446,6 +449,12 @@ func (m *Manager) startContainer(ctx context.Context, pod *corev1.Pod, a *actual
 	}
 	cfg := containerConfig(pod, c, attempt, step, env)
 	cfg.Mounts = mounts
+	if m.cfg.StaticCPUs != nil {
+		if err := m.assignCPUs(ctx, pod, c, cfg); err != nil {
+			waiting[c.Name] = waitReason{Reason: "CreateContainerError", Message: err.Error()}
+			return fmt.Errorf("create container %s: %w", c.Name, err)
+		}
+	}
 	sbCfg := sandboxConfig(pod, a.sandbox.GetMetadata().GetAttempt(), m.cfg.LogDir)
 	id, err := m.rt.CreateContainer(ctx, a.sandbox.GetId(), cfg, sbCfg)
 	if err != nil {
