@@ -189,9 +189,12 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 	}
 	nsCfg := cfg.NodeStatus
 	nsCfg.Node = cfg.Node
-	// A copy, so that wiring may add labels (the VM backend's
+	// A copy, never nil, so that wiring may add labels (the VM backend's
 	// vm.edge.tether.dev/acceleration) without touching the caller's map.
 	nsCfg.Labels = maps.Clone(nsCfg.Labels)
+	if nsCfg.Labels == nil {
+		nsCfg.Labels = map[string]string{}
+	}
 	if cfg.Resources != nil {
 		if err := a.newPool(&nsCfg); err != nil {
 			return nil, errors.Join(err, a.Close())
