@@ -33,11 +33,11 @@ import (
 // check each write; where a test needs the kernel's effect it moves the
 // driver link itself (setDriver) and says so.
 type synth struct {
-	t    *testing.T
+	t    testing.TB
 	root string
 }
 
-func newSynth(t *testing.T, cpus string) *synth {
+func newSynth(t testing.TB, cpus string) *synth {
 	t.Helper()
 	s := &synth{t: t, root: t.TempDir()}
 	s.file("devices/system/cpu/online", cpus+"\n")
