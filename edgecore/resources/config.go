@@ -11,6 +11,7 @@ import (
 	"strings"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sys/unix"
 	"k8s.io/utils/cpuset"
 )
 
@@ -62,6 +63,9 @@ type settings struct {
 	sysfs, proc string
 	pools       map[string][]string
 	poolNames   []string // sorted
+	// notHugetlbfs are configured mounts that are not hugetlbfs (New
+	// warns: guest memory there would not come from hugepages).
+	notHugetlbfs []string
 }
 
 var (
@@ -125,6 +129,13 @@ func validate(cfg Config) (settings, error) {
 		}
 		if fi, err := os.Stat(dir); err != nil || !fi.IsDir() {
 			return s, fmt.Errorf("resources config: HugepageMounts[%s]: %q is not a directory", sizeName(size), dir)
+		}
+		var st unix.Statfs_t
+		if err := unix.Statfs(dir, &st); err == nil && st.Type == unix.HUGETLBFS_MAGIC && st.Bsize != size {
+			// hugetlbfs reports its page size as the block size.
+			return s, fmt.Errorf("resources config: HugepageMounts[%s]: %q is a hugetlbfs of page size %s", sizeName(size), dir, sizeName(st.Bsize))
+		} else if err == nil && st.Type != unix.HUGETLBFS_MAGIC {
+			s.notHugetlbfs = append(s.notHugetlbfs, dir)
 		}
 	}
 

@@ -67,7 +67,8 @@ func stable(t *testing.T, f func(nr int64) bool) {
 // On the real sysfs: pages reserved through nr_hugepages become the
 // pool's hugepage limit and the Node's hugepages-2Mi (capacity and
 // allocatable), and a grant names the hugetlbfs mount, which the mounts
-// discovery finds in /proc/self/mounts.
+// discovery finds in /proc/self/mounts; a mount configured for another
+// page size than its own is refused.
 func TestHugepagesOnRealSysfs(t *testing.T) {
 	ctx := t.Context()
 	mount := reserve2Mi(t, 8)
@@ -83,6 +84,8 @@ func TestHugepagesOnRealSysfs(t *testing.T) {
 	require.True(t, found, "%s not among the 2Mi hugetlbfs mounts of /proc/self/mounts", mount)
 
 	st := openStore(t, filepath.Join(t.TempDir(), "edge.db"))
+	_, err = New(Config{HugepageMounts: map[int64]string{Hugepage1Gi: mount}}, st.Allocations(), nil)
+	require.ErrorContains(t, err, "HugepageMounts[1Gi]: \""+mount+"\" is a hugetlbfs of page size 2Mi")
 	p := newPool(t, Config{HugepageMounts: map[int64]string{Hugepage2Mi: mount}}, st)
 	stable(t, func(nr int64) bool {
 		f, err := hostinfo.Read("/")

@@ -87,8 +87,12 @@ func New(cfg Config, allocs store.Allocations, logger *slog.Logger) (*Pool, erro
 			return nil, fmt.Errorf("register resources metrics: %w", err)
 		}
 	}
+	logger = logger.With("component", "resources")
+	for _, dir := range s.notHugetlbfs {
+		logger.Warn("hugepage mount is not a hugetlbfs; guest memory there is not hugepages", "dir", dir)
+	}
 	return &Pool{
-		s: s, sys: sysfs(s.sysfs), allocs: allocs, logger: logger.With("component", "resources"),
+		s: s, sys: sysfs(s.sysfs), allocs: allocs, logger: logger,
 		lim: ratelog.New(0, nil), requests: requests,
 	}, nil
 }
