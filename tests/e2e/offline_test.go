@@ -17,23 +17,29 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/go-logr/logr"
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/cache"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 	"k8s.io/klog/v2"
 
+	"github.com/tetheredge/tether/cloudcore/autonomy"
 	"github.com/tetheredge/tether/common/pki"
 	edgeapp "github.com/tetheredge/tether/edgecore/app"
 	"github.com/tetheredge/tether/edgecore/nodestatus"
 	"github.com/tetheredge/tether/edgecore/pods"
 	"github.com/tetheredge/tether/tests/containerd"
+	"github.com/tetheredge/tether/tests/controlplane"
 	"github.com/tetheredge/tether/tests/netproxy"
 	"github.com/tetheredge/tether/tests/promtest"
 	"github.com/tetheredge/tether/tests/testlog"
@@ -123,9 +129,15 @@ func TestOfflineEdgeChild(t *testing.T) {
 }
 
 // writeEdgeFiles prepares dir for an offline child: node identity id,
-// cloud address addr, containerd endpoint and Lease duration.
+// cloud address addr, containerd endpoint and Lease duration. If t fails,
+// the tail of the processes' log is printed.
 func writeEdgeFiles(t *testing.T, dir string, id identity, addr, endpoint string, lease time.Duration) {
 	t.Helper()
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("EdgeCore processes' log (%s):\n%s", dir, tail(filepath.Join(dir, fileLog), 80))
+		}
+	})
 	require.NoError(t, pki.WriteFiles(filepath.Join(dir, "node.crt"), id.cert.Leaf, filepath.Join(dir, "node.key"), id.key))
 	require.NoError(t, pki.WriteFiles(filepath.Join(dir, "ca.crt"), id.ca, "", nil))
 	for name, v := range map[string]string{fileAddr: addr, fileNode: id.node, fileContainerd: endpoint, fileLease: lease.String()} {
@@ -142,8 +154,8 @@ type edgeProc struct {
 	client *http.Client // to its metrics socket
 }
 
-// startEdgeProc starts EdgeCore as a child process on dir; it is killed
-// when t ends, and its log's tail is printed if t failed.
+// startEdgeProc starts EdgeCore as a child process on dir (prepared by
+// writeEdgeFiles); it is killed when t ends.
 func startEdgeProc(t *testing.T, dir string) *edgeProc {
 	t.Helper()
 	_ = os.Remove(filepath.Join(dir, fileMetrics)) // a killed predecessor's
@@ -161,12 +173,7 @@ func startEdgeProc(t *testing.T, dir string) *edgeProc {
 			return (&net.Dialer{}).DialContext(ctx, "unix", sock)
 		},
 	}}
-	t.Cleanup(func() {
-		p.kill()
-		if t.Failed() {
-			t.Logf("EdgeCore process log (%s):\n%s", dir, tail(filepath.Join(dir, fileLog), 60))
-		}
-	})
+	t.Cleanup(p.kill)
 	return p
 }
 
@@ -415,4 +422,263 @@ func TestOfflineRestart(t *testing.T) {
 		require.Equal(t, counts[name], containerCount(t, h, uids[name]), "pod %s: no container created", name)
 		require.True(t, podRunningAs(ctx, cs, ns, name, r, 1), "pod %s: restartCount unchanged in the API server", name)
 	}
+}
+
+// offlineHold is how long TestOfflineNoEviction keeps a site offline. An
+// hour cannot be waited for, so the controller manager's timers are
+// compressed instead (node monitor grace 5 s, default tolerations 2 s,
+// against 50 s and 300 s upstream) and the site stays offline more than
+// six times their sum: by the baseline's account a lost node is tainted
+// after about 5 s and its pod evicted after about 7 s. Waiting it out is
+// the point of the test, not a synchronisation.
+const offlineHold = 45 * time.Second
+
+// evictionReason is the Event reason the taint eviction controller gives a
+// pod it deletes.
+const evictionReason = "TaintManagerEviction"
+
+// offlineWatch records, from informers on the API server (so that no
+// state between two polls is missed), what would show the cloud giving up
+// on an offline edge: its Node not Ready, or tainted by the node lifecycle
+// controller (unreachable or not-ready, any effect); its pod deleted or
+// given a deletionTimestamp; and, for every pod of the namespace, the
+// taint eviction controller's eviction events.
+type offlineWatch struct {
+	node, pod string
+	stop      func()
+
+	mu           sync.Mutex
+	violations   []string
+	offlineTaint bool            // the Node carried autonomy.TaintOffline
+	evictions    map[string]bool // pods with an eviction event
+}
+
+func watchOffline(t *testing.T, cs kubernetes.Interface, ns, node, pod string) *offlineWatch {
+	t.Helper()
+	w := &offlineWatch{node: node, pod: pod, evictions: map[string]bool{}}
+	byName := func(name string) informers.SharedInformerOption {
+		return informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.FieldSelector = "metadata.name=" + name })
+	}
+	nodes := informers.NewSharedInformerFactoryWithOptions(cs, 0, byName(node))
+	podsOf := informers.NewSharedInformerFactoryWithOptions(cs, 0, informers.WithNamespace(ns), byName(pod))
+	events := informers.NewSharedInformerFactoryWithOptions(cs, 0, informers.WithNamespace(ns))
+	on := func(f func(obj any)) cache.ResourceEventHandlerFuncs {
+		return cache.ResourceEventHandlerFuncs{AddFunc: f, UpdateFunc: func(_, obj any) { f(obj) }, DeleteFunc: f}
+	}
+	_, err := nodes.Core().V1().Nodes().Informer().AddEventHandler(on(func(obj any) {
+		if n, ok := obj.(*corev1.Node); ok {
+			w.sawNode(n)
+		} else {
+			w.violate("the Node was deleted")
+		}
+	}))
+	require.NoError(t, err)
+	_, err = podsOf.Core().V1().Pods().Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc:    func(obj any) { w.sawPod(obj) },
+		UpdateFunc: func(_, obj any) { w.sawPod(obj) },
+		DeleteFunc: func(any) { w.violate("the pod was deleted") },
+	})
+	require.NoError(t, err)
+	_, err = events.Core().V1().Events().Informer().AddEventHandler(on(func(obj any) {
+		if e, ok := obj.(*corev1.Event); ok && e.Reason == evictionReason {
+			w.mu.Lock()
+			w.evictions[e.InvolvedObject.Name] = true
+			w.mu.Unlock()
+		}
+	}))
+	require.NoError(t, err)
+	stop := make(chan struct{})
+	for _, f := range []informers.SharedInformerFactory{nodes, podsOf, events} {
+		f.Start(stop)
+		for typ, ok := range f.WaitForCacheSync(stop) {
+			require.True(t, ok, "informer for %v synced", typ)
+		}
+	}
+	w.stop = sync.OnceFunc(func() {
+		close(stop)
+		for _, f := range []informers.SharedInformerFactory{nodes, podsOf, events} {
+			f.Shutdown()
+		}
+	})
+	t.Cleanup(w.stop)
+	return w
+}
+
+func (w *offlineWatch) violate(format string, args ...any) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.violations = append(w.violations, time.Now().Format("15:04:05.000")+" "+fmt.Sprintf(format, args...))
+}
+
+func (w *offlineWatch) sawNode(n *corev1.Node) {
+	if r := readyOf(n); r != corev1.ConditionTrue {
+		w.violate("the Node's Ready is %q", r)
+	}
+	for _, tt := range n.Spec.Taints {
+		switch {
+		case tt.Key == corev1.TaintNodeUnreachable || tt.Key == corev1.TaintNodeNotReady:
+			w.violate("the Node is tainted %s", tt.ToString())
+		case tt.MatchTaint(&autonomy.TaintOffline):
+			w.mu.Lock()
+			w.offlineTaint = true
+			w.mu.Unlock()
+		}
+	}
+}
+
+func (w *offlineWatch) sawPod(obj any) {
+	if p, ok := obj.(*corev1.Pod); ok && p.DeletionTimestamp != nil {
+		w.violate("the pod has a deletionTimestamp %s", p.DeletionTimestamp)
+	}
+}
+
+// check returns the violations so far, whether the offline taint was
+// seen, and whether pod had an eviction event.
+func (w *offlineWatch) check(pod string) ([]string, bool, bool) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return slices.Clone(w.violations), w.offlineTaint, w.evictions[pod]
+}
+
+// nodeTainted reports whether the Node carries the offline taint.
+func nodeTainted(n *corev1.Node) bool {
+	return slices.ContainsFunc(n.Spec.Taints, func(tt corev1.Taint) bool { return tt.MatchTaint(&autonomy.TaintOffline) })
+}
+
+// TestOfflineNoEviction runs a real kube-controller-manager (node
+// lifecycle and taint eviction, accelerated timers) over two edge sites
+// and a third, plain Node whose Lease the test renews (with every node of
+// the zone NotReady the controller would be in full disruption and evict
+// nothing, which would prove nothing). Both sites lose the cloud at the
+// same moment.
+//
+// Site A is the negative control: its CloudCore has offline autonomy off
+// and its EdgeCore stops. Its Node turns Unknown, is tainted unreachable
+// and its pod is evicted, with an eviction event.
+//
+// Site B has autonomy on. Its EdgeCore is a process of its own running a
+// pod in a real containerd, and the path to its CloudCore is cut
+// (tests/netproxy) for offlineHold: the edge goes on running, the cloud
+// hears nothing. All that time, watched through informers, B's Node stays
+// Ready and is never tainted unreachable or not-ready, its pod is never
+// deleted, given a deletionTimestamp or an eviction event; B's Node says
+// TetherConnected False and carries the offline NoSchedule taint. After the
+// path heals the Node says TetherConnected True, the taint is gone, and
+// the pod runs in the very same container (same id and start time, no
+// other container), with restartCount 0 in the API server.
+func TestOfflineNoEviction(t *testing.T) {
+	h := containerd.Start(t)
+	env := controlplane.Start(t, controlplane.WithControllerManager(controlplane.ControllerManager{}))
+	cs := adminClient(t, env.Config)
+	ctx := klog.NewContext(t.Context(), logr.Discard())
+	ns := env.Namespace(t)
+
+	healthy := "noevict-healthy"
+	createHealthyNode(t, cs, healthy)
+	stopRenew := renewEverySecond(t, cs, healthy)
+	defer stopRenew()
+
+	const lease = 4 * time.Second
+	off := startCloud(t, env.Config, cloudOptions{timings: testTimings})
+	on := startCloud(t, env.Config, cloudOptions{timings: testTimings, offlineAutonomy: time.Hour})
+	idA, idB := off.admit(t, "noevict-a"), on.admit(t, "noevict-b")
+	edgeA := startEdge(t, idA, dataDir(t, idA.node), off.addr, edgeOptions{timings: testTimings, nodeStatus: nodestatus.Config{LeaseDuration: lease, Now: time.Now}})
+	px := netproxy.Start(t, on.addr, netproxy.Options{})
+	dirB := dataDir(t, idB.node)
+	writeEdgeFiles(t, dirB, idB, px.Addr().String(), h.Endpoint(), lease)
+	startEdgeProc(t, dirB)
+	waitRegistered(t, cs, off, idA.node)
+	waitRegistered(t, cs, on, idB.node)
+	zones := map[string]bool{}
+	for _, name := range []string{healthy, idA.node, idB.node} {
+		n, err := cs.CoreV1().Nodes().Get(ctx, name, metav1.GetOptions{})
+		require.NoError(t, err)
+		zones[n.Labels[corev1.LabelTopologyZone]+"/"+n.Labels[corev1.LabelTopologyRegion]] = true
+	}
+	require.Len(t, zones, 1, "the three nodes are in one zone, so the healthy one keeps the zone out of full disruption")
+
+	// A new Node is tainted not-ready (NoExecute too) until the node
+	// lifecycle controller has seen it Ready; a pod bound to it before
+	// then is marked for eviction and the mark cancelled, which is not
+	// what this test is about.
+	require.Eventually(t, func() bool {
+		n, err := cs.CoreV1().Nodes().Get(ctx, idB.node, metav1.GetOptions{})
+		return err == nil && readyOf(n) == corev1.ConditionTrue &&
+			!slices.ContainsFunc(n.Spec.Taints, func(tt corev1.Taint) bool { return tt.Key == corev1.TaintNodeNotReady })
+	}, 30*time.Second, 50*time.Millisecond, "site B's Node is Ready and the node lifecycle controller has removed its not-ready taints")
+	podA := boundPod(t, cs, ns, idA.node)
+	pB := sleepyPod(t, cs, ns, "on-"+idB.node, idB.node, h.BusyboxImage)
+	requireShortToleration(t, pB)
+	var r0 running
+	require.Eventually(t, func() bool {
+		var ok bool
+		r0, ok = runningContainer(ctx, h, string(pB.UID))
+		if !ok || !podRunningAs(ctx, cs, ns, pB.Name, r0, 0) {
+			return false
+		}
+		n, err := cs.CoreV1().Nodes().Get(ctx, idB.node, metav1.GetOptions{})
+		c := conditionOf(n, autonomy.ConditionType)
+		return err == nil && readyOf(n) == corev1.ConditionTrue && c != nil && c.Status == corev1.ConditionTrue
+	}, 90*time.Second, 100*time.Millisecond, "site B runs its pod, its Node Ready and TetherConnected True")
+	w := watchOffline(t, cs, ns, idB.node, pB.Name)
+
+	// Both sites lose the cloud.
+	edgeA.stop()
+	px.Partition(true)
+	begin := time.Now()
+	require.Eventually(t, func() bool {
+		n, err := cs.CoreV1().Nodes().Get(ctx, idB.node, metav1.GetOptions{})
+		c := conditionOf(n, autonomy.ConditionType)
+		return err == nil && c != nil && c.Status == corev1.ConditionFalse && c.Reason == autonomy.ReasonDisconnected && nodeTainted(n)
+	}, 15*time.Second, 100*time.Millisecond, "site B's Node says TetherConnected False and is tainted offline:NoSchedule")
+	t.Logf("site B: TetherConnected=False and tainted %s after the path was cut", time.Since(begin).Round(100*time.Millisecond))
+	require.Eventually(t, func() bool {
+		n, err := cs.CoreV1().Nodes().Get(ctx, idA.node, metav1.GetOptions{})
+		return err == nil && readyOf(n) == corev1.ConditionUnknown && unreachable(n)
+	}, 30*time.Second, 100*time.Millisecond, "without autonomy the lost edge turns Unknown and is tainted unreachable")
+	t.Logf("site A (baseline): Node Unknown and tainted unreachable %s after its EdgeCore stopped", time.Since(begin).Round(100*time.Millisecond))
+	require.Eventually(t, func() bool { return evicted(ctx, cs, ns, podA) }, 30*time.Second, 100*time.Millisecond,
+		"without autonomy the pod on the lost edge is evicted")
+	t.Logf("site A (baseline): its pod evicted %s after its EdgeCore stopped", time.Since(begin).Round(100*time.Millisecond))
+
+	// The hold: nothing may happen to site B.
+	var what string
+	if !assert.Never(t, func() bool {
+		if v, _, _ := w.check(pB.Name); len(v) > 0 {
+			what = strings.Join(v, "; ")
+			return true
+		}
+		if r, ok := runningContainer(ctx, h, string(pB.UID)); !ok || r != r0 {
+			what = fmt.Sprintf("the pod's container is not the one that ran before (%+v, was %+v)", r, r0)
+			return true
+		}
+		return false
+	}, offlineHold-time.Since(begin), 200*time.Millisecond) {
+		t.Fatalf("with offline autonomy nothing may happen to an offline site, but %s after the path was cut: %s", time.Since(begin).Round(100*time.Millisecond), what)
+	}
+	t.Logf("site B: Ready, never tainted unreachable, its pod in place and running for %s offline (%.1f× node-monitor-grace + toleration)",
+		time.Since(begin).Round(100*time.Millisecond), time.Since(begin).Seconds()/7)
+	require.Positive(t, on.counter(t, "tether_autonomy_lease_renewals_total", nil), "CloudCore renewed the lease")
+
+	// The path heals.
+	px.Partition(false)
+	begin = time.Now()
+	require.Eventually(t, func() bool {
+		n, err := cs.CoreV1().Nodes().Get(ctx, idB.node, metav1.GetOptions{})
+		c := conditionOf(n, autonomy.ConditionType)
+		return err == nil && c != nil && c.Status == corev1.ConditionTrue && c.Reason == autonomy.ReasonConnected && !nodeTainted(n)
+	}, 30*time.Second, 50*time.Millisecond, "back online, site B's Node says TetherConnected True and the offline taint is gone")
+	t.Logf("site B: TetherConnected=True and untainted %s after the path healed", time.Since(begin).Round(100*time.Millisecond))
+	r, ok := runningContainer(ctx, h, string(pB.UID))
+	require.True(t, ok)
+	require.Equal(t, r0, r, "the same container, started at the same time: nothing restarted at the edge")
+	require.Equal(t, 1, containerCount(t, h, string(pB.UID)), "no other container was created")
+	require.True(t, podRunningAs(ctx, cs, ns, pB.Name, r0, 0), "the API server has the pod Running, Ready, restartCount 0")
+	w.stop()
+	violations, tainted, evictedB := w.check(pB.Name)
+	require.Empty(t, violations)
+	require.False(t, evictedB, "no eviction event for site B's pod")
+	require.True(t, tainted, "the watch saw the offline taint")
+	_, _, evictedA := w.check(podA)
+	require.True(t, evictedA, "the watch saw the baseline pod's eviction event (the event check can fail)")
 }
