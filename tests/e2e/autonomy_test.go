@@ -17,8 +17,6 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
-
-	"github.com/tetheredge/tether/cloudcore/autonomy"
 )
 
 // createHealthyNode creates a Ready Node with no edge behind it.
@@ -108,14 +106,6 @@ func unreachable(n *corev1.Node) bool {
 	return slices.ContainsFunc(n.Spec.Taints, func(tt corev1.Taint) bool {
 		return tt.Key == corev1.TaintNodeUnreachable && tt.Effect == corev1.TaintEffectNoExecute
 	})
-}
-
-func connectedCondition(ctx context.Context, cs kubernetes.Interface, node string) *corev1.NodeCondition {
-	n, err := cs.CoreV1().Nodes().Get(ctx, node, metav1.GetOptions{})
-	if err != nil {
-		return nil
-	}
-	return conditionOf(n, autonomy.ConditionType)
 }
 
 func conditionOf(n *corev1.Node, typ corev1.NodeConditionType) *corev1.NodeCondition {
