@@ -60,6 +60,10 @@ const (
 	fileLog        = "edgecore.log"
 )
 
+// childStatusEvery is how often the child reports its Node's status
+// (default a minute), so that a test sees several reports.
+const childStatusEvery = 2 * time.Second
+
 // childBackoff is the child's first restart delay of a crashed container
 // (kubelet's 10 s, shortened so the test does not wait it out).
 const childBackoff = time.Second
@@ -96,7 +100,7 @@ func TestOfflineEdgeChild(t *testing.T) {
 	a, err := edgeapp.New(ctx, edgeapp.Config{
 		Cloud: []string{"quic://" + read(fileAddr)}, Node: read(fileNode), Certificate: pair, CA: ca,
 		IdentityDir: dir, DataDir: dir, KeepAlive: keepAlive, DeadPeerTimeout: deadPeer,
-		NodeStatus: nodestatus.Config{LeaseDuration: lease, MemoryBytes: 4 << 30},
+		NodeStatus: nodestatus.Config{LeaseDuration: lease, StatusEvery: childStatusEvery, MemoryBytes: 4 << 30},
 		CRI:        edgeapp.CRIConfig{Listen: filepath.Join(dir, fileCRI), Containerd: read(fileContainerd)},
 		Pods: pods.Config{
 			HostIPs: []string{"127.0.0.1"}, LogDir: filepath.Join(dir, "logs"),
@@ -407,6 +411,7 @@ func TestOfflineRestart(t *testing.T) {
 		counts[name] = containerCount(t, h, uids[name])
 	}
 	edge.kill()
+	restarted := metav1.NewTime(time.Now().Truncate(time.Second))
 	edge = startEdgeProc(t, dir)
 	// Each pod synced at least twice by the new process (the relist is
 	// every second): the first sync is the one that would have restarted.
@@ -414,7 +419,28 @@ func TestOfflineRestart(t *testing.T) {
 		v, err := edge.value("tether_pods_syncs_total", map[string]string{"result": "ok"})
 		return err == nil && v >= float64(2*len(names))
 	}, 60*time.Second, 50*time.Millisecond, "the restarted EdgeCore syncs its pods")
-	require.Eventually(t, func() bool { return slices.Contains(c.app.Connected(), node) }, 30*time.Second, 20*time.Millisecond)
+	// The new process's registration reached the Node (its Ready
+	// heartbeat is newer than the restart) and CloudCore's TetherConnected
+	// says True, the offline taint gone; a later status report of the
+	// edge (every childStatusEvery) leaves the condition in place.
+	var hb metav1.Time
+	nodeSays := func(after metav1.Time) bool {
+		n, err := cs.CoreV1().Nodes().Get(ctx, node, metav1.GetOptions{})
+		if err != nil {
+			return false
+		}
+		ready, tc := conditionOf(n, corev1.NodeReady), conditionOf(n, autonomy.ConditionType)
+		if ready == nil || ready.LastHeartbeatTime.Before(&after) || tc == nil || tc.Status != corev1.ConditionTrue || nodeTainted(n) {
+			return false
+		}
+		hb = ready.LastHeartbeatTime
+		return true
+	}
+	require.Eventually(t, func() bool { return nodeSays(restarted) }, 30*time.Second, 50*time.Millisecond,
+		"the restarted edge's Node is registered again and says TetherConnected True, untainted")
+	later := metav1.NewTime(hb.Add(time.Second))
+	require.Eventually(t, func() bool { return nodeSays(later) }, 30*time.Second, 50*time.Millisecond,
+		"a later status report of the edge keeps TetherConnected True")
 	for _, name := range names {
 		r, ok := runningContainer(ctx, h, uids[name])
 		require.True(t, ok, "pod %s still runs", name)
