@@ -30,6 +30,8 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
+
+	"github.com/tetheredge/tether/common/ratelog"
 )
 
 // ConditionType is the Node condition this package writes.
@@ -137,6 +139,7 @@ type Controller struct {
 	client   kubernetes.Interface
 	sessions Sessions
 	logger   *slog.Logger
+	lim      *ratelog.Limiter // failed writes repeat every look: logged once a minute per node and write
 	nodes    map[string]*node // touched only by Tick's caller
 	adopted  bool             // the first Tick has looked for nodes to adopt
 
@@ -169,7 +172,7 @@ func New(client kubernetes.Interface, sessions Sessions, cfg Config) (*Controlle
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
 	c := &Controller{
-		cfg: cfg, client: client, sessions: sessions, logger: cfg.Logger.With("component", "autonomy"),
+		cfg: cfg, client: client, sessions: sessions, logger: cfg.Logger.With("component", "autonomy"), lim: ratelog.New(0, cfg.Now),
 		nodes: make(map[string]*node),
 		renewals: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "tether_autonomy_lease_renewals_total", Help: "Leases of offline edge nodes CloudCore renewed in their place.",
@@ -256,8 +259,7 @@ func (c *Controller) Tick(ctx context.Context) {
 				c.taint(ctx, name, n, nil, true)
 			}
 			if err := c.renew(ctx, name, n, now); err != nil {
-				c.failures.Inc()
-				c.logger.Warn("renew offline lease failed", "node", name, "err", err)
+				c.fail("renew lease", name, err)
 			}
 		}
 	}
@@ -269,8 +271,7 @@ func (c *Controller) Tick(ctx context.Context) {
 func (c *Controller) adopt(ctx context.Context, now time.Time) {
 	list, err := c.client.CoreV1().Nodes().List(ctx, metav1.ListOptions{})
 	if err != nil {
-		c.failures.Inc()
-		c.logger.Warn("list nodes to adopt failed", "err", err)
+		c.fail("list nodes to adopt", "", err)
 		return
 	}
 	c.adopted = true
@@ -351,8 +352,7 @@ func (c *Controller) back(ctx context.Context, name string, n *node, now time.Ti
 		return
 	}
 	if err != nil {
-		c.failures.Inc()
-		c.logger.Warn("read node failed", "node", name, "err", err)
+		c.fail("read node", name, err)
 		return
 	}
 	if cond := conditionOf(cur, ConditionType); cond != nil && cond.Status == corev1.ConditionTrue {
@@ -406,8 +406,16 @@ func (c *Controller) taint(ctx context.Context, name string, n *node, cur *corev
 		}
 		cur = nil // someone else wrote the Node: read it again
 	}
+	c.fail("write offline taint", name, fmt.Errorf("set tainted %v: %w", want, err))
+}
+
+// fail counts a failed API call and logs it, once a minute per call and
+// node (the next look makes the call again).
+func (c *Controller) fail(call, node string, err error) {
 	c.failures.Inc()
-	c.logger.Warn("write node offline taint failed", "node", name, "tainted", want, "err", err)
+	if ok, suppressed := c.lim.Allow(call + " " + node); ok {
+		c.logger.Warn("offline autonomy call failed", "call", call, "node", node, "err", err, "suppressed", suppressed)
+	}
 }
 
 func isOffline(t corev1.Taint) bool { return t.MatchTaint(&TaintOffline) }
@@ -436,8 +444,7 @@ func (c *Controller) condition(ctx context.Context, name string, n *node, online
 		_, err = c.client.CoreV1().Nodes().Patch(ctx, name, types.StrategicMergePatchType, patch, metav1.PatchOptions{FieldManager: c.cfg.FieldManager}, "status")
 	}
 	if err != nil {
-		c.failures.Inc()
-		c.logger.Warn("write node condition failed", "node", name, "err", err)
+		c.fail("write condition", name, err)
 		return
 	}
 	n.online = &online

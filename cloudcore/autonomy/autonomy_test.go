@@ -1,11 +1,14 @@
 package autonomy
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"log/slog"
 	"os"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -359,4 +362,31 @@ func TestTaintKeepsOthers(t *testing.T) {
 	f.tick(t, time.Second)
 	f.requireConnected(t)
 	require.Equal(t, before, others(), "the edge's return removes only the offline taint")
+}
+
+// TestFailuresRateLogged: a write that fails at every look (the Node was
+// deleted while the edge is offline) is counted every time and logged
+// once a minute.
+func TestFailuresRateLogged(t *testing.T) {
+	f := newFixture(t, time.Hour)
+	var logs bytes.Buffer
+	reg := promtest.NewRegistry()
+	c, err := New(f.cs, f.sess, Config{
+		Window: time.Hour, Now: func() time.Time { return f.now }, Registerer: reg,
+		Logger: slog.New(slog.NewTextHandler(&logs, nil)),
+	})
+	require.NoError(t, err)
+	f.c = c
+	f.sess.set(f.node)
+	f.tick(t, 0)
+	require.NoError(t, f.cs.CoreV1().Nodes().Delete(t.Context(), f.node, metav1.DeleteOptions{}))
+	f.sess.set()
+	for range 5 {
+		f.tick(t, time.Second)
+	}
+	require.Equal(t, 5.0, promtest.Sum(t, reg, "tether_autonomy_errors_total", nil))
+	require.Equal(t, 1, strings.Count(logs.String(), "offline autonomy call failed"), "logged once: %s", logs.String())
+	f.tick(t, time.Minute)
+	require.Equal(t, 2, strings.Count(logs.String(), "offline autonomy call failed"), "and again a minute later")
+	require.Contains(t, logs.String(), "suppressed=4")
 }
