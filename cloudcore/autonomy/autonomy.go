@@ -259,7 +259,7 @@ func (c *Controller) Tick(ctx context.Context) {
 				c.taint(ctx, name, n, nil, true)
 			}
 			if err := c.renew(ctx, name, n, now); err != nil {
-				c.fail("renew lease", name, err)
+				c.fail(ctx, "renew lease", name, err)
 			}
 		}
 	}
@@ -271,7 +271,7 @@ func (c *Controller) Tick(ctx context.Context) {
 func (c *Controller) adopt(ctx context.Context, now time.Time) {
 	list, err := c.client.CoreV1().Nodes().List(ctx, metav1.ListOptions{})
 	if err != nil {
-		c.fail("list nodes to adopt", "", err)
+		c.fail(ctx, "list nodes to adopt", "", err)
 		return
 	}
 	c.adopted = true
@@ -352,7 +352,7 @@ func (c *Controller) back(ctx context.Context, name string, n *node, now time.Ti
 		return
 	}
 	if err != nil {
-		c.fail("read node", name, err)
+		c.fail(ctx, "read node", name, err)
 		return
 	}
 	if cond := conditionOf(cur, ConditionType); cond != nil && cond.Status == corev1.ConditionTrue {
@@ -406,12 +406,16 @@ func (c *Controller) taint(ctx context.Context, name string, n *node, cur *corev
 		}
 		cur = nil // someone else wrote the Node: read it again
 	}
-	c.fail("write offline taint", name, fmt.Errorf("set tainted %v: %w", want, err))
+	c.fail(ctx, "write offline taint", name, fmt.Errorf("set tainted %v: %w", want, err))
 }
 
 // fail counts a failed API call and logs it, once a minute per call and
-// node (the next look makes the call again).
-func (c *Controller) fail(call, node string, err error) {
+// node (the next look makes the call again). A call cut short because ctx
+// ended (CloudCore stopping) is neither.
+func (c *Controller) fail(ctx context.Context, call, node string, err error) {
+	if ctx.Err() != nil {
+		return
+	}
 	c.failures.Inc()
 	if ok, suppressed := c.lim.Allow(call + " " + node); ok {
 		c.logger.Warn("offline autonomy call failed", "call", call, "node", node, "err", err, "suppressed", suppressed)
@@ -444,7 +448,7 @@ func (c *Controller) condition(ctx context.Context, name string, n *node, online
 		_, err = c.client.CoreV1().Nodes().Patch(ctx, name, types.StrategicMergePatchType, patch, metav1.PatchOptions{FieldManager: c.cfg.FieldManager}, "status")
 	}
 	if err != nil {
-		c.fail("write condition", name, err)
+		c.fail(ctx, "write condition", name, err)
 		return
 	}
 	n.online = &online

@@ -297,14 +297,16 @@ func podRunningAs(ctx context.Context, cs kubernetes.Interface, ns, name string,
 }
 
 // TestOfflineRestart: with the cloud unreachable (a partition on the path,
-// tests/netproxy), EdgeCore is killed with SIGKILL and so are its pods'
-// processes: one pod's container, and the other pod whole (its sandbox's
-// pause process and its container), as a power cut would. EdgeCore
+// tests/netproxy), CloudCore stands in (TetherConnected False, the offline
+// taint) and, restarted meanwhile, keeps standing in. EdgeCore is killed
+// with SIGKILL and so are its pods' processes: one pod's container, and
+// the other pod whole (its sandbox's pause process and its container), as
+// a power cut would. EdgeCore
 // started again, the cloud still unreachable, brings both pods back from
 // its SQLite store (a new container each, a new sandbox for the second,
 // seen through containerd's CRI) without a single datagram reaching the
 // cloud; once the path heals the API server shows them Running and Ready
-// with restartCount 1. Then EdgeCore alone is killed and started again:
+// with restartCount 1, and the Node TetherConnected True, untainted. Then EdgeCore alone is killed and started again:
 // it adopts what runs, restarts nothing (same container ids and start
 // times, no new container) and the API server's restartCount stays 1.
 func TestOfflineRestart(t *testing.T) {
@@ -339,9 +341,24 @@ func TestOfflineRestart(t *testing.T) {
 		return true
 	}, 90*time.Second, 100*time.Millisecond, "the pods run and the API server says so")
 
-	// The cloud becomes unreachable; CloudCore sees the session end.
+	// The cloud becomes unreachable; CloudCore sees the session end and
+	// stands in: the Node says the site is offline and is tainted.
 	px.Partition(true)
 	require.Eventually(t, func() bool { return !slices.Contains(c.app.Connected(), node) }, 30*time.Second, 20*time.Millisecond)
+	offlineNode := func() bool {
+		n, err := cs.CoreV1().Nodes().Get(ctx, node, metav1.GetOptions{})
+		tc := conditionOf(n, autonomy.ConditionType)
+		return err == nil && tc != nil && tc.Status == corev1.ConditionFalse && tc.Reason == autonomy.ReasonDisconnected && nodeTainted(n)
+	}
+	require.Eventually(t, offlineNode, 15*time.Second, 50*time.Millisecond, "the Node says TetherConnected False and is tainted offline")
+	// CloudCore restarts meanwhile (on the same address): the new one
+	// adopts the offline site, and the taint stays.
+	c.stop()
+	c = startCloud(t, env.Config, cloudOptions{quicAddr: c.addr, timings: testTimings, offlineAutonomy: time.Hour})
+	c.counter(t, "tether_autonomy_offline_nodes", nil)
+	require.Eventually(t, func() bool { return c.poll("tether_autonomy_offline_nodes", nil) == 1 }, 15*time.Second, 50*time.Millisecond,
+		"the restarted CloudCore stands in for the offline site")
+	require.True(t, offlineNode(), "the offline taint survives CloudCore's restart")
 
 	// EdgeCore and the pods' processes die.
 	edge.kill()
@@ -404,6 +421,11 @@ func TestOfflineRestart(t *testing.T) {
 		return true
 	}, 60*time.Second, 100*time.Millisecond, "after the partition the API server has the pods Running, Ready, restartCount 1")
 	t.Logf("offline restart: the API server had both pods' status %s after the path healed", time.Since(begin).Round(10*time.Millisecond))
+	require.Eventually(t, func() bool {
+		n, err := cs.CoreV1().Nodes().Get(ctx, node, metav1.GetOptions{})
+		tc := conditionOf(n, autonomy.ConditionType)
+		return err == nil && tc != nil && tc.Status == corev1.ConditionTrue && !nodeTainted(n)
+	}, 15*time.Second, 50*time.Millisecond, "the restarted CloudCore cleans up once the site is back: TetherConnected True, no offline taint")
 
 	// EdgeCore alone dies and starts again: adoption, not restart.
 	counts := map[string]int{}
