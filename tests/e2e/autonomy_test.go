@@ -108,7 +108,11 @@ func unreachable(n *corev1.Node) bool {
 	})
 }
 
+// conditionOf returns n's condition of type typ (nil: none, or no n).
 func conditionOf(n *corev1.Node, typ corev1.NodeConditionType) *corev1.NodeCondition {
+	if n == nil {
+		return nil
+	}
 	for i := range n.Status.Conditions {
 		if n.Status.Conditions[i].Type == typ {
 			return &n.Status.Conditions[i]

@@ -301,14 +301,15 @@ func podRunningAs(ctx context.Context, cs kubernetes.Interface, ns, name string,
 // taint) and, restarted meanwhile, keeps standing in. EdgeCore is killed
 // with SIGKILL and so are its pods' processes: one pod's container, and
 // the other pod whole (its sandbox's pause process and its container), as
-// a power cut would. EdgeCore
-// started again, the cloud still unreachable, brings both pods back from
-// its SQLite store (a new container each, a new sandbox for the second,
-// seen through containerd's CRI) without a single datagram reaching the
-// cloud; once the path heals the API server shows them Running and Ready
-// with restartCount 1, and the Node TetherConnected True, untainted. Then EdgeCore alone is killed and started again:
-// it adopts what runs, restarts nothing (same container ids and start
-// times, no new container) and the API server's restartCount stays 1.
+// a power cut would. EdgeCore started again, the cloud still unreachable,
+// brings both pods back from its SQLite store (a new container each, a new
+// sandbox for the second, seen through containerd's CRI) without a single
+// datagram reaching the cloud; once the path heals the API server shows
+// them Running and Ready with restartCount 1, and the Node TetherConnected
+// True, untainted. Then EdgeCore alone is killed and started again: it
+// adopts what runs, restarts nothing (same container ids and start times,
+// no new container), the API server's restartCount stays 1, and the edge's
+// status reports leave TetherConnected in place.
 func TestOfflineRestart(t *testing.T) {
 	h := containerd.Start(t)
 	env := cp.Env(t)
