@@ -264,8 +264,10 @@ func TestNeverConnected(t *testing.T) {
 // TestDisabled: a zero window makes Run return at once; a negative one is
 // refused.
 func TestDisabled(t *testing.T) {
-	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
 	f := newFixture(t, 0)
+	// After the fixture: its API calls may open connections (and their
+	// goroutines) to the shared API server; Run must start none.
+	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
 	require.NoError(t, f.c.Run(t.Context()))
 	_, err := New(f.cs, f.sess, Config{Window: -time.Second})
 	require.ErrorContains(t, err, "negative window")
