@@ -299,7 +299,15 @@ func (a *App) Run(ctx context.Context) error {
 		a.logger.Info("cloudcore ready")
 		return a.srv.Run(ctx)
 	})
-	g.Go(func() error { return a.auto.Run(ctx) })
+	g.Go(func() error {
+		// Autonomy's trust is the whitelist's: before it is synced every
+		// node looks untrusted, and a node adopted at the first look
+		// (CloudCore restarted during an outage) would be dropped.
+		if err := a.wl.WaitForSync(ctx); err != nil {
+			return err
+		}
+		return a.auto.Run(ctx)
+	})
 	err := g.Wait()
 	if errors.Is(err, context.Canceled) {
 		return nil

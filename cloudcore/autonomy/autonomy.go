@@ -4,9 +4,14 @@
 // the node lifecycle controller never marks the node Unknown, never taints
 // it unreachable and the taint eviction controller evicts nothing. It says
 // so on the Node: condition TetherConnected is False, reason
-// EdgeDisconnected, while CloudCore stands in, and True once the edge is
-// back. It must not write a Lease while the edge's own renewals flow (the
-// edge is then its only writer) and it never touches pods.
+// EdgeDisconnected, while CloudCore stands in, and True, reason
+// EdgeConnected, while the edge has a session here; and it taints the Node
+// edge.tether.dev/offline:NoSchedule from the moment it stands in until
+// the edge is back, so that the scheduler places no new pod on a site that
+// cannot start it (NoSchedule never evicts: the pods already there stay).
+// It must not write a Lease while the edge's own renewals flow (the edge
+// is then its only writer), it touches no taint but its own, and it never
+// touches pods.
 package autonomy
 
 import (
@@ -15,6 +20,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -24,6 +30,8 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
+
+	"github.com/tetheredge/tether/common/ratelog"
 )
 
 // ConditionType is the Node condition this package writes.
@@ -35,6 +43,19 @@ const (
 	ReasonDisconnected = "EdgeDisconnected"
 	ReasonExpired      = "OfflineAutonomyExpired"
 )
+
+// TaintKey is the key of the NoSchedule taint on the Node of an edge that
+// CloudCore stands in for (TaintOffline).
+const TaintKey = "edge.tether.dev/offline"
+
+// TaintOffline is the taint itself.
+var TaintOffline = corev1.Taint{Key: TaintKey, Effect: corev1.TaintEffectNoSchedule}
+
+// taintAttempts bounds the read-modify-write of the Node's taints within
+// one look when another writer (the node lifecycle controller, the
+// operator, the edge's re-registration) changes the Node in between; the
+// next look tries again.
+const taintAttempts = 3
 
 // DefaultPeriod is how often the controller looks at the sessions.
 const DefaultPeriod = time.Second
@@ -80,8 +101,17 @@ type node struct {
 	// someone else, the edge through another replica.
 	written metav1.MicroTime
 	// online is the condition status last written (nil: none written).
-	online  *bool
+	online *bool
+	// tainted is whether the Node carries TaintOffline as last written or
+	// read (nil: not known since this controller saw the node).
+	tainted *bool
 	expired bool // the window ran out; renewals stopped
+}
+
+// settled reports whether the Node is known to say what a connected node's
+// says: TetherConnected True and no offline taint.
+func (n *node) settled() bool {
+	return n.online != nil && *n.online && n.tainted != nil && !*n.tainted
 }
 
 // Controller renews the Leases of offline edge nodes. Build it with New.
@@ -95,11 +125,21 @@ type node struct {
 // edge was last seen) within Window: a CloudCore restarted during an
 // outage keeps standing in. Several replicas adopting one node settle on
 // one writer through the conditional Lease update.
+//
+// The offline taint is written only by the look that finds the node
+// offline and stood in for (after the condition, so that a controller
+// stopped in between adopts the node and finishes), and removed only by
+// the look that finds it connected (here, or renewing its Lease through
+// another replica). Past the window, or once the node is no longer
+// trusted, the taint stays until the edge is back: the site is still
+// offline. Taint writes read the Node and write its taint list back
+// conditional on the resourceVersion read, keeping every other taint.
 type Controller struct {
 	cfg      Config
 	client   kubernetes.Interface
 	sessions Sessions
 	logger   *slog.Logger
+	lim      *ratelog.Limiter // failed writes repeat every look: logged once a minute per node and write
 	nodes    map[string]*node // touched only by Tick's caller
 	adopted  bool             // the first Tick has looked for nodes to adopt
 
@@ -132,7 +172,7 @@ func New(client kubernetes.Interface, sessions Sessions, cfg Config) (*Controlle
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
 	c := &Controller{
-		cfg: cfg, client: client, sessions: sessions, logger: cfg.Logger.With("component", "autonomy"),
+		cfg: cfg, client: client, sessions: sessions, logger: cfg.Logger.With("component", "autonomy"), lim: ratelog.New(0, cfg.Now),
 		nodes: make(map[string]*node),
 		renewals: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "tether_autonomy_lease_renewals_total", Help: "Leases of offline edge nodes CloudCore renewed in their place.",
@@ -190,8 +230,8 @@ func (c *Controller) Tick(ctx context.Context) {
 			c.nodes[name] = n
 		}
 		n.connected, n.lastSeen, n.written, n.expired = true, now, metav1.MicroTime{}, false
-		if n.online != nil && !*n.online {
-			c.condition(ctx, name, n, true, ReasonConnected, "the edge has a session with CloudCore", now)
+		if !n.settled() {
+			c.back(ctx, name, n, now)
 		}
 	}
 	offline := 0
@@ -215,9 +255,11 @@ func (c *Controller) Tick(ctx context.Context) {
 			if n.online == nil || *n.online {
 				c.condition(ctx, name, n, false, ReasonDisconnected, fmt.Sprintf("the edge has been offline since %s; CloudCore renews its lease until %s", n.lastSeen.UTC().Format(time.RFC3339), n.lastSeen.Add(c.cfg.Window).UTC().Format(time.RFC3339)), now)
 			}
+			if n.online != nil && !*n.online && (n.tainted == nil || !*n.tainted) {
+				c.taint(ctx, name, n, nil, true)
+			}
 			if err := c.renew(ctx, name, n, now); err != nil {
-				c.failures.Inc()
-				c.logger.Warn("renew offline lease failed", "node", name, "err", err)
+				c.fail(ctx, "renew lease", name, err)
 			}
 		}
 	}
@@ -229,8 +271,7 @@ func (c *Controller) Tick(ctx context.Context) {
 func (c *Controller) adopt(ctx context.Context, now time.Time) {
 	list, err := c.client.CoreV1().Nodes().List(ctx, metav1.ListOptions{})
 	if err != nil {
-		c.failures.Inc()
-		c.logger.Warn("list nodes to adopt failed", "err", err)
+		c.fail(ctx, "list nodes to adopt", "", err)
 		return
 	}
 	c.adopted = true
@@ -243,7 +284,8 @@ func (c *Controller) adopt(ctx context.Context, now time.Time) {
 			}
 			name := list.Items[i].Name
 			if _, ok := c.nodes[name]; !ok {
-				c.nodes[name] = &node{lastSeen: cond.LastHeartbeatTime.Time, online: &offline}
+				tainted := slices.ContainsFunc(list.Items[i].Spec.Taints, isOffline)
+				c.nodes[name] = &node{lastSeen: cond.LastHeartbeatTime.Time, online: &offline, tainted: &tainted}
 				c.logger.Info("offline autonomy adopted", "node", name, "offline_since", cond.LastHeartbeatTime.Time)
 			}
 		}
@@ -262,8 +304,7 @@ func (c *Controller) renew(ctx context.Context, name string, n *node, now time.T
 		return fmt.Errorf("read lease %s: %w", name, err)
 	}
 	if !n.written.IsZero() && (l.Spec.RenewTime == nil || !l.Spec.RenewTime.Equal(&n.written)) {
-		delete(c.nodes, name)
-		c.logger.Info("offline autonomy ended", "node", name, "reason", "lease renewed elsewhere")
+		c.elsewhere(ctx, name, n, now)
 		return nil
 	}
 	if l.Spec.RenewTime != nil && now.Sub(l.Spec.RenewTime.Time) < leaseDuration(l)/4 {
@@ -273,8 +314,7 @@ func (c *Controller) renew(ctx context.Context, name string, n *node, now time.T
 	l.Spec.RenewTime = &renew
 	l, err = leases.Update(ctx, l, metav1.UpdateOptions{FieldManager: c.cfg.FieldManager})
 	if apierrors.IsConflict(err) {
-		delete(c.nodes, name)
-		c.logger.Info("offline autonomy ended", "node", name, "reason", "lease renewed elsewhere")
+		c.elsewhere(ctx, name, n, now)
 		return nil
 	}
 	if err != nil {
@@ -292,6 +332,107 @@ func leaseDuration(l *coordinationv1.Lease) time.Duration {
 	return time.Duration(*l.Spec.LeaseDurationSeconds) * time.Second
 }
 
+// elsewhere forgets a node whose Lease someone else renews: the edge,
+// through another replica. That replica writes the node's condition and
+// removes its taint; so does this one, once, in case its own offline
+// writes landed after the other's.
+func (c *Controller) elsewhere(ctx context.Context, name string, n *node, now time.Time) {
+	c.logger.Info("offline autonomy ended", "node", name, "reason", "lease renewed elsewhere")
+	delete(c.nodes, name)
+	c.back(ctx, name, n, now)
+}
+
+// back makes the Node of a connected edge say so: TetherConnected True and
+// no offline taint. It reads the Node first and writes only what differs.
+// A Node that does not exist yet (the edge's registration is on its way)
+// is looked at again next time; it is not a failure.
+func (c *Controller) back(ctx context.Context, name string, n *node, now time.Time) {
+	cur, err := c.client.CoreV1().Nodes().Get(ctx, name, metav1.GetOptions{})
+	if apierrors.IsNotFound(err) {
+		return
+	}
+	if err != nil {
+		c.fail(ctx, "read node", name, err)
+		return
+	}
+	if cond := conditionOf(cur, ConditionType); cond != nil && cond.Status == corev1.ConditionTrue {
+		online := true
+		n.online = &online
+	} else {
+		c.condition(ctx, name, n, true, ReasonConnected, "the edge has a session with CloudCore", now)
+	}
+	c.taint(ctx, name, n, cur, false)
+}
+
+// taint adds (want) or removes TaintOffline on the Node, starting from cur
+// when given (else it reads the Node), keeping every other taint; the
+// write is conditional on the resourceVersion read and is tried again on a
+// conflict, at most taintAttempts times in one look.
+func (c *Controller) taint(ctx context.Context, name string, n *node, cur *corev1.Node, want bool) {
+	nodes := c.client.CoreV1().Nodes()
+	var err error
+	for range taintAttempts {
+		if cur == nil {
+			if cur, err = nodes.Get(ctx, name, metav1.GetOptions{}); err != nil {
+				err = fmt.Errorf("read node: %w", err)
+				break
+			}
+		}
+		if slices.ContainsFunc(cur.Spec.Taints, isOffline) == want {
+			n.tainted = &want
+			return
+		}
+		taints := slices.DeleteFunc(slices.Clone(cur.Spec.Taints), isOffline)
+		if want {
+			taints = append(taints, TaintOffline)
+		}
+		var patch []byte
+		patch, err = json.Marshal(map[string]any{
+			"metadata": map[string]any{"resourceVersion": cur.ResourceVersion},
+			"spec":     map[string]any{"taints": taints},
+		})
+		if err != nil {
+			break
+		}
+		_, err = nodes.Patch(ctx, name, types.MergePatchType, patch, metav1.PatchOptions{FieldManager: c.cfg.FieldManager})
+		if err == nil {
+			n.tainted = &want
+			c.logger.Info("node offline taint changed", "node", name, "tainted", want)
+			return
+		}
+		if !apierrors.IsConflict(err) {
+			err = fmt.Errorf("write taints: %w", err)
+			break
+		}
+		cur = nil // someone else wrote the Node: read it again
+	}
+	c.fail(ctx, "write offline taint", name, fmt.Errorf("set tainted %v: %w", want, err))
+}
+
+// fail counts a failed API call and logs it, once a minute per call and
+// node (the next look makes the call again). A call cut short because ctx
+// ended (CloudCore stopping) is neither.
+func (c *Controller) fail(ctx context.Context, call, node string, err error) {
+	if ctx.Err() != nil {
+		return
+	}
+	c.failures.Inc()
+	if ok, suppressed := c.lim.Allow(call + " " + node); ok {
+		c.logger.Warn("offline autonomy call failed", "call", call, "node", node, "err", err, "suppressed", suppressed)
+	}
+}
+
+func isOffline(t corev1.Taint) bool { return t.MatchTaint(&TaintOffline) }
+
+func conditionOf(n *corev1.Node, typ corev1.NodeConditionType) *corev1.NodeCondition {
+	for i := range n.Status.Conditions {
+		if n.Status.Conditions[i].Type == typ {
+			return &n.Status.Conditions[i]
+		}
+	}
+	return nil
+}
+
 // condition writes the TetherConnected condition with a strategic merge
 // patch (merged by type, so the edge's conditions stay) and records it.
 func (c *Controller) condition(ctx context.Context, name string, n *node, online bool, reason, msg string, now time.Time) {
@@ -307,8 +448,7 @@ func (c *Controller) condition(ctx context.Context, name string, n *node, online
 		_, err = c.client.CoreV1().Nodes().Patch(ctx, name, types.StrategicMergePatchType, patch, metav1.PatchOptions{FieldManager: c.cfg.FieldManager}, "status")
 	}
 	if err != nil {
-		c.failures.Inc()
-		c.logger.Warn("write node condition failed", "node", name, "err", err)
+		c.fail(ctx, "write condition", name, err)
 		return
 	}
 	n.online = &online

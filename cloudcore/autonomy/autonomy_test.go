@@ -1,10 +1,14 @@
 package autonomy
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"log/slog"
 	"os"
+	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -112,20 +116,56 @@ func (f *fixture) condition(t *testing.T) *corev1.NodeCondition {
 	return nil
 }
 
+// node reads the fixture's Node.
+func (f *fixture) getNode(t *testing.T) *corev1.Node {
+	t.Helper()
+	n, err := f.cs.CoreV1().Nodes().Get(t.Context(), f.node, metav1.GetOptions{})
+	require.NoError(t, err)
+	return n
+}
+
+// tainted says whether the Node carries the offline taint.
+func (f *fixture) tainted(t *testing.T) bool {
+	t.Helper()
+	return slices.ContainsFunc(f.getNode(t).Spec.Taints, func(tt corev1.Taint) bool { return tt.MatchTaint(&TaintOffline) })
+}
+
+// addTaint adds tt to the Node as another writer would (an update
+// conditional on the version read).
+func (f *fixture) addTaint(t *testing.T, tt corev1.Taint) {
+	t.Helper()
+	n := f.getNode(t)
+	n.Spec.Taints = append(n.Spec.Taints, tt)
+	_, err := f.cs.CoreV1().Nodes().Update(t.Context(), n, metav1.UpdateOptions{})
+	require.NoError(t, err)
+}
+
+// requireConnected checks that the Node says the edge is connected:
+// TetherConnected True/EdgeConnected and no offline taint.
+func (f *fixture) requireConnected(t *testing.T) {
+	t.Helper()
+	c := f.condition(t)
+	require.NotNil(t, c)
+	require.Equal(t, corev1.ConditionTrue, c.Status)
+	require.Equal(t, ReasonConnected, c.Reason)
+	require.False(t, f.tainted(t), "a connected edge's Node has no offline taint")
+}
+
 func (f *fixture) renewals(t *testing.T) float64 {
 	t.Helper()
 	return promtest.Sum(t, f.reg, "tether_autonomy_lease_renewals_total", nil)
 }
 
-// TestOfflineRenewsUntilBack: a node seen connected that loses its session
-// gets its Lease renewed every quarter of its duration, and the condition
-// False/EdgeDisconnected; once back, the condition is True and CloudCore
-// writes the Lease no more.
+// TestOfflineRenewsUntilBack: a connected node's Node says so
+// (TetherConnected True); once it loses its session its Lease is renewed
+// every quarter of its duration, the condition is False/EdgeDisconnected
+// and the Node is tainted offline:NoSchedule; once back, the condition is
+// True, the taint is gone and CloudCore writes the Lease no more.
 func TestOfflineRenewsUntilBack(t *testing.T) {
 	f := newFixture(t, time.Hour)
 	f.sess.set(f.node)
 	f.tick(t, time.Second)
-	require.Nil(t, f.condition(t), "nothing is written for a connected node that was never offline")
+	f.requireConnected(t)
 	start := f.renewTime(t)
 
 	f.sess.set()
@@ -135,6 +175,7 @@ func TestOfflineRenewsUntilBack(t *testing.T) {
 	require.NotNil(t, c)
 	require.Equal(t, corev1.ConditionFalse, c.Status)
 	require.Equal(t, ReasonDisconnected, c.Reason)
+	require.True(t, f.tainted(t), "no new pods for an offline edge")
 
 	f.tick(t, 10*time.Second)
 	require.Equal(t, f.now.UnixMicro(), f.renewTime(t).UnixMicro(), "due: renewed at the controller's now")
@@ -145,9 +186,7 @@ func TestOfflineRenewsUntilBack(t *testing.T) {
 
 	f.sess.set(f.node)
 	f.tick(t, 11*time.Second)
-	c = f.condition(t)
-	require.Equal(t, corev1.ConditionTrue, c.Status)
-	require.Equal(t, ReasonConnected, c.Reason)
+	f.requireConnected(t)
 	f.tick(t, 11*time.Second)
 	require.Equal(t, 2.0, f.renewals(t), "a connected edge renews its own Lease")
 }
@@ -165,8 +204,13 @@ func TestWindowExpires(t *testing.T) {
 	c := f.condition(t)
 	require.Equal(t, corev1.ConditionFalse, c.Status)
 	require.Equal(t, ReasonExpired, c.Reason)
+	require.True(t, f.tainted(t), "past the window the site is still offline: no new pods")
 	f.tick(t, 20*time.Second)
 	require.Equal(t, 1.0, f.renewals(t))
+
+	f.sess.set(f.node)
+	f.tick(t, time.Second)
+	f.requireConnected(t)
 }
 
 // TestOtherWriter: a Lease renewed by someone else (the edge through
@@ -191,6 +235,7 @@ func TestOtherWriter(t *testing.T) {
 	f.tick(t, 20*time.Second)
 	require.Equal(t, 1.0, f.renewals(t))
 	require.Equal(t, other.UnixMicro(), f.renewTime(t).UnixMicro(), "the other writer's renewal stands")
+	f.requireConnected(t) // in case this replica's offline writes landed after the other's
 }
 
 // TestNotTrusted: a node whose EdgeNode is gone or disallowed is not
@@ -203,7 +248,8 @@ func TestNotTrusted(t *testing.T) {
 	f.sess.set()
 	f.tick(t, 20*time.Second)
 	require.Equal(t, 0.0, f.renewals(t))
-	require.Nil(t, f.condition(t))
+	require.Equal(t, corev1.ConditionTrue, f.condition(t).Status, "nothing is written for an untrusted node")
+	require.False(t, f.tainted(t))
 }
 
 // TestNeverConnected: a node this replica never had a session for is not
@@ -218,8 +264,10 @@ func TestNeverConnected(t *testing.T) {
 // TestDisabled: a zero window makes Run return at once; a negative one is
 // refused.
 func TestDisabled(t *testing.T) {
-	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
 	f := newFixture(t, 0)
+	// After the fixture: its API calls may open connections (and their
+	// goroutines) to the shared API server; Run must start none.
+	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
 	require.NoError(t, f.c.Run(t.Context()))
 	_, err := New(f.cs, f.sess, Config{Window: -time.Second})
 	require.ErrorContains(t, err, "negative window")
@@ -233,15 +281,28 @@ func TestAdopt(t *testing.T) {
 	f.sess.set(f.node)
 	f.tick(t, 0)
 	f.sess.set()
-	f.tick(t, time.Second) // writes TetherConnected False
+	f.tick(t, time.Second) // writes TetherConnected False and the taint
 	require.Equal(t, ReasonDisconnected, f.condition(t).Reason)
+	require.True(t, f.tainted(t))
 
 	// A new controller (a restarted CloudCore) with no session for it.
-	restarted, err := New(f.cs, &sessions{}, Config{Window: time.Hour, Now: func() time.Time { return f.now }, Registerer: promtest.NewRegistry()})
+	restartedSess := &sessions{}
+	restarted, err := New(f.cs, restartedSess, Config{Window: time.Hour, Now: func() time.Time { return f.now }, Registerer: promtest.NewRegistry()})
 	require.NoError(t, err)
 	f.c = restarted
 	f.tick(t, 10*time.Second)
 	require.Equal(t, f.now.UnixMicro(), f.renewTime(t).UnixMicro(), "the adopted node's Lease is renewed")
+	require.True(t, f.tainted(t), "the taint survives the restart")
+	require.Equal(t, ReasonDisconnected, f.condition(t).Reason)
+
+	// The edge comes back to the restarted CloudCore: it cleans up.
+	restartedSess.set(f.node)
+	f.tick(t, time.Second)
+	f.requireConnected(t)
+	restartedSess.set()
+	f.tick(t, time.Second)
+	require.True(t, f.tainted(t), "offline again: tainted again")
+	f.c.Tick(t.Context()) // a CloudCore that finds its offline writes done
 
 	late, err := New(f.cs, &sessions{}, Config{Window: time.Hour, Now: func() time.Time { return f.now }})
 	require.NoError(t, err)
@@ -249,4 +310,85 @@ func TestAdopt(t *testing.T) {
 	renewed := f.renewTime(t)
 	f.tick(t, 2*time.Hour)
 	require.Equal(t, renewed, f.renewTime(t), "a node offline longer than the window is not adopted")
+}
+
+// TestTaintKeepsOthers: the offline taint is added and removed beside the
+// taints of everyone else (the operator's, the API server's not-ready
+// taint, one the node lifecycle controller adds while the edge is
+// offline), through a write conditional on the Node's version: one made
+// from a stale read conflicts, is retried on a fresh read and loses
+// nothing. An operator who removes the taint while the edge is offline is
+// not fought.
+func TestTaintKeepsOthers(t *testing.T) {
+	f := newFixture(t, time.Hour)
+	operator := corev1.Taint{Key: "example.com/site", Value: "shop-17", Effect: corev1.TaintEffectNoSchedule}
+	f.addTaint(t, operator)
+	others := func() []corev1.Taint {
+		return slices.DeleteFunc(f.getNode(t).Spec.Taints, isOffline)
+	}
+	before := others()
+	require.Contains(t, before, operator)
+
+	f.sess.set(f.node)
+	f.tick(t, 0)
+	f.sess.set()
+	f.tick(t, time.Second)
+	require.True(t, f.tainted(t))
+	require.Equal(t, before, others(), "adding the offline taint keeps the others")
+	stale := f.getNode(t)
+
+	later := corev1.Taint{Key: corev1.TaintNodeUnreachable, Effect: corev1.TaintEffectNoExecute}
+	f.addTaint(t, later)
+	before = others()
+	// A write from a stale read (the Node before the lifecycle
+	// controller's taint) conflicts and is made again from a fresh one.
+	n := f.c.nodes[f.node]
+	failures := promtest.Sum(t, f.reg, "tether_autonomy_errors_total", nil)
+	f.c.taint(t.Context(), f.node, n, stale, false)
+	require.False(t, f.tainted(t))
+	require.Equal(t, before, others(), "removing the offline taint from a stale read keeps the taints written since")
+	require.Equal(t, failures, promtest.Sum(t, f.reg, "tether_autonomy_errors_total", nil), "a conflict retried is no failure")
+	f.c.taint(t.Context(), f.node, n, nil, true)
+	require.True(t, f.tainted(t))
+	require.Equal(t, before, others())
+
+	// The operator removes it by hand: left so.
+	cur := f.getNode(t)
+	cur.Spec.Taints = slices.DeleteFunc(cur.Spec.Taints, isOffline)
+	_, err := f.cs.CoreV1().Nodes().Update(t.Context(), cur, metav1.UpdateOptions{})
+	require.NoError(t, err)
+	f.tick(t, 10*time.Second)
+	require.False(t, f.tainted(t), "an offline taint the operator removed is not put back while the edge stays offline")
+
+	f.sess.set(f.node)
+	f.tick(t, time.Second)
+	f.requireConnected(t)
+	require.Equal(t, before, others(), "the edge's return removes only the offline taint")
+}
+
+// TestFailuresRateLogged: a write that fails at every look (the Node was
+// deleted while the edge is offline) is counted every time and logged
+// once a minute.
+func TestFailuresRateLogged(t *testing.T) {
+	f := newFixture(t, time.Hour)
+	var logs bytes.Buffer
+	reg := promtest.NewRegistry()
+	c, err := New(f.cs, f.sess, Config{
+		Window: time.Hour, Now: func() time.Time { return f.now }, Registerer: reg,
+		Logger: slog.New(slog.NewTextHandler(&logs, nil)),
+	})
+	require.NoError(t, err)
+	f.c = c
+	f.sess.set(f.node)
+	f.tick(t, 0)
+	require.NoError(t, f.cs.CoreV1().Nodes().Delete(t.Context(), f.node, metav1.DeleteOptions{}))
+	f.sess.set()
+	for range 5 {
+		f.tick(t, time.Second)
+	}
+	require.Equal(t, 5.0, promtest.Sum(t, reg, "tether_autonomy_errors_total", nil))
+	require.Equal(t, 1, strings.Count(logs.String(), "offline autonomy call failed"), "logged once: %s", logs.String())
+	f.tick(t, time.Minute)
+	require.Equal(t, 2, strings.Count(logs.String(), "offline autonomy call failed"), "and again a minute later")
+	require.Contains(t, logs.String(), "suppressed=4")
 }

@@ -13,6 +13,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 
+	"github.com/tetheredge/tether/cloudcore/autonomy"
 	"github.com/tetheredge/tether/common/message"
 )
 
@@ -45,8 +46,13 @@ import (
 //   - Metadata other than labels (annotations, owner references,
 //     finalizers) is never taken from the edge; the cloud sets the name
 //     and the edge label.
-//   - Status: the edge's, written through the status subresource, as a
-//     kubelet writes it.
+//   - Status: the edge's, written through the status subresource with a
+//     strategic merge patch, as a kubelet writes it: conditions merge by
+//     type, so the edge's own (Ready, and any other it reports) replace
+//     theirs and the ones CloudCore writes (autonomy.ConditionType) stay;
+//     addresses are replaced as a whole (their merge key, type, is not
+//     unique: kubelet replaces them the same way). An edge may not write
+//     CloudCore's condition: a payload carrying it is refused whole.
 //
 // The operator's labels and taints (the EdgeNode's) are applied at every
 // registration and win over the edge's.
@@ -94,6 +100,9 @@ func (w *Writer) node(ctx context.Context, name string, m *message.Message) erro
 	var n corev1.Node
 	if err := json.Unmarshal(m.Payload, &n); err != nil {
 		return forbidden(reasonBadPayload, "node %q: payload is not a Node: %v", name, err)
+	}
+	if slices.ContainsFunc(n.Status.Conditions, func(c corev1.NodeCondition) bool { return c.Type == autonomy.ConditionType }) {
+		return forbidden(reasonField, "node %q may not set the node condition %s (CloudCore's)", name, autonomy.ConditionType)
 	}
 	switch m.Op {
 	case message.OpStatus:
@@ -228,11 +237,46 @@ func (w *Writer) operatorTaints(node string, taints []corev1.Taint) []corev1.Tai
 	return taints
 }
 
+// patchNodeStatus writes the edge's status with a strategic merge patch:
+// the conditions it carries replace those of the same type and the others
+// (CloudCore's) stay, and a reason or message it leaves out is cleared;
+// its addresses replace the Node's (the "$patch":
+// "replace" directive, since addresses' merge key is not unique); maps
+// (capacity, allocatable) and nodeInfo merge field by field as before.
 func (w *Writer) patchNodeStatus(ctx context.Context, name string, st corev1.NodeStatus) error {
-	patch, err := json.Marshal(map[string]any{"status": st})
+	status, err := toMap(st)
 	if err != nil {
 		return fmt.Errorf("encode node status %s: %w", name, err)
 	}
-	_, err = w.client.CoreV1().Nodes().Patch(ctx, name, types.MergePatchType, patch, metav1.PatchOptions{FieldManager: w.cfg.FieldManager}, "status")
+	conds, _ := status["conditions"].([]any)
+	for _, c := range conds {
+		// A field the edge left out is cleared, not kept from the old
+		// condition of that type (merged elements merge field by field).
+		if c, ok := c.(map[string]any); ok {
+			for _, k := range []string{"reason", "message"} {
+				if _, ok := c[k]; !ok {
+					c[k] = nil
+				}
+			}
+		}
+	}
+	if addrs, ok := status["addresses"].([]any); ok {
+		status["addresses"] = append([]any{map[string]any{"$patch": "replace"}}, addrs...)
+	}
+	patch, err := json.Marshal(map[string]any{"status": status})
+	if err != nil {
+		return fmt.Errorf("encode node status %s: %w", name, err)
+	}
+	_, err = w.client.CoreV1().Nodes().Patch(ctx, name, types.StrategicMergePatchType, patch, metav1.PatchOptions{FieldManager: w.cfg.FieldManager}, "status")
 	return apiError("write node status "+name, err, false)
+}
+
+// toMap is v as the generic JSON object it encodes to.
+func toMap(v any) (map[string]any, error) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return nil, err
+	}
+	var m map[string]any
+	return m, json.Unmarshal(b, &m)
 }

@@ -8,8 +8,10 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/dynamic"
 
+	"github.com/tetheredge/tether/cloudcore/autonomy"
 	"github.com/tetheredge/tether/cloudcore/catalog"
 	"github.com/tetheredge/tether/cloudcore/dispatch"
 	"github.com/tetheredge/tether/cloudcore/edgenode"
@@ -263,4 +265,60 @@ func TestEdgeNodeTaintsStored(t *testing.T) {
 	got, err := nodes.Get(context.Background(), name)
 	require.NoError(t, err)
 	require.Equal(t, want, got.Spec.Taints)
+}
+
+// TestNodeStatusMergesConditions: the edge's status reports merge the
+// Node's conditions by type. The edge's own replace theirs (a reason or
+// message it leaves out is cleared), CloudCore's TetherConnected stays,
+// and the edge may not write TetherConnected itself. Addresses are
+// replaced whole, as kubelet's are.
+func TestNodeStatusMergesConditions(t *testing.T) {
+	ctx := context.Background()
+	f := newFixture(t, nil, Config{})
+	name := nodeName(t, f.admin)
+	hb := metav1.Now()
+	report := func(ready corev1.ConditionStatus, reason, msg string, ips ...string) *corev1.Node {
+		n := edgeNode(name, nil)
+		n.Status.Conditions = []corev1.NodeCondition{{Type: corev1.NodeReady, Status: ready, Reason: reason, Message: msg, LastHeartbeatTime: hb, LastTransitionTime: hb}}
+		n.Status.Addresses = []corev1.NodeAddress{{Type: corev1.NodeHostName, Address: name}}
+		for _, ip := range ips {
+			n.Status.Addresses = append(n.Status.Addresses, corev1.NodeAddress{Type: corev1.NodeInternalIP, Address: ip})
+		}
+		return n
+	}
+	require.NoError(t, f.w.Apply(ctx, name, nodeMessage(t, message.OpUpsert, name, report(corev1.ConditionTrue, "EdgeCoreReady", "ready", "192.0.2.1", "192.0.2.2"))))
+	// CloudCore's condition, written as cloudcore/autonomy writes it.
+	patch := []byte(`{"status":{"conditions":[{"type":"` + string(autonomy.ConditionType) + `","status":"True","reason":"` + autonomy.ReasonConnected + `"}]}}`)
+	_, err := f.admin.CoreV1().Nodes().Patch(ctx, name, types.StrategicMergePatchType, patch, metav1.PatchOptions{}, "status")
+	require.NoError(t, err)
+
+	require.NoError(t, f.w.Apply(ctx, name, nodeMessage(t, message.OpStatus, name, report(corev1.ConditionFalse, "ContainerRuntimeUnreachable", "", "192.0.2.3"))))
+	got := getNode(t, f.admin, name)
+	tc := nodeCondition(got, autonomy.ConditionType)
+	require.NotNil(t, tc, "the edge's status report keeps CloudCore's condition: %+v", got.Status.Conditions)
+	require.Equal(t, corev1.ConditionTrue, tc.Status)
+	ready := nodeCondition(got, corev1.NodeReady)
+	require.NotNil(t, ready)
+	require.Equal(t, corev1.ConditionFalse, ready.Status)
+	require.Equal(t, "ContainerRuntimeUnreachable", ready.Reason)
+	require.Empty(t, ready.Message, "a message the edge no longer reports is cleared")
+	require.Equal(t, []corev1.NodeAddress{{Type: corev1.NodeHostName, Address: name}, {Type: corev1.NodeInternalIP, Address: "192.0.2.3"}}, got.Status.Addresses,
+		"addresses are replaced, not merged by type")
+
+	before := f.refused(t, reasonField)
+	forged := report(corev1.ConditionTrue, "EdgeCoreReady", "ready")
+	forged.Status.Conditions = append(forged.Status.Conditions, corev1.NodeCondition{Type: autonomy.ConditionType, Status: corev1.ConditionFalse, Reason: autonomy.ReasonDisconnected})
+	err = f.w.Apply(ctx, name, nodeMessage(t, message.OpStatus, name, forged))
+	requireRefused(t, f, err, dispatch.ErrForbidden, reasonField, before)
+	require.ErrorContains(t, err, string(autonomy.ConditionType))
+	require.Equal(t, corev1.ConditionTrue, nodeCondition(getNode(t, f.admin, name), autonomy.ConditionType).Status, "nothing of a refused report is written")
+}
+
+func nodeCondition(n *corev1.Node, typ corev1.NodeConditionType) *corev1.NodeCondition {
+	for i := range n.Status.Conditions {
+		if n.Status.Conditions[i].Type == typ {
+			return &n.Status.Conditions[i]
+		}
+	}
+	return nil
 }

@@ -125,7 +125,7 @@ const (
 	reasonLabel        = "forbidden_label" // a label a kubelet may not set
 	reasonTaint        = "forbidden_taint" // a taint outside RegisterTaintKeys
 	reasonConfigSource = "config_source"   // spec.configSource set
-	reasonField        = "forbidden_field" // a pod status field a node may not write
+	reasonField        = "forbidden_field" // a pod status field, or CloudCore's Node condition, a node may not write
 	reasonPodReplaced  = "pod_replaced"    // the pod's uid is not the message's
 	reasonPodGone      = "pod_gone"        // the pod no longer exists
 	reasonInvalid      = "invalid"         // the API server said 400 or 422

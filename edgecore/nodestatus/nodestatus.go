@@ -8,7 +8,9 @@
 // wait there (newest per object) and reach the cloud on reconnect. A
 // report that cannot be queued (the store is busy or the disk full) is
 // logged, counted and made again at the next report; it never stops the
-// reporter.
+// reporter. It reports only the conditions the edge owns (Ready): the cloud
+// merges them into the Node by type, so conditions others write there
+// (CloudCore's TetherConnected, a node problem detector's) stay.
 package nodestatus
 
 import (

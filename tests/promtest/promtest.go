@@ -106,7 +106,7 @@ func parseDesc(d *prometheus.Desc) (name string, labels []string, ok bool) {
 	return name, labels, true
 }
 
-// Sum returns the total of the counter name over the series whose labels
+// Sum returns the total of the counter (or gauge) name over the series whose labels
 // include every pair of want (nil: all series). It fails tb if name is not
 // a metric g knows (gathered, or registered with a Registry), or if a label
 // of want is not one of that metric's labels. Label values are not checked:
@@ -167,7 +167,7 @@ series:
 				continue series
 			}
 		}
-		total += m.GetCounter().GetValue()
+		total += m.GetCounter().GetValue() + m.GetGauge().GetValue()
 	}
 	return total
 }
