@@ -445,6 +445,7 @@ func (m *Manager) startContainer(ctx context.Context, pod *corev1.Pod, a *actual
 		return nil
 	}
 	cfg := containerConfig(pod, c, attempt, step, env)
+	cfg.Command, cfg.Args = expandCommand(c, env)
 	cfg.Mounts = mounts
 	sbCfg := sandboxConfig(pod, a.sandbox.GetMetadata().GetAttempt(), m.cfg.LogDir)
 	id, err := m.rt.CreateContainer(ctx, a.sandbox.GetId(), cfg, sbCfg)
@@ -602,7 +603,13 @@ func (m *Manager) trackProbes(key string, pod *corev1.Pod, a actual) {
 		}
 		id := list[0].GetId()
 		keep[id] = true
-		m.prober.track(key, id, m.podIP(pod, a.sandboxStatus), &c, time.Unix(0, list[0].GetStartedAt()))
+		if err := m.prober.track(key, id, m.podIP(pod, a.sandboxStatus), &c, time.Unix(0, list[0].GetStartedAt())); err != nil {
+			// The spec cannot work as written: counted once per container.
+			m.metrics.badObjects.Inc()
+			if ok, suppressed := m.lim.Allow("probes " + id); ok {
+				m.logger.Warn("container probes cannot run", "pod", key, "container", c.Name, "error", err, "suppressed", suppressed)
+			}
+		}
 	}
 	m.prober.retain(key, keep)
 }
