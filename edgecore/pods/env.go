@@ -99,12 +99,6 @@ func valueFrom(pod *corev1.Pod, from *corev1.EnvVarSource, facts envFacts, looku
 	switch {
 	case from.FieldRef != nil:
 		switch from.FieldRef.FieldPath {
-		case "metadata.name":
-			return pod.Name, true, nil
-		case "metadata.namespace":
-			return pod.Namespace, true, nil
-		case "metadata.uid":
-			return string(pod.UID), true, nil
 		case "spec.nodeName":
 			return facts.node, true, nil
 		case "spec.serviceAccountName":
@@ -114,7 +108,11 @@ func valueFrom(pod *corev1.Pod, from *corev1.EnvVarSource, facts envFacts, looku
 		case "status.hostIP":
 			return facts.hostIP, true, nil
 		}
-		return "", false, fmt.Errorf("fieldRef %q is not supported", from.FieldRef.FieldPath)
+		// metadata.name, namespace, uid, and one label or annotation by
+		// key; not the whole label or annotation maps (only volumes take
+		// those).
+		v, err := podField(pod, from.FieldRef.FieldPath, false)
+		return v, err == nil, err
 	case from.ConfigMapKeyRef != nil:
 		r := from.ConfigMapKeyRef
 		return keyRef("ConfigMap", r.Name, r.Key, isTrue(r.Optional))

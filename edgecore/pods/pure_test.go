@@ -498,12 +498,7 @@ func TestVolumeFiles(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			got, err := volumeFiles(tc.data, tc.items, tc.mode, tc.optional)
-			if tc.wantErr != "" {
-				require.EqualError(t, err, tc.wantErr)
-				return
-			}
-			require.NoError(t, err)
-			require.Equal(t, tc.want, got)
+			requireFiles(t, tc.want, tc.wantErr, got, err)
 		})
 	}
 }
