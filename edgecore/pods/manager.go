@@ -186,6 +186,8 @@ type Manager struct {
 	deleted map[string]bool
 	// admission holds the admission decisions.
 	admission admission
+	// refs are the ConfigMaps and Secrets each pod uses.
+	refs objectRefs
 }
 
 type metrics struct {
@@ -242,12 +244,21 @@ func New(cfg Config, st Store, rt cri.RuntimeService, img cri.ImageManagerServic
 	}, nil
 }
 
-// OnStoreChange enqueues the pods among keys. Give it to store.Subscribe; it
-// never blocks.
+// OnStoreChange enqueues the pods among keys, and the pods that use the
+// ConfigMaps and Secrets among them. Give it to store.Subscribe; it never
+// blocks.
 func (m *Manager) OnStoreChange(keys []objsync.Key) {
 	for _, k := range keys {
-		if k.Group == "" && k.Kind == "Pod" {
+		if k.Group != "" {
+			continue
+		}
+		switch k.Kind {
+		case "Pod":
 			m.Enqueue(k.Namespace + "/" + k.Name)
+		case "ConfigMap", "Secret":
+			for _, p := range m.refs.pods(k.Kind, k.Namespace, k.Name) {
+				m.Enqueue(p)
+			}
 		}
 	}
 }

@@ -65,6 +65,7 @@ func (m *Manager) sync(ctx context.Context, key string) (time.Duration, error) {
 		m.forget(key)
 		return 0, nil
 	}
+	m.refs.set(key, pod)
 	if pod.DeletionTimestamp != nil {
 		return 0, m.finishDeletion(ctx, key, pod, mine)
 	}
@@ -149,6 +150,7 @@ func (m *Manager) finishDeletion(ctx context.Context, key string, pod *corev1.Po
 
 func (m *Manager) forget(key string) {
 	m.prober.retain(key, nil)
+	m.refs.drop(key)
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if p, ok := m.published[key]; ok {

@@ -21,10 +21,12 @@ import (
 // its memory limit) and a downwardAPI volume (one annotation). Both are
 // tmpfs mounts, read-only in the container, laid out as kubelet's atomic
 // writer lays them out; changing the ConfigMap and the pod's labels and
-// annotations reaches the running container in place.
+// annotations reaches the running container in place, at once: the
+// relist is an hour away, so the store changes of the ConfigMap and the
+// pod must bring the update.
 func TestProjectedAndDownwardAPIVolumes(t *testing.T) {
 	e := newEnv(t)
-	e.run(pods.Config{})
+	e.run(pods.Config{RelistPeriod: time.Hour})
 	cm := &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Name: "cfg", Namespace: "default", UID: "uid-cfg"},
 		Data: map[string]string{"greeting": "hello"}}
 	secret := &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: "sec", Namespace: "default", UID: "uid-sec"},
@@ -61,8 +63,11 @@ func TestProjectedAndDownwardAPIVolumes(t *testing.T) {
 	e.put(cm, secret, p)
 	st := e.waitStatus(p, "running", running)
 	id := strings.TrimPrefix(st.ContainerStatuses[0].ContainerID, "containerd://")
+	require.Eventually(t, func() bool {
+		got, err := e.sh(id, "cat /tmp/seen")
+		return err == nil && got == "hello"
+	}, time.Minute, 50*time.Millisecond, "the file was there when the container started")
 	for cmd, want := range map[string]string{
-		"cat /tmp/seen":                        "hello", // read at start: there before the container
 		"cat /etc/proj/password":               "pw",
 		"stat -L -c %a /etc/proj/password":     "400",
 		"stat -L -c %a /etc/proj/cfg/greeting": "440",
@@ -86,9 +91,14 @@ func TestProjectedAndDownwardAPIVolumes(t *testing.T) {
 	}
 
 	cm.Data["greeting"] = "bye"
+	e.put(cm)
+	require.Eventually(t, func() bool {
+		got, err := e.sh(id, "cat /etc/proj/cfg/greeting")
+		return err == nil && got == "bye"
+	}, time.Minute, 50*time.Millisecond, "a ConfigMap change reaches the pods that use it")
 	p.Labels["tier"] = "core"
 	p.Annotations["build"] = "42"
-	e.put(cm, p)
+	e.put(p)
 	for cmd, want := range map[string]string{
 		"cat /etc/proj/cfg/greeting": "bye",
 		"cat /etc/proj/labels":       "app=\"web\"\ntier=\"core\"",

@@ -288,3 +288,34 @@ func TestDownwardFiles(t *testing.T) {
 		})
 	}
 }
+
+func TestObjectRefs(t *testing.T) {
+	pod := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: "web"}, Spec: corev1.PodSpec{
+		Volumes: []corev1.Volume{
+			{VolumeSource: corev1.VolumeSource{ConfigMap: &corev1.ConfigMapVolumeSource{LocalObjectReference: corev1.LocalObjectReference{Name: "cfg"}}}},
+			{VolumeSource: corev1.VolumeSource{Secret: &corev1.SecretVolumeSource{SecretName: "sec"}}},
+			{VolumeSource: corev1.VolumeSource{Projected: &corev1.ProjectedVolumeSource{Sources: []corev1.VolumeProjection{
+				{ConfigMap: &corev1.ConfigMapProjection{LocalObjectReference: corev1.LocalObjectReference{Name: "cfg"}}},
+				{Secret: &corev1.SecretProjection{LocalObjectReference: corev1.LocalObjectReference{Name: "proj-sec"}}},
+			}}}},
+		},
+		InitContainers: []corev1.Container{{EnvFrom: []corev1.EnvFromSource{{SecretRef: &corev1.SecretEnvSource{LocalObjectReference: corev1.LocalObjectReference{Name: "init-sec"}}}}}},
+		Containers: []corev1.Container{{Env: []corev1.EnvVar{{Name: "X", ValueFrom: &corev1.EnvVarSource{
+			ConfigMapKeyRef: &corev1.ConfigMapKeySelector{LocalObjectReference: corev1.LocalObjectReference{Name: "env-cfg"}, Key: "k"}}}}}},
+	}}
+	require.Equal(t, []string{"ConfigMap/ns/cfg", "Secret/ns/sec", "Secret/ns/proj-sec", "Secret/ns/init-sec", "ConfigMap/ns/env-cfg"}, podObjects(pod))
+
+	var r objectRefs
+	require.Empty(t, r.pods("ConfigMap", "ns", "cfg"), "the zero value is ready")
+	r.set("ns/web", pod)
+	r.set("ns/other", &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: "ns"}, Spec: corev1.PodSpec{Volumes: pod.Spec.Volumes[:1]}})
+	require.ElementsMatch(t, []string{"ns/web", "ns/other"}, r.pods("ConfigMap", "ns", "cfg"))
+	require.Equal(t, []string{"ns/web"}, r.pods("ConfigMap", "ns", "env-cfg"))
+	require.Empty(t, r.pods("ConfigMap", "other-ns", "cfg"), "objects are per namespace")
+	require.Empty(t, r.pods("Secret", "ns", "cfg"), "and per kind")
+	r.set("ns/web", &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: "ns"}})
+	require.Equal(t, []string{"ns/other"}, r.pods("ConfigMap", "ns", "cfg"), "a new version of the pod replaces its references")
+	r.drop("ns/other")
+	require.Empty(t, r.pods("ConfigMap", "ns", "cfg"))
+	require.Empty(t, r.byObj)
+}
