@@ -2,6 +2,7 @@ package pods
 
 import (
 	"fmt"
+	"slices"
 	"strings"
 	"unicode/utf8"
 
@@ -145,6 +146,49 @@ func staticEnv(c *corev1.Container) map[string]string {
 		vars[e.Name] = e.Value
 	}
 	return vars
+}
+
+// expandSubPath expands a volumeMount's subPathExpr against env, as
+// kubelet's ExpandContainerVolumeMounts: a name that is not set, or set
+// to "", is an error rather than left as written.
+func expandSubPath(expr string, env []*runtimeapi.KeyValue) (string, error) {
+	vars := make(map[string]string, len(env))
+	for _, kv := range env {
+		if len(kv.GetValue()) > 0 {
+			vars[kv.GetKey()] = string(kv.GetValue())
+		}
+	}
+	var missing []string
+	for name := range references(expr) {
+		if _, ok := vars[name]; !ok {
+			missing = append(missing, name)
+		}
+	}
+	if len(missing) > 0 {
+		slices.Sort(missing)
+		return "", fmt.Errorf("missing value for %s", strings.Join(missing, ", "))
+	}
+	return expand(expr, vars), nil
+}
+
+// references are the names s refers to with $(NAME), escapes skipped.
+func references(s string) map[string]bool {
+	names := map[string]bool{}
+	for i := 0; i < len(s)-1; i++ {
+		if s[i] != '$' {
+			continue
+		}
+		switch s[i+1] {
+		case '$':
+			i++ // an escaped $
+		case '(':
+			if end := strings.IndexByte(s[i+2:], ')'); end >= 0 {
+				names[s[i+2:i+2+end]] = true
+				i += 2 + end
+			}
+		}
+	}
+	return names
 }
 
 func expandAll(in []string, vars map[string]string) []string {

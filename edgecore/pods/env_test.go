@@ -100,3 +100,25 @@ func TestResolveEnvExpands(t *testing.T) {
 	require.Nil(t, cmd, "no command stays no command: the image's entrypoint runs")
 	require.Nil(t, args)
 }
+
+// subPathExpr: every name must have a value; the result is a subPath.
+func TestSubPathExpr(t *testing.T) {
+	env := []*runtimeapi.KeyValue{{Key: "POD", Value: []byte("web-0")}, {Key: "EMPTY"}, {Key: "UP", Value: []byte("..")}}
+	for _, tc := range []struct{ expr, want, wantErr string }{
+		{expr: "logs/$(POD)", want: "logs/web-0"},
+		{expr: "$$(POD)/x", want: "$(POD)/x"},
+		{expr: "$(POD", want: "$(POD"},
+		{expr: "$(NOPE)/$(EMPTY)/$(POD)", wantErr: `volumeMount v: subPathExpr "$(NOPE)/$(EMPTY)/$(POD)": missing value for EMPTY, NOPE`},
+		{expr: "$(UP)/etc", wantErr: `volumeMount v: path "../etc" leaves the volume`},
+	} {
+		c := &corev1.Container{VolumeMounts: []corev1.VolumeMount{{Name: "v", MountPath: "/m", SubPathExpr: tc.expr}}}
+		pod := &corev1.Pod{Spec: corev1.PodSpec{Volumes: []corev1.Volume{{Name: "v"}}}}
+		mounts, err := containerMounts(pod, c, map[string]string{"v": "/host/v"}, env)
+		if tc.wantErr != "" {
+			require.EqualError(t, err, tc.wantErr, tc.expr)
+			continue
+		}
+		require.NoError(t, err, tc.expr)
+		require.Equal(t, "/host/v/"+tc.want, mounts[0].GetHostPath(), tc.expr)
+	}
+}

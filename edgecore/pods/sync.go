@@ -441,7 +441,7 @@ func (m *Manager) startContainer(ctx context.Context, pod *corev1.Pod, a *actual
 		m.logger.Info("container config incomplete", "pod", pod.Namespace+"/"+pod.Name, "container", c.Name, "error", err)
 		return nil
 	}
-	mounts, err := containerMounts(pod, c, a.volumes)
+	mounts, err := containerMounts(pod, c, a.volumes, env)
 	if err != nil {
 		waiting[c.Name] = waitReason{Reason: "CreateContainerConfigError", Message: err.Error()}
 		return nil

@@ -187,8 +187,10 @@ func (m *Manager) removeVolumes(uid string) error {
 	return nil
 }
 
-// containerMounts are the CRI mounts of c's volumeMounts.
-func containerMounts(pod *corev1.Pod, c *corev1.Container, paths map[string]string) ([]*runtimeapi.Mount, error) {
+// containerMounts are the CRI mounts of c's volumeMounts. A subPathExpr
+// is expanded against the container's env (every $(VAR) it names must be
+// set and not empty, as kubelet requires) and is then a subPath.
+func containerMounts(pod *corev1.Pod, c *corev1.Container, paths map[string]string, env []*runtimeapi.KeyValue) ([]*runtimeapi.Mount, error) {
 	readOnly := map[string]bool{}
 	for _, v := range pod.Spec.Volumes {
 		readOnly[v.Name] = v.ConfigMap != nil || v.Secret != nil || v.Projected != nil || v.DownwardAPI != nil
@@ -199,11 +201,18 @@ func containerMounts(pod *corev1.Pod, c *corev1.Container, paths map[string]stri
 		if !ok {
 			return nil, fmt.Errorf("volumeMount %s: no such volume", vm.Name)
 		}
-		if vm.SubPath != "" {
-			if err := checkPath(vm.SubPath); err != nil {
+		sub := vm.SubPath
+		if vm.SubPathExpr != "" {
+			var err error
+			if sub, err = expandSubPath(vm.SubPathExpr, env); err != nil {
+				return nil, fmt.Errorf("volumeMount %s: subPathExpr %q: %w", vm.Name, vm.SubPathExpr, err)
+			}
+		}
+		if sub != "" {
+			if err := checkPath(sub); err != nil {
 				return nil, fmt.Errorf("volumeMount %s: %w", vm.Name, err)
 			}
-			host = filepath.Join(host, vm.SubPath)
+			host = filepath.Join(host, sub)
 		}
 		out = append(out, &runtimeapi.Mount{
 			ContainerPath: vm.MountPath,
