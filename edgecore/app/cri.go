@@ -53,7 +53,7 @@ func newCRIShim(ctx context.Context, cfg CRIConfig, ids cri.IDMap, logger *slog.
 		endpoint = DefaultContainerd
 	}
 	timeout := max(cfg.CallTimeout, cfg.PullTimeout, cri.DefaultPullTimeout)
-	b, err := containerd.New(ctx, containerd.Config{Endpoint: endpoint, Timeout: timeout, Logger: logger})
+	b, err := containerd.New(ctx, containerd.Config{Endpoint: endpoint, Timeout: timeout, Logger: logger, Registerer: reg})
 	if err != nil {
 		return nil, err
 	}

@@ -80,3 +80,56 @@ func p50(d []time.Duration) time.Duration {
 }
 
 func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+
+// BenchmarkShimHop isolates what the shim adds to one call from what
+// containerd spends on it: ContainerStatus of a running container (one id
+// map read in the shim) and Version (none), straight to containerd and
+// through the shim, alternating, b.N of each per path. Both are cheap in
+// containerd, so the difference is the shim's hop, its lookup and its
+// interceptor. Reports the p50 per path and the p50 of the paired
+// differences.
+func BenchmarkShimHop(b *testing.B) {
+	h := containerd.Start(b)
+	s := startShim(b, h, shimOpts{})
+	ctx := quiet(b.Context())
+	sb := h.PodSandboxConfig("hop", true)
+	podID, err := s.Runtime.RunPodSandbox(ctx, sb, "")
+	require.NoError(b, err)
+	ctrID, err := s.Runtime.CreateContainer(ctx, podID, h.BusyboxContainer("hop", "sleep", "3600"), sb)
+	require.NoError(b, err)
+	require.NoError(b, s.Runtime.StartContainer(ctx, ctrID))
+	calls := []struct {
+		name string
+		call func(rt internalapi.RuntimeService) error
+	}{
+		{"status", func(rt internalapi.RuntimeService) error { _, err := rt.ContainerStatus(ctx, ctrID, false); return err }},
+		{"version", func(rt internalapi.RuntimeService) error { _, err := rt.Version(ctx, "v1"); return err }},
+	}
+	b.ResetTimer()
+	for _, c := range calls {
+		var direct, shim, diff []time.Duration
+		for i := range b.N {
+			var d, s2 time.Duration
+			for j, rt := range []internalapi.RuntimeService{h.Runtime, s.Runtime} {
+				if i%2 == 1 {
+					j = 1 - j // swap the order every iteration
+					rt = []internalapi.RuntimeService{h.Runtime, s.Runtime}[j]
+				}
+				t0 := time.Now()
+				require.NoError(b, c.call(rt))
+				if j == 0 {
+					d = time.Since(t0)
+				} else {
+					s2 = time.Since(t0)
+				}
+			}
+			direct, shim, diff = append(direct, d), append(shim, s2), append(diff, s2-d)
+		}
+		b.ReportMetric(ms(p50(direct)), c.name+"-direct-p50-ms")
+		b.ReportMetric(ms(p50(shim)), c.name+"-shim-p50-ms")
+		b.ReportMetric(ms(p50(diff)), c.name+"-paired-overhead-ms")
+	}
+	b.StopTimer()
+	require.NoError(b, s.Runtime.StopPodSandbox(ctx, podID))
+	require.NoError(b, s.Runtime.RemovePodSandbox(ctx, podID))
+}

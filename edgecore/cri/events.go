@@ -16,7 +16,9 @@ import (
 // GetContainerEvents streams container starts and exits of every backend
 // that reports them (EventSource), as CONTAINER_STARTED_EVENT and
 // CONTAINER_STOPPED_EVENT with the container's status at that moment
-// (best effort: empty if the status call fails). Sandboxes' own events
+// (best effort: empty if the status call fails; the containerd backend
+// delivers an exit once its CRI plugin shows it, so a stopped event
+// carries the EXITED status with its exit code). Sandboxes' own events
 // (known by the id map, or by the backend's NotFound for their id) and
 // OOM kills (the exit follows, with reason OOMKilled in the status) are
 // not sent, and neither is PodSandboxStatus. The stream ends with

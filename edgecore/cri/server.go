@@ -61,7 +61,7 @@ func New(cfg Config, backends Backends, ids IDMap) (*Server, error) {
 	}
 	s := &Server{
 		cfg:    cfg,
-		route:  &router{handlers: cfg.Handlers, vmHandler: cfg.VMHandler, backends: backends, ids: ids},
+		route:  &router{handlers: cfg.Handlers, vmHandler: cfg.VMHandler, backends: backends, ids: newIDCache(ids)},
 		logger: cfg.Logger.With("component", "cri"),
 		lim:    ratelog.New(0, nil),
 		calls: prometheus.NewCounterVec(prometheus.CounterOpts{

@@ -289,6 +289,11 @@ func TestGetContainerEvents(t *testing.T) {
 		if ev.GetContainerId() == ctrID {
 			got = append(got, ev.GetContainerEventType())
 			require.NotEmpty(t, ev.GetContainersStatuses())
+			if ev.GetContainerEventType() == runtimeapi.ContainerEventType_CONTAINER_STOPPED_EVENT {
+				st := ev.GetContainersStatuses()[0]
+				require.Equal(t, runtimeapi.ContainerState_CONTAINER_EXITED, st.GetState(), "the stopped event carries the exited status")
+				require.Equal(t, int32(3), st.GetExitCode())
+			}
 		}
 	}
 	require.Equal(t, []runtimeapi.ContainerEventType{

@@ -61,6 +61,8 @@ type ContainerEvent struct {
 
 // EventSource is an optional source of container events, such as the CRI
 // shim's containerd events. Without one, exits are found by the relist.
+// An exit must come once the runtime's ContainerStatus shows it: the
+// manager syncs the pod once per event and does not look again.
 type EventSource interface {
 	Events() <-chan ContainerEvent
 }
@@ -111,7 +113,9 @@ type Config struct {
 	Workers int
 	// Clock defaults to the real clock.
 	Clock clock.WithTicker
-	// Events is an optional source of container events.
+	// Events is an optional source of container events. It must deliver
+	// an exit only once ContainerStatus shows it, as the containerd
+	// backend does.
 	Events EventSource
 	// Registerer, when set, gets the manager's metrics.
 	Registerer prometheus.Registerer
@@ -188,6 +192,8 @@ type Manager struct {
 	deleted map[string]bool
 	// admission holds the admission decisions.
 	admission admission
+	// refs are the ConfigMaps and Secrets each pod uses.
+	refs objectRefs
 }
 
 type metrics struct {
@@ -244,12 +250,21 @@ func New(cfg Config, st Store, rt cri.RuntimeService, img cri.ImageManagerServic
 	}, nil
 }
 
-// OnStoreChange enqueues the pods among keys. Give it to store.Subscribe; it
-// never blocks.
+// OnStoreChange enqueues the pods among keys, and the pods that use the
+// ConfigMaps and Secrets among them. Give it to store.Subscribe; it never
+// blocks.
 func (m *Manager) OnStoreChange(keys []objsync.Key) {
 	for _, k := range keys {
-		if k.Group == "" && k.Kind == "Pod" {
+		if k.Group != "" {
+			continue
+		}
+		switch k.Kind {
+		case "Pod":
 			m.Enqueue(k.Namespace + "/" + k.Name)
+		case "ConfigMap", "Secret":
+			for _, p := range m.refs.pods(k.Kind, k.Namespace, k.Name) {
+				m.Enqueue(p)
+			}
 		}
 	}
 }
@@ -364,11 +379,11 @@ func (m *Manager) relist(ctx context.Context) {
 	}
 }
 
-// eventSettle is how long after a container event its pod is synced again:
-// containerd's CRI plugin records an exit a little after the events service
-// reports it.
-const eventSettle = 300 * time.Millisecond
-
+// watchEvents enqueues the pod of each container event. The source must
+// deliver an exit only once the runtime's ContainerStatus shows it (the
+// containerd backend waits for its CRI plugin to record the exit), so the
+// one sync an event triggers sees the exit; an exit the backend could not
+// confirm in time is left to the relist.
 func (m *Manager) watchEvents(ctx context.Context) error {
 	ch := m.cfg.Events.Events()
 	for {
@@ -386,11 +401,6 @@ func (m *Manager) watchEvents(ctx context.Context) error {
 			for _, c := range cs {
 				if key, ok := podKeyOf(c.GetLabels()); ok {
 					m.Enqueue(key)
-					// containerd publishes a task's exit before its CRI
-					// plugin has recorded it, so the sync just queued may
-					// still see the container running: look again once the
-					// runtime has caught up.
-					m.queue.AddAfter(key, eventSettle)
 				}
 			}
 		}

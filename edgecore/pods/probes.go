@@ -1,7 +1,9 @@
 package pods
 
 import (
+	"cmp"
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
@@ -45,8 +47,19 @@ type probeCounter struct {
 type probeEntry struct {
 	podKey, containerID, host string
 	probes                    [probeKinds]*corev1.Probe
-	counters                  [probeKinds]probeCounter
-	result                    probeResult
+	// targets are what each probe checks, resolved once when the
+	// container is tracked: named ports, $(VAR) in exec commands.
+	targets  [probeKinds]probeTarget
+	counters [probeKinds]probeCounter
+	result   probeResult
+}
+
+// probeTarget is a probe's resolved port (httpGet, tcpSocket) or command
+// (exec); err, when set, fails every run of the probe with that reason.
+type probeTarget struct {
+	port    string
+	command []string
+	err     error
 }
 
 // prober runs the probes of running containers. sync registers each
@@ -63,22 +76,92 @@ func hasProbes(c *corev1.Container) bool {
 }
 
 // track registers a running container that has probes; startedAt delays
-// its first probes by their initialDelaySeconds.
-func (p *prober) track(podKey, id, host string, c *corev1.Container, startedAt time.Time) {
+// its first probes by their initialDelaySeconds. For a container it did
+// not track yet, it returns the reasons why probes cannot work (a port
+// name the container does not have): those probes fail on every run.
+func (p *prober) track(podKey, id, host string, c *corev1.Container, startedAt time.Time) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if _, ok := p.entries[id]; ok {
-		return
+		return nil
 	}
 	e := &probeEntry{podKey: podKey, containerID: id, host: host,
 		probes: [probeKinds]*corev1.Probe{c.StartupProbe, c.ReadinessProbe, c.LivenessProbe}}
 	e.result.started = c.StartupProbe == nil
+	var errs []error
 	for k, pr := range e.probes {
 		if pr != nil {
 			e.counters[k].next = startedAt.Add(time.Duration(pr.InitialDelaySeconds) * time.Second)
+			e.targets[k] = resolveTarget(pr, c)
+			if err := e.targets[k].err; err != nil {
+				errs = append(errs, fmt.Errorf("%s probe: %w", probeKind(k), err))
+			}
 		}
 	}
 	p.entries[id] = e
+	return errors.Join(errs...)
+}
+
+func (k probeKind) String() string {
+	switch k {
+	case startupProbe:
+		return "startup"
+	case readinessProbe:
+		return "readiness"
+	case livenessProbe:
+		return "liveness"
+	}
+	return "unknown"
+}
+
+// resolveTarget resolves what probe pr of container c checks, as kubelet
+// does: a named port is the containerPort of c's port of that name (a
+// number written as a string is taken as the number), and an exec
+// command gets $(VAR) expanded against c's plain env values.
+func resolveTarget(pr *corev1.Probe, c *corev1.Container) probeTarget {
+	var port intstr.IntOrString
+	switch h := pr.ProbeHandler; {
+	case h.Exec != nil:
+		return probeTarget{command: expandAll(h.Exec.Command, staticEnv(c))}
+	case h.HTTPGet != nil:
+		port = h.HTTPGet.Port
+	case h.TCPSocket != nil:
+		port = h.TCPSocket.Port
+	case h.GRPC != nil:
+		return probeTarget{err: errors.New("grpc probes are not supported")}
+	default:
+		return probeTarget{err: errors.New("the probe has no handler")}
+	}
+	n, err := probePort(port, c)
+	if err != nil {
+		return probeTarget{err: err}
+	}
+	return probeTarget{port: strconv.Itoa(n)}
+}
+
+// probePort is the port number a probe names.
+func probePort(p intstr.IntOrString, c *corev1.Container) (int, error) {
+	n := p.IntValue()
+	if p.Type == intstr.String {
+		n = -1
+		for _, cp := range c.Ports {
+			if cp.Name == p.StrVal {
+				n = int(cp.ContainerPort)
+				break
+			}
+		}
+		if n < 0 {
+			v, err := strconv.Atoi(p.StrVal)
+			if err != nil {
+				return 0, fmt.Errorf("port %q: container %s has no port of that name", p.StrVal, c.Name)
+			}
+			n = v
+		}
+	}
+	if n <= 0 || n > 65535 {
+		return 0, fmt.Errorf("port %s: not a port number (1-65535)", p.String())
+	}
+	return n, nil
 }
 
 // result returns the container's probe result; ok is false when it has
@@ -123,7 +206,7 @@ func (p *prober) due(now time.Time) []probeRun {
 				continue
 			}
 			c.running = true
-			out = append(out, probeRun{id: e.containerID, host: e.host, kind: probeKind(k), probe: pr})
+			out = append(out, probeRun{id: e.containerID, podKey: e.podKey, host: e.host, kind: probeKind(k), probe: pr, target: e.targets[k]})
 		}
 	}
 	return out
@@ -131,9 +214,10 @@ func (p *prober) due(now time.Time) []probeRun {
 
 // probeRun is one probe to run.
 type probeRun struct {
-	id, host string
-	kind     probeKind
-	probe    *corev1.Probe
+	id, podKey, host string
+	kind             probeKind
+	probe            *corev1.Probe
+	target           probeTarget
 }
 
 // record applies a probe's outcome and returns the pod key to enqueue
@@ -189,11 +273,17 @@ func (m *Manager) probeLoop(ctx context.Context, spawn func(func() error)) error
 		}
 		for _, r := range m.prober.due(m.cfg.Clock.Now()) {
 			spawn(func() error {
-				ok := m.runProbe(ctx, r)
+				err := m.runProbe(ctx, r)
 				if ctx.Err() != nil {
 					return nil // shutting down: a failure now means nothing
 				}
-				if key, changed := m.prober.record(r, ok, m.cfg.Clock.Now()); changed {
+				if err != nil {
+					if ok, suppressed := m.lim.Allow("probe " + r.id + " " + r.kind.String()); ok {
+						m.logger.Info("probe failed", "pod", r.podKey, "container_id", r.id, "probe", r.kind.String(),
+							"error", err, "suppressed", suppressed)
+					}
+				}
+				if key, changed := m.prober.record(r, err == nil, m.cfg.Clock.Now()); changed {
 					m.Enqueue(key)
 				}
 				return nil
@@ -202,60 +292,55 @@ func (m *Manager) probeLoop(ctx context.Context, spawn func(func() error)) error
 	}
 }
 
-// runProbe runs one exec, tcpSocket or httpGet probe within its timeout.
-func (m *Manager) runProbe(ctx context.Context, r probeRun) bool {
+// runProbe runs one exec, tcpSocket or httpGet probe within its timeout;
+// nil is success, an error says why it failed.
+func (m *Manager) runProbe(ctx context.Context, r probeRun) error {
+	if r.target.err != nil {
+		return r.target.err
+	}
 	timeout := time.Duration(max(r.probe.TimeoutSeconds, 1)) * time.Second
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	h := r.probe.ProbeHandler
 	switch {
 	case h.Exec != nil:
-		_, _, err := m.rt.ExecSync(ctx, r.id, h.Exec.Command, timeout)
-		return err == nil
-	case h.TCPSocket != nil:
-		host := h.TCPSocket.Host
-		if host == "" {
-			host = r.host
+		if _, _, err := m.rt.ExecSync(ctx, r.id, r.target.command, timeout); err != nil {
+			return fmt.Errorf("exec %q: %w", r.target.command, err)
 		}
+		return nil
+	case h.TCPSocket != nil:
+		host := cmp.Or(h.TCPSocket.Host, r.host)
 		var d net.Dialer
-		conn, err := d.DialContext(ctx, "tcp", net.JoinHostPort(host, portOf(h.TCPSocket.Port)))
+		conn, err := d.DialContext(ctx, "tcp", net.JoinHostPort(host, r.target.port))
 		if err != nil {
-			return false
+			return fmt.Errorf("connect: %w", err)
 		}
 		_ = conn.Close()
-		return true
+		return nil
 	case h.HTTPGet != nil:
 		g := h.HTTPGet
-		host := g.Host
-		if host == "" {
-			host = r.host
-		}
+		host := cmp.Or(g.Host, r.host)
 		scheme := "http"
 		if g.Scheme == corev1.URISchemeHTTPS {
 			scheme = "https"
 		}
-		url := fmt.Sprintf("%s://%s%s", scheme, net.JoinHostPort(host, portOf(g.Port)), g.Path)
+		url := fmt.Sprintf("%s://%s%s", scheme, net.JoinHostPort(host, r.target.port), g.Path)
 		req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 		if err != nil {
-			return false
+			return fmt.Errorf("build request: %w", err)
 		}
 		for _, hd := range g.HTTPHeaders {
 			req.Header.Add(hd.Name, hd.Value)
 		}
 		resp, err := m.httpProbe.Do(req)
 		if err != nil {
-			return false
+			return fmt.Errorf("get %s: %w", url, err)
 		}
 		_ = resp.Body.Close()
-		return resp.StatusCode >= 200 && resp.StatusCode < 400
+		if resp.StatusCode < 200 || resp.StatusCode >= 400 {
+			return fmt.Errorf("get %s: status %d", url, resp.StatusCode)
+		}
+		return nil
 	}
-	return false
-}
-
-// portOf returns a probe's port; named ports are not resolved.
-func portOf(p intstr.IntOrString) string {
-	if p.Type == intstr.Int {
-		return strconv.Itoa(p.IntValue())
-	}
-	return p.StrVal
+	return errors.New("the probe has no handler")
 }

@@ -387,13 +387,14 @@ func TestComputeStatusKeepsTimes(t *testing.T) {
 // The prober's thresholds and gating, without running anything.
 func TestProberThresholds(t *testing.T) {
 	now := time.Unix(1000, 0)
+	exec := corev1.ProbeHandler{Exec: &corev1.ExecAction{Command: []string{"true"}}}
 	c := &corev1.Container{
-		StartupProbe:   &corev1.Probe{PeriodSeconds: 1, FailureThreshold: 2},
-		ReadinessProbe: &corev1.Probe{PeriodSeconds: 2, SuccessThreshold: 2, FailureThreshold: 1, InitialDelaySeconds: 5},
-		LivenessProbe:  &corev1.Probe{PeriodSeconds: 1, FailureThreshold: 3},
+		StartupProbe:   &corev1.Probe{ProbeHandler: exec, PeriodSeconds: 1, FailureThreshold: 2},
+		ReadinessProbe: &corev1.Probe{ProbeHandler: exec, PeriodSeconds: 2, SuccessThreshold: 2, FailureThreshold: 1, InitialDelaySeconds: 5},
+		LivenessProbe:  &corev1.Probe{ProbeHandler: exec, PeriodSeconds: 1, FailureThreshold: 3},
 	}
 	p := prober{entries: map[string]*probeEntry{}}
-	p.track("ns/pod", "c1", "10.0.0.5", c, now)
+	require.NoError(t, p.track("ns/pod", "c1", "10.0.0.5", c, now))
 	kinds := func(runs []probeRun) []probeKind {
 		var out []probeKind
 		for _, r := range runs {
@@ -497,12 +498,7 @@ func TestVolumeFiles(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			got, err := volumeFiles(tc.data, tc.items, tc.mode, tc.optional)
-			if tc.wantErr != "" {
-				require.EqualError(t, err, tc.wantErr)
-				return
-			}
-			require.NoError(t, err)
-			require.Equal(t, tc.want, got)
+			requireFiles(t, tc.want, tc.wantErr, got, err)
 		})
 	}
 }

@@ -65,6 +65,7 @@ func (m *Manager) sync(ctx context.Context, key string) (time.Duration, error) {
 		m.forget(key)
 		return 0, nil
 	}
+	m.refs.set(key, pod)
 	if pod.DeletionTimestamp != nil {
 		return 0, m.finishDeletion(ctx, key, pod, mine)
 	}
@@ -152,6 +153,7 @@ func (m *Manager) finishDeletion(ctx context.Context, key string, pod *corev1.Po
 
 func (m *Manager) forget(key string) {
 	m.prober.retain(key, nil)
+	m.refs.drop(key)
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if p, ok := m.published[key]; ok {
@@ -442,12 +444,13 @@ func (m *Manager) startContainer(ctx context.Context, pod *corev1.Pod, a *actual
 		m.logger.Info("container config incomplete", "pod", pod.Namespace+"/"+pod.Name, "container", c.Name, "error", err)
 		return nil
 	}
-	mounts, err := containerMounts(pod, c, a.volumes)
+	mounts, err := containerMounts(pod, c, a.volumes, env)
 	if err != nil {
 		waiting[c.Name] = waitReason{Reason: "CreateContainerConfigError", Message: err.Error()}
 		return nil
 	}
 	cfg := containerConfig(pod, c, attempt, step, env)
+	cfg.Command, cfg.Args = expandCommand(c, env)
 	cfg.Mounts = mounts
 	if m.cfg.StaticCPUs != nil {
 		if err := m.assignCPUs(ctx, pod, c, cfg); err != nil {
@@ -611,7 +614,13 @@ func (m *Manager) trackProbes(key string, pod *corev1.Pod, a actual) {
 		}
 		id := list[0].GetId()
 		keep[id] = true
-		m.prober.track(key, id, m.podIP(pod, a.sandboxStatus), &c, time.Unix(0, list[0].GetStartedAt()))
+		if err := m.prober.track(key, id, m.podIP(pod, a.sandboxStatus), &c, time.Unix(0, list[0].GetStartedAt())); err != nil {
+			// The spec cannot work as written: counted once per container.
+			m.metrics.badObjects.Inc()
+			if ok, suppressed := m.lim.Allow("probes " + id); ok {
+				m.logger.Warn("container probes cannot run", "pod", key, "container", c.Name, "error", err, "suppressed", suppressed)
+			}
+		}
 	}
 	m.prober.retain(key, keep)
 }

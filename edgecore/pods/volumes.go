@@ -3,7 +3,6 @@ package pods
 import (
 	"errors"
 	"fmt"
-	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
@@ -13,13 +12,17 @@ import (
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 )
 
-// Volumes live under <RootDir>/<pod uid>/volumes/<kind>/<name>. ConfigMap
-// and Secret volumes are rewritten on every sync, so a changed object
-// reaches running containers (each file is replaced atomically by a
-// rename; unlike kubelet's ..data symlink swap, the files of one volume do
-// not all change in the same instant). Secret volumes, and emptyDirs with
-// medium Memory, are tmpfs mounts: a Secret's bytes never touch the disk
-// outside the store.
+// Volumes live under <RootDir>/<pod uid>/volumes/<kind>/<name>. ConfigMap,
+// Secret, projected and downwardAPI volumes are computed again on every
+// sync and written with writeAtomic (kubelet's ..data symlink swap), so a
+// changed object or pod reaches running containers, all files of a volume
+// at once. Secret, projected and downwardAPI volumes, and emptyDirs with
+// medium Memory, are tmpfs mounts, as kubelet makes them: a Secret's bytes
+// never touch the disk outside the store.
+
+// tmpfsKinds are the volume kinds that are tmpfs mounts (emptyDir only
+// with medium Memory).
+var tmpfsKinds = []string{"secret", "projected", "downward-api", "empty-dir"}
 
 // volumeDir is the host directory of a pod's volume.
 func (m *Manager) volumeDir(uid, kind, name string) string {
@@ -46,14 +49,26 @@ func (m *Manager) prepareVolumes(pod *corev1.Pod, lookup lookupFunc) (map[string
 			}
 		case v.ConfigMap != nil:
 			dir = m.volumeDir(uid, "configmap", v.Name)
-			err = m.projectVolume(dir, false, "ConfigMap", v.ConfigMap.Name, v.ConfigMap.Items,
-				v.ConfigMap.DefaultMode, isTrue(v.ConfigMap.Optional), lookup)
+			err = writeVolume(dir, false, func() (map[string]volumeFile, error) {
+				return objectFiles("ConfigMap", v.ConfigMap.Name, v.ConfigMap.Items, v.ConfigMap.DefaultMode, isTrue(v.ConfigMap.Optional), lookup)
+			})
 		case v.Secret != nil:
 			dir = m.volumeDir(uid, "secret", v.Name)
-			err = m.projectVolume(dir, true, "Secret", v.Secret.SecretName, v.Secret.Items,
-				v.Secret.DefaultMode, isTrue(v.Secret.Optional), lookup)
+			err = writeVolume(dir, true, func() (map[string]volumeFile, error) {
+				return objectFiles("Secret", v.Secret.SecretName, v.Secret.Items, v.Secret.DefaultMode, isTrue(v.Secret.Optional), lookup)
+			})
+		case v.Projected != nil:
+			dir = m.volumeDir(uid, "projected", v.Name)
+			err = writeVolume(dir, true, func() (map[string]volumeFile, error) {
+				return projectedFiles(pod, v.Projected, m.cfg.Allocatable, lookup)
+			})
+		case v.DownwardAPI != nil:
+			dir = m.volumeDir(uid, "downward-api", v.Name)
+			err = writeVolume(dir, true, func() (map[string]volumeFile, error) {
+				return downwardFiles(pod, v.DownwardAPI.Items, v.DownwardAPI.DefaultMode, m.cfg.Allocatable)
+			})
 		default:
-			err = errors.New("only emptyDir, hostPath, configMap and secret volumes are supported")
+			err = errors.New("only emptyDir, hostPath, configMap, secret, projected and downwardAPI volumes are supported")
 		}
 		if err != nil {
 			return nil, fmt.Errorf("volume %s: %w", v.Name, err)
@@ -63,39 +78,17 @@ func (m *Manager) prepareVolumes(pod *corev1.Pod, lookup lookupFunc) (map[string
 	return paths, nil
 }
 
-// projectVolume writes the keys of a ConfigMap or Secret as files into dir
-// (a tmpfs when onTmpfs), and removes files that are no longer wanted.
-func (m *Manager) projectVolume(dir string, onTmpfs bool, kind, name string, items []corev1.KeyToPath,
-	defaultMode *int32, optional bool, lookup lookupFunc) error {
-	data, ok, err := lookup(kind, name)
+// writeVolume computes a volume's files and writes them into dir (a tmpfs
+// when onTmpfs) with writeAtomic. Nothing is written when files fails.
+func writeVolume(dir string, onTmpfs bool, files func() (map[string]volumeFile, error)) error {
+	f, err := files()
 	if err != nil {
 		return err
-	}
-	if !ok && !optional {
-		return fmt.Errorf("%s %q not found", kind, name)
-	}
-	files, err := volumeFiles(data, items, defaultMode, optional)
-	if err != nil {
-		return fmt.Errorf("%s %q: %w", kind, name, err)
 	}
 	if err := ensureDir(dir, 0o755, onTmpfs); err != nil {
 		return err
 	}
-	for path, f := range files {
-		if err := writeIfChanged(filepath.Join(dir, path), f.data, f.mode); err != nil {
-			return err
-		}
-	}
-	return filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
-		if err != nil || d.IsDir() {
-			return err
-		}
-		rel, _ := filepath.Rel(dir, p)
-		if _, keep := files[rel]; !keep {
-			return os.Remove(p)
-		}
-		return nil
-	})
+	return writeAtomic(dir, f)
 }
 
 // volumeFile is one file of a projected volume.
@@ -108,10 +101,7 @@ type volumeFile struct {
 // asked for, with their modes (default 0644). Paths must be relative and
 // stay inside the volume.
 func volumeFiles(data map[string]string, items []corev1.KeyToPath, defaultMode *int32, optional bool) (map[string]volumeFile, error) {
-	mode := os.FileMode(0o644)
-	if defaultMode != nil {
-		mode = os.FileMode(*defaultMode) & os.ModePerm
-	}
+	mode := fileMode(defaultMode)
 	files := map[string]volumeFile{}
 	if len(items) == 0 {
 		for k, v := range data {
@@ -135,7 +125,7 @@ func volumeFiles(data map[string]string, items []corev1.KeyToPath, defaultMode *
 		}
 		m := mode
 		if it.Mode != nil {
-			m = os.FileMode(*it.Mode) & os.ModePerm
+			m = fileMode(it.Mode)
 		}
 		files[filepath.Clean(it.Path)] = volumeFile{data: []byte(v), mode: m}
 	}
@@ -175,33 +165,6 @@ func ensureDir(dir string, mode os.FileMode, tmpfs bool) error {
 	return nil
 }
 
-// writeIfChanged replaces path with data, atomically, unless it already
-// holds exactly that with that mode.
-func writeIfChanged(path string, data []byte, mode os.FileMode) error {
-	if old, err := os.ReadFile(path); err == nil && string(old) == string(data) {
-		if info, err := os.Stat(path); err == nil && info.Mode().Perm() == mode {
-			return nil
-		}
-	}
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return fmt.Errorf("create volume directory: %w", err)
-	}
-	tmp, err := os.CreateTemp(filepath.Dir(path), ".tmp-")
-	if err != nil {
-		return fmt.Errorf("write volume file: %w", err)
-	}
-	_, werr := tmp.Write(data)
-	err = errors.Join(werr, tmp.Chmod(mode), tmp.Close())
-	if err == nil {
-		err = os.Rename(tmp.Name(), path)
-	}
-	if err != nil {
-		_ = os.Remove(tmp.Name())
-		return fmt.Errorf("write volume file %s: %w", path, err)
-	}
-	return nil
-}
-
 // removeVolumes unmounts the tmpfs volumes of pod uid and removes its
 // directory.
 func (m *Manager) removeVolumes(uid string) error {
@@ -209,7 +172,7 @@ func (m *Manager) removeVolumes(uid string) error {
 		return fmt.Errorf("remove volumes: bad pod uid %q", uid)
 	}
 	root := filepath.Join(m.cfg.RootDir, uid)
-	for _, kind := range []string{"secret", "empty-dir"} {
+	for _, kind := range tmpfsKinds {
 		dirs, _ := os.ReadDir(filepath.Join(root, "volumes", kind))
 		for _, d := range dirs {
 			p := filepath.Join(root, "volumes", kind, d.Name())
@@ -224,11 +187,13 @@ func (m *Manager) removeVolumes(uid string) error {
 	return nil
 }
 
-// containerMounts are the CRI mounts of c's volumeMounts.
-func containerMounts(pod *corev1.Pod, c *corev1.Container, paths map[string]string) ([]*runtimeapi.Mount, error) {
+// containerMounts are the CRI mounts of c's volumeMounts. A subPathExpr
+// is expanded against the container's env (every $(VAR) it names must be
+// set and not empty, as kubelet requires) and is then a subPath.
+func containerMounts(pod *corev1.Pod, c *corev1.Container, paths map[string]string, env []*runtimeapi.KeyValue) ([]*runtimeapi.Mount, error) {
 	readOnly := map[string]bool{}
 	for _, v := range pod.Spec.Volumes {
-		readOnly[v.Name] = v.ConfigMap != nil || v.Secret != nil
+		readOnly[v.Name] = v.ConfigMap != nil || v.Secret != nil || v.Projected != nil || v.DownwardAPI != nil
 	}
 	var out []*runtimeapi.Mount
 	for _, vm := range c.VolumeMounts {
@@ -236,11 +201,18 @@ func containerMounts(pod *corev1.Pod, c *corev1.Container, paths map[string]stri
 		if !ok {
 			return nil, fmt.Errorf("volumeMount %s: no such volume", vm.Name)
 		}
-		if vm.SubPath != "" {
-			if err := checkPath(vm.SubPath); err != nil {
+		sub := vm.SubPath
+		if vm.SubPathExpr != "" {
+			var err error
+			if sub, err = expandSubPath(vm.SubPathExpr, env); err != nil {
+				return nil, fmt.Errorf("volumeMount %s: subPathExpr %q: %w", vm.Name, vm.SubPathExpr, err)
+			}
+		}
+		if sub != "" {
+			if err := checkPath(sub); err != nil {
 				return nil, fmt.Errorf("volumeMount %s: %w", vm.Name, err)
 			}
-			host = filepath.Join(host, vm.SubPath)
+			host = filepath.Join(host, sub)
 		}
 		out = append(out, &runtimeapi.Mount{
 			ContainerPath: vm.MountPath,

@@ -65,6 +65,8 @@ func crashObject(run, batch, index int) Object {
 	}
 }
 
+func crashSandbox(run, batch int) string { return fmt.Sprintf("sb-%d-%d", run, batch) }
+
 // TestCrashChild is the child process of TestKill9. It does nothing unless
 // TestKill9 started it.
 func TestCrashChild(t *testing.T) {
@@ -86,6 +88,9 @@ func TestCrashChild(t *testing.T) {
 			changes[i] = upsert(crashObject(run, batch, i))
 		}
 		require.NoError(t, s.Apply(ctx, changes))
+		// And a runtime id row, committed with synchronous=NORMAL: it must
+		// survive the kill as well.
+		require.NoError(t, s.RuntimeIDs().PutSandbox(ctx, crashSandbox(run, batch), "containerd"))
 		// os.Stdout is unbuffered: the line is in the pipe when this returns.
 		_, err := fmt.Fprintf(os.Stdout, "committed %d\n", batch)
 		require.NoError(t, err)
@@ -211,6 +216,9 @@ func verifyCrashRuns(t *testing.T, path string, committed map[int]int) {
 		}
 		for batch := 1; batch <= last; batch++ {
 			require.Contains(t, perBatch, batch, "run %d batch %d was reported committed but is missing", run, batch)
+			_, ok, err := s.RuntimeIDs().Lookup(ctx, crashSandbox(run, batch))
+			require.NoError(t, err)
+			require.True(t, ok, "run %d batch %d: its runtime id was reported committed but is missing", run, batch)
 		}
 		total += len(objs)
 	}

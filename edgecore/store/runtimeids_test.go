@@ -99,8 +99,19 @@ func TestMigrateV1FileToRuntimeIDs(t *testing.T) {
 	require.NoError(t, s.RuntimeIDs().PutSandbox(ctx, "sb", "containerd"))
 }
 
+// The runtime id map commits with synchronous=NORMAL; every other write
+// must still commit with FULL on the writer connection afterwards.
+func TestRuntimeIDsLeaveWriterFull(t *testing.T) {
+	s := openStore(t, filepath.Join(t.TempDir(), "edge.db"))
+	m := s.RuntimeIDs()
+	require.NoError(t, m.PutSandbox(t.Context(), "sb", "containerd"))
+	require.Equal(t, "2", pragma(t, s.w, "synchronous"), "FULL after a put")
+	require.NoError(t, m.Delete(t.Context(), "sb"))
+	require.Equal(t, "2", pragma(t, s.w, "synchronous"), "FULL after a delete")
+}
+
 // BenchmarkRuntimeIDsPut is the cost the shim adds to RunPodSandbox for
-// its record: one committed (fsynced) write.
+// its record: one committed write (synchronous=NORMAL: no fsync).
 func BenchmarkRuntimeIDsPut(b *testing.B) {
 	m := openStore(b, filepath.Join(b.TempDir(), "edge.db")).RuntimeIDs()
 	for i := range b.N {

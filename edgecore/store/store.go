@@ -6,7 +6,9 @@
 //
 // A write returns only after its transaction has committed in WAL mode with
 // synchronous=FULL, so anything EdgeCore acknowledges to the cloud after a
-// write returns survives kill -9 and power loss. A batch of changes is
+// write returns survives kill -9 and power loss. The one exception is the
+// CRI shim's runtime id map, committed with NORMAL: it survives kill -9
+// (see runtimeids.go). A batch of changes is
 // applied all or nothing. Every input is validated before anything is
 // written, and a file written by a newer build or by another program is
 // refused without being changed.
@@ -257,7 +259,15 @@ func (c connector) Driver() driver.Driver { return c.drv }
 // inTx runs fn in a write transaction (BEGIN IMMEDIATE) and commits it if fn
 // returns nil; otherwise it rolls back and returns fn's error.
 func (s *Store) inTx(ctx context.Context, fn func(tx *sql.Tx) error) error {
-	tx, err := s.w.BeginTx(ctx, nil)
+	return txOn(ctx, s.w, fn)
+}
+
+// txOn runs fn in a transaction begun on db (the writer pool, or one
+// connection of it) and commits it if fn returns nil.
+func txOn(ctx context.Context, db interface {
+	BeginTx(context.Context, *sql.TxOptions) (*sql.Tx, error)
+}, fn func(tx *sql.Tx) error) error {
+	tx, err := db.BeginTx(ctx, nil)
 	if err != nil {
 		return fmt.Errorf("begin: %w", err)
 	}

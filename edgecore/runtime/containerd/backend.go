@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/go-logr/logr"
+	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	internalapi "k8s.io/cri-api/pkg/apis"
@@ -41,6 +42,12 @@ type Config struct {
 	// Backoff is the first and the largest wait before the event stream is
 	// subscribed again. Defaults 100 ms and 5 s.
 	MinBackoff, MaxBackoff time.Duration
+	// ExitSettle bounds how long an exit event waits for the CRI plugin to
+	// record the exit (see settleExit); after it, the event is delivered
+	// anyway and counted. Default 2 s.
+	ExitSettle time.Duration
+	// Registerer, when set, gets the backend's metrics.
+	Registerer prometheus.Registerer
 	// Logger defaults to a discard logger.
 	Logger *slog.Logger
 }
@@ -57,6 +64,10 @@ type Backend struct {
 	events *broker
 	// conn is the events service's connection (cri-client keeps its own).
 	conn *grpc.ClientConn
+	// exits counts exit events by how they were delivered (settled,
+	// unsettled), settleWait the time each waited.
+	exits      *prometheus.CounterVec
+	settleWait prometheus.Histogram
 
 	closeOnce sync.Once
 	closeErr  error
@@ -85,8 +96,27 @@ func New(ctx context.Context, cfg Config) (*Backend, error) {
 	if cfg.MaxBackoff == 0 {
 		cfg.MaxBackoff = 5 * time.Second
 	}
+	if cfg.ExitSettle == 0 {
+		cfg.ExitSettle = 2 * time.Second
+	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	exits := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "tether_containerd_exit_events_total",
+		Help: "Container and sandbox exit events by delivery: settled (the CRI plugin had recorded the exit) or unsettled (delivered after the bound without it).",
+	}, []string{"delivery"})
+	settleWait := prometheus.NewHistogram(prometheus.HistogramOpts{
+		Name:    "tether_containerd_exit_settle_seconds",
+		Help:    "How long exit events waited for the CRI plugin to record the exit.",
+		Buckets: prometheus.ExponentialBuckets(0.001, 2, 12),
+	})
+	if cfg.Registerer != nil {
+		for _, c := range []prometheus.Collector{exits, settleWait} {
+			if err := cfg.Registerer.Register(c); err != nil {
+				return nil, fmt.Errorf("register containerd backend metrics: %w", err)
+			}
+		}
 	}
 	ctx = klog.NewContext(ctx, logr.Discard()) // cri-client logs through klog
 	rt, err := remote.NewRemoteRuntimeService(ctx, cfg.Endpoint, cfg.Timeout, nil, false)
@@ -104,6 +134,7 @@ func New(ctx context.Context, cfg Config) (*Backend, error) {
 	return &Backend{
 		RuntimeService: rt, ImageManagerService: img,
 		cfg: cfg, logger: cfg.Logger.With("component", "containerd"), lim: ratelog.New(0, nil), events: newBroker(), conn: conn,
+		exits: exits, settleWait: settleWait,
 	}, nil
 }
 

@@ -74,7 +74,8 @@ func decode(env *types.Envelope, received time.Time) (ev cri.Event, ok bool, err
 }
 
 // Events returns a subscription to the backend's events. It delivers what
-// happens while Run runs; a subscriber that falls 256 events behind loses
+// happens while Run runs, an exit only once the CRI shows it (or after
+// Config.ExitSettle); a subscriber that falls 256 events behind loses
 // the newest ones (logged), so a consumer keeps a relist as its
 // safety net. The channel is closed when ctx ends or Run returns.
 func (b *Backend) Events(ctx context.Context) <-chan cri.Event { return b.events.subscribe(ctx) }
@@ -82,14 +83,18 @@ func (b *Backend) Events(ctx context.Context) <-chan cri.Event { return b.events
 // Run subscribes to containerd's events until ctx ends, and subscribes
 // again, with back-off, whenever the stream drops. Events lost while the
 // stream was down are not replayed: consumers relist after OnReconnect.
+// Exit events wait until the CRI plugin has recorded the exit (settleExit);
+// Run waits for those still waiting before it returns.
 func (b *Backend) Run(ctx context.Context) error {
+	var settling sync.WaitGroup
 	defer b.events.close()
+	defer settling.Wait() // before close: a settled exit may still publish
 	client := eventsvc.NewEventsClient(b.conn)
 	ctx = metadata.AppendToOutgoingContext(ctx, "containerd-namespace", b.cfg.Namespace)
 	wait := b.cfg.MinBackoff
 	for {
 		started := time.Now()
-		err := b.subscribeOnce(ctx, client)
+		err := b.subscribeOnce(ctx, client, &settling)
 		if ctx.Err() != nil {
 			return nil
 		}
@@ -108,10 +113,10 @@ func (b *Backend) Run(ctx context.Context) error {
 	}
 }
 
-func (b *Backend) subscribeOnce(ctx context.Context, client eventsvc.EventsClient) error {
-	ctx, cancel := context.WithCancel(ctx)
+func (b *Backend) subscribeOnce(ctx context.Context, client eventsvc.EventsClient, settling *sync.WaitGroup) error {
+	streamCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	stream, err := client.Subscribe(ctx, &eventsvc.SubscribeRequest{Filters: []string{eventFilter(b.cfg.Namespace)}})
+	stream, err := client.Subscribe(streamCtx, &eventsvc.SubscribeRequest{Filters: []string{eventFilter(b.cfg.Namespace)}})
 	if err != nil {
 		return fmt.Errorf("subscribe: %w", err)
 	}
@@ -128,12 +133,24 @@ func (b *Backend) subscribeOnce(ctx context.Context, client eventsvc.EventsClien
 			}
 			continue
 		}
-		if ok {
-			if dropped := b.events.publish(ev); dropped > 0 {
-				if ok, suppressed := b.lim.Allow("event_dropped"); ok {
-					b.logger.Warn("container event dropped for slow subscribers", "container_id", ev.ContainerID, "kind", ev.Kind.String(), "subscribers", dropped, "suppressed", suppressed)
-				}
-			}
+		switch {
+		case !ok:
+		case ev.Kind == cri.EventExit:
+			// Not on streamCtx: an exit seen before the stream dropped is
+			// still delivered.
+			settling.Go(func() { b.settleExit(ctx, ev) })
+		default:
+			b.publish(ev)
+		}
+	}
+}
+
+// publish hands ev to the subscribers, and logs (rate-limited) when some
+// had no room.
+func (b *Backend) publish(ev cri.Event) {
+	if dropped := b.events.publish(ev); dropped > 0 {
+		if ok, suppressed := b.lim.Allow("event_dropped"); ok {
+			b.logger.Warn("container event dropped for slow subscribers", "container_id", ev.ContainerID, "kind", ev.Kind.String(), "subscribers", dropped, "suppressed", suppressed)
 		}
 	}
 }
