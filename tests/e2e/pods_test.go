@@ -24,7 +24,10 @@ import (
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/tetheredge/tether/edgecore/pods"
+	"github.com/tetheredge/tether/edgecore/store"
+	"github.com/tetheredge/tether/edgecore/syncer"
 	"github.com/tetheredge/tether/tests/containerd"
+	"github.com/tetheredge/tether/tunnel"
 )
 
 // podRig is what the pod tests share: the package's control plane, one
@@ -43,22 +46,32 @@ type podRig struct {
 	host string // hostPath volumes live below it
 }
 
-// startPodRig starts containerd (with the CNI bridge when cni), CloudCore
-// and EdgeCore, and returns once the edge's Node is registered Ready,
-// which it is only once its runtime answers.
-func startPodRig(tb testing.TB, cni bool, pcfg pods.Config) *podRig {
+// podRigOptions configure startPodRig; the zero value is a host-network
+// only containerd, the pod manager's defaults and production tunnel
+// timings.
+type podRigOptions struct {
+	cni     bool                            // the CNI bridge for pods without hostNetwork
+	pods    pods.Config                     // the pod manager's configuration (edgeOptions.pods)
+	wrap    func(*store.Store) syncer.Store // wraps the edge syncer's store (edgeOptions.wrap)
+	timings func(*tunnel.Options)           // testTimings, or nil for the defaults
+}
+
+// startPodRig starts containerd, CloudCore and EdgeCore, and returns once
+// the edge's Node is registered Ready, which it is only once its runtime
+// answers.
+func startPodRig(tb testing.TB, o podRigOptions) *podRig {
 	tb.Helper()
 	var opts []containerd.Option
-	if cni {
+	if o.cni {
 		opts = append(opts, containerd.WithCNI())
 	}
 	h := containerd.Start(tb, opts...)
 	env := cp.Env(tb)
 	cs := adminClient(tb, env.Config)
 	ns := env.Namespace(tb)
-	c := startCloud(tb, env.Config, cloudOptions{timings: testTimings})
+	c := startCloud(tb, env.Config, cloudOptions{timings: o.timings})
 	id := c.admit(tb, uniqueNode("edge-pods"))
-	e := startEdge(tb, id, dataDir(tb, id.node), c.addr, edgeOptions{timings: testTimings, runtime: h, pods: pcfg})
+	e := startEdge(tb, id, dataDir(tb, id.node), c.addr, edgeOptions{timings: o.timings, runtime: h, pods: o.pods, wrap: o.wrap})
 	waitRegistered(tb, cs, c, id.node)
 	return &podRig{cs: cs, ns: ns, node: id.node, h: h, c: c, e: e, host: tb.TempDir()}
 }
@@ -186,7 +199,9 @@ const backoffBase = 2 * time.Second
 // subtests run in parallel (most of their time is back-off and grace
 // periods).
 func TestPods(t *testing.T) {
-	r := startPodRig(t, true, pods.Config{BackoffBase: backoffBase, RelistPeriod: 5 * time.Second})
+	r := startPodRig(t, podRigOptions{
+		cni: true, timings: testTimings, pods: pods.Config{BackoffBase: backoffBase, RelistPeriod: 5 * time.Second},
+	})
 	t.Run("ConfigMapSecretEnv", func(t *testing.T) { t.Parallel(); testConfigMapSecretEnv(t, r) })
 	t.Run("CNI", func(t *testing.T) { t.Parallel(); testCNI(t, r) })
 	t.Run("OnFailureBackoff", func(t *testing.T) { t.Parallel(); testOnFailureBackoff(t, r) })

@@ -1,0 +1,312 @@
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/watch"
+
+	"github.com/tetheredge/tether/common/message"
+	"github.com/tetheredge/tether/edgecore/store"
+	"github.com/tetheredge/tether/edgecore/syncer"
+)
+
+// podMarks notes, per pod name, when each step of its way from the API
+// server to Running in the API server happened: its first commit into the
+// edge store (the syncer's Apply returned), the first Running and Ready
+// status the pod manager queued in the outbox (the syncer's Enqueue
+// returned), and the first Running and Ready status the test's watch on
+// the API server delivered.
+type podMarks struct {
+	mu        sync.Mutex
+	committed map[string]time.Time
+	queued    map[string]time.Time
+	seen      map[string]time.Time
+	waiters   map[string]chan struct{}
+}
+
+func newPodMarks() *podMarks {
+	return &podMarks{committed: map[string]time.Time{}, queued: map[string]time.Time{}, seen: map[string]time.Time{}, waiters: map[string]chan struct{}{}}
+}
+
+// expect returns a channel closed once pod name is seen Running and Ready
+// in the API server.
+func (m *podMarks) expect(name string) <-chan struct{} {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	ch := make(chan struct{})
+	m.waiters[name] = ch
+	return ch
+}
+
+func (m *podMarks) mark(at map[string]time.Time, name string, t time.Time) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if _, ok := at[name]; ok {
+		return
+	}
+	at[name] = t
+}
+
+func (m *podMarks) sawRunning(name string, t time.Time) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if _, ok := m.seen[name]; ok {
+		return
+	}
+	m.seen[name] = t
+	if ch, ok := m.waiters[name]; ok {
+		close(ch)
+		delete(m.waiters, name)
+	}
+}
+
+func (m *podMarks) get(name string) (committed, queued, seen time.Time) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.committed[name], m.queued[name], m.seen[name]
+}
+
+// markedStore is the edge store as the syncer sees it, marking pod commits
+// and queued Running statuses. Decoding each status costs the outbox
+// path some microseconds.
+type markedStore struct {
+	*store.Store
+	m *podMarks
+}
+
+func (s markedStore) Apply(ctx context.Context, changes []store.Change) error {
+	if err := s.Store.Apply(ctx, changes); err != nil {
+		return err
+	}
+	now := time.Now()
+	for _, c := range changes {
+		if c.Op == message.OpUpsert && c.Object.Resource.Kind == "Pod" {
+			s.m.mark(s.m.committed, c.Object.Resource.Name, now)
+		}
+	}
+	return nil
+}
+
+func (s markedStore) Enqueue(ctx context.Context, it store.OutboxItem) (uint64, error) {
+	seq, err := s.Store.Enqueue(ctx, it)
+	if err != nil || it.Op != message.OpStatus || it.Resource.Kind != "Pod" {
+		return seq, err
+	}
+	now := time.Now()
+	var st corev1.PodStatus
+	if json.Unmarshal(it.Data, &st) == nil && runningReady(&corev1.Pod{Status: st}) {
+		s.m.mark(s.m.queued, it.Resource.Name, now)
+	}
+	return seq, err
+}
+
+// watchRunning marks each pod of r's namespace the first time the API
+// server's watch shows it Running and Ready, until tb ends.
+func watchRunning(tb testing.TB, r *podRig, m *podMarks) {
+	w, err := r.cs.CoreV1().Pods(r.ns).Watch(context.Background(), metav1.ListOptions{})
+	require.NoError(tb, err)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for ev := range w.ResultChan() {
+			now := time.Now()
+			if p, ok := ev.Object.(*corev1.Pod); ok && ev.Type != watch.Deleted && runningReady(p) {
+				m.sawRunning(p.Name, now)
+			}
+		}
+	}()
+	tb.Cleanup(func() { w.Stop(); <-done })
+}
+
+// benchPod is the pod of the benchmarks: busybox sleep 3600, host network,
+// the image present, the same container as tests/containerd's
+// BusyboxContainer runs for the baseline.
+func (r *podRig) benchPod(name string) *corev1.Pod {
+	p := r.pod(name, "")
+	p.Spec.Containers[0].Command = []string{"sleep", "3600"}
+	zero := int64(0)
+	p.Spec.TerminationGracePeriodSeconds = &zero
+	return p
+}
+
+// endToEnd creates n pods in the API server, one after another (each once
+// the one before is seen Running) or all at once (from n goroutines), and
+// returns, per pod, the time from the start of its Create call to its
+// watch event with Running and Ready, and its three phases: to the edge
+// store's commit, from there to the outbox, and from there to the watch.
+// Then, untimed, it deletes the pods and waits until containerd runs none.
+func (r *podRig) endToEnd(b *testing.B, m *podMarks, prefix string, n int, together bool) (total, down, edge, up []time.Duration) {
+	ctx := context.Background()
+	names := make([]string, n)
+	created := make([]time.Time, n)
+	waits := make([]<-chan struct{}, n)
+	create := func(i int) error {
+		created[i] = time.Now()
+		_, err := r.cs.CoreV1().Pods(r.ns).Create(ctx, r.benchPod(names[i]), metav1.CreateOptions{})
+		return err
+	}
+	wait := func(i int) {
+		select {
+		case <-waits[i]:
+		case <-time.After(3 * time.Minute):
+			b.Fatalf("pod %s not seen Running within 3 minutes", names[i])
+		}
+	}
+	for i := range names {
+		names[i] = fmt.Sprintf("%s-%d", prefix, i)
+		waits[i] = m.expect(names[i])
+	}
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		if !together {
+			require.NoError(b, create(i))
+			wait(i)
+			continue
+		}
+		wg.Add(1)
+		go func() { defer wg.Done(); errs[i] = create(i) }()
+	}
+	wg.Wait()
+	for i := range n {
+		require.NoError(b, errs[i])
+		wait(i)
+	}
+	for i, name := range names {
+		committed, queued, seen := m.get(name)
+		require.False(b, committed.IsZero() || queued.IsZero(), "pod %s: commit %v, queued %v", name, committed, queued)
+		total = append(total, seen.Sub(created[i]))
+		down = append(down, committed.Sub(created[i]))
+		edge = append(edge, queued.Sub(committed))
+		up = append(up, seen.Sub(queued))
+	}
+	zero := int64(0)
+	for _, name := range names {
+		require.NoError(b, r.cs.CoreV1().Pods(r.ns).Delete(ctx, name, metav1.DeleteOptions{GracePeriodSeconds: &zero}))
+	}
+	require.Eventually(b, func() bool {
+		sbs, err := r.h.Runtime.ListPodSandbox(ctx, nil)
+		return err == nil && len(sbs) == 0
+	}, 3*time.Minute, 50*time.Millisecond, "the deleted pods' sandboxes are removed")
+	return total, down, edge, up
+}
+
+// alone runs n pods of the same sandbox and container straight to
+// containerd (RunPodSandbox, CreateContainer, StartContainer through
+// k8s.io/cri-client), one after another or from n goroutines at once, and
+// returns each one's time; then, untimed, removes them.
+func (r *podRig) alone(b *testing.B, prefix string, n int, together bool) []time.Duration {
+	ctx := context.Background()
+	out := make([]time.Duration, n)
+	ids := make([]string, n)
+	one := func(i int) error {
+		name := fmt.Sprintf("%s-%d", prefix, i)
+		sb := r.h.PodSandboxConfig(name, true)
+		c := r.h.BusyboxContainer(name, "sleep", "3600")
+		t0 := time.Now()
+		id, err := r.h.Runtime.RunPodSandbox(ctx, sb, "")
+		if err != nil {
+			return err
+		}
+		ids[i] = id
+		ctr, err := r.h.Runtime.CreateContainer(ctx, id, c, sb)
+		if err != nil {
+			return err
+		}
+		if err := r.h.Runtime.StartContainer(ctx, ctr); err != nil {
+			return err
+		}
+		out[i] = time.Since(t0)
+		return nil
+	}
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		if !together {
+			errs[i] = one(i)
+			continue
+		}
+		wg.Add(1)
+		go func() { defer wg.Done(); errs[i] = one(i) }()
+	}
+	wg.Wait()
+	for i, err := range errs {
+		require.NoError(b, err)
+		require.NoError(b, r.h.Runtime.StopPodSandbox(ctx, ids[i]))
+		require.NoError(b, r.h.Runtime.RemovePodSandbox(ctx, ids[i]))
+	}
+	return out
+}
+
+// quantileMS is the nearest-rank quantile q of d, in ms.
+func quantileMS(d []time.Duration, q float64) float64 {
+	s := slices.Clone(d)
+	slices.Sort(s)
+	return ms(percentile(s, q))
+}
+
+// BenchmarkPodAPIToRunning (issue 8, section 6) is the whole way of a pod:
+// created in the API server, bound to the edge's node, until the API
+// server's watch shows it Running and Ready. On the way: the cloud's
+// informer and catalog, the dispatcher, the tunnel (QUIC on loopback,
+// production timings), the edge's syncer and SQLite store, the pod
+// manager, EdgeCore's in-process CRI shim, containerd, then the status
+// through the outbox, the tunnel, CloudCore's upstream writer and the API
+// server. 20 pods one after another (seq), 20 created at once (conc).
+// The baseline, in the same run and interleaved with it so that the
+// shared machine's load falls on both alike: containerd alone running the
+// same sandbox and container from scratch (RunPodSandbox,
+// CreateContainer, StartContainer), 20 one after another and 20 from 20
+// goroutines. It reports the p50 and p99 of each, the ratio and the
+// difference of the p50s, and the p50 of each phase of the end-to-end
+// way (down: create to the edge store's commit; edge: commit to the
+// Running status in the outbox; up: outbox to the watch event). ns/op is
+// a whole iteration (80 pods and their teardowns) and means little.
+func BenchmarkPodAPIToRunning(b *testing.B) {
+	m := newPodMarks()
+	r := startPodRig(b, podRigOptions{wrap: func(st *store.Store) syncer.Store { return markedStore{Store: st, m: m} }})
+	watchRunning(b, r, m)
+	const n = 20
+	var seq, seqDown, seqEdge, seqUp, conc, concDown, concEdge, concUp, aloneSeq, aloneConc []time.Duration
+	b.ResetTimer()
+	for i := range b.N {
+		t, d, e, u := r.endToEnd(b, m, fmt.Sprintf("seq%d", i), n, false)
+		seq, seqDown, seqEdge, seqUp = append(seq, t...), append(seqDown, d...), append(seqEdge, e...), append(seqUp, u...)
+		aloneSeq = append(aloneSeq, r.alone(b, fmt.Sprintf("aseq%d", i), n, false)...)
+		t, d, e, u = r.endToEnd(b, m, fmt.Sprintf("conc%d", i), n, true)
+		conc, concDown, concEdge, concUp = append(conc, t...), append(concDown, d...), append(concEdge, e...), append(concUp, u...)
+		aloneConc = append(aloneConc, r.alone(b, fmt.Sprintf("aconc%d", i), n, true)...)
+	}
+	b.StopTimer()
+	for _, s := range []struct {
+		name string
+		d    []time.Duration
+	}{
+		{"seq", seq}, {"alone-seq", aloneSeq}, {"conc", conc}, {"alone-conc", aloneConc},
+	} {
+		b.ReportMetric(quantileMS(s.d, 0.5), s.name+"-p50-ms")
+		b.ReportMetric(quantileMS(s.d, 0.99), s.name+"-p99-ms")
+	}
+	for _, s := range []struct {
+		name                       string
+		e2e, alone, down, edge, up []time.Duration
+	}{
+		{"seq", seq, aloneSeq, seqDown, seqEdge, seqUp}, {"conc", conc, aloneConc, concDown, concEdge, concUp},
+	} {
+		p50, base := quantileMS(s.e2e, 0.5), quantileMS(s.alone, 0.5)
+		b.ReportMetric(p50-base, s.name+"-p50-diff-ms")
+		b.ReportMetric(p50/base, s.name+"-p50-ratio")
+		b.ReportMetric(quantileMS(s.down, 0.5), s.name+"-down-p50-ms")
+		b.ReportMetric(quantileMS(s.edge, 0.5), s.name+"-edge-p50-ms")
+		b.ReportMetric(quantileMS(s.up, 0.5), s.name+"-up-p50-ms")
+	}
+}
