@@ -44,6 +44,7 @@ type podRig struct {
 	c    *cloud
 	e    *edge
 	host string // hostPath volumes live below it
+	logs string // the pod manager's LogDir
 }
 
 // podRigOptions configure startPodRig; the zero value is a host-network
@@ -66,6 +67,9 @@ func startPodRig(tb testing.TB, o podRigOptions) *podRig {
 		opts = append(opts, containerd.WithCNI())
 	}
 	h := containerd.Start(tb, opts...)
+	if o.pods.LogDir == "" {
+		o.pods.LogDir = filepath.Join(tb.TempDir(), "logs")
+	}
 	env := cp.Env(tb)
 	cs := adminClient(tb, env.Config)
 	ns := env.Namespace(tb)
@@ -73,7 +77,7 @@ func startPodRig(tb testing.TB, o podRigOptions) *podRig {
 	id := c.admit(tb, uniqueNode("edge-pods"))
 	e := startEdge(tb, id, dataDir(tb, id.node), c.addr, edgeOptions{timings: o.timings, runtime: h, pods: o.pods, wrap: o.wrap})
 	waitRegistered(tb, cs, c, id.node)
-	return &podRig{cs: cs, ns: ns, node: id.node, h: h, c: c, e: e, host: tb.TempDir()}
+	return &podRig{cs: cs, ns: ns, node: id.node, h: h, c: c, e: e, host: tb.TempDir(), logs: o.pods.LogDir}
 }
 
 // hostDir makes a fresh directory for a hostPath volume and returns it.
@@ -424,6 +428,8 @@ func testGracefulDelete(t *testing.T, r *podRig) {
 	r.waitPod(t, p.Name, 90*time.Second, "Running and Ready", runningReady)
 	// The trap is set before the marker of the start is written.
 	require.Equal(t, "started", readFile(t, filepath.Join(out, "started")))
+	logDir := filepath.Join(r.logs, r.ns+"_"+p.Name+"_"+string(created.UID))
+	require.FileExists(t, filepath.Join(logDir, "main_0.log"), "the container logs where kubelet would")
 
 	ten := int64(10)
 	begin := time.Now()
@@ -449,6 +455,7 @@ func testGracefulDelete(t *testing.T, r *podRig) {
 	})
 	require.NoError(t, err)
 	require.Empty(t, sbs, "the pod's sandbox is removed")
+	require.NoDirExists(t, logDir, "the pod's logs go with it")
 }
 
 // A pod whose request does not fit the node's allocatable is not started
