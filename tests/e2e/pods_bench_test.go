@@ -4,19 +4,28 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"slices"
+	"strconv"
+	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sync/errgroup"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/watch"
 
 	"github.com/tetheredge/tether/common/message"
+	"github.com/tetheredge/tether/edgecore/pods"
 	"github.com/tetheredge/tether/edgecore/store"
 	"github.com/tetheredge/tether/edgecore/syncer"
+	"github.com/tetheredge/tether/tests/containerd"
 )
 
 // podMarks notes, per pod name, when each step of its way from the API
@@ -309,4 +318,131 @@ func BenchmarkPodAPIToRunning(b *testing.B) {
 		b.ReportMetric(quantileMS(s.edge, 0.5), s.name+"-edge-p50-ms")
 		b.ReportMetric(quantileMS(s.up, 0.5), s.name+"-up-p50-ms")
 	}
+}
+
+// BenchmarkEdgeRSS (issue 8, section 6) is a reading, not a timing: the
+// resident memory (VmRSS of /proc/<pid>/status) of EdgeCore as a process
+// of its own, idle (registered, Node Ready, no pods) and once 100 pods
+// (busybox sleep 3600, host network) are Running in the API server, plus
+// the process's peak (VmHWM). The process is this test binary started
+// again as TestEdgeChild, which runs edgecore/app with the CRI shim
+// in-process in front of a private containerd, the pod manager driving
+// the shim, over QUIC to an in-process CloudCore; containerd, its shims
+// and the containers are other processes and not counted. The binary
+// holds every package the tests use (the control plane helpers, CloudCore,
+// client-go's informers), and the ones the child never calls still cost
+// it their package initialisation. With TETHER_E2E_HEAP_PROFILE=path the
+// child's heap profile with 100 pods is copied there. Run with
+// -benchtime 1x.
+func BenchmarkEdgeRSS(b *testing.B) {
+	h := containerd.Start(b)
+	env := cp.Env(b)
+	cs := adminClient(b, env.Config)
+	ns := env.Namespace(b)
+	c := startCloud(b, env.Config, cloudOptions{})
+	id := c.admit(b, uniqueNode("edge-rss"))
+	dir := dataDir(b, id.node)
+	writeChildFiles(b, dir, id, c.addr)
+	criCfg, _ := runtimeConfig(b, h, pods.Config{})
+	for name, v := range map[string]string{"containerd": criCfg.Containerd, "cri-listen": criCfg.Listen} {
+		require.NoError(b, os.WriteFile(filepath.Join(dir, name), []byte(v), 0o600))
+	}
+	cmd := exec.Command(os.Args[0], "-test.run=^TestEdgeChild$", "-test.count=1")
+	cmd.Env = append(os.Environ(), childEnv+"="+dir)
+	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	require.NoError(b, cmd.Start())
+	b.Cleanup(func() {
+		_ = cmd.Process.Signal(syscall.SIGTERM)
+		_ = cmd.Wait()
+	})
+	waitRegistered(b, cs, c, id.node)
+	r := &podRig{cs: cs, ns: ns, node: id.node, h: h}
+	idle := procMemory(b, cmd.Process.Pid)
+
+	const n = 100
+	b.ResetTimer()
+	var full map[string]float64
+	for i := range b.N {
+		var g errgroup.Group
+		g.SetLimit(8)
+		names := make([]string, n)
+		for j := range names {
+			names[j] = fmt.Sprintf("rss%d-%d", i, j)
+			g.Go(func() error {
+				_, err := cs.CoreV1().Pods(ns).Create(context.Background(), r.benchPod(names[j]), metav1.CreateOptions{})
+				return err
+			})
+		}
+		require.NoError(b, g.Wait())
+		running := 0
+		require.Eventually(b, func() bool {
+			list, err := cs.CoreV1().Pods(ns).List(context.Background(), metav1.ListOptions{})
+			if err != nil {
+				return false
+			}
+			running = 0
+			for k := range list.Items {
+				if runningReady(&list.Items[k]) {
+					running++
+				}
+			}
+			return running == n
+		}, 10*time.Minute, time.Second, "%d pods Running in the API server", n)
+		full = procMemory(b, cmd.Process.Pid)
+		b.StopTimer()
+		if path := os.Getenv("TETHER_E2E_HEAP_PROFILE"); path != "" && i == 0 {
+			copyHeapProfile(b, cmd.Process.Pid, filepath.Join(dir, "heap.pprof"), path)
+		}
+		zero := int64(0)
+		for _, name := range names {
+			require.NoError(b, cs.CoreV1().Pods(ns).Delete(context.Background(), name, metav1.DeleteOptions{GracePeriodSeconds: &zero}))
+		}
+		require.Eventually(b, func() bool {
+			sbs, err := h.Runtime.ListPodSandbox(context.Background(), nil)
+			return err == nil && len(sbs) == 0
+		}, 10*time.Minute, 500*time.Millisecond, "the deleted pods' sandboxes are removed")
+		b.StartTimer()
+	}
+	b.ReportMetric(idle["VmRSS"], "idle-rss-MB")
+	b.ReportMetric(full["VmRSS"], "100pods-rss-MB")
+	b.ReportMetric(full["VmHWM"], "peak-rss-MB")
+	b.ReportMetric(full["RssAnon"], "100pods-anon-MB")
+	b.ReportMetric(full["RssFile"], "100pods-file-MB")
+}
+
+// procMemory reads the memory lines of /proc/pid/status that are in kB,
+// in MB.
+func procMemory(tb testing.TB, pid int) map[string]float64 {
+	tb.Helper()
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	require.NoError(tb, err)
+	out := map[string]float64{}
+	for _, line := range strings.Split(string(status), "\n") {
+		k, v, ok := strings.Cut(line, ":")
+		v, isKB := strings.CutSuffix(strings.TrimSpace(v), " kB")
+		if !ok || !isKB {
+			continue
+		}
+		kb, err := strconv.ParseFloat(v, 64)
+		require.NoError(tb, err, "line %q", line)
+		out[k] = kb / 1024
+	}
+	require.Contains(tb, out, "VmRSS")
+	return out
+}
+
+// copyHeapProfile asks the child for a heap profile (SIGUSR1), waits for
+// it at from and copies it to to.
+func copyHeapProfile(tb testing.TB, pid int, from, to string) {
+	tb.Helper()
+	_ = os.Remove(from)
+	require.NoError(tb, syscall.Kill(pid, syscall.SIGUSR1))
+	var data []byte
+	require.Eventually(tb, func() bool {
+		var err error
+		data, err = os.ReadFile(from)
+		return err == nil && len(data) > 0
+	}, 30*time.Second, 50*time.Millisecond, "the child writes its heap profile")
+	require.NoError(tb, os.WriteFile(to, data, 0o644))
+	tb.Logf("heap profile of the child with the pods running: %s", to)
 }
