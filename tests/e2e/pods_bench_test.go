@@ -20,6 +20,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/watch"
+	"k8s.io/client-go/kubernetes"
 
 	"github.com/tetheredge/tether/common/message"
 	"github.com/tetheredge/tether/edgecore/pods"
@@ -324,31 +325,65 @@ func BenchmarkPodAPIToRunning(b *testing.B) {
 // resident memory (VmRSS of /proc/<pid>/status) of EdgeCore as a process
 // of its own, idle (registered, Node Ready, no pods) and once 100 pods
 // (busybox sleep 3600, host network) are Running in the API server, plus
-// the process's peak (VmHWM). The process is this test binary started
-// again as TestEdgeChild, which runs edgecore/app with the CRI shim
-// in-process in front of a private containerd, the pod manager driving
-// the shim, over QUIC to an in-process CloudCore; containerd, its shims
-// and the containers are other processes and not counted. The binary
-// holds every package the tests use (the control plane helpers, CloudCore,
-// client-go's informers), and the ones the child never calls still cost
-// it their package initialisation. With TETHER_E2E_HEAP_PROFILE=path the
-// child's heap profile with 100 pods is copied there. Run with
-// -benchtime 1x.
+// the process's peak (VmHWM) and its anonymous and file-backed shares
+// (RssAnon, RssFile). EdgeCore runs its CRI shim in-process in front of a
+// private containerd, the pod manager driving the shim, over QUIC to an
+// in-process CloudCore; containerd, its shims and the containers are
+// other processes and not counted. Two children:
+//
+//   - test-binary: this test binary started again as TestEdgeChild, which
+//     runs edgecore/app. The binary holds every package the tests use
+//     (the control plane helpers, CloudCore, client-go's informers); the
+//     ones the child never calls still cost it their package
+//     initialisation and the pages of code and data that touches.
+//   - edgecore: the shipped command, built with go build, with
+//     --cri-listen and --containerd. It keeps its pods' logs in
+//     /var/log/pods (it has no flag for another place); the benchmark
+//     removes that directory again if it made it and it is left empty.
+//
+// With TETHER_E2E_HEAP_PROFILE=path the test-binary child's heap profile
+// with 100 pods is copied there. Run with -benchtime 1x.
 func BenchmarkEdgeRSS(b *testing.B) {
 	h := containerd.Start(b)
 	env := cp.Env(b)
 	cs := adminClient(b, env.Config)
-	ns := env.Namespace(b)
 	c := startCloud(b, env.Config, cloudOptions{})
+	criCfg, _ := runtimeConfig(b, h, pods.Config{})
+	b.Run("child=test-binary", func(b *testing.B) {
+		benchEdgeRSS(b, h, c, cs, env.Namespace(b), func(dir string, id identity) *exec.Cmd {
+			for name, v := range map[string]string{"containerd": criCfg.Containerd, "cri-listen": criCfg.Listen} {
+				require.NoError(b, os.WriteFile(filepath.Join(dir, name), []byte(v), 0o600))
+			}
+			cmd := exec.Command(os.Args[0], "-test.run=^TestEdgeChild$", "-test.count=1")
+			cmd.Env = append(os.Environ(), childEnv+"="+dir)
+			return cmd
+		})
+	})
+	b.Run("child=edgecore", func(b *testing.B) {
+		bin := filepath.Join(b.TempDir(), "edgecore")
+		build := exec.Command("go", "build", "-o", bin, "github.com/tetheredge/tether/edgecore/cmd/edgecore")
+		out, err := build.CombinedOutput()
+		require.NoError(b, err, "go build edgecore: %s", out)
+		const podLogs = "/var/log/pods"
+		if _, err := os.Stat(podLogs); err != nil {
+			b.Cleanup(func() { _ = os.Remove(podLogs) }) // only if empty
+		}
+		benchEdgeRSS(b, h, c, cs, env.Namespace(b), func(dir string, id identity) *exec.Cmd {
+			return exec.Command(bin, "--cloud", "quic://"+c.addr, "--node", id.node, "--data-dir", dir,
+				"--tls-cert", filepath.Join(dir, "node.crt"), "--tls-key", filepath.Join(dir, "node.key"), "--ca", filepath.Join(dir, "ca.crt"),
+				"--cri-listen", criCfg.Listen, "--containerd", criCfg.Containerd, "--log-level", "warn")
+		})
+	})
+}
+
+// benchEdgeRSS runs the EdgeCore process that child returns for a fresh
+// node whose identity is in dir, and reads its memory idle and with 100
+// pods.
+func benchEdgeRSS(b *testing.B, h *containerd.Host, c *cloud, cs kubernetes.Interface, ns string, child func(dir string, id identity) *exec.Cmd) {
 	id := c.admit(b, uniqueNode("edge-rss"))
 	dir := dataDir(b, id.node)
 	writeChildFiles(b, dir, id, c.addr)
-	criCfg, _ := runtimeConfig(b, h, pods.Config{})
-	for name, v := range map[string]string{"containerd": criCfg.Containerd, "cri-listen": criCfg.Listen} {
-		require.NoError(b, os.WriteFile(filepath.Join(dir, name), []byte(v), 0o600))
-	}
-	cmd := exec.Command(os.Args[0], "-test.run=^TestEdgeChild$", "-test.count=1")
-	cmd.Env = append(os.Environ(), childEnv+"="+dir)
+	cmd := child(dir, id)
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 	require.NoError(b, cmd.Start())
 	b.Cleanup(func() {
@@ -374,13 +409,12 @@ func BenchmarkEdgeRSS(b *testing.B) {
 			})
 		}
 		require.NoError(b, g.Wait())
-		running := 0
 		require.Eventually(b, func() bool {
 			list, err := cs.CoreV1().Pods(ns).List(context.Background(), metav1.ListOptions{})
 			if err != nil {
 				return false
 			}
-			running = 0
+			running := 0
 			for k := range list.Items {
 				if runningReady(&list.Items[k]) {
 					running++
@@ -390,7 +424,7 @@ func BenchmarkEdgeRSS(b *testing.B) {
 		}, 10*time.Minute, time.Second, "%d pods Running in the API server", n)
 		full = procMemory(b, cmd.Process.Pid)
 		b.StopTimer()
-		if path := os.Getenv("TETHER_E2E_HEAP_PROFILE"); path != "" && i == 0 {
+		if path := os.Getenv("TETHER_E2E_HEAP_PROFILE"); path != "" && i == 0 && cmd.Path == os.Args[0] {
 			copyHeapProfile(b, cmd.Process.Pid, filepath.Join(dir, "heap.pprof"), path)
 		}
 		zero := int64(0)
@@ -404,6 +438,7 @@ func BenchmarkEdgeRSS(b *testing.B) {
 		b.StartTimer()
 	}
 	b.ReportMetric(idle["VmRSS"], "idle-rss-MB")
+	b.ReportMetric(idle["RssAnon"], "idle-anon-MB")
 	b.ReportMetric(full["VmRSS"], "100pods-rss-MB")
 	b.ReportMetric(full["VmHWM"], "peak-rss-MB")
 	b.ReportMetric(full["RssAnon"], "100pods-anon-MB")
