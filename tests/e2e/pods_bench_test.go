@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -15,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/stretchr/testify/require"
 	"golang.org/x/sync/errgroup"
 	corev1 "k8s.io/api/core/v1"
@@ -153,10 +155,10 @@ func (r *podRig) benchPod(name string) *corev1.Pod {
 // returns, per pod, the time from the start of its Create call to its
 // watch event with Running and Ready, and its three phases: to the edge
 // store's commit, from there to the outbox, and from there to the watch.
-// Then, untimed, it deletes the pods and waits until containerd runs none.
-func (r *podRig) endToEnd(b *testing.B, m *podMarks, prefix string, n int, together bool) (total, down, edge, up []time.Duration) {
+// It returns the pods' names for removePods.
+func (r *podRig) endToEnd(b *testing.B, m *podMarks, prefix string, n int, together bool) (p phases, names []string) {
 	ctx := context.Background()
-	names := make([]string, n)
+	names = make([]string, n)
 	created := make([]time.Time, n)
 	waits := make([]<-chan struct{}, n)
 	create := func(i int) error {
@@ -194,67 +196,100 @@ func (r *podRig) endToEnd(b *testing.B, m *podMarks, prefix string, n int, toget
 	for i, name := range names {
 		committed, queued, seen := m.get(name)
 		require.False(b, committed.IsZero() || queued.IsZero(), "pod %s: commit %v, queued %v", name, committed, queued)
-		total = append(total, seen.Sub(created[i]))
-		down = append(down, committed.Sub(created[i]))
-		edge = append(edge, queued.Sub(committed))
-		up = append(up, seen.Sub(queued))
+		p.total = append(p.total, seen.Sub(created[i]))
+		p.down = append(p.down, committed.Sub(created[i]))
+		p.edge = append(p.edge, queued.Sub(committed))
+		p.up = append(p.up, seen.Sub(queued))
 	}
-	zero := int64(0)
-	for _, name := range names {
-		require.NoError(b, r.cs.CoreV1().Pods(r.ns).Delete(ctx, name, metav1.DeleteOptions{GracePeriodSeconds: &zero}))
-	}
-	require.Eventually(b, func() bool {
-		sbs, err := r.h.Runtime.ListPodSandbox(ctx, nil)
-		return err == nil && len(sbs) == 0
-	}, 3*time.Minute, 50*time.Millisecond, "the deleted pods' sandboxes are removed")
-	return total, down, edge, up
+	return p, names
 }
 
-// alone runs n pods of the same sandbox and container straight to
-// containerd (RunPodSandbox, CreateContainer, StartContainer through
-// k8s.io/cri-client), one after another or from n goroutines at once, and
-// returns each one's time; then, untimed, removes them.
-func (r *podRig) alone(b *testing.B, prefix string, n int, together bool) []time.Duration {
+// phases are the times of endToEnd's pods.
+type phases struct{ total, down, edge, up []time.Duration }
+
+func (p *phases) add(o phases) {
+	p.total, p.down, p.edge, p.up = append(p.total, o.total...), append(p.down, o.down...), append(p.edge, o.edge...), append(p.up, o.up...)
+}
+
+// removePods deletes the pods with grace period 0 and waits until
+// containerd runs no sandbox, within timeout.
+func (r *podRig) removePods(tb testing.TB, names []string, timeout time.Duration) {
+	tb.Helper()
 	ctx := context.Background()
-	out := make([]time.Duration, n)
-	ids := make([]string, n)
-	one := func(i int) error {
-		name := fmt.Sprintf("%s-%d", prefix, i)
-		sb := r.h.PodSandboxConfig(name, true)
-		c := r.h.BusyboxContainer(name, "sleep", "3600")
-		t0 := time.Now()
-		id, err := r.h.Runtime.RunPodSandbox(ctx, sb, "")
-		if err != nil {
-			return err
-		}
-		ids[i] = id
-		ctr, err := r.h.Runtime.CreateContainer(ctx, id, c, sb)
-		if err != nil {
-			return err
-		}
-		if err := r.h.Runtime.StartContainer(ctx, ctr); err != nil {
-			return err
-		}
-		out[i] = time.Since(t0)
-		return nil
+	zero := int64(0)
+	for _, name := range names {
+		require.NoError(tb, r.cs.CoreV1().Pods(r.ns).Delete(ctx, name, metav1.DeleteOptions{GracePeriodSeconds: &zero}))
 	}
-	errs := make([]error, n)
-	var wg sync.WaitGroup
-	for i := range n {
-		if !together {
-			errs[i] = one(i)
+	require.Eventually(tb, func() bool {
+		sbs, err := r.h.Runtime.ListPodSandbox(ctx, nil)
+		return err == nil && len(sbs) == 0
+	}, timeout, 100*time.Millisecond, "the deleted pods' sandboxes are removed")
+}
+
+// criCalls are the shim's calls by method (tether_cri_call_seconds): how
+// many, and their time in all.
+type criCalls map[string]struct {
+	n   uint64
+	sum float64
+}
+
+func readCRICalls(tb testing.TB, g prometheus.Gatherer) criCalls {
+	tb.Helper()
+	mfs, err := g.Gather()
+	require.NoError(tb, err)
+	out := criCalls{}
+	for _, mf := range mfs {
+		if mf.GetName() != "tether_cri_call_seconds" {
 			continue
 		}
-		wg.Add(1)
-		go func() { defer wg.Done(); errs[i] = one(i) }()
+		for _, m := range mf.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == "method" {
+					out[l.GetValue()] = struct {
+						n   uint64
+						sum float64
+					}{m.GetHistogram().GetSampleCount(), m.GetHistogram().GetSampleSum()}
+				}
+			}
+		}
 	}
-	wg.Wait()
-	for i, err := range errs {
-		require.NoError(b, err)
-		require.NoError(b, r.h.Runtime.StopPodSandbox(ctx, ids[i]))
-		require.NoError(b, r.h.Runtime.RemovePodSandbox(ctx, ids[i]))
-	}
+	require.NotEmpty(tb, out, "the shim's call histogram")
 	return out
+}
+
+// perPod describes the calls made between before and after for pods pods:
+// calls and ms per pod for each method, most time first, and the total
+// ms per pod.
+func perPod(before, after criCalls, pods int) (string, float64) {
+	type row struct {
+		method string
+		n, ms  float64
+	}
+	var rows []row
+	total := 0.0
+	for method, a := range after {
+		b := before[method]
+		if a.n == b.n {
+			continue
+		}
+		ms := (a.sum - b.sum) * 1000 / float64(pods)
+		rows = append(rows, row{method, float64(a.n-b.n) / float64(pods), ms})
+		total += ms
+	}
+	slices.SortFunc(rows, func(x, y row) int { return cmp.Compare(y.ms, x.ms) })
+	var sb strings.Builder
+	for _, r := range rows {
+		fmt.Fprintf(&sb, "%s %.1f×/%.1fms ", r.method, r.n, r.ms)
+	}
+	return sb.String(), total
+}
+
+// alone is containerd alone: the same sandbox and container straight to
+// containerd (tests/containerd's RunAlone).
+func (r *podRig) alone(b *testing.B, prefix string, n int, together bool) []time.Duration {
+	d, err := r.h.RunAlone(context.Background(), prefix, n, together)
+	require.NoError(b, err)
+	return d
 }
 
 // quantileMS is the nearest-rank quantile q of d, in ms.
@@ -279,45 +314,59 @@ func quantileMS(d []time.Duration, q float64) float64 {
 // goroutines. It reports the p50 and p99 of each, the ratio and the
 // difference of the p50s, and the p50 of each phase of the end-to-end
 // way (down: create to the edge store's commit; edge: commit to the
-// Running status in the outbox; up: outbox to the watch event). ns/op is
-// a whole iteration (80 pods and their teardowns) and means little.
+// Running status in the outbox; up: outbox to the watch event), and
+// shim-ms/pod: the time EdgeCore's CRI calls took in the shim
+// (tether_cri_call_seconds, containerd included) during a round, per pod,
+// the median over the rounds; each round's calls per method are logged.
+// ns/op is a whole iteration (80 pods and their teardowns) and means
+// little.
 func BenchmarkPodAPIToRunning(b *testing.B) {
 	m := newPodMarks()
 	r := startPodRig(b, podRigOptions{wrap: func(st *store.Store) syncer.Store { return markedStore{Store: st, m: m} }})
 	watchRunning(b, r, m)
 	const n = 20
-	var seq, seqDown, seqEdge, seqUp, conc, concDown, concEdge, concUp, aloneSeq, aloneConc []time.Duration
+	var seq, conc phases
+	var aloneSeq, aloneConc []time.Duration
+	var shimSeq, shimConc []float64
 	b.ResetTimer()
 	for i := range b.N {
-		t, d, e, u := r.endToEnd(b, m, fmt.Sprintf("seq%d", i), n, false)
-		seq, seqDown, seqEdge, seqUp = append(seq, t...), append(seqDown, d...), append(seqEdge, e...), append(seqUp, u...)
+		calls := readCRICalls(b, r.e.reg)
+		p, names := r.endToEnd(b, m, fmt.Sprintf("seq%d", i), n, false)
+		desc, ms := perPod(calls, readCRICalls(b, r.e.reg), n)
+		b.Logf("seq round %d, shim calls per pod: %s", i, desc)
+		seq.add(p)
+		shimSeq = append(shimSeq, ms)
+		r.removePods(b, names, 3*time.Minute)
 		aloneSeq = append(aloneSeq, r.alone(b, fmt.Sprintf("aseq%d", i), n, false)...)
-		t, d, e, u = r.endToEnd(b, m, fmt.Sprintf("conc%d", i), n, true)
-		conc, concDown, concEdge, concUp = append(conc, t...), append(concDown, d...), append(concEdge, e...), append(concUp, u...)
+
+		calls = readCRICalls(b, r.e.reg)
+		p, names = r.endToEnd(b, m, fmt.Sprintf("conc%d", i), n, true)
+		desc, ms = perPod(calls, readCRICalls(b, r.e.reg), n)
+		b.Logf("conc round %d, shim calls per pod: %s", i, desc)
+		conc.add(p)
+		shimConc = append(shimConc, ms)
+		r.removePods(b, names, 3*time.Minute)
 		aloneConc = append(aloneConc, r.alone(b, fmt.Sprintf("aconc%d", i), n, true)...)
 	}
 	b.StopTimer()
 	for _, s := range []struct {
 		name string
-		d    []time.Duration
-	}{
-		{"seq", seq}, {"alone-seq", aloneSeq}, {"conc", conc}, {"alone-conc", aloneConc},
-	} {
-		b.ReportMetric(quantileMS(s.d, 0.5), s.name+"-p50-ms")
-		b.ReportMetric(quantileMS(s.d, 0.99), s.name+"-p99-ms")
-	}
-	for _, s := range []struct {
-		name                       string
-		e2e, alone, down, edge, up []time.Duration
-	}{
-		{"seq", seq, aloneSeq, seqDown, seqEdge, seqUp}, {"conc", conc, aloneConc, concDown, concEdge, concUp},
-	} {
-		p50, base := quantileMS(s.e2e, 0.5), quantileMS(s.alone, 0.5)
+		e2e  phases
+		base []time.Duration
+		shim []float64
+	}{{"seq", seq, aloneSeq, shimSeq}, {"conc", conc, aloneConc, shimConc}} {
+		p50, base := quantileMS(s.e2e.total, 0.5), quantileMS(s.base, 0.5)
+		b.ReportMetric(p50, s.name+"-p50-ms")
+		b.ReportMetric(quantileMS(s.e2e.total, 0.99), s.name+"-p99-ms")
+		b.ReportMetric(base, "alone-"+s.name+"-p50-ms")
+		b.ReportMetric(quantileMS(s.base, 0.99), "alone-"+s.name+"-p99-ms")
 		b.ReportMetric(p50-base, s.name+"-p50-diff-ms")
 		b.ReportMetric(p50/base, s.name+"-p50-ratio")
-		b.ReportMetric(quantileMS(s.down, 0.5), s.name+"-down-p50-ms")
-		b.ReportMetric(quantileMS(s.edge, 0.5), s.name+"-edge-p50-ms")
-		b.ReportMetric(quantileMS(s.up, 0.5), s.name+"-up-p50-ms")
+		b.ReportMetric(quantileMS(s.e2e.down, 0.5), s.name+"-down-p50-ms")
+		b.ReportMetric(quantileMS(s.e2e.edge, 0.5), s.name+"-edge-p50-ms")
+		b.ReportMetric(quantileMS(s.e2e.up, 0.5), s.name+"-up-p50-ms")
+		slices.Sort(s.shim)
+		b.ReportMetric(s.shim[len(s.shim)/2], s.name+"-shim-ms/pod")
 	}
 }
 
@@ -427,14 +476,7 @@ func benchEdgeRSS(b *testing.B, h *containerd.Host, c *cloud, cs kubernetes.Inte
 		if path := os.Getenv("TETHER_E2E_HEAP_PROFILE"); path != "" && i == 0 && cmd.Path == os.Args[0] {
 			copyHeapProfile(b, cmd.Process.Pid, filepath.Join(dir, "heap.pprof"), path)
 		}
-		zero := int64(0)
-		for _, name := range names {
-			require.NoError(b, cs.CoreV1().Pods(ns).Delete(context.Background(), name, metav1.DeleteOptions{GracePeriodSeconds: &zero}))
-		}
-		require.Eventually(b, func() bool {
-			sbs, err := h.Runtime.ListPodSandbox(context.Background(), nil)
-			return err == nil && len(sbs) == 0
-		}, 10*time.Minute, 500*time.Millisecond, "the deleted pods' sandboxes are removed")
+		r.removePods(b, names, 10*time.Minute)
 		b.StartTimer()
 	}
 	b.ReportMetric(idle["VmRSS"], "idle-rss-MB")
