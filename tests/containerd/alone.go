@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"sync"
 	"time"
+
+	internalapi "k8s.io/cri-api/pkg/apis"
 )
 
 // RunAlone is the runtime baseline of the pod benchmarks (issue 8, section
@@ -14,8 +16,9 @@ import (
 // (RunPodSandbox, CreateContainer, StartContainer), one after another or
 // from n goroutines at once. It returns each pod's time from the start of
 // RunPodSandbox to StartContainer's return, then removes the pods
-// (untimed).
-func (h *Host) RunAlone(ctx context.Context, prefix string, n int, together bool) ([]time.Duration, error) {
+// (untimed). rt is the CRI client to use: h.Runtime for containerd
+// alone, or one connected to a CRI shim in front of h.
+func (h *Host) RunAlone(ctx context.Context, rt internalapi.RuntimeService, prefix string, n int, together bool) ([]time.Duration, error) {
 	out := make([]time.Duration, n)
 	ids := make([]string, n)
 	one := func(i int) error {
@@ -23,16 +26,16 @@ func (h *Host) RunAlone(ctx context.Context, prefix string, n int, together bool
 		sb := h.PodSandboxConfig(name, true)
 		c := h.BusyboxContainer(name, "sleep", "3600")
 		t0 := time.Now()
-		id, err := h.Runtime.RunPodSandbox(ctx, sb, "")
+		id, err := rt.RunPodSandbox(ctx, sb, "")
 		if err != nil {
 			return fmt.Errorf("run sandbox %s: %w", name, err)
 		}
 		ids[i] = id
-		ctr, err := h.Runtime.CreateContainer(ctx, id, c, sb)
+		ctr, err := rt.CreateContainer(ctx, id, c, sb)
 		if err != nil {
 			return fmt.Errorf("create container %s: %w", name, err)
 		}
-		if err := h.Runtime.StartContainer(ctx, ctr); err != nil {
+		if err := rt.StartContainer(ctx, ctr); err != nil {
 			return fmt.Errorf("start container %s: %w", name, err)
 		}
 		out[i] = time.Since(t0)
@@ -53,9 +56,9 @@ func (h *Host) RunAlone(ctx context.Context, prefix string, n int, together bool
 		if id == "" {
 			continue
 		}
-		if err := h.Runtime.StopPodSandbox(ctx, id); err != nil {
+		if err := rt.StopPodSandbox(ctx, id); err != nil {
 			errs = append(errs, fmt.Errorf("stop sandbox %s: %w", id, err))
-		} else if err := h.Runtime.RemovePodSandbox(ctx, id); err != nil {
+		} else if err := rt.RemovePodSandbox(ctx, id); err != nil {
 			errs = append(errs, fmt.Errorf("remove sandbox %s: %w", id, err))
 		}
 	}

@@ -346,7 +346,10 @@ type edge struct {
 	app  *edgeapp.App
 	st   *store.Store
 	reg  *promtest.Registry
-	stop func()
+	// criSocket is the in-process CRI shim's socket (edgeOptions.runtime),
+	// empty without.
+	criSocket string
+	stop      func()
 }
 
 // startEdge runs EdgeCore with identity id and its data in dataDir,
@@ -382,7 +385,7 @@ func startEdge(tb testing.TB, id identity, dataDir, cloudAddr string, o edgeOpti
 	}
 	done := make(chan error, 1)
 	go func() { done <- a.Run(ctx) }()
-	e := &edge{node: id.node, app: a, st: a.Store(), reg: reg}
+	e := &edge{node: id.node, app: a, st: a.Store(), reg: reg, criSocket: cfg.CRI.Listen}
 	e.stop = sync.OnceFunc(func() {
 		cancel()
 		require.NoError(tb, <-done)

@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/go-logr/logr"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/stretchr/testify/require"
 	"golang.org/x/sync/errgroup"
@@ -23,6 +24,9 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/kubernetes"
+	cri "k8s.io/cri-api/pkg/apis"
+	remote "k8s.io/cri-client/pkg"
+	"k8s.io/klog/v2"
 
 	"github.com/tetheredge/tether/common/message"
 	"github.com/tetheredge/tether/edgecore/pods"
@@ -285,11 +289,42 @@ func perPod(before, after criCalls, pods int) (string, float64) {
 }
 
 // alone is containerd alone: the same sandbox and container straight to
-// containerd (tests/containerd's RunAlone).
-func (r *podRig) alone(b *testing.B, prefix string, n int, together bool) []time.Duration {
-	d, err := r.h.RunAlone(context.Background(), prefix, n, together)
+// containerd through rt (tests/containerd's RunAlone).
+func (r *podRig) alone(b *testing.B, rt cri.RuntimeService, prefix string, n int, together bool) []time.Duration {
+	d, err := r.h.RunAlone(context.Background(), rt, prefix, n, together)
 	require.NoError(b, err)
 	return d
+}
+
+// pairedShim runs n pairs of the baseline's pod, one straight to
+// containerd and one through the shim (rt), the order swapped every pair,
+// and returns each pair's difference, shim minus direct: the shim's share
+// with the load of the moment cancelled out.
+func (r *podRig) pairedShim(b *testing.B, shim cri.RuntimeService, prefix string, n int) []time.Duration {
+	out := make([]time.Duration, n)
+	for j := range n {
+		direct := func() time.Duration { return r.alone(b, r.h.Runtime, fmt.Sprintf("%s-%d-d", prefix, j), 1, false)[0] }
+		via := func() time.Duration { return r.alone(b, shim, fmt.Sprintf("%s-%d-s", prefix, j), 1, false)[0] }
+		if j%2 == 0 {
+			d := direct()
+			out[j] = via() - d
+		} else {
+			v := via()
+			out[j] = v - direct()
+		}
+	}
+	return out
+}
+
+// shimClient is a CRI client of the edge's in-process shim, closed when tb
+// ends.
+func (r *podRig) shimClient(tb testing.TB) cri.RuntimeService {
+	tb.Helper()
+	ctx := klog.NewContext(context.Background(), logr.Discard())
+	rt, err := remote.NewRemoteRuntimeService(ctx, "unix://"+r.e.criSocket, time.Minute, nil, false)
+	require.NoError(tb, err)
+	tb.Cleanup(func() { _ = rt.Close(ctx) })
+	return rt
 }
 
 // quantileMS is the nearest-rank quantile q of d, in ms.
@@ -311,7 +346,10 @@ func quantileMS(d []time.Duration, q float64) float64 {
 // shared machine's load falls on both alike: containerd alone running the
 // same sandbox and container from scratch (RunPodSandbox,
 // CreateContainer, StartContainer), 20 one after another and 20 from 20
-// goroutines. It reports the p50 and p99 of each, the ratio and the
+// goroutines; and shim-paired-diff: 20 pairs of the baseline's pod, one
+// straight to containerd and one through EdgeCore's shim, order swapped
+// every pair, the p50 of the differences (the shim's share, without the
+// pod manager and with the baseline's minimal configs). It reports the p50 and p99 of each, the ratio and the
 // difference of the p50s, and the p50 of each phase of the end-to-end
 // way (down: create to the edge store's commit; edge: commit to the
 // Running status in the outbox; up: outbox to the watch event), and
@@ -328,6 +366,8 @@ func BenchmarkPodAPIToRunning(b *testing.B) {
 	var seq, conc phases
 	var aloneSeq, aloneConc []time.Duration
 	var shimSeq, shimConc []float64
+	var viaShim []time.Duration
+	shim := r.shimClient(b)
 	b.ResetTimer()
 	for i := range b.N {
 		calls := readCRICalls(b, r.e.reg)
@@ -337,7 +377,8 @@ func BenchmarkPodAPIToRunning(b *testing.B) {
 		seq.add(p)
 		shimSeq = append(shimSeq, ms)
 		r.removePods(b, names, 3*time.Minute)
-		aloneSeq = append(aloneSeq, r.alone(b, fmt.Sprintf("aseq%d", i), n, false)...)
+		aloneSeq = append(aloneSeq, r.alone(b, r.h.Runtime, fmt.Sprintf("aseq%d", i), n, false)...)
+		viaShim = append(viaShim, r.pairedShim(b, shim, fmt.Sprintf("pair%d", i), n)...)
 
 		calls = readCRICalls(b, r.e.reg)
 		p, names = r.endToEnd(b, m, fmt.Sprintf("conc%d", i), n, true)
@@ -346,7 +387,7 @@ func BenchmarkPodAPIToRunning(b *testing.B) {
 		conc.add(p)
 		shimConc = append(shimConc, ms)
 		r.removePods(b, names, 3*time.Minute)
-		aloneConc = append(aloneConc, r.alone(b, fmt.Sprintf("aconc%d", i), n, true)...)
+		aloneConc = append(aloneConc, r.alone(b, r.h.Runtime, fmt.Sprintf("aconc%d", i), n, true)...)
 	}
 	b.StopTimer()
 	for _, s := range []struct {
@@ -368,6 +409,7 @@ func BenchmarkPodAPIToRunning(b *testing.B) {
 		slices.Sort(s.shim)
 		b.ReportMetric(s.shim[len(s.shim)/2], s.name+"-shim-ms/pod")
 	}
+	b.ReportMetric(quantileMS(viaShim, 0.5), "shim-paired-diff-p50-ms")
 }
 
 // BenchmarkEdgeRSS (issue 8, section 6) is a reading, not a timing: the
