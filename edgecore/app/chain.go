@@ -7,6 +7,10 @@ import (
 	"sync"
 	"time"
 
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
+
 	"github.com/tetheredge/tether/edgecore/cri"
 	"github.com/tetheredge/tether/edgecore/nodestatus"
 	"github.com/tetheredge/tether/edgecore/pods"
@@ -71,10 +75,20 @@ func (s shimEvents) pump(ctx context.Context, src <-chan cri.Event) error {
 // connectViaShim connects the pod manager's CRI clients to the shim once it
 // serves (retrying while its socket comes up), builds the pod manager and
 // tells node status about the runtime.
+//
+// Each attempt first asks the shim's Version on a connection of its own,
+// which it closes, and connects cri-client only once that answered:
+// cri-client's constructors check the runtime with a Version call too,
+// but a failed check leaks the gRPC connection they made (it is neither
+// returned nor closed), and this loop retries until the shim and
+// containerd answer.
 func (a *App) connectViaShim(ctx context.Context) error {
 	delay := 20 * time.Millisecond
 	for {
-		err := a.connectCRI(ctx)
+		err := a.shimAnswers(ctx)
+		if err == nil {
+			err = a.connectCRI(ctx)
+		}
 		if err == nil {
 			break
 		}
@@ -97,5 +111,21 @@ func (a *App) connectViaShim(ctx context.Context) error {
 		return fmt.Errorf("pod manager: %w", err)
 	}
 	a.late.set(nodestatus.CRI{Service: a.rt})
+	return nil
+}
+
+// shimAnswers asks the in-process shim for its Version over its socket,
+// within a second, on a connection it closes again.
+func (a *App) shimAnswers(ctx context.Context) error {
+	conn, err := grpc.NewClient("unix://"+a.cfg.CRI.Listen, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return fmt.Errorf("dial cri shim: %w", err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(ctx, time.Second)
+	defer cancel()
+	if _, err := runtimeapi.NewRuntimeServiceClient(conn).Version(ctx, &runtimeapi.VersionRequest{}); err != nil {
+		return fmt.Errorf("ask cri shim for its version: %w", err)
+	}
 	return nil
 }

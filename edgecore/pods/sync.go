@@ -9,10 +9,13 @@ import (
 	"os"
 	"slices"
 	"strconv"
+	"strings"
 	"time"
 
 	"golang.org/x/sync/errgroup"
 	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/tetheredge/tether/common/message"
@@ -119,8 +122,28 @@ func (m *Manager) teardown(ctx context.Context, sb *runtimeapi.PodSandbox, grace
 	if err := m.removeVolumes(sb.GetMetadata().GetUid()); err != nil {
 		return err
 	}
+	// The pod goes, and its logs with it, as kubelet removes the log
+	// directories of pods that are gone (else LogDir grows with every pod
+	// the node ever ran).
+	if err := m.removeLogs(sb.GetMetadata()); err != nil {
+		return err
+	}
 	m.logger.Info("pod sandbox removed", "pod", sb.GetMetadata().GetNamespace()+"/"+sb.GetMetadata().GetName(),
 		"pod_uid", sb.GetMetadata().GetUid(), "sandbox", sb.GetId())
+	return nil
+}
+
+// removeLogs removes the log directory of the pod of sandbox md.
+func (m *Manager) removeLogs(md *runtimeapi.PodSandboxMetadata) error {
+	for _, part := range []string{md.GetNamespace(), md.GetName(), md.GetUid()} {
+		if part == "" || part == "." || part == ".." || strings.ContainsRune(part, '/') {
+			return fmt.Errorf("remove pod logs: bad sandbox metadata %q/%q/%q", md.GetNamespace(), md.GetName(), md.GetUid())
+		}
+	}
+	pod := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: md.GetNamespace(), Name: md.GetName(), UID: types.UID(md.GetUid())}}
+	if err := os.RemoveAll(podLogDir(m.cfg.LogDir, pod)); err != nil {
+		return fmt.Errorf("remove pod logs: %w", err)
+	}
 	return nil
 }
 

@@ -6,23 +6,29 @@ import (
 	"crypto/x509"
 	"database/sql"
 	"encoding/pem"
+	"errors"
 	"os"
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"runtime"
+	"runtime/pprof"
 	"slices"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/go-logr/logr"
 	_ "github.com/mattn/go-sqlite3" // read-only peek at the child's database
 	"github.com/stretchr/testify/require"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/klog/v2"
 
 	"github.com/tetheredge/tether/common/pki"
 	edgeapp "github.com/tetheredge/tether/edgecore/app"
 	"github.com/tetheredge/tether/edgecore/nodestatus"
+	"github.com/tetheredge/tether/edgecore/pods"
 	"github.com/tetheredge/tether/edgecore/syncer"
 	"github.com/tetheredge/tether/tests/promtest"
 	"github.com/tetheredge/tether/tests/testlog"
@@ -30,9 +36,12 @@ import (
 
 const childEnv = "TETHER_E2E_EDGE_CHILD"
 
-// TestEdgeChild is the EdgeCore process that TestEdgeKill9 kills: the
-// shipped wiring (edgecore/app) on the identity and data directory the
-// test prepared. It does nothing unless started by that test.
+// TestEdgeChild is the EdgeCore process that TestEdgeKill9 kills and
+// BenchmarkEdgeRSS measures: the shipped wiring (edgecore/app) on the
+// identity and data directory the test prepared (writeChildFiles). With a
+// containerd endpoint in the directory it runs the CRI shim in-process
+// and its pods; SIGUSR1 then writes a heap profile to heap.pprof. It does
+// nothing unless started by such a test.
 func TestEdgeChild(t *testing.T) {
 	dir := os.Getenv(childEnv)
 	if dir == "" {
@@ -53,15 +62,60 @@ func TestEdgeChild(t *testing.T) {
 		require.NoError(t, err)
 		return string(b)
 	}
-	a, err := edgeapp.New(ctx, edgeapp.Config{
+	cfg := edgeapp.Config{
 		Cloud: []string{"quic://" + read("addr")}, Node: read("node"), Certificate: pair, CA: ca,
 		IdentityDir: dir, DataDir: dir, Syncer: syncer.Config{MaxBatch: 64},
 		NodeStatus: nodestatus.Config{Now: func() time.Time { return stableEpoch }, MemoryBytes: 4 << 30},
 		Logger:     testlog.New(),
-	})
+	}
+	if _, err := os.Stat(filepath.Join(dir, "containerd")); err == nil {
+		cfg.CRI = edgeapp.CRIConfig{Listen: read("cri-listen"), Containerd: read("containerd")}
+		cfg.Pods = pods.Config{HostIPs: []string{"127.0.0.1"}, LogDir: filepath.Join(dir, "logs")}
+		cfg.NodeStatus.RequireRuntime = true
+		profiled := heapProfileOnSignal(t, filepath.Join(dir, "heap.pprof"))
+		defer profiled()
+	}
+	a, err := edgeapp.New(klog.NewContext(ctx, logr.Discard()), cfg)
 	require.NoError(t, err)
 	_ = a.Run(ctx)
 	_ = a.Close()
+}
+
+// heapProfileOnSignal writes a heap profile to path on every SIGUSR1 until
+// the returned stop is called.
+func heapProfileOnSignal(t *testing.T, path string) (stop func()) {
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGUSR1)
+	quit, done := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			select {
+			case <-quit:
+				return
+			case <-sig:
+				runtime.GC()
+				f, err := os.Create(path + ".tmp")
+				if err == nil {
+					err = errors.Join(pprof.Lookup("heap").WriteTo(f, 0), f.Close(), os.Rename(path+".tmp", path))
+				}
+				if err != nil {
+					t.Errorf("write heap profile: %v", err)
+				}
+			}
+		}
+	}()
+	return func() { signal.Stop(sig); close(quit); <-done }
+}
+
+// writeChildFiles writes what TestEdgeChild reads into dir: the node's
+// certificate, key and CA, the cloud's address and the node's name.
+func writeChildFiles(tb testing.TB, dir string, id identity, cloudAddr string) {
+	tb.Helper()
+	require.NoError(tb, pki.WriteFiles(filepath.Join(dir, "node.crt"), id.cert.Leaf, filepath.Join(dir, "node.key"), id.key))
+	require.NoError(tb, pki.WriteFiles(filepath.Join(dir, "ca.crt"), id.ca, "", nil))
+	require.NoError(tb, os.WriteFile(filepath.Join(dir, "addr"), []byte(cloudAddr), 0o600))
+	require.NoError(tb, os.WriteFile(filepath.Join(dir, "node"), []byte(id.node), 0o600))
 }
 
 // TestEdgeKill9 kills an EdgeCore process with SIGKILL while it applies the
@@ -82,10 +136,7 @@ func TestEdgeKill9(t *testing.T) {
 	id := c.admit(t, node)
 
 	dir := dataDir(t, node)
-	require.NoError(t, pki.WriteFiles(filepath.Join(dir, "node.crt"), id.cert.Leaf, filepath.Join(dir, "node.key"), id.key))
-	require.NoError(t, pki.WriteFiles(filepath.Join(dir, "ca.crt"), id.ca, "", nil))
-	require.NoError(t, os.WriteFile(filepath.Join(dir, "addr"), []byte(c.addr), 0o600))
-	require.NoError(t, os.WriteFile(filepath.Join(dir, "node"), []byte(node), 0o600))
+	writeChildFiles(t, dir, id, c.addr)
 	dbFile := storePath(dir)
 
 	cmd := exec.Command(os.Args[0], "-test.run=^TestEdgeChild$", "-test.count=1")

@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/go-logr/logr"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	corev1 "k8s.io/api/core/v1"
@@ -25,6 +26,7 @@ import (
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
+	"k8s.io/klog/v2"
 
 	cloudapp "github.com/tetheredge/tether/cloudcore/app"
 	"github.com/tetheredge/tether/cloudcore/catalog"
@@ -33,8 +35,10 @@ import (
 	"github.com/tetheredge/tether/common/pki"
 	edgeapp "github.com/tetheredge/tether/edgecore/app"
 	"github.com/tetheredge/tether/edgecore/nodestatus"
+	"github.com/tetheredge/tether/edgecore/pods"
 	"github.com/tetheredge/tether/edgecore/store"
 	"github.com/tetheredge/tether/edgecore/syncer"
+	"github.com/tetheredge/tether/tests/containerd"
 	"github.com/tetheredge/tether/tests/controlplane"
 	"github.com/tetheredge/tether/tests/promtest"
 	"github.com/tetheredge/tether/tests/testlog"
@@ -322,6 +326,15 @@ type edgeOptions struct {
 	// changes nothing, and a test can count exactly what a reconnect
 	// sends.
 	nodeStatus nodestatus.Config
+	// runtime, when set, runs EdgeCore's CRI shim in-process in front of
+	// this containerd, and the pod manager drives the shim (what
+	// `edgecore --cri-listen --containerd` runs); the Node then requires
+	// the runtime to be Ready. Nil: no shim and no pods, as the sync
+	// tests need.
+	runtime *containerd.Host
+	// pods tunes the pod manager when runtime is set; its zero HostIPs
+	// are 127.0.0.1 and its zero LogDir a directory of the test's.
+	pods pods.Config
 }
 
 // stableEpoch is the edges' clock unless a test gives one.
@@ -333,7 +346,10 @@ type edge struct {
 	app  *edgeapp.App
 	st   *store.Store
 	reg  *promtest.Registry
-	stop func()
+	// criSocket is the in-process CRI shim's socket (edgeOptions.runtime),
+	// empty without.
+	criSocket string
+	stop      func()
 }
 
 // startEdge runs EdgeCore with identity id and its data in dataDir,
@@ -349,21 +365,27 @@ func startEdge(tb testing.TB, id identity, dataDir, cloudAddr string, o edgeOpti
 	}
 	keepAlive, deadPeer := timingsOf(o.timings)
 	reg := promtest.NewRegistry()
-	ctx, cancel := context.WithCancel(context.Background())
-	a, err := edgeapp.New(ctx, edgeapp.Config{
+	// cri-client logs through klog: its logger is the context's.
+	ctx, cancel := context.WithCancel(klog.NewContext(context.Background(), logr.Discard()))
+	cfg := edgeapp.Config{
 		Cloud: []string{"quic://" + cloudAddr}, Node: id.node, Certificate: id.cert, CA: id.ca,
 		IdentityDir: dataDir, DataDir: dataDir,
 		KeepAlive: keepAlive, DeadPeerTimeout: deadPeer,
 		Backoff:    tunnel.Backoff{Min: 50 * time.Millisecond, Max: 500 * time.Millisecond},
 		NodeStatus: ns, WrapStore: o.wrap, Logger: testlog.New().With("edge", id.node), Registerer: reg,
-	})
+	}
+	if o.runtime != nil {
+		cfg.CRI, cfg.Pods = runtimeConfig(tb, o.runtime, o.pods)
+		cfg.NodeStatus.RequireRuntime = true
+	}
+	a, err := edgeapp.New(ctx, cfg)
 	if err != nil {
 		cancel()
 		require.NoError(tb, err)
 	}
 	done := make(chan error, 1)
 	go func() { done <- a.Run(ctx) }()
-	e := &edge{node: id.node, app: a, st: a.Store(), reg: reg}
+	e := &edge{node: id.node, app: a, st: a.Store(), reg: reg, criSocket: cfg.CRI.Listen}
 	e.stop = sync.OnceFunc(func() {
 		cancel()
 		require.NoError(tb, <-done)
@@ -371,6 +393,24 @@ func startEdge(tb testing.TB, id identity, dataDir, cloudAddr string, o edgeOpti
 	})
 	tb.Cleanup(e.stop)
 	return e
+}
+
+// runtimeConfig is the CRI shim and pod manager configuration of an edge
+// that runs pods on h: the shim's socket in a short directory of its own
+// (a unix address has 108 bytes, the test's temporary directory may be
+// longer), the pods' logs in the test's.
+func runtimeConfig(tb testing.TB, h *containerd.Host, p pods.Config) (edgeapp.CRIConfig, pods.Config) {
+	tb.Helper()
+	sock, err := os.MkdirTemp("", "tether-cri-")
+	require.NoError(tb, err)
+	tb.Cleanup(func() { _ = os.RemoveAll(sock) })
+	if len(p.HostIPs) == 0 {
+		p.HostIPs = []string{"127.0.0.1"}
+	}
+	if p.LogDir == "" {
+		p.LogDir = filepath.Join(tb.TempDir(), "logs")
+	}
+	return edgeapp.CRIConfig{Listen: filepath.Join(sock, "cri.sock"), Containerd: h.Endpoint()}, p
 }
 
 // waitRegistered waits until node's EdgeCore has registered its Node and
