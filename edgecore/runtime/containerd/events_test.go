@@ -127,7 +127,7 @@ func TestEventsResubscribe(t *testing.T) {
 		t.Helper()
 		select {
 		case <-b.OnReconnect():
-		case <-time.After(10 * time.Second):
+		case <-time.After(60 * time.Second):
 			require.FailNow(t, "never subscribed")
 		}
 	}
@@ -141,8 +141,8 @@ func TestEventsResubscribe(t *testing.T) {
 	ctrID, err := h.Runtime.CreateContainer(ctx, podID, h.BusyboxContainer("again", "sh", "-c", "exit 9"), sb)
 	require.NoError(t, err)
 	require.NoError(t, h.Runtime.StartContainer(ctx, ctrID))
-	require.Equal(t, cri.EventStart, next(t, events, ctrID, 10*time.Second).Kind)
-	ev := next(t, events, ctrID, 10*time.Second)
+	require.Equal(t, cri.EventStart, next(t, events, ctrID, 60*time.Second).Kind)
+	ev := next(t, events, ctrID, 60*time.Second)
 	require.Equal(t, cri.EventExit, ev.Kind)
 	require.Equal(t, int32(9), ev.ExitCode)
 }
