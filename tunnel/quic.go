@@ -200,7 +200,7 @@ func (s quicStream) Close() error {
 func quicConfig(keepAlive, deadPeer, handshake time.Duration) *quic.Config {
 	return &quic.Config{
 		HandshakeIdleTimeout:  handshake,
-		MaxIdleTimeout:        deadPeer,
+		MaxIdleTimeout:        quicIdleTimeout(keepAlive, deadPeer),
 		KeepAlivePeriod:       keepAlive,
 		MaxIncomingStreams:    16,
 		MaxIncomingUniStreams: 16,
@@ -211,4 +211,26 @@ func quicConfig(keepAlive, deadPeer, handshake time.Duration) *quic.Config {
 		InitialConnectionReceiveWindow: 128 << 10,
 		MaxConnectionReceiveWindow:     16 << 20,
 	}
+}
+
+// quicIdleTimeout returns the QUIC idle timeout that declares a silent
+// peer dead within half a keepalive of deadPeer after it was last heard.
+//
+// QUIC's idle timer (RFC 9000, 10.1) runs from the last packet received,
+// or from the first ack-eliciting packet sent after it; quic-go sends a
+// keepalive PING once nothing has been heard for k = min(keepAlive,
+// idle/2). So a peer last heard at t is declared dead at t + idle when
+// this end sent data after hearing it (the peer stopped before acking
+// it), and at t + idle + k when it did not (the PING restarts the timer).
+// With an idle timeout of deadPeer the second case waits a whole
+// keepalive longer than asked (20 s instead of 15 s by default). Centring
+// both cases on deadPeer, idle + k/2 = deadPeer, gives the larger of
+// deadPeer - keepAlive/2 and 4/5 of deadPeer. A peer that stops is then
+// declared dead between deadPeer - keepAlive/2 (less one ack delay) and
+// deadPeer + keepAlive/2 after it stopped.
+//
+// quic-go takes the smaller of both ends' idle timeouts; both ends compute
+// it the same way.
+func quicIdleTimeout(keepAlive, deadPeer time.Duration) time.Duration {
+	return max(deadPeer-keepAlive/2, deadPeer*4/5)
 }
