@@ -333,7 +333,9 @@ func TestDeadPeerDetected(t *testing.T) {
 			srv := startServer(t, ca, HandlerFunc(func(ctx context.Context, s *Session) {
 				serverSessions <- s
 				echo(ctx, s)
-			}), func(c *ServerConfig) { c.Options.KeepAlive, c.Options.DeadPeerTimeout = opts.KeepAlive, opts.DeadPeerTimeout })
+			}), func(c *ServerConfig) {
+				c.Options.KeepAlive, c.Options.DeadPeerTimeout = opts.KeepAlive, opts.DeadPeerTimeout
+			})
 			var p *netproxy.Proxy
 			addr := ""
 			if tr == TransportQUIC {
