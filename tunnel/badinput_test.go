@@ -360,13 +360,7 @@ func TestDeadPeerDetected(t *testing.T) {
 				t.Fatalf("an idle but healthy session must stay up: %v", cs.Err())
 			case <-time.After(opts.DeadPeerTimeout + opts.KeepAlive):
 			}
-			// A message each way: each end has just heard its peer.
-			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-			defer cancel()
-			require.NoError(t, cs.Send(ctx, &message.Message{ID: 7, Kind: message.KindEvent, Op: message.OpUpsert}))
-			reply, err := cs.Recv(ctx)
-			require.NoError(t, err)
-			require.Equal(t, uint64(7), reply.ReplyTo)
+			requireSessionEchoes(t, cs) // a message each way: each end has just heard its peer
 			p.Partition(true)
 			cut := time.Now()
 			type end struct {

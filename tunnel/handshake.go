@@ -1,6 +1,7 @@
 package tunnel
 
 import (
+	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
@@ -35,12 +36,31 @@ type refusal struct {
 func (r *refusal) Error() string { return r.err.Error() }
 func (r *refusal) Unwrap() error { return r.err }
 
-// clientHello sends the Hello and waits for the server's answer.
-func clientHello(fc frameConn, c *message.Codec, node, agent string, deadline time.Time) (message.HelloAck, error) {
+// clientHello sends the Hello and waits for the server's answer, until
+// deadline or until ctx ends (a dial that lost its race is cancelled).
+func clientHello(ctx context.Context, fc frameConn, c *message.Codec, node, agent string, deadline time.Time) (message.HelloAck, error) {
 	var ack message.HelloAck
 	if err := fc.setDeadline(deadline); err != nil {
 		return ack, fmt.Errorf("set hello deadline: %w", err)
 	}
+	// Ending ctx moves the deadline to now, which ends a blocked read or
+	// write at once.
+	stop := context.AfterFunc(ctx, func() { _ = fc.setDeadline(time.Now()) })
+	ack, err := exchangeHello(fc, c, node, agent)
+	if !stop() { // the deadline was moved, or is being moved: the connection is spent
+		return ack, fmt.Errorf("hello: %w", context.Cause(ctx))
+	}
+	if err != nil {
+		return ack, err
+	}
+	if err := fc.setDeadline(time.Time{}); err != nil {
+		return ack, fmt.Errorf("clear hello deadline: %w", err)
+	}
+	return ack, nil
+}
+
+func exchangeHello(fc frameConn, c *message.Codec, node, agent string) (message.HelloAck, error) {
+	var ack message.HelloAck
 	payload, err := c.Append(nil, &message.Hello{Version: message.ProtocolVersion, Node: node, Agent: agent})
 	if err != nil {
 		return ack, err
@@ -72,9 +92,6 @@ func clientHello(fc frameConn, c *message.Codec, node, agent string, deadline ti
 		return ack, &RefusedError{Reason: string(m.Payload)}
 	default:
 		return ack, fmt.Errorf("server answered hello with %s", m.Kind)
-	}
-	if err := fc.setDeadline(time.Time{}); err != nil {
-		return ack, fmt.Errorf("clear hello deadline: %w", err)
 	}
 	return ack, nil
 }
