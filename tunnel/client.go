@@ -14,7 +14,6 @@ import (
 
 	"github.com/gorilla/websocket"
 	"github.com/quic-go/quic-go"
-	"golang.org/x/sync/errgroup"
 
 	"github.com/tetheredge/tether/common/message"
 	"github.com/tetheredge/tether/common/ratelog"
@@ -318,7 +317,7 @@ func (w *wsClientStreams) accept(ctx context.Context) (Stream, error) {
 }
 
 // control answers the server's request for a stream by dialling it.
-func (w *wsClientStreams) control(ctx context.Context, g *errgroup.Group, m *message.Message) error {
+func (w *wsClientStreams) control(ctx context.Context, g spawner, m *message.Message) error {
 	token := string(m.Payload)
 	g.Go(func() error {
 		st, err := w.dial(ctx, token)

@@ -17,6 +17,9 @@ type frameConn interface {
 	writeFrames(batch []byte) error
 	readFrame() ([]byte, error)
 	setDeadline(t time.Time) error
+	// interrupt makes a blocked read or write fail at once. Unlike
+	// setDeadline it may be called while another goroutine reads or writes.
+	interrupt()
 }
 
 // RefusedError is returned by a client when the server refused the session,
@@ -43,11 +46,9 @@ func clientHello(ctx context.Context, fc frameConn, c *message.Codec, node, agen
 	if err := fc.setDeadline(deadline); err != nil {
 		return ack, fmt.Errorf("set hello deadline: %w", err)
 	}
-	// Ending ctx moves the deadline to now, which ends a blocked read or
-	// write at once.
-	stop := context.AfterFunc(ctx, func() { _ = fc.setDeadline(time.Now()) })
+	stop := context.AfterFunc(ctx, fc.interrupt)
 	ack, err := exchangeHello(fc, c, node, agent)
-	if !stop() { // the deadline was moved, or is being moved: the connection is spent
+	if !stop() { // interrupted, or being interrupted: the connection is spent
 		return ack, fmt.Errorf("hello: %w", context.Cause(ctx))
 	}
 	if err != nil {
