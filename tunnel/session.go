@@ -114,7 +114,7 @@ type Session struct {
 	sendMu   sync.Mutex
 	sendQ    [][]byte
 	writing  bool
-	recvQ    chan *message.Message
+	inbox    *inbox
 	msgIn    prometheus.Counter
 	msgOut   prometheus.Counter
 	bytesIn  prometheus.Counter
@@ -138,7 +138,7 @@ func newSession(id string, peer Identity, t Transport, l link, cfg sessionConfig
 		cfg:       cfg,
 		logger:    cfg.logger.With("session", id, "transport", string(t), "node", peer.Node),
 		sendBytes: semaphore.NewWeighted(cfg.sendQueueBytes),
-		recvQ:     make(chan *message.Message, cfg.recvQueue),
+		inbox:     newInbox(cfg.recvQueue),
 		msgIn:     cfg.metrics.Messages.WithLabelValues("in"),
 		msgOut:    cfg.metrics.Messages.WithLabelValues("out"),
 		bytesIn:   cfg.metrics.Bytes.WithLabelValues("in"),
@@ -406,35 +406,30 @@ func (s *Session) deliver(body []byte) error {
 	}
 	s.msgIn.Inc()
 	s.bytesIn.Add(float64(len(body) + frameHeaderLen))
-	select {
-	case s.recvQ <- m:
-		return nil
-	case <-s.ctx.Done():
+	if !s.inbox.put(m, s.ctx.Done()) {
 		return context.Cause(s.ctx)
 	}
+	return nil
 }
 
 // Recv returns the next message from the peer. Messages received before the
 // session ended are still returned; after them Recv returns an error that
 // wraps ErrSessionClosed.
 func (s *Session) Recv(ctx context.Context) (*message.Message, error) {
-	select {
-	case m := <-s.recvQ:
-		return m, nil
-	default:
-	}
-	select {
-	case m := <-s.recvQ:
-		return m, nil
-	case <-ctx.Done():
-		return nil, ctx.Err()
-	case <-s.ctx.Done():
-		select {
-		case m := <-s.recvQ:
+	for {
+		if m, ok := s.inbox.take(); ok {
 			return m, nil
-		default:
 		}
-		return nil, fmt.Errorf("%w: %w", ErrSessionClosed, context.Cause(s.ctx))
+		select {
+		case <-s.inbox.ready:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-s.ctx.Done():
+			if m, ok := s.inbox.take(); ok {
+				return m, nil
+			}
+			return nil, fmt.Errorf("%w: %w", ErrSessionClosed, context.Cause(s.ctx))
+		}
 	}
 }
 
