@@ -147,3 +147,12 @@ func BenchmarkConnectUDPBlackholed(b *testing.B) {
 		})
 	}
 }
+
+// TestClientRefusesUnknownPreferredTransport: a preference that names no
+// transport is a configuration error, not silently QUIC.
+func TestClientRefusesUnknownPreferredTransport(t *testing.T) {
+	ca := newTestCA(t)
+	_, err := NewClient(ClientConfig{Options: testOptions(), Servers: []string{"127.0.0.1:1"}, Node: "edge-1",
+		TLS: ca.clientTLS(t, certOpts{cn: "edge-1"}), Prefer: "udp"})
+	require.ErrorContains(t, err, `unknown transport "udp"`)
+}
