@@ -109,11 +109,13 @@ type Session struct {
 	sendBytes *semaphore.Weighted
 	// sendMu guards sendQ and writing. sendQ holds the frames waiting for
 	// the writer, oldest first; it is nil while the session is idle. The
-	// writer goroutine runs only while there is something to write:
-	// writing says whether it runs.
+	// writer goroutine runs while there is something to write and for
+	// writerLinger after (writing says whether it runs); Send wakes a
+	// lingering writer through sendWake.
 	sendMu   sync.Mutex
 	sendQ    [][]byte
 	writing  bool
+	sendWake chan struct{}
 	inbox    *inbox
 	msgIn    prometheus.Counter
 	msgOut   prometheus.Counter
@@ -139,6 +141,7 @@ func newSession(id string, peer Identity, t Transport, l link, cfg sessionConfig
 		logger:    cfg.logger.With("session", id, "transport", string(t), "node", peer.Node),
 		sendBytes: semaphore.NewWeighted(cfg.sendQueueBytes),
 		inbox:     newInbox(cfg.recvQueue),
+		sendWake:  make(chan struct{}, 1),
 		msgIn:     cfg.metrics.Messages.WithLabelValues("in"),
 		msgOut:    cfg.metrics.Messages.WithLabelValues("out"),
 		bytesIn:   cfg.metrics.Bytes.WithLabelValues("in"),
@@ -301,11 +304,22 @@ func (s *Session) Send(ctx context.Context, m *message.Message) error {
 	startWriter := !s.writing
 	s.writing = true
 	s.sendMu.Unlock()
-	if startWriter && !s.g.tryGo(s.writeLoop) {
+	if !startWriter {
+		signal(s.sendWake) // the writer may be lingering
+		return nil
+	}
+	if !s.g.tryGo(s.writeLoop) {
 		return s.sendErr(errors.New("send: session ended")) // the group ends only after the session's context
 	}
 	return nil
 }
+
+// writerLinger is how long the writer goroutine waits for more to send
+// before it exits. A new goroutine starts on a small stack that the write
+// path (TLS, QUIC or WebSocket framing) must grow by copying, which cost
+// ping-pong traffic about 15 µs per round trip when the writer exited at
+// once; a session idle for longer than this holds no writer.
+const writerLinger = 100 * time.Millisecond
 
 func (s *Session) acquire(ctx context.Context, n int64) error {
 	if n > s.cfg.sendQueueBytes {
@@ -333,17 +347,42 @@ func (s *Session) sendErr(err error) error {
 
 // writeLoop drains the send queue, batching whatever is queued into one
 // write, and releases the queue's bytes once written; it returns when the
-// queue is empty (Send starts it again) or the session ends. A batch is
+// queue has stayed empty for writerLinger (Send starts it again) or the
+// session ends. A batch is
 // one frame or several that total at most limit bytes (maxBatch, or one
 // frame of the size limit if that is smaller): a frame that would take it
 // past that waits for the next write. On WebSocket, where a write is one
 // message, no message is therefore larger than one frame of MaxFrame.
 func (s *Session) writeLoop() error {
 	limit := min(maxBatch, s.cfg.codec.MaxFrame()+frameHeaderLen)
+	var linger *time.Timer
+	defer func() {
+		if linger != nil {
+			linger.Stop()
+		}
+	}()
 	for s.ctx.Err() == nil {
 		s.sendMu.Lock()
 		if len(s.sendQ) == 0 {
 			s.sendQ = nil // an idle session holds no queue
+			s.sendMu.Unlock()
+			if linger == nil {
+				linger = time.NewTimer(writerLinger)
+			} else {
+				linger.Reset(writerLinger)
+			}
+			select {
+			case <-s.sendWake:
+				continue
+			case <-s.ctx.Done():
+				return nil
+			case <-linger.C:
+			}
+			s.sendMu.Lock()
+			if len(s.sendQ) > 0 { // queued as the timer fired
+				s.sendMu.Unlock()
+				continue
+			}
 			s.writing = false
 			s.sendMu.Unlock()
 			return nil
