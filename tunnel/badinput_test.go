@@ -310,27 +310,32 @@ func TestRefusesNonTLSAndGarbage(t *testing.T) {
 	requireServes(t, srv)
 }
 
-// TestDeadPeerDetected cuts the network between client and server: both
-// ends must declare the session dead once DeadPeerTimeout has passed
-// without hearing from the peer: not before the timeout less two
-// keepalive intervals, and not more than half the timeout after it.
+// TestDeadPeerDetected cuts the network between client and server right
+// after a message went each way, so that each end last heard its peer at
+// the cut. Both must declare the session dead within half a keepalive of
+// DeadPeerTimeout after that: not before the timeout less one keepalive,
+// and not later than three quarters of one after it (a quarter for the
+// scheduling of a loaded machine). On QUIC the end that sent last (the
+// server's echo) notices half a keepalive early and the other half a
+// keepalive late (see quicIdleTimeout); with QUIC's idle timeout set to
+// DeadPeerTimeout itself, the client noticed a whole keepalive late.
 func TestDeadPeerDetected(t *testing.T) {
-	ca := newTestCA(t)
-	serverSessions := make(chan *Session, 4)
-	srv := startServer(t, ca, HandlerFunc(func(ctx context.Context, s *Session) {
-		serverSessions <- s
-		select {
-		case <-ctx.Done():
-		case <-s.Done():
-		}
-	}), nil)
 	opts := testOptions()
-	// The last packet heard before the cut left at most one keepalive
-	// interval earlier, give or take the scheduling of a loaded machine.
-	earliest := opts.DeadPeerTimeout - 2*opts.KeepAlive
-	latest := opts.DeadPeerTimeout + opts.DeadPeerTimeout/2
+	opts.KeepAlive = 2 * time.Second
+	opts.DeadPeerTimeout = 6 * time.Second
+	earliest := opts.DeadPeerTimeout - opts.KeepAlive
+	latest := opts.DeadPeerTimeout + opts.KeepAlive*3/4
 	for _, tr := range transports {
 		t.Run(string(tr), func(t *testing.T) {
+			t.Parallel()
+			ca := newTestCA(t)
+			serverSessions := make(chan *Session, 4)
+			srv := startServer(t, ca, HandlerFunc(func(ctx context.Context, s *Session) {
+				serverSessions <- s
+				echo(ctx, s)
+			}), func(c *ServerConfig) {
+				c.Options.KeepAlive, c.Options.DeadPeerTimeout = opts.KeepAlive, opts.DeadPeerTimeout
+			})
 			var p *netproxy.Proxy
 			addr := ""
 			if tr == TransportQUIC {
@@ -353,8 +358,9 @@ func TestDeadPeerDetected(t *testing.T) {
 				t.Fatalf("an idle but healthy session must stay up: %v", ss.Err())
 			case <-cs.Done():
 				t.Fatalf("an idle but healthy session must stay up: %v", cs.Err())
-			case <-time.After(2 * opts.DeadPeerTimeout):
+			case <-time.After(opts.DeadPeerTimeout + opts.KeepAlive):
 			}
+			requireSessionEchoes(t, cs) // a message each way: each end has just heard its peer
 			p.Partition(true)
 			cut := time.Now()
 			type end struct {
@@ -375,7 +381,7 @@ func TestDeadPeerDetected(t *testing.T) {
 			for range 2 {
 				e := <-ended
 				require.NotEqual(t, time.Duration(-1), e.d, "%s: dead peer not detected", e.side)
-				t.Logf("%s %s: dead peer detected after %s (timeout %s)", tr, e.side, e.d.Round(10*time.Millisecond), opts.DeadPeerTimeout)
+				t.Logf("%s %s: dead peer detected after %s (timeout %s, keepalive %s)", tr, e.side, e.d.Round(10*time.Millisecond), opts.DeadPeerTimeout, opts.KeepAlive)
 				require.GreaterOrEqual(t, e.d, earliest, "%s: declared dead before the timeout", e.side)
 				require.LessOrEqual(t, e.d, latest, "%s: dead peer detected too late", e.side)
 			}

@@ -21,6 +21,7 @@ import (
 	"runtime/pprof"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -519,13 +520,17 @@ func BenchmarkIdleSessionMemory(b *testing.B) {
 		b.Run(string(tr), func(b *testing.B) {
 			// One measurement whatever b.N is: the figures are not per
 			// iteration, and -benchtime 100x must not hold 200,000 sessions.
-			f := measureIdle(b, ca, dir, tr, idleSessions)
+			f, cf := measureIdle(b, ca, dir, tr, idleSessions)
 			b.ReportMetric(0, "ns/op")
 			b.ReportMetric(float64(f.heap+f.stack)/idleSessions, "B/session")
 			b.ReportMetric(float64(f.heap)/idleSessions, "heap-B/session")
 			b.ReportMetric(float64(f.live)/idleSessions, "live-B/session")
 			b.ReportMetric(float64(f.stack)/idleSessions, "stack-B/session")
 			b.ReportMetric(float64(f.goroutines)/idleSessions, "goroutines/session")
+			b.ReportMetric(float64(cf.heap+cf.stack)/idleSessions, "client-B/session")
+			b.ReportMetric(float64(cf.heap)/idleSessions, "client-heap-B/session")
+			b.ReportMetric(float64(cf.stack)/idleSessions, "client-stack-B/session")
+			b.ReportMetric(float64(cf.goroutines)/idleSessions, "client-goroutines/session")
 		})
 	}
 }
@@ -542,7 +547,9 @@ func (f idleFigures) minus(g idleFigures) idleFigures {
 	return idleFigures{f.heap - g.heap, f.live - g.live, f.stack - g.stack, f.goroutines - g.goroutines}
 }
 
-func measureIdle(b *testing.B, ca *testCA, dir string, tr Transport, n int) idleFigures {
+// measureIdle returns the growth of this process (the server) and of the
+// child (the clients) while they hold n idle sessions.
+func measureIdle(b *testing.B, ca *testCA, dir string, tr Transport, n int) (server, client idleFigures) {
 	b.Helper()
 	var live atomic.Int64
 	allUp := make(chan struct{})
@@ -580,7 +587,7 @@ func measureIdle(b *testing.B, ca *testCA, dir string, tr Transport, n int) idle
 	if got := live.Load(); got != int64(n) {
 		b.Fatalf("%d of %d sessions ended while idle", int64(n)-got, n)
 	}
-	return after.minus(before)
+	return after.minus(before), child.figures(b)
 }
 
 // memNow returns this process's memory after collecting garbage (twice, so
@@ -681,6 +688,22 @@ func (c *idleChild) waitReady(b *testing.B) {
 	}
 }
 
+// figures returns the growth of the child's memory that its ready line
+// reports.
+func (c *idleChild) figures(b *testing.B) idleFigures {
+	b.Helper()
+	out := c.out.String()
+	i := strings.Index(out, idleReady)
+	require.GreaterOrEqual(b, i, 0)
+	line, _, _ := strings.Cut(out[i:], "\n")
+	var f idleFigures
+	var n int
+	_, err := fmt.Sscanf(line, idleReady+" %d sessions heap=%d live=%d stack=%d goroutines=%d",
+		&n, &f.heap, &f.live, &f.stack, &f.goroutines)
+	require.NoError(b, err, "ready line %q", line)
+	return f
+}
+
 // stop tells the child to close its sessions (by closing its stdin) and
 // waits for it, killing it if it does not exit.
 func (c *idleChild) stop(b *testing.B) {
@@ -739,7 +762,10 @@ func TestIdleClientsHelper(t *testing.T) {
 	n, err := strconv.Atoi(os.Getenv(idleEnvN))
 	require.NoError(t, err)
 
-	// Each session is its own node with its own certificate, as in the field.
+	// Each session is its own node with its own certificate, as in the
+	// field. The child's growth counts what each edge holds: its
+	// certificate, its client and its session.
+	before := memNow()
 	clients := make([]*Client, n)
 	for i := range clients {
 		node := fmt.Sprintf("edge-%05d", i)
@@ -768,7 +794,10 @@ func TestIdleClientsHelper(t *testing.T) {
 		})
 	}
 	require.NoError(t, g.Wait())
-	fmt.Printf("%s %d sessions in %s\n", idleReady, n, time.Since(start).Round(time.Millisecond))
+	took := time.Since(start)
+	f := memNow().minus(before)
+	fmt.Printf("%s %d sessions heap=%d live=%d stack=%d goroutines=%d in %s\n",
+		idleReady, n, f.heap, f.live, f.stack, f.goroutines, took.Round(time.Millisecond))
 	_, _ = io.Copy(io.Discard, os.Stdin)
 	dead := 0
 	for _, s := range sessions {

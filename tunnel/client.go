@@ -14,7 +14,6 @@ import (
 
 	"github.com/gorilla/websocket"
 	"github.com/quic-go/quic-go"
-	"golang.org/x/sync/errgroup"
 
 	"github.com/tetheredge/tether/common/message"
 	"github.com/tetheredge/tether/common/ratelog"
@@ -41,6 +40,19 @@ type ClientConfig struct {
 	DialTimeout time.Duration
 	// Backoff sets the reconnect delays of Run. Default 500ms to 8s.
 	Backoff Backoff
+	// RaceDelay is how long the first transport tried at a "host:port"
+	// server has to establish its session before the other transport is
+	// started beside it (happy eyeballs, as RFC 8305 races address
+	// families): the first session established wins, and the other
+	// attempt is cancelled, or its session closed. The other transport
+	// also starts at once when the first one fails. Default 250ms;
+	// negative: no race, the other transport is tried only after the
+	// first one failed.
+	RaceDelay time.Duration
+	// Prefer is the transport tried first at a "host:port" server.
+	// Default QUIC. Once a session is established, its transport is
+	// tried first from then on (see Client.Preferred).
+	Prefer Transport
 }
 
 // endpoint is one way to reach the cloud.
@@ -49,17 +61,25 @@ type endpoint struct {
 	addr      string // host:port
 }
 
+// server is one entry of ClientConfig.Servers: an address and the
+// transports it may be reached by (one, or QUIC and WebSocket).
+type server struct {
+	addr       string
+	transports []Transport
+}
+
 // Client dials the cloud, falling over between addresses and transports.
 type Client struct {
-	cfg       ClientConfig
-	codec     *message.Codec
-	metrics   *Metrics
-	logger    *slog.Logger
-	sessCfg   sessionConfig
-	endpoints []endpoint
+	cfg     ClientConfig
+	codec   *message.Codec
+	metrics *Metrics
+	logger  *slog.Logger
+	sessCfg sessionConfig
+	servers []server
 
 	mu   sync.Mutex
-	last int // index of the endpoint that worked last
+	last int       // index of the server that worked last
+	pref Transport // the transport tried first at a server that has both
 }
 
 // NewClient validates cfg and returns a client.
@@ -81,25 +101,35 @@ func NewClient(cfg ClientConfig) (*Client, error) {
 	if cfg.DialTimeout <= 0 {
 		cfg.DialTimeout = 5 * time.Second
 	}
-	var eps []endpoint
+	if cfg.RaceDelay == 0 {
+		cfg.RaceDelay = 250 * time.Millisecond
+	}
+	switch cfg.Prefer {
+	case "":
+		cfg.Prefer = TransportQUIC
+	case TransportQUIC, TransportWebSocket:
+	default:
+		return nil, fmt.Errorf("tunnel client config: unknown transport %q to prefer", cfg.Prefer)
+	}
+	var servers []server
 	for _, s := range cfg.Servers {
+		var sv server
 		switch {
 		case strings.HasPrefix(s, "quic://"):
-			eps = append(eps, endpoint{TransportQUIC, strings.TrimPrefix(s, "quic://")})
+			sv = server{strings.TrimPrefix(s, "quic://"), []Transport{TransportQUIC}}
 		case strings.HasPrefix(s, "wss://"):
-			eps = append(eps, endpoint{TransportWebSocket, strings.TrimPrefix(s, "wss://")})
+			sv = server{strings.TrimPrefix(s, "wss://"), []Transport{TransportWebSocket}}
 		case strings.Contains(s, "://"):
 			return nil, fmt.Errorf("tunnel client config: server %q: unknown scheme", s)
 		default:
-			eps = append(eps, endpoint{TransportQUIC, s}, endpoint{TransportWebSocket, s})
+			sv = server{s, []Transport{TransportQUIC, TransportWebSocket}}
 		}
-	}
-	for _, ep := range eps {
-		if _, _, err := net.SplitHostPort(ep.addr); err != nil {
-			return nil, fmt.Errorf("tunnel client config: server %q: %w", ep.addr, err)
+		if _, _, err := net.SplitHostPort(sv.addr); err != nil {
+			return nil, fmt.Errorf("tunnel client config: server %q: %w", sv.addr, err)
 		}
+		servers = append(servers, sv)
 	}
-	if len(eps) == 0 {
+	if len(servers) == 0 {
 		return nil, errors.New("tunnel client config: no servers")
 	}
 	metrics, err := newMetrics(opts.Registerer, "client")
@@ -108,47 +138,18 @@ func NewClient(cfg ClientConfig) (*Client, error) {
 	}
 	codec := message.NewCodec(opts.MaxFrame)
 	return &Client{
-		cfg:       cfg,
-		codec:     codec,
-		metrics:   metrics,
-		logger:    opts.Logger.With("component", "tunnel_client", "node", cfg.Node),
-		sessCfg:   opts.sessionConfig(codec, metrics, ratelog.New(0, nil)),
-		endpoints: eps,
+		cfg:     cfg,
+		codec:   codec,
+		metrics: metrics,
+		logger:  opts.Logger.With("component", "tunnel_client", "node", cfg.Node),
+		sessCfg: opts.sessionConfig(codec, metrics, ratelog.New(0, nil)),
+		servers: servers,
+		pref:    cfg.Prefer,
 	}, nil
 }
 
 // Metrics returns the client's counters.
 func (c *Client) Metrics() *Metrics { return c.metrics }
-
-// Dial makes one pass over the endpoints, starting with the one that worked
-// last, and returns the first session established. A refusal by a server
-// (a *RefusedError) is returned at once: another address of the same cloud
-// would refuse for the same reason.
-func (c *Client) Dial(ctx context.Context) (*Session, error) {
-	c.mu.Lock()
-	first := c.last
-	c.mu.Unlock()
-	var errs []error
-	for i := range c.endpoints {
-		idx := (first + i) % len(c.endpoints)
-		ep := c.endpoints[idx]
-		sess, err := c.dialEndpoint(ctx, ep)
-		if err == nil {
-			c.mu.Lock()
-			c.last = idx
-			c.mu.Unlock()
-			return sess, nil
-		}
-		c.metrics.DialFailures.WithLabelValues(string(ep.transport)).Inc()
-		c.logger.Debug("dial failed", "transport", string(ep.transport), "addr", ep.addr, "err", err)
-		var refused *RefusedError
-		if errors.As(err, &refused) || ctx.Err() != nil {
-			return nil, err
-		}
-		errs = append(errs, fmt.Errorf("%s %s: %w", ep.transport, ep.addr, err))
-	}
-	return nil, fmt.Errorf("dial cloud: %w", errors.Join(errs...))
-}
 
 func (c *Client) tlsConfig(t Transport, addr string) *tls.Config {
 	cfg := c.cfg.TLS.Clone()
@@ -165,16 +166,6 @@ func (c *Client) tlsConfig(t Transport, addr string) *tls.Config {
 	return cfg
 }
 
-func (c *Client) dialEndpoint(ctx context.Context, ep endpoint) (*Session, error) {
-	ctx, cancel := context.WithTimeout(ctx, c.cfg.DialTimeout)
-	defer cancel()
-	deadline, _ := ctx.Deadline()
-	if ep.transport == TransportQUIC {
-		return c.dialQUIC(ctx, ep, deadline)
-	}
-	return c.dialWebSocket(ctx, ep, deadline)
-}
-
 func (c *Client) dialQUIC(ctx context.Context, ep endpoint, deadline time.Time) (*Session, error) {
 	conn, err := quic.DialAddr(ctx, ep.addr, c.tlsConfig(TransportQUIC, ep.addr),
 		quicConfig(c.cfg.KeepAlive, c.cfg.DeadPeerTimeout, c.cfg.DialTimeout))
@@ -187,7 +178,7 @@ func (c *Client) dialQUIC(ctx context.Context, ep endpoint, deadline time.Time) 
 		return nil, fmt.Errorf("open control stream: %w", err)
 	}
 	l := newQUICLink(conn, ctrl, c.codec, c.cfg.LargeMessageTimeout)
-	ack, err := clientHello(l, c.codec, c.cfg.Node, c.cfg.Agent, deadline)
+	ack, err := clientHello(ctx, l, c.codec, c.cfg.Node, c.cfg.Agent, deadline)
 	if err != nil {
 		var appErr *quic.ApplicationError
 		if errors.As(err, &appErr) && appErr.Remote && appErr.ErrorCode == quicCodeRefused {
@@ -219,7 +210,7 @@ func (c *Client) dialWebSocket(ctx context.Context, ep endpoint, deadline time.T
 	}
 	streams := &wsClientStreams{dialer: d, addr: ep.addr, incoming: make(chan Stream, 4)}
 	l := newWSLink(conn, c.codec, c.cfg.KeepAlive, c.cfg.DeadPeerTimeout, streams)
-	ack, err := clientHello(l, c.codec, c.cfg.Node, c.cfg.Agent, deadline)
+	ack, err := clientHello(ctx, l, c.codec, c.cfg.Node, c.cfg.Agent, deadline)
 	if err != nil {
 		var ce *websocket.CloseError
 		if errors.As(err, &ce) {
@@ -326,7 +317,7 @@ func (w *wsClientStreams) accept(ctx context.Context) (Stream, error) {
 }
 
 // control answers the server's request for a stream by dialling it.
-func (w *wsClientStreams) control(ctx context.Context, g *errgroup.Group, m *message.Message) error {
+func (w *wsClientStreams) control(ctx context.Context, g spawner, m *message.Message) error {
 	token := string(m.Payload)
 	g.Go(func() error {
 		st, err := w.dial(ctx, token)

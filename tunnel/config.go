@@ -21,7 +21,9 @@ type Options struct {
 	// Default 5s.
 	KeepAlive time.Duration
 	// DeadPeerTimeout is how long without hearing from the peer before the
-	// session is declared dead. Default 15s; it must exceed KeepAlive.
+	// session is declared dead: within half a KeepAlive of it on QUIC (see
+	// quicIdleTimeout), exactly on WebSocket. Default 15s; it must exceed
+	// KeepAlive.
 	DeadPeerTimeout time.Duration
 	// HandshakeTimeout bounds the TLS handshake plus the hello exchange.
 	// Default 10s.

@@ -1,6 +1,7 @@
 package tunnel
 
 import (
+	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
@@ -16,6 +17,9 @@ type frameConn interface {
 	writeFrames(batch []byte) error
 	readFrame() ([]byte, error)
 	setDeadline(t time.Time) error
+	// interrupt makes a blocked read or write fail at once. Unlike
+	// setDeadline it may be called while another goroutine reads or writes.
+	interrupt()
 }
 
 // RefusedError is returned by a client when the server refused the session,
@@ -35,12 +39,29 @@ type refusal struct {
 func (r *refusal) Error() string { return r.err.Error() }
 func (r *refusal) Unwrap() error { return r.err }
 
-// clientHello sends the Hello and waits for the server's answer.
-func clientHello(fc frameConn, c *message.Codec, node, agent string, deadline time.Time) (message.HelloAck, error) {
+// clientHello sends the Hello and waits for the server's answer, until
+// deadline or until ctx ends (a dial that lost its race is cancelled).
+func clientHello(ctx context.Context, fc frameConn, c *message.Codec, node, agent string, deadline time.Time) (message.HelloAck, error) {
 	var ack message.HelloAck
 	if err := fc.setDeadline(deadline); err != nil {
 		return ack, fmt.Errorf("set hello deadline: %w", err)
 	}
+	stop := context.AfterFunc(ctx, fc.interrupt)
+	ack, err := exchangeHello(fc, c, node, agent)
+	if !stop() { // interrupted, or being interrupted: the connection is spent
+		return ack, fmt.Errorf("hello: %w", context.Cause(ctx))
+	}
+	if err != nil {
+		return ack, err
+	}
+	if err := fc.setDeadline(time.Time{}); err != nil {
+		return ack, fmt.Errorf("clear hello deadline: %w", err)
+	}
+	return ack, nil
+}
+
+func exchangeHello(fc frameConn, c *message.Codec, node, agent string) (message.HelloAck, error) {
+	var ack message.HelloAck
 	payload, err := c.Append(nil, &message.Hello{Version: message.ProtocolVersion, Node: node, Agent: agent})
 	if err != nil {
 		return ack, err
@@ -72,9 +93,6 @@ func clientHello(fc frameConn, c *message.Codec, node, agent string, deadline ti
 		return ack, &RefusedError{Reason: string(m.Payload)}
 	default:
 		return ack, fmt.Errorf("server answered hello with %s", m.Kind)
-	}
-	if err := fc.setDeadline(time.Time{}); err != nil {
-		return ack, fmt.Errorf("clear hello deadline: %w", err)
 	}
 	return ack, nil
 }

@@ -18,7 +18,13 @@ type Metrics struct {
 	// Messages counts envelopes by direction ("in" or "out").
 	Messages *prometheus.CounterVec
 	// DialFailures counts failed dial attempts by transport (client side).
+	// An attempt cancelled because the other transport won its race is
+	// not a failure.
 	DialFailures *prometheus.CounterVec
+	// DialRaces counts the dials that started a server's second transport
+	// while the first was still pending (ClientConfig.RaceDelay), by the
+	// transport that won ("none" when both failed). Client side.
+	DialRaces *prometheus.CounterVec
 	// Bytes counts frame bytes (length prefix included) by direction.
 	Bytes *prometheus.CounterVec
 }
@@ -58,12 +64,15 @@ func newMetrics(reg prometheus.Registerer, side string) (*Metrics, error) {
 		DialFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "tether_tunnel_dial_failures_total", Help: "Failed dial attempts, by transport.", ConstLabels: labels,
 		}, []string{"transport"}),
+		DialRaces: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tether_tunnel_dial_races_total", Help: "Dials that raced a server's two transports, by winner.", ConstLabels: labels,
+		}, []string{"winner"}),
 		Bytes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "tether_tunnel_bytes_total", Help: "Frame bytes sent and received, length prefixes included.", ConstLabels: labels,
 		}, []string{"direction"}),
 	}
 	if reg != nil {
-		for _, c := range []prometheus.Collector{m.SessionsOpened, m.SessionsActive, m.Refused, m.Messages, m.DialFailures, m.Bytes} {
+		for _, c := range []prometheus.Collector{m.SessionsOpened, m.SessionsActive, m.Refused, m.Messages, m.DialFailures, m.DialRaces, m.Bytes} {
 			if err := reg.Register(c); err != nil {
 				return nil, fmt.Errorf("register tunnel metrics: %w", err)
 			}

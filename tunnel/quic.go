@@ -1,7 +1,6 @@
 package tunnel
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -10,7 +9,6 @@ import (
 	"time"
 
 	"github.com/quic-go/quic-go"
-	"golang.org/x/sync/errgroup"
 
 	"github.com/tetheredge/tether/common/message"
 )
@@ -45,17 +43,20 @@ var ErrLargeMessageTimeout = errors.New("tunnel: peer reset a large message that
 // quicLink runs a session over one QUIC connection: an ordered control
 // stream at the highest priority, one unidirectional stream per large
 // message, and bidirectional streams for bulk data.
+//
+// The control stream is read without a buffer of its own: quic-go holds
+// what arrived, and a frame costs two reads (prefix and body), while a
+// buffer would be held by every idle session.
 type quicLink struct {
 	conn         *quic.Conn
 	ctrl         *quic.Stream
-	br           *bufio.Reader
 	codec        *message.Codec
 	largeTimeout time.Duration // how long one incoming large message may take
 }
 
 func newQUICLink(conn *quic.Conn, ctrl *quic.Stream, c *message.Codec, largeTimeout time.Duration) *quicLink {
 	ctrl.SetPriority(0, false)
-	return &quicLink{conn: conn, ctrl: ctrl, br: bufio.NewReaderSize(ctrl, 4096), codec: c, largeTimeout: largeTimeout}
+	return &quicLink{conn: conn, ctrl: ctrl, codec: c, largeTimeout: largeTimeout}
 }
 
 func (l *quicLink) writeFrames(batch []byte) error {
@@ -63,9 +64,11 @@ func (l *quicLink) writeFrames(batch []byte) error {
 	return err
 }
 
-func (l *quicLink) readFrame() ([]byte, error) { return l.codec.ReadFrame(l.br) }
+func (l *quicLink) readFrame() ([]byte, error) { return l.codec.ReadFrame(l.ctrl) }
 
 func (l *quicLink) setDeadline(t time.Time) error { return l.ctrl.SetDeadline(t) }
+
+func (l *quicLink) interrupt() { _ = l.ctrl.SetDeadline(time.Now()) }
 
 func (l *quicLink) writeLarge(ctx context.Context, frame []byte) (bool, error) {
 	st, err := l.conn.OpenUniStreamSync(ctx)
@@ -92,7 +95,7 @@ func (l *quicLink) writeLarge(ctx context.Context, frame []byte) (bool, error) {
 	return true, st.Close()
 }
 
-func (l *quicLink) run(ctx context.Context, g *errgroup.Group, sink linkSink) error {
+func (l *quicLink) run(ctx context.Context, g spawner, sink linkSink) error {
 	g.Go(func() error {
 		for {
 			rs, err := l.conn.AcceptUniStream(ctx)
@@ -103,7 +106,7 @@ func (l *quicLink) run(ctx context.Context, g *errgroup.Group, sink linkSink) er
 		}
 	})
 	for {
-		body, err := l.codec.ReadFrame(l.br)
+		body, err := l.codec.ReadFrame(l.ctrl)
 		if err != nil {
 			if errors.Is(err, io.EOF) {
 				return nil
@@ -200,7 +203,7 @@ func (s quicStream) Close() error {
 func quicConfig(keepAlive, deadPeer, handshake time.Duration) *quic.Config {
 	return &quic.Config{
 		HandshakeIdleTimeout:  handshake,
-		MaxIdleTimeout:        deadPeer,
+		MaxIdleTimeout:        quicIdleTimeout(keepAlive, deadPeer),
 		KeepAlivePeriod:       keepAlive,
 		MaxIncomingStreams:    16,
 		MaxIncomingUniStreams: 16,
@@ -211,4 +214,26 @@ func quicConfig(keepAlive, deadPeer, handshake time.Duration) *quic.Config {
 		InitialConnectionReceiveWindow: 128 << 10,
 		MaxConnectionReceiveWindow:     16 << 20,
 	}
+}
+
+// quicIdleTimeout returns the QUIC idle timeout that declares a silent
+// peer dead within half a keepalive of deadPeer after it was last heard.
+//
+// QUIC's idle timer (RFC 9000, 10.1) runs from the last packet received,
+// or from the first ack-eliciting packet sent after it; quic-go sends a
+// keepalive PING once nothing has been heard for k = min(keepAlive,
+// idle/2). So a peer last heard at t is declared dead at t + idle when
+// this end sent data after hearing it (the peer stopped before acking
+// it), and at t + idle + k when it did not (the PING restarts the timer).
+// With an idle timeout of deadPeer the second case waits a whole
+// keepalive longer than asked (20 s instead of 15 s by default). Centring
+// both cases on deadPeer, idle + k/2 = deadPeer, gives the larger of
+// deadPeer - keepAlive/2 and 4/5 of deadPeer. A peer that stops is then
+// declared dead between deadPeer - keepAlive/2 (less one ack delay) and
+// deadPeer + keepAlive/2 after it stopped.
+//
+// quic-go takes the smaller of both ends' idle timeouts; both ends compute
+// it the same way.
+func quicIdleTimeout(keepAlive, deadPeer time.Duration) time.Duration {
+	return max(deadPeer-keepAlive/2, deadPeer*4/5)
 }

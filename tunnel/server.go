@@ -145,6 +145,10 @@ func (s *Server) tlsConfig(t Transport) *tls.Config {
 	// in VerifyConnection, so that every refusal is logged and counted the
 	// same way on both transports.
 	base.ClientAuth = tls.RequestClientCert
+	// No session tickets: clients keep no session cache, so a ticket
+	// would never be used, and issuing one costs every session the
+	// NewSessionTicket message on the wire and its buffers in memory.
+	base.SessionTicketsDisabled = true
 	if t == TransportQUIC {
 		base.NextProtos = []string{alpnQUIC}
 	} else {

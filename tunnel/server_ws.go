@@ -238,6 +238,6 @@ func (w *wsServerStreams) accept(ctx context.Context) (Stream, error) {
 	}
 }
 
-func (w *wsServerStreams) control(context.Context, *errgroup.Group, *message.Message) error {
+func (w *wsServerStreams) control(context.Context, spawner, *message.Message) error {
 	return fmt.Errorf("%w: client sent %s", message.ErrInvalid, message.KindStreamOpen)
 }

@@ -15,7 +15,6 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"golang.org/x/sync/errgroup"
 	"golang.org/x/sync/semaphore"
 
 	"github.com/tetheredge/tether/common/message"
@@ -53,7 +52,7 @@ type link interface {
 	writeLarge(ctx context.Context, frame []byte) (ok bool, err error)
 	// run reads frames from every path until the link fails or closes,
 	// handing them to sink; it starts its goroutines in g.
-	run(ctx context.Context, g *errgroup.Group, sink linkSink) error
+	run(ctx context.Context, g spawner, sink linkSink) error
 	openStream(ctx context.Context) (Stream, error)
 	acceptStream(ctx context.Context) (Stream, error)
 	// close ends the connection, telling the peer why when it can.
@@ -106,16 +105,26 @@ type Session struct {
 	cfg       sessionConfig
 	logger    *slog.Logger
 
-	sendQ     chan []byte
+	// sendBytes bounds the bytes queued for sending (SendQueueBytes).
 	sendBytes *semaphore.Weighted
-	recvQ     chan *message.Message
-	msgIn     prometheus.Counter
-	msgOut    prometheus.Counter
-	bytesIn   prometheus.Counter
-	bytesOut  prometheus.Counter
+	// sendMu guards sendQ and writing. sendQ holds the frames waiting for
+	// the writer, oldest first; it is nil while the session is idle. The
+	// writer goroutine runs while there is something to write and for
+	// writerLinger after (writing says whether it runs); Send wakes a
+	// lingering writer through sendWake.
+	sendMu   sync.Mutex
+	sendQ    [][]byte
+	writing  bool
+	sendWake chan struct{}
+	inbox    *inbox
+	msgIn    prometheus.Counter
+	msgOut   prometheus.Counter
+	bytesIn  prometheus.Counter
+	bytesOut prometheus.Counter
 
 	ctx       context.Context
 	cancel    context.CancelCauseFunc
+	g         *group
 	done      chan struct{}
 	closeOnce sync.Once
 	err       error // set before done is closed
@@ -130,9 +139,9 @@ func newSession(id string, peer Identity, t Transport, l link, cfg sessionConfig
 		link:      l,
 		cfg:       cfg,
 		logger:    cfg.logger.With("session", id, "transport", string(t), "node", peer.Node),
-		sendQ:     make(chan []byte, 128),
 		sendBytes: semaphore.NewWeighted(cfg.sendQueueBytes),
-		recvQ:     make(chan *message.Message, cfg.recvQueue),
+		inbox:     newInbox(cfg.recvQueue),
+		sendWake:  make(chan struct{}, 1),
 		msgIn:     cfg.metrics.Messages.WithLabelValues("in"),
 		msgOut:    cfg.metrics.Messages.WithLabelValues("out"),
 		bytesIn:   cfg.metrics.Bytes.WithLabelValues("in"),
@@ -145,11 +154,21 @@ func newSession(id string, peer Identity, t Transport, l link, cfg sessionConfig
 }
 
 // start runs the session's goroutines; done closes when all have ended.
+// An idle session holds the link's readers only: the writer runs while
+// there is something to send, the close is a context.AfterFunc, and the
+// last goroutine to exit closes done (see group).
 func (s *Session) start() {
-	g, ctx := errgroup.WithContext(s.ctx)
-	g.Go(func() error { return s.writeLoop(ctx) })
-	g.Go(func() error {
-		err := s.link.run(ctx, g, linkSink{
+	active := s.cfg.metrics.SessionsActive.WithLabelValues(string(s.transport))
+	active.Inc()
+	s.g = newGroup(s.cancel, func() {
+		s.err = context.Cause(s.ctx)
+		active.Dec()
+		close(s.done)
+		s.logger.Info("session ended", "reason", s.err)
+	})
+	s.g.add() // the close below, counted first so that the group cannot be over before it is registered
+	s.g.Go(func() error {
+		err := s.link.run(s.ctx, s.g, linkSink{
 			deliver: s.deliver,
 			fail:    func(err error) { s.fail(reasonFrame, err) },
 			drop:    s.drop,
@@ -166,23 +185,14 @@ func (s *Session) start() {
 		s.cancel(err)
 		return err
 	})
-	g.Go(func() error {
-		<-ctx.Done()
+	context.AfterFunc(s.ctx, func() {
+		defer s.g.exit()
 		reason := "closed"
-		if cause := context.Cause(ctx); cause != nil && !errors.Is(cause, context.Canceled) {
+		if cause := context.Cause(s.ctx); cause != nil && !errors.Is(cause, context.Canceled) {
 			reason = cause.Error()
 		}
-		return s.link.close(reason)
+		_ = s.link.close(reason)
 	})
-	active := s.cfg.metrics.SessionsActive.WithLabelValues(string(s.transport))
-	active.Inc()
-	go func() { // joined by Close, which waits for done
-		_ = g.Wait() // every path ends by cancelling s.ctx with its cause
-		s.err = context.Cause(s.ctx)
-		active.Dec()
-		close(s.done)
-		s.logger.Info("session ended", "reason", s.err)
-	}()
 }
 
 // errClosedLocally is the cancel cause of Close.
@@ -289,17 +299,27 @@ func (s *Session) Send(ctx context.Context, m *message.Message) error {
 			return nil
 		}
 	}
-	select {
-	case s.sendQ <- frame:
+	s.sendMu.Lock()
+	s.sendQ = append(s.sendQ, frame)
+	startWriter := !s.writing
+	s.writing = true
+	s.sendMu.Unlock()
+	if !startWriter {
+		signal(s.sendWake) // the writer may be lingering
 		return nil
-	case <-ctx.Done():
-		s.sendBytes.Release(n)
-		return ctx.Err()
-	case <-s.ctx.Done():
-		s.sendBytes.Release(n)
-		return s.sendErr(nil)
 	}
+	if !s.g.tryGo(s.writeLoop) {
+		return s.sendErr(errors.New("send: session ended")) // the group ends only after the session's context
+	}
+	return nil
 }
+
+// writerLinger is how long the writer goroutine waits for more to send
+// before it exits. A new goroutine starts on a small stack that the write
+// path (TLS, QUIC or WebSocket framing) must grow by copying, which cost
+// ping-pong traffic about 15 µs per round trip when the writer exited at
+// once; a session idle for longer than this holds no writer.
+const writerLinger = 100 * time.Millisecond
 
 func (s *Session) acquire(ctx context.Context, n int64) error {
 	if n > s.cfg.sendQueueBytes {
@@ -326,42 +346,58 @@ func (s *Session) sendErr(err error) error {
 }
 
 // writeLoop drains the send queue, batching whatever is queued into one
-// write, and releases the queue's bytes once written. A batch is one frame
-// or several that total at most limit bytes (maxBatch, or one frame of the
-// size limit if that is smaller): a frame that would take it past that
-// waits for the next write. On WebSocket, where a write is one message, no
-// message is therefore larger than one frame of MaxFrame.
-func (s *Session) writeLoop(ctx context.Context) error {
+// write, and releases the queue's bytes once written; it returns when the
+// queue has stayed empty for writerLinger (Send starts it again) or the
+// session ends. A batch is
+// one frame or several that total at most limit bytes (maxBatch, or one
+// frame of the size limit if that is smaller): a frame that would take it
+// past that waits for the next write. On WebSocket, where a write is one
+// message, no message is therefore larger than one frame of MaxFrame.
+func (s *Session) writeLoop() error {
 	limit := min(maxBatch, s.cfg.codec.MaxFrame()+frameHeaderLen)
-	var held []byte // a frame taken from the queue that did not fit the last batch
-	for {
-		frame := held
-		held = nil
-		if frame == nil {
-			select {
-			case <-ctx.Done():
-				return nil
-			case frame = <-s.sendQ:
+	var linger *time.Timer
+	defer func() {
+		if linger != nil {
+			linger.Stop()
+		}
+	}()
+	for s.ctx.Err() == nil {
+		s.sendMu.Lock()
+		if len(s.sendQ) == 0 {
+			s.sendQ = nil // an idle session holds no queue
+			s.sendMu.Unlock()
+			if linger == nil {
+				linger = time.NewTimer(writerLinger)
+			} else {
+				linger.Reset(writerLinger)
 			}
+			select {
+			case <-s.sendWake:
+				continue
+			case <-s.ctx.Done():
+				return nil
+			case <-linger.C:
+			}
+			s.sendMu.Lock()
+			if len(s.sendQ) > 0 { // queued as the timer fired
+				s.sendMu.Unlock()
+				continue
+			}
+			s.writing = false
+			s.sendMu.Unlock()
+			return nil
 		}
 		// An idle session holds no batch buffer: it borrows one per burst.
 		bp := batchPool.Get().(*[]byte)
-		batch := append((*bp)[:0], frame...)
+		batch := append((*bp)[:0], s.sendQ[0]...)
 		count := 1
-	fill:
-		for len(batch) < limit {
-			select {
-			case frame = <-s.sendQ:
-				if len(batch)+len(frame) > limit {
-					held = frame
-					break fill
-				}
-				batch = append(batch, frame...)
-				count++
-			default:
-				break fill
-			}
+		for count < len(s.sendQ) && len(batch)+len(s.sendQ[count]) <= limit {
+			batch = append(batch, s.sendQ[count]...)
+			count++
 		}
+		clear(s.sendQ[:count]) // the frames are copied: let them go
+		s.sendQ = s.sendQ[count:]
+		s.sendMu.Unlock()
 		err := s.link.writeFrames(batch)
 		s.sendBytes.Release(int64(len(batch)))
 		if cap(batch) <= 4*maxBatch {
@@ -374,6 +410,7 @@ func (s *Session) writeLoop(ctx context.Context) error {
 		s.msgOut.Add(float64(count))
 		s.bytesOut.Add(float64(len(batch)))
 	}
+	return nil
 }
 
 // maxBatch is how many bytes of queued frames the writer joins into one write.
@@ -408,35 +445,30 @@ func (s *Session) deliver(body []byte) error {
 	}
 	s.msgIn.Inc()
 	s.bytesIn.Add(float64(len(body) + frameHeaderLen))
-	select {
-	case s.recvQ <- m:
-		return nil
-	case <-s.ctx.Done():
+	if !s.inbox.put(m, s.ctx.Done()) {
 		return context.Cause(s.ctx)
 	}
+	return nil
 }
 
 // Recv returns the next message from the peer. Messages received before the
 // session ended are still returned; after them Recv returns an error that
 // wraps ErrSessionClosed.
 func (s *Session) Recv(ctx context.Context) (*message.Message, error) {
-	select {
-	case m := <-s.recvQ:
-		return m, nil
-	default:
-	}
-	select {
-	case m := <-s.recvQ:
-		return m, nil
-	case <-ctx.Done():
-		return nil, ctx.Err()
-	case <-s.ctx.Done():
-		select {
-		case m := <-s.recvQ:
+	for {
+		if m, ok := s.inbox.take(); ok {
 			return m, nil
-		default:
 		}
-		return nil, fmt.Errorf("%w: %w", ErrSessionClosed, context.Cause(s.ctx))
+		select {
+		case <-s.inbox.ready:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-s.ctx.Done():
+			if m, ok := s.inbox.take(); ok {
+				return m, nil
+			}
+			return nil, fmt.Errorf("%w: %w", ErrSessionClosed, context.Cause(s.ctx))
+		}
 	}
 }
 

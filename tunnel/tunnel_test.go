@@ -38,7 +38,7 @@ type testServer struct {
 	reg *prometheus.Registry
 }
 
-func startServer(t *testing.T, ca *testCA, h Handler, mutate func(*ServerConfig)) *testServer {
+func startServer(t testing.TB, ca *testCA, h Handler, mutate func(*ServerConfig)) *testServer {
 	t.Helper()
 	reg := prometheus.NewRegistry()
 	cfg := ServerConfig{

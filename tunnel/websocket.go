@@ -11,7 +11,6 @@ import (
 	"time"
 
 	"github.com/gorilla/websocket"
-	"golang.org/x/sync/errgroup"
 
 	"github.com/tetheredge/tether/common/message"
 )
@@ -40,7 +39,7 @@ type wsLink struct {
 
 	// ctx and g are the session's, set by run before any frame is delivered.
 	ctx context.Context
-	g   *errgroup.Group
+	g   spawner
 }
 
 // handleControl takes the messages that belong to the link rather than to
@@ -56,7 +55,7 @@ type wsStreams interface {
 	open(ctx context.Context) (Stream, error)
 	accept(ctx context.Context) (Stream, error)
 	// control handles a KindStreamOpen message from the peer.
-	control(ctx context.Context, g *errgroup.Group, m *message.Message) error
+	control(ctx context.Context, g spawner, m *message.Message) error
 }
 
 func newWSLink(conn *websocket.Conn, c *message.Codec, keepAlive, deadPeer time.Duration, st wsStreams) *wsLink {
@@ -74,6 +73,10 @@ func (l *wsLink) setDeadline(t time.Time) error {
 	}
 	return l.conn.SetWriteDeadline(t)
 }
+
+// interrupt moves the deadlines of the connection under gorilla's, which
+// unlike gorilla's own setters may be done while it reads or writes.
+func (l *wsLink) interrupt() { _ = l.conn.NetConn().SetDeadline(time.Now()) }
 
 // readFrame returns the next frame, reading a new WebSocket message when
 // the last one is used up. Only the handshake uses it.
@@ -97,7 +100,7 @@ func (l *wsLink) readFrame() ([]byte, error) {
 
 func (l *wsLink) writeLarge(context.Context, []byte) (bool, error) { return false, nil }
 
-func (l *wsLink) run(ctx context.Context, g *errgroup.Group, sink linkSink) error {
+func (l *wsLink) run(ctx context.Context, g spawner, sink linkSink) error {
 	alive := func() { _ = l.conn.SetReadDeadline(time.Now().Add(l.deadPeer)) }
 	alive()
 	l.conn.SetPongHandler(func(string) error { alive(); return nil })
@@ -108,22 +111,7 @@ func (l *wsLink) run(ctx context.Context, g *errgroup.Group, sink linkSink) erro
 		_ = l.conn.WriteControl(websocket.PongMessage, []byte(data), time.Now().Add(l.keepAlive))
 		return nil
 	})
-	g.Go(func() error {
-		t := time.NewTicker(l.keepAlive)
-		defer t.Stop()
-		for {
-			select {
-			case <-ctx.Done():
-				return nil
-			case <-t.C:
-				err := l.conn.WriteControl(websocket.PingMessage, nil, time.Now().Add(l.deadPeer/2))
-				var ne net.Error
-				if err != nil && (!errors.As(err, &ne) || !ne.Timeout()) {
-					return nil // the reader sees the broken connection and reports it
-				}
-			}
-		}
-	})
+	defer l.startPings()()
 	l.ctx, l.g = ctx, g
 	if l.pending != nil {
 		for l.pending.Len() > 0 {
@@ -168,6 +156,50 @@ func (l *wsLink) run(ctx context.Context, g *errgroup.Group, sink linkSink) erro
 				return err
 			}
 		}
+	}
+}
+
+// startPings pings the peer every keepAlive from a timer, so that an idle
+// session holds no goroutine for it, and returns a function that stops
+// the pings and waits for one in progress. A ping that fails for another
+// reason than its deadline stops them: the reader sees the broken
+// connection and reports it.
+func (l *wsLink) startPings() (stop func()) {
+	var (
+		mu       sync.Mutex
+		stopped  bool
+		t        *time.Timer
+		inFlight sync.WaitGroup
+	)
+	ping := func() {
+		mu.Lock()
+		if stopped {
+			mu.Unlock()
+			return
+		}
+		inFlight.Add(1)
+		mu.Unlock()
+		defer inFlight.Done()
+		err := l.conn.WriteControl(websocket.PingMessage, nil, time.Now().Add(l.deadPeer/2))
+		var ne net.Error
+		if err != nil && (!errors.As(err, &ne) || !ne.Timeout()) {
+			return
+		}
+		mu.Lock()
+		if !stopped {
+			t.Reset(l.keepAlive)
+		}
+		mu.Unlock()
+	}
+	mu.Lock()
+	t = time.AfterFunc(l.keepAlive, ping)
+	mu.Unlock()
+	return func() {
+		mu.Lock()
+		stopped = true
+		t.Stop()
+		mu.Unlock()
+		inFlight.Wait()
 	}
 }
 

@@ -229,7 +229,7 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 		}
 	}
 	rotator := certs.NewRotator(cfg.IdentityDir, cfg.Node, cfg.CA, holder, sy.Renew, logger, nil)
-	hub := edgehub.New(client, sy, logger)
+	hub := edgehub.New(client, sy, st, logger)
 	rotator.OnRenewed(func() { hub.Reconnect("certificate renewed") })
 	a.reporter, a.rotator, a.hub, a.cri = reporter, rotator, hub, shim
 	if a.rt != nil {

@@ -1,0 +1,75 @@
+package tunnel
+
+import (
+	"bytes"
+	"context"
+	"runtime"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+)
+
+// TestIdleSessionHoldsOnlyItsReaders: once a session has nothing to send,
+// its goroutines, at both ends, are those blocked reading its transport
+// and the server's handler: no writer, no goroutine waiting to close the
+// link or for the others to exit, no WebSocket ping goroutine. On QUIC
+// that is the control-stream reader and the large-message stream acceptor
+// at each end, plus the handler: 5. On WebSocket, the reader at each end
+// plus the handler: 3. (Before issue 10 both were 11.) Messages still flow
+// afterwards, which starts the writers again, and closing leaves nothing.
+func TestIdleSessionHoldsOnlyItsReaders(t *testing.T) {
+	ca := newTestCA(t)
+	srv := startServer(t, ca, echo, nil)
+	for _, tc := range []struct {
+		tr   Transport
+		want int
+	}{{TransportQUIC, 5}, {TransportWebSocket, 3}} {
+		t.Run(string(tc.tr), func(t *testing.T) {
+			before := tunnelGoroutines()
+			c := newTestClient(t, ca, "edge-1", srv.addr(tc.tr))
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			sess, err := c.Dial(ctx)
+			require.NoError(t, err)
+			requireSessionEchoes(t, sess) // both writers have run
+			require.LessOrEqual(t, settleTunnelGoroutines(before+tc.want)-before, tc.want,
+				"goroutines an idle %s session holds in the tunnel's code", tc.tr)
+			requireSessionEchoes(t, sess)
+			require.NoError(t, sess.Close("done"))
+			require.LessOrEqual(t, settleTunnelGoroutines(before), before, "goroutines left after the session closed")
+		})
+	}
+}
+
+// settleTunnelGoroutines waits up to 30s for tunnelGoroutines to drop to
+// at most limit and returns the last count. It polls in the calling
+// goroutine (require.Eventually would add one of its own to the count).
+func settleTunnelGoroutines(limit int) int {
+	n := tunnelGoroutines()
+	for deadline := time.Now().Add(30 * time.Second); n > limit && time.Now().Before(deadline); n = tunnelGoroutines() {
+		time.Sleep(10 * time.Millisecond) // polling interval, as in require.Eventually
+	}
+	return n
+}
+
+// tunnelGoroutines counts the goroutines with a function of this package
+// on their stack (the caller's own included).
+func tunnelGoroutines() int {
+	buf := make([]byte, 1<<20)
+	for {
+		n := runtime.Stack(buf, true)
+		if n < len(buf) {
+			buf = buf[:n]
+			break
+		}
+		buf = make([]byte, 2*len(buf))
+	}
+	count := 0
+	for g := range bytes.SplitSeq(buf, []byte("\n\n")) {
+		if bytes.Contains(g, []byte("tetheredge/tether/tunnel.")) {
+			count++
+		}
+	}
+	return count
+}
