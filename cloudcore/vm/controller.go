@@ -126,7 +126,7 @@ func New(kube kubernetes.Interface, dyn dynamic.Interface, cfg Config) (*Control
 		logger: cfg.Logger.With("component", "vm-controller"),
 		lim:    ratelog.New(0, cfg.Now),
 		syncs: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "tether_vm_syncs_total", Help: "VirtualMachine syncs, by result (ok or error; errors are retried with back-off).",
+			Name: "tether_vm_syncs_total", Help: "VirtualMachine syncs, by result (ok, conflict: raced another write, or error; both retried with back-off).",
 		}, []string{"result"}),
 		podWrites: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "tether_vm_pod_writes_total", Help: "Pods of VirtualMachines created or deleted, by op.",
@@ -261,8 +261,13 @@ func (t *term) next(ctx context.Context) bool {
 	}
 	defer t.queue.Done(key)
 	if err := t.sync(ctx, key); err != nil {
-		t.syncs.WithLabelValues("error").Inc()
-		if ctx.Err() == nil {
+		switch {
+		case apierrors.IsConflict(err):
+			// The cache was behind a write; the retry reads the newer object.
+			t.syncs.WithLabelValues("conflict").Inc()
+			t.logger.Debug("sync virtual machine raced a write", "vm", key, "err", err)
+		case ctx.Err() == nil:
+			t.syncs.WithLabelValues("error").Inc()
 			t.logger.Warn("sync virtual machine failed", "vm", key, "retries", t.queue.NumRequeues(key), "err", err)
 		}
 		t.queue.AddRateLimited(key)

@@ -2,6 +2,8 @@ package vm
 
 import (
 	"context"
+	"encoding/json"
+	"fmt"
 	"testing"
 	"time"
 
@@ -167,6 +169,23 @@ func TestVMLifecycle(t *testing.T) {
 	require.Equal(t, writes, r.counter(t, "tether_vm_status_writes_total", nil), "a resync of an unchanged VM writes no status")
 	require.Equal(t, 1.0, r.counter(t, "tether_vm_pod_writes_total", map[string]string{"op": "create"}))
 	require.Zero(t, r.counter(t, "tether_vm_syncs_total", map[string]string{"result": "error"}))
+
+	// What `kubectl get vm -o wide` prints: the server's Table.
+	raw, err := c.kube.Discovery().RESTClient().Get().AbsPath("/apis", GVR.Group, GVR.Version, "namespaces", c.ns, GVR.Resource).
+		SetHeader("Accept", "application/json;as=Table;v=v1;g=meta.k8s.io").Do(t.Context()).Raw()
+	require.NoError(t, err)
+	var table metav1.Table
+	require.NoError(t, json.Unmarshal(raw, &table))
+	var cols []string
+	for _, col := range table.ColumnDefinitions {
+		cols = append(cols, fmt.Sprintf("%s/%d", col.Name, col.Priority))
+	}
+	require.Equal(t, []string{"Name/0", "Phase/0", "Node/0", "vCPUs/0", "Memory/0", "Age/0", "Reason/1", "Acceleration/1", "Booted/1", "Image/1"}, cols)
+	require.Len(t, table.Rows, 1)
+	cells := table.Rows[0].Cells
+	require.Equal(t, []any{"web", "Running", "edge-1", float64(2), "256Mi"}, cells[:5])
+	require.Equal(t, []any{nil, "tcg"}, cells[6:8], "no reason while Running")
+	require.Equal(t, "tether-guest", cells[9])
 }
 
 func mustQ(s string) resource.Quantity { return resource.MustParse(s) }
@@ -252,7 +271,9 @@ func TestFailedPod(t *testing.T) {
 	c.editSpec(t, "big", func(s *Spec) { s.VCPUs = 2 })
 	second := c.waitPod(t, "big", first.UID)
 	require.Equal(t, "2", second.Annotations[AnnotationVCPUs])
-	c.waitVM(t, "big", func(v *VirtualMachine) bool { return v.Status.Phase == PhaseScheduled && v.Status.ObservedGeneration == v.Generation })
+	c.waitVM(t, "big", func(v *VirtualMachine) bool {
+		return v.Status.Phase == PhaseScheduled && v.Status.ObservedGeneration == v.Generation
+	})
 
 	// The same change on a live pod: RestartRequired, the pod kept.
 	c.edgeWrites(t, "big", func(s *corev1.PodStatus) {

@@ -82,6 +82,7 @@ type running struct {
 	reg    *promtest.Registry
 	cancel context.CancelFunc
 	done   chan error
+	once   sync.Once
 }
 
 // start runs a controller on the test's namespace until the test ends.
@@ -97,25 +98,22 @@ func start(t *testing.T, c *clients, cfg Config) *running {
 	ctx, cancel := context.WithCancel(context.Background())
 	r := &running{c: ctl, reg: reg, cancel: cancel, done: make(chan error, 1)}
 	go func() { r.done <- ctl.Run(ctx) }()
-	t.Cleanup(r.stop(t))
+	t.Cleanup(func() { r.stop(t) })
 	return r
 }
 
-// stop returns a function that stops the controller and checks Run's
-// result; it may be called more than once.
-func (r *running) stop(t *testing.T) func() {
-	var once sync.Once
-	return func() {
-		once.Do(func() {
-			r.cancel()
-			select {
-			case err := <-r.done:
-				require.NoError(t, err)
-			case <-time.After(waitFor):
-				t.Errorf("controller did not stop")
-			}
-		})
-	}
+// stop stops the controller and checks Run's result; it may be called
+// more than once.
+func (r *running) stop(t *testing.T) {
+	r.once.Do(func() {
+		r.cancel()
+		select {
+		case err := <-r.done:
+			require.NoError(t, err)
+		case <-time.After(waitFor):
+			t.Errorf("controller did not stop")
+		}
+	})
 }
 
 func (r *running) counter(t *testing.T, name string, labels map[string]string) float64 {
