@@ -4,9 +4,11 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -43,18 +45,21 @@ func (c *clients) waitPod(t *testing.T, vmName string, not types.UID) *corev1.Po
 // waitVM waits until the VM's status satisfies ok and returns it.
 func (c *clients) waitVM(t *testing.T, name string, ok func(*VirtualMachine) bool) *VirtualMachine {
 	t.Helper()
-	var v *VirtualMachine
-	require.Eventually(t, func() bool {
-		var err error
-		v, err = c.vms.Get(context.Background(), c.ns, name)
-		return err == nil && ok(v)
-	}, waitFor, tick, "virtual machine %s: last status %+v", name, func() any {
-		if v == nil {
-			return nil
+	var last atomic.Pointer[VirtualMachine]
+	if !assert.Eventually(t, func() bool {
+		v, err := c.vms.Get(context.Background(), c.ns, name)
+		if err != nil {
+			return false
 		}
-		return v.Status
-	})
-	return v
+		last.Store(v)
+		return ok(v)
+	}, waitFor, tick) {
+		if v := last.Load(); v != nil {
+			t.Fatalf("virtual machine %s: last status %+v", name, v.Status)
+		}
+		t.Fatalf("virtual machine %s: never read", name)
+	}
+	return last.Load()
 }
 
 func inPhase(p Phase) func(*VirtualMachine) bool {
