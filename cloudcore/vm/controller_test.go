@@ -297,7 +297,8 @@ func TestFailedPod(t *testing.T) {
 }
 
 // TestDeleteVM: deleting the VirtualMachine deletes its pod, without the
-// garbage collector (this control plane runs none).
+// garbage collector (this control plane runs none); a VM made again under
+// the same name gets a pod of its own once the old one is gone.
 func TestDeleteVM(t *testing.T) {
 	c := newClients(t)
 	installRuntimeClass(t, c)
@@ -310,8 +311,19 @@ func TestDeleteVM(t *testing.T) {
 		p := c.getPod(t, "gone")
 		return p == nil || p.DeletionTimestamp != nil
 	}, waitFor, tick)
-	c.edgeDeletes(t, pod)
 	require.Equal(t, 1.0, r.counter(t, "tether_vm_pod_writes_total", map[string]string{"op": "delete"}))
+
+	// A new VM of the same name while the old pod is still stopping: it
+	// waits for that pod to go, then gets its own.
+	nv, err := c.vms.Create(t.Context(), validVM(c.ns, "gone"))
+	require.NoError(t, err)
+	v := c.waitVM(t, "gone", inPhase(PhasePending))
+	require.Equal(t, ReasonNoPod, v.Status.Reason)
+	require.Equal(t, pod.UID, c.getPod(t, "gone").UID, "the old pod is not replaced while it stops")
+	c.edgeDeletes(t, pod)
+	own := c.waitPod(t, "gone", pod.UID)
+	require.Equal(t, nv.UID, controllerOf(own).UID)
+	c.waitVM(t, "gone", inPhase(PhaseScheduled))
 }
 
 // TestPodConflict: a pod the VM does not control that holds its pod's
