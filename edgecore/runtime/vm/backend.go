@@ -64,9 +64,6 @@ type Config struct {
 	// ConsolePoll is how often a running guest's console is read for the
 	// boot marker. Default 50 ms.
 	ConsolePoll time.Duration
-	// StopQuit is how long StopContainer waits after quit before it kills
-	// QEMU. Default 5 s.
-	StopQuit time.Duration
 	// Logger defaults to a discard logger.
 	Logger *slog.Logger
 	// Registerer receives the backend's metrics; nil registers nowhere.
@@ -77,7 +74,6 @@ type Config struct {
 const (
 	DefaultQEMU        = "qemu-system-x86_64"
 	DefaultConsolePoll = 50 * time.Millisecond
-	DefaultStopQuit    = 5 * time.Second
 )
 
 func (c Config) withDefaults(ctx context.Context) (Config, error) {
@@ -98,9 +94,6 @@ func (c Config) withDefaults(ctx context.Context) (Config, error) {
 	}
 	if c.ConsolePoll <= 0 {
 		c.ConsolePoll = DefaultConsolePoll
-	}
-	if c.StopQuit <= 0 {
-		c.StopQuit = DefaultStopQuit
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)

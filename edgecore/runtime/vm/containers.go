@@ -184,7 +184,7 @@ func (b *Backend) watch(v *vmState, c *container, m *qemu.Machine, started time.
 				evs = nil
 				continue
 			}
-			b.logger.Debug("qmp event", "container", c.ID, "event", ev.Event)
+			b.logger.Debug("qmp event", "container", c.ID, "event", ev.Name)
 		case <-tick.C:
 			if booted {
 				continue
@@ -264,43 +264,11 @@ func (b *Backend) stopLive(ctx context.Context, v *vmState, grace time.Duration)
 	if m == nil {
 		return nil
 	}
-	ctx = context.WithoutCancel(ctx)
-	wait := func(d time.Duration) bool {
-		t := time.NewTimer(d)
-		defer t.Stop()
-		select {
-		case <-m.Done():
-			return true
-		case <-t.C:
-			return false
-		}
+	ending, err := m.Stop(context.WithoutCancel(ctx), grace)
+	if err != nil {
+		return status.Errorf(codes.Internal, "stop vm container %s: %v", c.ID, err)
 	}
-	steps := []struct {
-		name string
-		do   func() error
-		wait time.Duration
-	}{
-		{"system_powerdown", func() error { return m.Powerdown(ctx) }, grace},
-		{"quit", func() error { return m.Quit(ctx) }, b.cfg.StopQuit},
-		{"kill", m.Kill, b.cfg.StopQuit},
-	}
-	for _, s := range steps {
-		if s.wait == 0 && s.name == "system_powerdown" {
-			continue // no grace: straight to quit
-		}
-		if err := s.do(); err != nil {
-			b.logger.Debug("vm stop step failed", "container", c.ID, "step", s.name, "err", err)
-		}
-		if wait(s.wait) {
-			b.logger.Info("vm stopped", "container", c.ID, "by", s.name)
-			break
-		}
-	}
-	select {
-	case <-m.Done():
-	default:
-		return status.Errorf(codes.DeadlineExceeded, "qemu of vm container %s did not exit", c.ID)
-	}
+	b.logger.Info("vm stopped", "container", c.ID, "ending", string(ending), "grace", grace)
 	// The watcher records the exit; wait for it so the caller sees it.
 	for {
 		v.mu.Lock()

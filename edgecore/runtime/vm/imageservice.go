@@ -17,7 +17,7 @@ import (
 
 func criImage(img Image) *runtimeapi.Image {
 	return &runtimeapi.Image{
-		Id: img.Digest, RepoTags: []string{img.Name}, Size_: uint64(img.FileSize),
+		Id: img.Digest, RepoTags: []string{img.Name}, Size: uint64(img.FileSize),
 		Spec: &runtimeapi.ImageSpec{Image: img.Name, RuntimeHandler: "tether-vm"},
 	}
 }

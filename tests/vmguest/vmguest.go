@@ -1,0 +1,102 @@
+// Package vmguest gives tests of the VM runtime the test guest of
+// build/guest as an image of the edge image store, and the accelerator
+// the real probe finds on this host. It is for tests only.
+package vmguest
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/tetheredge/tether/build/guest"
+	"github.com/tetheredge/tether/edgecore/runtime/vm"
+	"github.com/tetheredge/tether/edgecore/runtime/vm/qemu"
+)
+
+// ImageName is the name tests import the guest under.
+const ImageName = "tether-guest"
+
+// DiskSize is the guest image's raw disk: the guest counts its boots in
+// its first bytes.
+const DiskSize = 16 << 20
+
+// Import builds the guest (cached under <module root>/_output/guest) and
+// imports it into st as ImageName: a raw disk for direct kernel boot with
+// the guest's kernel, initramfs and command line.
+func Import(tb testing.TB, st *vm.Images) vm.Image {
+	tb.Helper()
+	root, err := moduleRoot()
+	require.NoError(tb, err)
+	p, err := guest.Build(guest.Config{CacheDir: filepath.Join(root, "_output", "guest")})
+	require.NoError(tb, err, "build the test guest (make guest-deps installs its packages)")
+	disk := filepath.Join(tb.TempDir(), "disk.raw")
+	require.NoError(tb, os.WriteFile(disk, make([]byte, DiskSize), 0o644))
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	img, err := st.Import(ctx, ImageName, disk, vm.Boot{Kernel: p.Kernel, Initrd: p.Initrd, Cmdline: p.Cmdline})
+	require.NoError(tb, err)
+	return img
+}
+
+var probe struct {
+	once  sync.Once
+	accel string
+	err   error
+}
+
+// Accel is the real probe's answer for qemu-system-x86_64, probed once
+// per test binary.
+func Accel(tb testing.TB) string {
+	tb.Helper()
+	probe.once.Do(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		probe.accel, probe.err = qemu.Probe(ctx, "")
+	})
+	require.NoError(tb, probe.err)
+	return probe.accel
+}
+
+// RunDir is a short directory for the backend's per-VM directories (a QMP
+// socket path has at most 107 bytes), removed when the test ends.
+func RunDir(tb testing.TB) string {
+	tb.Helper()
+	d, err := os.MkdirTemp("", "tvm-")
+	require.NoError(tb, err)
+	tb.Cleanup(func() { _ = os.RemoveAll(d) })
+	return d
+}
+
+// CountMarker counts the lines of the file at path that hold marker.
+func CountMarker(path, marker string) int {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return 0
+	}
+	return bytes.Count(data, []byte(marker))
+}
+
+func moduleRoot() (string, error) {
+	d, err := os.Getwd()
+	if err != nil {
+		return "", err
+	}
+	for {
+		data, err := os.ReadFile(filepath.Join(d, "go.mod"))
+		if err == nil && bytes.HasPrefix(data, []byte("module github.com/tetheredge/tether\n")) {
+			return d, nil
+		}
+		parent := filepath.Dir(d)
+		if parent == d {
+			return "", errors.New("vmguest: no go.mod of github.com/tetheredge/tether above the working directory")
+		}
+		d = parent
+	}
+}
