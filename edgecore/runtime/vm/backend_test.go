@@ -7,6 +7,8 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -49,12 +51,14 @@ func newEnv(t *testing.T) *env {
 	st, err := store.Open(ctx, filepath.Join(t.TempDir(), "edge.db"), nil)
 	require.NoError(t, err)
 	t.Cleanup(func() { require.NoError(t, st.Close()) })
+	runDir := vmguest.RunDir(t)
+	t.Cleanup(func() { killLeftovers(t, runDir) })
 	images, err := vm.OpenImages(filepath.Join(t.TempDir(), "vm-images"), "")
 	require.NoError(t, err)
 	vmguest.Import(t, images)
 	return &env{
 		t: t, st: st, images: images, logs: t.TempDir(),
-		cfg: vm.Config{Images: images, RunDir: vmguest.RunDir(t), Accel: vmguest.Accel(t), Logger: testlog.New()},
+		cfg: vm.Config{Images: images, RunDir: runDir, Accel: vmguest.Accel(t), Logger: testlog.New()},
 	}
 }
 
@@ -249,4 +253,252 @@ func qemuPid(t *testing.T, st *store.Store, sb string) int {
 		}
 	}
 	return 0
+}
+
+// startVM runs a sandbox and its guest on b directly (no shim) and waits
+// for the boot marker; it returns the sandbox and container ids and the
+// console's path.
+func (e *env) startVM(b *vm.Backend, name string, ann map[string]string) (sb, id, console string) {
+	e.t.Helper()
+	ctx := e.t.Context()
+	sbCfg := e.sandbox(name, ann)
+	sb, err := b.RunPodSandbox(ctx, sbCfg, "tether-vm")
+	require.NoError(e.t, err)
+	cfg := compute("compute")
+	id, err = b.CreateContainer(ctx, sb, cfg, sbCfg)
+	require.NoError(e.t, err)
+	require.NoError(e.t, b.StartContainer(ctx, id))
+	console = filepath.Join(sbCfg.LogDirectory, cfg.LogPath)
+	require.Eventually(e.t, func() bool { return vmguest.CountMarker(console, vm.BootMarker) == 1 },
+		2*time.Minute, 100*time.Millisecond, "the boot marker")
+	return sb, id, console
+}
+
+// A new backend on the same store (EdgeCore restarted: the old one just
+// stopped watching, as after a SIGKILL) adopts the running QEMU: same pid,
+// the guest never restarted (one boot marker), the allocation rows
+// unchanged, and it can still power the guest down. A recorded QEMU that
+// died meanwhile is reported exited.
+func TestAdoptAfterRestart(t *testing.T) {
+	e := newEnv(t)
+	ctx := t.Context()
+	b1, err := vm.New(ctx, e.cfg, e.st.Allocations())
+	require.NoError(t, err)
+	sb, id, console := e.startVM(b1, "keep", nil)
+	sbGone, idGone, _ := e.startVM(b1, "gone", nil)
+	// Wait for the boot to be recorded, then stop watching.
+	require.Eventually(t, func() bool {
+		resp, err := b1.ContainerStatus(ctx, id, true)
+		return err == nil && guestOf(t, resp).BootedAt != ""
+	}, 30*time.Second, 20*time.Millisecond)
+	pid, pidGone := qemuPid(t, e.st, sb), qemuPid(t, e.st, sbGone)
+	require.NoError(t, b1.Close(ctx))
+	require.True(t, alive(pid), "QEMU outlives its backend")
+	before, err := e.st.Allocations().Kind(ctx, "")
+	require.NoError(t, err)
+	require.NoError(t, syscall.Kill(pidGone, syscall.SIGKILL))
+	// QEMU is this test's child (in EdgeCore it would be init's after the
+	// SIGKILL): reap it.
+	_, err = syscall.Wait4(pidGone, nil, 0, nil)
+	require.NoError(t, err)
+
+	b2 := e.backend()
+	resp, err := b2.ContainerStatus(ctx, id, true)
+	require.NoError(t, err)
+	require.Equal(t, runtimeapi.ContainerState_CONTAINER_RUNNING, resp.GetStatus().GetState(), "adopted, not restarted")
+	require.NotEmpty(t, guestOf(t, resp).BootedAt, "the boot is remembered")
+	require.Equal(t, pid, qemuPid(t, e.st, sb))
+	after, err := e.st.Allocations().Owner(ctx, sb)
+	require.NoError(t, err)
+	var kept []store.Allocation
+	for _, r := range before {
+		if r.Owner == sb {
+			kept = append(kept, r)
+		}
+	}
+	require.Equal(t, kept, after, "the adopted VM's allocations are unchanged")
+
+	gone, err := b2.ContainerStatus(ctx, idGone, false)
+	require.NoError(t, err)
+	require.Equal(t, runtimeapi.ContainerState_CONTAINER_EXITED, gone.GetStatus().GetState())
+	require.Equal(t, "QEMUGone", gone.GetStatus().GetReason())
+
+	require.NoError(t, b2.StopContainer(ctx, id, 60))
+	resp, err = b2.ContainerStatus(ctx, id, false)
+	require.NoError(t, err)
+	require.Equal(t, runtimeapi.ContainerState_CONTAINER_EXITED, resp.GetStatus().GetState())
+	require.Equal(t, int32(0), resp.GetStatus().GetExitCode(), "the guest shut down (QMP SHUTDOWN guest=true)")
+	require.False(t, alive(pid))
+	require.Equal(t, 1, vmguest.CountMarker(console, vm.BootMarker), "the guest booted once")
+	for _, s := range []string{sb, sbGone} {
+		require.NoError(t, b2.RemovePodSandbox(ctx, s))
+	}
+	all, err := e.st.Allocations().Kind(ctx, "")
+	require.NoError(t, err)
+	require.Empty(t, all)
+}
+
+// Bad sandboxes are refused with a clear code and message naming the
+// annotation, counted, and leave nothing behind.
+func TestRefusesBadSandboxes(t *testing.T) {
+	e := newEnv(t)
+	b := e.backend()
+	ctx := t.Context()
+	for _, tc := range []struct {
+		name string
+		ann  map[string]string
+		code codes.Code
+		want string
+	}{
+		{"no vcpus", map[string]string{vm.AnnotationVCPUs: ""}, codes.InvalidArgument, vm.AnnotationVCPUs},
+		{"zero vcpus", map[string]string{vm.AnnotationVCPUs: "0"}, codes.InvalidArgument, vm.AnnotationVCPUs},
+		{"bad memory", map[string]string{vm.AnnotationMemory: "lots"}, codes.InvalidArgument, vm.AnnotationMemory},
+		{"tiny memory", map[string]string{vm.AnnotationMemory: "1Mi"}, codes.InvalidArgument, vm.AnnotationMemory},
+		{"odd hugepage size", map[string]string{vm.AnnotationHugepageSize: "4Ki"}, codes.InvalidArgument, vm.AnnotationHugepageSize},
+		{"memory not whole pages", map[string]string{vm.AnnotationHugepageSize: "1Gi"}, codes.InvalidArgument, "not a whole number of 1Gi hugepages"},
+		{"dedicated not bool", map[string]string{vm.AnnotationDedicatedCPUs: "yes"}, codes.InvalidArgument, vm.AnnotationDedicatedCPUs},
+		{"sriov syntax", map[string]string{vm.AnnotationSRIOV: "pool-a"}, codes.InvalidArgument, vm.AnnotationSRIOV},
+		{"sriov twice", map[string]string{vm.AnnotationSRIOV: "a=1,a=2"}, codes.InvalidArgument, "named twice"},
+		{"bad disk size", map[string]string{vm.AnnotationDiskSize: "-1"}, codes.InvalidArgument, vm.AnnotationDiskSize},
+		{"huge user data", map[string]string{vm.AnnotationUserData: string(make([]byte, vm.MaxUserData+1))}, codes.InvalidArgument, vm.AnnotationUserData},
+		{"dedicated without pool", map[string]string{vm.AnnotationDedicatedCPUs: "true"}, codes.FailedPrecondition, "no resource pool configured, so it cannot give dedicated CPUs"},
+		{"vfs without pool", map[string]string{vm.AnnotationSRIOV: "pool-a=1"}, codes.FailedPrecondition, "SR-IOV VFs"},
+		{"hugepages without a mount", map[string]string{vm.AnnotationHugepageSize: "2Mi"}, codes.FailedPrecondition, "no hugetlbfs mount of 2Mi pages"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := e.sandbox("bad", tc.ann)
+			if tc.ann[vm.AnnotationVCPUs] == "" && tc.name == "no vcpus" {
+				delete(cfg.Annotations, vm.AnnotationVCPUs)
+			}
+			_, err := b.RunPodSandbox(ctx, cfg, "tether-vm")
+			require.Equal(t, tc.code, status.Code(err), "%v", err)
+			require.ErrorContains(t, err, tc.want)
+		})
+	}
+	sbs, err := b.ListPodSandbox(ctx, nil)
+	require.NoError(t, err)
+	require.Empty(t, sbs)
+	all, err := e.st.Allocations().Kind(ctx, "")
+	require.NoError(t, err)
+	require.Empty(t, all)
+	ents, err := os.ReadDir(e.cfg.RunDir)
+	require.NoError(t, err)
+	require.Empty(t, ents)
+
+	// A container of an image the store lacks.
+	sbCfg := e.sandbox("noimage", nil)
+	sb, err := b.RunPodSandbox(ctx, sbCfg, "tether-vm")
+	require.NoError(t, err)
+	cfg := compute("compute")
+	cfg.Image.Image = "missing"
+	_, err = b.CreateContainer(ctx, sb, cfg, sbCfg)
+	require.Equal(t, codes.NotFound, status.Code(err))
+	require.ErrorContains(t, err, "import it with edgecore vm-image import")
+	require.NoError(t, b.RemovePodSandbox(ctx, sb))
+}
+
+// killLeftovers kills (and reaps) every QEMU whose command line names
+// runDir: what a failed test left running. A passing test leaves none, and
+// says so.
+func killLeftovers(t *testing.T, runDir string) {
+	t.Helper()
+	ents, err := os.ReadDir("/proc")
+	require.NoError(t, err)
+	for _, ent := range ents {
+		pid, err := strconv.Atoi(ent.Name())
+		if err != nil {
+			continue
+		}
+		cmdline, err := os.ReadFile(filepath.Join("/proc", ent.Name(), "cmdline"))
+		if err != nil || !strings.Contains(string(cmdline), runDir+"/") {
+			continue
+		}
+		if !t.Failed() {
+			t.Errorf("qemu %d of this test still runs", pid)
+		}
+		_ = syscall.Kill(pid, syscall.SIGKILL)
+		_, _ = syscall.Wait4(pid, nil, 0, nil)
+	}
+}
+
+const nrHugepages = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages"
+
+func readInt(t *testing.T, path string) int64 {
+	t.Helper()
+	data, err := os.ReadFile(path)
+	require.NoError(t, err)
+	n, err := strconv.ParseInt(strings.TrimSpace(string(data)), 10, 64)
+	require.NoError(t, err)
+	return n
+}
+
+// hugepagesFree is HugePages_Free of /proc/meminfo (2 MiB pages).
+func hugepagesFree(t *testing.T) int64 {
+	t.Helper()
+	data, err := os.ReadFile("/proc/meminfo")
+	require.NoError(t, err)
+	for line := range strings.SplitSeq(string(data), "\n") {
+		if v, ok := strings.CutPrefix(line, "HugePages_Free:"); ok {
+			n, err := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+			require.NoError(t, err)
+			return n
+		}
+	}
+	t.Fatal("no HugePages_Free in /proc/meminfo")
+	return 0
+}
+
+// Without a resource pool, a VM's hugepages come from the configured
+// hugetlbfs mount and are accounted in the allocation table against the
+// kernel's page count: the guest's RAM really is hugepages (HugePages_Free
+// drops while it runs, and comes back), and a VM that does not fit beside
+// it is refused with ResourceExhausted, leaving nothing. The test reserves
+// 80 more pages and mounts hugetlbfs itself, and undoes both.
+func TestHugepagesWithoutPool(t *testing.T) {
+	const pages = 64 + 16 // the guest's 128Mi, and 32Mi more
+	before := readInt(t, nrHugepages)
+	require.NoError(t, os.WriteFile(nrHugepages, []byte(strconv.FormatInt(before+pages, 10)), 0o644))
+	t.Cleanup(func() {
+		now := readInt(t, nrHugepages)
+		require.NoError(t, os.WriteFile(nrHugepages, []byte(strconv.FormatInt(max(now-pages, 0), 10)), 0o644))
+	})
+	require.GreaterOrEqual(t, readInt(t, nrHugepages), before+pages, "the kernel reserved the pages")
+	mnt := t.TempDir()
+	require.NoError(t, syscall.Mount("hugetlbfs", mnt, "hugetlbfs", 0, "pagesize=2M"))
+	t.Cleanup(func() { require.NoError(t, syscall.Unmount(mnt, 0)) })
+
+	e := newEnv(t)
+	e.cfg.HugepageDirs = map[string]string{"2Mi": mnt}
+	b := e.backend()
+	ctx := t.Context()
+	free := hugepagesFree(t)
+	sb, id, _ := e.startVM(b, "huge", map[string]string{vm.AnnotationHugepageSize: "2Mi"})
+	rows, err := e.st.Allocations().Kind(ctx, "hugepages-2Mi")
+	require.NoError(t, err)
+	require.Len(t, rows, 1)
+	require.Equal(t, sb, rows[0].Owner)
+	require.Equal(t, int64(128<<20), rows[0].Amount)
+	require.LessOrEqual(t, hugepagesFree(t), free-64, "the guest's RAM is hugepages (prealloc)")
+
+	total := readInt(t, nrHugepages) * 2 << 20
+	tooBig := map[string]string{vm.AnnotationHugepageSize: "2Mi",
+		vm.AnnotationMemory: strconv.FormatInt((total-128<<20+2<<20)>>20, 10) + "Mi"}
+	_, err = b.RunPodSandbox(ctx, e.sandbox("toobig", tooBig), "tether-vm")
+	require.Equal(t, codes.ResourceExhausted, status.Code(err), "%v", err)
+	sbs, err := b.ListPodSandbox(ctx, nil)
+	require.NoError(t, err)
+	require.Len(t, sbs, 1, "the refused VM left nothing")
+
+	require.NoError(t, b.StopContainer(ctx, id, 60))
+	require.NoError(t, b.StopPodSandbox(ctx, sb))
+	rows, err = e.st.Allocations().Kind(ctx, "hugepages-2Mi")
+	require.NoError(t, err)
+	require.Len(t, rows, 1)
+	require.Zero(t, rows[0].Amount, "a stopped sandbox holds no hugepages")
+	require.Eventually(t, func() bool { return hugepagesFree(t) >= free }, 10*time.Second, 20*time.Millisecond,
+		"the pages come back")
+	require.NoError(t, b.RemovePodSandbox(ctx, sb))
+	all, err := e.st.Allocations().Kind(ctx, "")
+	require.NoError(t, err)
+	require.Empty(t, all)
 }

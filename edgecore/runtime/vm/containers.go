@@ -2,6 +2,7 @@ package vm
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -16,6 +17,7 @@ import (
 
 	"github.com/tetheredge/tether/edgecore/cri"
 	"github.com/tetheredge/tether/edgecore/runtime/vm/qemu"
+	"github.com/tetheredge/tether/edgecore/runtime/vm/qmp"
 )
 
 // CreateContainer prepares the guest: it resolves the image, makes the
@@ -175,6 +177,7 @@ func (b *Backend) watch(v *vmState, c *container, m *qemu.Machine, started time.
 	tick := time.NewTicker(b.cfg.ConsolePoll)
 	defer tick.Stop()
 	evs := m.Events()
+	guestShutdown := false
 	for {
 		select {
 		case <-b.ctx.Done():
@@ -184,6 +187,7 @@ func (b *Backend) watch(v *vmState, c *container, m *qemu.Machine, started time.
 				evs = nil
 				continue
 			}
+			guestShutdown = guestShutdown || isGuestShutdown(ev)
 			b.logger.Debug("qmp event", "container", c.ID, "event", ev.Name)
 		case <-tick.C:
 			if booted {
@@ -211,8 +215,57 @@ func (b *Backend) watch(v *vmState, c *container, m *qemu.Machine, started time.
 			b.logger.Info("vm guest booted", "container", c.ID, "since_start", now.Sub(started))
 			b.publish(cri.Event{ContainerID: c.ID, Kind: cri.EventStart, At: now})
 		case <-m.Done():
-			b.exited(v, c, int32(m.ExitCode()), "")
+			code := m.ExitCode()
+			if code < 0 {
+				// An adopted QEMU is not our child: its exit status is
+				// lost. QMP's last events say whether the guest shut
+				// itself down.
+				guestShutdown = guestShutdown || drainShutdown(evs)
+				code = exitUnknown
+				if guestShutdown {
+					code = 0
+				}
+			}
+			b.exited(v, c, int32(code), "")
 			return
+		}
+	}
+}
+
+// exitUnknown is the exit code of a QEMU whose exit status is lost (an
+// adopted one that did not end by a guest shutdown, or one found gone).
+const exitUnknown = 255
+
+// isGuestShutdown reports whether ev is QEMU's SHUTDOWN caused by the
+// guest (it powered off), not by the host (quit, a signal).
+func isGuestShutdown(ev qmp.Event) bool {
+	if ev.Name != "SHUTDOWN" {
+		return false
+	}
+	var data struct {
+		Guest bool `json:"guest"`
+	}
+	return json.Unmarshal(ev.Data, &data) == nil && data.Guest
+}
+
+// drainShutdown reads the events QEMU sent before it exited, until the
+// channel closes (QMP saw the end) or a second passes.
+func drainShutdown(evs <-chan qmp.Event) bool {
+	if evs == nil {
+		return false
+	}
+	t := time.NewTimer(time.Second)
+	defer t.Stop()
+	seen := false
+	for {
+		select {
+		case ev, ok := <-evs:
+			if !ok {
+				return seen
+			}
+			seen = seen || isGuestShutdown(ev)
+		case <-t.C:
+			return seen
 		}
 	}
 }
@@ -406,7 +459,7 @@ func (b *Backend) adopt(ctx context.Context) error {
 		m, err := qemu.Attach(ctx, c.Spec, c.Pid, qemu.Options{Binary: b.cfg.QEMU, Logger: b.logger})
 		if err != nil {
 			b.logger.Warn("recorded vm is gone", "sandbox", rec.ID, "container", c.ID, "pid", c.Pid, "err", err)
-			b.exited(v, c, 255, "QEMUGone")
+			b.exited(v, c, exitUnknown, "QEMUGone")
 			continue
 		}
 		v.machine = m
