@@ -9,7 +9,10 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -65,13 +68,41 @@ func Accel(tb testing.TB) string {
 }
 
 // RunDir is a short directory for the backend's per-VM directories (a QMP
-// socket path has at most 107 bytes), removed when the test ends.
+// socket path has at most 107 bytes), removed when the test ends. Any QEMU
+// still running from it then is killed, and is an error of a test that
+// had not failed already.
 func RunDir(tb testing.TB) string {
 	tb.Helper()
 	d, err := os.MkdirTemp("", "tvm-")
 	require.NoError(tb, err)
-	tb.Cleanup(func() { _ = os.RemoveAll(d) })
+	tb.Cleanup(func() {
+		killLeftovers(tb, d)
+		_ = os.RemoveAll(d)
+	})
 	return d
+}
+
+// killLeftovers kills (and reaps, when it is the test's child) every QEMU
+// whose command line names runDir.
+func killLeftovers(tb testing.TB, runDir string) {
+	tb.Helper()
+	ents, err := os.ReadDir("/proc")
+	require.NoError(tb, err)
+	for _, ent := range ents {
+		pid, err := strconv.Atoi(ent.Name())
+		if err != nil {
+			continue
+		}
+		cmdline, err := os.ReadFile(filepath.Join("/proc", ent.Name(), "cmdline"))
+		if err != nil || !strings.Contains(string(cmdline), runDir+"/") {
+			continue
+		}
+		if !tb.Failed() {
+			tb.Errorf("qemu %d of this test still runs", pid)
+		}
+		_ = syscall.Kill(pid, syscall.SIGKILL)
+		_, _ = syscall.Wait4(pid, nil, 0, nil)
+	}
 }
 
 // CountMarker counts the lines of the file at path that hold marker.

@@ -52,7 +52,6 @@ func newEnv(t *testing.T) *env {
 	require.NoError(t, err)
 	t.Cleanup(func() { require.NoError(t, st.Close()) })
 	runDir := vmguest.RunDir(t)
-	t.Cleanup(func() { killLeftovers(t, runDir) })
 	images, err := vm.OpenImages(filepath.Join(t.TempDir(), "vm-images"), "")
 	require.NoError(t, err)
 	vmguest.Import(t, images)
@@ -395,30 +394,6 @@ func TestRefusesBadSandboxes(t *testing.T) {
 	require.Equal(t, codes.NotFound, status.Code(err))
 	require.ErrorContains(t, err, "import it with edgecore vm-image import")
 	require.NoError(t, b.RemovePodSandbox(ctx, sb))
-}
-
-// killLeftovers kills (and reaps) every QEMU whose command line names
-// runDir: what a failed test left running. A passing test leaves none, and
-// says so.
-func killLeftovers(t *testing.T, runDir string) {
-	t.Helper()
-	ents, err := os.ReadDir("/proc")
-	require.NoError(t, err)
-	for _, ent := range ents {
-		pid, err := strconv.Atoi(ent.Name())
-		if err != nil {
-			continue
-		}
-		cmdline, err := os.ReadFile(filepath.Join("/proc", ent.Name(), "cmdline"))
-		if err != nil || !strings.Contains(string(cmdline), runDir+"/") {
-			continue
-		}
-		if !t.Failed() {
-			t.Errorf("qemu %d of this test still runs", pid)
-		}
-		_ = syscall.Kill(pid, syscall.SIGKILL)
-		_, _ = syscall.Wait4(pid, nil, 0, nil)
-	}
 }
 
 const nrHugepages = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages"
