@@ -38,14 +38,14 @@ func quiet(ctx context.Context) context.Context { return klog.NewContext(ctx, lo
 
 // env is a VM backend on a real store, with the test guest imported.
 type env struct {
-	t      *testing.T
+	t      testing.TB
 	st     *store.Store
 	images *vm.Images
 	cfg    vm.Config
 	logs   string
 }
 
-func newEnv(t *testing.T) *env {
+func newEnv(t testing.TB) *env {
 	t.Helper()
 	ctx := t.Context()
 	st, err := store.Open(ctx, filepath.Join(t.TempDir(), "edge.db"), nil)
@@ -107,7 +107,7 @@ func alive(pid int) bool { return pid > 0 && syscall.Kill(pid, 0) == nil }
 
 // shim serves a CRI shim with a containerd default backend and b in the
 // VM slot, and returns cri-client clients of it.
-func shim(t *testing.T, h *ctrdhost.Host, st *store.Store, b *vm.Backend) (internalapi.RuntimeService, internalapi.ImageManagerService) {
+func shim(t testing.TB, h *ctrdhost.Host, st *store.Store, b *vm.Backend) (internalapi.RuntimeService, internalapi.ImageManagerService) {
 	t.Helper()
 	ctx := quiet(context.Background())
 	def, err := containerd.New(ctx, containerd.Config{Endpoint: h.Endpoint()})
