@@ -1,6 +1,6 @@
 // Package app wires EdgeCore's components together: the SQLite store, the
 // tunnel client, the syncer, node status, certificate rotation, the CRI
-// shim with its containerd backend and, when a CRI endpoint is
+// shim with its containerd and VM backends and, when a CRI endpoint is
 // configured, the pod manager. The
 // edgecore command and the end-to-end tests both build EdgeCore through
 // it, so what the tests run is what ships. It holds no logic of its own.
