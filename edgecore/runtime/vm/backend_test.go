@@ -6,6 +6,7 @@ import (
 	"errors"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -158,7 +159,7 @@ func TestVMThroughShim(t *testing.T) {
 	require.Equal(t, codes.NotFound, status.Code(err))
 	require.ErrorContains(t, err, "import it with edgecore vm-image import")
 
-	sbCfg := e.sandbox("web", nil)
+	sbCfg := e.sandbox("web", map[string]string{vm.AnnotationUserData: "#cloud-config\nhostname: web\n"})
 	sb, err := rt.RunPodSandbox(ctx, sbCfg, "tether-vm")
 	require.NoError(t, err)
 	rows, err := e.st.Allocations().Owner(ctx, sb)
@@ -191,6 +192,13 @@ func TestVMThroughShim(t *testing.T) {
 	}, 30*time.Second, 50*time.Millisecond, "the guest info says booted")
 	pid := qemuPid(t, e.st, sb)
 	require.True(t, alive(pid))
+	cmdline, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "cmdline"))
+	require.NoError(t, err)
+	seed := filepath.Join(e.cfg.RunDir, sb, "seed.iso")
+	require.Contains(t, string(cmdline), "file="+seed, "the user data goes in as a NoCloud seed")
+	out, err := exec.Command("blkid", "-p", "-o", "value", "-s", "LABEL", seed).CombinedOutput()
+	require.NoError(t, err, "%s", out)
+	require.Equal(t, "cidata\n", string(out))
 
 	list, err := rt.ListContainers(ctx, &runtimeapi.ContainerFilter{LabelSelector: map[string]string{"io.kubernetes.pod.uid": "uid-web"}})
 	require.NoError(t, err)

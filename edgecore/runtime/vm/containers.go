@@ -1,6 +1,7 @@
 package vm
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -61,6 +62,10 @@ func (b *Backend) CreateContainer(ctx context.Context, sandboxID string, cfg *ru
 			return "", status.Errorf(codes.Internal, "create the vm's disk: %v", err)
 		}
 	}
+	seed, err := b.seed(rec)
+	if err != nil {
+		return "", status.Errorf(codes.Internal, "make the cloud-init seed: %v", err)
+	}
 	logPath := ""
 	if cfg.GetLogPath() != "" && rec.LogDir != "" {
 		logPath = filepath.Join(rec.LogDir, cfg.GetLogPath())
@@ -73,6 +78,7 @@ func (b *Backend) CreateContainer(ctx context.Context, sandboxID string, cfg *ru
 		LogPath: logPath, State: stateCreated, CreatedAt: time.Now().UnixNano(),
 	}
 	c.Spec = b.spec(rec, c, img, overlay)
+	c.Spec.Seed = seed
 	v.mu.Lock()
 	rec.Overlay, rec.Image = overlay, img.Name
 	rec.Containers = append(rec.Containers, c)
@@ -87,6 +93,24 @@ func (b *Backend) CreateContainer(ctx context.Context, sandboxID string, cfg *ru
 	b.owner[c.ID] = sandboxID
 	b.mu.Unlock()
 	return c.ID, nil
+}
+
+// seed makes the sandbox's NoCloud seed from its user data, once; "" when
+// the VM has none.
+func (b *Backend) seed(rec *record) (string, error) {
+	userData, err := os.ReadFile(filepath.Join(rec.Dir, "user-data"))
+	if errors.Is(err, fs.ErrNotExist) {
+		return "", nil
+	}
+	if err != nil {
+		return "", err
+	}
+	path := filepath.Join(rec.Dir, "seed.iso")
+	if _, err := os.Stat(path); err == nil {
+		return path, nil
+	}
+	host := cmp.Or(rec.Params.Name, rec.Name)
+	return path, writeSeed(path, rec.ID, host, string(userData), time.Now())
 }
 
 // spec is the QEMU of container c of rec.
