@@ -2,7 +2,6 @@ package app_test
 
 import (
 	"context"
-	"crypto"
 	"crypto/tls"
 	"crypto/x509"
 	"database/sql"
@@ -128,7 +127,7 @@ func TestVMSurvivesKill9(t *testing.T) {
 	require.NoError(t, err)
 	leaf, key, err := ca.Issue(pki.LeafRequest{CommonName: "edge-1", Usage: pki.UsageClient, Validity: time.Hour})
 	require.NoError(t, err)
-	require.NoError(t, pki.WriteFiles(d.path("node.crt"), leaf, d.path("node.key"), key.(crypto.Signer)))
+	require.NoError(t, pki.WriteFiles(d.path("node.crt"), leaf, d.path("node.key"), key))
 	require.NoError(t, pki.WriteFiles(d.path("ca.crt"), ca.Cert, "", nil))
 	runDir := vmguest.RunDir(t)
 	for name, v := range map[string]string{"run": runDir, "containerd": h.Endpoint(), "accel": vmguest.Accel(t)} {

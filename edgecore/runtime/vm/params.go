@@ -2,7 +2,6 @@ package vm
 
 import (
 	"fmt"
-	"slices"
 	"strconv"
 	"strings"
 
@@ -157,14 +156,4 @@ func hugepageKind(size int64) string {
 		return "hugepages-1Gi"
 	}
 	return "hugepages-2Mi"
-}
-
-// sortedPools are the pool names of vfs, sorted.
-func sortedPools(vfs map[string]int) []string {
-	out := make([]string, 0, len(vfs))
-	for p := range vfs {
-		out = append(out, p)
-	}
-	slices.Sort(out)
-	return out
 }
