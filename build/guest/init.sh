@@ -10,7 +10,19 @@ for m in $(cat /etc/modules); do
 	insmod "/lib/modules/$m" || echo "TETHER-GUEST-ERROR insmod $m" >/dev/console
 done
 # The ACPI power button (system_powerdown) runs /etc/acpi/PWRF/00000080.
-acpid -c /etc/acpi -l /tmp/acpid.log
+# The boot marker waits until acpid has opened the input devices: a button
+# pressed right after the marker must not be lost.
+acpid -f -c /etc/acpi -l /tmp/acpid.log &
+acpid=$!
+i=0
+until ls -l "/proc/$acpid/fd" 2>/dev/null | grep -q /dev/input/event; do
+	i=$((i + 1))
+	if [ $i -gt 500 ]; then
+		echo "TETHER-GUEST-ERROR acpid opened no input device" >/dev/console
+		break
+	fi
+	sleep 0.01
+done
 # The disk marker: a boot counter in the first 64 bytes of /dev/vda (the
 # virtio modules probe synchronously, so the node exists by now if the disk does).
 if [ -b /dev/vda ]; then

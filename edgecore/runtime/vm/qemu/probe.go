@@ -161,8 +161,14 @@ func runProbeGuest(ctx context.Context, bin, disk, accel, cpu string, timeout ti
 	}
 }
 
-// lastLine is the last non-empty line of QEMU's output, for a reason.
+// lastLine is QEMU's last line that says "error", else its last line,
+// for a reason.
 func lastLine(b []byte) string {
 	lines := bytes.Split(bytes.TrimSpace(b), []byte("\n"))
+	for i := len(lines) - 1; i >= 0; i-- {
+		if bytes.Contains(lines[i], []byte("error")) {
+			return string(lines[i])
+		}
+	}
 	return string(lines[len(lines)-1])
 }

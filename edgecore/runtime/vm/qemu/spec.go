@@ -65,10 +65,10 @@ const (
 )
 
 // QMPSocket is the path of the VM's QMP socket.
-func (s *Spec) QMPSocket() string { return filepath.Join(s.Dir, "qmp.sock") }
+func (s Spec) QMPSocket() string { return filepath.Join(s.Dir, "qmp.sock") }
 
 // OutputLog is the file QEMU's own stdout and stderr append to.
-func (s *Spec) OutputLog() string { return filepath.Join(s.Dir, "qemu.log") }
+func (s Spec) OutputLog() string { return filepath.Join(s.Dir, "qemu.log") }
 
 var (
 	nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)

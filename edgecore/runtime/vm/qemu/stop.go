@@ -10,13 +10,13 @@ import (
 type Ending string
 
 const (
-	// EndedExited: QEMU had already exited when Stop was called.
+	// EndedExited means QEMU had already exited when Stop was called.
 	EndedExited Ending = "exited"
-	// EndedPowerdown: the guest shut down after the ACPI power button.
+	// EndedPowerdown means the guest shut down after the ACPI power button.
 	EndedPowerdown Ending = "powerdown"
-	// EndedQuit: the guest did not shut down within the grace; QMP quit.
+	// EndedQuit means the guest did not shut down within the grace: QMP quit.
 	EndedQuit Ending = "quit"
-	// EndedKill: quit did not end QEMU either; SIGKILL.
+	// EndedKill means quit did not end QEMU either: SIGKILL.
 	EndedKill Ending = "kill"
 )
 
