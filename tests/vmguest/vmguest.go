@@ -1,12 +1,11 @@
 // Package vmguest gives tests of the VM runtime the test guest of
-// build/guest as an image of the edge image store, and the accelerator
+// tests/guest as an image of the edge image store, and the accelerator
 // the real probe finds on this host. It is for tests only.
 package vmguest
 
 import (
 	"bytes"
 	"context"
-	"errors"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -18,9 +17,9 @@ import (
 
 	"github.com/stretchr/testify/require"
 
-	"github.com/tetheredge/tether/build/guest"
 	"github.com/tetheredge/tether/edgecore/runtime/vm"
 	"github.com/tetheredge/tether/edgecore/runtime/vm/qemu"
+	"github.com/tetheredge/tether/tests/guest"
 )
 
 // ImageName is the name tests import the guest under.
@@ -30,15 +29,12 @@ const ImageName = "tether-guest"
 // its first bytes.
 const DiskSize = 16 << 20
 
-// Import builds the guest (cached under <module root>/_output/guest) and
+// Import builds the guest (tests/guest: cached under _output/guest) and
 // imports it into st as ImageName: a raw disk for direct kernel boot with
 // the guest's kernel, initramfs and command line.
 func Import(tb testing.TB, st *vm.Images) vm.Image {
 	tb.Helper()
-	root, err := moduleRoot()
-	require.NoError(tb, err)
-	p, err := guest.Build(guest.Config{CacheDir: filepath.Join(root, "_output", "guest")})
-	require.NoError(tb, err, "build the test guest (make guest-deps installs its packages)")
+	p := guest.Build(tb)
 	disk := filepath.Join(tb.TempDir(), "disk.raw")
 	require.NoError(tb, os.WriteFile(disk, make([]byte, DiskSize), 0o644))
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
@@ -112,22 +108,4 @@ func CountMarker(path, marker string) int {
 		return 0
 	}
 	return bytes.Count(data, []byte(marker))
-}
-
-func moduleRoot() (string, error) {
-	d, err := os.Getwd()
-	if err != nil {
-		return "", err
-	}
-	for {
-		data, err := os.ReadFile(filepath.Join(d, "go.mod"))
-		if err == nil && bytes.HasPrefix(data, []byte("module github.com/tetheredge/tether\n")) {
-			return d, nil
-		}
-		parent := filepath.Dir(d)
-		if parent == d {
-			return "", errors.New("vmguest: no go.mod of github.com/tetheredge/tether above the working directory")
-		}
-		d = parent
-	}
 }
