@@ -60,3 +60,20 @@ func TestConsoleTail(t *testing.T) {
 	require.Equal(t, ConsoleLines, strings.Count(got, "\n")+1)
 	require.Empty(t, consoleTail(filepath.Join(t.TempDir(), "missing")))
 }
+
+// FuzzConsoleTail: whatever the guest prints, the tail is valid UTF-8 of
+// at most ConsoleLines lines and ConsoleBytes bytes, without control
+// characters but newline and tab.
+func FuzzConsoleTail(f *testing.F) {
+	f.Add([]byte("TETHER-GUEST-BOOTED\r\n"), false)
+	f.Add([]byte("\x1b[2J\xff\xfe\x00"), true)
+	f.Fuzz(func(t *testing.T, raw []byte, cut bool) {
+		got := tail(raw, cut)
+		require.True(t, utf8.ValidString(got))
+		require.LessOrEqual(t, len(got), ConsoleBytes)
+		require.LessOrEqual(t, strings.Count(got, "\n"), ConsoleLines-1)
+		for _, r := range got {
+			require.False(t, r < 0x20 && r != '\n' && r != '\t', "control character %q", r)
+		}
+	})
+}
