@@ -177,7 +177,7 @@ func TestVMThroughShim(t *testing.T) {
 
 	logPath := filepath.Join(sbCfg.LogDirectory, cfg.LogPath)
 	require.Eventually(t, func() bool { return vmguest.CountMarker(logPath, vm.BootMarker) == 1 },
-		2*time.Minute, 100*time.Millisecond, "the boot marker in the container's log")
+		4*time.Minute, 100*time.Millisecond, "the boot marker in the container's log")
 	require.Eventually(t, func() bool {
 		resp, err := rt.ContainerStatus(ctx, id, true)
 		require.NoError(t, err)
@@ -278,7 +278,7 @@ func (e *env) startVM(b *vm.Backend, name string, ann map[string]string) (sb, id
 	require.NoError(e.t, b.StartContainer(ctx, id))
 	console = filepath.Join(sbCfg.LogDirectory, cfg.LogPath)
 	require.Eventually(e.t, func() bool { return vmguest.CountMarker(console, vm.BootMarker) == 1 },
-		2*time.Minute, 100*time.Millisecond, "the boot marker")
+		4*time.Minute, 100*time.Millisecond, "the boot marker")
 	return sb, id, console
 }
 
