@@ -3,6 +3,8 @@ package app_test
 import (
 	"context"
 	"encoding/json"
+	"fmt"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -122,6 +124,12 @@ func TestVMPodThroughInProcessShim(t *testing.T) {
 	rows, err := a.Store().Allocations().Kind(ctx, vm.KindVM)
 	require.NoError(t, err)
 	require.Len(t, rows, 1)
+	logs, err := filepath.Glob(filepath.Join(cfg.Pods.LogDir, "*", "compute_0.log"))
+	require.NoError(t, err)
+	require.Len(t, logs, 1)
+	// The pod's log directory goes with the pod, as kubelet's does: keep
+	// the console open to read the powerdown after it is unlinked.
+	consoleFile := openConsole(t, logs[0])
 	require.NoError(t, a.Store().Apply(ctx, []store.Change{{Op: message.OpDelete, Object: store.Object{
 		Resource: message.Resource{Kind: "Pod", Namespace: pod.Namespace, Name: pod.Name},
 	}}}))
@@ -129,8 +137,16 @@ func TestVMPodThroughInProcessShim(t *testing.T) {
 		all, err := a.Store().Allocations().Kind(ctx, "")
 		return err == nil && len(all) == 0
 	}, 2*time.Minute, 100*time.Millisecond, "the VM's record goes with the pod")
-	logs, err := filepath.Glob(filepath.Join(cfg.Pods.LogDir, "*", "compute_0.log"))
+	require.Equal(t, 1, vmguest.CountMarker(consoleFile, "TETHER-GUEST-POWERDOWN"), "the guest was powered down, not killed")
+	require.NoFileExists(t, logs[0], "the pod's logs go with it")
+}
+
+// openConsole keeps path open for the rest of the test and returns a path
+// that reads it also once it is unlinked.
+func openConsole(t *testing.T, path string) string {
+	t.Helper()
+	f, err := os.Open(path)
 	require.NoError(t, err)
-	require.Len(t, logs, 1)
-	require.Equal(t, 1, vmguest.CountMarker(logs[0], "TETHER-GUEST-POWERDOWN"), "the guest was powered down, not killed")
+	t.Cleanup(func() { _ = f.Close() })
+	return fmt.Sprintf("/proc/self/fd/%d", f.Fd())
 }

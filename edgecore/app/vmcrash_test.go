@@ -194,6 +194,7 @@ func TestVMSurvivesKill9(t *testing.T) {
 	require.Equal(t, rows, after, "the allocations are unchanged")
 	require.NoError(t, syscall.Kill(pid, 0), "the same QEMU")
 	require.Equal(t, 1, vmguest.CountMarker(console, vm.BootMarker), "the guest was never restarted")
+	console = openConsole(t, console) // the pod's log directory goes with the pod
 
 	require.NoError(t, a.Store().Apply(ctx, []store.Change{{Op: message.OpDelete, Object: store.Object{
 		Resource: message.Resource{Kind: "Pod", Namespace: pod.Namespace, Name: pod.Name},

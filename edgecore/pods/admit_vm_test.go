@@ -41,12 +41,13 @@ func vmPod(name, cpu, memory, hugepages string) *corev1.Pod {
 // Pods and VMs draw on one account: with a VM pod admitted, pods that
 // would take the node past its allocatable cpu, memory or hugepages fail
 // with the resource named, one that fits runs, and then a second VM that
-// does not fit fails the same way and gets no sandbox. (The VM pod runs
-// its sandbox on containerd here: the VM backend is not on this branch.
-// What is checked is the admission, which comes before any runtime.)
+// does not fit fails the same way and gets no sandbox. (The VM pod's
+// runtime class maps to containerd's default handler here, so its sandbox
+// runs on containerd: what is checked is the admission, which comes before
+// any runtime. edgecore/app's VM tests run VM pods on the VM backend.)
 func TestPodsAndVMsShareAllocatable(t *testing.T) {
 	e := newEnv(t)
-	e.run(pods.Config{Allocatable: corev1.ResourceList{
+	e.run(pods.Config{RuntimeHandlers: map[string]string{"tether-vm": ""}, Allocatable: corev1.ResourceList{
 		corev1.ResourceCPU: resource.MustParse("2"), corev1.ResourceMemory: resource.MustParse("1Gi"),
 		"hugepages-2Mi": resource.MustParse("128Mi"), corev1.ResourcePods: resource.MustParse("10"),
 	}})
