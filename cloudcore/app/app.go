@@ -1,6 +1,7 @@
 // Package app wires CloudCore's components together: the cluster CA and
 // onboarding, the whitelist, the informer catalog, the per-node
-// dispatcher, the upstream writer and the tunnel server. The cloudcore
+// dispatcher, the upstream writer, the tunnel server, offline autonomy and
+// the VirtualMachine controller. The cloudcore
 // command and end-to-end tests both build CloudCore through it, so what
 // the tests run is what ships. It holds no logic of its own.
 package app
@@ -31,6 +32,7 @@ import (
 	"github.com/tetheredge/tether/cloudcore/hub"
 	"github.com/tetheredge/tether/cloudcore/onboard"
 	"github.com/tetheredge/tether/cloudcore/upstream"
+	"github.com/tetheredge/tether/cloudcore/vm"
 	"github.com/tetheredge/tether/cloudcore/whitelist"
 	"github.com/tetheredge/tether/common/pki"
 	"github.com/tetheredge/tether/tunnel"
@@ -74,10 +76,27 @@ type Config struct {
 	// off (cloudcore/autonomy; docs/operations.md). Zero: never, a lost
 	// edge is handled as a lost kubelet.
 	OfflineAutonomy time.Duration
+	// VMs configures the VirtualMachine controller (cloudcore/vm). The
+	// zero value runs it, behind a leader election Lease in CANamespace.
+	VMs VMConfig
 	// Logger defaults to a discard logger.
 	Logger *slog.Logger
 	// Registerer receives every component's metrics; may be nil.
 	Registerer prometheus.Registerer
+}
+
+// VMConfig configures the VirtualMachine controller. Zero values run it
+// with leader election.
+type VMConfig struct {
+	// Disabled does not run the controller: VirtualMachines get no pods.
+	Disabled bool
+	// NoLeaderElection runs it without the Lease: only where exactly one
+	// CloudCore runs. Default: leader election on the Lease
+	// vm.DefaultLeaseName in CANamespace.
+	NoLeaderElection bool
+	// Identity names this replica in the Lease. Default: the host name
+	// and a random suffix.
+	Identity string
 }
 
 // Client rate limits by default: enough for about 8,000 edges renewing a
@@ -102,6 +121,7 @@ type App struct {
 	hub    *hub.Hub
 	disp   *dispatch.Dispatcher
 	auto   *autonomy.Controller
+	vms    *vm.Controller // nil when disabled
 }
 
 // New builds CloudCore: it loads or creates the cluster CA (an API call)
@@ -201,6 +221,16 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 	if err != nil {
 		return nil, err
 	}
+	var vms *vm.Controller
+	if !cfg.VMs.Disabled {
+		vms, err = vm.New(client, dyn, vm.Config{
+			LeaderElection: vm.LeaderElection{Disabled: cfg.VMs.NoLeaderElection, Namespace: cfg.CANamespace, Identity: cfg.VMs.Identity},
+			Logger:         logger, Registerer: cfg.Registerer,
+		})
+		if err != nil {
+			return nil, err
+		}
+	}
 	resetKey, err := statelessResetKey(ca)
 	if err != nil {
 		return nil, err
@@ -217,7 +247,7 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &App{ca: ca, cat: cat, wl: wl, join: joinSvc, srv: srv, nodes: nodes, logger: logger, hub: h, disp: disp, auto: auto}, nil
+	return &App{ca: ca, cat: cat, wl: wl, join: joinSvc, srv: srv, nodes: nodes, logger: logger, hub: h, disp: disp, auto: auto, vms: vms}, nil
 }
 
 // rateLimited returns a copy of base whose clients allow qps requests per
@@ -300,6 +330,9 @@ func (a *App) Run(ctx context.Context) error {
 		return a.srv.Run(ctx)
 	})
 	g.Go(func() error { return a.auto.Run(ctx) })
+	if a.vms != nil {
+		g.Go(func() error { return a.vms.Run(ctx) })
+	}
 	err := g.Wait()
 	if errors.Is(err, context.Canceled) {
 		return nil

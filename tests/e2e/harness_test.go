@@ -143,6 +143,10 @@ type cloudOptions struct {
 	// offlineAutonomy is the cloud's OfflineAutonomy; zero (off) unless
 	// a test is about it.
 	offlineAutonomy time.Duration
+	// vms runs the VirtualMachine controller (off unless a test is about
+	// VMs: its Lease renewals are reads the request counter must not see;
+	// cloudcore/vm tests it on its own).
+	vms bool
 }
 
 // cloud is an in-process CloudCore with its API requests counted.
@@ -184,6 +188,7 @@ func startCloud(tb testing.TB, cfg *rest.Config, o cloudOptions) *cloud {
 		Kubernetes: counted, QUICAddr: o.quicAddr, WebSocketAddr: wsAddr, JoinAddr: "127.0.0.1:0",
 		ServerSANs: []string{"127.0.0.1"}, CertValidity: o.certValidity,
 		KeepAlive: keepAlive, DeadPeerTimeout: deadPeer, OfflineAutonomy: o.offlineAutonomy, Logger: testlog.New(), Registerer: reg,
+		VMs: cloudapp.VMConfig{Disabled: !o.vms},
 	})
 	if err != nil {
 		cancel()

@@ -28,18 +28,19 @@ func main() {
 }
 
 type serveFlags struct {
-	quicAddr, wsAddr, joinAddr string
-	serverSANs                 []string
-	certValidity               time.Duration
-	caNamespace, caName        string
-	keepAlive, dead            time.Duration
-	logLevel                   string
-	kubeconfig                 string
-	edgeLabel                  string
-	kubeQPS                    float32
-	kubeBurst                  int
-	registerTaintKeys          []string
-	offlineAutonomy            time.Duration
+	quicAddr, wsAddr, joinAddr  string
+	serverSANs                  []string
+	certValidity                time.Duration
+	caNamespace, caName         string
+	keepAlive, dead             time.Duration
+	logLevel                    string
+	kubeconfig                  string
+	edgeLabel                   string
+	kubeQPS                     float32
+	kubeBurst                   int
+	registerTaintKeys           []string
+	offlineAutonomy             time.Duration
+	vmController, vmLeaderElect bool
 }
 
 func newRootCommand() *cobra.Command {
@@ -71,6 +72,8 @@ func newRootCommand() *cobra.Command {
 	fl.IntVar(&f.kubeBurst, "kube-api-burst", app.DefaultBurst, "API request burst of each Kubernetes client")
 	fl.StringSliceVar(&f.registerTaintKeys, "edge-register-taint-keys", nil, "taint keys an edge may put on its own Node when it registers (default none)")
 	fl.DurationVar(&f.offlineAutonomy, "offline-autonomy", 24*time.Hour, "how long CloudCore keeps renewing the lease of a trusted edge node that lost its session, so it stays Ready and its pods are not evicted (0 disables)")
+	fl.BoolVar(&f.vmController, "vm-controller", true, "run the VirtualMachine controller (VMs -> pods with runtimeClassName tether-vm; needs the CRD and RuntimeClass from build/)")
+	fl.BoolVar(&f.vmLeaderElect, "vm-leader-elect", true, "run the VirtualMachine controller only while holding the Lease tether-vm-controller in the CA namespace, so several CloudCore replicas can run (false: only with one replica)")
 	root.AddCommand(newAdminCommand())
 	return root
 }
@@ -110,6 +113,7 @@ func serve(ctx context.Context, f serveFlags) error {
 		Burst:             f.kubeBurst,
 		RegisterTaintKeys: f.registerTaintKeys,
 		OfflineAutonomy:   f.offlineAutonomy,
+		VMs:               app.VMConfig{Disabled: !f.vmController, NoLeaderElection: !f.vmLeaderElect},
 		Logger:            logger,
 		Registerer:        prometheus.NewRegistry(),
 	})
