@@ -14,7 +14,7 @@ CRICTL_VERSION := v1.37.0
 CRICTL := $(TOOLS)/crictl-$(CRICTL_VERSION)
 TESTFLAGS ?= -race -count=1 -timeout 30m
 
-.PHONY: all build run test vet lint testbin tools check-env fuzz bench chaos clean runtime-deps
+.PHONY: all build run test vet lint testbin tools check-env fuzz bench chaos clean runtime-deps guest
 
 all: build
 
@@ -28,7 +28,7 @@ run: build testbin
 	bash build/run-local.sh
 
 ## test: vet, lint and every test (race detector on), against a real control plane
-test: check-env testbin runtime-deps $(CRICTL) vet lint
+test: check-env testbin runtime-deps guest $(CRICTL) vet lint
 	$(GO) test $(TESTFLAGS) ./...
 
 vet: check-env
@@ -41,11 +41,13 @@ lint: $(GOLANGCI)
 testbin: check-env
 	bash build/testbin/build.sh
 
-## runtime-deps: containerd, runc, the CNI plugins, busybox-static (and iproute2) from apt, when missing
+## runtime-deps: containerd, runc, the CNI plugins, busybox-static (and iproute2), QEMU and the guest kernel from apt, when missing
 # Idempotent and silent when everything is present. The tests start containerd
 # themselves (tests/containerd), so a system containerd the package may have
-# started is stopped and disabled. See docs/testing.md.
-RUNTIME_PKGS := containerd runc containernetworking-plugins busybox-static iproute2
+# started is stopped and disabled. See docs/testing.md. qemu-system-x86,
+# qemu-utils and linux-image-cloud-amd64 are for the VM tests (docs/runtime.md, "QEMU").
+RUNTIME_PKGS := containerd runc containernetworking-plugins busybox-static iproute2 \
+	qemu-system-x86 qemu-utils linux-image-cloud-amd64
 runtime-deps:
 	@missing=""; for p in $(RUNTIME_PKGS); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
@@ -63,6 +65,10 @@ runtime-deps:
 	  fi; \
 	  echo ">> runtime-deps: installed$$missing in $$(( $$(date +%s) - start ))s"; \
 	fi
+
+## guest: the VM tests' guest (build/guest) into _output/guest; cached by content, about 1 s cold
+guest: check-env runtime-deps
+	@$(GO) run ./build/guest/cmd/mkguest -out $(OUTPUT)/guest >/dev/null
 
 tools: $(GOLANGCI) $(CRICTL)
 

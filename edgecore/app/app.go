@@ -1,6 +1,6 @@
 // Package app wires EdgeCore's components together: the SQLite store, the
 // tunnel client, the syncer, node status, the resource pool, certificate
-// rotation, the CRI shim with its containerd backend and, when a CRI
+// rotation, the CRI shim with its containerd and VM backends and, when a CRI
 // endpoint is configured, the pod manager. The
 // edgecore command and the end-to-end tests both build EdgeCore through
 // it, so what the tests run is what ships. It holds no logic of its own.
@@ -215,6 +215,19 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 	if nsCfg.DataDir == "" {
 		nsCfg.DataDir = cfg.DataDir
 	}
+	// The shim comes first: its VM runtime's probe gives the Node's
+	// acceleration label.
+	if cfg.CRI.Listen != "" {
+		if a.cri, err = newCRIShim(ctx, cfg.CRI, st, cfg.DataDir, logger, cfg.Registerer); err != nil {
+			return nil, errors.Join(err, a.Close())
+		}
+		if accel := a.cri.accel(); accel != "" {
+			labels := make(map[string]string, len(nsCfg.Labels)+1)
+			maps.Copy(labels, nsCfg.Labels)
+			labels[LabelAcceleration] = accel
+			nsCfg.Labels = labels
+		}
+	}
 	if nsCfg.Registerer == nil {
 		nsCfg.Registerer = cfg.Registerer
 	}
@@ -222,16 +235,10 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 	if err != nil {
 		return nil, errors.Join(err, a.Close())
 	}
-	var shim *criShim
-	if cfg.CRI.Listen != "" {
-		if shim, err = newCRIShim(ctx, cfg.CRI, st.RuntimeIDs(), logger, cfg.Registerer); err != nil {
-			return nil, errors.Join(err, a.Close())
-		}
-	}
 	rotator := certs.NewRotator(cfg.IdentityDir, cfg.Node, cfg.CA, holder, sy.Renew, logger, nil)
 	hub := edgehub.New(client, sy, logger)
 	rotator.OnRenewed(func() { hub.Reconnect("certificate renewed") })
-	a.reporter, a.rotator, a.hub, a.cri = reporter, rotator, hub, shim
+	a.reporter, a.rotator, a.hub = reporter, rotator, hub
 	if a.rt != nil {
 		if err := a.newPods(); err != nil {
 			return nil, errors.Join(err, a.Close())
@@ -350,8 +357,9 @@ func (a *App) Run(ctx context.Context) error {
 		g.Go(func() error { return a.cri.run(ctx) })
 	}
 	if a.viaShim {
-		src := a.cri.backend.Events(ctx)
-		g.Go(func() error { return a.events.pump(ctx, src) })
+		for _, src := range a.cri.events(ctx) {
+			g.Go(func() error { return a.events.pump(ctx, src) })
+		}
 		g.Go(func() error {
 			if err := a.connectViaShim(ctx); err != nil || a.pods == nil {
 				return err

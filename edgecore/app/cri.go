@@ -14,6 +14,7 @@ import (
 
 	"github.com/tetheredge/tether/edgecore/cri"
 	"github.com/tetheredge/tether/edgecore/runtime/containerd"
+	"github.com/tetheredge/tether/edgecore/runtime/vm"
 	"github.com/tetheredge/tether/edgecore/store"
 )
 
@@ -30,9 +31,11 @@ type CRIConfig struct {
 	// Handlers are the runtime handlers containerd serves. Default
 	// ["", "runc"].
 	Handlers []string
-	// VMHandler is the handler of virtual machines (no backend yet: refused
-	// with FailedPrecondition). Default "tether-vm".
+	// VMHandler is the handler of virtual machines. Default "tether-vm".
 	VMHandler string
+	// VM configures the VM runtime behind VMHandler. Nil: none, and the
+	// VM handler is refused with FailedPrecondition.
+	VM *VMConfig
 	// CallTimeout and PullTimeout bound each call and each image pull.
 	// Defaults 30 s and 2 min.
 	CallTimeout, PullTimeout time.Duration
@@ -41,13 +44,17 @@ type CRIConfig struct {
 // DefaultContainerd is containerd's usual endpoint.
 const DefaultContainerd = "unix:///run/containerd/containerd.sock"
 
-// criShim is the shim and its containerd backend.
+// criShim is the shim, its containerd backend and its VM backend (nil
+// without CRIConfig.VM).
 type criShim struct {
 	srv     *cri.Server
 	backend *containerd.Backend
+	vm      *vm.Backend
 }
 
-func newCRIShim(ctx context.Context, cfg CRIConfig, ids cri.IDMap, logger *slog.Logger, reg prometheus.Registerer) (*criShim, error) {
+// newCRIShim wires the shim over st's id map (and, for VMs, its allocation
+// table); dataDir is the default parent of the VM image store.
+func newCRIShim(ctx context.Context, cfg CRIConfig, st *store.Store, dataDir string, logger *slog.Logger, reg prometheus.Registerer) (*criShim, error) {
 	endpoint := cfg.Containerd
 	if endpoint == "" {
 		endpoint = DefaultContainerd
@@ -57,14 +64,39 @@ func newCRIShim(ctx context.Context, cfg CRIConfig, ids cri.IDMap, logger *slog.
 	if err != nil {
 		return nil, err
 	}
-	srv, err := cri.New(cri.Config{
+	shim := &criShim{backend: b}
+	backends := cri.Backends{Default: b}
+	if cfg.VM != nil {
+		if shim.vm, err = newVMBackend(ctx, *cfg.VM, dataDir, st, logger, reg); err != nil {
+			return nil, errors.Join(err, b.Close(ctx))
+		}
+		backends.VM = shim.vm
+	}
+	shim.srv, err = cri.New(cri.Config{
 		Listen: cfg.Listen, Handlers: cfg.Handlers, VMHandler: cfg.VMHandler,
 		CallTimeout: cfg.CallTimeout, PullTimeout: cfg.PullTimeout, Logger: logger, Registerer: reg,
-	}, cri.Backends{Default: b}, ids)
+	}, backends, st.RuntimeIDs())
 	if err != nil {
-		return nil, errors.Join(err, b.Close(ctx))
+		return nil, errors.Join(err, shim.close())
 	}
-	return &criShim{srv: srv, backend: b}, nil
+	return shim, nil
+}
+
+// events are the event subscriptions of the shim's backends.
+func (c *criShim) events(ctx context.Context) []<-chan cri.Event {
+	out := []<-chan cri.Event{c.backend.Events(ctx)}
+	if c.vm != nil {
+		out = append(out, c.vm.Events(ctx))
+	}
+	return out
+}
+
+// accel is the VM runtime's acceleration, "" without one.
+func (c *criShim) accel() string {
+	if c == nil || c.vm == nil {
+		return ""
+	}
+	return c.vm.Accel()
 }
 
 // run serves the shim and the backend's event subscription until ctx ends.
@@ -75,7 +107,15 @@ func (c *criShim) run(ctx context.Context) error {
 	return g.Wait()
 }
 
-func (c *criShim) close() error { return c.backend.Close(context.Background()) }
+// close closes the backends; the VM backend leaves its QEMUs running.
+func (c *criShim) close() error {
+	ctx := context.Background()
+	err := c.backend.Close(ctx)
+	if c.vm != nil {
+		err = errors.Join(err, c.vm.Close(ctx))
+	}
+	return err
+}
 
 // CRI is the shim run alone (edgecore cri), with its own store file for
 // the id map.
@@ -100,7 +140,7 @@ func NewCRI(ctx context.Context, cfg CRIConfig, dbPath string, logger *slog.Logg
 	if err != nil {
 		return nil, err
 	}
-	shim, err := newCRIShim(ctx, cfg, st.RuntimeIDs(), logger, reg)
+	shim, err := newCRIShim(ctx, cfg, st, filepath.Dir(dbPath), logger, reg)
 	if err != nil {
 		return nil, errors.Join(err, st.Close())
 	}

@@ -107,6 +107,16 @@ type Config struct {
 	// own, every other container the shared set (see cpus.go). Nil: the
 	// "none" policy, every container on every CPU.
 	StaticCPUs CPUPool
+	// RuntimeHandlers maps a pod's runtimeClassName to the CRI runtime
+	// handler its sandbox runs with. Default {"tether-vm": "tether-vm"}. A
+	// pod without a runtimeClassName uses the runtime's default handler
+	// (""); one whose runtimeClassName is not here does not start: its
+	// containers wait with reason RuntimeClassNotFound.
+	RuntimeHandlers map[string]string
+	// VMHandler is the handler of virtual machines: its pods' container
+	// statuses are read verbose and get the VM conditions (vm.go). Default
+	// "tether-vm".
+	VMHandler string
 	// Workers is the number of pods synced at once. Default 4.
 	Workers int
 	// Clock defaults to the real clock.
@@ -150,6 +160,13 @@ func (c Config) withDefaults() Config {
 	}
 	if c.Workers <= 0 {
 		c.Workers = 4
+	}
+	if c.RuntimeHandlers == nil {
+		c.RuntimeHandlers = map[string]string{DefaultVMHandler: DefaultVMHandler}
+	}
+	c.RuntimeHandlers = maps(c.RuntimeHandlers)
+	if c.VMHandler == "" {
+		c.VMHandler = DefaultVMHandler
 	}
 	if c.Clock == nil {
 		c.Clock = clock.RealClock{}

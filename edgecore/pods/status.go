@@ -36,6 +36,10 @@ type observation struct {
 	hostIPs     []string
 	runtimeName string
 	now         time.Time
+	// vm: the pod runs on the VM handler; guest is the VM backend's guest
+	// info by container id (vm.go).
+	vm    bool
+	guest map[string]string
 }
 
 // computeStatus returns the status a kubelet would write for o.
@@ -133,6 +137,9 @@ func computeStatus(o observation) corev1.PodStatus {
 	cond(corev1.ContainersReady, allReady, readyReason, readyMsg)
 	cond(corev1.PodReady, allReady, readyReason, readyMsg)
 	cond(corev1.PodScheduled, true, "", "")
+	if o.vm {
+		st.Conditions = append(st.Conditions, vmConditions(o)...)
+	}
 	return st
 }
 

@@ -179,6 +179,9 @@ type actual struct {
 	// volumes are the host paths of the pod's volumes, by name, once
 	// prepared.
 	volumes map[string]string
+	// guest is the VM backend's guest info (vm.go) by container id, for
+	// pods of the VM handler.
+	guest map[string]string
 }
 
 func (m *Manager) observe(ctx context.Context, pod *corev1.Pod, sbs []*runtimeapi.PodSandbox) (actual, error) {
@@ -204,11 +207,18 @@ func (m *Manager) observe(ctx context.Context, pod *corev1.Pod, sbs []*runtimeap
 	}
 	a.containers = make(map[string][]*runtimeapi.ContainerStatus)
 	a.sandboxOf = make(map[string]string, len(cs))
+	vm := m.isVM(pod)
 	for _, c := range cs {
 		a.sandboxOf[c.GetId()] = c.GetPodSandboxId()
-		resp, err := m.rt.ContainerStatus(ctx, c.GetId(), false)
+		resp, err := m.rt.ContainerStatus(ctx, c.GetId(), vm)
 		if err != nil {
 			return a, fmt.Errorf("read container status %s: %w", c.GetId(), err)
+		}
+		if info, ok := resp.GetInfo()[guestInfoKey]; ok && vm {
+			if a.guest == nil {
+				a.guest = map[string]string{}
+			}
+			a.guest[c.GetId()] = info
 		}
 		s := resp.GetStatus()
 		name := c.GetLabels()[labelContainerName]
@@ -270,7 +280,15 @@ func (m *Manager) act(ctx context.Context, pod *corev1.Pod, sbs []*runtimeapi.Po
 		if m.terminal(pod, a) {
 			return 0, false, nil
 		}
-		if err := m.runSandbox(ctx, pod, uint32(len(sbs))); err != nil {
+		handler, err := m.handler(pod)
+		if err != nil {
+			// Retried by the relist: the node's configuration may change.
+			for _, c := range slices.Concat(pod.Spec.InitContainers, pod.Spec.Containers) {
+				waiting[c.Name] = waitReason{Reason: "RuntimeClassNotFound", Message: err.Error()}
+			}
+			return 0, false, nil
+		}
+		if err := m.runSandbox(ctx, pod, uint32(len(sbs)), handler); err != nil {
 			return 0, true, err
 		}
 		return 0, true, nil
@@ -352,12 +370,12 @@ func shouldRestart(policy corev1.RestartPolicy, exitCode int32) bool {
 	return true
 }
 
-func (m *Manager) runSandbox(ctx context.Context, pod *corev1.Pod, attempt uint32) error {
+func (m *Manager) runSandbox(ctx context.Context, pod *corev1.Pod, attempt uint32, handler string) error {
 	cfg := sandboxConfig(pod, attempt, m.cfg.LogDir)
 	if err := os.MkdirAll(cfg.LogDirectory, 0o755); err != nil {
 		return fmt.Errorf("create pod log directory: %w", err)
 	}
-	id, err := m.rt.RunPodSandbox(ctx, cfg, "")
+	id, err := m.rt.RunPodSandbox(ctx, cfg, handler)
 	if err != nil {
 		return fmt.Errorf("run sandbox: %w", err)
 	}
@@ -424,7 +442,12 @@ func (m *Manager) ensureContainer(ctx context.Context, pod *corev1.Pod, a *actua
 }
 
 func (m *Manager) startContainer(ctx context.Context, pod *corev1.Pod, a *actual, c *corev1.Container, attempt uint32, step int, waiting map[string]waitReason) error {
-	if w, err := m.ensureImage(ctx, c); err != nil {
+	handler, err := m.handler(pod)
+	if err != nil {
+		waiting[c.Name] = waitReason{Reason: "RuntimeClassNotFound", Message: err.Error()}
+		return nil
+	}
+	if w, err := m.ensureImage(ctx, c, handler); err != nil {
 		waiting[c.Name] = w
 		return err
 	} else if w.Reason != "" {
@@ -448,6 +471,7 @@ func (m *Manager) startContainer(ctx context.Context, pod *corev1.Pod, a *actual
 		return nil
 	}
 	cfg := containerConfig(pod, c, attempt, step, env)
+	cfg.Image.RuntimeHandler = handler
 	cfg.Mounts = mounts
 	if m.cfg.StaticCPUs != nil {
 		if err := m.assignCPUs(ctx, pod, c, cfg); err != nil {
@@ -471,8 +495,8 @@ func (m *Manager) startContainer(ctx context.Context, pod *corev1.Pod, a *actual
 
 // ensureImage checks that c's image is present, pulling it when the pull
 // policy asks for that. A non-empty reason means the container waits.
-func (m *Manager) ensureImage(ctx context.Context, c *corev1.Container) (waitReason, error) {
-	spec := &runtimeapi.ImageSpec{Image: c.Image}
+func (m *Manager) ensureImage(ctx context.Context, c *corev1.Container, handler string) (waitReason, error) {
+	spec := &runtimeapi.ImageSpec{Image: c.Image, RuntimeHandler: handler}
 	policy := c.ImagePullPolicy
 	if policy != corev1.PullAlways {
 		resp, err := m.img.ImageStatus(ctx, spec, false)
@@ -549,6 +573,7 @@ func (m *Manager) publishStatus(ctx context.Context, key string, pod *corev1.Pod
 	st := computeStatus(observation{
 		pod: pod, prev: last.status, sandbox: a.sandboxStatus, containers: a.containers, probes: probes,
 		waiting: waiting, hostIPs: m.cfg.HostIPs, runtimeName: m.runtimeName, now: m.cfg.Clock.Now(),
+		vm: m.isVM(pod), guest: a.guest,
 	})
 	return m.publish(ctx, key, pod, st, last)
 }

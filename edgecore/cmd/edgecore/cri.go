@@ -16,6 +16,7 @@ import (
 
 type criFlags struct {
 	cfg      app.CRIConfig
+	vm       vmFlags
 	state    string
 	logLevel string
 }
@@ -28,8 +29,8 @@ func newCRICommand() *cobra.Command {
 		Use:   "cri",
 		Short: "Serve EdgeCore's CRI shim alone, in front of containerd",
 		Long: "cri serves the CRI v1 RuntimeService and ImageService on --listen and routes each\n" +
-			"sandbox by its runtime handler: --handlers go to containerd, --vm-handler is refused\n" +
-			"(no VM backend yet). Which backend owns each id is kept in --state.",
+			"sandbox by its runtime handler: --handlers go to containerd, --vm-handler to the VM runtime\n" +
+			"with --vm (refused without). Which backend owns each id is kept in --state.",
 		Example: "  edgecore cri --listen /run/tether/cri.sock --containerd unix:///run/containerd/containerd.sock",
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -40,6 +41,7 @@ func newCRICommand() *cobra.Command {
 			logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
+			f.cfg.VM = f.vm.config()
 			c, err := app.NewCRI(ctx, f.cfg, f.state, logger, prometheus.NewRegistry())
 			if err != nil {
 				return err
@@ -57,5 +59,6 @@ func newCRICommand() *cobra.Command {
 	fl.DurationVar(&f.cfg.PullTimeout, "pull-timeout", 2*time.Minute, "deadline of each image pull")
 	fl.StringVar(&f.state, "state", "/var/lib/tether/cri/state.db", "SQLite file of the sandbox and container id map")
 	fl.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
+	addVMFlags(fl, &f.vm)
 	return cmd
 }

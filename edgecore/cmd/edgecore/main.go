@@ -41,6 +41,7 @@ type flags struct {
 	runtime         string
 	criListen       string
 	containerd      string
+	vm              vmFlags
 }
 
 func newRootCommand() *cobra.Command {
@@ -67,7 +68,8 @@ func newRootCommand() *cobra.Command {
 	fl.StringVar(&f.criListen, "cri-listen", "", "serve EdgeCore's CRI shim on this unix socket, in front of --containerd (empty: no shim)")
 	fl.StringVar(&f.containerd, "containerd", app.DefaultContainerd, "containerd's CRI endpoint, behind the shim")
 	fl.StringVar(&f.dataDir, "data-dir", "/var/lib/tether/edgecore", "directory of the node's state: SQLite store and its identity (node.pem: key and certificate, ca.crt), from edgecore join or renewals")
-	root.AddCommand(newJoinCommand(), newCRICommand())
+	addVMFlags(fl, &f.vm)
+	root.AddCommand(newJoinCommand(), newCRICommand(), newVMImageCommand())
 	return root
 }
 
@@ -118,7 +120,7 @@ func appConfig(f flags, logger *slog.Logger) (app.Config, error) {
 		// none it is NotReady, ContainerRuntimeUnreachable: nothing can
 		// run on it.
 		CRIEndpoint: f.runtime,
-		CRI:         app.CRIConfig{Listen: f.criListen, Containerd: f.containerd},
+		CRI:         app.CRIConfig{Listen: f.criListen, Containerd: f.containerd, VM: f.vm.config()},
 		NodeStatus:  nodestatus.Config{RequireRuntime: true},
 	}, nil
 }

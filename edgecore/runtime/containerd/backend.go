@@ -54,7 +54,9 @@ type Backend struct {
 	cfg    Config
 	logger *slog.Logger
 	lim    *ratelog.Limiter
-	events *broker
+	events *cri.Broker
+	// reconnects signals each (re)subscription of the event stream.
+	reconnects reconnects
 	// conn is the events service's connection (cri-client keeps its own).
 	conn *grpc.ClientConn
 
@@ -103,7 +105,7 @@ func New(ctx context.Context, cfg Config) (*Backend, error) {
 	}
 	return &Backend{
 		RuntimeService: rt, ImageManagerService: img,
-		cfg: cfg, logger: cfg.Logger.With("component", "containerd"), lim: ratelog.New(0, nil), events: newBroker(), conn: conn,
+		cfg: cfg, logger: cfg.Logger.With("component", "containerd"), lim: ratelog.New(0, nil), events: cri.NewBroker(), reconnects: make(reconnects, 1), conn: conn,
 	}, nil
 }
 

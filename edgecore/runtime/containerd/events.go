@@ -3,7 +3,6 @@ package containerd
 import (
 	"context"
 	"fmt"
-	"sync"
 	"time"
 
 	eventsapi "github.com/containerd/containerd/api/events"
@@ -77,13 +76,13 @@ func decode(env *types.Envelope, received time.Time) (ev cri.Event, ok bool, err
 // happens while Run runs; a subscriber that falls 256 events behind loses
 // the newest ones (logged), so a consumer keeps a relist as its
 // safety net. The channel is closed when ctx ends or Run returns.
-func (b *Backend) Events(ctx context.Context) <-chan cri.Event { return b.events.subscribe(ctx) }
+func (b *Backend) Events(ctx context.Context) <-chan cri.Event { return b.events.Subscribe(ctx) }
 
 // Run subscribes to containerd's events until ctx ends, and subscribes
 // again, with back-off, whenever the stream drops. Events lost while the
 // stream was down are not replayed: consumers relist after OnReconnect.
 func (b *Backend) Run(ctx context.Context) error {
-	defer b.events.close()
+	defer b.events.Close()
 	client := eventsvc.NewEventsClient(b.conn)
 	ctx = metadata.AppendToOutgoingContext(ctx, "containerd-namespace", b.cfg.Namespace)
 	wait := b.cfg.MinBackoff
@@ -115,7 +114,7 @@ func (b *Backend) subscribeOnce(ctx context.Context, client eventsvc.EventsClien
 	if err != nil {
 		return fmt.Errorf("subscribe: %w", err)
 	}
-	b.events.reconnected()
+	b.reconnects.signal()
 	for {
 		env, err := stream.Recv()
 		if err != nil {
@@ -129,7 +128,7 @@ func (b *Backend) subscribeOnce(ctx context.Context, client eventsvc.EventsClien
 			continue
 		}
 		if ok {
-			if dropped := b.events.publish(ev); dropped > 0 {
+			if dropped := b.events.Publish(ev); dropped > 0 {
 				if ok, suppressed := b.lim.Allow("event_dropped"); ok {
 					b.logger.Warn("container event dropped for slow subscribers", "container_id", ev.ContainerID, "kind", ev.Kind.String(), "subscribers", dropped, "suppressed", suppressed)
 				}
@@ -142,74 +141,14 @@ func (b *Backend) subscribeOnce(ctx context.Context, client eventsvc.EventsClien
 // stream is subscribed (again), after which a consumer should relist: what
 // happened while it was down is not replayed. Capacity 1: reconnects
 // coalesce.
-func (b *Backend) OnReconnect() <-chan struct{} { return b.events.reconnects }
+func (b *Backend) OnReconnect() <-chan struct{} { return b.reconnects }
 
-// subscriberBuffer is each subscription's channel capacity.
-const subscriberBuffer = 256
+// reconnects signals (re)subscriptions; capacity 1: they coalesce.
+type reconnects chan struct{}
 
-// broker fans events out to subscriptions.
-type broker struct {
-	mu         sync.Mutex
-	subs       map[chan cri.Event]struct{}
-	closed     bool
-	reconnects chan struct{}
-}
-
-func newBroker() *broker {
-	return &broker{subs: map[chan cri.Event]struct{}{}, reconnects: make(chan struct{}, 1)}
-}
-
-func (k *broker) subscribe(ctx context.Context) <-chan cri.Event {
-	ch := make(chan cri.Event, subscriberBuffer)
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	if k.closed {
-		close(ch)
-		return ch
-	}
-	k.subs[ch] = struct{}{}
-	// Unsubscribe when ctx ends; AfterFunc starts no goroutine before that.
-	context.AfterFunc(ctx, func() { k.unsubscribe(ch) })
-	return ch
-}
-
-func (k *broker) unsubscribe(ch chan cri.Event) {
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	if _, ok := k.subs[ch]; ok {
-		delete(k.subs, ch)
-		close(ch)
-	}
-}
-
-// publish delivers ev to every subscription that has room and returns how
-// many had none.
-func (k *broker) publish(ev cri.Event) (dropped int) {
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	for ch := range k.subs {
-		select {
-		case ch <- ev:
-		default:
-			dropped++
-		}
-	}
-	return dropped
-}
-
-func (k *broker) reconnected() {
+func (r reconnects) signal() {
 	select {
-	case k.reconnects <- struct{}{}:
+	case r <- struct{}{}:
 	default:
-	}
-}
-
-func (k *broker) close() {
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	k.closed = true
-	for ch := range k.subs {
-		delete(k.subs, ch)
-		close(ch)
 	}
 }
