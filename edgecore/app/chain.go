@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"sync"
 	"time"
 
@@ -74,7 +75,12 @@ func (s shimEvents) pump(ctx context.Context, src <-chan cri.Event) error {
 func (a *App) connectViaShim(ctx context.Context) error {
 	delay := 20 * time.Millisecond
 	for {
-		err := a.connectCRI(ctx)
+		// cri-client leaks its gRPC connection when the first call fails,
+		// so it is not called before the socket accepts.
+		err := shimAccepts(ctx, a.cfg.CRI.Listen)
+		if err == nil {
+			err = a.connectCRI(ctx)
+		}
 		if err == nil {
 			break
 		}
@@ -98,4 +104,14 @@ func (a *App) connectViaShim(ctx context.Context) error {
 	}
 	a.late.set(nodestatus.CRI{Service: a.rt})
 	return nil
+}
+
+// shimAccepts dials the shim's socket once and hangs up.
+func shimAccepts(ctx context.Context, path string) error {
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "unix", path)
+	if err != nil {
+		return fmt.Errorf("dial cri shim: %w", err)
+	}
+	return conn.Close()
 }

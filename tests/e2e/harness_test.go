@@ -327,6 +327,9 @@ type edgeOptions struct {
 	// changes nothing, and a test can count exactly what a reconnect
 	// sends.
 	nodeStatus nodestatus.Config
+	// configure, when set, edits EdgeCore's configuration last (the CRI
+	// shim, the VM runtime, the resource pool).
+	configure func(*edgeapp.Config)
 }
 
 // stableEpoch is the edges' clock unless a test gives one.
@@ -355,13 +358,17 @@ func startEdge(tb testing.TB, id identity, dataDir, cloudAddr string, o edgeOpti
 	keepAlive, deadPeer := timingsOf(o.timings)
 	reg := promtest.NewRegistry()
 	ctx, cancel := context.WithCancel(context.Background())
-	a, err := edgeapp.New(ctx, edgeapp.Config{
+	cfg := edgeapp.Config{
 		Cloud: []string{"quic://" + cloudAddr}, Node: id.node, Certificate: id.cert, CA: id.ca,
 		IdentityDir: dataDir, DataDir: dataDir,
 		KeepAlive: keepAlive, DeadPeerTimeout: deadPeer,
 		Backoff:    tunnel.Backoff{Min: 50 * time.Millisecond, Max: 500 * time.Millisecond},
 		NodeStatus: ns, WrapStore: o.wrap, Logger: testlog.New().With("edge", id.node), Registerer: reg,
-	})
+	}
+	if o.configure != nil {
+		o.configure(&cfg)
+	}
+	a, err := edgeapp.New(ctx, cfg)
 	if err != nil {
 		cancel()
 		require.NoError(tb, err)
