@@ -70,7 +70,7 @@ func podCondition(st corev1.PodStatus, t corev1.PodConditionType) *corev1.PodCon
 // leaves no allocation.
 func TestVMPodThroughInProcessShim(t *testing.T) {
 	h := containerd.Start(t)
-	ctx, cancel := context.WithTimeout(klog.NewContext(context.Background(), logr.Discard()), 3*time.Minute)
+	ctx, cancel := context.WithTimeout(klog.NewContext(context.Background(), logr.Discard()), 6*time.Minute)
 	defer cancel()
 	cfg := config(t)
 	images, err := vm.OpenImages(filepath.Join(cfg.DataDir, "vm-images"), "")
@@ -95,7 +95,7 @@ func TestVMPodThroughInProcessShim(t *testing.T) {
 		st, ok = podStatus(ctx, a, "uid-guest")
 		c := podCondition(st, pods.ConditionGuestBooted)
 		return ok && st.Phase == corev1.PodRunning && c != nil && c.Status == corev1.ConditionTrue
-	}, 2*time.Minute, 100*time.Millisecond, "Running with GuestBooted")
+	}, 4*time.Minute, 100*time.Millisecond, "Running with GuestBooted")
 	booted := podCondition(st, pods.ConditionGuestBooted)
 	require.Equal(t, "BootMarkerSeen", booted.Reason)
 	require.Equal(t, "acceleration="+vmguest.Accel(t), booted.Message)

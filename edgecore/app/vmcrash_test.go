@@ -120,7 +120,7 @@ type guestRecord struct {
 // down and leaves nothing.
 func TestVMSurvivesKill9(t *testing.T) {
 	h := containerd.Start(t)
-	ctx, cancel := context.WithTimeout(klog.NewContext(context.Background(), logr.Discard()), 4*time.Minute)
+	ctx, cancel := context.WithTimeout(klog.NewContext(context.Background(), logr.Discard()), 7*time.Minute)
 	defer cancel()
 	d := crashDir(t.TempDir())
 	ca, err := pki.NewCA("test-ca", time.Hour)
@@ -169,7 +169,7 @@ func TestVMSurvivesKill9(t *testing.T) {
 			return false
 		}
 		return rec.Containers[0].BootedAt != 0 && vmguest.CountMarker(console, vm.BootMarker) == 1
-	}, 2*time.Minute, 100*time.Millisecond, "the child runs the VM and saw it boot")
+	}, 4*time.Minute, 100*time.Millisecond, "the child runs the VM and saw it boot")
 	pid := rec.Containers[0].Pid
 	require.NoError(t, cmd.Process.Signal(syscall.SIGKILL))
 	killed = true

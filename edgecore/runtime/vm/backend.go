@@ -152,6 +152,8 @@ type vmState struct {
 	mu      sync.Mutex
 	rec     *record
 	machine *qemu.Machine // the live container's QEMU, nil when none runs
+	// recorded is closed once the running container's exit is recorded.
+	recorded chan struct{}
 }
 
 type metrics struct {

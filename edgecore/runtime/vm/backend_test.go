@@ -29,6 +29,7 @@ import (
 	"github.com/tetheredge/tether/edgecore/runtime/vm"
 	"github.com/tetheredge/tether/edgecore/store"
 	ctrdhost "github.com/tetheredge/tether/tests/containerd"
+	"github.com/tetheredge/tether/tests/promtest"
 	"github.com/tetheredge/tether/tests/testlog"
 	"github.com/tetheredge/tether/tests/vmguest"
 )
@@ -176,7 +177,7 @@ func TestVMThroughShim(t *testing.T) {
 
 	logPath := filepath.Join(sbCfg.LogDirectory, cfg.LogPath)
 	require.Eventually(t, func() bool { return vmguest.CountMarker(logPath, vm.BootMarker) == 1 },
-		2*time.Minute, 100*time.Millisecond, "the boot marker in the container's log")
+		4*time.Minute, 100*time.Millisecond, "the boot marker in the container's log")
 	require.Eventually(t, func() bool {
 		resp, err := rt.ContainerStatus(ctx, id, true)
 		require.NoError(t, err)
@@ -277,7 +278,7 @@ func (e *env) startVM(b *vm.Backend, name string, ann map[string]string) (sb, id
 	require.NoError(e.t, b.StartContainer(ctx, id))
 	console = filepath.Join(sbCfg.LogDirectory, cfg.LogPath)
 	require.Eventually(e.t, func() bool { return vmguest.CountMarker(console, vm.BootMarker) == 1 },
-		2*time.Minute, 100*time.Millisecond, "the boot marker")
+		4*time.Minute, 100*time.Millisecond, "the boot marker")
 	return sb, id, console
 }
 
@@ -349,6 +350,8 @@ func TestAdoptAfterRestart(t *testing.T) {
 // annotation, counted, and leave nothing behind.
 func TestRefusesBadSandboxes(t *testing.T) {
 	e := newEnv(t)
+	reg := promtest.NewRegistry()
+	e.cfg.Registerer = reg
 	b := e.backend()
 	ctx := t.Context()
 	for _, tc := range []struct {
@@ -371,6 +374,7 @@ func TestRefusesBadSandboxes(t *testing.T) {
 		{"dedicated without pool", map[string]string{vm.AnnotationDedicatedCPUs: "true"}, codes.FailedPrecondition, "no resource pool configured, so it cannot give dedicated CPUs"},
 		{"vfs without pool", map[string]string{vm.AnnotationSRIOV: "pool-a=1"}, codes.FailedPrecondition, "SR-IOV VFs"},
 		{"hugepages without a mount", map[string]string{vm.AnnotationHugepageSize: "2Mi"}, codes.FailedPrecondition, "no hugetlbfs mount of 2Mi pages"},
+		{"huge labels", map[string]string{"big": strings.Repeat("x", store.MaxAllocationDetail)}, codes.InvalidArgument, "labels and annotations"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg := e.sandbox("bad", tc.ann)
@@ -385,6 +389,8 @@ func TestRefusesBadSandboxes(t *testing.T) {
 	sbs, err := b.ListPodSandbox(ctx, nil)
 	require.NoError(t, err)
 	require.Empty(t, sbs)
+	require.Equal(t, 12.0, promtest.Sum(t, reg, "tether_vm_refused_total", map[string]string{"call": "RunPodSandbox", "reason": "annotation"}))
+	require.Equal(t, 2.0, promtest.Sum(t, reg, "tether_vm_refused_total", map[string]string{"call": "RunPodSandbox", "reason": "no_pool"}))
 	all, err := e.st.Allocations().Kind(ctx, "")
 	require.NoError(t, err)
 	require.Empty(t, all)

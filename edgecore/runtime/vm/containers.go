@@ -165,7 +165,7 @@ func (b *Backend) StartContainer(ctx context.Context, id string) error {
 	}
 	v.mu.Lock()
 	c.State, c.StartedAt, c.Pid = stateRunning, start.UnixNano(), m.Pid()
-	v.machine = m
+	v.machine, v.recorded = m, make(chan struct{})
 	v.mu.Unlock()
 	if err := b.persistState(ctx, v); err != nil {
 		// Unrecorded, the QEMU would be lost at a restart: take it down.
@@ -311,6 +311,10 @@ func (b *Backend) exited(v *vmState, c *container, code int32, reason string) {
 	c.State, c.FinishedAt, c.ExitCode, c.Reason = stateExited, now.UnixNano(), code, reason
 	c.Console = consoleTail(c.LogPath)
 	v.machine = nil
+	if v.recorded != nil {
+		defer close(v.recorded)
+		v.recorded = nil
+	}
 	v.mu.Unlock()
 	if err := b.persistState(b.ctx, v); err != nil {
 		b.logger.Warn("record vm exit failed", "container", c.ID, "err", err)
@@ -335,7 +339,7 @@ func (b *Backend) StopContainer(ctx context.Context, id string, timeout int64) e
 // watcher to record the exit. Call with v.op held.
 func (b *Backend) stopLive(ctx context.Context, v *vmState, grace time.Duration) error {
 	v.mu.Lock()
-	m := v.machine
+	m, recorded := v.machine, v.recorded
 	c := v.rec.live()
 	v.mu.Unlock()
 	if m == nil {
@@ -347,18 +351,11 @@ func (b *Backend) stopLive(ctx context.Context, v *vmState, grace time.Duration)
 	}
 	b.logger.Info("vm stopped", "container", c.ID, "ending", string(ending), "grace", grace)
 	// The watcher records the exit; wait for it so the caller sees it.
-	for {
-		v.mu.Lock()
-		done := c.State == stateExited
-		v.mu.Unlock()
-		if done {
-			return nil
-		}
-		select {
-		case <-b.ctx.Done():
-			return status.Error(codes.Unavailable, "vm backend closed")
-		case <-time.After(10 * time.Millisecond):
-		}
+	select {
+	case <-recorded:
+		return nil
+	case <-b.ctx.Done():
+		return status.Error(codes.Unavailable, "vm backend closed")
 	}
 }
 
@@ -486,7 +483,7 @@ func (b *Backend) adopt(ctx context.Context) error {
 			b.exited(v, c, exitUnknown, "QEMUGone")
 			continue
 		}
-		v.machine = m
+		v.machine, v.recorded = m, make(chan struct{})
 		b.logger.Info("vm adopted", "sandbox", rec.ID, "container", c.ID, "pid", c.Pid)
 		b.wg.Add(1)
 		go b.watch(v, c, m, time.Unix(0, c.StartedAt))

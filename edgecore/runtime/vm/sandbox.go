@@ -40,6 +40,10 @@ func (b *Backend) RunPodSandbox(ctx context.Context, cfg *runtimeapi.PodSandboxC
 		Dir: b.sandboxDir(id),
 	}
 	delete(rec.Annotations, AnnotationUserData) // in Dir/user-data
+	if rows, err := rec.rows(); err != nil || len(rows[0].Detail) > store.MaxAllocationDetail {
+		return "", b.refuse("RunPodSandbox", "annotation", status.Errorf(codes.InvalidArgument,
+			"the sandbox's labels and annotations (user data aside) exceed the VM record's %d bytes", store.MaxAllocationDetail))
+	}
 	if err := os.MkdirAll(rec.Dir, 0o750); err != nil {
 		return "", fmt.Errorf("create vm directory: %w", err)
 	}
