@@ -81,7 +81,8 @@ func killAtCleanup(t *testing.T, pid int) {
 }
 
 // count is how many lines of the serial log are exactly marker.
-func count(t *testing.T, path, marker string) int {
+// Lines end in "\r\n" (the guest's tty adds the \r).
+func count(t testing.TB, path, marker string) int {
 	b, err := os.ReadFile(path)
 	if err != nil && !os.IsNotExist(err) {
 		t.Fatalf("read serial log: %v", err)
