@@ -28,7 +28,7 @@ func BenchmarkBoot(b *testing.B) {
 	for i := 0; b.Loop(); i++ {
 		dir := b.TempDir()
 		spec := Spec{
-			Name: "bench", Dir: filepath.Join(dir, "run"), VCPUs: 1, MemoryBytes: 128 << 20,
+			Name: guest.Name("bench"), Dir: filepath.Join(dir, "run"), VCPUs: 1, MemoryBytes: 128 << 20,
 			Kernel: g.Kernel, Initrd: g.Initrd, Cmdline: g.Cmdline,
 			SerialLog: filepath.Join(dir, "serial.log"), Accel: r.Accel,
 		}

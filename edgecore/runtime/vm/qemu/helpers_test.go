@@ -47,7 +47,7 @@ func guestSpec(t *testing.T, name string, vcpus int, memMiB int64) Spec {
 	g := guest.Build(t)
 	dir := t.TempDir()
 	return Spec{
-		Name: name, Dir: filepath.Join(dir, "run"),
+		Name: guest.Name(name), Dir: filepath.Join(dir, "run"),
 		VCPUs: vcpus, MemoryBytes: memMiB << 20,
 		Kernel: g.Kernel, Initrd: g.Initrd, Cmdline: g.Cmdline,
 		SerialLog: filepath.Join(dir, "serial.log"),
