@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -16,6 +17,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
 	"k8s.io/klog/v2"
 	"sigs.k8s.io/yaml"
 
@@ -32,7 +34,7 @@ import (
 )
 
 // ensureRuntimeClass applies build/runtimeclass-vm.yaml.
-func ensureRuntimeClass(t *testing.T, cs kubernetes.Interface) {
+func ensureRuntimeClass(t testing.TB, cs kubernetes.Interface) {
 	t.Helper()
 	b, err := os.ReadFile(filepath.Join("..", "..", "build", "runtimeclass-vm.yaml"))
 	require.NoError(t, err)
@@ -41,6 +43,58 @@ func ensureRuntimeClass(t *testing.T, cs kubernetes.Interface) {
 	if _, err := cs.NodeV1().RuntimeClasses().Create(t.Context(), &rc, metav1.CreateOptions{}); !apierrors.IsAlreadyExists(err) {
 		require.NoError(t, err)
 	}
+}
+
+// vmSite is a cluster with one edge node that runs VMs: CloudCore with
+// the VM controller, EdgeCore with the in-process shim (real containerd),
+// the VM backend (real QEMU) and the resource pool, the test guest
+// imported.
+type vmSite struct {
+	cs             kubernetes.Interface
+	api            *rest.Config
+	ns, node       string
+	vms            *cloudvm.Client
+	cloud          *cloud
+	edge           *edge
+	runDir, logDir string
+}
+
+// startVMSite starts a vmSite; hugetlbfs, when not "", is the pool's 2Mi
+// mount. logger, when set, is EdgeCore's.
+func startVMSite(tb testing.TB, node, hugetlbfs string, logger ...*slog.Logger) *vmSite {
+	tb.Helper()
+	env := cp.Env(tb)
+	x := &vmSite{cs: adminClient(tb, env.Config), api: env.Config, ns: env.Namespace(tb), node: node}
+	ensureRuntimeClass(tb, x.cs)
+	dyn, err := dynamic.NewForConfig(env.Config)
+	require.NoError(tb, err)
+	x.vms = cloudvm.NewClient(dyn)
+	ctr := containerd.Start(tb)
+	x.cloud = startCloud(tb, env.Config, cloudOptions{vms: true, timings: testTimings})
+	id := x.cloud.admit(tb, node)
+	dir := dataDir(tb, node)
+	images, err := vm.OpenImages(filepath.Join(dir, "vm-images"), "")
+	require.NoError(tb, err)
+	vmguest.Import(tb, images)
+	x.runDir = vmguest.RunDir(tb)
+	x.logDir = filepath.Join(tb.TempDir(), "logs")
+	mounts := map[int64]string{}
+	if hugetlbfs != "" {
+		mounts[resources.Hugepage2Mi] = hugetlbfs
+	}
+	x.edge = startEdge(tb, id, dir, x.cloud.addr, edgeOptions{timings: testTimings, configure: func(cfg *edgeapp.Config) {
+		cfg.CRI = edgeapp.CRIConfig{
+			Listen: filepath.Join(x.runDir, "cri.sock"), Containerd: ctr.Endpoint(),
+			VM: &edgeapp.VMConfig{RunDir: x.runDir, Accel: vmguest.Accel(tb)},
+		}
+		cfg.Pods = pods.Config{LogDir: x.logDir}
+		cfg.Resources = &resources.Config{HugepageMounts: mounts}
+		if len(logger) > 0 {
+			cfg.Logger = logger[0]
+		}
+	}})
+	waitRegistered(tb, x.cs, x.cloud, node)
+	return x
 }
 
 // TestVMEndToEnd: a VirtualMachine created in the API server boots a real
@@ -56,38 +110,13 @@ func ensureRuntimeClass(t *testing.T, cs kubernetes.Interface) {
 // overlay, no allocation rows, the pages free again. The test reserves the
 // pages and mounts hugetlbfs itself, and undoes both.
 func TestVMEndToEnd(t *testing.T) {
-	const node = "vm-e2e"
-	env := cp.Env(t)
-	cs := adminClient(t, env.Config)
-	ns := env.Namespace(t)
-	ensureRuntimeClass(t, cs)
-	dyn, err := dynamic.NewForConfig(env.Config)
-	require.NoError(t, err)
-	vms := cloudvm.NewClient(dyn)
-	ctx := klog.NewContext(t.Context(), logr.Discard())
-
 	mnt := hugepages.Reserve(t, 64+8) // before the edge starts: the Node advertises them
-	ctr := containerd.Start(t)
-	c := startCloud(t, env.Config, cloudOptions{vms: true, timings: testTimings})
-	id := c.admit(t, node)
-	dir := dataDir(t, node)
-	images, err := vm.OpenImages(filepath.Join(dir, "vm-images"), "")
-	require.NoError(t, err)
-	vmguest.Import(t, images)
-	runDir := vmguest.RunDir(t)
-	logDir := filepath.Join(t.TempDir(), "logs")
-	e := startEdge(t, id, dir, c.addr, edgeOptions{timings: testTimings, configure: func(cfg *edgeapp.Config) {
-		cfg.CRI = edgeapp.CRIConfig{
-			Listen: filepath.Join(runDir, "cri.sock"), Containerd: ctr.Endpoint(),
-			VM: &edgeapp.VMConfig{RunDir: runDir, Accel: vmguest.Accel(t)},
-		}
-		cfg.Pods = pods.Config{LogDir: logDir}
-		cfg.Resources = &resources.Config{HugepageMounts: map[int64]string{resources.Hugepage2Mi: mnt}}
-	}})
-	waitRegistered(t, cs, c, node)
+	x := startVMSite(t, "vm-e2e", mnt)
+	ns, vms, c, e, node, runDir, logDir := x.ns, x.vms, x.cloud, x.edge, x.node, x.runDir, x.logDir
+	ctx := klog.NewContext(t.Context(), logr.Discard())
 	free := hugepages.Free(t)
 
-	_, err = vms.Create(ctx, &cloudvm.VirtualMachine{
+	_, err := vms.Create(ctx, &cloudvm.VirtualMachine{
 		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "guest"},
 		Spec: cloudvm.Spec{Image: vmguest.ImageName, VCPUs: 1, Memory: "128Mi", HugepageSize: "2Mi",
 			DedicatedCPUs: true, NodeName: node},
@@ -131,7 +160,7 @@ func TestVMEndToEnd(t *testing.T) {
 	require.Equal(t, pid, p2)
 
 	// Back: the controller acts on running:false, the edge hears it.
-	startCloud(t, env.Config, cloudOptions{vms: true, timings: testTimings, quicAddr: c.addr})
+	startCloud(t, x.api, cloudOptions{vms: true, timings: testTimings, quicAddr: c.addr})
 	require.Eventually(t, func() bool {
 		v, err = vms.Get(context.Background(), ns, "guest")
 		return err == nil && v.Status.Phase == cloudvm.PhaseStopped
