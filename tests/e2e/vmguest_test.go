@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/go-logr/logr"
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	nodev1 "k8s.io/api/node/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -123,15 +124,15 @@ func TestVMEndToEnd(t *testing.T) {
 	})
 	require.NoError(t, err)
 	var v *cloudvm.VirtualMachine
-	require.Eventually(t, func() bool {
-		v, err = vms.Get(context.Background(), ns, "guest")
-		return err == nil && v.Status.Phase == cloudvm.PhaseRunning && strings.Contains(v.Status.Console, vm.BootMarker)
-	}, 4*time.Minute, 100*time.Millisecond, "the VM boots: %+v", func() any {
-		if v == nil {
-			return nil
+	if !assert.Eventually(t, func() bool {
+		got, err := vms.Get(context.Background(), ns, "guest")
+		if err == nil {
+			v = got
 		}
-		return v.Status
-	})
+		return err == nil && got.Status.Phase == cloudvm.PhaseRunning && strings.Contains(got.Status.Console, vm.BootMarker)
+	}, 4*time.Minute, 100*time.Millisecond) {
+		t.Fatalf("the VM did not boot; its last status: %+v", v.Status)
+	}
 	require.NotNil(t, v.Status.BootTime)
 	require.Equal(t, vmguest.Accel(t), v.Status.Acceleration)
 	require.Equal(t, node, v.Status.NodeName)
