@@ -131,6 +131,7 @@ func TestVMEndToEnd(t *testing.T) {
 		}
 		return err == nil && got.Status.Phase == cloudvm.PhaseRunning && strings.Contains(got.Status.Console, vm.BootMarker)
 	}, 4*time.Minute, 100*time.Millisecond) {
+		require.NotNil(t, v, "the VM was never read")
 		t.Fatalf("the VM did not boot; its last status: %+v", v.Status)
 	}
 	require.NotNil(t, v.Status.BootTime)
