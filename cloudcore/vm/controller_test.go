@@ -10,6 +10,7 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	admissionv1 "k8s.io/api/admissionregistration/v1"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
@@ -355,4 +356,70 @@ func TestPodConflict(t *testing.T) {
 	own := c.waitPod(t, "taken", foreign.UID)
 	require.NotNil(t, controllerOf(own))
 	c.waitVM(t, "taken", inPhase(PhaseScheduled))
+}
+
+// TestPodWriteFailed: a pod the API server refuses (here an admission
+// policy that refuses every pod of the namespace) leaves the VM Pending
+// with the server's reason in Synced, counted as a failed sync and retried
+// with back-off; once the refusal goes, the pod is made.
+func TestPodWriteFailed(t *testing.T) {
+	c := newClients(t)
+	installRuntimeClass(t, c)
+	adm := c.kube.AdmissionregistrationV1()
+	name := "refuse-pods-" + c.ns
+	_, err := adm.ValidatingAdmissionPolicies().Create(t.Context(), &admissionv1.ValidatingAdmissionPolicy{
+		ObjectMeta: metav1.ObjectMeta{Name: name},
+		Spec: admissionv1.ValidatingAdmissionPolicySpec{
+			FailurePolicy: new(admissionv1.Fail),
+			MatchConstraints: &admissionv1.MatchResources{ResourceRules: []admissionv1.NamedRuleWithOperations{{
+				RuleWithOperations: admissionv1.RuleWithOperations{
+					Operations: []admissionv1.OperationType{admissionv1.Create},
+					Rule:       admissionv1.Rule{APIGroups: []string{""}, APIVersions: []string{"v1"}, Resources: []string{"pods"}},
+				},
+			}}},
+			Validations: []admissionv1.Validation{{Expression: "false", Message: "the test refuses pods here"}},
+		},
+	}, metav1.CreateOptions{})
+	require.NoError(t, err)
+	t.Cleanup(func() {
+		_ = adm.ValidatingAdmissionPolicies().Delete(context.Background(), name, metav1.DeleteOptions{})
+	})
+	_, err = adm.ValidatingAdmissionPolicyBindings().Create(t.Context(), &admissionv1.ValidatingAdmissionPolicyBinding{
+		ObjectMeta: metav1.ObjectMeta{Name: name},
+		Spec: admissionv1.ValidatingAdmissionPolicyBindingSpec{
+			PolicyName:        name,
+			ValidationActions: []admissionv1.ValidationAction{admissionv1.Deny},
+			MatchResources: &admissionv1.MatchResources{NamespaceSelector: &metav1.LabelSelector{
+				MatchLabels: map[string]string{"kubernetes.io/metadata.name": c.ns},
+			}},
+		},
+	}, metav1.CreateOptions{})
+	require.NoError(t, err)
+	deleteBinding := func() {
+		_ = adm.ValidatingAdmissionPolicyBindings().Delete(context.Background(), name, metav1.DeleteOptions{})
+	}
+	t.Cleanup(deleteBinding)
+	probe := func() error {
+		_, err := c.kube.CoreV1().Pods(c.ns).Create(context.Background(), &corev1.Pod{
+			ObjectMeta: metav1.ObjectMeta{Name: "probe"},
+			Spec:       corev1.PodSpec{Containers: []corev1.Container{{Name: "a", Image: "b"}}},
+		}, metav1.CreateOptions{DryRun: []string{metav1.DryRunAll}})
+		return err
+	}
+	require.Eventually(t, func() bool { return probe() != nil }, waitFor, tick, "the policy is in force")
+
+	r := start(t, c, Config{})
+	_, err = c.vms.Create(t.Context(), validVM(c.ns, "refused"))
+	require.NoError(t, err)
+	v := c.waitVM(t, "refused", func(v *VirtualMachine) bool { return v.Status.Reason == ReasonPodWriteFailed })
+	require.Equal(t, PhasePending, v.Status.Phase)
+	requireCondition(t, v, ConditionSynced, metav1.ConditionFalse, ReasonPodWriteFailed)
+	require.Contains(t, meta.FindStatusCondition(v.Status.Conditions, ConditionSynced).Message, "the test refuses pods here")
+	require.Nil(t, c.getPod(t, "refused"))
+	require.Positive(t, r.counter(t, "tether_vm_syncs_total", map[string]string{"result": "error"}))
+
+	deleteBinding()
+	c.waitPod(t, "refused", "")
+	v = c.waitVM(t, "refused", inPhase(PhaseScheduled))
+	requireCondition(t, v, ConditionSynced, metav1.ConditionTrue, ReasonPodInSync)
 }
