@@ -105,13 +105,7 @@ func TestVMPoolDedicatedCPUsAndHugepages(t *testing.T) {
 	require.ErrorIs(t, err, resources.ErrInsufficient, "the VM's core is not given twice")
 	vmcheck.RequirePinned(t, pid, g)
 
-	require.NoError(t, a.Store().Apply(ctx, []store.Change{{Op: message.OpDelete, Object: store.Object{
-		Resource: message.Resource{Kind: "Pod", Namespace: pod.Namespace, Name: pod.Name},
-	}}}))
-	require.Eventually(t, func() bool {
-		all, err := a.Store().Allocations().Kind(ctx, "")
-		return err == nil && len(all) == 0
-	}, 2*time.Minute, 100*time.Millisecond, "the VM's rows go with the pod")
+	deleteAndWaitReleased(ctx, t, a, pod)
 	_, ok, err = a.Pool().Lookup(ctx, sb)
 	require.NoError(t, err)
 	require.False(t, ok)
@@ -132,4 +126,17 @@ func poolRows(ctx context.Context, t *testing.T, a *app.App, owner string) []sto
 		}
 	}
 	return out
+}
+
+// deleteAndWaitReleased deletes pod from a's store as the cloud's sync
+// would and waits until no allocation row is left.
+func deleteAndWaitReleased(ctx context.Context, t *testing.T, a *app.App, pod *corev1.Pod) {
+	t.Helper()
+	require.NoError(t, a.Store().Apply(ctx, []store.Change{{Op: message.OpDelete, Object: store.Object{
+		Resource: message.Resource{Kind: "Pod", Namespace: pod.Namespace, Name: pod.Name},
+	}}}))
+	require.Eventually(t, func() bool {
+		all, err := a.Store().Allocations().Kind(ctx, "")
+		return err == nil && len(all) == 0
+	}, 2*time.Minute, 100*time.Millisecond, "the pod's allocation rows go with it")
 }
