@@ -191,7 +191,8 @@ func moduleOrder(dir string, want []string) ([]string, error) {
 	builtin, _ := os.ReadFile(filepath.Join(dir, "modules.builtin"))
 	byName := make(map[string]string, len(deps))
 	for rel := range deps {
-		byName[strings.TrimSuffix(filepath.Base(rel), ".ko")] = rel
+		name, _, _ := strings.Cut(filepath.Base(rel), ".ko") // also .ko.xz, .ko.zst
+		byName[name] = rel
 	}
 	var order []string
 	added := map[string]bool{}

@@ -218,7 +218,7 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 	// The shim comes first: its VM runtime's probe gives the Node's
 	// acceleration label.
 	if cfg.CRI.Listen != "" {
-		if a.cri, err = newCRIShim(ctx, cfg.CRI, st, cfg.DataDir, logger, cfg.Registerer); err != nil {
+		if a.cri, err = newCRIShim(ctx, cfg.CRI, st, a.vmPool(), cfg.DataDir, logger, cfg.Registerer); err != nil {
 			return nil, errors.Join(err, a.Close())
 		}
 		if accel := a.cri.accel(); accel != "" {

@@ -53,8 +53,9 @@ type criShim struct {
 }
 
 // newCRIShim wires the shim over st's id map (and, for VMs, its allocation
-// table); dataDir is the default parent of the VM image store.
-func newCRIShim(ctx context.Context, cfg CRIConfig, st *store.Store, dataDir string, logger *slog.Logger, reg prometheus.Registerer) (*criShim, error) {
+// table and the resource pool, nil without one); dataDir is the default
+// parent of the VM image store.
+func newCRIShim(ctx context.Context, cfg CRIConfig, st *store.Store, pool vm.Pool, dataDir string, logger *slog.Logger, reg prometheus.Registerer) (*criShim, error) {
 	endpoint := cfg.Containerd
 	if endpoint == "" {
 		endpoint = DefaultContainerd
@@ -67,7 +68,7 @@ func newCRIShim(ctx context.Context, cfg CRIConfig, st *store.Store, dataDir str
 	shim := &criShim{backend: b}
 	backends := cri.Backends{Default: b}
 	if cfg.VM != nil {
-		if shim.vm, err = newVMBackend(ctx, *cfg.VM, dataDir, st, logger, reg); err != nil {
+		if shim.vm, err = newVMBackend(ctx, *cfg.VM, dataDir, st, pool, logger, reg); err != nil {
 			return nil, errors.Join(err, b.Close(ctx))
 		}
 		backends.VM = shim.vm
@@ -140,7 +141,7 @@ func NewCRI(ctx context.Context, cfg CRIConfig, dbPath string, logger *slog.Logg
 	if err != nil {
 		return nil, err
 	}
-	shim, err := newCRIShim(ctx, cfg, st, filepath.Dir(dbPath), logger, reg)
+	shim, err := newCRIShim(ctx, cfg, st, nil, filepath.Dir(dbPath), logger, reg)
 	if err != nil {
 		return nil, errors.Join(err, st.Close())
 	}

@@ -42,8 +42,9 @@ const DefaultVMRunDir = "/run/tether/vm"
 
 // newVMBackend opens the image store and builds the VM backend, probing
 // the acceleration unless cfg forces it. dataDir is the default image
-// store's parent.
-func newVMBackend(ctx context.Context, cfg VMConfig, dataDir string, st *store.Store, logger *slog.Logger, reg prometheus.Registerer) (*vm.Backend, error) {
+// store's parent; pool (nil: none) grants dedicated cores, hugepages and
+// VFs.
+func newVMBackend(ctx context.Context, cfg VMConfig, dataDir string, st *store.Store, pool vm.Pool, logger *slog.Logger, reg prometheus.Registerer) (*vm.Backend, error) {
 	dir := cfg.ImageDir
 	if dir == "" {
 		dir = filepath.Join(dataDir, "vm-images")
@@ -58,7 +59,7 @@ func newVMBackend(ctx context.Context, cfg VMConfig, dataDir string, st *store.S
 	}
 	b, err := vm.New(ctx, vm.Config{
 		QEMU: cfg.QEMU, QemuImg: cfg.QemuImg, Images: images, RunDir: runDir, Accel: cfg.Accel,
-		HugepageDirs: cfg.HugepageDirs, Logger: logger, Registerer: reg,
+		HugepageDirs: cfg.HugepageDirs, Pool: pool, Logger: logger, Registerer: reg,
 	}, st.Allocations())
 	if err != nil {
 		return nil, fmt.Errorf("start the vm runtime: %w", err)

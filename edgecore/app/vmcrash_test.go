@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"syscall"
 	"testing"
 	"time"
@@ -25,6 +26,7 @@ import (
 	"github.com/tetheredge/tether/common/pki"
 	"github.com/tetheredge/tether/edgecore/app"
 	"github.com/tetheredge/tether/edgecore/pods"
+	"github.com/tetheredge/tether/edgecore/resources"
 	"github.com/tetheredge/tether/edgecore/runtime/vm"
 	"github.com/tetheredge/tether/edgecore/store"
 	"github.com/tetheredge/tether/tests/containerd"
@@ -64,8 +66,10 @@ func (d crashDir) config(t *testing.T) app.Config {
 			Listen: filepath.Join(d.read(t, "run"), "cri.sock"), Containerd: d.read(t, "containerd"),
 			VM: &app.VMConfig{RunDir: d.read(t, "run"), Accel: d.read(t, "accel")},
 		},
-		Pods:   pods.Config{LogDir: d.path("logs"), RelistPeriod: time.Hour},
-		Logger: testlog.New(),
+		Pods: pods.Config{LogDir: d.path("logs"), RelistPeriod: time.Hour},
+		// The pool gives the VM its dedicated core.
+		Resources: &resources.Config{HugepageMounts: map[int64]string{}},
+		Logger:    testlog.New(),
 	}
 }
 
@@ -113,11 +117,22 @@ type guestRecord struct {
 	} `json:"containers"`
 }
 
-// EdgeCore killed with SIGKILL while a VM runs: QEMU keeps running (its
-// own session), the restarted EdgeCore adopts it (same pid, the guest
-// never restarted: one boot marker), the allocations are unchanged, the
-// pod is Running with GuestBooted again, and deleting it powers the guest
-// down and leaves nothing.
+// owner is the sandbox of the VM record among rows.
+func (guestRecord) owner(rows []store.Allocation) string {
+	for _, r := range rows {
+		if r.Kind == vm.KindVM {
+			return r.Owner
+		}
+	}
+	return ""
+}
+
+// EdgeCore killed with SIGKILL while a VM with a dedicated core runs: QEMU
+// keeps running (its own session), the restarted EdgeCore adopts it (same
+// pid, the guest never restarted: one boot marker), the allocations are
+// unchanged and the pool finds the same grant (Lookup) and gives its core
+// to nobody else, the pod is Running with GuestBooted again, and deleting
+// it powers the guest down and leaves nothing.
 func TestVMSurvivesKill9(t *testing.T) {
 	h := containerd.Start(t)
 	ctx, cancel := context.WithTimeout(klog.NewContext(context.Background(), logr.Discard()), 7*time.Minute)
@@ -142,6 +157,7 @@ func TestVMSurvivesKill9(t *testing.T) {
 	st, err := store.Open(ctx, dbFile, nil)
 	require.NoError(t, err)
 	pod := vmPod("crash")
+	pod.Annotations[vm.AnnotationDedicatedCPUs] = "true"
 	data, err := json.Marshal(pod)
 	require.NoError(t, err)
 	require.NoError(t, st.Apply(ctx, []store.Change{{Op: message.OpUpsert, Object: store.Object{
@@ -165,8 +181,9 @@ func TestVMSurvivesKill9(t *testing.T) {
 	var rec guestRecord
 	require.Eventually(t, func() bool {
 		rows = vmRows(t, dbFile)
-		if len(rows) != 1 || json.Unmarshal(rows[0].Detail, &rec) != nil || len(rec.Containers) != 1 {
-			return false
+		i := slices.IndexFunc(rows, func(r store.Allocation) bool { return r.Kind == vm.KindVM })
+		if len(rows) != 3 || i < 0 || json.Unmarshal(rows[i].Detail, &rec) != nil || len(rec.Containers) != 1 {
+			return false // the VM record, its core and the pool's grant
 		}
 		return rec.Containers[0].BootedAt != 0 && vmguest.CountMarker(console, vm.BootMarker) == 1
 	}, 4*time.Minute, 100*time.Millisecond, "the child runs the VM and saw it boot")
@@ -192,6 +209,12 @@ func TestVMSurvivesKill9(t *testing.T) {
 		after[i].CreatedAt = time.Time{}
 	}
 	require.Equal(t, rows, after, "the allocations are unchanged")
+	g, ok, err := a.Pool().Lookup(ctx, rec.owner(rows))
+	require.NoError(t, err)
+	require.True(t, ok)
+	require.Len(t, g.CPUs, 1, "the same grant: one dedicated core")
+	_, err = a.Pool().Allocate(ctx, resources.Request{Owner: "other", DedicatedCPUs: len(g.CPUs) + len(g.SharedCPUs)})
+	require.ErrorIs(t, err, resources.ErrInsufficient, "the VM's core is not given twice")
 	require.NoError(t, syscall.Kill(pid, 0), "the same QEMU")
 	require.Equal(t, 1, vmguest.CountMarker(console, vm.BootMarker), "the guest was never restarted")
 	console = openConsole(t, console) // the pod's log directory goes with the pod

@@ -340,6 +340,9 @@ type edgeOptions struct {
 	// pods tunes the pod manager when runtime is set; its zero HostIPs
 	// are 127.0.0.1 and its zero LogDir a directory of the test's.
 	pods pods.Config
+	// configure, when set, edits EdgeCore's configuration last (the CRI
+	// shim, the VM runtime, the resource pool).
+	configure func(*edgeapp.Config)
 }
 
 // stableEpoch is the edges' clock unless a test gives one.
@@ -382,6 +385,9 @@ func startEdge(tb testing.TB, id identity, dataDir, cloudAddr string, o edgeOpti
 	if o.runtime != nil {
 		cfg.CRI, cfg.Pods = runtimeConfig(tb, o.runtime, o.pods)
 		cfg.NodeStatus.RequireRuntime = true
+	}
+	if o.configure != nil {
+		o.configure(&cfg)
 	}
 	a, err := edgeapp.New(ctx, cfg)
 	if err != nil {

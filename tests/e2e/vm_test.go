@@ -2,17 +2,12 @@ package e2e
 
 import (
 	"context"
-	"os"
-	"path/filepath"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/require"
-	nodev1 "k8s.io/api/node/v1"
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/dynamic"
-	"sigs.k8s.io/yaml"
 
 	"github.com/tetheredge/tether/cloudcore/onboard"
 	"github.com/tetheredge/tether/cloudcore/vm"
@@ -27,13 +22,7 @@ func TestVMControllerWired(t *testing.T) {
 	env := cp.Env(t)
 	cs := adminClient(t, env.Config)
 	ns := env.Namespace(t)
-	b, err := os.ReadFile(filepath.Join("..", "..", "build", "runtimeclass-vm.yaml"))
-	require.NoError(t, err)
-	var rc nodev1.RuntimeClass
-	require.NoError(t, yaml.UnmarshalStrict(b, &rc))
-	if _, err := cs.NodeV1().RuntimeClasses().Create(t.Context(), &rc, metav1.CreateOptions{}); !apierrors.IsAlreadyExists(err) {
-		require.NoError(t, err)
-	}
+	ensureRuntimeClass(t, cs)
 	dyn, err := dynamic.NewForConfig(env.Config)
 	require.NoError(t, err)
 	vms := vm.NewClient(dyn)

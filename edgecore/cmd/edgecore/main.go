@@ -42,6 +42,7 @@ type flags struct {
 	criListen       string
 	containerd      string
 	vm              vmFlags
+	pool            poolFlags
 }
 
 func newRootCommand() *cobra.Command {
@@ -69,6 +70,7 @@ func newRootCommand() *cobra.Command {
 	fl.StringVar(&f.containerd, "containerd", app.DefaultContainerd, "containerd's CRI endpoint, behind the shim")
 	fl.StringVar(&f.dataDir, "data-dir", "/var/lib/tether/edgecore", "directory of the node's state: SQLite store and its identity (node.pem: key and certificate, ca.crt), from edgecore join or renewals")
 	addVMFlags(fl, &f.vm)
+	addPoolFlags(fl, &f.pool)
 	root.AddCommand(newJoinCommand(), newCRICommand(), newVMImageCommand())
 	return root
 }
@@ -107,6 +109,10 @@ func appConfig(f flags, logger *slog.Logger) (app.Config, error) {
 		return app.Config{}, err
 	}
 	pair.Leaf = leaf
+	pool, err := f.pool.config()
+	if err != nil {
+		return app.Config{}, err
+	}
 	caCert, err := caOf(f)
 	if err != nil {
 		return app.Config{}, err
@@ -122,6 +128,7 @@ func appConfig(f flags, logger *slog.Logger) (app.Config, error) {
 		CRIEndpoint: f.runtime,
 		CRI:         app.CRIConfig{Listen: f.criListen, Containerd: f.containerd, VM: f.vm.config()},
 		NodeStatus:  nodestatus.Config{RequireRuntime: true},
+		Resources:   pool, StaticCPUPolicy: f.pool.static,
 	}, nil
 }
 

@@ -17,12 +17,16 @@ import (
 	"golang.org/x/sys/unix"
 
 	buildguest "github.com/tetheredge/tether/build/guest"
+	"github.com/tetheredge/tether/tests/guest"
 	"github.com/tetheredge/tether/tests/testlog"
 )
 
 // childEnv carries the spec (JSON) to the re-executed test binary that
 // plays EdgeCore in TestAttachAfterSIGKILL.
 const childEnv = "TETHER_QEMU_TEST_CHILD"
+
+// childOwnName makes the child name the VM after itself (guest.Name).
+const childOwnName = "TETHER_QEMU_TEST_CHILD_OWN_NAME"
 
 // runChild starts the spec's QEMU, prints "pid P vcpus T1 T2..." and
 // blocks until it is killed.
@@ -31,6 +35,9 @@ func runChild() {
 	if err := json.Unmarshal([]byte(os.Getenv(childEnv)), &spec); err != nil {
 		fmt.Fprintln(os.Stderr, "child: decode spec:", err)
 		os.Exit(2)
+	}
+	if os.Getenv(childOwnName) != "" {
+		spec.Name = guest.Name(spec.Name)
 	}
 	ctx := context.Background()
 	m, err := Start(ctx, spec, Options{})
@@ -55,36 +62,12 @@ func TestAttachAfterSIGKILL(t *testing.T) {
 	spec := guestSpec(t, "adopt", 2, 128)
 	spec.SharedCPUs = []int{0}
 	spec.DedicatedCPUs = []int{1, 0}
-	b, err := json.Marshal(spec)
-	require.NoError(t, err)
-
-	child := exec.Command(os.Args[0], "-test.run=^$")
-	child.Env = append(os.Environ(), childEnv+"="+string(b))
-	child.Stderr = os.Stderr
-	child.SysProcAttr = &syscall.SysProcAttr{Setpgid: true} // its own process group, as a daemon's
-	out, err := child.StdoutPipe()
-	require.NoError(t, err)
-	require.NoError(t, child.Start())
-	line, err := bufio.NewReader(out).ReadString('\n')
-	require.NoError(t, err, "the child printed no pid")
-	f := strings.Fields(line)
-	require.GreaterOrEqual(t, len(f), 4, "child said %q", line)
-	pid, err := strconv.Atoi(f[1])
-	require.NoError(t, err)
-	killAtCleanup(t, pid)
-	var want []int
-	for _, s := range f[3:] {
-		tid, err := strconv.Atoi(s)
-		require.NoError(t, err)
-		want = append(want, tid)
-	}
-
+	child, pid, want := startChild(t, spec)
 	require.Eventually(t, func() bool { return count(t, spec.SerialLog, buildguest.BootMarker) == 1 },
 		bootTimeout, 50*time.Millisecond, "no boot marker:\n%s", readFile(spec.SerialLog))
 	// SIGKILL to the whole process group, as a supervisor stopping
 	// EdgeCore would: QEMU is in a session of its own and is not hit.
-	require.NoError(t, unix.Kill(-child.Process.Pid, unix.SIGKILL))
-	_ = child.Wait()
+	killChild(t, child)
 	require.NoError(t, unix.Kill(pid, 0), "qemu died with its parent")
 
 	ctx := t.Context()
@@ -134,4 +117,60 @@ func TestAttachRefuses(t *testing.T) {
 	require.ErrorIs(t, err, ErrNotThisVM, "a reaped qemu")
 	_, err = Attach(t.Context(), spec, 0, Options{})
 	require.ErrorIs(t, err, ErrNotThisVM)
+}
+
+// startChild runs the spec's VM in a child test binary (its own process
+// group, as a daemon's) and returns it, QEMU's pid and the vCPU threads.
+func startChild(t *testing.T, spec Spec, env ...string) (*exec.Cmd, int, []int) {
+	t.Helper()
+	b, err := json.Marshal(spec)
+	require.NoError(t, err)
+	child := exec.Command(os.Args[0], "-test.run=^$")
+	child.Env = append(append(os.Environ(), childEnv+"="+string(b)), env...)
+	child.Stderr = os.Stderr
+	child.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	out, err := child.StdoutPipe()
+	require.NoError(t, err)
+	require.NoError(t, child.Start())
+	line, err := bufio.NewReader(out).ReadString('\n')
+	require.NoError(t, err, "the child printed no pid")
+	f := strings.Fields(line)
+	require.GreaterOrEqual(t, len(f), 4, "child said %q", line)
+	pid, err := strconv.Atoi(f[1])
+	require.NoError(t, err)
+	killAtCleanup(t, pid)
+	var tids []int
+	for _, s := range f[3:] {
+		tid, err := strconv.Atoi(s)
+		require.NoError(t, err)
+		tids = append(tids, tid)
+	}
+	return child, pid, tids
+}
+
+// killChild SIGKILLs the child's whole process group, as a supervisor
+// stopping EdgeCore would: QEMU is in a session of its own and is not hit.
+func killChild(t *testing.T, child *exec.Cmd) {
+	require.NoError(t, unix.Kill(-child.Process.Pid, unix.SIGKILL))
+	_ = child.Wait()
+}
+
+// The QEMU of a test binary killed before its cleanup is killed by the
+// next guest.Build, found by the dead binary's pid in the VM's name.
+func TestStaleQEMUReaped(t *testing.T) {
+	spec := guestSpec(t, "stale", 1, 128)
+	spec.Name = "stale"
+	child, pid, _ := startChild(t, spec, childOwnName+"=1")
+	fd, err := unix.PidfdOpen(pid, 0)
+	require.NoError(t, err)
+	defer unix.Close(fd)
+	killChild(t, child)
+	require.NoError(t, unix.Kill(pid, 0), "qemu died with its parent")
+
+	guest.Build(t)
+	require.Eventually(t, func() bool {
+		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+		n, _ := unix.Poll(fds, 0)
+		return n == 1
+	}, time.Minute, 10*time.Millisecond, "the stale qemu still runs")
 }

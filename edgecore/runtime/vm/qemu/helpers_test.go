@@ -47,7 +47,7 @@ func guestSpec(t *testing.T, name string, vcpus int, memMiB int64) Spec {
 	g := guest.Build(t)
 	dir := t.TempDir()
 	return Spec{
-		Name: name, Dir: filepath.Join(dir, "run"),
+		Name: guest.Name(name), Dir: filepath.Join(dir, "run"),
 		VCPUs: vcpus, MemoryBytes: memMiB << 20,
 		Kernel: g.Kernel, Initrd: g.Initrd, Cmdline: g.Cmdline,
 		SerialLog: filepath.Join(dir, "serial.log"),
@@ -81,7 +81,8 @@ func killAtCleanup(t *testing.T, pid int) {
 }
 
 // count is how many lines of the serial log are exactly marker.
-func count(t *testing.T, path, marker string) int {
+// Lines end in "\r\n" (the guest's tty adds the \r).
+func count(t testing.TB, path, marker string) int {
 	b, err := os.ReadFile(path)
 	if err != nil && !os.IsNotExist(err) {
 		t.Fatalf("read serial log: %v", err)

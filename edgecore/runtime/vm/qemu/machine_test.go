@@ -3,6 +3,7 @@ package qemu
 import (
 	"os"
 	"path/filepath"
+	"syscall"
 	"testing"
 	"time"
 
@@ -104,4 +105,17 @@ func TestStartRefuses(t *testing.T) {
 	_, err := Start(t.Context(), s, Options{Logger: testlog.New()})
 	require.ErrorContains(t, err, "missing.qcow2")
 	require.ErrorContains(t, err, "qemu exited with code 1")
+}
+
+// A QEMU that answers nothing (frozen with SIGSTOP) is still stopped:
+// the power button and quit time out, SIGKILL ends it.
+func TestStopKillsFrozenQEMU(t *testing.T) {
+	spec := guestSpec(t, "frozen", 1, 128)
+	m := start(t, spec)
+	require.NoError(t, syscall.Kill(m.Pid(), syscall.SIGSTOP))
+
+	how, err := m.Stop(t.Context(), time.Second)
+	require.NoError(t, err)
+	require.Equal(t, EndedKill, how)
+	require.Equal(t, 128+int(syscall.SIGKILL), m.ExitCode())
 }

@@ -34,15 +34,21 @@ func (m *Machine) Stop(ctx context.Context, grace time.Duration) (Ending, error)
 		return EndedExited, nil
 	default:
 	}
-	if err := m.Powerdown(ctx); err == nil {
-		if m.waitExit(ctx, grace) {
+	// The grace bounds the power button command too: a QEMU that does not
+	// answer QMP must not hold Stop up.
+	deadline := time.Now().Add(grace)
+	pctx, cancel := context.WithDeadline(ctx, deadline)
+	err := m.Powerdown(pctx)
+	cancel()
+	if err == nil {
+		if m.waitExit(ctx, time.Until(deadline)) {
 			return EndedPowerdown, nil
 		}
 	} else {
 		m.log.Info("vm powerdown refused", "err", err)
 	}
 	qctx, cancel := context.WithTimeout(ctx, quitWait)
-	err := m.Quit(qctx)
+	err = m.Quit(qctx)
 	cancel()
 	if err != nil {
 		m.log.Info("vm quit refused", "err", err)
