@@ -268,7 +268,10 @@ func hasCondition(st corev1.PodStatus, t corev1.PodConditionType, s corev1.Condi
 // CrashLoopBackOff between restarts.
 func TestOnFailureRestartsWithBackoff(t *testing.T) {
 	e := newEnv(t)
-	e.run(pods.Config{BackoffBase: 100 * time.Millisecond, BackoffMax: 400 * time.Millisecond})
+	// A base long enough that the back-off outlasts the exit event's
+	// settling on a loaded machine (else the next sync finds it over and
+	// restarts at once, publishing no CrashLoopBackOff in between).
+	e.run(pods.Config{BackoffBase: time.Second, BackoffMax: 2 * time.Second})
 	p := busyboxPod(e.h, "crash", corev1.RestartPolicyOnFailure, true, "sh", "-c", "exit 1")
 	e.put(p)
 

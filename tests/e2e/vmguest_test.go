@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -146,6 +147,16 @@ func TestVMEndToEnd(t *testing.T) {
 	require.Len(t, g.CPUs, 1)
 	vmcheck.RequirePinned(t, pid, g)
 
+	// The pod's log directory goes with the pod: keep the console open to
+	// read the powerdown once it is unlinked.
+	logs, err := filepath.Glob(filepath.Join(logDir, "*", "compute_0.log"))
+	require.NoError(t, err)
+	require.Len(t, logs, 1)
+	consoleFile, err := os.Open(logs[0])
+	require.NoError(t, err)
+	defer consoleFile.Close()
+	console := fmt.Sprintf("/proc/self/fd/%d", consoleFile.Fd())
+
 	// Offline: the cloud goes; the guest does not.
 	c.stop()
 	require.Eventually(t, func() bool {
@@ -168,10 +179,7 @@ func TestVMEndToEnd(t *testing.T) {
 		return err == nil && v.Status.Phase == cloudvm.PhaseStopped
 	}, 3*time.Minute, 100*time.Millisecond, "running:false set offline stops the VM on reconnect")
 	require.Eventually(t, func() bool { return syscall.Kill(pid, 0) == syscall.ESRCH }, time.Minute, 50*time.Millisecond, "QEMU exits")
-	logs, err := filepath.Glob(filepath.Join(logDir, "*", "compute_0.log"))
-	require.NoError(t, err)
-	require.Len(t, logs, 1)
-	require.Equal(t, 1, vmguest.CountMarker(logs[0], "TETHER-GUEST-POWERDOWN"), "a graceful powerdown, not a kill")
+	require.Equal(t, 1, vmguest.CountMarker(console, "TETHER-GUEST-POWERDOWN"), "a graceful powerdown, not a kill")
 	require.Eventually(t, func() bool {
 		all, err := e.st.Allocations().Kind(context.Background(), "")
 		return err == nil && len(all) == 0
