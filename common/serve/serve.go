@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
 
@@ -125,8 +126,28 @@ func (s *Server) Run(ctx context.Context) error {
 	return nil
 }
 
-// Close releases the listener of a Server whose Run was never called.
-func (s *Server) Close() error { return s.srv.Close() }
+// Close releases the listener of a Server whose Run was never called; after
+// Run returned it does nothing.
+func (s *Server) Close() error {
+	if err := s.ln.Close(); err != nil && !errors.Is(err, net.ErrClosed) {
+		return fmt.Errorf("close operations listener: %w", err)
+	}
+	return nil
+}
+
+// Disabled says whether a daemon's configured address turns the endpoint
+// off: "" or "0".
+func Disabled(addr string) bool { return addr == "" || addr == "0" }
+
+// GathererOf is reg's own Gatherer when it has one (a *prometheus.Registry
+// does), so /metrics serves what the daemon registered; otherwise (nil
+// included) an empty registry.
+func GathererOf(reg prometheus.Registerer) prometheus.Gatherer {
+	if g, ok := reg.(prometheus.Gatherer); ok {
+		return g
+	}
+	return prometheus.NewRegistry()
+}
 
 // checks serves one health endpoint as kube-apiserver does: 200 "ok" when
 // every check passes, 500 otherwise; with ?verbose, one line per check
@@ -172,4 +193,17 @@ func (s *Server) checks(endpoint string, checks []Check) http.Handler {
 		}
 		_, _ = io.WriteString(w, "ok")
 	})
+}
+
+// NewRegistry returns a registry holding the Go runtime's and the
+// process's collectors (go_*, process_*), for a daemon's own metrics.
+func NewRegistry() (*prometheus.Registry, error) {
+	reg := prometheus.NewRegistry()
+	if err := reg.Register(collectors.NewGoCollector()); err != nil {
+		return nil, fmt.Errorf("register go collector: %w", err)
+	}
+	if err := reg.Register(collectors.NewProcessCollector(collectors.ProcessCollectorOpts{})); err != nil {
+		return nil, fmt.Errorf("register process collector: %w", err)
+	}
+	return reg, nil
 }
