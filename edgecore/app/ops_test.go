@@ -2,7 +2,6 @@ package app_test
 
 import (
 	"context"
-	"io"
 	"net/http"
 	"path/filepath"
 	"testing"
@@ -15,19 +14,8 @@ import (
 
 	"github.com/tetheredge/tether/edgecore/app"
 	"github.com/tetheredge/tether/tests/containerd"
+	"github.com/tetheredge/tether/tests/opsprobe"
 )
-
-// get fetches url from an operations endpoint: its status and body.
-func get(url string) (int, string, error) {
-	c := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
-	resp, err := c.Get(url)
-	if err != nil {
-		return 0, "", err
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	return resp.StatusCode, string(b), err
-}
 
 // EdgeCore serves its registry on /metrics and is ready once its store
 // answers and the runtime its pod manager drives (here the in-process
@@ -54,28 +42,28 @@ func TestOpsEndpoint(t *testing.T) {
 
 	stop := run(ctx, t, good)
 	base := "http://" + good.MetricsAddr().String()
-	code, body, err := get(base + "/metrics")
+	code, body, err := opsprobe.Get(base + "/metrics")
 	require.NoError(t, err)
 	require.Equal(t, http.StatusOK, code)
 	require.Contains(t, body, "tether_edge_events_applied_total 0")
 	require.Eventually(t, func() bool {
-		code, body, err := get(base + "/readyz?verbose")
+		code, body, err := opsprobe.Get(base + "/readyz?verbose")
 		return err == nil && code == http.StatusOK &&
 			body == "[+]store ok\n[+]container-runtime ok\nreadyz check passed\n"
 	}, time.Minute, 50*time.Millisecond)
 	stop()
-	_, _, err = get(base + "/livez")
+	_, _, err = opsprobe.Get(base + "/livez")
 	require.Error(t, err, "the endpoint is closed after Run")
 
 	require.NoError(t, h.Stop())
 	defer run(ctx, t, cut)()
 	base = "http://" + cut.MetricsAddr().String()
-	code, body, err = get(base + "/readyz")
+	code, body, err = opsprobe.Get(base + "/readyz")
 	require.NoError(t, err)
 	require.Equal(t, http.StatusInternalServerError, code)
 	require.Contains(t, body, "[+]store ok\n")
 	require.Contains(t, body, "[-]container-runtime failed: the container runtime has not answered yet")
-	code, body, err = get(base + "/livez")
+	code, body, err = opsprobe.Get(base + "/livez")
 	require.NoError(t, err)
 	require.Equal(t, http.StatusOK, code)
 	require.Equal(t, "ok", body)

@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"context"
-	"io"
 	"net/http"
 	"net/url"
 	"regexp"
@@ -14,21 +13,10 @@ import (
 
 	cloudapp "github.com/tetheredge/tether/cloudcore/app"
 	"github.com/tetheredge/tether/tests/netproxy"
+	"github.com/tetheredge/tether/tests/opsprobe"
 	"github.com/tetheredge/tether/tests/promtest"
 	"github.com/tetheredge/tether/tests/testlog"
 )
-
-// opsGet fetches url from an operations endpoint: status and body.
-func opsGet(url string) (int, string, error) {
-	c := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
-	resp, err := c.Get(url)
-	if err != nil {
-		return 0, "", err
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	return resp.StatusCode, string(b), err
-}
 
 // TestCloudOpsEndpoint: CloudCore's /readyz fails, naming its checks,
 // while its informers cannot list (the path to the real API server is cut
@@ -55,29 +43,29 @@ func TestCloudOpsEndpoint(t *testing.T) {
 	go func() { done <- a.Run(ctx) }()
 	base := "http://" + a.MetricsAddr().String()
 
-	code, body, err := opsGet(base + "/readyz")
+	code, body, err := opsprobe.Get(base + "/readyz")
 	require.NoError(t, err)
 	require.Equal(t, http.StatusInternalServerError, code, body)
 	require.Contains(t, body, "[-]informers-synced failed")
 	require.Contains(t, body, "[-]listeners failed: the tunnel is not listening")
-	code, body, err = opsGet(base + "/livez")
+	code, body, err = opsprobe.Get(base + "/livez")
 	require.NoError(t, err)
 	require.Equal(t, http.StatusOK, code)
 	require.Equal(t, "ok", body)
-	code, body, err = opsGet(base + "/metrics")
+	code, body, err = opsprobe.Get(base + "/metrics")
 	require.NoError(t, err)
 	require.Equal(t, http.StatusOK, code)
 	require.Regexp(t, regexp.MustCompile(`(?m)^tether_autonomy_offline_nodes 0$`), body)
 
 	px.Partition(false)
 	require.Eventually(t, func() bool {
-		code, body, err := opsGet(base + "/readyz?verbose")
+		code, body, err := opsprobe.Get(base + "/readyz?verbose")
 		return err == nil && code == http.StatusOK && body == "[+]informers-synced ok\n[+]listeners ok\nreadyz check passed\n"
 	}, 2*time.Minute, 50*time.Millisecond)
 	require.NotNil(t, a.QUICAddr())
 
 	cancel()
 	require.NoError(t, <-done)
-	_, _, err = opsGet(base + "/livez")
+	_, _, err = opsprobe.Get(base + "/livez")
 	require.Error(t, err, "the endpoint is closed after Run")
 }
