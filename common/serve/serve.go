@@ -13,16 +13,21 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"regexp"
+	"slices"
 	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/tetheredge/tether/common/ratelog"
 )
 
 // Check is one named health check. Func returns nil when healthy; its
-// error is shown to the caller of /readyz?verbose.
+// error is shown to the caller of /readyz?verbose. Name (lowercase
+// letters, digits and '-') is also its path: /readyz/Name.
 type Check struct {
 	Name string
 	Func func(ctx context.Context) error
@@ -57,6 +62,7 @@ type Server struct {
 	cfg Config
 	ln  net.Listener
 	srv *http.Server
+	lim *ratelog.Limiter // failed checks' logs
 }
 
 // New validates cfg and binds cfg.Addr, so a bad or busy address is
@@ -69,9 +75,9 @@ func New(cfg Config) (*Server, error) {
 	if host == "" || port == "" {
 		return nil, fmt.Errorf("serve: address %q: host and port are both required", cfg.Addr)
 	}
-	for _, c := range append(append([]Check(nil), cfg.Ready...), cfg.Live...) {
-		if c.Name == "" || c.Func == nil || strings.ContainsAny(c.Name, "/ \n") {
-			return nil, fmt.Errorf("serve: check %q: a name without '/' or spaces and a func are required", c.Name)
+	for _, list := range [][]Check{cfg.Ready, cfg.Live} {
+		if err := validChecks(list); err != nil {
+			return nil, err
 		}
 	}
 	if cfg.Gatherer == nil {
@@ -90,14 +96,34 @@ func New(cfg Config) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("serve: listen on %s: %w", cfg.Addr, err)
 	}
-	s := &Server{cfg: cfg, ln: ln}
+	s := &Server{cfg: cfg, ln: ln, lim: ratelog.New(time.Minute, nil)}
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(cfg.Gatherer, promhttp.HandlerOpts{}))
-	mux.Handle("/healthz", s.checks("healthz", cfg.Live))
-	mux.Handle("/livez", s.checks("livez", cfg.Live))
-	mux.Handle("/readyz", s.checks("readyz", cfg.Ready))
+	s.checks(mux, "healthz", cfg.Live)
+	s.checks(mux, "livez", cfg.Live)
+	s.checks(mux, "readyz", cfg.Ready)
 	s.srv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	return s, nil
+}
+
+// checkName is what a check's name may be: it is a path element.
+var checkName = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]*[a-z0-9])?$`)
+
+// validChecks refuses checks without a func or a valid, unique name.
+func validChecks(checks []Check) error {
+	seen := make(map[string]bool, len(checks))
+	for _, c := range checks {
+		switch {
+		case !checkName.MatchString(c.Name):
+			return fmt.Errorf("serve: check %q: the name must be lowercase letters, digits and '-'", c.Name)
+		case c.Func == nil:
+			return fmt.Errorf("serve: check %q has no func", c.Name)
+		case seen[c.Name]:
+			return fmt.Errorf("serve: check %q is given twice", c.Name)
+		}
+		seen[c.Name] = true
+	}
+	return nil
 }
 
 // Addr is the bound address.
@@ -151,48 +177,69 @@ func GathererOf(reg prometheus.Registerer) prometheus.Gatherer {
 
 // checks serves one health endpoint as kube-apiserver does: 200 "ok" when
 // every check passes, 500 otherwise; with ?verbose, one line per check
-// ("[+]name ok" or "[-]name failed: reason"); ?exclude=name skips a check.
-func (s *Server) checks(endpoint string, checks []Check) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+// ("[+]name ok" or "[-]name failed: reason"); ?exclude=name skips a
+// check; /endpoint/name runs that check alone (404 for an unknown name).
+// A failed check is logged once a minute per check, with the count of
+// failures not logged since.
+func (s *Server) checks(mux *http.ServeMux, endpoint string, checks []Check) {
+	mux.Handle("/"+endpoint, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		q := r.URL.Query()
 		_, verbose := q["verbose"]
-		excluded := map[string]bool{}
-		for _, n := range q["exclude"] {
-			excluded[n] = true
-		}
+		run := make([]Check, 0, len(checks))
 		var b strings.Builder
-		failed := false
 		for _, c := range checks {
-			if excluded[c.Name] {
+			if slices.Contains(q["exclude"], c.Name) {
 				fmt.Fprintf(&b, "[+]%s excluded: ok\n", c.Name)
 				continue
 			}
-			ctx, cancel := context.WithTimeout(r.Context(), s.cfg.CheckTimeout)
-			err := c.Func(ctx)
-			cancel()
-			if err != nil {
-				failed = true
-				fmt.Fprintf(&b, "[-]%s failed: %v\n", c.Name, err)
-				continue
-			}
-			fmt.Fprintf(&b, "[+]%s ok\n", c.Name)
+			run = append(run, c)
 		}
-		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-		w.Header().Set("X-Content-Type-Options", "nosniff")
-		if failed {
-			s.cfg.Logger.Debug("health check failed", "endpoint", endpoint, "checks", b.String())
-			w.WriteHeader(http.StatusInternalServerError)
-			_, _ = io.WriteString(w, b.String())
-			fmt.Fprintf(w, "%s check failed\n", endpoint)
-			return
+		failed := s.run(r.Context(), endpoint, run, &b)
+		s.answer(w, endpoint, failed, verbose, b.String())
+	}))
+	for _, c := range checks {
+		mux.Handle("/"+endpoint+"/"+c.Name, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			var b strings.Builder
+			failed := s.run(r.Context(), endpoint, []Check{c}, &b)
+			s.answer(w, endpoint, failed, false, b.String())
+		}))
+	}
+}
+
+// run runs checks in order, writing one line each to b, and says whether
+// any failed.
+func (s *Server) run(ctx context.Context, endpoint string, checks []Check, b *strings.Builder) (failed bool) {
+	for _, c := range checks {
+		cctx, cancel := context.WithTimeout(ctx, s.cfg.CheckTimeout)
+		err := c.Func(cctx)
+		cancel()
+		if err == nil {
+			fmt.Fprintf(b, "[+]%s ok\n", c.Name)
+			continue
 		}
-		if verbose {
-			_, _ = io.WriteString(w, b.String())
-			fmt.Fprintf(w, "%s check passed\n", endpoint)
-			return
+		failed = true
+		fmt.Fprintf(b, "[-]%s failed: %v\n", c.Name, err)
+		if ok, suppressed := s.lim.Allow(endpoint + "/" + c.Name); ok {
+			s.cfg.Logger.Info("health check failed", "endpoint", endpoint, "check", c.Name, "err", err, "suppressed", suppressed)
 		}
+	}
+	return failed
+}
+
+// answer writes a health endpoint's reply: the check lines when one
+// failed or verbose was asked, else "ok".
+func (s *Server) answer(w http.ResponseWriter, endpoint string, failed, verbose bool, lines string) {
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	w.Header().Set("X-Content-Type-Options", "nosniff")
+	switch {
+	case failed:
+		w.WriteHeader(http.StatusInternalServerError)
+		fmt.Fprintf(w, "%s%s check failed\n", lines, endpoint)
+	case verbose:
+		fmt.Fprintf(w, "%s%s check passed\n", lines, endpoint)
+	default:
 		_, _ = io.WriteString(w, "ok")
-	})
+	}
 }
 
 // NewRegistry returns a registry holding the Go runtime's and the

@@ -41,7 +41,7 @@ func TestServe(t *testing.T) {
 		Addr:     "127.0.0.1:0",
 		Gatherer: reg,
 		Ready: []Check{
-			{Name: "ping", Func: func(context.Context) error { return nil }},
+			{Name: "ping", Func: ok},
 			{Name: "informers-synced", Func: func(context.Context) error {
 				if !synced.Load() {
 					return errors.New("not synced yet")
@@ -67,6 +67,14 @@ func TestServe(t *testing.T) {
 
 	code, body = get(t, base+"/readyz?exclude=informers-synced")
 	require.Equal(t, http.StatusOK, code, body)
+	code, body = get(t, base+"/readyz/informers-synced")
+	require.Equal(t, http.StatusInternalServerError, code)
+	require.Equal(t, "[-]informers-synced failed: not synced yet\nreadyz check failed\n", body)
+	code, body = get(t, base+"/readyz/ping")
+	require.Equal(t, http.StatusOK, code)
+	require.Equal(t, "ok", body)
+	code, _ = get(t, base+"/readyz/nonesuch")
+	require.Equal(t, http.StatusNotFound, code)
 
 	synced.Store(true)
 	code, body = get(t, base+"/readyz")
@@ -89,6 +97,8 @@ func TestServe(t *testing.T) {
 	require.Error(t, err, "the listener is closed after Run")
 }
 
+func ok(context.Context) error { return nil }
+
 func TestNewRefuses(t *testing.T) {
 	busy, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
@@ -102,7 +112,10 @@ func TestNewRefuses(t *testing.T) {
 		"no host":       {Config{Addr: ":10350"}, "host and port are both required"},
 		"bad host":      {Config{Addr: "no.such.host.invalid:1"}, "listen on"},
 		"busy":          {Config{Addr: busy.Addr().String()}, "address already in use"},
-		"unnamed check": {Config{Addr: "127.0.0.1:0", Ready: []Check{{Func: func(context.Context) error { return nil }}}}, "check \"\""},
+		"unnamed check": {Config{Addr: "127.0.0.1:0", Ready: []Check{{Func: ok}}}, `check "": the name must be`},
+		"path in name":  {Config{Addr: "127.0.0.1:0", Live: []Check{{Name: "a/b", Func: ok}}}, `check "a/b": the name must be`},
+		"no func":       {Config{Addr: "127.0.0.1:0", Ready: []Check{{Name: "store"}}}, `check "store" has no func`},
+		"twice":         {Config{Addr: "127.0.0.1:0", Ready: []Check{{Name: "store", Func: ok}, {Name: "store", Func: ok}}}, `check "store" is given twice`},
 	} {
 		t.Run(name, func(t *testing.T) {
 			s, err := New(tc.cfg)
