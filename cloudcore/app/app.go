@@ -87,8 +87,9 @@ type Config struct {
 	// operations endpoint serves it on /metrics.
 	Registerer prometheus.Registerer
 	// MetricsAddr is the operations endpoint's TCP address (/metrics,
-	// /healthz, /livez, /readyz; common/serve), bound by New. "" or "0":
-	// none. The cloudcore command defaults it to DefaultMetricsAddr.
+	// /healthz, /livez, /readyz; common/serve), bound by New and released
+	// when Run returns. "" or "0": none. The cloudcore command defaults it
+	// to DefaultMetricsAddr.
 	MetricsAddr string
 }
 

@@ -386,7 +386,8 @@ func (a *App) Run(ctx context.Context) error {
 	return err
 }
 
-// Close closes the CRI clients, the shim's backend and the store. Call it after Run has
+// Close closes the CRI clients, the shim's backend, the operations
+// listener (if Run never served it) and the store. Call it after Run has
 // returned.
 func (a *App) Close() error {
 	var errs []error

@@ -34,7 +34,7 @@ func newJoinCommand() *cobra.Command {
 		Long: "Join makes this node's private key (it never leaves the node), checks the cluster CA\n" +
 			"against the hash in the token, has CloudCore sign a certificate and writes\n" +
 			join.IdentityFile + " (key and certificate) and " + join.CAFile + " (mode 0600) to --data-dir.",
-		Example: "  install -m 600 /dev/stdin /root/tether.token <<<\"tj1.…\"\n" +
+		Example: "  (umask 077; cat > /root/tether.token)   # paste the token, then Ctrl-D\n" +
 			"  edgecore join --cloud cloud.example.com:10002 --token-file /root/tether.token --node edge-1\n" +
 			"  " + TokenEnv + "=tj1.… edgecore join --cloud cloud.example.com:10002 --node edge-1",
 		Args: cobra.NoArgs,
