@@ -37,7 +37,7 @@ echo "run-local: join token for $NODE issued"
 
 joined=""
 for _ in $(seq 1 60); do
-  if "$BIN/edgecore" join --cloud "127.0.0.1:$JOIN_PORT" --token "$TOKEN" --node "$NODE" --data-dir "$DEV/$NODE" --force; then
+  if TETHER_JOIN_TOKEN="$TOKEN" "$BIN/edgecore" join --cloud "127.0.0.1:$JOIN_PORT" --node "$NODE" --data-dir "$DEV/$NODE" --force; then
     joined=1; break
   fi
   # Only a cloud that is not listening yet is worth retrying; the token is single-use.

@@ -35,6 +35,7 @@ import (
 	"github.com/tetheredge/tether/cloudcore/vm"
 	"github.com/tetheredge/tether/cloudcore/whitelist"
 	"github.com/tetheredge/tether/common/pki"
+	"github.com/tetheredge/tether/common/serve"
 	"github.com/tetheredge/tether/tunnel"
 )
 
@@ -81,8 +82,15 @@ type Config struct {
 	VMs VMConfig
 	// Logger defaults to a discard logger.
 	Logger *slog.Logger
-	// Registerer receives every component's metrics; may be nil.
+	// Registerer receives every component's metrics; may be nil. When it
+	// is also a prometheus.Gatherer (a *prometheus.Registry), the
+	// operations endpoint serves it on /metrics.
 	Registerer prometheus.Registerer
+	// MetricsAddr is the operations endpoint's TCP address (/metrics,
+	// /healthz, /livez, /readyz; common/serve), bound by New and released
+	// when Run returns. "" or "0": none. The cloudcore command defaults it
+	// to DefaultMetricsAddr.
+	MetricsAddr string
 }
 
 // VMConfig configures the VirtualMachine controller. Zero values run it
@@ -122,6 +130,8 @@ type App struct {
 	disp   *dispatch.Dispatcher
 	auto   *autonomy.Controller
 	vms    *vm.Controller // nil when disabled
+	ops    opsState
+	opsSrv *serve.Server // nil when MetricsAddr is off
 }
 
 // New builds CloudCore: it loads or creates the cluster CA (an API call)
@@ -247,7 +257,11 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &App{ca: ca, cat: cat, wl: wl, join: joinSvc, srv: srv, nodes: nodes, logger: logger, hub: h, disp: disp, auto: auto, vms: vms}, nil
+	a := &App{ca: ca, cat: cat, wl: wl, join: joinSvc, srv: srv, nodes: nodes, logger: logger, hub: h, disp: disp, auto: auto, vms: vms}
+	if a.opsSrv, err = a.newOps(cfg, logger); err != nil {
+		return nil, err
+	}
+	return a, nil
 }
 
 // rateLimited returns a copy of base whose clients allow qps requests per
@@ -327,6 +341,7 @@ func (a *App) Run(ctx context.Context) error {
 			return err
 		}
 		a.logger.Info("cloudcore ready")
+		a.ops.synced.Store(true)
 		return a.srv.Run(ctx)
 	})
 	g.Go(func() error {
@@ -340,6 +355,9 @@ func (a *App) Run(ctx context.Context) error {
 	})
 	if a.vms != nil {
 		g.Go(func() error { return a.vms.Run(ctx) })
+	}
+	if a.opsSrv != nil {
+		g.Go(func() error { return a.opsSrv.Run(ctx) })
 	}
 	err := g.Wait()
 	if errors.Is(err, context.Canceled) {

@@ -24,6 +24,7 @@ import (
 	cri "k8s.io/cri-api/pkg/apis"
 	remote "k8s.io/cri-client/pkg"
 
+	"github.com/tetheredge/tether/common/serve"
 	"github.com/tetheredge/tether/edgecore/certs"
 	"github.com/tetheredge/tether/edgecore/edgehub"
 	"github.com/tetheredge/tether/edgecore/nodestatus"
@@ -97,8 +98,12 @@ type Config struct {
 	WrapStore func(*store.Store) syncer.Store
 	// Logger defaults to a discard logger.
 	Logger *slog.Logger
-	// Registerer receives every component's metrics; may be nil.
+	// Registerer receives every component's metrics; may be nil. When it
+	// is also a prometheus.Gatherer, the operations endpoint serves it.
 	Registerer prometheus.Registerer
+	// MetricsAddr is the operations endpoint's TCP address (/metrics,
+	// /healthz, /livez, /readyz; ops.go), bound by New. "" or "0": none.
+	MetricsAddr string
 }
 
 // DBFile is the store's file name inside DataDir.
@@ -125,6 +130,7 @@ type App struct {
 	pods *pods.Manager
 	rt   cri.RuntimeService
 	img  cri.ImageManagerService
+	ops  *serve.Server // nil without MetricsAddr
 }
 
 // New opens the store and wires everything; Run starts it. Close releases
@@ -244,6 +250,9 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 			return nil, errors.Join(err, a.Close())
 		}
 	}
+	if a.ops, err = a.newOps(nsCfg.Runtime, a.rt != nil || a.viaShim); err != nil {
+		return nil, errors.Join(err, a.Close())
+	}
 	return a, nil
 }
 
@@ -348,6 +357,7 @@ func (a *App) Run(ctx context.Context) error {
 	g.Go(func() error { return a.reporter.Run(ctx) })
 	g.Go(func() error { return a.rotator.Run(ctx) })
 	g.Go(func() error { return a.hub.Run(ctx) })
+	g.Go(func() error { return a.runOps(ctx) })
 	if a.pods != nil {
 		cancel := a.st.Subscribe(a.pods.OnStoreChange)
 		defer cancel()
@@ -376,7 +386,8 @@ func (a *App) Run(ctx context.Context) error {
 	return err
 }
 
-// Close closes the CRI clients, the shim's backend and the store. Call it after Run has
+// Close closes the CRI clients, the shim's backend, the operations
+// listener (if Run never served it) and the store. Call it after Run has
 // returned.
 func (a *App) Close() error {
 	var errs []error
@@ -390,5 +401,5 @@ func (a *App) Close() error {
 	if a.cri != nil {
 		errs = append(errs, a.cri.close())
 	}
-	return errors.Join(append(errs, a.st.Close())...)
+	return errors.Join(append(errs, a.closeOps(), a.st.Close())...)
 }

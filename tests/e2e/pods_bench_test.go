@@ -462,7 +462,7 @@ func BenchmarkEdgeRSS(b *testing.B) {
 		benchEdgeRSS(b, h, c, cs, env.Namespace(b), func(dir string, id identity) *exec.Cmd {
 			return exec.Command(bin, "--cloud", "quic://"+c.addr, "--node", id.node, "--data-dir", dir,
 				"--tls-cert", filepath.Join(dir, "node.crt"), "--tls-key", filepath.Join(dir, "node.key"), "--ca", filepath.Join(dir, "ca.crt"),
-				"--cri-listen", criCfg.Listen, "--containerd", criCfg.Containerd, "--log-level", "warn")
+				"--cri-listen", criCfg.Listen, "--containerd", criCfg.Containerd, "--log-level", "warn", "--metrics-addr", "127.0.0.1:0")
 		})
 	})
 }

@@ -11,13 +11,13 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/cobra"
 	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/tetheredge/tether/cloudcore/app"
 	"github.com/tetheredge/tether/cloudcore/catalog"
 	"github.com/tetheredge/tether/cloudcore/onboard"
+	tetherserve "github.com/tetheredge/tether/common/serve"
 )
 
 func main() {
@@ -41,6 +41,7 @@ type serveFlags struct {
 	registerTaintKeys           []string
 	offlineAutonomy             time.Duration
 	vmController, vmLeaderElect bool
+	metricsAddr                 string
 }
 
 func newRootCommand() *cobra.Command {
@@ -74,6 +75,7 @@ func newRootCommand() *cobra.Command {
 	fl.DurationVar(&f.offlineAutonomy, "offline-autonomy", 24*time.Hour, "how long CloudCore keeps renewing the lease of a trusted edge node that lost its session, so it stays Ready and its pods are not evicted (0 disables)")
 	fl.BoolVar(&f.vmController, "vm-controller", true, "run the VirtualMachine controller (VMs -> pods with runtimeClassName tether-vm; needs the CRD and RuntimeClass from build/)")
 	fl.BoolVar(&f.vmLeaderElect, "vm-leader-elect", true, "run the VirtualMachine controller only while holding the Lease tether-vm-controller in the CA namespace, so several CloudCore replicas can run (false: only with one replica)")
+	fl.StringVar(&f.metricsAddr, "metrics-addr", app.DefaultMetricsAddr, "TCP address of /metrics, /healthz, /livez and /readyz (\"\" or 0 disables; local only by default)")
 	root.AddCommand(newAdminCommand())
 	return root
 }
@@ -97,6 +99,10 @@ func serve(ctx context.Context, f serveFlags) error {
 	if err != nil {
 		return fmt.Errorf("kubernetes client config: %w", err)
 	}
+	reg, err := tetherserve.NewRegistry()
+	if err != nil {
+		return err
+	}
 	a, err := app.New(ctx, app.Config{
 		Kubernetes:        restCfg,
 		QUICAddr:          f.quicAddr,
@@ -115,7 +121,8 @@ func serve(ctx context.Context, f serveFlags) error {
 		OfflineAutonomy:   f.offlineAutonomy,
 		VMs:               app.VMConfig{Disabled: !f.vmController, NoLeaderElection: !f.vmLeaderElect},
 		Logger:            logger,
-		Registerer:        prometheus.NewRegistry(),
+		Registerer:        reg,
+		MetricsAddr:       f.metricsAddr,
 	})
 	if err != nil {
 		return err

@@ -16,9 +16,9 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/cobra"
 
+	"github.com/tetheredge/tether/common/serve"
 	"github.com/tetheredge/tether/edgecore/app"
 	edgejoin "github.com/tetheredge/tether/edgecore/join"
 	"github.com/tetheredge/tether/edgecore/nodestatus"
@@ -41,6 +41,7 @@ type flags struct {
 	runtime         string
 	criListen       string
 	containerd      string
+	metricsAddr     string
 	vm              vmFlags
 	pool            poolFlags
 }
@@ -69,6 +70,7 @@ func newRootCommand() *cobra.Command {
 	fl.StringVar(&f.criListen, "cri-listen", "", "serve EdgeCore's CRI shim on this unix socket, in front of --containerd (empty: no shim)")
 	fl.StringVar(&f.containerd, "containerd", app.DefaultContainerd, "containerd's CRI endpoint, behind the shim")
 	fl.StringVar(&f.dataDir, "data-dir", "/var/lib/tether/edgecore", "directory of the node's state: SQLite store and its identity (node.pem: key and certificate, ca.crt), from edgecore join or renewals")
+	fl.StringVar(&f.metricsAddr, "metrics-addr", app.DefaultMetricsAddr, "TCP address of /metrics, /healthz, /livez and /readyz (\"\" or 0 disables; local only by default)")
 	addVMFlags(fl, &f.vm)
 	addPoolFlags(fl, &f.pool)
 	root.AddCommand(newJoinCommand(), newCRICommand(), newVMImageCommand())
@@ -117,11 +119,15 @@ func appConfig(f flags, logger *slog.Logger) (app.Config, error) {
 	if err != nil {
 		return app.Config{}, err
 	}
+	reg, err := serve.NewRegistry()
+	if err != nil {
+		return app.Config{}, err
+	}
 	// Renewals are stored in --data-dir, also with --tls-cert: the files
 	// named by flags are the operator's.
 	return app.Config{
 		Cloud: f.cloud, Node: f.node, Certificate: pair, CA: caCert, IdentityDir: f.dataDir, DataDir: f.dataDir,
-		KeepAlive: f.keepAlive, DeadPeerTimeout: f.dead, Logger: logger, Registerer: prometheus.NewRegistry(),
+		KeepAlive: f.keepAlive, DeadPeerTimeout: f.dead, Logger: logger, Registerer: reg, MetricsAddr: f.metricsAddr,
 		// The node is Ready only when its container runtime answers; with
 		// none it is NotReady, ContainerRuntimeUnreachable: nothing can
 		// run on it.
