@@ -21,6 +21,19 @@ import (
 func TestIdleSessionHoldsOnlyItsReaders(t *testing.T) {
 	ca := newTestCA(t)
 	srv := startServer(t, ca, echo, nil)
+	// The server starts its accept loops asynchronously, and a transport's
+	// first session may start more of its own: one session on each, closed
+	// again, and a count that has stopped moving, before anything is
+	// counted.
+	for _, tr := range []Transport{TransportQUIC, TransportWebSocket} {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		sess, err := newTestClient(t, ca, "edge-0", srv.addr(tr)).Dial(ctx)
+		cancel()
+		require.NoError(t, err)
+		requireSessionEchoes(t, sess)
+		require.NoError(t, sess.Close("warm-up"))
+	}
+	stableTunnelGoroutines()
 	for _, tc := range []struct {
 		tr   Transport
 		want int
@@ -51,6 +64,18 @@ func settleTunnelGoroutines(limit int) int {
 		time.Sleep(10 * time.Millisecond) // polling interval, as in require.Eventually
 	}
 	return n
+}
+
+// stableTunnelGoroutines waits, up to 30 s, until tunnelGoroutines has
+// not changed for half a second.
+func stableTunnelGoroutines() {
+	n, since := tunnelGoroutines(), time.Now()
+	for deadline := time.Now().Add(30 * time.Second); time.Since(since) < 500*time.Millisecond && time.Now().Before(deadline); {
+		time.Sleep(10 * time.Millisecond) // polling interval, as in require.Eventually
+		if m := tunnelGoroutines(); m != n {
+			n, since = m, time.Now()
+		}
+	}
 }
 
 // tunnelGoroutines counts the goroutines with a function of this package
