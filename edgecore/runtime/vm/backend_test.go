@@ -30,6 +30,7 @@ import (
 	"github.com/tetheredge/tether/edgecore/runtime/vm"
 	"github.com/tetheredge/tether/edgecore/store"
 	ctrdhost "github.com/tetheredge/tether/tests/containerd"
+	"github.com/tetheredge/tether/tests/hugepages"
 	"github.com/tetheredge/tether/tests/promtest"
 	"github.com/tetheredge/tether/tests/testlog"
 	"github.com/tetheredge/tether/tests/vmguest"
@@ -439,22 +440,6 @@ func readInt(t *testing.T, path string) int64 {
 	return n
 }
 
-// hugepagesFree is HugePages_Free of /proc/meminfo (2 MiB pages).
-func hugepagesFree(t *testing.T) int64 {
-	t.Helper()
-	data, err := os.ReadFile("/proc/meminfo")
-	require.NoError(t, err)
-	for line := range strings.SplitSeq(string(data), "\n") {
-		if v, ok := strings.CutPrefix(line, "HugePages_Free:"); ok {
-			n, err := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
-			require.NoError(t, err)
-			return n
-		}
-	}
-	t.Fatal("no HugePages_Free in /proc/meminfo")
-	return 0
-}
-
 // Without a resource pool, a VM's hugepages come from the configured
 // hugetlbfs mount and are accounted in the allocation table against the
 // kernel's page count: the guest's RAM really is hugepages (HugePages_Free
@@ -478,14 +463,14 @@ func TestHugepagesWithoutPool(t *testing.T) {
 	e.cfg.HugepageDirs = map[string]string{"2Mi": mnt}
 	b := e.backend()
 	ctx := t.Context()
-	free := hugepagesFree(t)
+	free := hugepages.Free(t)
 	sb, id, _ := e.startVM(b, "huge", map[string]string{vm.AnnotationHugepageSize: "2Mi"})
 	rows, err := e.st.Allocations().Kind(ctx, "hugepages-2Mi")
 	require.NoError(t, err)
 	require.Len(t, rows, 1)
 	require.Equal(t, sb, rows[0].Owner)
 	require.Equal(t, int64(128<<20), rows[0].Amount)
-	require.LessOrEqual(t, hugepagesFree(t), free-64, "the guest's RAM is hugepages (prealloc)")
+	require.LessOrEqual(t, hugepages.Free(t), free-64, "the guest's RAM is hugepages (prealloc)")
 
 	total := readInt(t, nrHugepages) * 2 << 20
 	tooBig := map[string]string{vm.AnnotationHugepageSize: "2Mi",
@@ -502,7 +487,7 @@ func TestHugepagesWithoutPool(t *testing.T) {
 	require.NoError(t, err)
 	require.Len(t, rows, 1)
 	require.Zero(t, rows[0].Amount, "a stopped sandbox holds no hugepages")
-	require.Eventually(t, func() bool { return hugepagesFree(t) >= free }, 10*time.Second, 20*time.Millisecond,
+	require.Eventually(t, func() bool { return hugepages.Free(t) >= free }, 10*time.Second, 20*time.Millisecond,
 		"the pages come back")
 	require.NoError(t, b.RemovePodSandbox(ctx, sb))
 	all, err := e.st.Allocations().Kind(ctx, "")
