@@ -73,9 +73,12 @@ func (l *loop) run(ctx context.Context, msgs <-chan *message.Message) error {
 }
 
 // do runs actions in order; the machine's answer to one runs before the
-// rest.
+// rest. The metrics catch up with the machine before each action, so
+// that whatever the action makes visible (an ack the cloud reads, an
+// outbox row gone) is never ahead of the counters.
 func (l *loop) do(ctx context.Context, acts []Action) error {
 	for len(acts) > 0 {
+		l.count()
 		more, err := l.exec(ctx, acts[0])
 		if err != nil {
 			return err
