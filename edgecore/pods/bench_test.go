@@ -152,47 +152,11 @@ func (e *benchEnv) round(prefix string, n int, together bool) []time.Duration {
 }
 
 // alone runs n pods of the same sandbox and container straight to
-// containerd (RunPodSandbox, CreateContainer, StartContainer), one after
-// the other or all at once, and returns each one's time; then removes them.
+// containerd (the shared baseline, tests/containerd.Host.RunAlone) and
+// returns each one's time.
 func (e *benchEnv) alone(prefix string, n int, together bool) []time.Duration {
-	out := make([]time.Duration, n)
-	ids := make([]string, n)
-	one := func(i int) error {
-		name := fmt.Sprintf("%s-%d", prefix, i)
-		sb := e.h.PodSandboxConfig(name, true)
-		c := e.h.BusyboxContainer(name, "sleep", "3600")
-		t0 := time.Now()
-		id, err := e.h.Runtime.RunPodSandbox(e.ctx, sb, "")
-		if err != nil {
-			return err
-		}
-		ids[i] = id
-		ctr, err := e.h.Runtime.CreateContainer(e.ctx, id, c, sb)
-		if err != nil {
-			return err
-		}
-		if err := e.h.Runtime.StartContainer(e.ctx, ctr); err != nil {
-			return err
-		}
-		out[i] = time.Since(t0)
-		return nil
-	}
-	errs := make([]error, n)
-	var wg sync.WaitGroup
-	for i := range n {
-		if !together {
-			errs[i] = one(i)
-			continue
-		}
-		wg.Add(1)
-		go func() { defer wg.Done(); errs[i] = one(i) }()
-	}
-	wg.Wait()
-	for i, err := range errs {
-		require.NoError(e.b, err)
-		require.NoError(e.b, e.h.Runtime.StopPodSandbox(e.ctx, ids[i]))
-		require.NoError(e.b, e.h.Runtime.RemovePodSandbox(e.ctx, ids[i]))
-	}
+	out, err := e.h.RunAlone(e.ctx, e.h.Runtime, prefix, n, together)
+	require.NoError(e.b, err)
 	return out
 }
 
