@@ -529,7 +529,12 @@ func watchOffline(t *testing.T, cs kubernetes.Interface, ns, node, pod string) *
 	})
 	require.NoError(t, err)
 	_, err = events.Core().V1().Events().Informer().AddEventHandler(on(func(obj any) {
-		if e, ok := obj.(*corev1.Event); ok && e.Reason == evictionReason {
+		// The taint eviction controller gives one reason to two events:
+		// "Marking for deletion Pod ..." and "Cancelling deletion of Pod
+		// ...". Only the first is an eviction; the second also follows a
+		// not-ready taint a Node carries for a moment while it registers
+		// (the informer lists the namespace's earlier events too).
+		if e, ok := obj.(*corev1.Event); ok && e.Reason == evictionReason && strings.HasPrefix(e.Message, "Marking for deletion") {
 			w.mu.Lock()
 			w.evictions[e.InvolvedObject.Name] = true
 			w.mu.Unlock()
