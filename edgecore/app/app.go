@@ -288,11 +288,15 @@ func (a *App) newPool(nsCfg *nodestatus.Config) error {
 func (a *App) Pool() *resources.Pool { return a.pool }
 
 // connectCRI connects the CRI clients of the runtime the pod manager
-// drives (and node status asks whether it is ready).
+// drives (and node status asks whether it is ready), once the runtime
+// answered on a connection of its own (runtimeAnswers).
 func (a *App) connectCRI(ctx context.Context) error {
 	timeout := a.cfg.CRITimeout
 	if timeout <= 0 {
 		timeout = 2 * time.Minute
+	}
+	if err := a.runtimeAnswers(ctx); err != nil {
+		return err
 	}
 	rt, err := remote.NewRemoteRuntimeService(ctx, a.cfg.CRIEndpoint, timeout, nil, false)
 	if err != nil {

@@ -4,12 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
-	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 
 	"github.com/tetheredge/tether/edgecore/cri"
 	"github.com/tetheredge/tether/edgecore/nodestatus"
@@ -76,19 +76,13 @@ func (s shimEvents) pump(ctx context.Context, src <-chan cri.Event) error {
 // serves (retrying while its socket comes up), builds the pod manager and
 // tells node status about the runtime.
 //
-// Each attempt first asks the shim's Version on a connection of its own,
-// which it closes, and connects cri-client only once that answered:
-// cri-client's constructors check the runtime with a Version call too,
-// but a failed check leaks the gRPC connection they made (it is neither
-// returned nor closed), and this loop retries until the shim and
-// containerd answer.
+// Each attempt asks the shim's Version on a connection of its own before
+// cri-client connects (connectCRI), so retrying until the shim and
+// containerd answer leaks nothing.
 func (a *App) connectViaShim(ctx context.Context) error {
 	delay := 20 * time.Millisecond
 	for {
-		err := a.shimAnswers(ctx)
-		if err == nil {
-			err = a.connectCRI(ctx)
-		}
+		err := a.connectCRI(ctx)
 		if err == nil {
 			break
 		}
@@ -114,18 +108,21 @@ func (a *App) connectViaShim(ctx context.Context) error {
 	return nil
 }
 
-// shimAnswers asks the in-process shim for its Version over its socket,
-// within a second, on a connection it closes again.
-func (a *App) shimAnswers(ctx context.Context) error {
-	conn, err := grpc.NewClient("unix://"+a.cfg.CRI.Listen, grpc.WithTransportCredentials(insecure.NewCredentials()))
+// runtimeAnswers asks the runtime at the CRI endpoint for its Version,
+// within a few seconds, on a connection it closes again (cri.AskVersion
+// says why).
+func (a *App) runtimeAnswers(ctx context.Context) error {
+	target := a.cfg.CRIEndpoint
+	if strings.HasPrefix(target, "/") {
+		target = "unix://" + target
+	}
+	conn, err := grpc.NewClient(target, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
-		return fmt.Errorf("dial cri shim: %w", err)
+		return fmt.Errorf("dial CRI runtime %s: %w", a.cfg.CRIEndpoint, err)
 	}
 	defer conn.Close()
-	ctx, cancel := context.WithTimeout(ctx, time.Second)
-	defer cancel()
-	if _, err := runtimeapi.NewRuntimeServiceClient(conn).Version(ctx, &runtimeapi.VersionRequest{}); err != nil {
-		return fmt.Errorf("ask cri shim for its version: %w", err)
+	if err := cri.AskVersion(ctx, conn, 5*time.Second); err != nil {
+		return fmt.Errorf("CRI runtime %s: %w", a.cfg.CRIEndpoint, err)
 	}
 	return nil
 }

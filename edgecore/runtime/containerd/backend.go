@@ -120,18 +120,24 @@ func New(ctx context.Context, cfg Config) (*Backend, error) {
 			}
 		}
 	}
+	// The events connection asks containerd for its version first, so
+	// that cri-client connects only to a containerd that answers (see
+	// cri.AskVersion).
+	conn, err := grpc.NewClient(socketTarget(cfg.Endpoint), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return nil, fmt.Errorf("connect containerd events service: %w", err)
+	}
+	if err := cri.AskVersion(ctx, conn, min(cfg.Timeout, 10*time.Second)); err != nil {
+		return nil, errors.Join(fmt.Errorf("containerd at %s: %w", cfg.Endpoint, err), conn.Close())
+	}
 	ctx = klog.NewContext(ctx, logr.Discard()) // cri-client logs through klog
 	rt, err := remote.NewRemoteRuntimeService(ctx, cfg.Endpoint, cfg.Timeout, nil, false)
 	if err != nil {
-		return nil, fmt.Errorf("connect containerd runtime service: %w", err)
+		return nil, errors.Join(fmt.Errorf("connect containerd runtime service: %w", err), conn.Close())
 	}
 	img, err := remote.NewRemoteImageService(ctx, cfg.Endpoint, cfg.Timeout, nil, false)
 	if err != nil {
-		return nil, errors.Join(fmt.Errorf("connect containerd image service: %w", err), rt.Close(ctx))
-	}
-	conn, err := grpc.NewClient(socketTarget(cfg.Endpoint), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		return nil, errors.Join(fmt.Errorf("connect containerd events service: %w", err), rt.Close(ctx), img.Close(ctx))
+		return nil, errors.Join(fmt.Errorf("connect containerd image service: %w", err), rt.Close(ctx), conn.Close())
 	}
 	return &Backend{
 		RuntimeService: rt, ImageManagerService: img,

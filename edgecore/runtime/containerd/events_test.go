@@ -23,11 +23,21 @@ import (
 )
 
 func TestMain(m *testing.M) {
-	// cri-client's constructors leak their gRPC connection (three
-	// CallbackSerializer goroutines) when their first Version call fails,
-	// as it can while a test's containerd is still starting; that leak is
-	// the library's (see edgecore/app's connectViaShim), not this package's.
-	goleak.VerifyTestMain(m, goleak.IgnoreTopFunction("google.golang.org/grpc/internal/grpcsync.(*CallbackSerializer).run"))
+	goleak.VerifyTestMain(m)
+}
+
+// TestNewLeaksNothingWhenContainerdIsAbsent: New against a socket nobody
+// serves fails, naming the endpoint, and leaves no gRPC goroutine behind
+// (cri-client's constructors would leak their connection on a failed
+// Version; New asks on its own connection first).
+func TestNewLeaksNothingWhenContainerdIsAbsent(t *testing.T) {
+	before := goleak.IgnoreCurrent()
+	sock := filepath.Join(t.TempDir(), "absent.sock")
+	for range 3 {
+		_, err := ctrd.New(t.Context(), ctrd.Config{Endpoint: "unix://" + sock, Timeout: time.Second})
+		require.ErrorContains(t, err, sock)
+	}
+	goleak.VerifyNone(t, before)
 }
 
 // runBackend starts a backend on endpoint with Run in the background; both
