@@ -98,6 +98,15 @@ func TestRBACLeastPrivilege(t *testing.T) {
 		}
 		t.Logf("step done: %s", name)
 	}
+	// eventually waits for cond, and fails at once, naming the requests,
+	// if the API server refuses CloudCore anything meanwhile.
+	eventually := func(cond func() bool, wait time.Duration, msg string) {
+		t.Helper()
+		require.Eventually(t, func() bool { return len(audit.refused()) > 0 || cond() }, wait, 50*time.Millisecond, msg)
+		if bad := audit.refused(); len(bad) > 0 {
+			t.Fatalf("waiting until %s: the API server refused CloudCore: %s", msg, strings.Join(bad, "; "))
+		}
+	}
 
 	c := startCloud(t, env.Config, cloudOptions{
 		kubernetes: sa, logger: slog.New(logs), vms: true, timings: testTimings,
@@ -120,17 +129,17 @@ func TestRBACLeastPrivilege(t *testing.T) {
 	e := startEdge(t, storedIdentity(t, c, node, dir), dir, c.addr, edgeOpts)
 	nodes := cs.CoreV1().Nodes()
 	t.Cleanup(func() { _ = nodes.Delete(context.Background(), node, metav1.DeleteOptions{}) })
-	require.Eventually(t, func() bool {
+	eventually(func() bool {
 		n, err := nodes.Get(ctx, node, metav1.GetOptions{})
 		cond := conditionOf(n, autonomy.ConditionType)
 		return err == nil && n.Labels["site"] == "rbac-1" && readyOf(n) == corev1.ConditionTrue &&
 			cond != nil && cond.Status == corev1.ConditionTrue
-	}, time.Minute, 50*time.Millisecond, "the edge registers its Node, Ready, and CloudCore marks it connected")
+	}, time.Minute, "the edge registers its Node, Ready, and CloudCore marks it connected")
 	leases := cs.CoordinationV1().Leases(corev1.NamespaceNodeLease)
-	require.Eventually(t, func() bool {
+	eventually(func() bool {
 		l, err := leases.Get(ctx, node, metav1.GetOptions{})
 		return err == nil && l.Spec.HolderIdentity != nil && *l.Spec.HolderIdentity == node
-	}, 30*time.Second, 50*time.Millisecond, "the edge's Lease is written")
+	}, 30*time.Second, "the edge's Lease is written")
 	step("connect: Node registered, Lease written, connected condition")
 
 	// Sync: a pod bound to the edge, with a ConfigMap and a Secret.
@@ -161,10 +170,10 @@ func TestRBACLeastPrivilege(t *testing.T) {
 	}
 	waitVM := func(name string, ok func(*vm.VirtualMachine) bool, msg string) {
 		t.Helper()
-		require.Eventually(t, func() bool {
+		eventually(func() bool {
 			v, err := vms.Get(context.Background(), ns, name)
 			return err == nil && ok(v)
-		}, time.Minute, 50*time.Millisecond, msg)
+		}, time.Minute, msg)
 	}
 	for _, name := range []string{"vm-status", "vm-deleted"} {
 		waitVM(name, func(v *vm.VirtualMachine) bool {
@@ -175,33 +184,33 @@ func TestRBACLeastPrivilege(t *testing.T) {
 	deletedPod, err := cs.CoreV1().Pods(ns).Get(ctx, vm.PodName("vm-deleted"), metav1.GetOptions{})
 	require.NoError(t, err)
 	require.NoError(t, vms.Delete(ctx, ns, "vm-deleted"))
-	require.Eventually(t, func() bool {
+	eventually(func() bool {
 		p, err := cs.CoreV1().Pods(ns).Get(context.Background(), deletedPod.Name, metav1.GetOptions{})
 		return err == nil && p.DeletionTimestamp != nil
-	}, time.Minute, 50*time.Millisecond, "the VM controller deletes a deleted VM's pod (it waits for the edge)")
+	}, time.Minute, "the VM controller deletes a deleted VM's pod (it waits for the edge)")
 	step("vm controller")
 
 	// Renewal over the session at 80 % of the 12 s lifetime.
-	require.Eventually(t, func() bool {
+	eventually(func() bool {
 		return e.app.Certificate().SerialNumber.Text(16) != joined.Serial
-	}, time.Minute, 100*time.Millisecond, "the edge renews its certificate")
-	require.Eventually(t, func() bool {
+	}, time.Minute, "the edge renews its certificate")
+	eventually(func() bool {
 		en, err := c.nodes.Get(context.Background(), node)
 		return err == nil && en.Status.Certificate != nil && en.Status.Certificate.Serial == e.app.Certificate().SerialNumber.Text(16) &&
 			en.Status.Previous == nil && connected(c, node)
-	}, time.Minute, 50*time.Millisecond, "the renewed edge reconnects")
+	}, time.Minute, "the renewed edge reconnects")
 	step("renewal")
 
 	// Offline: CloudCore renews the Lease, conditions and taints the Node.
 	e.stop()
 	renewals := c.counter(t, "tether_autonomy_lease_renewals_total", nil)
-	require.Eventually(t, func() bool {
+	eventually(func() bool {
 		n, err := nodes.Get(context.Background(), node, metav1.GetOptions{})
 		cond := conditionOf(n, autonomy.ConditionType)
 		return err == nil && cond != nil && cond.Status == corev1.ConditionFalse &&
 			slices.ContainsFunc(n.Spec.Taints, func(tt corev1.Taint) bool { return tt.MatchTaint(&autonomy.TaintOffline) }) &&
 			c.poll("tether_autonomy_lease_renewals_total", nil) > renewals
-	}, time.Minute, 50*time.Millisecond, "CloudCore stands in for the offline edge")
+	}, time.Minute, "CloudCore stands in for the offline edge")
 	step("offline autonomy")
 
 	// Queued at the edge while offline: the sync pod's status, the status
@@ -218,30 +227,30 @@ func TestRBACLeastPrivilege(t *testing.T) {
 	_, err = c.nodes.Update(ctx, en)
 	require.NoError(t, err)
 	e = startEdge(t, storedIdentity(t, c, node, dir), dir, c.addr, edgeOpts)
-	require.Eventually(t, func() bool {
+	eventually(func() bool {
 		p, err := cs.CoreV1().Pods(ns).Get(context.Background(), "rbac-pod", metav1.GetOptions{})
 		return err == nil && p.Status.Phase == corev1.PodRunning
-	}, time.Minute, 50*time.Millisecond, "the queued pod status is written")
-	require.Eventually(t, func() bool {
+	}, time.Minute, "the queued pod status is written")
+	eventually(func() bool {
 		_, err := cs.CoreV1().Pods(ns).Get(context.Background(), deletedPod.Name, metav1.GetOptions{})
 		return err != nil && strings.Contains(err.Error(), "not found")
-	}, time.Minute, 50*time.Millisecond, "the edge finishes the VM pod's deletion")
+	}, time.Minute, "the edge finishes the VM pod's deletion")
 	waitVM("vm-status", func(v *vm.VirtualMachine) bool { return v.Status.Phase == vm.PhaseFailed }, "the VM's status follows its pod's")
-	require.Eventually(t, func() bool {
+	eventually(func() bool {
 		n, err := nodes.Get(context.Background(), node, metav1.GetOptions{})
 		cond := conditionOf(n, autonomy.ConditionType)
 		return err == nil && n.Labels["site"] == "rbac-2" && cond != nil && cond.Status == corev1.ConditionTrue &&
 			!slices.ContainsFunc(n.Spec.Taints, func(tt corev1.Taint) bool { return tt.MatchTaint(&autonomy.TaintOffline) })
-	}, time.Minute, 50*time.Millisecond, "back online: the Node is relabelled, connected and untainted")
+	}, time.Minute, "back online: the Node is relabelled, connected and untainted")
 	step("reconnect: queued writes, Node update")
 
 	// A stopped CloudCore releases the VM controller's Lease.
 	e.stop()
 	c.stop()
-	require.Eventually(t, func() bool {
+	eventually(func() bool {
 		l, err := cs.CoordinationV1().Leases(onboard.DefaultCANamespace).Get(context.Background(), vm.DefaultLeaseName, metav1.GetOptions{})
 		return err == nil && (l.Spec.HolderIdentity == nil || *l.Spec.HolderIdentity == "")
-	}, 30*time.Second, 50*time.Millisecond, "the stopped CloudCore releases the Lease")
+	}, 30*time.Second, "the stopped CloudCore releases the Lease")
 	step("stop")
 
 	if unused := roles.unused(audit.allowed()); len(unused) > 0 {
