@@ -22,6 +22,7 @@ import (
 	authenticationv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	"k8s.io/client-go/dynamic"
@@ -83,6 +84,14 @@ func TestRBACLeastPrivilege(t *testing.T) {
 	require.NoError(t, err)
 	sa := rest.AnonymousClientConfig(env.Config)
 	sa.BearerToken = tok.Status.Token
+	// The control: RBAC is on and the token is the ServiceAccount's, so
+	// what the roles do not grant is refused.
+	saClient, err := kubernetes.NewForConfig(sa)
+	require.NoError(t, err)
+	_, err = saClient.CoreV1().Namespaces().List(ctx, metav1.ListOptions{})
+	require.True(t, apierrors.IsForbidden(err), "CloudCore's ServiceAccount may not list namespaces: %v", err)
+	err = saClient.CoreV1().Nodes().Delete(ctx, "any", metav1.DeleteOptions{})
+	require.True(t, apierrors.IsForbidden(err), "CloudCore's ServiceAccount may not delete Nodes: %v", err)
 	audit := &apiAudit{}
 	sa.Wrap(audit.wrap)
 	logs := newForbiddenLogs(testlog.New().Handler())
@@ -233,7 +242,7 @@ func TestRBACLeastPrivilege(t *testing.T) {
 	}, time.Minute, "the queued pod status is written")
 	eventually(func() bool {
 		_, err := cs.CoreV1().Pods(ns).Get(context.Background(), deletedPod.Name, metav1.GetOptions{})
-		return err != nil && strings.Contains(err.Error(), "not found")
+		return apierrors.IsNotFound(err)
 	}, time.Minute, "the edge finishes the VM pod's deletion")
 	waitVM("vm-status", func(v *vm.VirtualMachine) bool { return v.Status.Phase == vm.PhaseFailed }, "the VM's status follows its pod's")
 	eventually(func() bool {
