@@ -1,9 +1,9 @@
 // Package deploy holds Tether's deployment manifests (RBAC, the EdgeCore
-// systemd unit, the Grafana dashboard) and tests of what can be checked
-// of them without a cluster: this systemd unit. The manifests that need
-// an API server or both daemons are tested in tests/e2e
-// (TestRBACLeastPrivilege, TestMetricsDocumented, TestGrafanaDashboard).
-// It has no Go code of its own.
+// systemd unit, the Grafana dashboard) and the test of what can be
+// checked of them without a cluster: the systemd unit. The manifests that
+// need an API server or both daemons are tested in tests/e2e
+// (TestRBACLeastPrivilege, TestOpsReference). It has no Go code of its
+// own.
 package deploy
 
 import (
