@@ -41,12 +41,12 @@ lint: $(GOLANGCI)
 testbin: check-env
 	bash build/testbin/build.sh
 
-## runtime-deps: containerd, runc, the CNI plugins, busybox-static (and iproute2), QEMU and the guest kernel from apt, when missing
+## runtime-deps: containerd, runc, the CNI plugins, busybox-static (and iproute2, and systemd for systemd-analyze), QEMU and the guest kernel from apt, when missing
 # Idempotent and silent when everything is present. The tests start containerd
 # themselves (tests/containerd), so a system containerd the package may have
 # started is stopped and disabled. See docs/testing.md. qemu-system-x86,
 # qemu-utils and linux-image-cloud-amd64 are for the VM tests (docs/runtime.md, "QEMU").
-RUNTIME_PKGS := containerd runc containernetworking-plugins busybox-static iproute2 \
+RUNTIME_PKGS := containerd runc containernetworking-plugins busybox-static iproute2 systemd \
 	qemu-system-x86 qemu-utils linux-image-cloud-amd64
 runtime-deps:
 	@missing=""; for p in $(RUNTIME_PKGS); do \

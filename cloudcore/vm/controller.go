@@ -90,6 +90,7 @@ type Controller struct {
 	statusWrite prometheus.Counter
 	badInput    *prometheus.CounterVec
 	leader      prometheus.Gauge
+	phases      *phaseCollector
 }
 
 // New returns a controller that writes pods through kube and
@@ -140,9 +141,10 @@ func New(kube kubernetes.Interface, dyn dynamic.Interface, cfg Config) (*Control
 		leader: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "tether_vm_controller_leader", Help: "1 while this CloudCore's VM controller is the leader and acts.",
 		}),
+		phases: newPhaseCollector(),
 	}
 	if cfg.Registerer != nil {
-		for _, m := range []prometheus.Collector{c.syncs, c.podWrites, c.statusWrite, c.badInput, c.leader} {
+		for _, m := range []prometheus.Collector{c.syncs, c.podWrites, c.statusWrite, c.badInput, c.leader, c.phases} {
 			if err := cfg.Registerer.Register(m); err != nil {
 				return nil, fmt.Errorf("register vm controller metrics: %w", err)
 			}
@@ -186,6 +188,8 @@ func (c *Controller) lead(ctx context.Context) error {
 	vmf := dynamicinformer.NewFilteredDynamicSharedInformerFactory(c.dyn, c.cfg.Resync, namespaceOrAll(c.cfg.Namespace), nil)
 	vmInf := vmf.ForResource(GVR)
 	t.vmLst = vmInf.Lister()
+	c.phases.set(t.vmLst)
+	defer c.phases.set(nil)
 	podf := informers.NewSharedInformerFactoryWithOptions(c.kube, c.cfg.Resync,
 		informers.WithNamespace(namespaceOrAll(c.cfg.Namespace)),
 		informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.LabelSelector = LabelName }))

@@ -178,6 +178,12 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 	if err != nil {
 		return nil, err
 	}
+	if cfg.Registerer != nil {
+		// The store's size and commit latency, the certificate's expiry.
+		if err := errors.Join(st.Register(cfg.Registerer), holder.Register(cfg.Registerer)); err != nil {
+			return nil, errors.Join(err, st.Close())
+		}
+	}
 	var sst syncer.Store = st
 	if cfg.WrapStore != nil {
 		sst = cfg.WrapStore(st)

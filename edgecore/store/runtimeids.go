@@ -171,5 +171,5 @@ func (s *Store) inTxNormal(ctx context.Context, fn func(tx *sql.Tx) error) (err 
 	if _, err := conn.ExecContext(ctx, "PRAGMA synchronous = NORMAL"); err != nil {
 		return fmt.Errorf("set synchronous=NORMAL: %w", err)
 	}
-	return txOn(ctx, conn, fn)
+	return s.txOn(ctx, conn, fn)
 }

@@ -30,6 +30,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"time"
 
 	"github.com/mattn/go-sqlite3"
 
@@ -84,6 +85,8 @@ type Store struct {
 	subsMu sync.Mutex
 	subs   map[uint64]func([]objsync.Key)
 	subSeq uint64
+
+	metrics metrics // see Register
 }
 
 // Open opens the store in the file at path, creating the file if it does
@@ -135,7 +138,7 @@ func Open(ctx context.Context, path string, logger *slog.Logger) (*Store, error)
 	}
 
 	logger.Info("store opened", "path", abs, "schema_version", version)
-	return &Store{path: abs, logger: logger, w: w, r: r}, nil
+	return &Store{path: abs, logger: logger, w: w, r: r, metrics: newMetrics(abs)}, nil
 }
 
 // Close closes the store's connections, waiting for running queries to
@@ -259,12 +262,12 @@ func (c connector) Driver() driver.Driver { return c.drv }
 // inTx runs fn in a write transaction (BEGIN IMMEDIATE) and commits it if fn
 // returns nil; otherwise it rolls back and returns fn's error.
 func (s *Store) inTx(ctx context.Context, fn func(tx *sql.Tx) error) error {
-	return txOn(ctx, s.w, fn)
+	return s.txOn(ctx, s.w, fn)
 }
 
 // txOn runs fn in a transaction begun on db (the writer pool, or one
-// connection of it) and commits it if fn returns nil.
-func txOn(ctx context.Context, db interface {
+// connection of it) and commits it if fn returns nil, timing the commit.
+func (s *Store) txOn(ctx context.Context, db interface {
 	BeginTx(context.Context, *sql.TxOptions) (*sql.Tx, error)
 }, fn func(tx *sql.Tx) error) error {
 	tx, err := db.BeginTx(ctx, nil)
@@ -277,9 +280,11 @@ func txOn(ctx context.Context, db interface {
 		_ = tx.Rollback()
 		return err
 	}
+	start := time.Now()
 	if err := tx.Commit(); err != nil {
 		return fmt.Errorf("commit: %w", err)
 	}
+	s.metrics.observeCommit(start)
 	return nil
 }
 

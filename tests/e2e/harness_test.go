@@ -6,6 +6,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"fmt"
+	"log/slog"
 	"math"
 	"net/http"
 	"os"
@@ -151,6 +152,12 @@ type cloudOptions struct {
 	// VMs: its Lease renewals are reads the request counter must not see;
 	// cloudcore/vm tests it on its own).
 	vms bool
+	// kubernetes is the config CloudCore runs with (the RBAC test's
+	// ServiceAccount); nil: the cfg given to startCloud. The harness's own
+	// EdgeNode client always uses cfg.
+	kubernetes *rest.Config
+	// logger is CloudCore's logger; nil: testlog.New().
+	logger *slog.Logger
 }
 
 // cloud is an in-process CloudCore with its API requests counted.
@@ -174,7 +181,14 @@ func startCloud(tb testing.TB, cfg *rest.Config, o cloudOptions) *cloud {
 		o.quicAddr = "127.0.0.1:0"
 	}
 	rc := &requestCounter{}
-	counted := rest.CopyConfig(cfg)
+	run, logger := cfg, o.logger
+	if o.kubernetes != nil {
+		run = o.kubernetes
+	}
+	if logger == nil {
+		logger = testlog.New()
+	}
+	counted := rest.CopyConfig(run)
 	counted.QPS, counted.Burst = 1000, 1000
 	counted.Wrap(func(rt http.RoundTripper) http.RoundTripper { return countingTransport{counts: rc, next: rt} })
 	admin := rest.CopyConfig(cfg)
@@ -191,7 +205,7 @@ func startCloud(tb testing.TB, cfg *rest.Config, o cloudOptions) *cloud {
 	a, err := cloudapp.New(ctx, cloudapp.Config{
 		Kubernetes: counted, QUICAddr: o.quicAddr, WebSocketAddr: wsAddr, JoinAddr: "127.0.0.1:0",
 		ServerSANs: []string{"127.0.0.1"}, CertValidity: o.certValidity,
-		KeepAlive: keepAlive, DeadPeerTimeout: deadPeer, OfflineAutonomy: o.offlineAutonomy, Logger: testlog.New(), Registerer: reg,
+		KeepAlive: keepAlive, DeadPeerTimeout: deadPeer, OfflineAutonomy: o.offlineAutonomy, Logger: logger, Registerer: reg,
 		VMs: cloudapp.VMConfig{Disabled: !o.vms},
 	})
 	if err != nil {

@@ -30,8 +30,9 @@ import (
 type Registry struct {
 	*prometheus.Registry
 
-	mu     sync.Mutex
-	labels map[string][]string // metric name -> label names, const and variable
+	mu         sync.Mutex
+	labels     map[string][]string // metric name -> label names, const and variable
+	collectors []prometheus.Collector
 }
 
 // NewRegistry returns an empty Registry.
@@ -56,7 +57,89 @@ func (r *Registry) Register(c prometheus.Collector) error {
 			r.labels[name] = labels
 		}
 	}
+	r.collectors = append(r.collectors, c)
 	return nil
+}
+
+// Metric is one metric registered with a Registry.
+type Metric struct {
+	Name string
+	// Type is counter, gauge, histogram, summary or untyped.
+	Type string
+	// Labels are its label names, const and variable, sorted.
+	Labels []string
+}
+
+// Metrics returns every metric registered so far, sorted by name, with
+// its type: that of its vector, or of what it collects now (a metric
+// that collects nothing and is no vector is "untyped").
+func (r *Registry) Metrics() []Metric {
+	r.mu.Lock()
+	cs := slices.Clone(r.collectors)
+	r.mu.Unlock()
+	types := map[string]string{}
+	for _, c := range cs {
+		vecType := ""
+		switch c.(type) {
+		case *prometheus.CounterVec:
+			vecType = "counter"
+		case *prometheus.GaugeVec:
+			vecType = "gauge"
+		case *prometheus.HistogramVec:
+			vecType = "histogram"
+		case *prometheus.SummaryVec:
+			vecType = "summary"
+		}
+		descs := make(chan *prometheus.Desc)
+		go func() {
+			c.Describe(descs)
+			close(descs)
+		}()
+		for d := range descs {
+			if name, _, ok := parseDesc(d); ok {
+				types[name] = vecType
+			}
+		}
+		if vecType != "" {
+			continue
+		}
+		ms := make(chan prometheus.Metric)
+		go func() {
+			c.Collect(ms)
+			close(ms)
+		}()
+		for m := range ms {
+			var d dto.Metric
+			name, _, ok := parseDesc(m.Desc())
+			if !ok || m.Write(&d) != nil {
+				continue
+			}
+			switch {
+			case d.Counter != nil:
+				types[name] = "counter"
+			case d.Gauge != nil:
+				types[name] = "gauge"
+			case d.Histogram != nil:
+				types[name] = "histogram"
+			case d.Summary != nil:
+				types[name] = "summary"
+			}
+		}
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := make([]Metric, 0, len(r.labels))
+	for name, labels := range r.labels {
+		t := types[name]
+		if t == "" {
+			t = "untyped"
+		}
+		l := slices.Clone(labels)
+		slices.Sort(l)
+		out = append(out, Metric{Name: name, Type: t, Labels: l})
+	}
+	slices.SortFunc(out, func(a, b Metric) int { return strings.Compare(a.Name, b.Name) })
+	return out
 }
 
 // MustRegister registers each collector and panics on the first error.

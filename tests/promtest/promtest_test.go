@@ -98,3 +98,25 @@ type metrics struct {
 	bytes   *prometheus.CounterVec
 	resyncs prometheus.Counter
 }
+
+// Metrics lists every registered metric with its type and labels, a
+// vector without series included.
+func TestMetrics(t *testing.T) {
+	reg := NewRegistry()
+	for _, c := range []prometheus.Collector{
+		prometheus.NewCounterVec(prometheus.CounterOpts{Name: "e_sent_total", Help: "h", ConstLabels: prometheus.Labels{"side": "cloud"}}, []string{"kind"}),
+		prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "e_active", Help: "h"}, []string{"transport"}),
+		prometheus.NewHistogram(prometheus.HistogramOpts{Name: "e_seconds", Help: "h"}),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "e_running", Help: "h"}, func() float64 { return 1 }),
+		prometheus.NewCounter(prometheus.CounterOpts{Name: "e_resyncs_total", Help: "h"}),
+	} {
+		require.NoError(t, reg.Register(c))
+	}
+	require.Equal(t, []Metric{
+		{Name: "e_active", Type: "gauge", Labels: []string{"transport"}},
+		{Name: "e_resyncs_total", Type: "counter"},
+		{Name: "e_running", Type: "gauge"},
+		{Name: "e_seconds", Type: "histogram"},
+		{Name: "e_sent_total", Type: "counter", Labels: []string{"kind", "side"}},
+	}, reg.Metrics())
+}
