@@ -24,6 +24,9 @@ import (
 	"os/signal"
 	"path/filepath"
 	"syscall"
+
+	"github.com/go-logr/logr"
+	crlog "sigs.k8s.io/controller-runtime/pkg/log"
 )
 
 // childEnv marks the quickstart process that does the work; see main.
@@ -57,6 +60,9 @@ func main() {
 	if os.Getenv(childEnv) == "" {
 		os.Exit(parent())
 	}
+	// envtest (inside tests/controlplane) logs through controller-runtime's
+	// global logger; the quickstart prints its own progress.
+	crlog.SetLogger(logr.Discard())
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	go func() {
 		<-ctx.Done()

@@ -396,7 +396,8 @@ func (q *quickstart) samples(ctx context.Context) error {
 			NodeName: q.cfg.Node,
 			Containers: []corev1.Container{{
 				Name: "hello", Image: images.BusyboxRef, ImagePullPolicy: corev1.PullNever,
-				Command: []string{"sh", "-c", "echo hello from the edge; exec sleep 2147483647"},
+				// It stops at once on SIGTERM, as a pid 1 shell would not.
+				Command: []string{"sh", "-c", "echo hello from the edge; trap 'exit 0' TERM; while true; do sleep 1; done"},
 			}},
 		},
 	}
@@ -455,7 +456,6 @@ func (q *quickstart) printNext() {
 		"The system is running. Try:",
 		"  " + k + " get nodes,pods,vm,edgenodes -o wide",
 		"  " + k + " describe vm " + sampleVM,
-		"  " + k + " logs " + samplePod,
 		"  " + k + " run hi --image " + images.BusyboxRef + " --image-pull-policy Never \\",
 		"      --overrides '{\"spec\":{\"nodeName\":\"" + q.cfg.Node + "\"}}' -- sh -c 'echo hi; sleep 3600'",
 		"  " + filepath.Join(q.cfg.Bin, "cloudcore") + " admin list --kubeconfig " + q.kubecfg,
@@ -504,9 +504,10 @@ func (q *quickstart) stop() error {
 	return errors.Join(errs...)
 }
 
-// drain deletes every VirtualMachine and every pod bound to the edge node
-// and waits until the pods are gone: the edge confirms each deletion once
-// it has stopped the pod.
+// drain deletes every VirtualMachine (the controller deletes its pod, and
+// the edge powers the guest down) and every other pod bound to the edge
+// node, with a grace period of one second, and waits until the pods are
+// gone: the edge confirms each deletion once it has stopped the pod.
 func (q *quickstart) drain() error {
 	q.say("deleting the VMs and the pods on %s; the edge stops them", q.cfg.Node)
 	ctx, cancel := context.WithTimeout(context.Background(), drainTimeout)
@@ -527,7 +528,10 @@ func (q *quickstart) drain() error {
 		return fmt.Errorf("list pods on %s: %w", q.cfg.Node, err)
 	}
 	for _, p := range pods.Items {
-		err := q.cs.CoreV1().Pods(p.Namespace).Delete(ctx, p.Name, metav1.DeleteOptions{})
+		if ownedByVM(&p) {
+			continue
+		}
+		err := q.cs.CoreV1().Pods(p.Namespace).Delete(ctx, p.Name, metav1.DeleteOptions{GracePeriodSeconds: new(int64(1))})
 		if err != nil && !apierrors.IsNotFound(err) {
 			return fmt.Errorf("delete pod %s/%s: %w", p.Namespace, p.Name, err)
 		}
@@ -550,4 +554,14 @@ func (q *quickstart) drain() error {
 		case <-tick.C:
 		}
 	}
+}
+
+// ownedByVM reports whether a VirtualMachine controls the pod.
+func ownedByVM(p *corev1.Pod) bool {
+	for _, o := range p.OwnerReferences {
+		if o.Kind == cloudvm.Kind && o.APIVersion == cloudvm.APIVersion {
+			return true
+		}
+	}
+	return false
 }

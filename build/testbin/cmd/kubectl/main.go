@@ -19,7 +19,7 @@ import (
 func main() {
 	// Upstream sets klog's verbosity from the arguments before the command
 	// is built, so that building it (plugins, .kuberc) logs at that level.
-	_ = logs.GlogSetter(cmd.GetLogVerbosity(os.Args))
+	_, _ = logs.GlogSetter(cmd.GetLogVerbosity(os.Args))
 	if err := cli.RunNoErrOutput(cmd.NewDefaultKubectlCommand()); err != nil {
 		util.CheckErr(err)
 	}
