@@ -222,7 +222,7 @@ func (q *quickstart) prepare() error {
 }
 
 func (q *quickstart) startControlPlane(ctx context.Context) error {
-	env, err := controlplane.New(controlplane.WithControllerManager(devControllerManager))
+	env, err := controlplane.New(controlplane.WithControllerManager(controlplane.DevControllerManager()))
 	if err != nil {
 		return err
 	}
@@ -250,22 +250,6 @@ func (q *quickstart) startControlPlane(ctx context.Context) error {
 		return fmt.Errorf("create the VM RuntimeClass: %w", err)
 	}
 	return nil
-}
-
-// devControllerManager is the development cluster's
-// kube-controller-manager: upstream's node lifecycle timers, and the
-// controllers a first user meets (Deployments, garbage collection of
-// owned objects, namespace deletion). There is no scheduler: pods name
-// their node (spec.nodeName), as the next commands show.
-var devControllerManager = controlplane.ControllerManager{
-	Controllers: []string{
-		"node-lifecycle-controller", "taint-eviction-controller",
-		"deployment-controller", "replicaset-controller",
-		"garbage-collector-controller", "namespace-controller",
-	},
-	NodeMonitorPeriod:      5 * time.Second,
-	NodeMonitorGracePeriod: 50 * time.Second,
-	TolerationSeconds:      300,
 }
 
 func (q *quickstart) startCloud(ctx context.Context) error {
