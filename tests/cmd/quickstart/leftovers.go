@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"errors"
 	"fmt"
@@ -13,6 +12,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/tetheredge/tether/tests/containerd"
 )
 
 // lockDir takes an exclusive flock on dir/.lock for the quickstart's life:
@@ -73,66 +74,15 @@ func killQEMUs(dir string) []int {
 	return pids
 }
 
-// mountsUnder returns the mount points below any of dirs, deepest first,
-// from /proc/self/mountinfo.
-func mountsUnder(dirs ...string) ([]string, error) {
-	f, err := os.Open("/proc/self/mountinfo")
-	if err != nil {
-		return nil, fmt.Errorf("read mountinfo: %w", err)
-	}
-	defer f.Close()
-	var out []string
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
-		if len(fields) < 5 {
-			continue
-		}
-		mp := unescapeMount(fields[4])
-		for _, d := range dirs {
-			if mp == d || strings.HasPrefix(mp, d+"/") {
-				out = append(out, mp)
-				break
-			}
-		}
-	}
-	if err := sc.Err(); err != nil {
-		return nil, fmt.Errorf("read mountinfo: %w", err)
-	}
-	for i, j := 0, len(out)-1; i < j; i, j = i+1, j-1 {
-		out[i], out[j] = out[j], out[i] // later mounts sit on earlier ones
-	}
-	return out, nil
-}
-
-// unescapeMount undoes mountinfo's octal escapes (\040 for a space).
-func unescapeMount(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) {
-			if v, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(v))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
-}
-
-// sweep removes what an orderly stop should not have left under dirs:
-// QEMUs in vmRunDir and mounts. It returns an error naming each, so a leak
-// is reported, never hidden.
-func sweep(vmRunDir string, dirs ...string) error {
+// sweep removes what an orderly stop should not have left: QEMUs in
+// vmRunDir and mounts under dir. It returns an error naming each, so a
+// leak is reported, never hidden.
+func sweep(vmRunDir, dir string) error {
 	var errs []error
 	if pids := killQEMUs(vmRunDir); len(pids) > 0 {
 		errs = append(errs, fmt.Errorf("killed QEMU %v left running in %s", pids, vmRunDir))
 	}
-	mounts, err := mountsUnder(dirs...)
+	mounts, err := containerd.Mounts(dir)
 	if err != nil {
 		return errors.Join(append(errs, err)...)
 	}

@@ -204,7 +204,7 @@ func (q *quickstart) prepare() error {
 	// The lock is ours: whatever a previous run left is stale (a killed
 	// quickstart's containerd host under tmp/ is reaped by
 	// tests/containerd when it starts the new one).
-	if err := sweep(q.vmRunDir, q.edgeDir, q.vmRunDir); err != nil {
+	if err := sweep(q.vmRunDir, q.cfg.Dir); err != nil {
 		q.say("cleaned up after a previous run: %v", err)
 	}
 	for _, d := range []string{q.edgeDir, q.vmRunDir, q.logDir} {

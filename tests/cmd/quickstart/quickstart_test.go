@@ -23,6 +23,7 @@ import (
 
 	cloudvm "github.com/tetheredge/tether/cloudcore/vm"
 	edgevm "github.com/tetheredge/tether/edgecore/runtime/vm"
+	"github.com/tetheredge/tether/tests/containerd"
 )
 
 // lines collects a process's output, line by line, for waiting on.
@@ -162,20 +163,28 @@ func TestQuickstart(t *testing.T) {
 	}
 	require.True(t, printed.has("stopped: nothing of the quickstart is left running or mounted"))
 	require.Empty(t, procsNaming(dir), "processes left running")
-	mounts, err := mountsUnder(dir)
+	mounts, err := containerd.Mounts(dir)
 	require.NoError(t, err)
 	require.Empty(t, mounts, "mounts left")
 }
 
-// freePort returns a loopback address whose TCP port was free a moment ago
-// (the tunnel uses it for UDP as well).
+// freePort returns a loopback address whose port was free a moment ago
+// for both TCP and UDP (the tunnel listens on both: WebSocket and QUIC).
 func freePort(t *testing.T) string {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	addr := l.Addr().String()
-	require.NoError(t, l.Close())
-	return addr
+	for range 100 {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		require.NoError(t, err)
+		addr := l.Addr().String()
+		u, err := net.ListenPacket("udp", addr)
+		require.NoError(t, l.Close())
+		if err == nil {
+			require.NoError(t, u.Close())
+			return addr
+		}
+	}
+	t.Fatal("no port free for both TCP and UDP in 100 tries")
+	return ""
 }
 
 // procsNaming returns the command lines of the processes that name a file
