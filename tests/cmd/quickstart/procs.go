@@ -55,7 +55,11 @@ func startDaemon(logDir, name, bin string, args ...string) (*daemon, error) {
 func (d *daemon) exited() error {
 	select {
 	case <-d.done:
-		return fmt.Errorf("%s exited: %v; last lines of %s:\n%s", d.name, d.err, d.log, tail(d.log, 20))
+		why := d.err
+		if why == nil {
+			why = errors.New("exit status 0")
+		}
+		return fmt.Errorf("%s exited: %w; last lines of %s:\n%s", d.name, why, d.log, tail(d.log, 20))
 	default:
 		return nil
 	}
