@@ -3,7 +3,6 @@ package main
 import (
 	"errors"
 	"fmt"
-	"os"
 	"sync"
 	"testing"
 
@@ -79,25 +78,15 @@ func (t *hostTB) cleanup() error {
 }
 
 // startHost starts a private containerd (with the CNI bridge, the pause
-// and busybox images imported) whose directory is under tmpDir. The
-// returned stop tears it down and returns anything it had to clean up by
-// force. tests/containerd creates its directory in os.TempDir(), which is
-// $TMPDIR: it is set to tmpDir for the call, so that a host left by a
-// quickstart that was killed is reaped by the next one (tests/containerd
-// reaps the hosts in os.TempDir() whose owner died).
-func startHost(tmpDir string, logf func(string, ...any)) (h *containerd.Host, stop func() error, err error) {
+// and busybox images imported). Its directory is tests/containerd's, in
+// os.TempDir() (/tmp/tether-ctrd-*: its socket path must stay short): a
+// host left by a quickstart that was killed is reaped by the next start of
+// any tests/containerd host, as a killed test binary's is. (Moving it
+// under the quickstart's directory by changing $TMPDIR would also move the
+// CNI slot locks that keep concurrent hosts' bridges apart.) The returned
+// stop tears it down and returns anything it had to clean up by force.
+func startHost(logf func(string, ...any)) (h *containerd.Host, stop func() error, err error) {
 	tb := &hostTB{logf: logf}
-	old, had := os.LookupEnv("TMPDIR")
-	if err := os.Setenv("TMPDIR", tmpDir); err != nil {
-		return nil, nil, fmt.Errorf("set TMPDIR: %w", err)
-	}
-	defer func() {
-		if had {
-			_ = os.Setenv("TMPDIR", old)
-		} else {
-			_ = os.Unsetenv("TMPDIR")
-		}
-	}()
 	defer func() {
 		if r := recover(); r != nil {
 			if r != errFatal { //nolint:errorlint // the sentinel itself, never wrapped

@@ -34,9 +34,10 @@ import (
 type Config struct {
 	// Root is the repository root: build/ and _output/ are under it.
 	Root string
-	// Dir holds everything of this run: kubeconfig, logs/, the edge's data
-	// directory, containerd's directory (tmp/), the VMs' run directory
-	// (vm/). It is emptied of a previous run's state at start.
+	// Dir holds this run's kubeconfig, logs/, the edge's data directory
+	// and the VMs' run directory (vm/); containerd's directory is
+	// tests/containerd's, in /tmp. It is emptied of a previous run's state
+	// at start.
 	Dir string
 	// Bin holds cloudcore and edgecore; Kubectl is the kubectl printed in
 	// the next commands.
@@ -81,7 +82,6 @@ type quickstart struct {
 	logDir   string
 	edgeDir  string
 	vmRunDir string
-	tmpDir   string
 	kubecfg  string
 	cp       *controlplane.Env
 	cs       kubernetes.Interface
@@ -166,13 +166,13 @@ func (q *quickstart) start(ctx context.Context) error {
 	q.say("kubeconfig: %s", q.kubecfg)
 	err = q.step("starting a private containerd (building and importing the pause and busybox images)", func() error {
 		var err error
-		q.host, q.stopHost, err = startHost(q.tmpDir, func(format string, args ...any) { q.say("    "+format, args...) })
+		q.host, q.stopHost, err = startHost(func(format string, args ...any) { q.say("    "+format, args...) })
 		return err
 	})
 	if err != nil {
 		return err
 	}
-	q.say("containerd: %s (snapshotter %s, log %s)", q.host.Endpoint(), q.host.Snapshotter, q.host.LogPath())
+	q.say(milestoneContainerd+" %s (its directory, snapshotter %s, log %s)", q.host.Dir, q.host.Snapshotter, q.host.LogPath())
 	if err := q.startCloud(ctx); err != nil {
 		return err
 	}
@@ -188,6 +188,17 @@ func (q *quickstart) start(ctx context.Context) error {
 // prepare makes the run's directories and clears a previous run's state:
 // the control plane is new each time, so the edge joins again.
 func (q *quickstart) prepare() error {
+	if uid := os.Geteuid(); uid != 0 {
+		return fmt.Errorf("the quickstart runs containerd and QEMU and needs root; running as uid %d (sudo make run)", uid)
+	}
+	for _, b := range []string{"cloudcore", "edgecore"} {
+		if _, err := os.Stat(filepath.Join(q.cfg.Bin, b)); err != nil {
+			return fmt.Errorf("find %s in %s (make build): %w", b, q.cfg.Bin, err)
+		}
+	}
+	if _, err := os.Stat(q.cfg.Kubectl); err != nil {
+		q.say("warning: %s is missing (make kubectl); the printed commands need it", q.cfg.Kubectl)
+	}
 	if err := os.MkdirAll(q.cfg.Dir, 0o700); err != nil {
 		return fmt.Errorf("create %s: %w", q.cfg.Dir, err)
 	}
@@ -199,11 +210,10 @@ func (q *quickstart) prepare() error {
 	q.logDir = filepath.Join(q.cfg.Dir, "logs")
 	q.edgeDir = filepath.Join(q.cfg.Dir, q.cfg.Node)
 	q.vmRunDir = filepath.Join(q.cfg.Dir, "vm")
-	q.tmpDir = filepath.Join(q.cfg.Dir, "tmp")
 	q.kubecfg = filepath.Join(q.cfg.Dir, "kubeconfig")
 	// The lock is ours: whatever a previous run left is stale (a killed
-	// quickstart's containerd host under tmp/ is reaped by
-	// tests/containerd when it starts the new one).
+	// quickstart's containerd host is reaped by tests/containerd when it
+	// starts the new one).
 	if err := sweep(q.vmRunDir, q.cfg.Dir); err != nil {
 		q.say("cleaned up after a previous run: %v", err)
 	}
@@ -212,7 +222,7 @@ func (q *quickstart) prepare() error {
 			return fmt.Errorf("clear %s: %w", d, err)
 		}
 	}
-	for _, d := range []string{q.logDir, q.tmpDir, q.vmRunDir} {
+	for _, d := range []string{q.logDir, q.vmRunDir} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
 			return fmt.Errorf("create %s: %w", d, err)
 		}

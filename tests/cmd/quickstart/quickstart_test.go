@@ -52,6 +52,20 @@ func (l *lines) has(sub string) bool {
 	return false
 }
 
+// after returns the first word after sub in the first line holding it.
+func (l *lines) after(sub string) string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for _, s := range l.all {
+		if _, rest, ok := strings.Cut(s, sub); ok {
+			if f := strings.Fields(rest); len(f) > 0 {
+				return f[0]
+			}
+		}
+	}
+	return ""
+}
+
 func (l *lines) String() string {
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -65,7 +79,8 @@ func (l *lines) String() string {
 // VM booted), checks them in the API server, runs the printed kubectl
 // command, then presses Ctrl-C (SIGINT to the quickstart) and checks that
 // it stopped cleanly and left nothing running or mounted under its
-// directory, the VMs' run directory included.
+// directory (the VMs' run directory included) or its containerd's, and
+// that containerd's directory is gone.
 func TestQuickstart(t *testing.T) {
 	require.Equal(t, 0, os.Geteuid(), "the quickstart runs containerd and QEMU: run the test as root")
 	root, err := repoRoot()
@@ -126,6 +141,9 @@ func TestQuickstart(t *testing.T) {
 		require.True(t, printed.has(m), "the quickstart exited before printing %q", m)
 	}
 
+	ctrd := printed.after(milestoneContainerd)
+	require.True(t, strings.HasPrefix(ctrd, "/"), "the containerd directory is printed: %q", ctrd)
+
 	// What it printed holds in the API server.
 	kubeconfig := filepath.Join(dir, "kubeconfig")
 	cfg, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
@@ -162,10 +180,14 @@ func TestQuickstart(t *testing.T) {
 		t.Fatal("the quickstart did not stop within 10 minutes of SIGINT")
 	}
 	require.True(t, printed.has("stopped: nothing of the quickstart is left running or mounted"))
-	require.Empty(t, procsNaming(dir), "processes left running")
-	mounts, err := containerd.Mounts(dir)
-	require.NoError(t, err)
-	require.Empty(t, mounts, "mounts left")
+	for _, d := range []string{dir, ctrd} {
+		require.Empty(t, procsNaming(d), "processes left running")
+		mounts, err := containerd.Mounts(d)
+		require.NoError(t, err)
+		require.Empty(t, mounts, "mounts left")
+	}
+	_, err = os.Stat(ctrd)
+	require.ErrorIs(t, err, os.ErrNotExist, "containerd's directory is removed")
 }
 
 // freePort returns a loopback address whose port was free a moment ago

@@ -27,6 +27,9 @@ const (
 	milestonePodRunning = "pod %s/%s Running"
 	milestoneVMBooted   = "vm %s/%s booted"
 	milestoneAllUp      = "all up"
+	// milestoneContainerd is followed by the private containerd's
+	// directory.
+	milestoneContainerd = "containerd in"
 )
 
 // watchNode returns once the node is Ready, printing its registration.
