@@ -14,21 +14,24 @@ CRICTL_VERSION := v1.37.0
 CRICTL := $(TOOLS)/crictl-$(CRICTL_VERSION)
 TESTFLAGS ?= -race -count=1 -timeout 30m
 
-.PHONY: all build run test vet lint testbin tools check-env fuzz bench chaos clean runtime-deps guest
+.PHONY: all build run test vet lint testbin kubectl tools check-env fuzz bench chaos clean runtime-deps guest
 
 all: build
 
-## build: the cloudcore and edgecore binaries into _output/bin
+## build: the cloudcore and edgecore binaries (and the quickstart, devcluster) into _output/bin
 build: check-env
 	@mkdir -p $(BIN)
-	$(GO) build -o $(BIN)/ ./cloudcore/cmd/... ./edgecore/cmd/... ./tests/cmd/...
+	@start=$$(date +%s); echo ">> build: cloudcore, edgecore, quickstart, devcluster (go build)"; \
+	  $(GO) build -o $(BIN)/ ./cloudcore/cmd/... ./edgecore/cmd/... ./tests/cmd/...; \
+	  echo ">> build: done in $$(( $$(date +%s) - start ))s"
 
-## run: a local control plane, CloudCore and one EdgeCore connected over the tunnel (Ctrl-C stops)
-run: build testbin
-	bash build/run-local.sh
+## run: the quickstart (tests/cmd/quickstart, as root): control plane, CloudCore, a private
+## containerd, one joined EdgeCore, a pod and a VM; it stays up until Ctrl-C, which stops it all
+run: build testbin kubectl runtime-deps guest
+	$(BIN)/quickstart
 
 ## test: vet, lint and every test (race detector on), against a real control plane
-test: check-env testbin runtime-deps guest $(CRICTL) vet lint
+test: check-env testbin kubectl runtime-deps guest $(CRICTL) vet lint
 	$(GO) test $(TESTFLAGS) ./...
 
 vet: check-env
@@ -40,6 +43,10 @@ lint: $(GOLANGCI)
 ## testbin: kube-apiserver, kube-controller-manager and etcd built from Go modules into _output/testbin
 testbin: check-env
 	bash build/testbin/build.sh
+
+## kubectl: kubectl of the API server's version into _output/bin (the quickstart's test runs it)
+kubectl: check-env
+	bash build/testbin/build.sh kubectl
 
 ## runtime-deps: containerd, runc, the CNI plugins, busybox-static (and iproute2, and systemd for systemd-analyze), QEMU and the guest kernel from apt, when missing
 # Idempotent and silent when everything is present. The tests start containerd
@@ -68,7 +75,8 @@ runtime-deps:
 
 ## guest: the VM tests' guest (build/guest) into _output/guest; cached by content, about 1 s cold
 guest: check-env runtime-deps
-	@$(GO) run ./build/guest/cmd/mkguest -out $(OUTPUT)/guest >/dev/null
+	@start=$$(date +%s); $(GO) run ./build/guest/cmd/mkguest -out $(OUTPUT)/guest >/dev/null; \
+	  echo ">> guest: _output/guest ready in $$(( $$(date +%s) - start ))s"
 
 tools: $(GOLANGCI) $(CRICTL)
 

@@ -12,6 +12,13 @@
 # Usage (from anywhere, normally via `make testbin`):
 #   bash build/testbin/build.sh
 # Set TESTBIN_FORCE=1 to rebuild even when the stamp matches.
+#
+#   bash build/testbin/build.sh kubectl      (`make kubectl`)
+# builds kubectl from the k8s.io/kubectl that the pinned k8s.io/kubernetes
+# requires into <repo>/_output/bin/kubectl instead, with its own stamp
+# (_output/bin/.kubectl.stamp): the kubectl `make run` prints, of the API
+# server's own version (Debian's is v1.20). It shares most packages with
+# kube-apiserver, so after `make testbin` it is an incremental build.
 set -euo pipefail
 
 log() { printf 'testbin: %s\n' "$*"; }
@@ -23,8 +30,18 @@ fi
 
 script_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo_root="$(cd "${script_dir}/../.." && pwd)"
-out_dir="${repo_root}/_output/testbin"
-stamp_file="${out_dir}/.stamp"
+what="${1:-testbin}"
+case "${what}" in
+testbin)
+	out_dir="${repo_root}/_output/testbin"
+	stamp_file="${out_dir}/.stamp"
+	;;
+kubectl)
+	out_dir="${repo_root}/_output/bin"
+	stamp_file="${out_dir}/.kubectl.stamp"
+	;;
+*) die "unknown target ${what} (want testbin or kubectl)" ;;
+esac
 
 sha256() {
 	if command -v sha256sum >/dev/null 2>&1; then
@@ -40,11 +57,19 @@ cd "${script_dir}"
 
 # The stamp covers everything that decides what gets built: the pinned
 # versions (go.mod, go.sum), this script (flags) and the main packages.
-want_stamp="$(cat go.mod go.sum build.sh cmd/kube-apiserver/main.go cmd/kube-controller-manager/main.go cmd/etcd/main.go | sha256)"
+if [[ "${what}" == kubectl ]]; then
+	want_stamp="$(cat go.mod go.sum build.sh cmd/kubectl/main.go | sha256)"
+	bins=(kubectl)
+else
+	want_stamp="$(cat go.mod go.sum build.sh cmd/kube-apiserver/main.go cmd/kube-controller-manager/main.go cmd/etcd/main.go | sha256)"
+	bins=(kube-apiserver kube-controller-manager etcd)
+fi
 
-if [[ "${TESTBIN_FORCE:-0}" != 1 &&
-	-x "${out_dir}/kube-apiserver" && -x "${out_dir}/kube-controller-manager" &&
-	-x "${out_dir}/etcd" &&
+up_to_date=1
+for b in "${bins[@]}"; do
+	[[ -x "${out_dir}/${b}" ]] || up_to_date=0
+done
+if [[ "${TESTBIN_FORCE:-0}" != 1 && "${up_to_date}" == 1 &&
 	-f "${stamp_file}" && "$(cat "${stamp_file}")" == "${want_stamp}" ]]; then
 	log "up to date in ${out_dir} (stamp ${want_stamp:0:12}); nothing to do"
 	exit 0
@@ -67,7 +92,7 @@ etcd_version="$(go list -m -f '{{.Version}}' go.etcd.io/etcd/server/v3)"
 	die "k8s.io/kubernetes version ${k8s_version} is not a release version"
 k8s_major="${BASH_REMATCH[1]}"
 k8s_minor="${BASH_REMATCH[2]}"
-log "kube-apiserver and kube-controller-manager ${k8s_version}, etcd ${etcd_version}"
+log "kube-apiserver, kube-controller-manager and kubectl ${k8s_version}, etcd ${etcd_version}"
 
 # kube-apiserver and kube-controller-manager report their version from
 # component-base (and client-go for their user agent); without these they
@@ -91,6 +116,14 @@ build() {
 	mv -f "${out_dir}/.${name}.tmp" "${out_dir}/${name}"
 	log "built ${out_dir}/${name} in $((SECONDS - start))s"
 }
+
+if [[ "${what}" == kubectl ]]; then
+	build kubectl "${k8s_ldflags}"
+	"${out_dir}/kubectl" version --client | sed 's/^/testbin:   /'
+	printf '%s\n' "${want_stamp}" >"${stamp_file}"
+	log "done; wrote ${stamp_file}"
+	exit 0
+fi
 
 build etcd "${etcd_ldflags}"
 build kube-apiserver "${k8s_ldflags}"

@@ -190,6 +190,11 @@ func (h *Host) processes(owned []proc) []proc {
 	return left
 }
 
+// Mounts returns the mount points under dir, deepest first, from
+// /proc/self/mountinfo. tests/cmd/quickstart checks its own directory with
+// it.
+func Mounts(dir string) ([]string, error) { return mounts(dir) }
+
 // mounts returns the mount points under dir, deepest first.
 func mounts(dir string) ([]string, error) {
 	f, err := os.Open("/proc/self/mountinfo")

@@ -67,6 +67,26 @@ func WithControllerManager(cm ControllerManager) Option {
 	}
 }
 
+// DevControllerManager is the kube-controller-manager of the development
+// clusters (tests/cmd/devcluster, tests/cmd/quickstart): upstream's node
+// lifecycle timers and toleration seconds, and the controllers a first
+// user meets (Deployments and ReplicaSets, garbage collection of owned
+// objects, namespace deletion). It runs no scheduler and no service
+// account controllers (the apiserver runs without the ServiceAccount
+// admission plugin).
+func DevControllerManager() ControllerManager {
+	return ControllerManager{
+		Controllers: []string{
+			"node-lifecycle-controller", "taint-eviction-controller",
+			"deployment-controller", "replicaset-controller",
+			"garbage-collector-controller", "namespace-controller",
+		},
+		NodeMonitorPeriod:      5 * time.Second,
+		NodeMonitorGracePeriod: 50 * time.Second,
+		TolerationSeconds:      300,
+	}
+}
+
 // configureTolerations sets the apiserver's default toleration seconds
 // (the DefaultTolerationSeconds admission plugin, on by default).
 func (cm *ControllerManager) configureTolerations(s *envtest.APIServer) {

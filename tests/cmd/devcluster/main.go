@@ -1,6 +1,8 @@
-// Command devcluster runs a local Kubernetes control plane (the real etcd
-// and kube-apiserver from _output/testbin, through tests/controlplane) for
-// trying Tether on one machine, and writes its kubeconfig. It is for
+// Command devcluster runs a local Kubernetes control plane (the real etcd,
+// kube-apiserver and kube-controller-manager from _output/testbin, through
+// tests/controlplane, with build/crds installed) for trying Tether on one
+// machine, and writes its kubeconfig. `make run` (tests/cmd/quickstart)
+// starts the same control plane with everything else. It is for
 // development only: nothing persists after it stops.
 package main
 
@@ -28,7 +30,7 @@ func main() {
 func run(kubeconfig string) error {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	env, err := controlplane.New()
+	env, err := controlplane.New(controlplane.WithControllerManager(controlplane.DevControllerManager()))
 	if err != nil {
 		return err
 	}
@@ -39,7 +41,7 @@ func run(kubeconfig string) error {
 	if err := os.WriteFile(kubeconfig, env.KubeConfig, 0o600); err != nil {
 		return fmt.Errorf("write kubeconfig: %w", err)
 	}
-	fmt.Printf("devcluster: kube-apiserver at %s ready in %s; kubeconfig in %s\n", env.Config.Host, env.StartupTime.Round(1e6), kubeconfig)
+	fmt.Printf("devcluster: kube-apiserver at %s (with kube-controller-manager) ready in %s; kubeconfig in %s\n", env.Config.Host, env.StartupTime.Round(1e6), kubeconfig)
 	<-ctx.Done()
 	return nil
 }
