@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+
+	"github.com/tetheredge/tether/common/configfile"
 )
 
 func write(t *testing.T, body string) string {
@@ -96,23 +98,6 @@ func TestValidateNamesEveryField(t *testing.T) {
 // docs/operations.md holds the reference made from the fields' tags.
 // TETHER_UPDATE_DOCS=1 rewrites it.
 func TestReferenceInDocs(t *testing.T) {
-	checkDocs(t, filepath.Join("..", "..", "docs", "operations.md"), "cloudcore", Reference())
-}
-
-// checkDocs compares the text between the markers of daemon in path with
-// want.
-func checkDocs(t *testing.T, path, daemon, want string) {
-	t.Helper()
-	b, err := os.ReadFile(path)
-	require.NoError(t, err)
-	begin, end := "<!-- BEGIN "+daemon+" config reference -->\n", "<!-- END "+daemon+" config reference -->"
-	doc := string(b)
-	i, j := strings.Index(doc, begin), strings.Index(doc, end)
-	require.True(t, i >= 0 && j > i, "%s has no %q ... %q section", path, begin, end)
-	got := doc[i+len(begin) : j]
-	if os.Getenv("TETHER_UPDATE_DOCS") == "1" && got != want {
-		require.NoError(t, os.WriteFile(path, []byte(doc[:i+len(begin)]+want+doc[j:]), 0o644))
-		return
-	}
-	require.Equal(t, want, got, "the %s config reference in %s disagrees with the source: TETHER_UPDATE_DOCS=1 go test ./%s/config", daemon, path, daemon)
+	require.NoError(t, configfile.CheckSection(filepath.Join("..", "..", "docs", "operations.md"),
+		"cloudcore config reference", Reference(), os.Getenv("TETHER_UPDATE_DOCS") == "1"))
 }

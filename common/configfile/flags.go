@@ -26,9 +26,10 @@ type group struct {
 
 // Bind registers a flag on into for every leaf of cfg (a pointer to a
 // struct holding the defaults) that has a flag tag, with cfg's values as
-// the flags' defaults. It fails on a leaf of a type it cannot bind, or a
+// the flags' defaults. With inFile each flag's help names the field it
+// overrides (cfg is a whole file's configuration). It fails on a leaf of a type it cannot bind, or a
 // flag name given twice: both are mistakes in the configuration's type.
-func Bind(cfg any, into *pflag.FlagSet) (*Flags, error) {
+func Bind(cfg any, into *pflag.FlagSet, inFile bool) (*Flags, error) {
 	v := reflect.ValueOf(cfg)
 	if v.Kind() != reflect.Pointer || v.Elem().Kind() != reflect.Struct {
 		return nil, fmt.Errorf("configfile: bind %T: want a pointer to a struct", cfg)
@@ -49,7 +50,10 @@ func Bind(cfg any, into *pflag.FlagSet) (*Flags, error) {
 		if _, dup := f.fields[lf.flag]; dup || into.Lookup(lf.flag) != nil {
 			return nil, fmt.Errorf("configfile: flag --%s bound twice", lf.flag)
 		}
-		usage := fmt.Sprintf("%s (file: %s)", lf.doc, lf.path)
+		usage := lf.doc
+		if inFile {
+			usage = fmt.Sprintf("%s (file: %s)", lf.doc, lf.path)
+		}
 		if err := bindLeaf(set, v.Elem().FieldByIndex(lf.index), lf.flag, lf.array, usage); err != nil {
 			return nil, fmt.Errorf("configfile: field %s: %w", lf.path, err)
 		}

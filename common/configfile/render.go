@@ -3,6 +3,7 @@ package configfile
 import (
 	"encoding/json"
 	"fmt"
+	"os"
 	"reflect"
 	"strings"
 )
@@ -96,4 +97,41 @@ func Reference(cfg any) string {
 		fmt.Fprintf(&b, "| `%s` | %s | `%s` | %s |\n", lf.path, fl, leafValue(v.FieldByIndex(lf.index)), doc)
 	}
 	return b.String()
+}
+
+// Section returns the text of doc between the lines
+// "<!-- BEGIN name -->" and "<!-- END name -->", where a reference is kept
+// in a Markdown file, and the offsets of that text.
+func Section(doc, name string) (text string, start, end int, err error) {
+	begin, stop := "<!-- BEGIN "+name+" -->\n", "<!-- END "+name+" -->"
+	i := strings.Index(doc, begin)
+	j := strings.Index(doc, stop)
+	if i < 0 || j < i+len(begin) {
+		return "", 0, 0, fmt.Errorf("no %q ... %q section", strings.TrimSpace(begin), stop)
+	}
+	return doc[i+len(begin) : j], i + len(begin), j, nil
+}
+
+// CheckSection reports whether the section name of the Markdown file at
+// path (see Section) is want; with update it rewrites the section to want
+// instead. The docs tests of the daemons' config packages use it.
+func CheckSection(path, name, want string, update bool) error {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return fmt.Errorf("read docs: %w", err)
+	}
+	got, start, end, err := Section(string(b), name)
+	if err != nil {
+		return fmt.Errorf("%s: %w", path, err)
+	}
+	if got == want {
+		return nil
+	}
+	if update {
+		if err := os.WriteFile(path, []byte(string(b[:start])+want+string(b[end:])), 0o644); err != nil {
+			return fmt.Errorf("update docs: %w", err)
+		}
+		return nil
+	}
+	return fmt.Errorf("the %s in %s disagrees with the source (TETHER_UPDATE_DOCS=1 go test rewrites it); it should be:\n%s", name, path, want)
 }

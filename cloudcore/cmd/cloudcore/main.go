@@ -34,8 +34,6 @@ func newRootCommand() *cobra.Command { return newCommand(serve) }
 // newCommand is the cloudcore command; run is what it does with the
 // configuration (tests look at it instead).
 func newCommand(run func(context.Context, config.CloudCoreConfiguration) error) *cobra.Command {
-	var configPath string
-	fromFlags := config.Default()
 	root := &cobra.Command{
 		Use:   "cloudcore",
 		Short: "Tether's cloud side: onboards whitelisted edge nodes and syncs their objects over QUIC and WebSocket",
@@ -45,54 +43,16 @@ func newCommand(run func(context.Context, config.CloudCoreConfiguration) error) 
 		SilenceErrors: true,
 		Args:          cobra.NoArgs,
 	}
-	flags, err := configfile.Bind(&fromFlags, root.Flags())
+	err := configfile.Command(root, configfile.Daemon[config.CloudCoreConfiguration]{
+		Kind: config.Kind, Defaults: config.Default, DefaultFile: config.DefaultFile,
+		Validate: config.CloudCoreConfiguration.Validate,
+	}, run)
 	if err != nil {
 		// The configuration's type is wrong: a programming error.
 		panic(err)
 	}
-	root.Flags().StringVar(&configPath, "config", "", "CloudCoreConfiguration file (YAML); flags given override it")
-	flags.SetUsage(root)
-	root.RunE = func(cmd *cobra.Command, _ []string) error {
-		cfg, err := loadConfig(configPath, flags)
-		if err != nil {
-			return err
-		}
-		return run(cmd.Context(), cfg)
-	}
-	root.AddCommand(newAdminCommand(), newConfigCommand())
+	root.AddCommand(newAdminCommand())
 	return root
-}
-
-// loadConfig returns the defaults, overlaid with the file at path (if
-// any), overlaid with the flags given, validated.
-func loadConfig(path string, flags *configfile.Flags) (config.CloudCoreConfiguration, error) {
-	cfg := config.Default()
-	if path != "" {
-		var err error
-		if cfg, err = config.Load(path); err != nil {
-			return cfg, err
-		}
-	}
-	flags.Apply(&cfg)
-	if err := cfg.Validate(); err != nil {
-		return cfg, fmt.Errorf("invalid configuration:\n%w", err)
-	}
-	return cfg, nil
-}
-
-// newConfigCommand returns "cloudcore config": the config file's tools.
-func newConfigCommand() *cobra.Command {
-	cmd := &cobra.Command{Use: "config", Short: "Print or check CloudCore's config file", Args: cobra.NoArgs}
-	cmd.AddCommand(&cobra.Command{
-		Use:   "default",
-		Short: "Print the default configuration as a commented CloudCoreConfiguration file",
-		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			_, err := cmd.OutOrStdout().Write(config.DefaultFile())
-			return err
-		},
-	})
-	return cmd
 }
 
 func serve(ctx context.Context, cfg config.CloudCoreConfiguration) error {
