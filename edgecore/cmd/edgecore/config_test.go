@@ -49,13 +49,13 @@ func TestFlagsOverrideFile(t *testing.T) {
 func TestBadConfigStartsNothing(t *testing.T) {
 	dir := t.TempDir()
 	bad := filepath.Join(dir, "bad.yaml")
-	require.NoError(t, os.WriteFile(bad, []byte("apiVersion: config.tether.dev/v1alpha1\nkind: EdgeCoreConfiguration\nnode:\n  nmae: edge-1\n"), 0o600))
+	require.NoError(t, os.WriteFile(bad, []byte("apiVersion: config.tether.dev/v1alpha1\nkind: EdgeCoreConfiguration\nnode:\n  nodeName: edge-1\n"), 0o600))
 	base := []string{"--cloud", "127.0.0.1:1", "--node", "edge-1", "--data-dir", filepath.Join(dir, "absent"), "--metrics-addr", "0"}
 	for _, tc := range []struct {
 		args []string
 		want string
 	}{
-		{[]string{"--config", bad}, "node.nmae: unknown field"},
+		{[]string{"--config", bad}, "node.nodeName: unknown field"},
 		{[]string{"--dead-peer-timeout", "1s"}, "tunnel.deadPeerTimeout: must be > tunnel.keepAlive"},
 		{[]string{"--vm-accel", "hvf"}, "virtualMachines.accel"},
 	} {
