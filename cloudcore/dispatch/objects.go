@@ -159,6 +159,11 @@ func (o *objects) send(ctx context.Context, actions []Action) error {
 				c.d.metrics.pruned.Add(float64(len(a.Hashes)))
 			default:
 				p, kind = objsync.Sync{Phase: objsync.PhaseDone}, "done"
+				if c.d.sessions != nil {
+					// Once the differences are sent, the node holds what
+					// the catalog has for it.
+					c.d.sessions.Reconciled(c.node, c.s.ID(), len(o.view.Keys()))
+				}
 			}
 			payload, err := c.d.codec.Append(nil, &p)
 			if err != nil {
