@@ -43,12 +43,13 @@ type Renewer interface {
 	Renew(ctx context.Context, node, currentSerial string, csrPEM []byte) (*x509.Certificate, error)
 }
 
-// Sessions is told where each node's sessions are and what each
-// reconcile left the node holding, for the EdgeNode's status
+// Sessions is told where each node's sessions are and how many objects
+// the node holds (after the reconcile, then when the count changed, at
+// most every heldReportEvery), for the EdgeNode's status
 // (edgenode.ConnectionWriter). Its methods must not block.
 type Sessions interface {
 	Started(node, session string, transport tunnel.Transport, at time.Time)
-	Reconciled(node, session string, objects int)
+	Held(node, session string, objects int)
 	Ended(node, session string)
 }
 

@@ -26,10 +26,10 @@ type ConnectionWriterConfig struct {
 	Get func(node string) (*EdgeNode, bool)
 	// QPS and Burst bound the status writes of all nodes together.
 	// Defaults 50 and 100: 10,000 edges reconnecting at once are all
-	// recorded within about 3.5 minutes (two writes each at most, the
-	// connection and the reconcile's count, coalesced when the second
-	// comes before the first is written), and never more than 50 writes a
-	// second reach the API server.
+	// recorded within about 3.5 minutes (the connection, then the count
+	// once the sync is idle, coalesced into one write when both come
+	// before the node's turn), and never more than 50 writes a second
+	// reach the API server.
 	QPS   float64
 	Burst int
 	// Logger defaults to a discard logger.
@@ -40,9 +40,10 @@ type ConnectionWriterConfig struct {
 
 // ConnectionWriter records in each EdgeNode's status where its live
 // session is (status.connection: replica, transport, session, since) and
-// the objects its last reconcile left it holding (status.objectsHeld).
-// It is told of session starts, reconciles and ends (it is a
-// dispatch.Sessions) and never writes per keepalive. Writes are
+// how many objects it holds (status.objectsHeld). It is told of session
+// starts and ends and of the count (it is a dispatch.Sessions, which
+// reports the count at most every 10 s per node) and never writes per
+// keepalive. Writes are
 // coalesced and bounded: a node is queued at most once whatever happened
 // to it meanwhile (memory is one entry per node), each write is of its
 // latest state, only what differs from the cache is written, and all
@@ -125,7 +126,7 @@ func (w *ConnectionWriter) Started(node, id string, transport tunnel.Transport, 
 }
 
 // Reconciled notes what session id of node holds after a reconcile.
-func (w *ConnectionWriter) Reconciled(node, id string, objects int) {
+func (w *ConnectionWriter) Held(node, id string, objects int) {
 	w.update(node, func(s *session, ok bool) bool {
 		if !ok || s.id != id || s.ended {
 			return false

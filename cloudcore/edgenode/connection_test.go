@@ -75,11 +75,11 @@ func TestConnectionWriterCoalesces(t *testing.T) {
 	w, reg, start := writer(t, c, false)
 	at := time.Date(2026, 12, 1, 10, 0, 0, 0, time.UTC)
 	w.Started(node, "s1", tunnel.TransportQUIC, at)
-	w.Reconciled(node, "s1", 7)
+	w.Held(node, "s1", 7)
 	w.Ended(node, "s1")
 	w.Started(node, "s2", tunnel.TransportWebSocket, at.Add(time.Minute))
-	w.Reconciled(node, "s2", 9)
-	w.Reconciled(node, "s1", 1) // a late word of the old session: ignored
+	w.Held(node, "s2", 9)
+	w.Held(node, "s1", 1) // a late word of the old session: ignored
 	start()
 	require.Eventually(t, func() bool {
 		e, err := c.Get(context.Background(), node)
@@ -111,7 +111,7 @@ func TestConnectionWriterEnd(t *testing.T) {
 	}
 	at := time.Now()
 	w.Started(node, "s1", tunnel.TransportQUIC, at)
-	w.Reconciled(node, "s1", 3)
+	w.Held(node, "s1", 3)
 	require.Eventually(t, func() bool { s := status(); return s.Connection != nil && s.ObjectsHeld != nil }, 30*time.Second, 20*time.Millisecond)
 	w.Ended(node, "s1")
 	require.Eventually(t, func() bool { return status().Connection == nil }, 30*time.Second, 20*time.Millisecond)

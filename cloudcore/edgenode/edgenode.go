@@ -72,9 +72,10 @@ type Status struct {
 	// Connection is the node's live session, nil when it has none
 	// (ConnectionWriter keeps it).
 	Connection *Connection `json:"connection,omitempty"`
-	// ObjectsHeld is how many objects the node held after its last
-	// reconcile: what CloudCore has for it once the reconcile's
-	// differences were sent. It stays when the session ends.
+	// ObjectsHeld is how many objects the node holds as CloudCore's sync
+	// knows it (acked), written once its sync is idle after the
+	// reconcile, then when it changed, at most every 10 s. It stays when
+	// the session ends.
 	ObjectsHeld *int64 `json:"objectsHeld,omitempty"`
 }
 

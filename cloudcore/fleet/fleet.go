@@ -42,7 +42,7 @@ type Edge struct {
 	CertExpires *time.Time `json:"certExpires,omitempty"`
 	// TokenExpires is when its pending join token expires, if it has one.
 	TokenExpires *time.Time `json:"tokenExpires,omitempty"`
-	// ObjectsHeld is what it held after its last reconcile.
+	// ObjectsHeld is how many objects it holds, as CloudCore last wrote it.
 	ObjectsHeld *int64 `json:"objectsHeld,omitempty"`
 	// Pods and VMs are the pods bound to it that are Running, VMs being
 	// those of the VM runtime class.
