@@ -125,7 +125,7 @@ func (w *ConnectionWriter) Started(node, id string, transport tunnel.Transport, 
 	})
 }
 
-// Reconciled notes what session id of node holds after a reconcile.
+// Held notes how many objects node holds, as its session id reports.
 func (w *ConnectionWriter) Held(node, id string, objects int) {
 	w.update(node, func(s *session, ok bool) bool {
 		if !ok || s.id != id || s.ended {
