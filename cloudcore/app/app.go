@@ -16,6 +16,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"os"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -130,6 +131,7 @@ type App struct {
 	disp   *dispatch.Dispatcher
 	auto   *autonomy.Controller
 	vms    *vm.Controller // nil when disabled
+	conns  *edgenode.ConnectionWriter
 	ops    opsState
 	opsSrv *serve.Server // nil when MetricsAddr is off
 }
@@ -218,7 +220,13 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 	if err != nil {
 		return nil, err
 	}
-	disp, err := dispatch.New(dispatch.Deps{Catalog: cat, Upstream: up, Renewer: renewer}, dispatch.Config{}, logger, cfg.Registerer)
+	conns, err := edgenode.NewConnectionWriter(nodes, edgenode.ConnectionWriterConfig{
+		Replica: replicaName(), Get: wl.Get, Logger: logger, Registerer: cfg.Registerer,
+	})
+	if err != nil {
+		return nil, err
+	}
+	disp, err := dispatch.New(dispatch.Deps{Catalog: cat, Upstream: up, Renewer: renewer, Sessions: conns}, dispatch.Config{}, logger, cfg.Registerer)
 	if err != nil {
 		return nil, err
 	}
@@ -257,11 +265,20 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 	if err != nil {
 		return nil, err
 	}
-	a := &App{ca: ca, cat: cat, wl: wl, join: joinSvc, srv: srv, nodes: nodes, logger: logger, hub: h, disp: disp, auto: auto, vms: vms}
+	a := &App{ca: ca, cat: cat, wl: wl, join: joinSvc, srv: srv, nodes: nodes, logger: logger, hub: h, disp: disp, auto: auto, vms: vms, conns: conns}
 	if a.opsSrv, err = a.newOps(cfg, logger); err != nil {
 		return nil, err
 	}
 	return a, nil
+}
+
+// replicaName names this CloudCore in EdgeNodes' status.connection: its
+// host name (a pod's name in a Deployment).
+func replicaName() string {
+	if h, err := os.Hostname(); err == nil && h != "" {
+		return h
+	}
+	return "cloudcore"
 }
 
 // rateLimited returns a copy of base whose clients allow qps requests per
@@ -331,6 +348,7 @@ func (a *App) Run(ctx context.Context) error {
 	g.Go(func() error { return a.cat.Run(ctx) })
 	g.Go(func() error { return a.wl.Run(ctx) })
 	g.Go(func() error { return a.join.Run(ctx) })
+	g.Go(func() error { return a.conns.Run(ctx) })
 	g.Go(func() error {
 		// Serving before the caches are complete would tell edges to prune
 		// objects the cloud has simply not seen yet, and refuse allowed nodes.

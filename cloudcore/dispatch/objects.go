@@ -21,10 +21,20 @@ type objects struct {
 	view  lookup
 	inbox *inbox
 	in    chan *message.Message
+
+	// reported is the count of objects held last told to Sessions, -1
+	// before the first; reportedAt when.
+	reported   int
+	reportedAt time.Time
 }
 
+// heldReportEvery bounds how often a session tells Sessions how many
+// objects the edge holds: the EdgeNode's status is written at most that
+// often per node, however busy its sync.
+const heldReportEvery = 10 * time.Second
+
 func newObjects(c *conn, b *inbox) *objects {
-	return &objects{c: c, st: NewNode(c.d.cfg), view: lookup{c.d.cat, c.node}, inbox: b, in: make(chan *message.Message, 64)}
+	return &objects{c: c, st: NewNode(c.d.cfg), view: lookup{c.d.cat, c.node}, inbox: b, in: make(chan *message.Message, 64), reported: -1}
 }
 
 // offer hands m to the loop, waiting while it is busy: acks and sync
@@ -74,6 +84,7 @@ func (o *objects) run(ctx context.Context) error {
 			}
 		case now = <-tick.C:
 			o.st.Tick(now)
+			o.reportHeld(now)
 		}
 		if err := o.send(ctx, o.st.Next(now, o.view)); err != nil {
 			return err
@@ -119,6 +130,22 @@ func (o *objects) handle(ctx context.Context, m *message.Message) error {
 		}
 	}
 	return nil
+}
+
+// reportHeld tells Sessions how many objects the edge holds, once the
+// sync is idle (reconciled, nothing queued or awaiting an ack), when the
+// count changed, at most every heldReportEvery.
+func (o *objects) reportHeld(now time.Time) {
+	s := o.c.d.sessions
+	if s == nil || !o.st.Live() || o.st.InFlight() > 0 || o.st.Queued() > 0 {
+		return
+	}
+	held := o.st.Held()
+	if held == o.reported || (o.reported >= 0 && now.Sub(o.reportedAt) < heldReportEvery) {
+		return
+	}
+	o.reported, o.reportedAt = held, now
+	s.Held(o.c.node, o.c.s.ID(), held)
 }
 
 // send sends the state machine's actions. An object over the frame limit

@@ -43,12 +43,24 @@ type Renewer interface {
 	Renew(ctx context.Context, node, currentSerial string, csrPEM []byte) (*x509.Certificate, error)
 }
 
+// Sessions is told where each node's sessions are and how many objects
+// the node holds (after the reconcile, then when the count changed, at
+// most every heldReportEvery), for the EdgeNode's status
+// (edgenode.ConnectionWriter). Its methods must not block.
+type Sessions interface {
+	Started(node, session string, transport tunnel.Transport, at time.Time)
+	Held(node, session string, objects int)
+	Ended(node, session string)
+}
+
 // Deps are the dispatcher's collaborators. Catalog and Upstream are
-// required. Renewer may be nil: renewals are then refused.
+// required. Renewer may be nil: renewals are then refused. Sessions may
+// be nil.
 type Deps struct {
 	Catalog  Catalog
 	Upstream Upstream
 	Renewer  Renewer
+	Sessions Sessions
 }
 
 // Dispatcher serves the sync protocol on every edge session: one receive
@@ -60,6 +72,7 @@ type Dispatcher struct {
 	cat      Catalog
 	upstream Upstream
 	renewer  Renewer
+	sessions Sessions
 	cfg      Config
 	codec    *message.Codec
 	logger   *slog.Logger
@@ -128,6 +141,7 @@ func New(deps Deps, cfg Config, logger *slog.Logger, reg prometheus.Registerer) 
 		cat:      deps.Catalog,
 		upstream: deps.Upstream,
 		renewer:  deps.Renewer,
+		sessions: deps.Sessions,
 		cfg:      cfg.withDefaults(),
 		codec:    message.NewCodec(0),
 		logger:   logger.With("component", "dispatch"),
@@ -193,6 +207,10 @@ func (d *Dispatcher) Serve(ctx context.Context, s *tunnel.Session) error {
 		}
 		d.mu.Unlock()
 	}()
+	if d.sessions != nil {
+		d.sessions.Started(node, s.ID(), s.Transport(), time.Now())
+		defer d.sessions.Ended(node, s.ID())
+	}
 	c := &conn{d: d, s: s, node: node, logger: d.logger.With("node", node, "session", s.ID())}
 	c.objects = newObjects(c, b)
 	c.upstream = newUpstreamHandler(c)

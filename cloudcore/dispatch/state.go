@@ -185,6 +185,9 @@ func (n *Node) Live() bool { return n.phase == phaseLive }
 // InFlight returns how many messages await an ack.
 func (n *Node) InFlight() int { return len(n.inflight) + len(n.prunes) }
 
+// Held returns how many objects the edge is known to hold.
+func (n *Node) Held() int { return len(n.edge) }
+
 // Queued returns how many keys wait to be evaluated.
 func (n *Node) Queued() int { return len(n.queue) }
 

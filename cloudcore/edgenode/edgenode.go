@@ -69,6 +69,27 @@ type Status struct {
 	Previous *Certificate `json:"previous,omitempty"`
 	// LastConnected is when the node last opened a session.
 	LastConnected *metav1.Time `json:"lastConnected,omitempty"`
+	// Connection is the node's live session, nil when it has none
+	// (ConnectionWriter keeps it).
+	Connection *Connection `json:"connection,omitempty"`
+	// ObjectsHeld is how many objects the node holds as CloudCore's sync
+	// knows it (acked), written once its sync is idle after the
+	// reconcile, then when it changed, at most every 10 s. It stays when
+	// the session ends.
+	ObjectsHeld *int64 `json:"objectsHeld,omitempty"`
+}
+
+// Connection is where a node's live session is.
+type Connection struct {
+	// Replica is the CloudCore that holds the session (its host name).
+	Replica string `json:"replica"`
+	// Transport is quic or websocket.
+	Transport string `json:"transport"`
+	// Session is the session's id, so that the end of an older session
+	// never clears a newer one.
+	Session string `json:"session"`
+	// Since is when the session started.
+	Since metav1.Time `json:"since"`
 }
 
 // Certificate identifies the one certificate the node may use.

@@ -12,6 +12,7 @@ import (
 	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/tetheredge/tether/cloudcore/edgenode"
+	"github.com/tetheredge/tether/cloudcore/fleet"
 	"github.com/tetheredge/tether/cloudcore/onboard"
 )
 
@@ -113,22 +114,32 @@ func newAdminAllowCommand(f *adminFlags) *cobra.Command {
 }
 
 func newAdminListCommand(f *adminFlags) *cobra.Command {
-	return &cobra.Command{
+	var output string
+	cmd := &cobra.Command{
 		Use:   "list",
-		Short: "List whitelisted nodes",
-		Args:  cobra.NoArgs,
+		Short: "Show each edge node's state: allowed, connected (transport, replica, since), last seen, certificate, objects, pods and VMs",
+		Long: "list shows each whitelisted node: whether it is allowed; its live session as CloudCore recorded it\n" +
+			"(transport@replica, and since when); when its Lease was last renewed; when its certificate expires;\n" +
+			"how many objects it held after its last reconcile; and how many pods and VMs bound to it are Running.\n" +
+			"-o wide adds the replica, session, certificate serial, last connection and pending join token; -o json all of it.",
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if output != fleet.FormatTable && output != fleet.FormatWide && output != fleet.FormatJSON {
+				return fmt.Errorf("--output %q: want wide or json", output)
+			}
 			c, err := f.clients()
 			if err != nil {
 				return err
 			}
-			nodes, err := onboard.List(cmd.Context(), c.nodes)
+			edges, err := fleet.List(cmd.Context(), c.kube, c.nodes)
 			if err != nil {
 				return err
 			}
-			return onboard.WriteTable(cmd.OutOrStdout(), nodes, time.Now())
+			return fleet.Write(cmd.OutOrStdout(), edges, output, time.Now())
 		},
 	}
+	cmd.Flags().StringVarP(&output, "output", "o", "", "output format: wide or json (default a table)")
+	return cmd
 }
 
 func newAdminDisableCommand(f *adminFlags) *cobra.Command {

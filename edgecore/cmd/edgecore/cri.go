@@ -11,12 +11,14 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spf13/cobra"
 
+	"github.com/tetheredge/tether/common/configfile"
 	"github.com/tetheredge/tether/edgecore/app"
+	"github.com/tetheredge/tether/edgecore/config"
 )
 
 type criFlags struct {
 	cfg      app.CRIConfig
-	vm       vmFlags
+	vm       config.VM
 	state    string
 	logLevel string
 }
@@ -24,7 +26,7 @@ type criFlags struct {
 // newCRICommand returns "edgecore cri": the CRI shim alone, for any CRI
 // client (crictl, a kubelet) to drive.
 func newCRICommand() *cobra.Command {
-	var f criFlags
+	f := criFlags{vm: config.DefaultVM()}
 	cmd := &cobra.Command{
 		Use:   "cri",
 		Short: "Serve EdgeCore's CRI shim alone, in front of containerd",
@@ -41,7 +43,10 @@ func newCRICommand() *cobra.Command {
 			logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
-			f.cfg.VM = f.vm.config()
+			if err := f.vm.Validate(); err != nil {
+				return err
+			}
+			f.cfg.VM = vmConfig(f.vm)
 			c, err := app.NewCRI(ctx, f.cfg, f.state, logger, prometheus.NewRegistry())
 			if err != nil {
 				return err
@@ -59,6 +64,9 @@ func newCRICommand() *cobra.Command {
 	fl.DurationVar(&f.cfg.PullTimeout, "pull-timeout", 2*time.Minute, "deadline of each image pull")
 	fl.StringVar(&f.state, "state", "/var/lib/tether/cri/state.db", "SQLite file of the sandbox and container id map")
 	fl.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
-	addVMFlags(fl, &f.vm)
+	if _, err := configfile.Bind(&f.vm, fl, false); err != nil {
+		// config.VM's type is wrong: a programming error.
+		panic(err)
+	}
 	return cmd
 }

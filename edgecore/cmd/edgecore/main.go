@@ -1,5 +1,6 @@
 // Command edgecore is Tether's edge side: it keeps a session to the cloud.
-// This file only parses flags and wires components together.
+// This file only reads its configuration (defaults, --config FILE,
+// flags) and hands it to edgecore/app.
 package main
 
 import (
@@ -18,8 +19,10 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/tetheredge/tether/common/configfile"
 	"github.com/tetheredge/tether/common/serve"
 	"github.com/tetheredge/tether/edgecore/app"
+	"github.com/tetheredge/tether/edgecore/config"
 	edgejoin "github.com/tetheredge/tether/edgecore/join"
 	"github.com/tetheredge/tether/edgecore/nodestatus"
 )
@@ -31,62 +34,39 @@ func main() {
 	}
 }
 
-type flags struct {
-	cloud           []string
-	node            string
-	cert, key, ca   string
-	keepAlive, dead time.Duration
-	logLevel        string
-	dataDir         string
-	runtime         string
-	criListen       string
-	containerd      string
-	metricsAddr     string
-	vm              vmFlags
-	pool            poolFlags
-}
+func newRootCommand() *cobra.Command { return newCommand(run) }
 
-func newRootCommand() *cobra.Command {
-	var f flags
+// newCommand is the edgecore command; runFn is what it does with the
+// configuration (tests look at it instead).
+func newCommand(runFn func(context.Context, config.EdgeCoreConfiguration) error) *cobra.Command {
 	root := &cobra.Command{
-		Use:           "edgecore",
-		Short:         "Tether's edge side: stays connected to CloudCore",
+		Use:   "edgecore",
+		Short: "Tether's edge side: stays connected to CloudCore",
+		Long: "Tether's edge side: stays connected to CloudCore and runs this node's pods and VMs.\n" +
+			"Settings come from the defaults, then --config FILE (edgecore config default prints one), then the flags given.",
 		SilenceUsage:  true,
 		SilenceErrors: true,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			return run(cmd.Context(), f)
-		},
+		Args:          cobra.NoArgs,
 	}
-	fl := root.Flags()
-	fl.StringSliceVar(&f.cloud, "cloud", nil, "cloud addresses, tried in order: host:port (QUIC, then WebSocket), quic://host:port or wss://host:port")
-	fl.StringVar(&f.node, "node", "", "this node's name (must match the certificate)")
-	fl.StringVar(&f.cert, "tls-cert", "", "node certificate (PEM), never rewritten: renewals are stored in --data-dir and loaded instead once newer; default: the identity edgecore join stored in --data-dir")
-	fl.StringVar(&f.key, "tls-key", "", "node private key (PEM); default: from --data-dir")
-	fl.StringVar(&f.ca, "ca", "", "cluster CA (PEM); default: from --data-dir")
-	fl.DurationVar(&f.keepAlive, "keepalive", 5*time.Second, "keepalive interval")
-	fl.DurationVar(&f.dead, "dead-peer-timeout", 15*time.Second, "silence after which the cloud is declared gone")
-	fl.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
-	fl.StringVar(&f.runtime, "container-runtime-endpoint", "", "CRI endpoint the pod manager drives, such as unix:///run/containerd/containerd.sock; empty with --cri-listen: the in-process CRI shim; empty without: EdgeCore runs no pods and its Node stays NotReady (ContainerRuntimeUnreachable)")
-	fl.StringVar(&f.criListen, "cri-listen", "", "serve EdgeCore's CRI shim on this unix socket, in front of --containerd (empty: no shim)")
-	fl.StringVar(&f.containerd, "containerd", app.DefaultContainerd, "containerd's CRI endpoint, behind the shim")
-	fl.StringVar(&f.dataDir, "data-dir", "/var/lib/tether/edgecore", "directory of the node's state: SQLite store and its identity (node.pem: key and certificate, ca.crt), from edgecore join or renewals")
-	fl.StringVar(&f.metricsAddr, "metrics-addr", app.DefaultMetricsAddr, "TCP address of /metrics, /healthz, /livez and /readyz (\"\" or 0 disables; local only by default)")
-	addVMFlags(fl, &f.vm)
-	addPoolFlags(fl, &f.pool)
+	err := configfile.Command(root, configfile.Daemon[config.EdgeCoreConfiguration]{
+		Kind: config.Kind, Defaults: config.Default, DefaultFile: config.DefaultFile,
+		Validate: config.EdgeCoreConfiguration.Validate,
+	}, runFn)
+	if err != nil {
+		// The configuration's type is wrong: a programming error.
+		panic(err)
+	}
 	root.AddCommand(newJoinCommand(), newCRICommand(), newVMImageCommand())
 	return root
 }
 
-func run(ctx context.Context, f flags) error {
-	var level slog.Level
-	if err := level.UnmarshalText([]byte(f.logLevel)); err != nil {
-		return fmt.Errorf("log level %q: %w", f.logLevel, err)
+func run(ctx context.Context, c config.EdgeCoreConfiguration) error {
+	level, err := configfile.ParseLevel(c.Ops.LogLevel)
+	if err != nil {
+		return err
 	}
 	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
-	if len(f.cloud) == 0 || f.node == "" {
-		return errors.New("--cloud and --node are required")
-	}
-	cfg, err := appConfig(f, logger)
+	cfg, err := appConfig(c, logger)
 	if err != nil {
 		return err
 	}
@@ -100,10 +80,10 @@ func run(ctx context.Context, f flags) error {
 	return a.Run(ctx)
 }
 
-// appConfig is EdgeCore's configuration from the flags, with the node's
-// identity loaded.
-func appConfig(f flags, logger *slog.Logger) (app.Config, error) {
-	pair, _, leaf, err := loadIdentity(f, logger)
+// appConfig is where each setting of the file goes in EdgeCore, with the
+// node's identity loaded.
+func appConfig(c config.EdgeCoreConfiguration, logger *slog.Logger) (app.Config, error) {
+	pair, _, leaf, err := loadIdentity(c.Node, logger)
 	if err != nil {
 		return app.Config{}, err
 	}
@@ -111,11 +91,11 @@ func appConfig(f flags, logger *slog.Logger) (app.Config, error) {
 		return app.Config{}, err
 	}
 	pair.Leaf = leaf
-	pool, err := f.pool.config()
+	pool, err := poolConfig(c.ResourcePool)
 	if err != nil {
 		return app.Config{}, err
 	}
-	caCert, err := caOf(f)
+	caCert, err := caOf(c.Node)
 	if err != nil {
 		return app.Config{}, err
 	}
@@ -123,46 +103,47 @@ func appConfig(f flags, logger *slog.Logger) (app.Config, error) {
 	if err != nil {
 		return app.Config{}, err
 	}
-	// Renewals are stored in --data-dir, also with --tls-cert: the files
-	// named by flags are the operator's.
+	// Renewals are stored in the data directory, also with node.tlsCert:
+	// the files the configuration names are the operator's.
 	return app.Config{
-		Cloud: f.cloud, Node: f.node, Certificate: pair, CA: caCert, IdentityDir: f.dataDir, DataDir: f.dataDir,
-		KeepAlive: f.keepAlive, DeadPeerTimeout: f.dead, Logger: logger, Registerer: reg, MetricsAddr: f.metricsAddr,
+		Cloud: c.Tunnel.Cloud, Node: c.Node.Name, Certificate: pair, CA: caCert, IdentityDir: c.Node.DataDir, DataDir: c.Node.DataDir,
+		KeepAlive: c.Tunnel.KeepAlive.Duration, DeadPeerTimeout: c.Tunnel.DeadPeerTimeout.Duration,
+		Logger: logger, Registerer: reg, MetricsAddr: c.Ops.MetricsAddr,
 		// The node is Ready only when its container runtime answers; with
 		// none it is NotReady, ContainerRuntimeUnreachable: nothing can
 		// run on it.
-		CRIEndpoint: f.runtime,
-		CRI:         app.CRIConfig{Listen: f.criListen, Containerd: f.containerd, VM: f.vm.config()},
+		CRIEndpoint: c.Runtime.Endpoint,
+		CRI:         app.CRIConfig{Listen: c.Runtime.CRIListen, Containerd: c.Runtime.Containerd, VM: vmConfig(c.VM)},
 		NodeStatus:  nodestatus.Config{RequireRuntime: true},
-		Resources:   pool, StaticCPUPolicy: f.pool.static,
+		Resources:   pool, StaticCPUPolicy: c.ResourcePool.StaticCPUPolicy,
 	}, nil
 }
 
-// loadIdentity loads the node's identity from --data-dir, or from
-// --tls-cert, --tls-key and --ca, which are never rewritten: renewals are
-// stored in --data-dir, and a renewal newer than those files is the one
-// loaded.
-func loadIdentity(f flags, logger *slog.Logger) (tls.Certificate, *x509.CertPool, *x509.Certificate, error) {
-	if f.cert == "" && f.key == "" && f.ca == "" {
-		return edgejoin.Load(f.dataDir)
+// loadIdentity loads the node's identity from node.dataDir, or from
+// node.tlsCert, node.tlsKey and node.ca, which are never rewritten:
+// renewals are stored in node.dataDir, and a renewal newer than those
+// files is the one loaded.
+func loadIdentity(n config.Node, logger *slog.Logger) (tls.Certificate, *x509.CertPool, *x509.Certificate, error) {
+	if n.TLSCert == "" && n.TLSKey == "" && n.CA == "" {
+		return edgejoin.Load(n.DataDir)
 	}
-	if f.cert == "" || f.key == "" || f.ca == "" {
-		return tls.Certificate{}, nil, nil, errors.New("--tls-cert, --tls-key and --ca go together")
+	if n.TLSCert == "" || n.TLSKey == "" || n.CA == "" {
+		return tls.Certificate{}, nil, nil, errors.New("node.tlsCert, node.tlsKey and node.ca (--tls-cert, --tls-key and --ca) go together")
 	}
-	pair, pool, leaf, renewed, err := edgejoin.LoadFiles(f.cert, f.key, f.ca, f.dataDir)
+	pair, pool, leaf, renewed, err := edgejoin.LoadFiles(n.TLSCert, n.TLSKey, n.CA, n.DataDir)
 	if err != nil {
 		return tls.Certificate{}, nil, nil, err
 	}
 	if renewed {
-		logger.Info("using the renewed certificate instead of --tls-cert", "dir", f.dataDir, "serial", leaf.SerialNumber.Text(16))
+		logger.Info("using the renewed certificate instead of --tls-cert", "dir", n.DataDir, "serial", leaf.SerialNumber.Text(16))
 	}
 	return pair, pool, leaf, nil
 }
 
-func caOf(f flags) (*x509.Certificate, error) {
-	path := f.ca
+func caOf(n config.Node) (*x509.Certificate, error) {
+	path := n.CA
 	if path == "" {
-		path = filepath.Join(f.dataDir, edgejoin.CAFile)
+		path = filepath.Join(n.DataDir, edgejoin.CAFile)
 	}
 	b, err := os.ReadFile(path)
 	if err != nil {

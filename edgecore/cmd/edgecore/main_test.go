@@ -14,6 +14,7 @@ import (
 
 	"github.com/tetheredge/tether/common/pki"
 	"github.com/tetheredge/tether/edgecore/certs"
+	"github.com/tetheredge/tether/edgecore/config"
 )
 
 // With --tls-cert, --tls-key and --ca, a certificate renewed while running
@@ -23,14 +24,16 @@ func TestTLSCertFlagsLoadRenewedPair(t *testing.T) {
 	ca, err := pki.NewCA("test-ca", 24*time.Hour)
 	require.NoError(t, err)
 	etc, data := t.TempDir(), t.TempDir()
-	f := flags{
-		cloud: []string{"127.0.0.1:1"}, node: "edge-1", dataDir: data,
-		cert: filepath.Join(etc, "edge.crt"), key: filepath.Join(etc, "edge.key"), ca: filepath.Join(etc, "ca.pem"),
+	f := config.Default()
+	f.Tunnel.Cloud = []string{"127.0.0.1:1"}
+	f.Node = config.Node{
+		Name: "edge-1", DataDir: data,
+		TLSCert: filepath.Join(etc, "edge.crt"), TLSKey: filepath.Join(etc, "edge.key"), CA: filepath.Join(etc, "ca.pem"),
 	}
-	first, key, err := ca.Issue(pki.LeafRequest{CommonName: f.node, Validity: time.Hour})
+	first, key, err := ca.Issue(pki.LeafRequest{CommonName: f.Node.Name, Validity: time.Hour})
 	require.NoError(t, err)
-	require.NoError(t, pki.WriteFiles(f.cert, first, f.key, key))
-	require.NoError(t, pki.WriteFiles(f.ca, ca.Cert, "", nil))
+	require.NoError(t, pki.WriteFiles(f.Node.TLSCert, first, f.Node.TLSKey, key))
+	require.NoError(t, pki.WriteFiles(f.Node.CA, ca.Cert, "", nil))
 	logger := slog.New(slog.DiscardHandler)
 
 	cfg, err := appConfig(f, logger)
@@ -49,17 +52,17 @@ func TestTLSCertFlagsLoadRenewedPair(t *testing.T) {
 			return nil, err
 		}
 		// Issued a moment later than the first, as a renewal is.
-		c, _, err := ca.Issue(pki.LeafRequest{CommonName: f.node, Validity: 2 * time.Hour, PublicKey: csr.PublicKey})
+		c, _, err := ca.Issue(pki.LeafRequest{CommonName: f.Node.Name, Validity: 2 * time.Hour, PublicKey: csr.PublicKey})
 		return pki.EncodeCert(c), err
 	}
-	require.NoError(t, certs.NewRotator(cfg.IdentityDir, f.node, cfg.CA, holder, sign, logger, nil).RenewOnce(t.Context()))
+	require.NoError(t, certs.NewRotator(cfg.IdentityDir, f.Node.Name, cfg.CA, holder, sign, logger, nil).RenewOnce(t.Context()))
 	renewed := holder.Leaf()
 
 	// Next start, same flags.
 	cfg, err = appConfig(f, logger)
 	require.NoError(t, err)
 	require.Equal(t, renewed.Raw, cfg.Certificate.Leaf.Raw, "the next start loaded the certificate the renewal replaced")
-	given, err := pki.LoadPool(f.ca)
+	given, err := pki.LoadPool(f.Node.CA)
 	require.NoError(t, err)
 	require.NotNil(t, given)
 }

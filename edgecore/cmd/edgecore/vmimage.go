@@ -7,44 +7,26 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
-	"github.com/spf13/pflag"
 
 	"github.com/tetheredge/tether/edgecore/app"
+	"github.com/tetheredge/tether/edgecore/config"
 	"github.com/tetheredge/tether/edgecore/runtime/vm"
 )
 
-// vmFlags are the VM runtime's flags of edgecore and edgecore cri.
-type vmFlags struct {
-	enabled bool
-	cfg     app.VMConfig
-	huge2Mi string
-	huge1Gi string
-}
-
-func addVMFlags(fl *pflag.FlagSet, f *vmFlags) {
-	fl.BoolVar(&f.enabled, "vm", false, "run virtual machines for the VM runtime handler (QEMU; acceleration probed at startup)")
-	fl.StringVar(&f.cfg.QEMU, "vm-qemu", "qemu-system-x86_64", "QEMU binary")
-	fl.StringVar(&f.cfg.ImageDir, "vm-image-dir", "", "VM base image store (default: vm-images in the data directory)")
-	fl.StringVar(&f.cfg.RunDir, "vm-run-dir", app.DefaultVMRunDir, "VMs' runtime files (overlays, QMP sockets); keep it short")
-	fl.StringVar(&f.huge2Mi, "vm-hugetlbfs-2mi", "", "hugetlbfs mount of 2 MiB pages for VMs asking for hugepages-2Mi")
-	fl.StringVar(&f.huge1Gi, "vm-hugetlbfs-1gi", "", "hugetlbfs mount of 1 GiB pages for VMs asking for hugepages-1Gi")
-	fl.StringVar(&f.cfg.Accel, "vm-accel", "", "force kvm or tcg instead of probing")
-}
-
-// config is the VM runtime's configuration, nil without --vm.
-func (f vmFlags) config() *app.VMConfig {
-	if !f.enabled {
+// vmConfig is the VM runtime's configuration, nil when it is not
+// enabled.
+func vmConfig(c config.VM) *app.VMConfig {
+	if !c.Enabled {
 		return nil
 	}
-	cfg := f.cfg
-	cfg.HugepageDirs = map[string]string{}
-	if f.huge2Mi != "" {
-		cfg.HugepageDirs["2Mi"] = f.huge2Mi
+	cfg := &app.VMConfig{QEMU: c.QEMU, ImageDir: c.ImageDir, RunDir: c.RunDir, Accel: c.Accel, HugepageDirs: map[string]string{}}
+	if c.Hugetlbfs2Mi != "" {
+		cfg.HugepageDirs["2Mi"] = c.Hugetlbfs2Mi
 	}
-	if f.huge1Gi != "" {
-		cfg.HugepageDirs["1Gi"] = f.huge1Gi
+	if c.Hugetlbfs1Gi != "" {
+		cfg.HugepageDirs["1Gi"] = c.Hugetlbfs1Gi
 	}
-	return &cfg
+	return cfg
 }
 
 // newVMImageCommand returns "edgecore vm-image": the edge's store of VM

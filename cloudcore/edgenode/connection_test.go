@@ -1,0 +1,137 @@
+package edgenode_test
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/dynamic"
+
+	"github.com/tetheredge/tether/cloudcore/edgenode"
+	"github.com/tetheredge/tether/tests/controlplane"
+	"github.com/tetheredge/tether/tests/promtest"
+	"github.com/tetheredge/tether/tunnel"
+)
+
+var cp controlplane.Shared
+
+func TestMain(m *testing.M) { os.Exit(cp.RunChecked(m)) }
+
+// writer runs a ConnectionWriter over the real API server, reading
+// EdgeNodes with a Get (the whitelist's cache in CloudCore), until the
+// test ends.
+func writer(t *testing.T, c *edgenode.Client, start bool) (*edgenode.ConnectionWriter, *promtest.Registry, func()) {
+	t.Helper()
+	reg := promtest.NewRegistry()
+	w, err := edgenode.NewConnectionWriter(c, edgenode.ConnectionWriterConfig{
+		Replica: "cloud-a", Registerer: reg,
+		Get: func(node string) (*edgenode.EdgeNode, bool) {
+			e, err := c.Get(context.Background(), node)
+			return e, err == nil
+		},
+	})
+	require.NoError(t, err)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	run := func() { go func() { done <- w.Run(ctx) }() }
+	t.Cleanup(func() {
+		cancel()
+		if start {
+			require.NoError(t, <-done)
+		}
+	})
+	if start {
+		run()
+	}
+	return w, reg, func() { start = true; run() }
+}
+
+func createNode(t *testing.T, c *edgenode.Client) string {
+	t.Helper()
+	name := fmt.Sprintf("edge-conn-%x", rand.Uint32())
+	_, err := c.Create(context.Background(), &edgenode.EdgeNode{ObjectMeta: metav1.ObjectMeta{Name: name}, Spec: edgenode.Spec{Allowed: true}})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = c.Delete(context.Background(), name) })
+	return name
+}
+
+func client(t *testing.T) *edgenode.Client {
+	dyn, err := dynamic.NewForConfig(cp.Env(t).Config)
+	require.NoError(t, err)
+	return edgenode.NewClient(dyn)
+}
+
+// Everything that happened to a node before the writer got to it is one
+// write of the latest state: a session that started, reconciled and
+// ended, and a newer one that started and reconciled.
+func TestConnectionWriterCoalesces(t *testing.T) {
+	c := client(t)
+	node := createNode(t, c)
+	w, reg, start := writer(t, c, false)
+	at := time.Date(2026, 12, 1, 10, 0, 0, 0, time.UTC)
+	w.Started(node, "s1", tunnel.TransportQUIC, at)
+	w.Held(node, "s1", 7)
+	w.Ended(node, "s1")
+	w.Started(node, "s2", tunnel.TransportWebSocket, at.Add(time.Minute))
+	w.Held(node, "s2", 9)
+	w.Held(node, "s1", 1) // a late word of the old session: ignored
+	start()
+	require.Eventually(t, func() bool {
+		e, err := c.Get(context.Background(), node)
+		return err == nil && e.Status.Connection != nil && e.Status.ObjectsHeld != nil && *e.Status.ObjectsHeld == 9
+	}, 30*time.Second, 20*time.Millisecond)
+	e, err := c.Get(context.Background(), node)
+	require.NoError(t, err)
+	conn := e.Status.Connection
+	require.True(t, conn.Since.Equal(&metav1.Time{Time: at.Add(time.Minute)}), "since %s", conn.Since)
+	conn.Since = metav1.Time{}
+	require.Equal(t, &edgenode.Connection{Replica: "cloud-a", Transport: "websocket", Session: "s2"}, conn)
+	require.Equal(t, 1.0, promtest.Sum(t, reg, "tether_edgenode_status_writes_total", map[string]string{"result": "ok"}))
+}
+
+// The end of a session clears the connection, keeps the count, and is
+// written; the end of an older session, or of one another replica
+// replaced, clears nothing.
+func TestConnectionWriterEnd(t *testing.T) {
+	c := client(t)
+	node := createNode(t, c)
+	w, reg, _ := writer(t, c, true)
+	ok := func() float64 {
+		return promtest.Sum(t, reg, "tether_edgenode_status_writes_total", map[string]string{"result": "ok"})
+	}
+	status := func() edgenode.Status {
+		e, err := c.Get(context.Background(), node)
+		require.NoError(t, err)
+		return e.Status
+	}
+	at := time.Now()
+	w.Started(node, "s1", tunnel.TransportQUIC, at)
+	w.Held(node, "s1", 3)
+	require.Eventually(t, func() bool { s := status(); return s.Connection != nil && s.ObjectsHeld != nil }, 30*time.Second, 20*time.Millisecond)
+	w.Ended(node, "s1")
+	require.Eventually(t, func() bool { return status().Connection == nil }, 30*time.Second, 20*time.Millisecond)
+	require.Equal(t, int64(3), *status().ObjectsHeld)
+
+	// Another replica records a newer session; this one's old session
+	// then ends: the other replica's record stays.
+	w.Started(node, "s2", tunnel.TransportQUIC, at)
+	require.Eventually(t, func() bool { s := status(); return s.Connection != nil && s.Connection.Session == "s2" }, 30*time.Second, 20*time.Millisecond)
+	e, err := c.Get(context.Background(), node)
+	require.NoError(t, err)
+	e.Status.Connection = &edgenode.Connection{Replica: "cloud-b", Transport: "websocket", Session: "b1", Since: metav1.NewTime(at.Add(time.Second))}
+	_, err = c.UpdateStatus(context.Background(), e)
+	require.NoError(t, err)
+	before := ok()
+	w.Ended(node, "s2")
+	// A later event of another node is written after it (one queue, in
+	// order), so once that one is, the end has been handled.
+	other := createNode(t, c)
+	w.Started(other, "o1", tunnel.TransportQUIC, at)
+	require.Eventually(t, func() bool { return ok() == before+1 }, 30*time.Second, 20*time.Millisecond)
+	require.Equal(t, "cloud-b", status().Connection.Replica)
+}
