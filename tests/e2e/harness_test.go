@@ -6,6 +6,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"fmt"
+	"log/slog"
 	"math"
 	"net/http"
 	"os"
@@ -151,6 +152,8 @@ type cloudOptions struct {
 	// VMs: its Lease renewals are reads the request counter must not see;
 	// cloudcore/vm tests it on its own).
 	vms bool
+	// logger is CloudCore's; nil: testlog's.
+	logger *slog.Logger
 }
 
 // cloud is an in-process CloudCore with its API requests counted.
@@ -182,6 +185,9 @@ func startCloud(tb testing.TB, cfg *rest.Config, o cloudOptions) *cloud {
 	dyn, err := dynamic.NewForConfig(admin)
 	require.NoError(tb, err)
 	keepAlive, deadPeer := timingsOf(o.timings)
+	if o.logger == nil {
+		o.logger = testlog.New()
+	}
 	wsAddr := ""
 	if o.webSocket {
 		wsAddr = "127.0.0.1:0"
@@ -191,7 +197,7 @@ func startCloud(tb testing.TB, cfg *rest.Config, o cloudOptions) *cloud {
 	a, err := cloudapp.New(ctx, cloudapp.Config{
 		Kubernetes: counted, QUICAddr: o.quicAddr, WebSocketAddr: wsAddr, JoinAddr: "127.0.0.1:0",
 		ServerSANs: []string{"127.0.0.1"}, CertValidity: o.certValidity,
-		KeepAlive: keepAlive, DeadPeerTimeout: deadPeer, OfflineAutonomy: o.offlineAutonomy, Logger: testlog.New(), Registerer: reg,
+		KeepAlive: keepAlive, DeadPeerTimeout: deadPeer, OfflineAutonomy: o.offlineAutonomy, Logger: o.logger, Registerer: reg,
 		VMs: cloudapp.VMConfig{Disabled: !o.vms},
 	})
 	if err != nil {

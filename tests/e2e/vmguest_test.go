@@ -62,7 +62,7 @@ type vmSite struct {
 }
 
 // startVMSite starts a vmSite; hugetlbfs, when not "", is the pool's 2Mi
-// mount. logger, when set, is EdgeCore's.
+// mount. logger, when set, is EdgeCore's and CloudCore's.
 func startVMSite(tb testing.TB, node, hugetlbfs string, logger ...*slog.Logger) *vmSite {
 	tb.Helper()
 	env := cp.Env(tb)
@@ -72,7 +72,11 @@ func startVMSite(tb testing.TB, node, hugetlbfs string, logger ...*slog.Logger) 
 	require.NoError(tb, err)
 	x.vms = cloudvm.NewClient(dyn)
 	ctr := containerd.Start(tb)
-	x.cloud = startCloud(tb, env.Config, cloudOptions{vms: true, timings: testTimings})
+	co := cloudOptions{vms: true, timings: testTimings}
+	if len(logger) > 0 {
+		co.logger = logger[0]
+	}
+	x.cloud = startCloud(tb, env.Config, co)
 	id := x.cloud.admit(tb, node)
 	dir := dataDir(tb, node)
 	images, err := vm.OpenImages(filepath.Join(dir, "vm-images"), "")

@@ -27,6 +27,7 @@ import (
 // (FailedPrecondition); after an exit, a new container is the guest
 // booted again on the same disk.
 func (b *Backend) CreateContainer(ctx context.Context, sandboxID string, cfg *runtimeapi.ContainerConfig, _ *runtimeapi.PodSandboxConfig) (string, error) {
+	begin := time.Now()
 	v, err := b.get(sandboxID)
 	if err != nil {
 		return "", err
@@ -49,6 +50,7 @@ func (b *Backend) CreateContainer(ctx context.Context, sandboxID string, cfg *ru
 		return "", b.refuse("CreateContainer", "image", status.Errorf(codes.NotFound, "resolve image: %v", err))
 	}
 	overlay := rec.Overlay
+	tOverlay := time.Now()
 	if overlay == "" || rec.Image != img.Name {
 		// A new base (the pod's image changed) is a new disk.
 		overlay = filepath.Join(rec.Dir, "disk.qcow2")
@@ -62,6 +64,7 @@ func (b *Backend) CreateContainer(ctx context.Context, sandboxID string, cfg *ru
 			return "", status.Errorf(codes.Internal, "create the vm's disk: %v", err)
 		}
 	}
+	tSeed := time.Now()
 	seed, err := b.seed(rec)
 	if err != nil {
 		return "", status.Errorf(codes.Internal, "make the cloud-init seed: %v", err)
@@ -83,6 +86,7 @@ func (b *Backend) CreateContainer(ctx context.Context, sandboxID string, cfg *ru
 	rec.Overlay, rec.Image = overlay, img.Name
 	rec.Containers = append(rec.Containers, c)
 	v.mu.Unlock()
+	tRecord := time.Now()
 	if err := b.persistState(ctx, v); err != nil {
 		v.mu.Lock()
 		rec.Containers = rec.Containers[:len(rec.Containers)-1]
@@ -92,6 +96,9 @@ func (b *Backend) CreateContainer(ctx context.Context, sandboxID string, cfg *ru
 	b.mu.Lock()
 	b.owner[c.ID] = sandboxID
 	b.mu.Unlock()
+	now := time.Now()
+	b.logger.Info("vm container created", "sandbox", sandboxID, "container", c.ID, "took", now.Sub(begin),
+		"overlay_time", tSeed.Sub(tOverlay), "seed_spec_time", tRecord.Sub(tSeed), "record_time", now.Sub(tRecord))
 	return c.ID, nil
 }
 
