@@ -57,7 +57,7 @@ func (b *Backend) CreateContainer(ctx context.Context, sandboxID string, cfg *ru
 		if err := os.Remove(overlay); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			return "", status.Errorf(codes.Internal, "remove the old disk: %v", err)
 		}
-		if err := b.cfg.Images.Overlay(ctx, img, overlay, rec.Params.DiskSize); err != nil {
+		if err := b.diskFor(ctx, img, overlay, rec.Params.DiskSize); err != nil {
 			if errors.Is(err, ErrImageInvalid) {
 				return "", b.refuse("CreateContainer", "disk_size", status.Errorf(codes.InvalidArgument, "annotation %s: %v", AnnotationDiskSize, err))
 			}
@@ -179,6 +179,7 @@ func (b *Backend) StartContainer(ctx context.Context, id string) error {
 		return errors.Join(status.Errorf(codes.Unavailable, "record vm start: %v", err), m.Kill(), m.Close())
 	}
 	b.publish(cri.Event{ContainerID: id, Kind: cri.EventStart, At: start})
+	b.refill() // the disk it may have taken from the pool, made again now QEMU is up
 	b.logger.Info("vm started", "sandbox", v.rec.ID, "container", id, "pid", m.Pid(), "accel", spec.Accel,
 		"qemu_start", time.Since(start))
 	b.wg.Add(1)
