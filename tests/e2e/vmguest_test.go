@@ -58,6 +58,7 @@ type vmSite struct {
 	vms            *cloudvm.Client
 	cloud          *cloud
 	edge           *edge
+	images         *vm.Images // the edge's image store (the test's handle on it)
 	runDir, logDir string
 }
 
@@ -82,6 +83,7 @@ func startVMSite(tb testing.TB, node, hugetlbfs string, logger ...*slog.Logger) 
 	images, err := vm.OpenImages(filepath.Join(dir, "vm-images"), "")
 	require.NoError(tb, err)
 	vmguest.Import(tb, images)
+	x.images = images
 	x.runDir = vmguest.RunDir(tb)
 	x.logDir = filepath.Join(tb.TempDir(), "logs")
 	mounts := map[int64]string{}
