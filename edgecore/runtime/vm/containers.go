@@ -357,7 +357,7 @@ func (b *Backend) stopLive(ctx context.Context, v *vmState, grace time.Duration)
 	if err != nil {
 		return status.Errorf(codes.Internal, "stop vm container %s: %v", c.ID, err)
 	}
-	b.logger.Info("vm stopped", "container", c.ID, "ending", string(ending), "grace", grace)
+	b.logger.Info("vm stopped", "sandbox", v.rec.ID, "container", c.ID, "ending", string(ending), "grace", grace)
 	// The watcher records the exit; wait for it so the caller sees it.
 	select {
 	case <-recorded:
