@@ -165,3 +165,26 @@ func TestOverlayPoolAcrossFilesystems(t *testing.T) {
 	require.NoError(t, err)
 	require.Zero(t, n, "the copied entry is gone from the pool")
 }
+
+// A store opened by a relative path still makes overlays that find their
+// base from anywhere: the base is named by its absolute path (qemu would
+// read a relative one from the overlay's directory).
+func TestOverlayOfRelativeStore(t *testing.T) {
+	t.Chdir(t.TempDir())
+	raw := "base.raw"
+	require.NoError(t, os.WriteFile(raw, make([]byte, 1<<20), 0o644))
+	st, err := OpenImages("vm-images", "")
+	require.NoError(t, err)
+	img, err := st.Import(t.Context(), "rel", raw, Boot{})
+	require.NoError(t, err)
+	require.True(t, filepath.IsAbs(img.Path), img.Path)
+	disk := filepath.Join(t.TempDir(), "disk.qcow2")
+	require.NoError(t, st.Overlay(t.Context(), img, disk, 0))
+	qemuImg(t, "info", "--backing-chain", disk)
+	require.NoError(t, st.FillOverlays(t.Context(), img, 1))
+	pooled := filepath.Join(t.TempDir(), "pooled.qcow2")
+	ok, rejected := st.TakeOverlay(img, pooled)
+	require.True(t, ok)
+	require.Empty(t, rejected)
+	qemuImg(t, "info", "--backing-chain", pooled)
+}
