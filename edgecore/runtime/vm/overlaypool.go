@@ -217,7 +217,7 @@ func checkOverlay(path string, img Image) error {
 		return fmt.Errorf("virtual size %d, the base's is %d", size, img.VirtualSize)
 	}
 	off, ln := binary.BigEndian.Uint64(buf[8:]), uint64(binary.BigEndian.Uint32(buf[16:]))
-	if off == 0 || off+ln > uint64(len(buf)) {
+	if off == 0 || off > uint64(len(buf)) || ln > uint64(len(buf))-off {
 		return errors.New("no backing file, or its name past the end of what was read (a file cut short)")
 	}
 	if backing := string(buf[off : off+ln]); backing != img.Path {
@@ -236,7 +236,7 @@ func checkOverlay(path string, img Image) error {
 			break // end of extensions
 		}
 		data := p + 8
-		if data+l > uint64(len(buf)) {
+		if l > uint64(len(buf))-data {
 			return errors.New("qcow2 header extension past the header")
 		}
 		if typ == qcowExtBackingFmt {

@@ -188,3 +188,27 @@ func TestOverlayOfRelativeStore(t *testing.T) {
 	require.Empty(t, rejected)
 	qemuImg(t, "info", "--backing-chain", pooled)
 }
+
+// FuzzCheckOverlay: whatever a pool file holds, the check answers (an
+// error or nil) and never panics; nil only for a header that names the
+// base.
+func FuzzCheckOverlay(f *testing.F) {
+	dir := f.TempDir()
+	base := filepath.Join(dir, "base.raw")
+	require.NoError(f, os.WriteFile(base, make([]byte, 1<<20), 0o644))
+	img := Image{Path: base, Format: "raw", VirtualSize: 1 << 20}
+	good := filepath.Join(dir, "good.qcow2")
+	qemuImg(f, "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", good)
+	data, err := os.ReadFile(good)
+	require.NoError(f, err)
+	f.Add(data[:4096])
+	f.Add(data[:120])
+	f.Add([]byte("QFI\xfb"))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		p := filepath.Join(t.TempDir(), "x.qcow2")
+		require.NoError(t, os.WriteFile(p, b, 0o644))
+		if checkOverlay(p, img) == nil {
+			require.Contains(t, string(b), base)
+		}
+	})
+}
