@@ -30,17 +30,25 @@ func imgInfoOf(tb testing.TB, path string) map[string]any {
 	return m
 }
 
-func TestImagesImportListOverlayRemove(t *testing.T) {
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
+// emptyStore opens an empty image store in a temp dir and writes two
+// candidate bases beside it: a 64 MiB qcow2 and a 1 MiB raw file.
+func emptyStore(t *testing.T) (st *Images, qcow, raw string) {
+	t.Helper()
 	src := t.TempDir()
 	st, err := OpenImages(filepath.Join(t.TempDir(), "vm-images"), "")
 	require.NoError(t, err)
-
-	qcow := filepath.Join(src, "base.qcow2")
+	qcow = filepath.Join(src, "base.qcow2")
 	qemuImg(t, "create", "-q", "-f", "qcow2", qcow, "64M")
-	raw := filepath.Join(src, "base.raw")
+	raw = filepath.Join(src, "base.raw")
 	require.NoError(t, os.WriteFile(raw, make([]byte, 1<<20), 0o644))
+	return st, qcow, raw
+}
+
+func TestImagesImportListOverlayRemove(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	st, qcow, raw := emptyStore(t)
+	src := filepath.Dir(qcow)
 	kernel := filepath.Join(src, "vmlinuz")
 	require.NoError(t, os.WriteFile(kernel, []byte("not really a kernel"), 0o644))
 

@@ -17,13 +17,7 @@ import (
 // "guest" and a 1 MiB raw base "other".
 func poolStore(t *testing.T) (*Images, Image, Image) {
 	t.Helper()
-	src := t.TempDir()
-	st, err := OpenImages(filepath.Join(t.TempDir(), "vm-images"), "")
-	require.NoError(t, err)
-	qcow := filepath.Join(src, "base.qcow2")
-	qemuImg(t, "create", "-q", "-f", "qcow2", qcow, "64M")
-	raw := filepath.Join(src, "base.raw")
-	require.NoError(t, os.WriteFile(raw, make([]byte, 1<<20), 0o644))
+	st, qcow, raw := emptyStore(t)
 	a, err := st.Import(t.Context(), "guest", qcow, Boot{})
 	require.NoError(t, err)
 	b, err := st.Import(t.Context(), "other", raw, Boot{})
