@@ -58,11 +58,12 @@ type vmSite struct {
 	vms            *cloudvm.Client
 	cloud          *cloud
 	edge           *edge
+	images         *vm.Images // the edge's image store (the test's handle on it)
 	runDir, logDir string
 }
 
 // startVMSite starts a vmSite; hugetlbfs, when not "", is the pool's 2Mi
-// mount. logger, when set, is EdgeCore's.
+// mount. logger, when set, is EdgeCore's and CloudCore's.
 func startVMSite(tb testing.TB, node, hugetlbfs string, logger ...*slog.Logger) *vmSite {
 	tb.Helper()
 	env := cp.Env(tb)
@@ -72,12 +73,17 @@ func startVMSite(tb testing.TB, node, hugetlbfs string, logger ...*slog.Logger) 
 	require.NoError(tb, err)
 	x.vms = cloudvm.NewClient(dyn)
 	ctr := containerd.Start(tb)
-	x.cloud = startCloud(tb, env.Config, cloudOptions{vms: true, timings: testTimings})
+	co := cloudOptions{vms: true, timings: testTimings}
+	if len(logger) > 0 {
+		co.logger = logger[0]
+	}
+	x.cloud = startCloud(tb, env.Config, co)
 	id := x.cloud.admit(tb, node)
 	dir := dataDir(tb, node)
 	images, err := vm.OpenImages(filepath.Join(dir, "vm-images"), "")
 	require.NoError(tb, err)
 	vmguest.Import(tb, images)
+	x.images = images
 	x.runDir = vmguest.RunDir(tb)
 	x.logDir = filepath.Join(tb.TempDir(), "logs")
 	mounts := map[int64]string{}
@@ -99,6 +105,62 @@ func startVMSite(tb testing.TB, node, hugetlbfs string, logger ...*slog.Logger) 
 	return x
 }
 
+// waitBooted waits for VM name to be Running with the boot marker in its
+// console, and returns it.
+func (x *vmSite) waitBooted(t *testing.T, name string) *cloudvm.VirtualMachine {
+	t.Helper()
+	var v *cloudvm.VirtualMachine
+	if !assert.Eventually(t, func() bool {
+		got, err := x.vms.Get(context.Background(), x.ns, name)
+		if err == nil {
+			v = got
+		}
+		return err == nil && got.Status.Phase == cloudvm.PhaseRunning && strings.Contains(got.Status.Console, vm.BootMarker)
+	}, 4*time.Minute, 100*time.Millisecond) {
+		require.NotNil(t, v, "the VM was never read")
+		t.Fatalf("the VM did not boot; its last status: %+v", v.Status)
+	}
+	return v
+}
+
+// keepConsole opens the console of the site's one VM and returns a path
+// that reads it until the test ends: the pod's log directory goes with
+// the pod, and the powerdown is read after.
+func (x *vmSite) keepConsole(t *testing.T) string {
+	t.Helper()
+	logs, err := filepath.Glob(filepath.Join(x.logDir, "*", "compute_0.log"))
+	require.NoError(t, err)
+	require.Len(t, logs, 1)
+	f, err := os.Open(logs[0])
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = f.Close() })
+	return fmt.Sprintf("/proc/self/fd/%d", f.Fd())
+}
+
+// requireNothingLeft waits for the node to hold no VM: no allocation
+// rows, no sandbox directory (overlay, QMP socket), HugePages_Free back
+// to free.
+func (x *vmSite) requireNothingLeft(t *testing.T, free int64) {
+	t.Helper()
+	require.Eventually(t, func() bool {
+		all, err := x.edge.st.Allocations().Kind(context.Background(), "")
+		return err == nil && len(all) == 0
+	}, 2*time.Minute, 100*time.Millisecond, "no allocation rows left")
+	require.Eventually(t, func() bool {
+		ents, err := os.ReadDir(x.runDir)
+		if err != nil {
+			return false
+		}
+		for _, d := range ents {
+			if d.IsDir() {
+				return false // a sandbox's directory: its overlay
+			}
+		}
+		return true
+	}, time.Minute, 100*time.Millisecond, "no overlay left")
+	require.Eventually(t, func() bool { return hugepages.Free(t) >= free }, time.Minute, 50*time.Millisecond, "the pages come back")
+}
+
 // TestVMEndToEnd: a VirtualMachine created in the API server boots a real
 // QEMU (TCG here) on an edge node, through CloudCore's VM controller, the
 // tunnel, EdgeCore's store, pod manager, in-process CRI shim, VM backend
@@ -114,7 +176,7 @@ func startVMSite(tb testing.TB, node, hugetlbfs string, logger ...*slog.Logger) 
 func TestVMEndToEnd(t *testing.T) {
 	mnt := hugepages.Reserve(t, 64+8) // before the edge starts: the Node advertises them
 	x := startVMSite(t, "vm-e2e", mnt)
-	ns, vms, c, e, node, runDir, logDir := x.ns, x.vms, x.cloud, x.edge, x.node, x.runDir, x.logDir
+	ns, vms, c, e, node := x.ns, x.vms, x.cloud, x.edge, x.node
 	ctx := klog.NewContext(t.Context(), logr.Discard())
 	free := hugepages.Free(t)
 
@@ -124,17 +186,7 @@ func TestVMEndToEnd(t *testing.T) {
 			DedicatedCPUs: true, NodeName: node},
 	})
 	require.NoError(t, err)
-	var v *cloudvm.VirtualMachine
-	if !assert.Eventually(t, func() bool {
-		got, err := vms.Get(context.Background(), ns, "guest")
-		if err == nil {
-			v = got
-		}
-		return err == nil && got.Status.Phase == cloudvm.PhaseRunning && strings.Contains(got.Status.Console, vm.BootMarker)
-	}, 4*time.Minute, 100*time.Millisecond) {
-		require.NotNil(t, v, "the VM was never read")
-		t.Fatalf("the VM did not boot; its last status: %+v", v.Status)
-	}
+	v := x.waitBooted(t, "guest")
 	require.NotNil(t, v.Status.BootTime)
 	require.Equal(t, vmguest.Accel(t), v.Status.Acceleration)
 	require.Equal(t, node, v.Status.NodeName)
@@ -147,15 +199,7 @@ func TestVMEndToEnd(t *testing.T) {
 	require.Len(t, g.CPUs, 1)
 	vmcheck.RequirePinned(t, pid, g)
 
-	// The pod's log directory goes with the pod: keep the console open to
-	// read the powerdown once it is unlinked.
-	logs, err := filepath.Glob(filepath.Join(logDir, "*", "compute_0.log"))
-	require.NoError(t, err)
-	require.Len(t, logs, 1)
-	consoleFile, err := os.Open(logs[0])
-	require.NoError(t, err)
-	defer consoleFile.Close()
-	console := fmt.Sprintf("/proc/self/fd/%d", consoleFile.Fd())
+	console := x.keepConsole(t)
 
 	// Offline: the cloud goes; the guest does not.
 	c.stop()
@@ -180,23 +224,7 @@ func TestVMEndToEnd(t *testing.T) {
 	}, 3*time.Minute, 100*time.Millisecond, "running:false set offline stops the VM on reconnect")
 	require.Eventually(t, func() bool { return syscall.Kill(pid, 0) == syscall.ESRCH }, time.Minute, 50*time.Millisecond, "QEMU exits")
 	require.Equal(t, 1, vmguest.CountMarker(console, "TETHER-GUEST-POWERDOWN"), "a graceful powerdown, not a kill")
-	require.Eventually(t, func() bool {
-		all, err := e.st.Allocations().Kind(context.Background(), "")
-		return err == nil && len(all) == 0
-	}, 2*time.Minute, 100*time.Millisecond, "no allocation rows left")
-	require.Eventually(t, func() bool {
-		ents, err := os.ReadDir(runDir)
-		if err != nil {
-			return false
-		}
-		for _, d := range ents {
-			if d.IsDir() {
-				return false // a sandbox's directory: its overlay
-			}
-		}
-		return true
-	}, time.Minute, 100*time.Millisecond, "no overlay left")
-	require.Eventually(t, func() bool { return hugepages.Free(t) >= free }, time.Minute, 50*time.Millisecond, "the pages come back")
+	x.requireNothingLeft(t, free)
 
 	require.NoError(t, vms.Delete(ctx, ns, "guest"))
 	require.Eventually(t, func() bool {

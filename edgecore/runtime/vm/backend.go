@@ -64,6 +64,15 @@ type Config struct {
 	// ConsolePoll is how often a running guest's console is read for the
 	// boot marker. Default 50 ms.
 	ConsolePoll time.Duration
+	// OverlayPool is how many qcow2 overlays the backend keeps made ahead
+	// per base image (Images.FillOverlays), so that CreateContainer takes
+	// one instead of running qemu-img. Default 2; negative: no pool, every
+	// overlay made by qemu-img on the create path.
+	OverlayPool int
+	// OverlayRescan is how often the pools of every image are topped up
+	// besides after each VM start (an image imported by another process
+	// gets its pool within this). Default 1 minute.
+	OverlayRescan time.Duration
 	// Logger defaults to a discard logger.
 	Logger *slog.Logger
 	// Registerer receives the backend's metrics; nil registers nowhere.
@@ -72,8 +81,10 @@ type Config struct {
 
 // Defaults.
 const (
-	DefaultQEMU        = "qemu-system-x86_64"
-	DefaultConsolePoll = 50 * time.Millisecond
+	DefaultQEMU          = "qemu-system-x86_64"
+	DefaultConsolePoll   = 50 * time.Millisecond
+	DefaultOverlayPool   = 2
+	DefaultOverlayRescan = time.Minute
 )
 
 func (c Config) withDefaults(ctx context.Context) (Config, error) {
@@ -94,6 +105,15 @@ func (c Config) withDefaults(ctx context.Context) (Config, error) {
 	}
 	if c.ConsolePoll <= 0 {
 		c.ConsolePoll = DefaultConsolePoll
+	}
+	switch {
+	case c.OverlayPool == 0:
+		c.OverlayPool = DefaultOverlayPool
+	case c.OverlayPool < 0:
+		c.OverlayPool = 0
+	}
+	if c.OverlayRescan <= 0 {
+		c.OverlayRescan = DefaultOverlayRescan
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
@@ -141,6 +161,9 @@ type Backend struct {
 	// owner maps container ids to their sandbox ids.
 	owner map[string]string
 
+	// fill asks the overlay pool's filler to top the pools up.
+	fill chan struct{}
+
 	closeOnce sync.Once
 }
 
@@ -157,9 +180,10 @@ type vmState struct {
 }
 
 type metrics struct {
-	refused *prometheus.CounterVec
-	running prometheus.GaugeFunc
-	boots   prometheus.Histogram
+	refused  *prometheus.CounterVec
+	overlays *prometheus.CounterVec
+	running  prometheus.GaugeFunc
+	boots    prometheus.Histogram
 }
 
 var (
@@ -183,7 +207,7 @@ func New(ctx context.Context, cfg Config, allocs Allocations) (*Backend, error) 
 	}
 	b := &Backend{
 		cfg: cfg, allocs: allocs, logger: cfg.Logger.With("component", "vm"), lim: ratelog.New(0, nil),
-		events: cri.NewBroker(), vms: map[string]*vmState{}, owner: map[string]string{},
+		events: cri.NewBroker(), vms: map[string]*vmState{}, owner: map[string]string{}, fill: make(chan struct{}, 1),
 	}
 	b.ctx, b.cancel = context.WithCancel(context.WithoutCancel(ctx))
 	b.m = metrics{
@@ -191,6 +215,10 @@ func New(ctx context.Context, cfg Config, allocs Allocations) (*Backend, error) 
 			Name: "tether_vm_refused_total",
 			Help: "VM sandbox and container requests refused, by CRI call and reason.",
 		}, []string{"call", "reason"}),
+		overlays: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tether_vm_overlay_pool_total",
+			Help: "The overlay pool's events: hit (a VM's disk taken from the pool), miss (made by qemu-img on the create path), rejected (a pooled overlay that failed its check, removed), fill_error (topping a pool up failed).",
+		}, []string{"result"}),
 		running: prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "tether_vm_running",
 			Help: "QEMU processes the VM backend watches.",
@@ -202,7 +230,7 @@ func New(ctx context.Context, cfg Config, allocs Allocations) (*Backend, error) 
 		}),
 	}
 	if cfg.Registerer != nil {
-		for _, c := range []prometheus.Collector{b.m.refused, b.m.running, b.m.boots} {
+		for _, c := range []prometheus.Collector{b.m.refused, b.m.overlays, b.m.running, b.m.boots} {
 			if err := cfg.Registerer.Register(c); err != nil {
 				return nil, fmt.Errorf("register vm metrics: %w", err)
 			}
@@ -212,6 +240,10 @@ func New(ctx context.Context, cfg Config, allocs Allocations) (*Backend, error) 
 		b.cancel()
 		b.wg.Wait()
 		return nil, err
+	}
+	if b.cfg.OverlayPool > 0 {
+		b.wg.Add(1)
+		go b.fillOverlays()
 	}
 	return b, nil
 }

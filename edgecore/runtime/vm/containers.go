@@ -27,6 +27,7 @@ import (
 // (FailedPrecondition); after an exit, a new container is the guest
 // booted again on the same disk.
 func (b *Backend) CreateContainer(ctx context.Context, sandboxID string, cfg *runtimeapi.ContainerConfig, _ *runtimeapi.PodSandboxConfig) (string, error) {
+	begin := time.Now()
 	v, err := b.get(sandboxID)
 	if err != nil {
 		return "", err
@@ -49,19 +50,21 @@ func (b *Backend) CreateContainer(ctx context.Context, sandboxID string, cfg *ru
 		return "", b.refuse("CreateContainer", "image", status.Errorf(codes.NotFound, "resolve image: %v", err))
 	}
 	overlay := rec.Overlay
+	tOverlay := time.Now()
 	if overlay == "" || rec.Image != img.Name {
 		// A new base (the pod's image changed) is a new disk.
 		overlay = filepath.Join(rec.Dir, "disk.qcow2")
 		if err := os.Remove(overlay); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			return "", status.Errorf(codes.Internal, "remove the old disk: %v", err)
 		}
-		if err := b.cfg.Images.Overlay(ctx, img, overlay, rec.Params.DiskSize); err != nil {
+		if err := b.diskFor(ctx, img, overlay, rec.Params.DiskSize); err != nil {
 			if errors.Is(err, ErrImageInvalid) {
 				return "", b.refuse("CreateContainer", "disk_size", status.Errorf(codes.InvalidArgument, "annotation %s: %v", AnnotationDiskSize, err))
 			}
 			return "", status.Errorf(codes.Internal, "create the vm's disk: %v", err)
 		}
 	}
+	tSeed := time.Now()
 	seed, err := b.seed(rec)
 	if err != nil {
 		return "", status.Errorf(codes.Internal, "make the cloud-init seed: %v", err)
@@ -83,6 +86,7 @@ func (b *Backend) CreateContainer(ctx context.Context, sandboxID string, cfg *ru
 	rec.Overlay, rec.Image = overlay, img.Name
 	rec.Containers = append(rec.Containers, c)
 	v.mu.Unlock()
+	tRecord := time.Now()
 	if err := b.persistState(ctx, v); err != nil {
 		v.mu.Lock()
 		rec.Containers = rec.Containers[:len(rec.Containers)-1]
@@ -92,6 +96,9 @@ func (b *Backend) CreateContainer(ctx context.Context, sandboxID string, cfg *ru
 	b.mu.Lock()
 	b.owner[c.ID] = sandboxID
 	b.mu.Unlock()
+	now := time.Now()
+	b.logger.Info("vm container created", "sandbox", sandboxID, "container", c.ID, "took", now.Sub(begin),
+		"overlay_time", tSeed.Sub(tOverlay), "seed_spec_time", tRecord.Sub(tSeed), "record_time", now.Sub(tRecord))
 	return c.ID, nil
 }
 
@@ -172,6 +179,7 @@ func (b *Backend) StartContainer(ctx context.Context, id string) error {
 		return errors.Join(status.Errorf(codes.Unavailable, "record vm start: %v", err), m.Kill(), m.Close())
 	}
 	b.publish(cri.Event{ContainerID: id, Kind: cri.EventStart, At: start})
+	b.refill() // the disk it may have taken from the pool, made again now QEMU is up
 	b.logger.Info("vm started", "sandbox", v.rec.ID, "container", id, "pid", m.Pid(), "accel", spec.Accel,
 		"qemu_start", time.Since(start))
 	b.wg.Add(1)
@@ -349,7 +357,7 @@ func (b *Backend) stopLive(ctx context.Context, v *vmState, grace time.Duration)
 	if err != nil {
 		return status.Errorf(codes.Internal, "stop vm container %s: %v", c.ID, err)
 	}
-	b.logger.Info("vm stopped", "container", c.ID, "ending", string(ending), "grace", grace)
+	b.logger.Info("vm stopped", "sandbox", v.rec.ID, "container", c.ID, "ending", string(ending), "grace", grace)
 	// The watcher records the exit; wait for it so the caller sees it.
 	select {
 	case <-recorded:

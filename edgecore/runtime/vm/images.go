@@ -112,14 +112,21 @@ func CheckImageName(name string) error {
 	return nil
 }
 
-// OpenImages opens (creating it if needed) the image store in dir, using
-// the qemu-img binary qemuImg ("" : "qemu-img" from PATH).
+// OpenImages opens (creating it if needed) the image store in dir (made
+// absolute), using the qemu-img binary qemuImg ("" : "qemu-img" from
+// PATH).
 func OpenImages(dir, qemuImg string) (*Images, error) {
 	if dir == "" {
 		return nil, errors.New("vm: an image directory is required")
 	}
 	if qemuImg == "" {
 		qemuImg = "qemu-img"
+	}
+	// Absolute: an overlay names its base by this path, and qemu would
+	// read a relative one from the overlay's own directory.
+	dir, err := filepath.Abs(dir)
+	if err != nil {
+		return nil, fmt.Errorf("resolve image directory: %w", err)
 	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("create image directory: %w", err)

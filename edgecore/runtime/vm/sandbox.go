@@ -52,14 +52,17 @@ func (b *Backend) RunPodSandbox(ctx context.Context, cfg *runtimeapi.PodSandboxC
 			return "", errors.Join(fmt.Errorf("write user data: %w", err), os.RemoveAll(rec.Dir))
 		}
 	}
+	tClaim := time.Now()
 	if err := b.claim(ctx, rec); err != nil {
 		return "", errors.Join(err, os.RemoveAll(rec.Dir))
 	}
+	took := time.Since(tClaim)
 	b.mu.Lock()
 	b.vms[id] = &vmState{rec: rec}
 	b.mu.Unlock()
 	b.logger.Info("vm sandbox created", "sandbox", id, "pod", rec.Namespace+"/"+rec.Name, "vm", p.Name,
-		"vcpus", p.VCPUs, "memory_bytes", p.MemoryBytes, "dedicated_cpus", p.DedicatedCPUs)
+		"vcpus", p.VCPUs, "memory_bytes", p.MemoryBytes, "dedicated_cpus", p.DedicatedCPUs,
+		"record_time", took, "took", time.Since(time.Unix(0, rec.CreatedAt)))
 	return id, nil
 }
 
