@@ -110,7 +110,10 @@ func TestIDMapSurvivesRestart(t *testing.T) {
 	require.Equal(t, int64(2), def.byID.Load(), "a forgotten container id falls back to the default backend")
 }
 
-// TestDeadlines: every call is bounded by the configured timeout, and a
+// TestDeadlines: every call is bounded by the configured timeout, plus
+// its own for ExecSync and StopContainer (a grace period longer than the
+// bound still ends in SIGKILL, not DeadlineExceeded: a pod that ignores
+// SIGTERM could otherwise never be stopped through the shim), and a
 // shorter deadline of the caller is kept.
 func TestDeadlines(t *testing.T) {
 	h := containerd.Start(t)
@@ -123,7 +126,7 @@ func TestDeadlines(t *testing.T) {
 	podID, err := h.Runtime.RunPodSandbox(ctx, sb, "")
 	require.NoError(t, err)
 	// sleep as PID 1 of its PID namespace ignores SIGTERM: StopContainer
-	// waits its 20 s before SIGKILL.
+	// waits its timeout before SIGKILL.
 	c := h.BusyboxContainer("slow", "sleep", "3600")
 	c.Linux = &runtimeapi.LinuxContainerConfig{SecurityContext: &runtimeapi.LinuxContainerSecurityContext{
 		NamespaceOptions: &runtimeapi.NamespaceOption{Pid: runtimeapi.NamespaceMode_CONTAINER},
@@ -133,9 +136,9 @@ func TestDeadlines(t *testing.T) {
 	require.NoError(t, h.Runtime.StartContainer(ctx, ctrID))
 
 	t0 := time.Now()
-	_, err = s.Raw.StopContainer(ctx, &runtimeapi.StopContainerRequest{ContainerId: ctrID, Timeout: 20})
+	_, err = s.Raw.ExecSync(ctx, &runtimeapi.ExecSyncRequest{ContainerId: ctrID, Cmd: []string{"sleep", "30"}})
 	require.Equal(t, codes.DeadlineExceeded, status.Code(err), "%v", err)
-	require.Less(t, time.Since(t0), 10*time.Second, "the shim's 700 ms bound, not the 20 s stop timeout")
+	require.Less(t, time.Since(t0), 10*time.Second, "an exec without a timeout of its own: the shim's 700 ms bound, not the 30 s sleep")
 
 	short, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
 	defer cancel()
@@ -143,4 +146,15 @@ func TestDeadlines(t *testing.T) {
 	_, err = s.Raw.ExecSync(short, &runtimeapi.ExecSyncRequest{ContainerId: ctrID, Cmd: []string{"sleep", "30"}, Timeout: 30})
 	require.Equal(t, codes.DeadlineExceeded, status.Code(err), "%v", err)
 	require.Less(t, time.Since(t0), 10*time.Second, "the caller's 200 ms, not ExecSync's 30 s")
+
+	// A shim whose bound (3 s) is shorter than the stop's 5 s grace period;
+	// the margin beyond the grace period is the bound.
+	s3 := startShim(t, h, shimOpts{cfg: cri.Config{CallTimeout: 3 * time.Second}})
+	t0 = time.Now()
+	_, err = s3.Raw.StopContainer(ctx, &runtimeapi.StopContainerRequest{ContainerId: ctrID, Timeout: 5})
+	require.NoError(t, err, "a stop timeout longer than the shim's bound is the container's grace period")
+	require.GreaterOrEqual(t, time.Since(t0), 5*time.Second, "SIGTERM was ignored: the container ran until its grace period ended")
+	st, err := h.Runtime.ContainerStatus(ctx, ctrID, false)
+	require.NoError(t, err)
+	require.Equal(t, runtimeapi.ContainerState_CONTAINER_EXITED, st.GetStatus().GetState())
 }

@@ -168,14 +168,18 @@ func listenUnix(path string) (net.Listener, error) {
 	return lis, nil
 }
 
-// timeoutOf is the deadline of a call: PullImage gets PullTimeout,
-// ExecSync its own timeout on top of CallTimeout, every other call
-// CallTimeout. context.WithTimeout keeps a shorter deadline of the caller.
+// timeoutOf is the deadline of a call: PullImage gets PullTimeout;
+// ExecSync and StopContainer their own timeout (the exec's, the grace
+// period before SIGKILL) on top of CallTimeout, as kubelet's CRI client
+// bounds them; every other call CallTimeout. context.WithTimeout keeps a
+// shorter deadline of the caller.
 func (s *Server) timeoutOf(method string, req any) time.Duration {
 	switch r := req.(type) {
 	case *runtimeapi.PullImageRequest:
 		return s.cfg.PullTimeout
 	case *runtimeapi.ExecSyncRequest:
+		return s.cfg.CallTimeout + time.Duration(max(r.GetTimeout(), 0))*time.Second
+	case *runtimeapi.StopContainerRequest:
 		return s.cfg.CallTimeout + time.Duration(max(r.GetTimeout(), 0))*time.Second
 	}
 	_ = method
