@@ -79,6 +79,10 @@ type Client struct {
 	sessCfg sessionConfig
 	servers []server
 
+	// ignoreGoodbye makes the client's sessions deliver goodbyes like
+	// other messages, as a build older than them does (tests).
+	ignoreGoodbye bool
+
 	mu   sync.Mutex
 	last int       // index of the server that worked last
 	pref Transport // the transport tried first at a server that has both
@@ -239,6 +243,7 @@ func (c *Client) serverIdentity(cs tls.ConnectionState) Identity {
 
 func (c *Client) started(sess *Session) {
 	sess.logger = c.logger.With("session", sess.id, "transport", string(sess.transport))
+	sess.goodbye.take = !c.ignoreGoodbye
 	sess.start()
 	c.metrics.SessionsOpened.WithLabelValues(string(sess.transport)).Inc()
 	sess.logger.Info("connected to cloud")
@@ -259,7 +264,9 @@ func (c *Client) Run(ctx context.Context, handle func(ctx context.Context, s *Se
 			stop()
 			_ = sess.Close("client handler returned")
 			c.logger.Info("disconnected from cloud", "reason", sess.Err(), "handler_err", herr)
-			c.moveOn()
+			if hint := sess.Hint(); hint == "" || !c.startAt(hint) {
+				c.moveOn()
+			}
 		} else if ctx.Err() == nil {
 			c.logger.Warn("cannot reach cloud", "err", err)
 		}
