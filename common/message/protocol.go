@@ -64,8 +64,8 @@
 // [KindGoodbye] with a [Goodbye] hint, and the edge closes the session
 // and connects again, to the hinted replica first:
 //
-//	   |<----------------- Goodbye{reason, hint} -----|  replica over its fair share
-//	   |-- close("goodbye: ...") -------------------->|  edge dials the hint first
+//	|<----------------- Goodbye{reason, hint} -----|  replica over its fair share
+//	|-- close("goodbye: ...") -------------------->|  edge dials the hint first
 //
 // The kind number was reserved in protocol version 1 from the start, so
 // the version stays 1: an older edge that does not know it refuses it
