@@ -23,17 +23,18 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/stretchr/testify/require"
 	corev1 "k8s.io/api/core/v1"
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 
 	cloudapp "github.com/tetheredge/tether/cloudcore/app"
 	"github.com/tetheredge/tether/cloudcore/catalog"
 	"github.com/tetheredge/tether/cloudcore/edgenode"
+	"github.com/tetheredge/tether/cloudcore/hub"
 	"github.com/tetheredge/tether/cloudcore/onboard"
 	"github.com/tetheredge/tether/common/message"
 	edgeapp "github.com/tetheredge/tether/edgecore/app"
@@ -55,8 +56,12 @@ type haSpec struct {
 	QUIC       string `json:"quic"`
 	Join       string `json:"join"`
 	Metrics    string `json:"metrics"`
-	CAName     string `json:"caName"`
-	Ready      string `json:"ready"`
+	// Rebalance, when not zero, is the rebalancing period; Advertise the
+	// replica's address for the others' hints.
+	Rebalance time.Duration `json:"rebalance,omitempty"`
+	Advertise string        `json:"advertise,omitempty"`
+	CAName    string        `json:"caName"`
+	Ready     string        `json:"ready"`
 }
 
 // TestHACloudChild is one CloudCore replica of TestHAFailover: the
@@ -81,6 +86,7 @@ func TestHACloudChild(t *testing.T) {
 		CAName: spec.CAName, KeepAlive: keepAlive, DeadPeerTimeout: deadPeer,
 		VMs: cloudapp.VMConfig{Disabled: true}, Logger: testlog.New(),
 		Registerer: prometheus.NewRegistry(), MetricsAddr: spec.Metrics,
+		Rebalance: cloudapp.RebalanceConfig{Enabled: spec.Rebalance > 0, Address: spec.Advertise, Period: spec.Rebalance},
 	})
 	require.NoError(t, err)
 	require.NoError(t, a.Listen())
@@ -99,76 +105,98 @@ func haTimings(o *tunnel.Options) {
 type replica struct {
 	name, dir string
 	spec      haSpec
+	runs      int
 	cmd       *exec.Cmd
 	exited    chan struct{}
 }
 
 // startReplicas starts n CloudCore processes on one CA Secret at once
 // (the race to create the CA is part of what is tested) and waits until
-// each listens.
-func startReplicas(t *testing.T, kubeconfig, caName string, n int) []*replica {
+// each is ready. rebalance, when not zero, is their rebalancing period,
+// each advertising its own QUIC address.
+func startReplicas(t *testing.T, kubeconfig, caName string, n int, rebalance time.Duration) []*replica {
 	t.Helper()
 	dir := t.TempDir()
 	rs := make([]*replica, n)
 	for i := range rs {
 		name := fmt.Sprintf("replica-%d", i)
-		r := &replica{name: name, dir: dir, spec: haSpec{
-			KubeConfig: kubeconfig, QUIC: freeUDP(t), Join: freeTCPAddr(t), Metrics: freeTCPAddr(t), CAName: caName,
-			Ready: filepath.Join(dir, name+".ready"),
+		quic := freeUDP(t)
+		rs[i] = &replica{name: name, dir: dir, spec: haSpec{
+			KubeConfig: kubeconfig, QUIC: quic, Join: freeTCPAddr(t), Metrics: freeTCPAddr(t), CAName: caName,
+			Rebalance: rebalance,
 		}}
-		b, err := json.Marshal(r.spec)
-		require.NoError(t, err)
-		specFile := filepath.Join(dir, name+".json")
-		require.NoError(t, os.WriteFile(specFile, b, 0o600))
-		log, err := os.Create(filepath.Join(dir, name+".log"))
-		require.NoError(t, err)
-		r.cmd = exec.Command(os.Args[0], "-test.run=^TestHACloudChild$", "-test.count=1")
-		r.cmd.Env = append(os.Environ(), haChildEnv+"="+specFile)
-		r.cmd.Stdout, r.cmd.Stderr = log, log
-		r.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-		rs[i] = r
+		if rebalance > 0 {
+			rs[i].spec.Advertise = "quic://" + quic
+		}
 	}
 	for _, r := range rs { // as close together as the machine allows
-		require.NoError(t, r.cmd.Start())
-		r.exited = make(chan struct{})
-		go func(r *replica) { _ = r.cmd.Wait(); close(r.exited) }(r)
-		t.Cleanup(r.kill)
+		r.launch(t)
 	}
 	for _, r := range rs {
-		require.Eventually(t, func() bool {
-			_, err := os.Stat(r.spec.Ready)
-			select {
-			case <-r.exited:
-				return true
-			default:
-			}
-			return err == nil
-		}, 60*time.Second, 20*time.Millisecond, "%s did not start", r.name)
-		select {
-		case <-r.exited:
-			t.Fatalf("%s exited at start:\n%s", r.name, r.logTail())
-		default:
-		}
-		// Ready: its informers synced and it serves sessions, so an edge
-		// that starts at it stays there.
-		require.Eventually(t, func() bool {
-			code, _, err := opsprobe.Get("http://" + r.spec.Metrics + "/readyz")
-			return err == nil && code == http.StatusOK
-		}, 60*time.Second, 50*time.Millisecond, "%s is not ready", r.name)
+		r.waitReady(t)
 	}
 	return rs
 }
 
-// sessions returns how many edge sessions the replica holds (its
-// tunnel_sessions_active gauges, summed), or NaN when it cannot tell.
-func (r *replica) sessions() float64 {
+// launch starts the replica's process (again, after a kill: same
+// addresses, a new identity).
+func (r *replica) launch(t *testing.T) {
+	t.Helper()
+	r.runs++
+	r.spec.Ready = filepath.Join(r.dir, fmt.Sprintf("%s.ready.%d", r.name, r.runs))
+	b, err := json.Marshal(r.spec)
+	require.NoError(t, err)
+	specFile := filepath.Join(r.dir, r.name+".json")
+	require.NoError(t, os.WriteFile(specFile, b, 0o600))
+	log, err := os.OpenFile(filepath.Join(r.dir, r.name+".log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	require.NoError(t, err)
+	defer log.Close()
+	r.cmd = exec.Command(os.Args[0], "-test.run=^TestHACloudChild$", "-test.count=1")
+	r.cmd.Env = append(os.Environ(), haChildEnv+"="+specFile)
+	r.cmd.Stdout, r.cmd.Stderr = log, log
+	r.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	require.NoError(t, r.cmd.Start())
+	exited := make(chan struct{})
+	r.exited = exited
+	cmd := r.cmd
+	go func() { _ = cmd.Wait(); close(exited) }()
+	t.Cleanup(func() { _ = cmd.Process.Signal(syscall.SIGKILL); <-exited })
+}
+
+// waitReady waits until the replica serves: its informers synced and its
+// listeners bound, so that an edge that starts at it stays there.
+func (r *replica) waitReady(t *testing.T) {
+	t.Helper()
+	require.Eventually(t, func() bool {
+		_, err := os.Stat(r.spec.Ready)
+		select {
+		case <-r.exited:
+			return true
+		default:
+		}
+		return err == nil
+	}, 60*time.Second, 20*time.Millisecond, "%s did not start", r.name)
+	select {
+	case <-r.exited:
+		t.Fatalf("%s exited at start:\n%s", r.name, r.logTail())
+	default:
+	}
+	require.Eventually(t, func() bool {
+		code, _, err := opsprobe.Get("http://" + r.spec.Metrics + "/readyz")
+		return err == nil && code == http.StatusOK
+	}, 60*time.Second, 50*time.Millisecond, "%s is not ready", r.name)
+}
+
+// metric reads one metric of the replica, summed over its labels, or NaN
+// when it cannot tell.
+func (r *replica) metric(name string) float64 {
 	code, body, err := opsprobe.Get("http://" + r.spec.Metrics + "/metrics")
 	if err != nil || code != http.StatusOK {
 		return math.NaN()
 	}
 	var sum float64
 	for line := range strings.Lines(body) {
-		if !strings.HasPrefix(line, "tether_tunnel_sessions_active{") {
+		if !strings.HasPrefix(line, name+"{") && !strings.HasPrefix(line, name+" ") {
 			continue
 		}
 		v, err := strconv.ParseFloat(strings.TrimSpace(line[strings.LastIndexByte(line, ' ')+1:]), 64)
@@ -180,6 +208,7 @@ func (r *replica) sessions() float64 {
 	return sum
 }
 
+// kill sends SIGKILL and waits until the process is gone.
 func (r *replica) kill() {
 	_ = r.cmd.Process.Signal(syscall.SIGKILL)
 	<-r.exited
@@ -190,6 +219,10 @@ func (r *replica) logTail() string {
 	lines := strings.Split(string(b), "\n")
 	return strings.Join(lines[max(0, len(lines)-40):], "\n")
 }
+
+// sessions returns how many edge sessions the replica holds (its
+// tunnel_sessions_active gauges, summed), or NaN when it cannot tell.
+func (r *replica) sessions() float64 { return r.metric("tether_tunnel_sessions_active") }
 
 // edgeValue reads a metric of an edge, summed over its labels, off the
 // test's goroutine (require.Eventually): NaN, which no comparison
@@ -202,16 +235,27 @@ func edgeValue(e *edge, name string) float64 {
 	return v
 }
 
-// TestHAFailover: three CloudCore replicas start at once against one API
-// server and one (new) CA Secret; six edges, each given all three
-// addresses (two start at each replica). One replica is SIGKILLed while
-// objects change and its edges write pod status: its two edges, and only
-// they, reconnect to the other replicas and reconcile by digest; every
-// edge ends with exactly the objects it must hold; every status write
-// reaches the API server, the newest last, none applied after a newer
-// one. Then `admin disable` of an edge closes its session on the replica
-// that holds it, and no replica lets it back.
-func TestHAFailover(t *testing.T) {
+// haShared is the ConfigMap every pod of the HA tests uses.
+const haShared = "ha-shared"
+
+// haCluster is the setup of the HA tests: three CloudCore replicas (child
+// processes) started at once on a new CA Secret, the test's own catalog,
+// and six edges, two on each replica, each holding its Node, two pods and
+// the shared ConfigMap.
+type haCluster struct {
+	cs    kubernetes.Interface
+	ns    string
+	rs    []*replica
+	nodes *edgenode.Client
+	cat   *catalog.Catalog
+	edges []*edge
+	names []string
+}
+
+// newHA sets up an haCluster; rebalance is the replicas' rebalancing
+// period (zero: off).
+func newHA(t *testing.T, rebalance time.Duration) *haCluster {
+	t.Helper()
 	env := cp.Env(t)
 	cs := adminClient(t, env.Config)
 	ns := env.Namespace(t)
@@ -224,7 +268,7 @@ func TestHAFailover(t *testing.T) {
 		_ = cs.CoreV1().Secrets(onboard.DefaultCANamespace).Delete(context.Background(), caName, metav1.DeleteOptions{})
 	})
 
-	rs := startReplicas(t, kubeconfig, caName, 3)
+	rs := startReplicas(t, kubeconfig, caName, 3, rebalance)
 	// Whoever won the race, every replica serves from the CA now in the
 	// Secret: each edge below verifies it, and each replica holds edges.
 	ca, err := onboard.EnsureCA(ctx, cs, onboard.DefaultCANamespace, caName, nil)
@@ -244,7 +288,7 @@ func TestHAFailover(t *testing.T) {
 	t.Cleanup(func() { catStop(); require.NoError(t, <-catDone) })
 	require.NoError(t, cat.WaitForSync(ctx))
 
-	const shared = "ha-shared"
+	const shared = haShared
 	_, err = cs.CoreV1().ConfigMaps(ns).Create(ctx, &corev1.ConfigMap{
 		ObjectMeta: metav1.ObjectMeta{Name: shared, Namespace: ns}, Data: map[string]string{"v": "0"},
 	}, metav1.CreateOptions{})
@@ -275,6 +319,23 @@ func TestHAFailover(t *testing.T) {
 		require.Eventually(t, func() bool { return r.sessions() == 2 }, 30*time.Second, 50*time.Millisecond,
 			"%s does not hold two sessions", r.name)
 	}
+	return &haCluster{cs: cs, ns: ns, rs: rs, nodes: nodes, cat: cat, edges: edges, names: names}
+}
+
+// TestHAFailover: three CloudCore replicas start at once against one API
+// server and one (new) CA Secret; six edges, each given all three
+// addresses (two start at each replica). One replica is SIGKILLed while
+// objects change and its edges write pod status: its two edges, and only
+// they, reconnect to the other replicas and reconcile by digest; every
+// edge ends with exactly the objects it must hold; every status write
+// reaches the API server, the newest last, none applied after a newer
+// one. Then `admin disable` of an edge closes its session on the replica
+// that holds it, and no replica lets it back.
+func TestHAFailover(t *testing.T) {
+	h := newHA(t, 0)
+	cs, ns, rs, nodes, cat, edges, names := h.cs, h.ns, h.rs, h.nodes, h.cat, h.edges, h.names
+	ctx := t.Context()
+	const shared = haShared
 	opened := func(e *edge) float64 { return e.counter(t, "tether_tunnel_sessions_opened_total", nil) }
 	for i, e := range edges {
 		require.Equal(t, 1.0, opened(e), "edge %d has had one session", i)
@@ -416,8 +477,75 @@ func TestHAFailover(t *testing.T) {
 		default:
 		}
 	}
-	if _, err := cs.CoreV1().Secrets(onboard.DefaultCANamespace).Get(ctx, caName, metav1.GetOptions{}); apierrors.IsNotFound(err) {
-		t.Fatal("the CA Secret is gone")
+}
+
+// TestHARebalance: with rebalancing on (a short period), six edges two
+// per replica; one replica is killed and its two edges go to the others
+// (three each); when it returns (same address, a
+// new process) the two others each move one edge to it with a goodbye
+// hinting at it, and the spread is two per replica again. Then it stays
+// so: further rounds, seen in every replica's Lease, move nothing.
+func TestHARebalance(t *testing.T) {
+	const period = 500 * time.Millisecond
+	h := newHA(t, period)
+	rs := h.rs
+	moves := func() float64 {
+		var sum float64
+		for _, r := range rs {
+			sum += r.metric("tether_hub_rebalance_moves_total")
+		}
+		return sum
+	}
+	// While the edges came up one by one the replicas may already have
+	// moved some (counts published during the ramp); from here on only
+	// the failover and the return change anything.
+	base := moves()
+
+	rs[0].kill()
+	require.Eventually(t, func() bool { return rs[1].sessions()+rs[2].sessions() == 6 }, 60*time.Second, 50*time.Millisecond,
+		"the killed replica's edges fail over")
+	for _, r := range rs[1:] {
+		require.Eventually(t, func() bool { return r.sessions() == 3 }, 60*time.Second, 50*time.Millisecond, "%s holds three", r.name)
+	}
+
+	rs[0].launch(t)
+	rs[0].waitReady(t)
+	for _, r := range rs {
+		require.Eventually(t, func() bool { return r.sessions() == 2 }, 60*time.Second, 50*time.Millisecond,
+			"%s does not hold two sessions again", r.name)
+	}
+	moved := moves()
+	require.GreaterOrEqual(t, moved-base, 2.0, "the two edges came back by goodbyes")
+	t.Logf("%v goodbyes brought the spread back to 2/2/2 (%v during the ramp)", moved-base, base)
+
+	// Three more rounds of every replica (their Leases renewed three
+	// times more) move nothing: no oscillation.
+	leases := func() map[string]time.Time {
+		l, err := h.cs.CoordinationV1().Leases(onboard.DefaultCANamespace).List(t.Context(),
+			metav1.ListOptions{LabelSelector: hub.ReplicaLabel + "=" + hub.ReplicaLabelValue})
+		require.NoError(t, err)
+		out := map[string]time.Time{}
+		for _, x := range l.Items {
+			if x.Spec.RenewTime != nil && time.Since(x.Spec.RenewTime.Time) < 3*period+5*time.Second {
+				out[x.Name] = x.Spec.RenewTime.Time
+			}
+		}
+		return out
+	}
+	before := leases()
+	require.GreaterOrEqual(t, len(before), 3)
+	require.Eventually(t, func() bool {
+		now := leases()
+		for name, t0 := range before {
+			if t1, ok := now[name]; ok && t1.Sub(t0) < 3*period {
+				return false
+			}
+		}
+		return true
+	}, 60*time.Second, 100*time.Millisecond, "the replicas keep publishing")
+	require.Equal(t, moved, moves(), "no further moves")
+	for _, r := range rs {
+		require.Equal(t, 2.0, r.sessions(), r.name)
 	}
 }
 

@@ -42,6 +42,9 @@ type serveFlags struct {
 	offlineAutonomy             time.Duration
 	vmController, vmLeaderElect bool
 	metricsAddr                 string
+	rebalance                   bool
+	advertiseAddr               string
+	rebalancePeriod             time.Duration
 }
 
 func newRootCommand() *cobra.Command {
@@ -76,6 +79,9 @@ func newRootCommand() *cobra.Command {
 	fl.BoolVar(&f.vmController, "vm-controller", true, "run the VirtualMachine controller (VMs -> pods with runtimeClassName tether-vm; needs the CRD and RuntimeClass from build/)")
 	fl.BoolVar(&f.vmLeaderElect, "vm-leader-elect", true, "run the VirtualMachine controller only while holding the Lease tether-vm-controller in the CA namespace, so several CloudCore replicas can run (false: only with one replica)")
 	fl.StringVar(&f.metricsAddr, "metrics-addr", app.DefaultMetricsAddr, "TCP address of /metrics, /healthz, /livez and /readyz (\"\" or 0 disables; local only by default)")
+	fl.BoolVar(&f.rebalance, "rebalance", true, "publish this replica's session count in a Lease in the CA namespace and move edges to less loaded replicas (docs/protocol.md, Rebalancing)")
+	fl.StringVar(&f.advertiseAddr, "advertise-addr", "", "address edges reach this replica by (as in edgecore --cloud), the hint other replicas give edges they move here (empty: none; moved edges go on with their own list)")
+	fl.DurationVar(&f.rebalancePeriod, "rebalance-period", 10*time.Second, "how often the session count is published and rebalancing decided")
 	root.AddCommand(newAdminCommand())
 	return root
 }
@@ -123,6 +129,7 @@ func serve(ctx context.Context, f serveFlags) error {
 		Logger:            logger,
 		Registerer:        reg,
 		MetricsAddr:       f.metricsAddr,
+		Rebalance:         app.RebalanceConfig{Enabled: f.rebalance, Address: f.advertiseAddr, Period: f.rebalancePeriod},
 	})
 	if err != nil {
 		return err
