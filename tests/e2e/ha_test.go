@@ -480,11 +480,11 @@ func TestHAFailover(t *testing.T) {
 }
 
 // TestHARebalance: with rebalancing on (a short period), six edges two
-// per replica; one replica is killed and its two edges go to the others
-// (three each); when it returns (same address, a
-// new process) the two others each move one edge to it with a goodbye
-// hinting at it, and the spread is two per replica again. Then it stays
-// so: further rounds, seen in every replica's Lease, move nothing.
+// per replica; one replica is killed and its two edges go to the others;
+// when it returns (same address, a new process) the others move edges to
+// it with goodbyes hinting at it, and the spread is two per replica
+// again. Then it stays so: further rounds, seen in every replica's Lease,
+// move nothing.
 func TestHARebalance(t *testing.T) {
 	const period = 500 * time.Millisecond
 	h := newHA(t, period)
@@ -504,9 +504,6 @@ func TestHARebalance(t *testing.T) {
 	rs[0].kill()
 	require.Eventually(t, func() bool { return rs[1].sessions()+rs[2].sessions() == 6 }, 60*time.Second, 50*time.Millisecond,
 		"the killed replica's edges fail over")
-	for _, r := range rs[1:] {
-		require.Eventually(t, func() bool { return r.sessions() == 3 }, 60*time.Second, 50*time.Millisecond, "%s holds three", r.name)
-	}
 
 	rs[0].launch(t)
 	rs[0].waitReady(t)
