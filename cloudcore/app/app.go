@@ -1,7 +1,7 @@
 // Package app wires CloudCore's components together: the cluster CA and
 // onboarding, the whitelist, the informer catalog, the per-node
-// dispatcher, the upstream writer, the tunnel server, offline autonomy and
-// the VirtualMachine controller. The cloudcore
+// dispatcher, the upstream writer, the tunnel server, offline autonomy,
+// the VirtualMachine controller and the replicas' rebalancing. The cloudcore
 // command and end-to-end tests both build CloudCore through it, so what
 // the tests run is what ships. It holds no logic of its own.
 package app

@@ -2,7 +2,9 @@
 // per edge node, hands each node's messages to the cloud's logic, and ends
 // a session as soon as its certificate stops being accepted (revoked,
 // superseded, past its grace or expired). It holds no Kubernetes state of
-// its own: the Gate (the whitelist) decides.
+// its own: the Gate (the whitelist) decides. Its Balancer (balancer.go)
+// spreads sessions over CloudCore replicas: it writes this replica's
+// Lease only, reads the others', and moves sessions only by goodbyes.
 package hub
 
 import (
