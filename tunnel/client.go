@@ -22,7 +22,9 @@ import (
 // ClientConfig configures a Client.
 type ClientConfig struct {
 	Options
-	// Servers are the cloud addresses to try, in order. "host:port" tries
+	// Servers are the cloud addresses (CloudCore replicas, or one load
+	// balancer) to try, in order: a pass starts at the one that worked
+	// last, and after a session ends Run starts at the next one. "host:port" tries
 	// QUIC on UDP and then WebSocket over TLS on TCP at the same port;
 	// "quic://host:port" and "wss://host:port" try only that transport.
 	// Required.
@@ -76,6 +78,10 @@ type Client struct {
 	logger  *slog.Logger
 	sessCfg sessionConfig
 	servers []server
+
+	// ignoreGoodbye makes the client's sessions deliver goodbyes like
+	// other messages, as a build older than them does (tests).
+	ignoreGoodbye bool
 
 	mu   sync.Mutex
 	last int       // index of the server that worked last
@@ -237,6 +243,7 @@ func (c *Client) serverIdentity(cs tls.ConnectionState) Identity {
 
 func (c *Client) started(sess *Session) {
 	sess.logger = c.logger.With("session", sess.id, "transport", string(sess.transport))
+	sess.goodbye.take = !c.ignoreGoodbye
 	sess.start()
 	c.metrics.SessionsOpened.WithLabelValues(string(sess.transport)).Inc()
 	sess.logger.Info("connected to cloud")
@@ -257,6 +264,9 @@ func (c *Client) Run(ctx context.Context, handle func(ctx context.Context, s *Se
 			stop()
 			_ = sess.Close("client handler returned")
 			c.logger.Info("disconnected from cloud", "reason", sess.Err(), "handler_err", herr)
+			if hint := sess.Hint(); hint == "" || !c.startAt(hint) {
+				c.moveOn()
+			}
 		} else if ctx.Err() == nil {
 			c.logger.Warn("cannot reach cloud", "err", err)
 		}
@@ -271,6 +281,17 @@ func (c *Client) Run(ctx context.Context, handle func(ctx context.Context, s *Se
 		case <-t.C:
 		}
 	}
+}
+
+// moveOn makes the next pass start at the server after the one whose
+// session just ended: that replica is the likeliest to be gone (killed,
+// restarting, or overloaded), and the next one in the list is as good as
+// any other while it may still be dead, which costs a whole DialTimeout
+// to find out. With one server it changes nothing.
+func (c *Client) moveOn() {
+	c.mu.Lock()
+	c.last = (c.last + 1) % len(c.servers)
+	c.mu.Unlock()
 }
 
 // wsClientStreams opens bulk streams as new WebSocket connections to the

@@ -117,6 +117,7 @@ type Session struct {
 	writing  bool
 	sendWake chan struct{}
 	inbox    *inbox
+	goodbye  goodbyeState // goodbye.go
 	msgIn    prometheus.Counter
 	msgOut   prometheus.Counter
 	bytesIn  prometheus.Counter
@@ -445,6 +446,9 @@ func (s *Session) deliver(body []byte) error {
 	}
 	s.msgIn.Inc()
 	s.bytesIn.Add(float64(len(body) + frameHeaderLen))
+	if m.Kind == message.KindGoodbye && s.goodbye.take {
+		return s.takeGoodbye(m)
+	}
 	if !s.inbox.put(m, s.ctx.Done()) {
 		return context.Cause(s.ctx)
 	}

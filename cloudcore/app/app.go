@@ -1,7 +1,7 @@
 // Package app wires CloudCore's components together: the cluster CA and
 // onboarding, the whitelist, the informer catalog, the per-node
-// dispatcher, the upstream writer, the tunnel server, offline autonomy and
-// the VirtualMachine controller. The cloudcore
+// dispatcher, the upstream writer, the tunnel server, offline autonomy,
+// the VirtualMachine controller and the replicas' rebalancing. The cloudcore
 // command and end-to-end tests both build CloudCore through it, so what
 // the tests run is what ships. It holds no logic of its own.
 package app
@@ -31,6 +31,7 @@ import (
 	"github.com/tetheredge/tether/cloudcore/dispatch"
 	"github.com/tetheredge/tether/cloudcore/edgenode"
 	"github.com/tetheredge/tether/cloudcore/hub"
+	"github.com/tetheredge/tether/cloudcore/leader"
 	"github.com/tetheredge/tether/cloudcore/onboard"
 	"github.com/tetheredge/tether/cloudcore/upstream"
 	"github.com/tetheredge/tether/cloudcore/vm"
@@ -81,6 +82,9 @@ type Config struct {
 	// VMs configures the VirtualMachine controller (cloudcore/vm). The
 	// zero value runs it, behind a leader election Lease in CANamespace.
 	VMs VMConfig
+	// Rebalance spreads edges over the replicas (cloudcore/hub's
+	// Balancer; docs/protocol.md, "Rebalancing"). The zero value does not.
+	Rebalance RebalanceConfig
 	// Logger defaults to a discard logger.
 	Logger *slog.Logger
 	// Registerer receives every component's metrics; may be nil. When it
@@ -108,6 +112,21 @@ type VMConfig struct {
 	Identity string
 }
 
+// RebalanceConfig configures rebalancing. Zero values mean the defaults
+// beside each field.
+type RebalanceConfig struct {
+	// Enabled publishes this replica's session count in a Lease in
+	// CANamespace and moves sessions to less loaded replicas. Default
+	// off (the cloudcore command turns it on).
+	Enabled bool
+	// Address is how edges reach this replica (as in edgecore's
+	// --cloud), the hint other replicas give their edges. Default none:
+	// edges moved off other replicas go on with their own list.
+	Address string
+	// Period of publishing and deciding. Default hub.DefaultBalancePeriod.
+	Period time.Duration
+}
+
 // Client rate limits by default: enough for about 8,000 edges renewing a
 // lease every 10 s and reporting status every minute (about 950 writes/s),
 // with the burst absorbing the surge of a mass reconnect. The API server
@@ -132,6 +151,7 @@ type App struct {
 	auto   *autonomy.Controller
 	vms    *vm.Controller // nil when disabled
 	conns  *edgenode.ConnectionWriter
+	bal    *hub.Balancer // nil when rebalancing is off
 	ops    opsState
 	opsSrv *serve.Server // nil when MetricsAddr is off
 }
@@ -239,11 +259,25 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 	if err != nil {
 		return nil, err
 	}
+	identity := cfg.VMs.Identity
+	if identity == "" {
+		identity = leader.Identity()
+	}
 	var vms *vm.Controller
 	if !cfg.VMs.Disabled {
 		vms, err = vm.New(client, dyn, vm.Config{
-			LeaderElection: vm.LeaderElection{Disabled: cfg.VMs.NoLeaderElection, Namespace: cfg.CANamespace, Identity: cfg.VMs.Identity},
+			LeaderElection: vm.LeaderElection{Disabled: cfg.VMs.NoLeaderElection, Namespace: cfg.CANamespace, Identity: identity},
 			Logger:         logger, Registerer: cfg.Registerer,
+		})
+		if err != nil {
+			return nil, err
+		}
+	}
+	var bal *hub.Balancer
+	if cfg.Rebalance.Enabled {
+		bal, err = hub.NewBalancer(h, client, hub.BalancerConfig{
+			Namespace: cfg.CANamespace, Identity: identity, Address: cfg.Rebalance.Address, Period: cfg.Rebalance.Period,
+			Logger: logger, Registerer: cfg.Registerer,
 		})
 		if err != nil {
 			return nil, err
@@ -265,7 +299,7 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 	if err != nil {
 		return nil, err
 	}
-	a := &App{ca: ca, cat: cat, wl: wl, join: joinSvc, srv: srv, nodes: nodes, logger: logger, hub: h, disp: disp, auto: auto, vms: vms, conns: conns}
+	a := &App{ca: ca, cat: cat, wl: wl, join: joinSvc, srv: srv, nodes: nodes, logger: logger, hub: h, disp: disp, auto: auto, vms: vms, conns: conns, bal: bal}
 	if a.opsSrv, err = a.newOps(cfg, logger); err != nil {
 		return nil, err
 	}
@@ -373,6 +407,16 @@ func (a *App) Run(ctx context.Context) error {
 	})
 	if a.vms != nil {
 		g.Go(func() error { return a.vms.Run(ctx) })
+	}
+	if a.bal != nil {
+		g.Go(func() error {
+			// Counting sessions before serving them would tell the
+			// others this replica is empty.
+			if err := a.cat.WaitForSync(ctx); err != nil {
+				return err
+			}
+			return a.bal.Run(ctx)
+		})
 	}
 	if a.opsSrv != nil {
 		g.Go(func() error { return a.opsSrv.Run(ctx) })

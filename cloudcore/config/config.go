@@ -41,6 +41,7 @@ type CloudCoreConfiguration struct {
 	Kubernetes Kubernetes `json:"kubernetes" title:"Kubernetes" doc:"The API server CloudCore reads and writes."`
 	Edges      Edges      `json:"edges" title:"Edge nodes" doc:"What CloudCore lets edge nodes be and do."`
 	VM         VM         `json:"virtualMachines" title:"Virtual machines" doc:"The VirtualMachine controller."`
+	Replicas   Replicas   `json:"replicas" title:"Replicas" doc:"How several CloudCore replicas share the edges (docs/protocol.md, Rebalancing)."`
 	Ops        Ops        `json:"operations" title:"Operations" doc:"Logs, metrics and health."`
 }
 
@@ -81,6 +82,13 @@ type VM struct {
 	LeaderElect bool `json:"leaderElect" flag:"vm-leader-elect" doc:"Run the VirtualMachine controller only while holding the Lease tether-vm-controller in the CA namespace, so several CloudCore replicas can run (false: only with one replica)."`
 }
 
+// Replicas configures rebalancing between CloudCore replicas.
+type Replicas struct {
+	Rebalance       bool     `json:"rebalance" flag:"rebalance" doc:"Publish this replica's session count in a Lease in the CA namespace and move edges to less loaded replicas."`
+	AdvertiseAddr   string   `json:"advertiseAddr" flag:"advertise-addr" doc:"Address edges reach this replica by (as in edgecore --cloud), the hint other replicas give edges they move here (empty: none; moved edges go on with their own list)."`
+	RebalancePeriod Duration `json:"rebalancePeriod" flag:"rebalance-period" doc:"How often the session count is published and rebalancing decided."`
+}
+
 // Ops configures logs and the operations endpoint.
 type Ops struct {
 	LogLevel    string `json:"logLevel" flag:"log-level" doc:"debug, info, warn or error."`
@@ -111,6 +119,7 @@ func defaults(host string) CloudCoreConfiguration {
 		Kubernetes: Kubernetes{QPS: app.DefaultQPS, Burst: app.DefaultBurst},
 		Edges:      Edges{Label: catalog.DefaultEdgeLabel, OfflineAutonomy: Duration{Duration: 24 * time.Hour}},
 		VM:         VM{Controller: true, LeaderElect: true},
+		Replicas:   Replicas{Rebalance: true, RebalancePeriod: Duration{Duration: 10 * time.Second}},
 		Ops:        Ops{LogLevel: "info", MetricsAddr: app.DefaultMetricsAddr},
 	}
 }
@@ -172,6 +181,9 @@ func (c CloudCoreConfiguration) Validate() error {
 	}
 	if c.Onboarding.CASecret == "" {
 		bad("onboarding.caSecret", "must not be empty")
+	}
+	if c.Replicas.RebalancePeriod.Duration <= 0 {
+		bad("replicas.rebalancePeriod", "must be > 0, got %s", c.Replicas.RebalancePeriod)
 	}
 	if c.Kubernetes.QPS <= 0 {
 		bad("kubernetes.qps", "must be > 0, got %v", c.Kubernetes.QPS)

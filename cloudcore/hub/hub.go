@@ -2,13 +2,16 @@
 // per edge node, hands each node's messages to the cloud's logic, and ends
 // a session as soon as its certificate stops being accepted (revoked,
 // superseded, past its grace or expired). It holds no Kubernetes state of
-// its own: the Gate (the whitelist) decides.
+// its own: the Gate (the whitelist) decides. Its Balancer (balancer.go)
+// spreads sessions over CloudCore replicas: it writes this replica's
+// Lease only, reads the others', and moves sessions only by goodbyes.
 package hub
 
 import (
 	"context"
 	"errors"
 	"log/slog"
+	"slices"
 	"sync"
 	"time"
 
@@ -55,7 +58,8 @@ type Hub struct {
 
 // entry is one registered session and its expiry timer.
 type entry struct {
-	s *tunnel.Session
+	s     *tunnel.Session
+	since time.Time // when it registered
 
 	mu    sync.Mutex
 	timer *time.Timer
@@ -79,7 +83,7 @@ func New(p Protocol, gate Gate, logger *slog.Logger) *Hub {
 func (h *Hub) Handle(ctx context.Context, s *tunnel.Session) {
 	peer := s.Peer()
 	node := peer.Node
-	e := &entry{s: s}
+	e := &entry{s: s, since: h.now()}
 	h.mu.Lock()
 	old := h.sessions[node]
 	h.sessions[node] = e
@@ -170,4 +174,31 @@ func (h *Hub) Connected() []string {
 		names = append(names, n)
 	}
 	return names
+}
+
+// Count returns how many sessions are live.
+func (h *Hub) Count() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return len(h.sessions)
+}
+
+// oldest returns up to n live sessions registered before cutoff, the
+// longest-lived first: a session that just arrived (perhaps moved here)
+// is never the one moved on.
+func (h *Hub) oldest(n int, cutoff time.Time) []*tunnel.Session {
+	h.mu.Lock()
+	es := make([]*entry, 0, len(h.sessions))
+	for _, e := range h.sessions {
+		if e.since.Before(cutoff) {
+			es = append(es, e)
+		}
+	}
+	h.mu.Unlock()
+	slices.SortFunc(es, func(a, b *entry) int { return a.since.Compare(b.since) })
+	out := make([]*tunnel.Session, 0, min(n, len(es)))
+	for _, e := range es[:min(n, len(es))] {
+		out = append(out, e.s)
+	}
+	return out
 }

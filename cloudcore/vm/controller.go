@@ -117,7 +117,7 @@ func New(kube kubernetes.Interface, dyn dynamic.Interface, cfg Config) (*Control
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	le, err := cfg.LeaderElection.withDefaults()
+	le, err := withDefaults(cfg.LeaderElection)
 	if err != nil {
 		return nil, err
 	}

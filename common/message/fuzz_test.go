@@ -74,3 +74,29 @@ func FuzzReadFrame(f *testing.F) {
 		}
 	})
 }
+
+// FuzzGoodbye feeds arbitrary bytes to the goodbye decoder: whatever it
+// accepts and validates encodes again to the same goodbye.
+func FuzzGoodbye(f *testing.F) {
+	c := NewCodec(4 << 10)
+	b, err := c.Append(nil, &Goodbye{Reason: "rebalance", Hint: "quic://10.0.0.2:10000"})
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Add(b)
+	f.Add([]byte{0x92, 0xa0, 0xa0})
+	f.Fuzz(func(t *testing.T, in []byte) {
+		var g Goodbye
+		if err := c.UnmarshalValue(in, &g); err != nil || g.Validate() != nil {
+			return
+		}
+		again, err := c.Append(nil, &g)
+		if err != nil {
+			t.Fatalf("re-encode accepted goodbye: %v", err)
+		}
+		var g2 Goodbye
+		if err := c.UnmarshalValue(again, &g2); err != nil || g2 != g {
+			t.Fatalf("round trip changed the goodbye: %+v != %+v (%v)", g, g2, err)
+		}
+	})
+}

@@ -94,6 +94,29 @@ type Retry struct {
 	Reason string
 }
 
+// Goodbye is the payload of KindGoodbye: the cloud asks the edge to end
+// the session and connect again, to Hint first when it is one of the
+// edge's own cloud addresses.
+type Goodbye struct {
+	_struct bool `codec:",toarray"` //nolint:unused // tells the codec to encode as an array
+	// Reason says why, for logs.
+	Reason string
+	// Hint is the address ("host:port", "quic://host:port" or
+	// "wss://host:port") of a less loaded CloudCore replica; empty: none.
+	Hint string
+}
+
+// Validate checks a Goodbye's fields: bounded, valid UTF-8.
+func (g *Goodbye) Validate() error {
+	if len(g.Reason) > maxNameLen || !utf8.ValidString(g.Reason) {
+		return fmt.Errorf("%w: goodbye reason too long or not UTF-8", ErrInvalid)
+	}
+	if len(g.Hint) > maxNameLen || !utf8.ValidString(g.Hint) {
+		return fmt.Errorf("%w: goodbye hint too long or not UTF-8", ErrInvalid)
+	}
+	return nil
+}
+
 // Field limits. They follow Kubernetes' own limits (DNS subdomain names of
 // 253 bytes, labels of 63) with room for resource versions and UIDs.
 const (

@@ -59,8 +59,19 @@
 //
 // A session ends with the transport's own close, which carries the reason:
 // a QUIC CONNECTION_CLOSE with application error 0 (normal) or 1 (refused),
-// or a WebSocket close frame with code 1000. No envelope is sent first:
-// [KindGoodbye] is reserved and never sent.
+// or a WebSocket close frame with code 1000. The one exception is a
+// cloud that moves an edge to another replica (rebalancing): it sends a
+// [KindGoodbye] with a [Goodbye] hint, and the edge closes the session
+// and connects again, to the hinted replica first:
+//
+//	|<----------------- Goodbye{reason, hint} -----|  replica over its fair share
+//	|-- close("goodbye: ...") -------------------->|  edge dials the hint first
+//
+// The kind number was reserved in protocol version 1 from the start, so
+// the version stays 1: an older edge that does not know it refuses it
+// (reason unexpected_kind) and the session goes on, until the cloud closes
+// it after a grace period; that edge then reconnects by its own list.
+// Nothing is lost either way.
 //
 // Keepalive is the transport's own: QUIC PING frames and idle timeout,
 // WebSocket ping/pong control frames; neither is an envelope kind.
@@ -85,9 +96,9 @@ const (
 	// KindRefuse refuses a session or a request. Payload: a UTF-8 reason.
 	// ReplyTo names the refused message when there is one.
 	KindRefuse Kind = 3
-	// KindGoodbye is reserved: no build sends it, and a session ends with
-	// the transport's close, which carries the reason (see Flow). A peer
-	// that sends one has it passed to the session's user like any kind.
+	// KindGoodbye asks the edge to end the session and reconnect,
+	// preferring the replica it names (cloud to edge). Payload: a
+	// Goodbye.
 	KindGoodbye Kind = 4
 	// KindEvent carries one object change (cloud to edge): Resource and
 	// Version identify it, Op says what happened, Payload holds the object.

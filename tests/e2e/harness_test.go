@@ -305,29 +305,36 @@ func (id identity) tlsConfig() *tls.Config {
 // the certificate.
 func (c *cloud) admit(tb testing.TB, node string) identity {
 	tb.Helper()
+	id := admitNode(tb, c.nodes, c.app.CA(), node)
+	tid := tunnel.Identity{Node: node, Serial: id.cert.Leaf.SerialNumber.Text(16), NotAfter: id.cert.Leaf.NotAfter, Certificate: id.cert.Leaf}
+	require.Eventually(tb, func() bool { return c.app.Authorize(tid) == nil }, 30*time.Second, 5*time.Millisecond,
+		"the whitelist did not admit %s", node)
+	return id
+}
+
+// admitNode is admit without waiting for a cloud's whitelist: for clouds
+// in other processes, which edges simply retry until they admit it.
+func admitNode(tb testing.TB, nodes *edgenode.Client, ca *pki.CA, node string) identity {
+	tb.Helper()
 	ctx := context.Background()
-	ca := c.app.CA()
 	cert, key, err := ca.Issue(pki.LeafRequest{CommonName: node, Usage: pki.UsageClient, Validity: time.Hour})
 	require.NoError(tb, err)
-	en, err := c.nodes.Create(ctx, &edgenode.EdgeNode{ObjectMeta: metav1.ObjectMeta{Name: node}, Spec: edgenode.Spec{Allowed: true}})
+	en, err := nodes.Create(ctx, &edgenode.EdgeNode{ObjectMeta: metav1.ObjectMeta{Name: node}, Spec: edgenode.Spec{Allowed: true}})
 	if apierrors.IsAlreadyExists(err) { // left by an earlier run on a reused name
-		en, err = c.nodes.Get(ctx, node)
+		en, err = nodes.Get(ctx, node)
 		require.NoError(tb, err)
 		en.Spec = edgenode.Spec{Allowed: true}
-		en, err = c.nodes.Update(ctx, en)
+		en, err = nodes.Update(ctx, en)
 	}
 	require.NoError(tb, err)
 	tb.Cleanup(func() {
-		if err := c.nodes.Delete(context.Background(), node); err != nil && !apierrors.IsNotFound(err) {
+		if err := nodes.Delete(context.Background(), node); err != nil && !apierrors.IsNotFound(err) {
 			tb.Errorf("delete EdgeNode %s: %v", node, err)
 		}
 	})
 	en.Status.Certificate = &edgenode.Certificate{Serial: cert.SerialNumber.Text(16), NotAfter: metav1.NewTime(cert.NotAfter)}
-	_, err = c.nodes.UpdateStatus(ctx, en)
+	_, err = nodes.UpdateStatus(ctx, en)
 	require.NoError(tb, err)
-	tid := tunnel.Identity{Node: node, Serial: cert.SerialNumber.Text(16), NotAfter: cert.NotAfter, Certificate: cert}
-	require.Eventually(tb, func() bool { return c.app.Authorize(tid) == nil }, 30*time.Second, 5*time.Millisecond,
-		"the whitelist did not admit %s", node)
 	return identity{node: node, cert: tls.Certificate{Certificate: [][]byte{cert.Raw}, PrivateKey: key, Leaf: cert}, key: key, ca: ca.Cert}
 }
 
