@@ -152,6 +152,9 @@ type cloudOptions struct {
 	// VMs: its Lease renewals are reads the request counter must not see;
 	// cloudcore/vm tests it on its own).
 	vms bool
+	// rebalance runs the replica balancer (cloudcore/hub) with a 1 s
+	// period, as the shipped command does with its default.
+	rebalance bool
 	// kubernetes is the config CloudCore runs with (the RBAC test's
 	// ServiceAccount); nil: the cfg given to startCloud. The harness's own
 	// EdgeNode client always uses cfg.
@@ -206,7 +209,8 @@ func startCloud(tb testing.TB, cfg *rest.Config, o cloudOptions) *cloud {
 		Kubernetes: counted, QUICAddr: o.quicAddr, WebSocketAddr: wsAddr, JoinAddr: "127.0.0.1:0",
 		ServerSANs: []string{"127.0.0.1"}, CertValidity: o.certValidity,
 		KeepAlive: keepAlive, DeadPeerTimeout: deadPeer, OfflineAutonomy: o.offlineAutonomy, Logger: logger, Registerer: reg,
-		VMs: cloudapp.VMConfig{Disabled: !o.vms},
+		VMs:       cloudapp.VMConfig{Disabled: !o.vms},
+		Rebalance: cloudapp.RebalanceConfig{Enabled: o.rebalance, Period: time.Second},
 	})
 	if err != nil {
 		cancel()

@@ -118,7 +118,7 @@ func TestRBACLeastPrivilege(t *testing.T) {
 	}
 
 	c := startCloud(t, env.Config, cloudOptions{
-		kubernetes: sa, logger: slog.New(logs), vms: true, timings: testTimings,
+		kubernetes: sa, logger: slog.New(logs), vms: true, rebalance: true, timings: testTimings,
 		certValidity: 12 * time.Second, offlineAutonomy: time.Hour,
 	})
 	step("start: CA created, informers synced")
