@@ -114,7 +114,8 @@ func (w Workload) pod(node string, i int) *corev1.Pod {
 }
 
 // Bump writes a new generation into the shared ConfigMap and returns
-// when the API server accepted it.
+// when it sent the update (so that no edge can commit the change before
+// that instant; fan-out latencies are measured from it).
 func (w Workload) Bump(ctx context.Context, cfg *rest.Config, generation int) (time.Time, error) {
 	w = w.withDefaults()
 	cs, err := fastClient(cfg)
@@ -126,10 +127,11 @@ func (w Workload) Bump(ctx context.Context, cfg *rest.Config, generation int) (t
 		return time.Time{}, fmt.Errorf("read ConfigMap %s: %w", w.ConfigMap, err)
 	}
 	cm.Data = map[string]string{"generation": strconv.Itoa(generation)}
+	sent := time.Now()
 	if _, err := cs.CoreV1().ConfigMaps(w.Namespace).Update(ctx, cm, metav1.UpdateOptions{}); err != nil {
 		return time.Time{}, fmt.Errorf("update ConfigMap %s: %w", w.ConfigMap, err)
 	}
-	return time.Now(), nil
+	return sent, nil
 }
 
 // APIRequests reads apiserver_request_total from the API server's
@@ -242,6 +244,19 @@ func (w Workload) Check(ctx context.Context, st *store.Store, node string, gener
 	}
 	if n != len(want) {
 		return fmt.Errorf("%s holds %d objects, want %d", node, n, len(want))
+	}
+	return nil
+}
+
+// EnsureNamespace creates namespace if it does not exist.
+func EnsureNamespace(ctx context.Context, cfg *rest.Config, namespace string) error {
+	cs, err := fastClient(cfg)
+	if err != nil {
+		return err
+	}
+	_, err = cs.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: namespace}}, metav1.CreateOptions{})
+	if err != nil && !apierrors.IsAlreadyExists(err) {
+		return fmt.Errorf("create namespace %s: %w", namespace, err)
 	}
 	return nil
 }
