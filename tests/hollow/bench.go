@@ -7,6 +7,8 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"time"
 
 	"k8s.io/client-go/rest"
@@ -44,6 +46,10 @@ type ScaleConfig struct {
 	Timeout time.Duration
 	// CloudCoreArgs are more flags for CloudCore.
 	CloudCoreArgs []string
+	// DumpGoroutines ends the run with SIGQUIT to CloudCore, whose
+	// runtime writes every goroutine's stack to its log (kept as
+	// GoroutineDump in the result).
+	DumpGoroutines bool
 	// Logger gets progress lines and the edges' warnings.
 	Logger *slog.Logger
 }
@@ -83,6 +89,13 @@ type ScaleResult struct {
 	StormRequests map[string]float64
 	// After is CloudCore's usage once the storm is over.
 	After Usage
+	// HollowRSS is this process's resident memory with every edge
+	// connected (what the hollow edges cost here, not CloudCore).
+	HollowRSS float64
+	// HollowFDs is this process's open file descriptors then.
+	HollowFDs int
+	// GoroutineDump is CloudCore's goroutine dump (DumpGoroutines).
+	GoroutineDump []byte
 }
 
 // Usage is what CloudCore's /metrics says of the process.
@@ -223,6 +236,10 @@ func Scale(ctx context.Context, cfg ScaleConfig) (*ScaleResult, error) {
 		return res, err
 	}
 	res.Objects = snap.Objects
+	res.HollowRSS = selfRSS()
+	if fds, err := os.ReadDir("/proc/self/fd"); err == nil {
+		res.HollowFDs = len(fds)
+	}
 	log.Info("idle measured", "cpu", res.IdleCPU, "rss_mib", res.Connected.RSS/(1<<20), "objects", snap.Objects)
 
 	// Fan-out.
@@ -272,6 +289,12 @@ func Scale(ctx context.Context, cfg ScaleConfig) (*ScaleResult, error) {
 		return res, err
 	}
 	log.Info("storm done", "last", res.StormLast.Round(time.Millisecond))
+	if cfg.DumpGoroutines {
+		cc.Quit()
+		if res.GoroutineDump, err = os.ReadFile(cc.LogPath()); err != nil {
+			return res, fmt.Errorf("read the goroutine dump: %w", err)
+		}
+	}
 	return res, nil
 }
 
@@ -323,4 +346,21 @@ func waitFor(ctx context.Context, timeout time.Duration, log *slog.Logger, what 
 		case <-tick.C:
 		}
 	}
+}
+
+// selfRSS is this process's resident set in bytes (0 if unreadable).
+func selfRSS() float64 {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			kb, err := strconv.ParseFloat(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(rest), "kB")), 64)
+			if err == nil {
+				return kb * 1024
+			}
+		}
+	}
+	return 0
 }

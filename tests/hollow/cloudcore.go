@@ -173,6 +173,15 @@ func (c *CloudCore) Kill() {
 	c.signal(syscall.SIGKILL)
 }
 
+// Quit sends SIGQUIT, on which the Go runtime writes every goroutine's
+// stack to the log before exiting, and waits for the process to end.
+func (c *CloudCore) Quit() {
+	c.signal(syscall.SIGQUIT)
+}
+
+// LogPath is the file CloudCore's output goes to.
+func (c *CloudCore) LogPath() string { return filepath.Join(c.cfg.Dir, "cloudcore.log") }
+
 // Stop sends SIGTERM and waits for the process to end.
 func (c *CloudCore) Stop() {
 	c.signal(syscall.SIGTERM)

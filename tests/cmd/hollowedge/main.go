@@ -23,12 +23,15 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime/pprof"
 	"slices"
 	"syscall"
 	"time"
 
+	"github.com/go-logr/logr"
 	"github.com/spf13/cobra"
 	"k8s.io/client-go/tools/clientcmd"
+	ctrllog "sigs.k8s.io/controller-runtime/pkg/log"
 
 	"github.com/tetheredge/tether/tests/controlplane"
 	"github.com/tetheredge/tether/tests/hollow"
@@ -161,24 +164,40 @@ func newScale() *cobra.Command {
 	var c common
 	var bin string
 	var idle, timeout time.Duration
+	var dump, cpuProfile string
 	cmd := &cobra.Command{
 		Use:   "scale",
 		Short: "start a control plane and one CloudCore process and measure them with hollow edges",
 		RunE: func(*cobra.Command, []string) error {
 			ctx, stop := signalContext()
 			defer stop()
-			return scale(ctx, c, bin, idle, timeout)
+			if cpuProfile != "" {
+				f, err := os.Create(cpuProfile)
+				if err != nil {
+					return fmt.Errorf("create CPU profile: %w", err)
+				}
+				defer f.Close()
+				if err := pprof.StartCPUProfile(f); err != nil {
+					return fmt.Errorf("start CPU profile: %w", err)
+				}
+				defer pprof.StopCPUProfile()
+			}
+			return scale(ctx, c, bin, idle, timeout, dump)
 		},
 	}
 	c.flags(cmd)
 	cmd.Flags().StringVar(&bin, "cloudcore", "", "cloudcore binary (empty: go build it into the data directory)")
 	cmd.Flags().DurationVar(&idle, "idle", 30*time.Second, "window over which idle CPU is measured")
 	cmd.Flags().DurationVar(&timeout, "timeout", 10*time.Minute, "bound of each wait (connect, fan-out, storm)")
+	cmd.Flags().StringVar(&cpuProfile, "cpuprofile", "", "file to write this process's CPU profile to (the hollow edges' cost)")
+	cmd.Flags().StringVar(&dump, "goroutine-dump", "", "file to write CloudCore's log with its goroutine dump to (SIGQUIT at the end); empty: none")
 	return cmd
 }
 
-func scale(ctx context.Context, c common, bin string, idle, timeout time.Duration) error {
+func scale(ctx context.Context, c common, bin string, idle, timeout time.Duration, dump string) error {
 	log := logger()
+	// envtest logs through controller-runtime's global logger.
+	ctrllog.SetLogger(logr.Discard())
 	dir, err := os.MkdirTemp(c.dataRoot, "hollowedge-")
 	if err != nil {
 		return fmt.Errorf("create data root: %w", err)
@@ -209,10 +228,15 @@ func scale(ctx context.Context, c common, bin string, idle, timeout time.Duratio
 		Kube: env.Config, KubeConfig: kubeconfig, CloudCore: bin, Dir: dir, Edges: c.edges, Prefix: c.prefix,
 		Workload: hollow.Workload{Namespace: c.namespace, PodsPerEdge: c.podsPerEdge}, Rate: c.rate,
 		LeaseDuration: c.lease, StatusEvery: c.status, Backoff: tunnel.Backoff{Min: c.backoffMin, Max: c.backoffMax},
-		Idle: idle, Timeout: timeout, Logger: log,
+		Idle: idle, Timeout: timeout, DumpGoroutines: dump != "", Logger: log,
 	})
 	if res != nil {
 		report(res)
+		if dump != "" && len(res.GoroutineDump) > 0 {
+			if werr := os.WriteFile(dump, res.GoroutineDump, 0o600); werr != nil {
+				err = errors.Join(err, fmt.Errorf("write goroutine dump: %w", werr))
+			}
+		}
 	}
 	return err
 }
@@ -239,6 +263,7 @@ func report(r *hollow.ScaleResult) {
 		r.StormReady.Round(time.Millisecond), r.StormLast.Round(time.Millisecond),
 		p(r.StormSpread, 10), p(r.StormSpread, 50), p(r.StormSpread, 90), p(r.StormSpread, 99))
 	fmt.Printf("storm: API requests from ready to last reconciled %v\n", sorted(r.StormRequests))
+	fmt.Printf("hollowedge process: RSS %.1f MiB (%.1f KiB per edge), %d open files (%.1f per edge)\n", mib(r.HollowRSS), kib(r.HollowRSS)/n, r.HollowFDs, float64(r.HollowFDs)/n)
 	fmt.Printf("cloudcore after storm:  RSS %.1f MiB, heap in use %.1f MiB, goroutines %.0f\n", mib(r.After.RSS), mib(r.After.HeapInuse), r.After.Goroutines)
 }
 
