@@ -194,7 +194,7 @@ func newScale() *cobra.Command {
 	return cmd
 }
 
-func scale(ctx context.Context, c common, bin string, idle, timeout time.Duration, dump string) error {
+func scale(ctx context.Context, c common, bin string, idle, timeout time.Duration, dump string) (err error) {
 	log := logger()
 	// envtest logs through controller-runtime's global logger.
 	ctrllog.SetLogger(logr.Discard())
@@ -202,7 +202,14 @@ func scale(ctx context.Context, c common, bin string, idle, timeout time.Duratio
 	if err != nil {
 		return fmt.Errorf("create data root: %w", err)
 	}
-	defer os.RemoveAll(dir)
+	defer func() {
+		if err != nil {
+			// CloudCore's log says what went wrong; the stores are gone.
+			log.Warn("scale run failed; CloudCore's log is kept", "dir", dir)
+			return
+		}
+		_ = os.RemoveAll(dir)
+	}()
 	if bin == "" {
 		if bin, err = hollow.BuildCloudCore(ctx, dir); err != nil {
 			return err
