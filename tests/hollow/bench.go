@@ -189,7 +189,9 @@ func Scale(ctx context.Context, cfg ScaleConfig) (*ScaleResult, error) {
 	go func() { done <- fleet.Run(runCtx) }()
 	defer func() {
 		stop()
-		<-done
+		if err := <-done; err != nil {
+			log.Warn("hollow fleet failed", "err", err)
+		}
 	}()
 
 	// Connect.

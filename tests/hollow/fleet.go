@@ -196,18 +196,11 @@ type Snapshot struct {
 
 // Snapshot counts the edges' states and the objects their stores hold.
 func (f *Fleet) Snapshot(ctx context.Context) (Snapshot, error) {
-	var s Snapshot
+	s := f.Counts()
 	for _, e := range f.edges {
 		st := e.State()
 		if st.Store == nil {
 			continue
-		}
-		s.Started++
-		if st.Connected {
-			s.Connected++
-		}
-		if st.Reconciled {
-			s.Reconciled++
 		}
 		n, err := st.Store.Count(ctx)
 		if err != nil {
