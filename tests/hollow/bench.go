@@ -1,0 +1,368 @@
+package hollow
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"k8s.io/client-go/rest"
+
+	"github.com/tetheredge/tether/tunnel"
+)
+
+// ScaleConfig is one scale run: N hollow edges against one CloudCore
+// process this package starts (and SIGKILLs for the reconnect storm).
+type ScaleConfig struct {
+	// Kube reaches the API server; KubeConfig is the same as a file, for
+	// CloudCore. Required.
+	Kube       *rest.Config
+	KubeConfig string
+	// CloudCore is the cloudcore binary. Required.
+	CloudCore string
+	// Dir holds CloudCore's log and the edges' stores (a tmpfs). Required.
+	Dir string
+	// Edges is how many hollow edges run. Required.
+	Edges int
+	// Prefix of the node names. Default "hollow".
+	Prefix string
+	// Workload is what each edge holds besides its Node; its Namespace
+	// is required.
+	Workload Workload
+	// Rate is how many edges start per second; 0: all at once.
+	Rate float64
+	// LeaseDuration and StatusEvery are the edges' (nodestatus defaults).
+	LeaseDuration, StatusEvery time.Duration
+	// Backoff is the edges' reconnect back-off (tunnel's default).
+	Backoff tunnel.Backoff
+	// Idle is how long the idle CPU is measured. Default 30s.
+	Idle time.Duration
+	// Timeout bounds each wait (connect, fan-out, storm). Default 10m.
+	Timeout time.Duration
+	// CloudCoreArgs are more flags for CloudCore.
+	CloudCoreArgs []string
+	// DumpGoroutines ends the run with SIGQUIT to CloudCore, whose
+	// runtime writes every goroutine's stack to its log (kept as
+	// GoroutineDump in the result).
+	DumpGoroutines bool
+	// Logger gets progress lines and the edges' warnings.
+	Logger *slog.Logger
+}
+
+// ScaleResult are the figures of a scale run.
+type ScaleResult struct {
+	Edges, Objects int
+	// Connect is from an edge's start to its first session, Reconciled to
+	// the end of that session's first reconcile; ConnectAll from the
+	// first edge's start to the last one's reconcile.
+	Connect, Reconciled []time.Duration
+	ConnectAll          time.Duration
+	// CloudCore before any edge (with the workload in its caches) and
+	// with every edge connected and idle.
+	Before, Connected Usage
+	// IdleCPU is CloudCore's CPU time per second over Idle, while every
+	// edge is connected.
+	IdleCPU float64
+	// IdleReads are the API server's GET and LIST requests (all clients)
+	// over the idle window, by verb.
+	IdleRequests map[string]float64
+	// LeaseAges are now minus renewTime of every edge's Lease, at the end
+	// of the idle window; LeaseRenew is the renew interval.
+	LeaseAges  []time.Duration
+	LeaseRenew time.Duration
+	// FanOut is, per edge, from the ConfigMap update's request to the
+	// commit in its store.
+	FanOut []time.Duration
+	// StormReady is from SIGKILL to the new CloudCore's readiness;
+	// StormLast from SIGKILL to the last edge reconnected and reconciled;
+	// StormSpread, from readiness, the reconcile ends of all edges.
+	StormReady, StormLast time.Duration
+	StormSpread           []time.Duration
+	// StormRequests are the API server's requests by verb from the new
+	// CloudCore's readiness to the last edge reconciled (all clients: the
+	// edges' lease and status writes included).
+	StormRequests map[string]float64
+	// After is CloudCore's usage once the storm is over.
+	After Usage
+	// HollowRSS is this process's resident memory with every edge
+	// connected (what the hollow edges cost here, not CloudCore).
+	HollowRSS float64
+	// HollowFDs is this process's open file descriptors then.
+	HollowFDs int
+	// GoroutineDump is CloudCore's goroutine dump (DumpGoroutines).
+	GoroutineDump []byte
+}
+
+// Usage is what CloudCore's /metrics says of the process.
+type Usage struct {
+	RSS, HeapInuse float64 // bytes
+	Goroutines     float64
+	CPU            float64 // seconds since start
+}
+
+func usageOf(ctx context.Context, cc *CloudCore) (Usage, error) {
+	m, err := cc.Metrics(ctx)
+	if err != nil {
+		return Usage{}, err
+	}
+	var u Usage
+	var errs []error
+	read := func(name string, into *float64) {
+		v, err := m.Sum(name, nil)
+		errs = append(errs, err)
+		*into = v
+	}
+	read("process_resident_memory_bytes", &u.RSS)
+	read("go_memstats_heap_inuse_bytes", &u.HeapInuse)
+	read("go_goroutines", &u.Goroutines)
+	read("process_cpu_seconds_total", &u.CPU)
+	return u, errors.Join(errs...)
+}
+
+// Scale runs the scenario of docs/benchmarks.md ("Hollow edges"):
+// onboard, connect, idle, fan-out, reconnect storm.
+func Scale(ctx context.Context, cfg ScaleConfig) (*ScaleResult, error) {
+	if cfg.Prefix == "" {
+		cfg.Prefix = "hollow"
+	}
+	if cfg.Idle <= 0 {
+		cfg.Idle = 30 * time.Second
+	}
+	if cfg.Timeout <= 0 {
+		cfg.Timeout = 10 * time.Minute
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	lease := cfg.LeaseDuration
+	if lease <= 0 {
+		lease = 40 * time.Second
+	}
+	log := cfg.Logger
+	res := &ScaleResult{Edges: cfg.Edges, LeaseRenew: lease / 4}
+	nodes := make([]string, cfg.Edges)
+	for i := range nodes {
+		nodes[i] = fmt.Sprintf("%s-%05d", cfg.Prefix, i)
+	}
+	begin := time.Now()
+	if err := cfg.Workload.Create(ctx, cfg.Kube, nodes); err != nil {
+		return nil, err
+	}
+	log.Info("workload created", "pods", cfg.Edges*cfg.Workload.withDefaults().PodsPerEdge, "took", time.Since(begin).Round(time.Millisecond))
+	begin = time.Now()
+	ids, ca, err := Onboard(ctx, cfg.Kube, nodes, OnboardConfig{Logger: log})
+	if err != nil {
+		return nil, err
+	}
+	log.Info("edges onboarded", "edges", len(ids), "took", time.Since(begin).Round(time.Millisecond))
+	cc, err := StartCloudCore(ctx, CloudCoreConfig{Binary: cfg.CloudCore, KubeConfig: cfg.KubeConfig, Dir: cfg.Dir, Args: cfg.CloudCoreArgs})
+	if err != nil {
+		return nil, err
+	}
+	defer cc.Stop()
+	// Let the start-up garbage go before the baseline.
+	if err := pause(ctx, 10*time.Second); err != nil {
+		return nil, err
+	}
+	if res.Before, err = usageOf(ctx, cc); err != nil {
+		return nil, err
+	}
+	log.Info("cloudcore ready", "rss_mib", res.Before.RSS/(1<<20), "goroutines", res.Before.Goroutines)
+
+	dataRoot := filepath.Join(cfg.Dir, "edges")
+	fleet, err := New(Config{
+		Cloud: []string{cc.Addr()}, CA: ca, DataRoot: dataRoot, Rate: cfg.Rate,
+		LeaseDuration: cfg.LeaseDuration, StatusEvery: cfg.StatusEvery, Backoff: cfg.Backoff,
+		Watch: cfg.Workload.Key(), Logger: log,
+	}, ids)
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(dataRoot)
+	runCtx, stop := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- fleet.Run(runCtx) }()
+	defer func() {
+		stop()
+		if err := <-done; err != nil {
+			log.Warn("hollow fleet failed", "err", err)
+		}
+	}()
+
+	// Connect.
+	start := time.Now()
+	if err := waitFor(ctx, cfg.Timeout, log, "connect", func() (bool, string) {
+		c := fleet.Counts()
+		return c.Reconciled == cfg.Edges, fmt.Sprintf("started %d connected %d reconciled %d", c.Started, c.Connected, c.Reconciled)
+	}); err != nil {
+		return res, err
+	}
+	res.ConnectAll = time.Since(start)
+	res.Connect, res.Reconciled = fleet.ConnectLatencies()
+	log.Info("all connected", "took", res.ConnectAll.Round(time.Millisecond))
+
+	// Idle.
+	if err := pause(ctx, 10*time.Second); err != nil {
+		return res, err
+	}
+	u0, err := usageOf(ctx, cc)
+	if err != nil {
+		return res, err
+	}
+	r0, err := APIRequests(ctx, cfg.Kube)
+	if err != nil {
+		return res, err
+	}
+	if err := pause(ctx, cfg.Idle); err != nil {
+		return res, err
+	}
+	if res.Connected, err = usageOf(ctx, cc); err != nil {
+		return res, err
+	}
+	r1, err := APIRequests(ctx, cfg.Kube)
+	if err != nil {
+		return res, err
+	}
+	res.IdleCPU = (res.Connected.CPU - u0.CPU) / cfg.Idle.Seconds()
+	res.IdleRequests = delta(r0, r1)
+	if res.LeaseAges, _, err = LeaseAges(ctx, cfg.Kube, nodes); err != nil {
+		return res, err
+	}
+	snap, err := fleet.Snapshot(ctx)
+	if err != nil {
+		return res, err
+	}
+	res.Objects = snap.Objects
+	res.HollowRSS = selfRSS()
+	if fds, err := os.ReadDir("/proc/self/fd"); err == nil {
+		res.HollowFDs = len(fds)
+	}
+	log.Info("idle measured", "cpu", res.IdleCPU, "rss_mib", res.Connected.RSS/(1<<20), "objects", snap.Objects)
+
+	// Fan-out.
+	changed, err := cfg.Workload.Bump(ctx, cfg.Kube, 1)
+	if err != nil {
+		return res, err
+	}
+	if err := waitFor(ctx, cfg.Timeout, log, "fan-out", func() (bool, string) {
+		_, missing := fleet.WatchedSince(changed)
+		return missing == 0, fmt.Sprintf("%d stores without the change", missing)
+	}); err != nil {
+		return res, err
+	}
+	res.FanOut, _ = fleet.WatchedSince(changed)
+	log.Info("fan-out done", "p99", Percentile(res.FanOut, 99))
+
+	// Reconnect storm.
+	killed := time.Now()
+	cc.Kill()
+	if err := cc.Start(ctx); err != nil {
+		return res, err
+	}
+	ready := time.Now()
+	res.StormReady = ready.Sub(killed)
+	s0, err := APIRequests(ctx, cfg.Kube)
+	if err != nil {
+		return res, err
+	}
+	if err := waitFor(ctx, cfg.Timeout, log, "storm", func() (bool, string) {
+		_, missing := fleet.ReconciledSince(ready)
+		return missing == 0, fmt.Sprintf("%d edges not reconciled", missing)
+	}); err != nil {
+		return res, err
+	}
+	spread, _ := fleet.ReconciledSince(ready)
+	res.StormSpread = spread
+	res.StormLast = res.StormReady + Percentile(spread, 100)
+	s1, err := APIRequests(ctx, cfg.Kube)
+	if err != nil {
+		return res, err
+	}
+	res.StormRequests = delta(s0, s1)
+	if err := pause(ctx, 10*time.Second); err != nil {
+		return res, err
+	}
+	if res.After, err = usageOf(ctx, cc); err != nil {
+		return res, err
+	}
+	log.Info("storm done", "last", res.StormLast.Round(time.Millisecond))
+	if cfg.DumpGoroutines {
+		cc.Quit()
+		if res.GoroutineDump, err = os.ReadFile(cc.LogPath()); err != nil {
+			return res, fmt.Errorf("read the goroutine dump: %w", err)
+		}
+	}
+	return res, nil
+}
+
+func delta(a, b map[string]float64) map[string]float64 {
+	out := map[string]float64{}
+	for k, v := range b {
+		if d := v - a[k]; d != 0 {
+			out[k] = d
+		}
+	}
+	return out
+}
+
+// pause waits d or until ctx ends: a measurement window, not a
+// synchronisation.
+func pause(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return nil
+	}
+}
+
+// waitFor polls cond every 100ms until it holds, logging its progress
+// every 10s, or fails after timeout.
+func waitFor(ctx context.Context, timeout time.Duration, log *slog.Logger, what string, cond func() (bool, string)) error {
+	deadline := time.Now().Add(timeout)
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	lastLog := time.Now()
+	for {
+		ok, state := cond()
+		if ok {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%s: not done after %s: %s", what, timeout, state)
+		}
+		if time.Since(lastLog) > 10*time.Second {
+			log.Info("waiting", "for", what, "state", state)
+			lastLog = time.Now()
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-tick.C:
+		}
+	}
+}
+
+// selfRSS is this process's resident set in bytes (0 if unreadable).
+func selfRSS() float64 {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			kb, err := strconv.ParseFloat(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(rest), "kB")), 64)
+			if err == nil {
+				return kb * 1024
+			}
+		}
+	}
+	return 0
+}
