@@ -443,7 +443,8 @@ func containerState(c *container) runtimeapi.ContainerState {
 }
 
 // adopt loads the records and attaches to every QEMU that still runs; a
-// recorded running container whose QEMU is gone is recorded exited.
+// recorded running container whose QEMU is gone is recorded exited, and
+// its sandbox lost (lost).
 func (b *Backend) adopt(ctx context.Context) error {
 	recs, bad, err := loadRecords(ctx, b.allocs)
 	if err != nil {
@@ -468,6 +469,7 @@ func (b *Backend) adopt(ctx context.Context) error {
 			b.logger.Warn("recorded vm is gone", "sandbox", rec.ID, "container", c.ID, "pid", c.Pid, "err", err)
 			b.drainConsole(v, c)
 			b.exited(v, c, exitUnknown, "QEMUGone")
+			b.lost(ctx, v)
 			continue
 		}
 		v.machine, v.recorded = m, make(chan struct{})
@@ -476,4 +478,23 @@ func (b *Backend) adopt(ctx context.Context) error {
 		go b.watch(v, c, m, time.Unix(0, c.StartedAt))
 	}
 	return nil
+}
+
+// lost marks the sandbox of a QEMU that died unwatched (the host
+// rebooted, or QEMU was killed while EdgeCore was down) NOTREADY and
+// releases its cores, hugepages and VFs: the VM is gone with its QEMU, and
+// after a reboot so is its directory; the pod manager makes a new sandbox,
+// as kubelet does for a sandbox that died. The record stays until
+// RemovePodSandbox.
+func (b *Backend) lost(ctx context.Context, v *vmState) {
+	v.mu.Lock()
+	v.rec.State = stateNotReady
+	v.mu.Unlock()
+	err := b.releaseResources(ctx, v)
+	if err == nil {
+		err = b.persistState(ctx, v)
+	}
+	if err != nil {
+		b.logger.Warn("release lost vm failed", "sandbox", v.rec.ID, "err", err)
+	}
 }
