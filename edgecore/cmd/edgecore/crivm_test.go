@@ -51,19 +51,21 @@ func TestCrictlLogsOfVM(t *testing.T) {
 		require.NoError(t, err, "crictl %s: %s%s", strings.Join(args, " "), out, stderr.String())
 		return strings.TrimSpace(string(out))
 	}
-	logs := func(id string) string {
-		t.Helper()
+	logs := func(id string) (string, error) {
 		out, err := exec.Command(crictl, append(base, "logs", id)...).CombinedOutput()
-		require.NoError(t, err, "crictl logs: %s", out)
-		return string(out)
+		return string(out), err
 	}
 	podID := run("runp", "--runtime", "tether-vm", podJSON)
 	ctrID := run("create", "--no-pull", podID, ctrJSON, podJSON)
 	run("start", ctrID)
-	require.Eventually(t, func() bool { return strings.Contains(logs(ctrID), vm.BootMarker) },
+	require.Eventually(t, func() bool {
+		out, err := logs(ctrID)
+		return err == nil && strings.Contains(out, vm.BootMarker)
+	},
 		4*time.Minute, 100*time.Millisecond, "crictl logs shows the boot marker")
 	run("stop", "--timeout", "60", ctrID)
-	out := logs(ctrID)
+	out, err := logs(ctrID)
+	require.NoError(t, err, "crictl logs: %s", out)
 	require.Equal(t, 1, strings.Count(out, vm.BootMarker), "%s", out)
 	require.Contains(t, out, "TETHER-GUEST-POWERDOWN")
 	require.NotContains(t, out, "\r", "the guest's line ends are taken off")

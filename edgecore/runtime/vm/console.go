@@ -291,6 +291,11 @@ func fileID(f *os.File) (size int64, dev, ino uint64, err error) {
 func (c *consoleLog) read(now time.Time) ([]byte, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if len(c.pending) >= consoleReadMax {
+		// The log cannot be written (a full disk): read no more until it
+		// can, so memory stays bounded; QEMU's file keeps the rest.
+		return nil, nil
+	}
 	if c.raw == nil {
 		// Read-write: punching a hole needs a writable descriptor. QEMU
 		// appends; this descriptor never writes.
@@ -323,10 +328,13 @@ func (c *consoleLog) read(now time.Time) ([]byte, error) {
 func (c *consoleLog) flush(now time.Time, final bool) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.passthrough || c.log == nil {
+	if c.passthrough {
 		c.st.off += int64(len(c.pending))
 		c.pending = c.pending[:0]
 		return nil
+	}
+	if c.log == nil {
+		return errors.New("vm: the console converter is closed")
 	}
 	mode := holdPartial
 	switch {

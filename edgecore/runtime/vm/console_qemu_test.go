@@ -82,9 +82,9 @@ func TestConsoleAcrossRestarts(t *testing.T) {
 		require.NoError(t, b.Close(ctx))
 		converted := criLines(t, logPath)
 		before := len(vm.RawLines(readRaw()))
-		sysrqHelp(t, qmpSock, 3)
+		sysrqHelp(t, qmpSock, raw, 3)
 		require.Eventually(t, func() bool { return len(vm.RawLines(readRaw())) >= before+3 },
-			time.Minute, 20*time.Millisecond, "restart %d: the guest prints while nobody converts", restart)
+			time.Minute, 20*time.Millisecond, "restart %d: the guest's lines are complete", restart)
 		require.Equal(t, converted, criLines(t, logPath), "nothing converts while the backend is down")
 		b = newBackend()
 	}
@@ -131,12 +131,13 @@ func TestConsoleAcrossRestarts(t *testing.T) {
 	require.NoError(t, b.RemovePodSandbox(ctx, sb))
 }
 
-// sysrqHelp makes the guest's kernel print its SysRq help n times: Alt+SysRq+H
-// through QMP's send-key, on a connection of the test's own (only while the
-// backend holds none: QEMU serves one QMP client).
-func sysrqHelp(t *testing.T, sock string, n int) {
+// sysrqHelp makes the guest's kernel print its SysRq help n times:
+// Alt+SysRq+H through QMP's send-key, on a connection of the test's own
+// (only while the backend holds none: QEMU serves one QMP client), one
+// press after the other's line is in the raw console.
+func sysrqHelp(t *testing.T, sock, raw string, n int) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
+	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
 	defer cancel()
 	c, err := qmp.Dial(ctx, sock, qmp.Config{})
 	require.NoError(t, err)
@@ -145,9 +146,17 @@ func sysrqHelp(t *testing.T, sock string, n int) {
 		Type string `json:"type"`
 		Data string `json:"data"`
 	}
+	helps := func() int {
+		data, err := os.ReadFile(raw)
+		require.NoError(t, err)
+		return strings.Count(string(data), "sysrq: HELP")
+	}
 	for range n {
+		before := helps()
 		require.NoError(t, c.Execute(ctx, "send-key", map[string]any{
 			"keys": []key{{"qcode", "alt"}, {"qcode", "sysrq"}, {"qcode", "h"}},
 		}, nil))
+		require.Eventually(t, func() bool { return helps() > before }, time.Minute, 20*time.Millisecond,
+			"the guest printed the SysRq help")
 	}
 }

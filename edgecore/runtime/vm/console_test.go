@@ -57,9 +57,6 @@ func TestSplitConsole(t *testing.T) {
 	}
 }
 
-// rawLines is the reference: the console's lines, "\r\n" or "\n" ended.
-func rawLines(raw []byte) []string { return RawLines(raw) }
-
 // FuzzSplitConsole: whatever the guest prints, in however many pieces,
 // the entries joined are exactly its lines, each entry at most max bytes
 // without a newline, and what is held is less than a line.
@@ -97,8 +94,8 @@ func FuzzSplitConsole(f *testing.F) {
 		}
 		// The reference: the consumed bytes' lines, the unfinished end
 		// (flushed) as it is, but a last '\r'.
-		want := []byte(strings.Join(rawLines(raw[:consumed]), "\n"))
-		if len(rawLines(raw[:consumed])) > 0 {
+		want := []byte(strings.Join(RawLines(raw[:consumed]), "\n"))
+		if len(RawLines(raw[:consumed])) > 0 {
 			want = append(want, '\n')
 		}
 		if i := bytes.LastIndexByte(raw[:consumed], '\n'); i+1 < consumed {
