@@ -240,6 +240,10 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 			nsCfg.Labels = labels
 		}
 	}
+	if a.pool != nil {
+		// After the VM backend's adoption, before anything allocates.
+		a.sweepPool(ctx)
+	}
 	if nsCfg.Registerer == nil {
 		nsCfg.Registerer = cfg.Registerer
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"strings"
 
 	corev1 "k8s.io/api/core/v1"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
@@ -42,6 +43,17 @@ const annotationCPUs = "tether.io/cpus"
 
 // cpuOwner is the allocation owner of a container's exclusive cores.
 func cpuOwner(podUID, container string) string { return "pod/" + podUID + "/" + container }
+
+// PodOfCPUOwner is the pod UID of an allocation owner of a container's
+// exclusive cores; ok is false for other owners (a VM sandbox id).
+func PodOfCPUOwner(owner string) (podUID string, ok bool) {
+	rest, ok := strings.CutPrefix(owner, "pod/")
+	if !ok {
+		return "", false
+	}
+	podUID, _, ok = strings.Cut(rest, "/")
+	return podUID, ok && podUID != ""
+}
 
 // exclusiveCPUs is how many cores c of pod gets of its own: its cpu
 // request when the pod is Guaranteed, has no runtime class, and the

@@ -60,6 +60,7 @@ type Pool struct {
 	logger   *slog.Logger
 	lim      *ratelog.Limiter
 	requests *prometheus.CounterVec
+	swept    prometheus.Counter
 
 	mu sync.Mutex
 
@@ -82,9 +83,15 @@ func New(cfg Config, allocs store.Allocations, logger *slog.Logger) (*Pool, erro
 		Name: "tether_edge_resources_requests_total",
 		Help: "Allocate calls of the resource pool by result: granted, insufficient, invalid (refused request), failed (store or sysfs error); and release_failed, Release calls that could not restore a VF.",
 	}, []string{"result"})
+	swept := prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "tether_edge_resources_swept_total",
+		Help: "Grants released by Sweep because their owner (a VM record, a pod) was gone.",
+	})
 	if cfg.Registerer != nil {
-		if err := cfg.Registerer.Register(requests); err != nil {
-			return nil, fmt.Errorf("register resources metrics: %w", err)
+		for _, c := range []prometheus.Collector{requests, swept} {
+			if err := cfg.Registerer.Register(c); err != nil {
+				return nil, fmt.Errorf("register resources metrics: %w", err)
+			}
 		}
 	}
 	logger = logger.With("component", "resources")
@@ -93,7 +100,7 @@ func New(cfg Config, allocs store.Allocations, logger *slog.Logger) (*Pool, erro
 	}
 	return &Pool{
 		s: s, sys: sysfs(s.sysfs), allocs: allocs, logger: logger,
-		lim: ratelog.New(0, nil), requests: requests,
+		lim: ratelog.New(0, nil), requests: requests, swept: swept,
 	}, nil
 }
 

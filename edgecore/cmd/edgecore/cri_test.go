@@ -53,8 +53,8 @@ func TestCRICommand(t *testing.T) {
 }
 
 // startCRICommand runs `edgecore cri` as an operator would, in front of
-// h, until the test ends, and returns its socket.
-func startCRICommand(t *testing.T, h *containerd.Host) string {
+// h (with extra flags), until the test ends, and returns its socket.
+func startCRICommand(t *testing.T, h *containerd.Host, extra ...string) string {
 	t.Helper()
 	dir, err := os.MkdirTemp("", "tether-cri-cmd-")
 	require.NoError(t, err)
@@ -62,7 +62,7 @@ func startCRICommand(t *testing.T, h *containerd.Host) string {
 	sock := filepath.Join(dir, "cri.sock")
 	ctx, cancel := context.WithCancel(klog.NewContext(context.Background(), logr.Discard()))
 	root := newRootCommand()
-	root.SetArgs([]string{"cri", "--listen", sock, "--containerd", h.Endpoint(), "--state", filepath.Join(t.TempDir(), "state.db"), "--log-level", "error"})
+	root.SetArgs(append([]string{"cri", "--listen", sock, "--containerd", h.Endpoint(), "--state", filepath.Join(t.TempDir(), "state.db"), "--log-level", "error"}, extra...))
 	done := make(chan error, 1)
 	go func() { done <- root.ExecuteContext(ctx) }()
 	t.Cleanup(func() {

@@ -61,8 +61,8 @@ type Config struct {
 	// (SysfsRoot/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages).
 	// Default "/sys".
 	SysfsRoot string
-	// ConsolePoll is how often a running guest's console is read for the
-	// boot marker. Default 50 ms.
+	// ConsolePoll is how often a running guest's console is converted into
+	// its CRI log and read for the boot marker. Default 50 ms.
 	ConsolePoll time.Duration
 	// OverlayPool is how many qcow2 overlays the backend keeps made ahead
 	// per base image (Images.FillOverlays), so that CreateContainer takes
@@ -150,6 +150,9 @@ type Backend struct {
 	lim    *ratelog.Limiter
 	events *cri.Broker
 	m      metrics
+	// consoleKeep is how much converted console the raw files keep
+	// (consoleRawKeep; tests keep everything).
+	consoleKeep int64
 
 	// ctx ends at Close: the watchers of running QEMUs stop.
 	ctx    context.Context
@@ -177,6 +180,9 @@ type vmState struct {
 	machine *qemu.Machine // the live container's QEMU, nil when none runs
 	// recorded is closed once the running container's exit is recorded.
 	recorded chan struct{}
+	// console is the running container's console converter, nil when
+	// none is open.
+	console *consoleLog
 }
 
 type metrics struct {
@@ -184,6 +190,7 @@ type metrics struct {
 	overlays *prometheus.CounterVec
 	running  prometheus.GaugeFunc
 	boots    prometheus.Histogram
+	console  *prometheus.CounterVec
 }
 
 var (
@@ -195,6 +202,10 @@ var (
 // recorded VM: a QEMU that still runs is attached to (never restarted), a
 // dead one is reported exited.
 func New(ctx context.Context, cfg Config, allocs Allocations) (*Backend, error) {
+	return newBackend(ctx, cfg, allocs, consoleRawKeep)
+}
+
+func newBackend(ctx context.Context, cfg Config, allocs Allocations, consoleKeep int64) (*Backend, error) {
 	cfg, err := cfg.withDefaults(ctx)
 	if err != nil {
 		return nil, err
@@ -207,7 +218,7 @@ func New(ctx context.Context, cfg Config, allocs Allocations) (*Backend, error) 
 	}
 	b := &Backend{
 		cfg: cfg, allocs: allocs, logger: cfg.Logger.With("component", "vm"), lim: ratelog.New(0, nil),
-		events: cri.NewBroker(), vms: map[string]*vmState{}, owner: map[string]string{}, fill: make(chan struct{}, 1),
+		events: cri.NewBroker(), vms: map[string]*vmState{}, owner: map[string]string{}, fill: make(chan struct{}, 1), consoleKeep: consoleKeep,
 	}
 	b.ctx, b.cancel = context.WithCancel(context.WithoutCancel(ctx))
 	b.m = metrics{
@@ -228,9 +239,13 @@ func New(ctx context.Context, cfg Config, allocs Allocations) (*Backend, error) 
 			Help:    "From StartContainer to the guest's boot marker on its console.",
 			Buckets: prometheus.ExponentialBuckets(0.125, 2, 10),
 		}),
+		console: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tether_vm_console_failures_total",
+			Help: "Failures converting a VM's serial console into its CRI log, by operation.",
+		}, []string{"op"}),
 	}
 	if cfg.Registerer != nil {
-		for _, c := range []prometheus.Collector{b.m.refused, b.m.overlays, b.m.running, b.m.boots} {
+		for _, c := range []prometheus.Collector{b.m.refused, b.m.overlays, b.m.running, b.m.boots, b.m.console} {
 			if err := cfg.Registerer.Register(c); err != nil {
 				return nil, fmt.Errorf("register vm metrics: %w", err)
 			}
@@ -371,11 +386,6 @@ func (b *Backend) Attach(context.Context, *runtimeapi.AttachRequest) (*runtimeap
 // PortForward is Unimplemented.
 func (b *Backend) PortForward(context.Context, *runtimeapi.PortForwardRequest) (*runtimeapi.PortForwardResponse, error) {
 	return nil, unimplemented("port forwarding")
-}
-
-// ReopenContainerLog is Unimplemented: QEMU holds the console file open.
-func (b *Backend) ReopenContainerLog(context.Context, string) error {
-	return unimplemented("reopening the console log")
 }
 
 // CheckpointContainer is Unimplemented.

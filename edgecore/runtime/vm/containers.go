@@ -125,7 +125,7 @@ func (b *Backend) spec(rec *record, c *container, img Image, overlay string) qem
 	s := qemu.Spec{
 		Name: "tether-" + rec.ID[:12], Dir: rec.Dir, VCPUs: rec.Params.VCPUs, MemoryBytes: rec.Params.MemoryBytes,
 		Disk: overlay, Kernel: img.Kernel, Initrd: img.Initrd, Cmdline: img.Cmdline,
-		SerialLog: c.LogPath, Accel: b.cfg.Accel, HugepageDir: rec.HugepageDir,
+		SerialLog: rawConsolePath(rec.Dir, c.ID), Accel: b.cfg.Accel, HugepageDir: rec.HugepageDir,
 	}
 	if s.Kernel != "" && s.Cmdline == "" {
 		s.Cmdline = "console=ttyS0"
@@ -154,12 +154,12 @@ func (b *Backend) StartContainer(ctx context.Context, id string) error {
 	v.mu.Lock()
 	c := v.rec.container(id)
 	st := c.State
-	spec := c.Spec
+	spec, logPath := c.Spec, c.LogPath
 	v.mu.Unlock()
 	if st != stateCreated {
 		return status.Errorf(codes.FailedPrecondition, "vm container %s is %s, not created", id, st)
 	}
-	if err := os.MkdirAll(filepath.Dir(spec.SerialLog), 0o755); err != nil {
+	if err := os.MkdirAll(filepath.Dir(logPath), 0o755); err != nil {
 		return status.Errorf(codes.Internal, "create the console's directory: %v", err)
 	}
 	start := time.Now()
@@ -197,15 +197,17 @@ func (b *Backend) publish(ev cri.Event) {
 }
 
 // watch follows one running QEMU until it exits or the backend closes: it
-// reads the console for the boot marker and turns the exit into the
-// container's exit. It leaves QEMU running when the backend closes.
+// converts the console into the CRI log, looking for the boot marker
+// (consolewatch.go), and turns the exit into the container's exit. It
+// leaves QEMU running when the backend closes.
 func (b *Backend) watch(v *vmState, c *container, m *qemu.Machine, started time.Time) {
 	defer b.wg.Done()
 	defer m.Close()
 	v.mu.Lock()
 	booted := c.BootedAt != 0
 	v.mu.Unlock()
-	sc := &markerScanner{path: c.Spec.SerialLog}
+	con := &consoleWatch{b: b, v: v, c: c, started: started, booted: booted}
+	con.pump(false)
 	tick := time.NewTicker(b.cfg.ConsolePoll)
 	defer tick.Stop()
 	evs := m.Events()
@@ -213,6 +215,7 @@ func (b *Backend) watch(v *vmState, c *container, m *qemu.Machine, started time.
 	for {
 		select {
 		case <-b.ctx.Done():
+			con.close(false)
 			return
 		case ev, ok := <-evs:
 			if !ok {
@@ -222,30 +225,7 @@ func (b *Backend) watch(v *vmState, c *container, m *qemu.Machine, started time.
 			guestShutdown = guestShutdown || isGuestShutdown(ev)
 			b.logger.Debug("qmp event", "container", c.ID, "event", ev.Name)
 		case <-tick.C:
-			if booted {
-				continue
-			}
-			seen, err := sc.scan()
-			if err != nil {
-				if ok, suppressed := b.lim.Allow("console " + c.ID); ok {
-					b.logger.Warn("read vm console failed", "container", c.ID, "err", err, "suppressed", suppressed)
-				}
-				continue
-			}
-			if !seen {
-				continue
-			}
-			booted = true
-			now := time.Now()
-			v.mu.Lock()
-			c.BootedAt, c.Console = now.UnixNano(), consoleTail(c.LogPath)
-			v.mu.Unlock()
-			b.m.boots.Observe(now.Sub(started).Seconds())
-			if err := b.persistState(b.ctx, v); err != nil {
-				b.logger.Warn("record vm boot failed", "container", c.ID, "err", err)
-			}
-			b.logger.Info("vm guest booted", "container", c.ID, "since_start", now.Sub(started))
-			b.publish(cri.Event{ContainerID: c.ID, Kind: cri.EventStart, At: now})
+			con.pump(false)
 		case <-m.Done():
 			code := m.ExitCode()
 			if code < 0 {
@@ -258,6 +238,8 @@ func (b *Backend) watch(v *vmState, c *container, m *qemu.Machine, started time.
 					code = 0
 				}
 			}
+			con.pump(true)
+			con.close(true)
 			b.exited(v, c, int32(code), "")
 			return
 		}
@@ -317,7 +299,7 @@ func (b *Backend) exited(v *vmState, c *container, code int32, reason string) {
 		}
 	}
 	c.State, c.FinishedAt, c.ExitCode, c.Reason = stateExited, now.UnixNano(), code, reason
-	c.Console = consoleTail(c.LogPath)
+	c.Console = consoleTail(c.Spec.SerialLog)
 	v.machine = nil
 	if v.recorded != nil {
 		defer close(v.recorded)
@@ -386,6 +368,7 @@ func (b *Backend) RemoveContainer(ctx context.Context, id string) error {
 		}
 	}
 	v.mu.Lock()
+	gone := v.rec.container(id)
 	kept := v.rec.Containers[:0]
 	for _, x := range v.rec.Containers {
 		if x.ID != id {
@@ -396,6 +379,9 @@ func (b *Backend) RemoveContainer(ctx context.Context, id string) error {
 	v.mu.Unlock()
 	if err := b.persistState(ctx, v); err != nil {
 		return status.Errorf(codes.Unavailable, "forget vm container %s: %v", id, err)
+	}
+	if gone != nil {
+		b.removeConsole(gone)
 	}
 	b.mu.Lock()
 	delete(b.owner, id)
@@ -465,7 +451,8 @@ func containerState(c *container) runtimeapi.ContainerState {
 }
 
 // adopt loads the records and attaches to every QEMU that still runs; a
-// recorded running container whose QEMU is gone is recorded exited.
+// recorded running container whose QEMU is gone is recorded exited, and
+// its sandbox lost (lost).
 func (b *Backend) adopt(ctx context.Context) error {
 	recs, bad, err := loadRecords(ctx, b.allocs)
 	if err != nil {
@@ -488,7 +475,9 @@ func (b *Backend) adopt(ctx context.Context) error {
 		m, err := qemu.Attach(ctx, c.Spec, c.Pid, qemu.Options{Binary: b.cfg.QEMU, Logger: b.logger})
 		if err != nil {
 			b.logger.Warn("recorded vm is gone", "sandbox", rec.ID, "container", c.ID, "pid", c.Pid, "err", err)
+			b.drainConsole(v, c)
 			b.exited(v, c, exitUnknown, "QEMUGone")
+			b.lost(ctx, v)
 			continue
 		}
 		v.machine, v.recorded = m, make(chan struct{})
@@ -497,4 +486,23 @@ func (b *Backend) adopt(ctx context.Context) error {
 		go b.watch(v, c, m, time.Unix(0, c.StartedAt))
 	}
 	return nil
+}
+
+// lost marks the sandbox of a QEMU that died unwatched (the host
+// rebooted, or QEMU was killed while EdgeCore was down) NOTREADY and
+// releases its cores, hugepages and VFs: the VM is gone with its QEMU, and
+// after a reboot so is its directory; the pod manager makes a new sandbox,
+// as kubelet does for a sandbox that died. The record stays until
+// RemovePodSandbox.
+func (b *Backend) lost(ctx context.Context, v *vmState) {
+	v.mu.Lock()
+	v.rec.State = stateNotReady
+	v.mu.Unlock()
+	err := b.releaseResources(ctx, v)
+	if err == nil {
+		err = b.persistState(ctx, v)
+	}
+	if err != nil {
+		b.logger.Warn("release lost vm failed", "sandbox", v.rec.ID, "err", err)
+	}
 }

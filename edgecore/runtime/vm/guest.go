@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
-	"io/fs"
 	"os"
 	"strings"
 	"time"
@@ -16,11 +15,13 @@ import (
 // What the backend learns of the guest from its serial console, and how it
 // tells the pod manager.
 //
-// The console (ttyS0) is appended by QEMU to the container's CRI log path.
-// A watcher reads what is new in that file every ConsolePoll and looks for
-// BootMarker; the first time it sees it, the container's BootedAt is set
+// The console (ttyS0) is appended by QEMU to a raw file that the
+// container's watcher converts into its CRI log (console.go). The watcher
+// looks for BootMarker in what it reads, every ConsolePoll, before it
+// converts it; the first time it sees it, the container's BootedAt is set
 // (the time it was seen: up to one ConsolePoll late) and the console's
-// tail is kept. ContainerStatus(verbose) hands both on in
+// tail is kept (from the raw file's end, which the converter keeps).
+// ContainerStatus(verbose) hands both on in
 // Info[InfoGuest]; the pod manager turns them into the pod conditions
 // vm.edge.tether.dev/GuestBooted and vm.edge.tether.dev/Console. The tail
 // is taken again only when the guest stops, so a chatty guest does not
@@ -61,49 +62,31 @@ func guestInfo(c *container) string {
 	return string(data)
 }
 
-// markerScanner finds BootMarker in a growing file, reading each byte once.
+// markerScanner finds BootMarker in a console read piece by piece.
 type markerScanner struct {
-	path   string
-	offset int64
-	// carry is the end of the last read that could be the start of the
+	// carry is the end of the last piece that could be the start of the
 	// marker.
 	carry []byte
 }
 
-// scan reads what is new and reports whether the marker is in it (or was
-// split across the last read).
-func (s *markerScanner) scan() (bool, error) {
-	f, err := os.Open(s.path)
-	if errors.Is(err, fs.ErrNotExist) {
-		return false, nil
+// feed reports whether the marker is in chunk (or was split between the
+// last piece and chunk).
+func (s *markerScanner) feed(chunk []byte) bool {
+	if len(chunk) == 0 {
+		return false
 	}
-	if err != nil {
-		return false, err
+	joined := append(s.carry, chunk...)
+	if bytes.Contains(joined, []byte(BootMarker)) {
+		return true
 	}
-	defer f.Close()
-	if _, err := f.Seek(s.offset, io.SeekStart); err != nil {
-		return false, err
-	}
-	buf := make([]byte, 64<<10)
-	for {
-		n, err := f.Read(buf)
-		if n > 0 {
-			s.offset += int64(n)
-			chunk := append(s.carry, buf[:n]...)
-			if bytes.Contains(chunk, []byte(BootMarker)) {
-				return true, nil
-			}
-			keep := min(len(chunk), len(BootMarker)-1)
-			s.carry = append([]byte(nil), chunk[len(chunk)-keep:]...)
-		}
-		if errors.Is(err, io.EOF) {
-			return false, nil
-		}
-		if err != nil {
-			return false, err
-		}
-	}
+	keep := min(len(joined), len(BootMarker)-1)
+	s.carry = append(s.carry[:0], joined[len(joined)-keep:]...)
+	return false
 }
+
+// consoleWindow is how much of the console's end consoleTail reads:
+// enough that cleaning still leaves ConsoleBytes.
+const consoleWindow = 4 * ConsoleBytes
 
 // consoleTail returns the last ConsoleLines lines of the file at path, at
 // most ConsoleBytes, as printable UTF-8 (control characters but newline
@@ -118,9 +101,7 @@ func consoleTail(path string) string {
 	if err != nil {
 		return ""
 	}
-	// Read enough that cleaning still leaves ConsoleBytes.
-	const window = 4 * ConsoleBytes
-	start := max(info.Size()-window, 0)
+	start := max(info.Size()-consoleWindow, 0)
 	buf := make([]byte, info.Size()-start)
 	if _, err := f.ReadAt(buf, start); err != nil && !errors.Is(err, io.EOF) {
 		return ""

@@ -81,7 +81,8 @@ type container struct {
 	ImageRef    string            `json:"imageRef"`
 	Labels      map[string]string `json:"labels,omitempty"`
 	Annotations map[string]string `json:"annotations,omitempty"`
-	// LogPath is the serial console's file: the CRI log path.
+	// LogPath is the CRI log path; the serial console (Spec.SerialLog, a
+	// raw file of the sandbox directory) is converted into it (console.go).
 	LogPath    string `json:"logPath"`
 	State      string `json:"state"`
 	CreatedAt  int64  `json:"createdAt"`

@@ -20,13 +20,13 @@ func TestSpecFromGrant(t *testing.T) {
 		Grant: &resources.Grant{CPUs: []int{2, 3}, SharedCPUs: []int{0, 1}, HugepageDir: "/dev/hugepages",
 			VFs: []resources.VF{{Pool: "a", Address: "0000:3b:02.1"}, {Pool: "b", Address: "0000:3b:02.2"}}},
 	}
-	c := &container{LogPath: "/var/log/pods/x/compute_0.log"}
+	c := &container{ID: "c1", LogPath: "/var/log/pods/x/compute_0.log"}
 	img := Image{Name: "g", Kernel: "/img/g/kernel", Initrd: "/img/g/initrd"}
 	s := b.spec(rec, c, img, "/run/tether/vm/x/disk.qcow2")
 	require.Equal(t, qemu.Spec{
 		Name: "tether-0123456789ab", Dir: rec.Dir, VCPUs: 2, MemoryBytes: 1 << 30, HugepageDir: "/dev/hugepages",
 		Disk: "/run/tether/vm/x/disk.qcow2", Kernel: img.Kernel, Initrd: img.Initrd, Cmdline: "console=ttyS0",
-		SerialLog: c.LogPath, VFIO: []string{"0000:3b:02.1", "0000:3b:02.2"}, Accel: "tcg",
+		SerialLog: "/run/tether/vm/x/console-c1.raw", VFIO: []string{"0000:3b:02.1", "0000:3b:02.2"}, Accel: "tcg",
 		DedicatedCPUs: []int{2, 3}, SharedCPUs: []int{0, 1},
 	}, s)
 	require.NoError(t, s.Validate())
