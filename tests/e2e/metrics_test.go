@@ -115,7 +115,7 @@ func daemonMetrics(t *testing.T) (cloud, edge []promtest.Metric) {
 	t.Helper()
 	env := cp.Env(t)
 	h := containerd.Start(t)
-	c := startCloud(t, env.Config, cloudOptions{webSocket: true, vms: true, timings: testTimings})
+	c := startCloud(t, env.Config, cloudOptions{webSocket: true, vms: true, rebalance: true, timings: testTimings})
 	node := uniqueNode("edge-metrics")
 	id := c.admit(t, node)
 	runDir, err := os.MkdirTemp("", "tvm-")
