@@ -167,8 +167,15 @@ func (c *Client) dialEndpoint(ctx context.Context, ep endpoint) (*Session, error
 	ctx, cancel := context.WithTimeout(ctx, c.cfg.DialTimeout)
 	defer cancel()
 	deadline, _ := ctx.Deadline()
+	dial := c.dialWebSocket
 	if ep.transport == TransportQUIC {
-		return c.dialQUIC(ctx, ep, deadline)
+		dial = c.dialQUIC
 	}
-	return c.dialWebSocket(ctx, ep, deadline)
+	sess, err := dial(ctx, ep, deadline)
+	if err != nil && serverAnswered(err) {
+		// The server refused this handshake: the ticket offered, if any,
+		// goes, so that the next attempt is a full handshake.
+		c.tickets[ep.transport].Put(c.serverName(ep.addr), nil)
+	}
+	return sess, err
 }

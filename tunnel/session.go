@@ -101,6 +101,7 @@ type Session struct {
 	id        string
 	peer      Identity
 	transport Transport
+	resumed   bool // the TLS handshake resumed an earlier session (a ticket)
 	link      link
 	cfg       sessionConfig
 	logger    *slog.Logger
@@ -206,6 +207,11 @@ func (s *Session) ID() string { return s.id }
 
 // Peer returns the verified identity of the other end.
 func (s *Session) Peer() Identity { return s.peer }
+
+// Resumed says whether the session's TLS handshake resumed an earlier
+// session from a ticket (ConnectionState.DidResume) instead of exchanging
+// certificates.
+func (s *Session) Resumed() bool { return s.resumed }
 
 // Transport returns the transport the session runs on.
 func (s *Session) Transport() Transport { return s.transport }
