@@ -43,12 +43,12 @@ type TicketStore interface {
 // ticketCache is a tls.ClientSessionCache for one transport.
 type ticketCache struct {
 	transport Transport
-	store     TicketStore // nil: memory only
 	cert      func() []byte
 	logger    *slog.Logger
 
-	mu  sync.Mutex
-	mem map[string]cachedTicket // by store key
+	mu    sync.Mutex
+	store TicketStore             // nil: memory only
+	mem   map[string]cachedTicket // by store key
 }
 
 type cachedTicket struct {
@@ -58,6 +58,17 @@ type cachedTicket struct {
 
 func newTicketCache(t Transport, store TicketStore, cert func() []byte, logger *slog.Logger) *ticketCache {
 	return &ticketCache{transport: t, store: store, cert: cert, logger: logger, mem: make(map[string]cachedTicket)}
+}
+
+// KeepTickets makes the client keep its session tickets in store from now
+// on, as ClientConfig.Tickets does (EdgeCore hands its store over once it
+// is open). Call it before Dial or Run.
+func (c *Client) KeepTickets(store TicketStore) {
+	for _, tc := range c.tickets {
+		tc.mu.Lock()
+		tc.store = store
+		tc.mu.Unlock()
+	}
 }
 
 func (c *ticketCache) key(serverName string) string { return string(c.transport) + "/" + serverName }
