@@ -47,39 +47,9 @@ func TestRemembersTransportAcrossRestarts(t *testing.T) {
 	proxy.Partition(true)
 
 	path := filepath.Join(t.TempDir(), "edgecore.db")
-	// run starts an EdgeHub on the store file and returns the transport of
-	// its first session and a stop function.
-	run := func(raceDelay time.Duration) (*store.Store, tunnel.Transport, func()) {
-		st, err := store.Open(context.Background(), path, testlog.New())
-		require.NoError(t, err)
-		client, err := tunnel.NewClient(tunnel.ClientConfig{
-			Options:     tunnel.Options{Logger: testlog.New()},
-			Servers:     []string{addr},
-			Node:        "edge-1",
-			TLS:         clientTLS,
-			DialTimeout: time.Minute,
-			RaceDelay:   raceDelay,
-		})
-		require.NoError(t, err)
-		hub := New(client, hold{}, st, testlog.New())
-		ctx, cancel := context.WithCancel(context.Background())
-		done := make(chan error, 1)
-		go func() { done <- hub.Run(ctx) }()
-		var tr tunnel.Transport
-		select {
-		case s := <-sessions:
-			tr = s.Transport()
-		case <-time.After(30 * time.Second):
-			t.Error("no session within 30s")
-		}
-		return st, tr, func() {
-			cancel()
-			require.NoError(t, <-done)
-			require.NoError(t, st.Close())
-		}
-	}
-
-	st, tr, stop := run(0) // the default race delay
+	cfg := tunnel.ClientConfig{Servers: []string{addr}, TLS: clientTLS, DialTimeout: time.Minute}
+	st, s, stop := startHub(t, path, cfg, sessions) // the default race delay
+	tr := s.Transport()
 	require.Equal(t, tunnel.TransportWebSocket, tr)
 	require.Positive(t, proxy.Stats().Dropped, "the first start tried QUIC")
 	require.Eventually(t, func() bool {
@@ -89,9 +59,10 @@ func TestRemembersTransportAcrossRestarts(t *testing.T) {
 	stop()
 
 	dropped := proxy.Stats().Dropped
-	_, tr, stop = run(time.Minute)
+	cfg.RaceDelay = time.Minute
+	_, s, stop = startHub(t, path, cfg, sessions)
 	defer stop()
-	require.Equal(t, tunnel.TransportWebSocket, tr, "after a restart the remembered transport goes first")
+	require.Equal(t, tunnel.TransportWebSocket, s.Transport(), "after a restart the remembered transport goes first")
 	require.Equal(t, dropped, proxy.Stats().Dropped, "QUIC was not tried")
 }
 
@@ -140,34 +111,8 @@ func TestResumesAcrossRestarts(t *testing.T) {
 	secret := [32]byte{42}
 	srv, sessions, clientTLS := startCloud(t, func(c *tunnel.ServerConfig) { c.SessionTicketSecret = &secret })
 	path := filepath.Join(t.TempDir(), "edgecore.db")
-	run := func() (*store.Store, *tunnel.Session, func()) {
-		st, err := store.Open(context.Background(), path, testlog.New())
-		require.NoError(t, err)
-		client, err := tunnel.NewClient(tunnel.ClientConfig{
-			Options: tunnel.Options{Logger: testlog.New()},
-			Servers: []string{"quic://" + srv.QUICAddr().String()},
-			Node:    "edge-1",
-			TLS:     clientTLS,
-		})
-		require.NoError(t, err)
-		hub := New(client, hold{}, st, testlog.New())
-		ctx, cancel := context.WithCancel(context.Background())
-		done := make(chan error, 1)
-		go func() { done <- hub.Run(ctx) }()
-		var s *tunnel.Session
-		select {
-		case s = <-sessions:
-		case <-time.After(30 * time.Second):
-			t.Fatal("no session within 30s")
-		}
-		return st, s, func() {
-			cancel()
-			require.NoError(t, <-done)
-			require.NoError(t, st.Close())
-		}
-	}
-
-	st, s, stop := run()
+	cfg := tunnel.ClientConfig{Servers: []string{"quic://" + srv.QUICAddr().String()}, TLS: clientTLS}
+	st, s, stop := startHub(t, path, cfg, sessions)
 	require.False(t, s.Resumed(), "the first session had no ticket to resume")
 	require.Eventually(t, func() bool {
 		data, err := st.LoadTicket(context.Background(), "quic/127.0.0.1")
@@ -175,7 +120,37 @@ func TestResumesAcrossRestarts(t *testing.T) {
 	}, 30*time.Second, 10*time.Millisecond, "the ticket is kept in the store")
 	stop()
 
-	_, s, stop = run()
+	_, s, stop = startHub(t, path, cfg, sessions)
 	defer stop()
 	require.True(t, s.Resumed(), "after a restart the session did a full handshake")
+}
+
+// startHub starts an EdgeHub for node edge-1 on the store file at path,
+// with a client of cfg, and returns the store, the first session the
+// server saw, and a function that stops the hub and closes the store.
+func startHub(t *testing.T, path string, cfg tunnel.ClientConfig, sessions <-chan *tunnel.Session) (*store.Store, *tunnel.Session, func()) {
+	t.Helper()
+	st, err := store.Open(context.Background(), path, testlog.New())
+	require.NoError(t, err)
+	cfg.Options.Logger = testlog.New()
+	cfg.Node = "edge-1"
+	client, err := tunnel.NewClient(cfg)
+	require.NoError(t, err)
+	hub := New(client, hold{}, st, testlog.New())
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- hub.Run(ctx) }()
+	stop := func() {
+		cancel()
+		require.NoError(t, <-done)
+		require.NoError(t, st.Close())
+	}
+	select {
+	case s := <-sessions:
+		return st, s, stop
+	case <-time.After(30 * time.Second):
+		stop()
+		t.Fatal("no session within 30s")
+		return nil, nil, nil
+	}
 }
