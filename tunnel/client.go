@@ -210,7 +210,7 @@ func (c *Client) tlsConfig(t Transport, addr string) *tls.Config {
 
 func (c *Client) dialQUIC(ctx context.Context, ep endpoint, deadline time.Time) (*Session, error) {
 	conn, err := quic.DialAddr(ctx, ep.addr, c.tlsConfig(TransportQUIC, ep.addr),
-		quicConfig(c.cfg.KeepAlive, c.cfg.DeadPeerTimeout, c.cfg.DialTimeout))
+		quicConfig(c.cfg.Options, c.cfg.DialTimeout))
 	if err != nil {
 		return nil, fmt.Errorf("quic handshake: %w", err)
 	}

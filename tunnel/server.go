@@ -238,7 +238,7 @@ func (s *Server) Listen() error {
 			key := quic.StatelessResetKey(*k)
 			tr.StatelessResetKey = &key
 		}
-		ln, err := tr.Listen(s.tlsConfig(TransportQUIC), quicConfig(s.cfg.KeepAlive, s.cfg.DeadPeerTimeout, s.cfg.HandshakeTimeout))
+		ln, err := tr.Listen(s.tlsConfig(TransportQUIC), quicConfig(s.cfg.Options, s.cfg.HandshakeTimeout))
 		if err != nil {
 			_ = udp.Close()
 			return fmt.Errorf("listen quic %s: %w", s.cfg.QUICAddr, err)
