@@ -200,6 +200,9 @@ func (c *Client) tlsConfig(t Transport, addr string) *tls.Config {
 	cfg.MinVersion = tls.VersionTLS13
 	cfg.ServerName = c.serverName(addr)
 	cfg.ClientSessionCache = c.tickets[t]
+	if _, ok := c.tickets[t].Get(cfg.ServerName); ok && len(cfg.CurvePreferences) == 0 {
+		cfg.CurvePreferences = []tls.CurveID{tls.X25519} // see resume.go
+	}
 	if t == TransportQUIC {
 		cfg.NextProtos = []string{alpnQUIC}
 	} else {
@@ -230,7 +233,7 @@ func (c *Client) dialQUIC(ctx context.Context, ep endpoint, deadline time.Time) 
 		return nil, err
 	}
 	sess := newSession(ack.Session, c.serverIdentity(conn.ConnectionState().TLS), TransportQUIC, l, c.sessCfg)
-	sess.resumed = conn.ConnectionState().TLS.DidResume
+	sess.resumed, sess.curve = conn.ConnectionState().TLS.DidResume, conn.ConnectionState().TLS.CurveID
 	c.started(sess)
 	return sess, nil
 }
@@ -265,7 +268,7 @@ func (c *Client) dialWebSocket(ctx context.Context, ep endpoint, deadline time.T
 	streams.session = ack.Session
 	cs := conn.UnderlyingConn().(*tls.Conn).ConnectionState()
 	sess := newSession(ack.Session, c.serverIdentity(cs), TransportWebSocket, l, c.sessCfg)
-	sess.resumed = cs.DidResume
+	sess.resumed, sess.curve = cs.DidResume, cs.CurveID
 	streams.done = sess.ctx.Done()
 	c.started(sess)
 	return sess, nil

@@ -171,11 +171,18 @@ func (c *Client) dialEndpoint(ctx context.Context, ep endpoint) (*Session, error
 	if ep.transport == TransportQUIC {
 		dial = c.dialQUIC
 	}
+	tickets, name := c.tickets[ep.transport], c.serverName(ep.addr)
+	offered, _ := tickets.Get(name)
 	sess, err := dial(ctx, ep, deadline)
-	if err != nil && serverAnswered(err) {
+	switch {
+	case err != nil && serverAnswered(err):
 		// The server refused this handshake: the ticket offered, if any,
 		// goes, so that the next attempt is a full handshake.
-		c.tickets[ep.transport].Put(c.serverName(ep.addr), nil)
+		tickets.Put(name, nil)
+	case err == nil && offered != nil && !sess.Resumed():
+		// The server declined the ticket (a client whose TLS config
+		// names its own curves completes a full handshake then).
+		tickets.drop(name, offered)
 	}
 	return sess, err
 }

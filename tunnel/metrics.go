@@ -46,6 +46,8 @@ const (
 	reasonTimeout     = "handshake_timeout"
 	reasonFrame       = "bad_frame"
 	reasonOverload    = "overload"
+	// A classical full handshake after a declined ticket (server.go).
+	reasonTicketDeclined = "ticket_declined"
 	// Reasons of messages dropped alone, their QUIC large-message stream
 	// reset while the session continues.
 	reasonLargeTimeout = "large_message_timeout"

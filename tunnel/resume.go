@@ -24,6 +24,17 @@ import (
 // handshake with a TLS alert or a refusal, so that a ticket the server
 // does not accept any more cannot keep the client out.
 //
+// A client that offers a ticket offers an X25519 key share only (unless its
+// TLS config names curves itself): the hybrid X25519MLKEM768 share is
+// 1.2 kB, which makes the ClientHello span two padded Initial datagrams,
+// and the server's answer 1.1 kB larger. The resumed session's keys mix
+// the ticket's secret, which came from a full handshake with the hybrid
+// exchange, with the fresh X25519 one, so they are as safe against a
+// future quantum computer as that first handshake. Should the server
+// decline the ticket, it refuses the classical full handshake that would
+// follow (server.go, reason "ticket_declined"); the client drops the
+// ticket, and its next attempt is a full hybrid handshake.
+//
 // What a ticket holds (the resumption secret) lets whoever has it resume
 // the node's session until the ticket expires, without the private key:
 // it is as sensitive as the node's key, for a bounded time (ServerConfig.
@@ -124,9 +135,24 @@ func (c *ticketCache) Put(serverName string, cs *tls.ClientSessionState) {
 	}
 }
 
+// drop forgets serverName's ticket if it is still state (and not one that
+// arrived since).
+func (c *ticketCache) drop(serverName string, state *tls.ClientSessionState) {
+	key := c.key(serverName)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if e, ok := c.mem[key]; ok && e.state == state {
+		c.forgetLocked(key)
+	}
+}
+
 func (c *ticketCache) forget(key string) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	c.forgetLocked(key)
+}
+
+func (c *ticketCache) forgetLocked(key string) {
 	delete(c.mem, key)
 	if c.store != nil {
 		if err := c.store.SaveTicket(context.Background(), key, nil); err != nil {

@@ -42,6 +42,17 @@ func (m *memTickets) SaveTicket(_ context.Context, key string, data []byte) erro
 	return nil
 }
 
+// snapshot returns the stored data, concatenated.
+func (m *memTickets) snapshot() string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var b strings.Builder
+	for _, v := range m.data {
+		b.Write(v)
+	}
+	return b.String()
+}
+
 func (m *memTickets) len() int {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -256,8 +267,7 @@ func TestResumedSessionEndsAtCertificateExpiry(t *testing.T) {
 }
 
 // TestTicketAcceptedByOtherReplica: replicas given the same secret accept
-// each other's tickets; one with another secret declines it and makes a
-// full handshake.
+// each other's tickets; one with another secret declines it.
 func TestTicketAcceptedByOtherReplica(t *testing.T) {
 	for _, tr := range transports {
 		t.Run(string(tr), func(t *testing.T) {
@@ -277,11 +287,72 @@ func TestTicketAcceptedByOtherReplica(t *testing.T) {
 			require.True(t, sess.Resumed(), "replica B did not resume replica A's session")
 			require.Eventually(t, func() bool { return b.resumptions(tr, ticketResumed) == 1 }, 10*time.Second, 5*time.Millisecond)
 
-			_, sess = dialTest(t, resumeClient(t, o.addr(tr), tc, store))
-			require.False(t, sess.Resumed(), "a replica with another secret resumed")
+			// A replica with another secret declines the ticket and
+			// refuses the classical handshake that would follow; the
+			// client drops the ticket, and its next attempt is a full
+			// hybrid handshake.
+			co := resumeClient(t, o.addr(tr), tc, store)
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			_, err := co.Dial(ctx)
+			require.Error(t, err, "a replica with another secret completed a classical handshake")
 			require.Equal(t, 1.0, o.resumptions(tr, ticketUnknown))
+			require.Equal(t, 1.0, o.refused(tr, reasonTicketDeclined))
+			require.Equal(t, 0, store.len(), "the client kept a ticket the server declined")
+			_, sess = dialTest(t, co)
+			require.False(t, sess.Resumed())
+			require.Equal(t, tls.X25519MLKEM768, sess.curve)
 		})
 	}
+}
+
+// TestResumptionKeyExchange: a full handshake uses the hybrid post-quantum
+// key exchange; a client offering a ticket offers X25519 alone (a smaller
+// ClientHello), which the resumed session uses.
+func TestResumptionKeyExchange(t *testing.T) {
+	ca := newTestCA(t)
+	srv := startServer(t, ca, echo, func(c *ServerConfig) { c.SessionTicketSecret = &testTicketSecret })
+	c := resumeClient(t, srv.addr(TransportQUIC), ca.clientTLS(t, certOpts{cn: "edge-1"}), nil)
+	first := connectOnce(t, c, TransportQUIC)
+	_, second := dialTest(t, c)
+	require.True(t, second.Resumed())
+	require.Equal(t, tls.X25519MLKEM768, first.curve)
+	require.Equal(t, tls.X25519, second.curve)
+}
+
+// TestTicketRenewedInNextEpoch: a resumed session gets a new ticket, so
+// that a client that reconnects at least once per rotation keeps resuming
+// after its first ticket's epochs have passed.
+func TestTicketRenewedInNextEpoch(t *testing.T) {
+	ca := newTestCA(t)
+	start := time.Now().Truncate(time.Hour).Add(time.Minute)
+	var now atomic.Int64
+	now.Store(start.UnixNano())
+	srv := startServer(t, ca, echo, func(c *ServerConfig) {
+		c.SessionTicketSecret = &testTicketSecret
+		c.TicketRotation = time.Hour
+		c.Now = func() time.Time { return time.Unix(0, now.Load()) }
+	})
+	store := &memTickets{}
+	c := resumeClient(t, srv.addr(TransportQUIC), ca.clientTLS(t, certOpts{cn: "edge-1", notAfter: start.Add(4 * time.Hour)}), store)
+	connectOnce(t, c, TransportQUIC)
+	issued := store.snapshot()
+
+	resume := func() {
+		t.Helper()
+		ctx, sess := dialTest(t, c)
+		require.True(t, sess.Resumed())
+		requireRoundTrip(ctx, t, sess, 7)
+		_ = sess.Close("test")
+		<-sess.Done()
+	}
+	now.Store(start.Add(time.Hour).UnixNano()) // the next epoch
+	resume()
+	require.Eventually(t, func() bool { return store.snapshot() != issued }, 10*time.Second, 5*time.Millisecond,
+		"no new ticket on a resumption")
+
+	now.Store(start.Add(2 * time.Hour).UnixNano()) // the first ticket's epoch is gone
+	resume()
 }
 
 // TestRenewedCertificateDoesNotResume: after the client's certificate
@@ -317,22 +388,23 @@ func TestTicketKeysRotate(t *testing.T) {
 		ok    bool
 	}{{0, true}, {time.Hour, true}, {2 * time.Hour, false}} {
 		now = time.Unix(1_000_000*3600+1800, 0).Add(tc.after)
-		got, err := k.open(ticket)
+		got, current, err := k.open(ticket)
 		if tc.ok {
 			require.NoError(t, err, "after %s", tc.after)
 			require.Equal(t, "state", string(got))
+			require.Equal(t, tc.after == 0, current, "after %s", tc.after)
 		} else {
 			require.ErrorIs(t, err, errTicketUnknown, "after %s", tc.after)
 		}
 	}
 	now = time.Unix(1_000_000*3600+1800, 0)
 	other := &ticketSealer{secret: [32]byte{7}, period: time.Hour, now: k.now}
-	_, err = other.open(ticket)
+	_, _, err = other.open(ticket)
 	require.ErrorIs(t, err, errTicketUnknown)
 	damaged := append([]byte(nil), ticket...)
 	damaged[len(damaged)-1] ^= 1
-	_, err = k.open(damaged)
+	_, _, err = k.open(damaged)
 	require.ErrorIs(t, err, errTicketUnknown)
-	_, err = k.open([]byte(strings.Repeat("x", 5)))
+	_, _, err = k.open([]byte(strings.Repeat("x", 5)))
 	require.ErrorIs(t, err, errTicketUnknown)
 }

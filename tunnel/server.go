@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"slices"
 	"sync"
 	"time"
 
@@ -189,6 +190,7 @@ func (s *Server) tlsConfig(t Transport) *tls.Config {
 		if s.tickets != nil {
 			c.UnwrapSession = s.unwrapSession(t, remote)
 		}
+		offeredTicket := slices.Contains(hello.Extensions, extensionPreSharedKey)
 		c.VerifyConnection = func(cs tls.ConnectionState) error {
 			id, err := verifyClient(cs, pool, s.cfg.Now())
 			if err != nil {
@@ -201,6 +203,16 @@ func (s *Server) tlsConfig(t Transport) *tls.Config {
 					s.refused(t, reasonAuthorize, remote, err)
 					return err
 				}
+			}
+			if offeredTicket && !cs.DidResume && !postQuantum(cs.CurveID) && s.tickets != nil {
+				// The client offered a ticket with an X25519 key share
+				// only, and the ticket was declined: refused rather than
+				// completed as a classical full handshake whose ticket
+				// would carry on without post-quantum protection. The
+				// client drops its ticket and makes a hybrid one.
+				err := fmt.Errorf("%w: session ticket declined and no post-quantum key exchange; reconnect without the ticket", ErrPeerRefused)
+				s.refused(t, reasonTicketDeclined, remote, err)
+				return err
 			}
 			return nil
 		}

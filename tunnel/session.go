@@ -7,6 +7,7 @@ package tunnel
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -101,7 +102,8 @@ type Session struct {
 	id        string
 	peer      Identity
 	transport Transport
-	resumed   bool // the TLS handshake resumed an earlier session (a ticket)
+	resumed   bool        // the TLS handshake resumed an earlier session (a ticket)
+	curve     tls.CurveID // the TLS key exchange
 	link      link
 	cfg       sessionConfig
 	logger    *slog.Logger

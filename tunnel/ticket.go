@@ -104,24 +104,39 @@ func (k *ticketSealer) seal(state []byte) ([]byte, error) {
 	return aead.Seal(out, out[9:], state, out[:9]), nil
 }
 
-// open returns the session state sealed in ticket, or errTicketUnknown.
-func (k *ticketSealer) open(ticket []byte) ([]byte, error) {
+// open returns the session state sealed in ticket, and whether it was
+// sealed in the current epoch, or errTicketUnknown.
+func (k *ticketSealer) open(ticket []byte) (state []byte, current bool, err error) {
 	if len(ticket) < 1+8+12 || ticket[0] != ticketVersion {
-		return nil, errTicketUnknown
+		return nil, false, errTicketUnknown
 	}
 	epoch := binary.BigEndian.Uint64(ticket[1:9])
-	if cur := k.epoch(k.now()); epoch != cur && epoch+1 != cur {
-		return nil, errTicketUnknown
+	cur := k.epoch(k.now())
+	if epoch != cur && epoch+1 != cur {
+		return nil, false, errTicketUnknown
 	}
 	aead, err := k.aead(epoch)
 	if err != nil {
-		return nil, err
+		return nil, false, err
 	}
-	state, err := aead.Open(nil, ticket[9:21], ticket[21:], ticket[:9])
+	state, err = aead.Open(nil, ticket[9:21], ticket[21:], ticket[:9])
 	if err != nil {
-		return nil, errTicketUnknown
+		return nil, false, errTicketUnknown
 	}
-	return state, nil
+	return state, epoch == cur, nil
+}
+
+// extensionPreSharedKey is the TLS extension that carries a ticket
+// (RFC 8446, 4.2.11).
+const extensionPreSharedKey = 41
+
+// postQuantum says whether a TLS key exchange is a post-quantum hybrid.
+func postQuantum(c tls.CurveID) bool {
+	switch c {
+	case tls.X25519MLKEM768, tls.SecP256r1MLKEM768, tls.SecP384r1MLKEM1024:
+		return true
+	}
+	return false
 }
 
 // ticketBinding is the identity a ticket was issued to, as Authorize sees it.
@@ -174,6 +189,10 @@ func (s *Server) wrapSession(cs tls.ConnectionState, ss *tls.SessionState) ([]by
 // unwrapSession returns the server's tls.Config.UnwrapSession for transport
 // t. It never fails the handshake: a ticket it does not accept makes a full
 // handshake (a nil state), counted and logged rate-limited.
+//
+// Every session, resumed or not, gets a new ticket (about 1 kB down):
+// quic-go sends it after every handshake and takes its own copy of the
+// handshake's tls.Config, so it cannot be skipped per connection.
 func (s *Server) unwrapSession(t Transport, remote string) func([]byte, tls.ConnectionState) (*tls.SessionState, error) {
 	return func(ticket []byte, _ tls.ConnectionState) (*tls.SessionState, error) {
 		decline := func(outcome string, err error) (*tls.SessionState, error) {
@@ -183,7 +202,7 @@ func (s *Server) unwrapSession(t Transport, remote string) func([]byte, tls.Conn
 			}
 			return nil, nil
 		}
-		state, err := s.tickets.open(ticket)
+		state, _, err := s.tickets.open(ticket)
 		if err != nil {
 			return decline(ticketUnknown, err)
 		}
