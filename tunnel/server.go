@@ -60,8 +60,10 @@ type ServerConfig struct {
 	// StatelessResetKey, when set, lets this server end at once the QUIC
 	// connections of an earlier run of it that used the same key (after a
 	// crash or a restart): a packet of such a connection is answered with a
-	// stateless reset (RFC 9000, 10.3), so the edge reconnects within a
-	// keepalive instead of waiting for its dead-peer timeout. It must stay
+	// stateless reset (RFC 9000, 10.3), so the edge reconnects at its next
+	// write (lease, status) instead of waiting for its dead-peer timeout.
+	// quic-go answers only packets over 42 B, which keepalive PINGs are
+	// not: an edge that writes nothing waits for its timeout. It must stay
 	// the same across restarts and be secret. Nil: no resets.
 	StatelessResetKey *[32]byte
 	// SessionTicketSecret, when set, makes the server issue TLS 1.3
