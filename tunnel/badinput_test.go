@@ -111,7 +111,7 @@ func rawQUIC(t *testing.T, srv *testServer, node string) (*quic.Conn, *quic.Stre
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	addr := srv.QUICAddr().String()
-	conn, err := quic.DialAddr(ctx, addr, c.tlsConfig(TransportQUIC, addr), quicConfig(time.Second, 5*time.Second, 5*time.Second))
+	conn, err := quic.DialAddr(ctx, addr, c.tlsConfig(TransportQUIC, addr), quicConfig(Options{KeepAlive: time.Second, DeadPeerTimeout: 5 * time.Second}, 5*time.Second))
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = conn.CloseWithError(0, "") })
 	st, err := conn.OpenStreamSync(ctx)

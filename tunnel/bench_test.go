@@ -242,7 +242,8 @@ func echoTLS(p *tlsPeer) error {
 // returned stop is idempotent and also runs when the benchmark ends.
 func startBenchServer(b testing.TB, ca *testCA, tr Transport, opts Options, h Handler) (*Server, func()) {
 	b.Helper()
-	cfg := ServerConfig{Options: opts, TLS: ca.serverTLS(b), Handler: h}
+	// With a ticket secret, as CloudCore runs: every session gets a ticket.
+	cfg := ServerConfig{Options: opts, TLS: ca.serverTLS(b), Handler: h, SessionTicketSecret: &[32]byte{1}}
 	if tr == TransportQUIC {
 		cfg.QUICAddr = "127.0.0.1:0"
 	} else {

@@ -55,6 +55,12 @@ type ClientConfig struct {
 	// Default QUIC. Once a session is established, its transport is
 	// tried first from then on (see Client.Preferred).
 	Prefer Transport
+	// Tickets, when set, keeps the TLS session tickets the cloud issues
+	// across restarts of the client, so that the first connection after a
+	// restart resumes too (see resume.go; what it holds is as sensitive as
+	// the node's private key, for the tickets' lifetime). Default: tickets
+	// are kept in memory only, for the client's life.
+	Tickets TicketStore
 }
 
 // endpoint is one way to reach the cloud.
@@ -82,6 +88,9 @@ type Client struct {
 	// ignoreGoodbye makes the client's sessions deliver goodbyes like
 	// other messages, as a build older than them does (tests).
 	ignoreGoodbye bool
+	// tickets holds the session tickets per transport
+	// (tls.Config.ClientSessionCache).
+	tickets map[Transport]*ticketCache
 
 	mu   sync.Mutex
 	last int       // index of the server that worked last
@@ -143,11 +152,18 @@ func NewClient(cfg ClientConfig) (*Client, error) {
 		return nil, fmt.Errorf("tunnel client: %w", err)
 	}
 	codec := message.NewCodec(opts.MaxFrame)
+	logger := opts.Logger.With("component", "tunnel_client", "node", cfg.Node)
+	cert := clientCertificate(cfg.TLS)
+	tickets := make(map[Transport]*ticketCache, 2)
+	for _, t := range []Transport{TransportQUIC, TransportWebSocket} {
+		tickets[t] = newTicketCache(t, cfg.Tickets, cert, logger)
+	}
 	return &Client{
+		tickets: tickets,
 		cfg:     cfg,
 		codec:   codec,
 		metrics: metrics,
-		logger:  opts.Logger.With("component", "tunnel_client", "node", cfg.Node),
+		logger:  logger,
 		sessCfg: opts.sessionConfig(codec, metrics, ratelog.New(0, nil)),
 		servers: servers,
 		pref:    cfg.Prefer,
@@ -157,12 +173,40 @@ func NewClient(cfg ClientConfig) (*Client, error) {
 // Metrics returns the client's counters.
 func (c *Client) Metrics() *Metrics { return c.metrics }
 
+// clientCertificate returns a function that returns the DER of the
+// certificate the client presents now, or nil when it has none.
+func clientCertificate(cfg *tls.Config) func() []byte {
+	return func() []byte {
+		var cert *tls.Certificate
+		switch {
+		case cfg.GetClientCertificate != nil:
+			cert, _ = cfg.GetClientCertificate(&tls.CertificateRequestInfo{})
+		case len(cfg.Certificates) > 0:
+			cert = &cfg.Certificates[0]
+		}
+		if cert == nil || len(cert.Certificate) == 0 {
+			return nil
+		}
+		return cert.Certificate[0]
+	}
+}
+
+// serverName is the TLS server name for addr (and the key of its ticket).
+func (c *Client) serverName(addr string) string {
+	if c.cfg.TLS.ServerName != "" {
+		return c.cfg.TLS.ServerName
+	}
+	host, _, _ := net.SplitHostPort(addr)
+	return host
+}
+
 func (c *Client) tlsConfig(t Transport, addr string) *tls.Config {
 	cfg := c.cfg.TLS.Clone()
 	cfg.MinVersion = tls.VersionTLS13
-	if cfg.ServerName == "" {
-		host, _, _ := net.SplitHostPort(addr)
-		cfg.ServerName = host
+	cfg.ServerName = c.serverName(addr)
+	cfg.ClientSessionCache = c.tickets[t]
+	if _, ok := c.tickets[t].Get(cfg.ServerName); ok && len(cfg.CurvePreferences) == 0 {
+		cfg.CurvePreferences = []tls.CurveID{tls.X25519} // see resume.go
 	}
 	if t == TransportQUIC {
 		cfg.NextProtos = []string{alpnQUIC}
@@ -174,7 +218,7 @@ func (c *Client) tlsConfig(t Transport, addr string) *tls.Config {
 
 func (c *Client) dialQUIC(ctx context.Context, ep endpoint, deadline time.Time) (*Session, error) {
 	conn, err := quic.DialAddr(ctx, ep.addr, c.tlsConfig(TransportQUIC, ep.addr),
-		quicConfig(c.cfg.KeepAlive, c.cfg.DeadPeerTimeout, c.cfg.DialTimeout))
+		quicConfig(c.cfg.Options, c.cfg.DialTimeout))
 	if err != nil {
 		return nil, fmt.Errorf("quic handshake: %w", err)
 	}
@@ -194,6 +238,7 @@ func (c *Client) dialQUIC(ctx context.Context, ep endpoint, deadline time.Time) 
 		return nil, err
 	}
 	sess := newSession(ack.Session, c.serverIdentity(conn.ConnectionState().TLS), TransportQUIC, l, c.sessCfg)
+	sess.resumed, sess.curve = conn.ConnectionState().TLS.DidResume, conn.ConnectionState().TLS.CurveID
 	c.started(sess)
 	return sess, nil
 }
@@ -226,7 +271,9 @@ func (c *Client) dialWebSocket(ctx context.Context, ep endpoint, deadline time.T
 		return nil, err
 	}
 	streams.session = ack.Session
-	sess := newSession(ack.Session, c.serverIdentity(conn.UnderlyingConn().(*tls.Conn).ConnectionState()), TransportWebSocket, l, c.sessCfg)
+	cs := conn.UnderlyingConn().(*tls.Conn).ConnectionState()
+	sess := newSession(ack.Session, c.serverIdentity(cs), TransportWebSocket, l, c.sessCfg)
+	sess.resumed, sess.curve = cs.DidResume, cs.CurveID
 	streams.done = sess.ctx.Done()
 	c.started(sess)
 	return sess, nil
@@ -246,7 +293,10 @@ func (c *Client) started(sess *Session) {
 	sess.goodbye.take = !c.ignoreGoodbye
 	sess.start()
 	c.metrics.SessionsOpened.WithLabelValues(string(sess.transport)).Inc()
-	sess.logger.Info("connected to cloud")
+	if sess.resumed {
+		c.metrics.Resumptions.WithLabelValues(string(sess.transport), ticketResumed).Inc()
+	}
+	sess.logger.Info("connected to cloud", "resumed", sess.resumed)
 }
 
 // Run keeps a session to the cloud until ctx ends: it dials, calls handle

@@ -167,8 +167,22 @@ func (c *Client) dialEndpoint(ctx context.Context, ep endpoint) (*Session, error
 	ctx, cancel := context.WithTimeout(ctx, c.cfg.DialTimeout)
 	defer cancel()
 	deadline, _ := ctx.Deadline()
+	dial := c.dialWebSocket
 	if ep.transport == TransportQUIC {
-		return c.dialQUIC(ctx, ep, deadline)
+		dial = c.dialQUIC
 	}
-	return c.dialWebSocket(ctx, ep, deadline)
+	tickets, name := c.tickets[ep.transport], c.serverName(ep.addr)
+	offered, _ := tickets.Get(name)
+	sess, err := dial(ctx, ep, deadline)
+	switch {
+	case err != nil && serverAnswered(err):
+		// The server refused this handshake: the ticket offered, if any,
+		// goes, so that the next attempt is a full handshake.
+		tickets.Put(name, nil)
+	case err == nil && offered != nil && !sess.Resumed():
+		// The server declined the ticket (a client whose TLS config
+		// names its own curves completes a full handshake then).
+		tickets.drop(name, offered)
+	}
+	return sess, err
 }

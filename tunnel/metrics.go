@@ -27,6 +27,12 @@ type Metrics struct {
 	DialRaces *prometheus.CounterVec
 	// Bytes counts frame bytes (length prefix included) by direction.
 	Bytes *prometheus.CounterVec
+	// Resumptions counts TLS session tickets presented, by transport and
+	// outcome: "resumed", "unknown" (not sealed by a current key) or
+	// "not_authorized" (the node it was issued to is no longer accepted).
+	// Declined tickets lead to a full handshake. Server side; the client
+	// counts its resumed sessions only.
+	Resumptions *prometheus.CounterVec
 }
 
 // Refusal reasons: a fixed set so that the metric's cardinality is bounded.
@@ -40,6 +46,8 @@ const (
 	reasonTimeout     = "handshake_timeout"
 	reasonFrame       = "bad_frame"
 	reasonOverload    = "overload"
+	// A classical full handshake after a declined ticket (server.go).
+	reasonTicketDeclined = "ticket_declined"
 	// Reasons of messages dropped alone, their QUIC large-message stream
 	// reset while the session continues.
 	reasonLargeTimeout = "large_message_timeout"
@@ -70,9 +78,12 @@ func newMetrics(reg prometheus.Registerer, side string) (*Metrics, error) {
 		Bytes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "tether_tunnel_bytes_total", Help: "Frame bytes sent and received, length prefixes included.", ConstLabels: labels,
 		}, []string{"direction"}),
+		Resumptions: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tether_tunnel_resumptions_total", Help: "TLS session tickets presented, by transport and outcome.", ConstLabels: labels,
+		}, []string{"transport", "outcome"}),
 	}
 	if reg != nil {
-		for _, c := range []prometheus.Collector{m.SessionsOpened, m.SessionsActive, m.Refused, m.Messages, m.DialFailures, m.DialRaces, m.Bytes} {
+		for _, c := range []prometheus.Collector{m.SessionsOpened, m.SessionsActive, m.Refused, m.Messages, m.DialFailures, m.DialRaces, m.Bytes, m.Resumptions} {
 			if err := reg.Register(c); err != nil {
 				return nil, fmt.Errorf("register tunnel metrics: %w", err)
 			}

@@ -200,11 +200,14 @@ func (s quicStream) Close() error {
 }
 
 // quicConfig returns the QUIC settings for a tunnel endpoint.
-func quicConfig(keepAlive, deadPeer, handshake time.Duration) *quic.Config {
+func quicConfig(o Options, handshake time.Duration) *quic.Config {
 	return &quic.Config{
-		HandshakeIdleTimeout:  handshake,
-		MaxIdleTimeout:        quicIdleTimeout(keepAlive, deadPeer),
-		KeepAlivePeriod:       keepAlive,
+		DisablePathMTUDiscovery: !o.PathMTUDiscovery,
+		HandshakeIdleTimeout:    handshake,
+		MaxIdleTimeout:          quicIdleTimeout(o.KeepAlive, o.DeadPeerTimeout),
+		// quic-go sends a keepalive PING only when nothing has been
+		// received for the period: a path busy with frames carries none.
+		KeepAlivePeriod:       o.KeepAlive,
 		MaxIncomingStreams:    16,
 		MaxIncomingUniStreams: 16,
 		// Windows start small so that idle sessions stay cheap, and grow

@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+
+	"github.com/tetheredge/tether/common/message"
 )
 
 // TestStatelessResetAfterCrash: a server that vanishes without closing its
@@ -14,6 +16,12 @@ import (
 // stateless reset key ends the old client sessions at once, with a
 // stateless reset, instead of leaving them to the dead-peer timeout. The
 // same restart without a key leaves the client waiting.
+//
+// The client sends a message after the crash, as an edge's next lease or
+// status write does: quic-go answers only packets over 42 B with a reset,
+// and a keepalive PING is smaller. (Until path-MTU discovery was turned
+// off, the probes of a new connection triggered it; an idle connection
+// whose probing had ended was not reset either.)
 func TestStatelessResetAfterCrash(t *testing.T) {
 	ca := newTestCA(t)
 	key := &[32]byte{1, 2, 3}
@@ -50,6 +58,8 @@ func TestStatelessResetAfterCrash(t *testing.T) {
 			stopFirst()
 			_, stopSecond := crash(addr)
 			defer stopSecond()
+			// Send returns once the message is queued (or the session ended).
+			_ = sess.Send(context.Background(), &message.Message{Kind: message.KindEvent, Op: message.OpUpsert, ID: 1, Payload: []byte("lease")})
 			select {
 			case <-sess.Done():
 				require.True(t, tt.reset, "without a key the session can only end at the dead-peer timeout: %v", sess.Err())

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"slices"
 	"sync"
 	"time"
 
@@ -59,10 +60,23 @@ type ServerConfig struct {
 	// StatelessResetKey, when set, lets this server end at once the QUIC
 	// connections of an earlier run of it that used the same key (after a
 	// crash or a restart): a packet of such a connection is answered with a
-	// stateless reset (RFC 9000, 10.3), so the edge reconnects within a
-	// keepalive instead of waiting for its dead-peer timeout. It must stay
+	// stateless reset (RFC 9000, 10.3), so the edge reconnects at its next
+	// write (lease, status) instead of waiting for its dead-peer timeout.
+	// quic-go answers only packets over 42 B, which keepalive PINGs are
+	// not: an edge that writes nothing waits for its timeout. It must stay
 	// the same across restarts and be secret. Nil: no resets.
 	StatelessResetKey *[32]byte
+	// SessionTicketSecret, when set, makes the server issue TLS 1.3
+	// session tickets sealed with keys derived from it (see ticket.go), so
+	// that a client resumes instead of exchanging certificates again. Every
+	// replica of one cloud must be given the same secret, so that a ticket
+	// from one is accepted by the others; it must be secret. Nil: no
+	// tickets, every handshake is a full one.
+	SessionTicketSecret *[32]byte
+	// TicketRotation is the epoch of the ticket keys: a ticket is accepted
+	// during the epoch it was issued in and the next, so for one to two
+	// rotations. Default 12h.
+	TicketRotation time.Duration
 }
 
 // Server accepts edge sessions on QUIC and on WebSocket over TLS at once.
@@ -75,6 +89,8 @@ type Server struct {
 	// logs rate-limits the logs of refusals, per transport and reason,
 	// and of the sessions' own faults; every refusal is counted.
 	logs *ratelog.Limiter
+	// tickets seals session tickets; nil when SessionTicketSecret is.
+	tickets *ticketSealer
 
 	mu       sync.Mutex
 	quicLn   *quic.Listener
@@ -110,6 +126,9 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
+	if cfg.TicketRotation <= 0 {
+		cfg.TicketRotation = 12 * time.Hour
+	}
 	metrics, err := newMetrics(opts.Registerer, "server")
 	if err != nil {
 		return nil, fmt.Errorf("tunnel server: %w", err)
@@ -122,6 +141,9 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 		wsByID:  make(map[string]*wsServerStreams),
 	}
 	s.logs = ratelog.New(0, nil)
+	if cfg.SessionTicketSecret != nil {
+		s.tickets = &ticketSealer{secret: *cfg.SessionTicketSecret, period: cfg.TicketRotation, now: cfg.Now}
+	}
 	s.sessCfg = opts.sessionConfig(s.codec, metrics, s.logs)
 	s.upgrader = websocket.Upgrader{
 		HandshakeTimeout: opts.HandshakeTimeout,
@@ -145,10 +167,14 @@ func (s *Server) tlsConfig(t Transport) *tls.Config {
 	// in VerifyConnection, so that every refusal is logged and counted the
 	// same way on both transports.
 	base.ClientAuth = tls.RequestClientCert
-	// No session tickets: clients keep no session cache, so a ticket
-	// would never be used, and issuing one costs every session the
-	// NewSessionTicket message on the wire and its buffers in memory.
-	base.SessionTicketsDisabled = true
+	// Session tickets only with a secret shared by the replicas (see
+	// ticket.go); crypto/tls's own per-process keys would make tickets
+	// that another replica, or this one after a restart, cannot open.
+	base.Time = s.cfg.Now
+	base.SessionTicketsDisabled = s.tickets == nil
+	if s.tickets != nil {
+		base.WrapSession = s.wrapSession
+	}
 	if t == TransportQUIC {
 		base.NextProtos = []string{alpnQUIC}
 	} else {
@@ -163,6 +189,10 @@ func (s *Server) tlsConfig(t Transport) *tls.Config {
 		}
 		pool := s.cfg.ClientCAs()
 		c.ClientCAs = pool
+		if s.tickets != nil {
+			c.UnwrapSession = s.unwrapSession(t, remote)
+		}
+		offeredTicket := slices.Contains(hello.Extensions, extensionPreSharedKey)
 		c.VerifyConnection = func(cs tls.ConnectionState) error {
 			id, err := verifyClient(cs, pool, s.cfg.Now())
 			if err != nil {
@@ -175,6 +205,16 @@ func (s *Server) tlsConfig(t Transport) *tls.Config {
 					s.refused(t, reasonAuthorize, remote, err)
 					return err
 				}
+			}
+			if offeredTicket && !cs.DidResume && !postQuantum(cs.CurveID) && s.tickets != nil {
+				// The client offered a ticket with an X25519 key share
+				// only, and the ticket was declined: refused rather than
+				// completed as a classical full handshake whose ticket
+				// would carry on without post-quantum protection. The
+				// client drops its ticket and makes a hybrid one.
+				err := fmt.Errorf("%w: session ticket declined and no post-quantum key exchange; reconnect without the ticket", ErrPeerRefused)
+				s.refused(t, reasonTicketDeclined, remote, err)
+				return err
 			}
 			return nil
 		}
@@ -212,7 +252,7 @@ func (s *Server) Listen() error {
 			key := quic.StatelessResetKey(*k)
 			tr.StatelessResetKey = &key
 		}
-		ln, err := tr.Listen(s.tlsConfig(TransportQUIC), quicConfig(s.cfg.KeepAlive, s.cfg.DeadPeerTimeout, s.cfg.HandshakeTimeout))
+		ln, err := tr.Listen(s.tlsConfig(TransportQUIC), quicConfig(s.cfg.Options, s.cfg.HandshakeTimeout))
 		if err != nil {
 			_ = udp.Close()
 			return fmt.Errorf("listen quic %s: %w", s.cfg.QUICAddr, err)
@@ -322,7 +362,9 @@ func (s *Server) handleQUIC(ctx context.Context, conn *quic.Conn) {
 		_ = conn.CloseWithError(quicCodeRefused, err.Error())
 		return
 	}
-	s.serve(ctx, newSession(id, peer, TransportQUIC, l, s.sessCfg))
+	sess := newSession(id, peer, TransportQUIC, l, s.sessCfg)
+	sess.resumed = conn.ConnectionState().TLS.DidResume
+	s.serve(ctx, sess)
 }
 
 func (s *Server) handshakeFailed(t Transport, remote string, err error) {
@@ -338,7 +380,10 @@ func (s *Server) handshakeFailed(t Transport, remote string, err error) {
 func (s *Server) serve(ctx context.Context, sess *Session) {
 	sess.start()
 	s.metrics.SessionsOpened.WithLabelValues(string(sess.transport)).Inc()
-	sess.logger.Info("session established")
+	if sess.resumed {
+		s.metrics.Resumptions.WithLabelValues(string(sess.transport), ticketResumed).Inc()
+	}
+	sess.logger.Info("session established", "resumed", sess.resumed)
 	s.cfg.Handler.Handle(ctx, sess)
 	_ = sess.Close("session handler returned")
 }

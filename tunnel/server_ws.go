@@ -132,6 +132,7 @@ func (s *Server) handleWSSession(ctx context.Context, w http.ResponseWriter, r *
 		return
 	}
 	sess := newSession(id, peer, TransportWebSocket, l, s.sessCfg)
+	sess.resumed = r.TLS.DidResume
 	streams.sess = sess
 	s.mu.Lock()
 	s.wsByID[id] = streams

@@ -7,6 +7,7 @@ package tunnel
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -101,6 +102,8 @@ type Session struct {
 	id        string
 	peer      Identity
 	transport Transport
+	resumed   bool        // the TLS handshake resumed an earlier session (a ticket)
+	curve     tls.CurveID // the TLS key exchange
 	link      link
 	cfg       sessionConfig
 	logger    *slog.Logger
@@ -207,6 +210,11 @@ func (s *Session) ID() string { return s.id }
 
 // Peer returns the verified identity of the other end.
 func (s *Session) Peer() Identity { return s.peer }
+
+// Resumed says whether the session's TLS handshake resumed an earlier
+// session from a ticket (ConnectionState.DidResume) instead of exchanging
+// certificates.
+func (s *Session) Resumed() bool { return s.resumed }
 
 // Transport returns the transport the session runs on.
 func (s *Session) Transport() Transport { return s.transport }

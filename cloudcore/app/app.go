@@ -283,18 +283,23 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 			return nil, err
 		}
 	}
-	resetKey, err := statelessResetKey(ca)
+	resetKey, err := caDerivedKey(ca, labelStatelessReset)
+	if err != nil {
+		return nil, err
+	}
+	ticketSecret, err := caDerivedKey(ca, labelSessionTickets)
 	if err != nil {
 		return nil, err
 	}
 	srv, err := tunnel.NewServer(tunnel.ServerConfig{
-		StatelessResetKey: resetKey,
-		Options:           tunnel.Options{KeepAlive: cfg.KeepAlive, DeadPeerTimeout: cfg.DeadPeerTimeout, Logger: logger, Registerer: cfg.Registerer},
-		QUICAddr:          cfg.QUICAddr,
-		WebSocketAddr:     cfg.WebSocketAddr,
-		TLS:               &tls.Config{Certificates: []tls.Certificate{serverCert}, ClientCAs: ca.Pool(), MinVersion: tls.VersionTLS13},
-		Authorize:         wl.Authorize,
-		Handler:           h,
+		StatelessResetKey:   resetKey,
+		SessionTicketSecret: ticketSecret,
+		Options:             tunnel.Options{KeepAlive: cfg.KeepAlive, DeadPeerTimeout: cfg.DeadPeerTimeout, Logger: logger, Registerer: cfg.Registerer},
+		QUICAddr:            cfg.QUICAddr,
+		WebSocketAddr:       cfg.WebSocketAddr,
+		TLS:                 &tls.Config{Certificates: []tls.Certificate{serverCert}, ClientCAs: ca.Pool(), MinVersion: tls.VersionTLS13},
+		Authorize:           wl.Authorize,
+		Handler:             h,
 	})
 	if err != nil {
 		return nil, err
@@ -428,17 +433,27 @@ func (a *App) Run(ctx context.Context) error {
 	return err
 }
 
-// statelessResetKey derives the QUIC stateless reset key from the cluster
-// CA's private key: secret, and the same for every run and replica of
-// CloudCore, so a restarted CloudCore resets its predecessor's connections
-// and edges reconnect at once instead of after their dead-peer timeout.
-func statelessResetKey(ca *pki.CA) (*[32]byte, error) {
+// Keys derived from the cluster CA's private key (HMAC-SHA256 with a label
+// per use): secret, and the same for every run and replica of CloudCore.
+const (
+	// The QUIC stateless reset key: a restarted CloudCore resets its
+	// predecessor's connections, and edges reconnect at once instead of
+	// after their dead-peer timeout.
+	labelStatelessReset = "tether quic stateless reset key v1"
+	// The TLS session ticket secret (tunnel.ServerConfig.SessionTicketSecret):
+	// a ticket issued by one replica resumes on any other, and after a
+	// restart. The tunnel derives the rotating ticket keys from it.
+	labelSessionTickets = "tether tls session ticket secret v1"
+)
+
+// caDerivedKey derives the 32-byte key for label from the CA's private key.
+func caDerivedKey(ca *pki.CA, label string) (*[32]byte, error) {
 	der, err := x509.MarshalPKCS8PrivateKey(ca.Key)
 	if err != nil {
-		return nil, fmt.Errorf("derive stateless reset key: %w", err)
+		return nil, fmt.Errorf("derive %s: %w", label, err)
 	}
 	mac := hmac.New(sha256.New, der)
-	mac.Write([]byte("tether quic stateless reset key v1"))
+	mac.Write([]byte(label))
 	var k [32]byte
 	copy(k[:], mac.Sum(nil))
 	return &k, nil

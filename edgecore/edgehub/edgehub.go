@@ -1,7 +1,7 @@
 // Package edgehub is EdgeCore's side of the tunnel: it keeps a session to
 // the cloud, failing over between cloud addresses and reconnecting with
 // backoff, runs the sync protocol on each session, and remembers across
-// restarts which transport reached the cloud. It never talks to
+// restarts which transport reached the cloud and its TLS session tickets. It never talks to
 // Kubernetes directly.
 package edgehub
 
@@ -39,10 +39,16 @@ type EdgeHub struct {
 }
 
 // New wraps a tunnel client. A nil memory remembers nothing across
-// restarts; a nil logger discards logs.
+// restarts; a memory that also keeps TLS session tickets
+// (tunnel.TicketStore, as the store does) keeps the client's, so that the
+// first connection after a restart resumes its TLS session. A nil logger
+// discards logs.
 func New(client *tunnel.Client, p Protocol, memory TransportMemory, logger *slog.Logger) *EdgeHub {
 	if logger == nil {
 		logger = slog.New(slog.DiscardHandler)
+	}
+	if ts, ok := memory.(tunnel.TicketStore); ok {
+		client.KeepTickets(ts)
 	}
 	return &EdgeHub{client: client, protocol: p, memory: memory, logger: logger.With("component", "edgehub")}
 }

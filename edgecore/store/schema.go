@@ -100,6 +100,17 @@ CREATE TABLE allocations (
 
 CREATE INDEX allocations_by_owner ON allocations (owner);
 `},
+		{version: 4, name: "tls session tickets", sql: `
+-- The tunnel's TLS session tickets (tickets.go), one per transport and
+-- server name, so that the first connection after a restart resumes.
+-- data holds a resumption secret: as sensitive as the node's private key
+-- until the ticket expires (the file is 0600 in a 0700 directory).
+CREATE TABLE tls_tickets (
+	key      TEXT    NOT NULL PRIMARY KEY, -- "quic/<server name>", "websocket/<server name>"
+	data     BLOB    NOT NULL,             -- opaque to the store (tunnel/resume.go)
+	saved_at INTEGER NOT NULL              -- Unix nanoseconds
+) STRICT, WITHOUT ROWID;
+`},
 	}
 }
 

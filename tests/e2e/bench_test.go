@@ -118,6 +118,11 @@ func benchReconnect(b *testing.B, objects, changed int) {
 	b.ReportMetric(float64(rc.quicDown), "quic-down-B")
 	b.ReportMetric(float64(rc.quicUp), "quic-up-B")
 	b.ReportMetric(ms(rc.converge), "converge-ms")
+	for d, dir := range []string{"down", "up"} {
+		for c, n := range rc.byClass[d] {
+			b.ReportMetric(float64(n), fmt.Sprintf("quic-%s-%s-B", dir, strings.ReplaceAll(datagramClassNames[c], ">", "gt")))
+		}
+	}
 	b.ReportMetric(rc.objects, "objects-sent")
 	b.ReportMetric(float64(rc.reads), "api-reads")
 	b.ReportMetric((rl.down+rl.up)/(rc.down+rc.up), "relist/reconnect-B")
@@ -136,18 +141,26 @@ type reconnectRun struct {
 // traffic is what crossed the tunnel during one sync, or a snapshot of the
 // counters it is computed from.
 type traffic struct {
-	down, up         float64 // frame bytes cloud→edge and edge→cloud, 4-byte prefixes included
-	quicDown, quicUp int64   // UDP payload bytes through the relay: QUIC and TLS included
-	pktDown, pktUp   int64   // UDP datagrams through the relay
-	objects          float64 // object messages the cloud sent
-	done             float64 // reconciles the cloud finished queueing
-	reads            int64   // API LISTs and GETs the cloud made
+	down, up         float64                      // frame bytes cloud→edge and edge→cloud, 4-byte prefixes included
+	quicDown, quicUp int64                        // UDP payload bytes through the relay: QUIC and TLS included
+	pktDown, pktUp   int64                        // UDP datagrams through the relay
+	byClass          [2][numDatagramClasses]int64 // UDP payload bytes per direction (0 down, 1 up) and datagram class
+	objects          float64                      // object messages the cloud sent
+	done             float64                      // reconciles the cloud finished queueing
+	reads            int64                        // API LISTs and GETs the cloud made
 	converge         time.Duration
 }
 
 func (t traffic) sub(o traffic) traffic {
+	var byClass [2][numDatagramClasses]int64
+	for d := range byClass {
+		for c := range byClass[d] {
+			byClass[d][c] = t.byClass[d][c] - o.byClass[d][c]
+		}
+	}
 	return traffic{
-		down: t.down - o.down, up: t.up - o.up,
+		byClass: byClass,
+		down:    t.down - o.down, up: t.up - o.up,
 		quicDown: t.quicDown - o.quicDown, quicUp: t.quicUp - o.quicUp,
 		pktDown: t.pktDown - o.pktDown, pktUp: t.pktUp - o.pktUp,
 		objects: t.objects - o.objects, done: t.done - o.done, reads: t.reads - o.reads,
@@ -155,8 +168,19 @@ func (t traffic) sub(o traffic) traffic {
 }
 
 func (t traffic) String() string {
-	return fmt.Sprintf("%.0f objects in %s: frames %.0f B down, %.0f B up; QUIC %d B (%d packets) down, %d B (%d packets) up; %d API reads",
-		t.objects, t.converge.Round(100*time.Microsecond), t.down, t.up, t.quicDown, t.pktDown, t.quicUp, t.pktUp, t.reads)
+	return fmt.Sprintf("%.0f objects in %s: frames %.0f B down, %.0f B up; QUIC %d B (%d packets) down [%s], %d B (%d packets) up [%s]; %d API reads",
+		t.objects, t.converge.Round(100*time.Microsecond), t.down, t.up, t.quicDown, t.pktDown, t.classes(0), t.quicUp, t.pktUp, t.classes(1), t.reads)
+}
+
+// classes formats direction d's bytes per datagram class.
+func (t traffic) classes(d int) string {
+	var parts []string
+	for c, n := range t.byClass[d] {
+		if n != 0 {
+			parts = append(parts, fmt.Sprintf("%s %d", datagramClassNames[c], n))
+		}
+	}
+	return strings.Join(parts, ", ")
 }
 
 func (r *reconnectRun) snapshot(tb testing.TB) traffic {
@@ -166,6 +190,7 @@ func (r *reconnectRun) snapshot(tb testing.TB) traffic {
 		up:       promtest.Sum(tb, reg, "tether_tunnel_bytes_total", map[string]string{"direction": "in"}),
 		quicDown: r.relay.down.Load(), quicUp: r.relay.up.Load(),
 		pktDown: r.relay.downPkts.Load(), pktUp: r.relay.upPkts.Load(),
+		byClass: r.relay.classBytes(),
 		objects: promtest.Sum(tb, reg, "tether_sync_messages_sent_total", map[string]string{"kind": "object"}),
 		done:    promtest.Sum(tb, reg, "tether_sync_messages_sent_total", map[string]string{"kind": "done"}),
 		reads:   r.cloud.requests.total(),
@@ -602,6 +627,9 @@ type udpRelay struct {
 
 	down, up         atomic.Int64 // bytes server→client, client→server
 	downPkts, upPkts atomic.Int64
+	// byClass counts bytes per direction (0 down, 1 up) and datagram
+	// class, for the breakdown of a reconnect's bytes.
+	byClass [2][numDatagramClasses]atomic.Int64
 
 	mu     sync.Mutex
 	closed bool
@@ -624,6 +652,16 @@ func startRelay(tb testing.TB, target string) *udpRelay {
 
 func (r *udpRelay) addr() string { return r.ln.LocalAddr().String() }
 
+func (r *udpRelay) classBytes() [2][numDatagramClasses]int64 {
+	var out [2][numDatagramClasses]int64
+	for d := range out {
+		for c := range out[d] {
+			out[d][c] = r.byClass[d][c].Load()
+		}
+	}
+	return out
+}
+
 func (r *udpRelay) serve() {
 	buf := make([]byte, 64<<10)
 	for {
@@ -640,6 +678,7 @@ func (r *udpRelay) serve() {
 		}
 		r.up.Add(int64(n))
 		r.upPkts.Add(1)
+		r.byClass[1][classify(buf[:n])].Add(int64(n))
 		_, _ = up.Write(buf[:n])
 	}
 }
@@ -670,10 +709,50 @@ func (r *udpRelay) peer(from netip.AddrPort) *net.UDPConn {
 			}
 			r.down.Add(int64(n))
 			r.downPkts.Add(1)
+			r.byClass[0][classify(buf[:n])].Add(int64(n))
 			_, _ = r.ln.WriteToUDPAddrPort(buf[:n], from)
 		}
 	})
 	return c
+}
+
+// datagramClass is what a QUIC datagram starts with, read from its first
+// byte without decrypting (RFC 9000, 17): a long-header packet's type, or
+// a 1-RTT packet, split by size. A datagram may coalesce several packets
+// (an Initial with a Handshake, a Handshake with a 1-RTT); it is counted
+// under its first. 1-RTT datagrams above the 1,280 B quic-go starts with
+// are path-MTU probes, or data once discovery has raised the size.
+type datagramClass int
+
+const (
+	classInitial datagramClass = iota
+	classZeroRTT
+	classHandshake
+	classOneRTT
+	classOneRTTLarge // over 1,280 B
+	numDatagramClasses
+)
+
+var datagramClassNames = [numDatagramClasses]string{"Initial", "0-RTT", "Handshake", "1-RTT", "1-RTT>1280"}
+
+func classify(d []byte) datagramClass {
+	switch {
+	case len(d) == 0:
+		return classOneRTT
+	case d[0]&0x80 == 0: // short header
+		if len(d) > 1280 {
+			return classOneRTTLarge
+		}
+		return classOneRTT
+	}
+	switch (d[0] >> 4) & 3 { // QUIC v1 long packet types
+	case 0:
+		return classInitial
+	case 1:
+		return classZeroRTT
+	default: // Handshake, and Retry (which this server does not send)
+		return classHandshake
+	}
 }
 
 func (r *udpRelay) close() {
@@ -736,7 +815,14 @@ func (nopObserver) pruned([]objsync.Key, time.Time)   {}
 // medianTraffic returns each field's median over samples, fields taken
 // separately; the upper median for an even count.
 func medianTraffic(samples []traffic) traffic {
+	var byClass [2][numDatagramClasses]int64
+	for d := range byClass {
+		for c := range byClass[d] {
+			byClass[d][c] = median(samples, func(t traffic) int64 { return t.byClass[d][c] })
+		}
+	}
 	return traffic{
+		byClass:  byClass,
 		down:     median(samples, func(t traffic) float64 { return t.down }),
 		up:       median(samples, func(t traffic) float64 { return t.up }),
 		quicDown: median(samples, func(t traffic) int64 { return t.quicDown }),
