@@ -79,7 +79,7 @@ func TestOnboarding(t *testing.T) {
 	env := cp.Env(t)
 	cs := adminClient(t, env.Config)
 	ctx := context.Background()
-	c := startCloud(t, env.Config, cloudOptions{webSocket: true, timings: testTimings, certValidity: 12 * time.Second})
+	c := startCloud(t, env.Config, cloudOptions{webSocket: true, timings: testTimings, certValidity: 24 * time.Second})
 	a := c.app
 	const node = "edge-join"
 	t.Cleanup(func() {
@@ -147,7 +147,9 @@ func TestOnboarding(t *testing.T) {
 	require.True(t, connected(c, node), "the live session is untouched")
 	require.Equal(t, 1.0, sessions(), "the live session is untouched")
 
-	// Renewal over the live session at 80% of the 12s lifetime.
+	// Renewal over the live session at 80% of the 24 s lifetime (long enough
+	// that the refusals above, on a loaded machine, end before it: the
+	// renewed edge reconnects, a second session).
 	require.Eventually(t, func() bool {
 		return e.app.Certificate().SerialNumber.Text(16) != res.Serial
 	}, 30*time.Second, 100*time.Millisecond, "the edge renews its certificate")
