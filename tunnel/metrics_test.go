@@ -74,3 +74,12 @@ func TestMessagesCountedByKind(t *testing.T) {
 }
 
 func mustFirst(a, _ float64) float64 { return a }
+
+// bytesOut is the frame bytes m counted as sent, over every kind.
+func bytesOut(m *Metrics) float64 {
+	sum := testutil.ToFloat64(m.Bytes.WithLabelValues("out", kindOther))
+	for k := message.Kind(1); k.Valid(); k++ {
+		sum += testutil.ToFloat64(m.Bytes.WithLabelValues("out", k.String()))
+	}
+	return sum
+}
