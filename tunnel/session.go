@@ -15,7 +15,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/semaphore"
 
 	"github.com/tetheredge/tether/common/message"
@@ -93,6 +92,13 @@ type sessionConfig struct {
 	logs *ratelog.Limiter
 }
 
+// queuedFrame is an encoded frame waiting for the writer, with its kind for
+// the metrics.
+type queuedFrame struct {
+	frame []byte
+	kind  message.Kind
+}
+
 // Session is one authenticated connection between an edge node and the
 // cloud. Send and Recv may be called from several goroutines. Messages
 // larger than the large-message threshold travel on their own QUIC stream,
@@ -116,15 +122,13 @@ type Session struct {
 	// writerLinger after (writing says whether it runs); Send wakes a
 	// lingering writer through sendWake.
 	sendMu   sync.Mutex
-	sendQ    [][]byte
+	sendQ    []queuedFrame
 	writing  bool
 	sendWake chan struct{}
 	inbox    *inbox
 	goodbye  goodbyeState // goodbye.go
-	msgIn    prometheus.Counter
-	msgOut   prometheus.Counter
-	bytesIn  prometheus.Counter
-	bytesOut prometheus.Counter
+	in       kindCounters // metrics.go
+	out      kindCounters
 
 	ctx       context.Context
 	cancel    context.CancelCauseFunc
@@ -146,10 +150,8 @@ func newSession(id string, peer Identity, t Transport, l link, cfg sessionConfig
 		sendBytes: semaphore.NewWeighted(cfg.sendQueueBytes),
 		inbox:     newInbox(cfg.recvQueue),
 		sendWake:  make(chan struct{}, 1),
-		msgIn:     cfg.metrics.Messages.WithLabelValues("in"),
-		msgOut:    cfg.metrics.Messages.WithLabelValues("out"),
-		bytesIn:   cfg.metrics.Bytes.WithLabelValues("in"),
-		bytesOut:  cfg.metrics.Bytes.WithLabelValues("out"),
+		in:        cfg.metrics.kindCounters("in"),
+		out:       cfg.metrics.kindCounters("out"),
 		ctx:       ctx,
 		cancel:    cancel,
 		done:      make(chan struct{}),
@@ -303,13 +305,12 @@ func (s *Session) Send(ctx context.Context, m *message.Message) error {
 			if err != nil {
 				return s.sendErr(fmt.Errorf("send large %s: %w", m.Kind, err))
 			}
-			s.msgOut.Inc()
-			s.bytesOut.Add(float64(len(frame)))
+			s.out.add(m.Kind, len(frame))
 			return nil
 		}
 	}
 	s.sendMu.Lock()
-	s.sendQ = append(s.sendQ, frame)
+	s.sendQ = append(s.sendQ, queuedFrame{frame: frame, kind: m.Kind})
 	startWriter := !s.writing
 	s.writing = true
 	s.sendMu.Unlock()
@@ -398,13 +399,15 @@ func (s *Session) writeLoop() error {
 		}
 		// An idle session holds no batch buffer: it borrows one per burst.
 		bp := batchPool.Get().(*[]byte)
-		batch := append((*bp)[:0], s.sendQ[0]...)
+		batch := append((*bp)[:0], s.sendQ[0].frame...)
 		count := 1
-		for count < len(s.sendQ) && len(batch)+len(s.sendQ[count]) <= limit {
-			batch = append(batch, s.sendQ[count]...)
+		for count < len(s.sendQ) && len(batch)+len(s.sendQ[count].frame) <= limit {
+			batch = append(batch, s.sendQ[count].frame...)
 			count++
 		}
-		clear(s.sendQ[:count]) // the frames are copied: let them go
+		// The batch's entries stay ours after the unlock: Send only
+		// appends past them. They are counted once written, then let go.
+		written := s.sendQ[:count]
 		s.sendQ = s.sendQ[count:]
 		s.sendMu.Unlock()
 		err := s.link.writeFrames(batch)
@@ -414,10 +417,13 @@ func (s *Session) writeLoop() error {
 			batchPool.Put(bp)
 		}
 		if err != nil {
+			clear(written)
 			return fmt.Errorf("write frames: %w", err)
 		}
-		s.msgOut.Add(float64(count))
-		s.bytesOut.Add(float64(len(batch)))
+		for _, q := range written {
+			s.out.add(q.kind, len(q.frame))
+		}
+		clear(written)
 	}
 	return nil
 }
@@ -452,8 +458,7 @@ func (s *Session) deliver(body []byte) error {
 		}
 		return nil
 	}
-	s.msgIn.Inc()
-	s.bytesIn.Add(float64(len(body) + frameHeaderLen))
+	s.in.add(m.Kind, len(body)+frameHeaderLen)
 	if m.Kind == message.KindGoodbye && s.goodbye.take {
 		return s.takeGoodbye(m)
 	}

@@ -468,7 +468,7 @@ func TestSendIsBoundedBySlowPeer(t *testing.T) {
 				accepted += len(frame)
 				require.Less(t, accepted, 256<<20, "Send never blocked: the queue is not bounded")
 			}
-			written := int(testutil.ToFloat64(c.Metrics().Bytes.WithLabelValues("out")))
+			written := int(bytesOut(c.Metrics()))
 			runtime.GC()
 			runtime.ReadMemStats(&after)
 			grown := int64(after.HeapAlloc) - int64(before.HeapAlloc)

@@ -26,6 +26,9 @@ type objects struct {
 	// before the first; reportedAt when.
 	reported   int
 	reportedAt time.Time
+	// digestAt is when the reconcile in progress began (its digest
+	// arrived), for tether_sync_reconcile_seconds.
+	digestAt time.Time
 }
 
 // heldReportEvery bounds how often a session tells Sessions how many
@@ -89,6 +92,7 @@ func (o *objects) run(ctx context.Context) error {
 		if err := o.send(ctx, o.st.Next(now, o.view)); err != nil {
 			return err
 		}
+		o.inbox.pending.Store(int64(o.st.InFlight()))
 	}
 }
 
@@ -114,6 +118,7 @@ func (o *objects) handle(ctx context.Context, m *message.Message) error {
 		switch p.Phase {
 		case objsync.PhaseDigest:
 			c.d.metrics.resyncs.Inc()
+			o.digestAt = time.Now()
 			c.logger.Info("reconcile started", "edge_objects", p.Count, "buckets", len(p.Buckets))
 			return o.send(ctx, o.st.OnDigest(p, o.view))
 		case objsync.PhaseList:
@@ -214,6 +219,10 @@ func (o *objects) send(ctx context.Context, actions []Action) error {
 			return fmt.Errorf("send %s to %s: %w", kind, c.node, err)
 		}
 		c.d.metrics.sent.WithLabelValues(kind).Inc()
+		if a.Kind == SendDone {
+			c.d.metrics.reconcileSeconds.Observe(time.Since(o.digestAt).Seconds())
+			c.d.metrics.reconcileObjects.Observe(float64(a.Differences))
+		}
 	}
 	return nil
 }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unicode/utf8"
 
@@ -90,9 +91,14 @@ type metrics struct {
 	resyncs     prometheus.Counter
 	pruned      prometheus.Counter
 	upstream    *prometheus.CounterVec
+	// acksPending sums, at each scrape, the sessions' messages awaiting an
+	// ack (each session's loop publishes its state machine's InFlight).
+	acksPending      prometheus.GaugeFunc
+	reconcileSeconds prometheus.Histogram
+	reconcileObjects prometheus.Histogram
 }
 
-func newMetrics(reg prometheus.Registerer) (*metrics, error) {
+func newMetrics(reg prometheus.Registerer, acksPending func() float64) (*metrics, error) {
 	m := &metrics{
 		sent: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "tether_sync_messages_sent_total", Help: "Sync messages sent to edges, by kind (object, delete, want, prune, done).",
@@ -112,11 +118,22 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		upstream: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "tether_upstream_writes_total", Help: "Upstream writes from edges, by answer: ok, forbidden, rejected (refused); retry, throttled, busy (Retry).",
 		}, []string{"result"}),
+		acksPending: prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "tether_sync_acks_pending", Help: "Objects, deletes and prunes sent to edges that await their ack, over all sessions.",
+		}, acksPending),
+		reconcileSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "tether_sync_reconcile_seconds", Help: "From an edge's digest to the cloud's Done: every difference found and queued.",
+			Buckets: prometheus.ExponentialBuckets(0.001, 4, 10),
+		}),
+		reconcileObjects: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "tether_sync_reconcile_objects", Help: "Objects a reconcile found missing or out of date at the edge, plus the objects it pruned.",
+			Buckets: []float64{0, 1, 10, 100, 1000, 10000, 100000},
+		}),
 	}
 	if reg == nil {
 		return m, nil
 	}
-	for _, c := range []prometheus.Collector{m.sent, m.refused, m.edgeRefused, m.resyncs, m.pruned, m.upstream} {
+	for _, c := range []prometheus.Collector{m.sent, m.refused, m.edgeRefused, m.resyncs, m.pruned, m.upstream, m.acksPending, m.reconcileSeconds, m.reconcileObjects} {
 		if err := reg.Register(c); err != nil {
 			return nil, fmt.Errorf("register dispatch metrics: %w", err)
 		}
@@ -133,11 +150,7 @@ func New(deps Deps, cfg Config, logger *slog.Logger, reg prometheus.Registerer) 
 	if logger == nil {
 		logger = slog.New(slog.DiscardHandler)
 	}
-	m, err := newMetrics(reg)
-	if err != nil {
-		return nil, err
-	}
-	return &Dispatcher{
+	d := &Dispatcher{
 		cat:      deps.Catalog,
 		upstream: deps.Upstream,
 		renewer:  deps.Renewer,
@@ -146,9 +159,26 @@ func New(deps Deps, cfg Config, logger *slog.Logger, reg prometheus.Registerer) 
 		codec:    message.NewCodec(0),
 		logger:   logger.With("component", "dispatch"),
 		logLim:   ratelog.New(0, nil),
-		metrics:  m,
 		nodes:    make(map[string]*inbox),
-	}, nil
+	}
+	m, err := newMetrics(reg, d.acksPending)
+	if err != nil {
+		return nil, err
+	}
+	d.metrics = m
+	return d, nil
+}
+
+// acksPending sums the in-flight counts the sessions published: a session
+// that ended is out of nodes, so its messages no longer count.
+func (d *Dispatcher) acksPending() float64 {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var n int64
+	for _, b := range d.nodes {
+		n += b.pending.Load()
+	}
+	return float64(n)
 }
 
 // inbox collects the keys that changed for one connected node: a set, so
@@ -157,6 +187,9 @@ type inbox struct {
 	mu     sync.Mutex
 	keys   map[objsync.Key]struct{}
 	signal chan struct{}
+	// pending is the session's messages awaiting an ack, as its objects
+	// loop last saw them (the state machine is the loop's alone).
+	pending atomic.Int64
 }
 
 func (b *inbox) add(k objsync.Key) {

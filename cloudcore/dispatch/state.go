@@ -41,6 +41,10 @@ type Action struct {
 	Object  any // what Lookup returned for Key, for SendObject (nil when the loop encodes at send time)
 	Buckets []uint64
 	Hashes  []uint64
+	// Differences, on SendDone, is the reconcile's size: the objects it
+	// found missing or at another version at the edge (queued to be sent)
+	// plus the hashes it pruned.
+	Differences int
 }
 
 // Lookup reads the node's desired state (the informer cache): the keys it
@@ -249,13 +253,15 @@ func (n *Node) OnDigest(d objsync.Sync, desired Lookup) []Action {
 	}
 	if d.Count == 0 {
 		// An empty edge: everything desired is missing, nothing to prune.
+		missing := 0
 		for b := range n.wanted {
 			for _, o := range byBucket[b] {
 				n.Changed(o.key)
+				missing++
 			}
 		}
 		n.phase = phaseLive
-		return []Action{{Kind: SendDone, ID: n.id()}}
+		return []Action{{Kind: SendDone, ID: n.id(), Differences: missing}}
 	}
 	n.phase = phaseAwaitList
 	n.held = make(map[uint64]uint64)
@@ -296,14 +302,19 @@ func (n *Node) OnList(l objsync.Sync, desired Lookup) ([]Action, error) {
 		return nil, nil
 	}
 	held := n.held
+	differ := 0
 	for _, k := range desired.Keys() {
 		h := k.Hash()
 		if !n.wanted[objsync.Bucket(h, n.nb)] {
 			continue
 		}
-		if v, ok := held[h]; ok {
+		v, ok := held[h]
+		if ok {
 			n.edge[k] = v
 			delete(held, h)
+		}
+		if want, _, exists := desired.Lookup(k); exists && (!ok || v != want) {
+			differ++
 		}
 		n.Changed(k)
 	}
@@ -320,7 +331,7 @@ func (n *Node) OnList(l objsync.Sync, desired Lookup) ([]Action, error) {
 	}
 	n.phase = phaseLive
 	n.wanted, n.held = nil, nil
-	return append(actions, Action{Kind: SendDone, ID: n.id()}), nil
+	return append(actions, Action{Kind: SendDone, ID: n.id(), Differences: differ + len(hashes)}), nil
 }
 
 // OnAck records that the edge committed message id. Unknown ids (late

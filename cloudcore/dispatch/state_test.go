@@ -508,3 +508,69 @@ func TestListBounds(t *testing.T) {
 	require.Equal(t, SendPrune, a[0].Kind)
 	require.Len(t, a[0].Hashes, 2)
 }
+
+// The size a reconcile reports at Done is what it then sends and prunes:
+// objects missing or stale at the edge plus the hashes pruned, not the
+// objects already in sync.
+func TestReconcileReportsItsSize(t *testing.T) {
+	w := world{}
+	for i := range 300 {
+		w[pod(i)] = "1"
+	}
+	for _, tc := range []struct {
+		name string
+		edge func() edgeSim
+		want int
+	}{
+		{"in sync", func() edgeSim {
+			e := edgeSim{}
+			for k, v := range w {
+				e[k] = v
+			}
+			return e
+		}, 0},
+		{"empty edge", func() edgeSim { return edgeSim{} }, 300},
+		{"stale, missing and extra", func() edgeSim {
+			e := edgeSim{}
+			for i := range 290 { // 10 missing
+				e[pod(i)] = "1"
+			}
+			for i := range 5 { // 5 stale
+				e[pod(i)] = "0"
+			}
+			for i := 1000; i < 1007; i++ { // 7 extra
+				e[pod(i)] = "1"
+			}
+			return e
+		}, 10 + 5 + 7},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			n := NewNode(Config{})
+			e := tc.edge()
+			d := e.digest()
+			actions := n.OnDigest(d, w)
+			if actions[0].Kind == SendWant {
+				var err error
+				actions, err = n.OnList(e.list(actions[0].Buckets, len(d.Buckets)), w)
+				require.NoError(t, err)
+			}
+			done := actions[len(actions)-1]
+			require.Equal(t, SendDone, done.Kind)
+			require.Equal(t, tc.want, done.Differences)
+			before := len(e)
+			sent := 0 // objects, deletes and pruned hashes
+			for range 10_000 {
+				acks, s := e.apply(actions)
+				sent += s
+				for _, id := range acks {
+					n.OnAck(id)
+				}
+				actions = n.Next(time.Unix(0, 0), w)
+				if len(actions) == 0 && n.InFlight() == 0 {
+					break
+				}
+			}
+			require.Equal(t, done.Differences, sent, "the size is what crossed (edge held %d)", before)
+		})
+	}
+}

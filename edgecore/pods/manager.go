@@ -240,14 +240,7 @@ func New(cfg Config, st Store, rt cri.RuntimeService, img cri.ImageManagerServic
 			Help: "Stored pods, ConfigMaps or Secrets that could not be decoded or used.",
 		}),
 	}
-	if cfg.Registerer != nil {
-		for _, c := range []prometheus.Collector{m.syncs, m.badObjects} {
-			if err := cfg.Registerer.Register(c); err != nil {
-				return nil, fmt.Errorf("register pod manager metrics: %w", err)
-			}
-		}
-	}
-	return &Manager{
+	mgr := &Manager{
 		cfg: cfg, st: st, rt: rt, img: img, pub: pub,
 		logger:  logger.With("component", "pods"),
 		lim:     ratelog.New(0, nil),
@@ -264,7 +257,15 @@ func New(cfg Config, st Store, rt cri.RuntimeService, img cri.ImageManagerServic
 		published: make(map[string]published),
 		deleted:   make(map[string]bool),
 		admission: newAdmission(),
-	}, nil
+	}
+	if cfg.Registerer != nil {
+		for _, c := range []prometheus.Collector{m.syncs, m.badObjects, newPhaseCollector(mgr)} {
+			if err := cfg.Registerer.Register(c); err != nil {
+				return nil, fmt.Errorf("register pod manager metrics: %w", err)
+			}
+		}
+	}
+	return mgr, nil
 }
 
 // OnStoreChange enqueues the pods among keys, and the pods that use the

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"maps"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -648,4 +649,51 @@ func TestChangedSpecReplacesContainer(t *testing.T) {
 	}).ContainerStatuses[0]
 	require.NotEqual(t, before.ContainerID, after.ContainerID)
 	require.NotEqual(t, before.ImageID, after.ImageID)
+}
+
+// tether_pods_phase counts the pods by their latest status, each phase
+// present from the start; a pod deleted leaves the count, and a manager
+// started again on the same store and runtime counts the pods it adopts,
+// whose status it does not publish again.
+func TestPodsByPhase(t *testing.T) {
+	e := newEnv(t)
+	reg := promtest.NewRegistry()
+	stop := e.run(pods.Config{Registerer: reg})
+	phases := func(reg *promtest.Registry) map[string]float64 {
+		out := map[string]float64{}
+		for _, ph := range []string{"Pending", "Running", "Succeeded", "Failed", "Unknown"} {
+			v, err := promtest.Value(reg, "tether_pods_phase", map[string]string{"phase": ph})
+			if err != nil {
+				return nil
+			}
+			out[ph] = v
+		}
+		return out
+	}
+	require.Equal(t, map[string]float64{"Pending": 0, "Running": 0, "Succeeded": 0, "Failed": 0, "Unknown": 0}, phases(reg))
+
+	run := busyboxPod(e.h, "run", corev1.RestartPolicyAlways, true, "sleep", "3600")
+	ok := busyboxPod(e.h, "ok", corev1.RestartPolicyNever, true, "true")
+	bad := busyboxPod(e.h, "bad", corev1.RestartPolicyNever, true, "sh", "-c", "exit 3")
+	e.put(run, ok, bad)
+	want := map[string]float64{"Pending": 0, "Running": 1, "Succeeded": 1, "Failed": 1, "Unknown": 0}
+	require.Eventually(t, func() bool { return maps.Equal(phases(reg), want) }, time.Minute, 50*time.Millisecond, "one pod in each of Running, Succeeded, Failed")
+
+	stop()
+	// The cloud sends each pod back with the status the edge published:
+	// a new manager computes the same status and publishes none.
+	for _, p := range []*corev1.Pod{run, ok, bad} {
+		st, found := e.pub.status(t, string(p.UID))
+		require.True(t, found)
+		p.Status = st
+	}
+	e.put(run, ok, bad)
+	reg = promtest.NewRegistry()
+	stop = e.run(pods.Config{Registerer: reg})
+	require.Eventually(t, func() bool { return maps.Equal(phases(reg), want) }, time.Minute, 50*time.Millisecond, "a restarted manager counts the pods it adopts")
+
+	e.deletePod(run)
+	want["Running"] = 0
+	require.Eventually(t, func() bool { return maps.Equal(phases(reg), want) }, time.Minute, 50*time.Millisecond, "a deleted pod leaves the count")
+	stop()
 }

@@ -628,6 +628,13 @@ func (m *Manager) publish(ctx context.Context, key string, pod *corev1.Pod, st c
 		return fmt.Errorf("encode status: %w", err)
 	}
 	if bytes.Equal(data, last.json) {
+		// Already published (maybe before a restart): remembered, so
+		// the pod counts in tether_pods_phase.
+		m.mu.Lock()
+		if p, ok := m.published[key]; !ok || p.uid != last.uid {
+			m.published[key] = last
+		}
+		m.mu.Unlock()
 		return nil
 	}
 	if err := m.pub.Publish(ctx, store.OutboxItem{Op: message.OpStatus, Resource: podResource(pod), Data: data}); err != nil {
