@@ -11,6 +11,8 @@ import (
 	"github.com/stretchr/testify/require"
 	"go.uber.org/goleak"
 
+	"github.com/tetheredge/tether/tests/hugepages"
+
 	"github.com/tetheredge/tether/edgecore/store"
 	"github.com/tetheredge/tether/tests/testlog"
 )
@@ -154,6 +156,7 @@ func TestDedicatedCPUs(t *testing.T) {
 }
 
 func TestRequestRefused(t *testing.T) {
+	hugepages.Lock(t) // it expects no hugetlbfs mount of 2Mi pages on the host
 	s := newSynth(t, "0-3")
 	s.pf("0000:3b:00.0", 4, "iavf", "0000:3b:02.0")
 	s.hugepages(Hugepage2Mi, 4)

@@ -5,6 +5,7 @@ package hugepages
 
 import (
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -16,11 +17,27 @@ import (
 // NrHugepages is the kernel's count of reserved 2 MiB pages.
 const NrHugepages = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages"
 
-// Reserve adds pages 2 MiB pages to the kernel's reservation and mounts a
-// hugetlbfs of that page size in a temporary directory, whose path it
-// returns. Both are undone at the test's cleanup.
+// Lock holds the host's hugepage lock (an flock on a file in the
+// temporary directory) until the test ends. The kernel's reservation, its
+// free count and the hugetlbfs mounts are one per host, and go test runs
+// packages in parallel: every test that reserves pages, mounts hugetlbfs,
+// counts free pages or expects no mount takes the lock (Reserve does), so
+// that another package's test never shows up in its figures. A test
+// takes it once: a second Lock in the same test waits for itself.
+func Lock(tb testing.TB) {
+	tb.Helper()
+	f, err := os.OpenFile(filepath.Join(os.TempDir(), "tether-hugepages.lock"), os.O_CREATE|os.O_RDWR, 0o600)
+	require.NoError(tb, err)
+	require.NoError(tb, syscall.Flock(int(f.Fd()), syscall.LOCK_EX))
+	tb.Cleanup(func() { require.NoError(tb, f.Close()) }) // closing releases the lock
+}
+
+// Reserve takes the hugepage lock, adds pages 2 MiB pages to the kernel's
+// reservation and mounts a hugetlbfs of that page size in a temporary
+// directory, whose path it returns. All is undone at the test's cleanup.
 func Reserve(tb testing.TB, pages int64) string {
 	tb.Helper()
+	Lock(tb)
 	before := readInt(tb, NrHugepages)
 	require.NoError(tb, os.WriteFile(NrHugepages, []byte(strconv.FormatInt(before+pages, 10)), 0o644))
 	tb.Cleanup(func() {

@@ -447,6 +447,7 @@ func readInt(t *testing.T, path string) int64 {
 // it is refused with ResourceExhausted, leaving nothing. The test reserves
 // 80 more pages and mounts hugetlbfs itself, and undoes both.
 func TestHugepagesWithoutPool(t *testing.T) {
+	hugepages.Lock(t)
 	const pages = 64 + 16 // the guest's 128Mi, and 32Mi more
 	before := readInt(t, nrHugepages)
 	require.NoError(t, os.WriteFile(nrHugepages, []byte(strconv.FormatInt(before+pages, 10)), 0o644))

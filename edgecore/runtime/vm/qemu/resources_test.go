@@ -12,6 +12,8 @@ import (
 
 	"github.com/stretchr/testify/require"
 	"golang.org/x/sys/unix"
+
+	"github.com/tetheredge/tether/tests/hugepages"
 )
 
 const hugepages2M = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages"
@@ -23,6 +25,7 @@ const hugepages2M = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages"
 // and comes back when it exits.
 func TestHugepages(t *testing.T) {
 	require.Zero(t, os.Geteuid(), "the hugepage test reserves pages and mounts hugetlbfs: run as root")
+	hugepages.Lock(t)
 	const memMiB = 128
 	pages := memMiB / 2
 
