@@ -433,8 +433,12 @@ func (h *Host) stopContainerd() error {
 func quiet() context.Context { return klog.NewContext(context.Background(), logr.Discard()) }
 
 // logTail returns the last n lines of containerd.log.
-func (h *Host) logTail(n int) string {
-	b, err := os.ReadFile(h.logPath)
+func (h *Host) logTail(n int) string { return Tail(h.logPath, n) }
+
+// Tail returns the last n lines of the log file at path, or why it has
+// none.
+func Tail(path string, n int) string {
+	b, err := os.ReadFile(path)
 	if err != nil {
 		return fmt.Sprintf("(no log: %v)", err)
 	}

@@ -11,6 +11,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/tetheredge/tether/tests/containerd"
 )
 
 // stopGrace is how long a daemon gets to stop on SIGTERM before SIGKILL.
@@ -59,7 +61,7 @@ func (d *daemon) exited() error {
 		if why == nil {
 			why = errors.New("exit status 0")
 		}
-		return fmt.Errorf("%s exited: %w; last lines of %s:\n%s", d.name, why, d.log, tail(d.log, 20))
+		return fmt.Errorf("%s exited: %w; last lines of %s:\n%s", d.name, why, d.log, containerd.Tail(d.log, 20))
 	default:
 		return nil
 	}
@@ -95,19 +97,6 @@ func runTool(ctx context.Context, env []string, bin string, args ...string) (str
 		return "", fmt.Errorf("run %s %s: %w: %s", filepath.Base(bin), args[0], err, strings.TrimSpace(errOut.String()))
 	}
 	return out.String(), nil
-}
-
-// tail returns the last n lines of the file at path.
-func tail(path string, n int) string {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return fmt.Sprintf("(no log: %v)", err)
-	}
-	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return strings.Join(lines, "\n")
 }
 
 // errStopped is returned when the quickstart was interrupted while
