@@ -145,10 +145,18 @@ func TestOnboarding(t *testing.T) {
 		}, 5*time.Second, 10*time.Millisecond, r.name)
 	}
 	require.True(t, connected(c, node), "the live session is untouched")
-	require.Equal(t, 1.0, sessions(), "the live session is untouched")
+	// The only second session allowed here is the renewal's reconnect:
+	// on a loaded machine the refusals can take until the certificate is
+	// due. The count is read before the serial, and the edge installs the
+	// renewed certificate before it reconnects, so a second session with
+	// the old serial is one a refusal caused.
+	if s := sessions(); s != 1 {
+		require.NotEqual(t, res.Serial, e.app.Certificate().SerialNumber.Text(16),
+			"the live session is untouched: a second session without a renewal")
+		require.Equal(t, 2.0, s, "the live session is untouched: only the renewal reconnects")
+	}
 
-	// Renewal over the live session at 80% of the 24 s lifetime (long enough
-	// that the refusals above, on a loaded machine, end before it: the
+	// Renewal over the live session at 80% of the 24 s lifetime (the
 	// renewed edge reconnects, a second session).
 	require.Eventually(t, func() bool {
 		return e.app.Certificate().SerialNumber.Text(16) != res.Serial
