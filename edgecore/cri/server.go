@@ -117,7 +117,9 @@ func (s *Server) Run(ctx context.Context) error {
 	s.logger.Info("cri shim serving", "socket", s.cfg.Listen, "handlers", s.cfg.Handlers, "vm_handler", s.cfg.VMHandler)
 	eg, ctx := errgroup.WithContext(ctx)
 	eg.Go(func() error {
-		if err := g.Serve(lis); err != nil {
+		// A ctx that ends before Serve starts stops the server first: Serve
+		// then closes lis and returns ErrServerStopped, a clean end.
+		if err := g.Serve(lis); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
 			return fmt.Errorf("serve cri: %w", err)
 		}
 		return nil

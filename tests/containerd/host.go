@@ -32,12 +32,15 @@ import (
 	"time"
 
 	"github.com/go-logr/logr"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
 	internalapi "k8s.io/cri-api/pkg/apis"
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 	remote "k8s.io/cri-client/pkg"
 	"k8s.io/klog/v2"
 
 	"github.com/tetheredge/tether/build/images"
+	"github.com/tetheredge/tether/edgecore/cri"
 )
 
 // CNIBinDir is where Debian's containernetworking-plugins install.
@@ -285,15 +288,16 @@ func (h *Host) connect(ctx context.Context, timeout time.Duration) error {
 			lastErr = err
 			continue
 		}
-		rt, err := remote.NewRemoteRuntimeService(ctx, h.Endpoint(), callTimeout, nil, false)
-		if err != nil {
+		// cri-client leaks its connection when its own Version check
+		// fails, which it does while the CRI plugin is still starting:
+		// ask on a connection of our own until the plugin answers.
+		if err := h.askVersion(ctx); err != nil {
 			lastErr = err
 			continue
 		}
-		if _, err := rt.Version(ctx, "v1"); err != nil {
-			lastErr = err
-			_ = rt.Close(ctx)
-			continue
+		rt, err := remote.NewRemoteRuntimeService(ctx, h.Endpoint(), callTimeout, nil, false)
+		if err != nil {
+			return fmt.Errorf("connect CRI runtime service: %w", err)
 		}
 		img, err := remote.NewRemoteImageService(ctx, h.Endpoint(), callTimeout, nil, false)
 		if err != nil {
@@ -303,6 +307,16 @@ func (h *Host) connect(ctx context.Context, timeout time.Duration) error {
 		h.Runtime, h.Images = rt, img
 		return nil
 	}
+}
+
+// askVersion asks the CRI plugin for its version on a connection it
+// closes again.
+func (h *Host) askVersion(ctx context.Context) error {
+	conn, err := grpc.NewClient(h.Endpoint(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return fmt.Errorf("connect containerd: %w", err)
+	}
+	return errors.Join(cri.AskVersion(ctx, conn, 5*time.Second), conn.Close())
 }
 
 // importImage imports an archive into the CRI's namespace, unpacked for the
