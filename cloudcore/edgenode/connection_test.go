@@ -135,3 +135,38 @@ func TestConnectionWriterEnd(t *testing.T) {
 	require.Eventually(t, func() bool { return ok() == before+1 }, 30*time.Second, 20*time.Millisecond)
 	require.Equal(t, "cloud-b", status().Connection.Replica)
 }
+
+// The whitelist's connection record is a patch of lastConnected alone: it
+// keeps what another writer put in the status since the caller's (cached)
+// read, and is refused for an EdgeNode replaced under the same name.
+func TestRecordConnected(t *testing.T) {
+	c := client(t)
+	ctx := context.Background()
+	name := createNode(t, c)
+	stale, err := c.Get(ctx, name)
+	require.NoError(t, err)
+	fresh := *stale
+	fresh.Status.Connection = &edgenode.Connection{Replica: "cloud-b", Transport: string(tunnel.TransportQUIC), Session: "s1", Since: metav1.NewTime(time.Now())}
+	_, err = c.UpdateStatus(ctx, &fresh)
+	require.NoError(t, err)
+
+	at := time.Now().Truncate(time.Second)
+	require.NoError(t, c.RecordConnected(ctx, name, stale.UID, at))
+	got, err := c.Get(ctx, name)
+	require.NoError(t, err)
+	require.NotNil(t, got.Status.LastConnected)
+	require.True(t, at.Equal(got.Status.LastConnected.Time), "lastConnected %s, want %s", got.Status.LastConnected, at)
+	require.NotNil(t, got.Status.Connection, "the other writer's connection record is kept")
+	require.Equal(t, "s1", got.Status.Connection.Session)
+
+	require.NoError(t, c.Delete(ctx, name))
+	again, err := c.Create(ctx, &edgenode.EdgeNode{ObjectMeta: metav1.ObjectMeta{Name: name}, Spec: edgenode.Spec{Allowed: true}})
+	require.NoError(t, err)
+	again.Status.Connection = fresh.Status.Connection // a status to patch
+	_, err = c.UpdateStatus(ctx, again)
+	require.NoError(t, err)
+	require.Error(t, c.RecordConnected(ctx, name, stale.UID, at), "an EdgeNode replaced under the same name is not patched")
+	got, err = c.Get(ctx, name)
+	require.NoError(t, err)
+	require.Nil(t, got.Status.LastConnected)
+}

@@ -153,11 +153,10 @@ func (w *Whitelist) recordConnected(ctx context.Context, id tunnel.Identity) {
 	if e.Status.LastConnected != nil && now.Sub(e.Status.LastConnected.Time) < time.Minute {
 		return
 	}
-	t := metav1.NewTime(now)
-	e.Status.LastConnected = &t
-	// Written over the cached version: a conflict means the status changed
-	// meanwhile, and a later connection records it.
-	if _, err := w.client.UpdateStatus(ctx, e); err != nil {
+	// A patch of the one field: the connection writer
+	// (edgenode.ConnectionWriter) writes the status at the same moment,
+	// and an update over the cached version would lose the race to it.
+	if err := w.client.RecordConnected(ctx, id.Node, e.UID, now); err != nil {
 		w.logger.Debug("cannot record connection", "node", id.Node, "err", err)
 	}
 }
