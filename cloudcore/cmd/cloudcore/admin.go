@@ -121,7 +121,8 @@ func newAdminListCommand(f *adminFlags) *cobra.Command {
 		Long: "list shows each whitelisted node: whether it is allowed; its live session as CloudCore recorded it\n" +
 			"(transport@replica, and since when); when its Lease was last renewed; when its certificate expires;\n" +
 			"how many objects it held after its last reconcile; and how many pods and VMs bound to it are Running.\n" +
-			"-o wide adds the replica, session, certificate serial, last connection and pending join token; -o json all of it.",
+			"-o wide adds the replica, the edge's address as CloudCore sees it (a NAT's or load balancer's if one is in\n" +
+			"between), the session, certificate serial, last connection and pending join token; -o json all of it.",
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if output != fleet.FormatTable && output != fleet.FormatWide && output != fleet.FormatJSON {
