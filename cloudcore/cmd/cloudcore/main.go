@@ -7,6 +7,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"os/signal"
 	"syscall"
@@ -75,7 +76,22 @@ func serve(ctx context.Context, cfg config.CloudCoreConfiguration) error {
 	if err != nil {
 		return err
 	}
+	if err := a.Listen(); err != nil {
+		return err
+	}
+	// Where it can be reached, as bound (a port 0 chosen): what an
+	// operator checks first when edges do not connect.
+	logger.Info("cloudcore listening", "quic_addr", addrString(a.QUICAddr()), "websocket_addr", addrString(a.WebSocketAddr()),
+		"join_addr", addrString(a.JoinAddr()), "metrics_addr", addrString(a.MetricsAddr()))
 	return a.Run(ctx)
+}
+
+// addrString is a bound address, or "off" for a listener not configured.
+func addrString(a net.Addr) string {
+	if a == nil {
+		return "off"
+	}
+	return a.String()
 }
 
 // appConfig is where each setting of the file goes in CloudCore.
