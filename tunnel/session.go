@@ -224,9 +224,10 @@ func (s *Session) Transport() Transport { return s.transport }
 
 // RemoteAddr returns the peer's address as this end's socket sees it now:
 // the TCP peer of a WebSocket session; the UDP peer of a QUIC session's
-// current path, which changes when the client migrates (a NAT rebinding;
-// CloudCore follows a path the client validated). Behind a NAT or a load
-// balancer that does not keep the source, it is theirs. Nil if unknown.
+// current path, which changes when the client's address does (a NAT
+// rebinding: the server moves to the new address once it has validated
+// it). Behind a NAT or a load balancer that does not keep the source, it
+// is theirs. Nil if unknown.
 func (s *Session) RemoteAddr() net.Addr {
 	if l, ok := s.link.(interface{ remoteAddr() net.Addr }); ok {
 		return l.remoteAddr()
