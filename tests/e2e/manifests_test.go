@@ -389,7 +389,7 @@ func runCloudCoreAsDeployed(t *testing.T, env *controlplane.Env, cs kubernetes.I
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(*sc.RunAsUser), Gid: uint32(*sc.RunAsGroup)}}
 	logs := &lockedBuffer{}
 	cmd.Stdout, cmd.Stderr = logs, logs
-	require.NoError(t, cmd.Start())
+	require.NoError(t, cmd.Start(), "start cloudcore as uid %d: the test runs as root, as make test does", *sc.RunAsUser)
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }()
 	stopped := false
