@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"time"
 
@@ -65,6 +66,8 @@ func (l *quicLink) writeFrames(batch []byte) error {
 }
 
 func (l *quicLink) readFrame() ([]byte, error) { return l.codec.ReadFrame(l.ctrl) }
+
+func (l *quicLink) remoteAddr() net.Addr { return l.conn.RemoteAddr() }
 
 func (l *quicLink) setDeadline(t time.Time) error { return l.ctrl.SetDeadline(t) }
 

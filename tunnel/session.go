@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"sync"
 	"time"
 
@@ -220,6 +221,19 @@ func (s *Session) Resumed() bool { return s.resumed }
 
 // Transport returns the transport the session runs on.
 func (s *Session) Transport() Transport { return s.transport }
+
+// RemoteAddr returns the peer's address as this end's socket sees it now:
+// the TCP peer of a WebSocket session; the UDP peer of a QUIC session's
+// current path, which changes when the client's address does (a NAT
+// rebinding: the server moves to the new address once it has validated
+// it). Behind a NAT or a load balancer that does not keep the source, it
+// is theirs. Nil if unknown.
+func (s *Session) RemoteAddr() net.Addr {
+	if l, ok := s.link.(interface{ remoteAddr() net.Addr }); ok {
+		return l.remoteAddr()
+	}
+	return nil
+}
 
 // Done is closed when the session has ended and its goroutines have exited.
 func (s *Session) Done() <-chan struct{} { return s.done }

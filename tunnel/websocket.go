@@ -63,6 +63,8 @@ func newWSLink(conn *websocket.Conn, c *message.Codec, keepAlive, deadPeer time.
 	return &wsLink{conn: conn, codec: c, keepAlive: keepAlive, deadPeer: deadPeer, streams: st}
 }
 
+func (l *wsLink) remoteAddr() net.Addr { return l.conn.RemoteAddr() }
+
 func (l *wsLink) writeFrames(batch []byte) error {
 	return l.conn.WriteMessage(websocket.BinaryMessage, batch)
 }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -49,7 +50,7 @@ type Renewer interface {
 // most every heldReportEvery), for the EdgeNode's status
 // (edgenode.ConnectionWriter). Its methods must not block.
 type Sessions interface {
-	Started(node, session string, transport tunnel.Transport, at time.Time)
+	Started(node, session string, transport tunnel.Transport, remote net.Addr, at time.Time)
 	Held(node, session string, objects int)
 	Ended(node, session string)
 }
@@ -241,7 +242,7 @@ func (d *Dispatcher) Serve(ctx context.Context, s *tunnel.Session) error {
 		d.mu.Unlock()
 	}()
 	if d.sessions != nil {
-		d.sessions.Started(node, s.ID(), s.Transport(), time.Now())
+		d.sessions.Started(node, s.ID(), s.Transport(), s.RemoteAddr(), time.Now())
 		defer d.sessions.Ended(node, s.ID())
 	}
 	c := &conn{d: d, s: s, node: node, logger: d.logger.With("node", node, "session", s.ID())}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"sync"
 	"time"
 
@@ -39,7 +40,8 @@ type ConnectionWriterConfig struct {
 }
 
 // ConnectionWriter records in each EdgeNode's status where its live
-// session is (status.connection: replica, transport, session, since) and
+// session is (status.connection: replica, transport, the edge's remote
+// address, session, since) and
 // how many objects it holds (status.objectsHeld). It is told of session
 // starts and ends and of the count (it is a dispatch.Sessions, which
 // reports the count at most every 10 s per node) and never writes per
@@ -75,11 +77,11 @@ const retryDelay = 200 * time.Millisecond
 
 // session is what the writer knows of a node's latest session.
 type session struct {
-	id, transport string
-	since         time.Time
-	objects       int64
-	hasObjects    bool
-	ended         bool
+	id, transport, remote string
+	since                 time.Time
+	objects               int64
+	hasObjects            bool
+	ended                 bool
 }
 
 // NewConnectionWriter returns a writer; Run writes.
@@ -114,13 +116,18 @@ func NewConnectionWriter(client *Client, cfg ConnectionWriterConfig) (*Connectio
 	return w, nil
 }
 
-// Started notes a new session of node; it replaces any older one.
-func (w *ConnectionWriter) Started(node, id string, transport tunnel.Transport, at time.Time) {
+// Started notes a new session of node from remote (nil if unknown); it
+// replaces any older one.
+func (w *ConnectionWriter) Started(node, id string, transport tunnel.Transport, remote net.Addr, at time.Time) {
+	addr := ""
+	if remote != nil {
+		addr = remote.String()
+	}
 	w.update(node, func(s *session, _ bool) bool {
 		// In seconds, as the API server keeps it, so that the cache
 		// compares equal once written. The count written before stays
 		// until this session's reconcile says otherwise.
-		*s = session{id: id, transport: string(transport), since: at.Truncate(time.Second)}
+		*s = session{id: id, transport: string(transport), remote: addr, since: at.Truncate(time.Second)}
 		return true
 	})
 }
@@ -242,7 +249,7 @@ func (w *ConnectionWriter) write(ctx context.Context, node string) error {
 			// A newer session elsewhere is recorded.
 			return nil
 		}
-		want.Connection = &Connection{Replica: w.cfg.Replica, Transport: s.transport, Session: s.id, Since: metav1.NewTime(s.since)}
+		want.Connection = &Connection{Replica: w.cfg.Replica, Transport: s.transport, RemoteAddr: s.remote, Session: s.id, Since: metav1.NewTime(s.since)}
 		if s.hasObjects {
 			n := s.objects
 			want.ObjectsHeld = &n
@@ -293,7 +300,7 @@ func (w *ConnectionWriter) forget(node string, s session) {
 func sameStatus(a, b Status) bool {
 	sameConn := (a.Connection == nil) == (b.Connection == nil) &&
 		(a.Connection == nil || (a.Connection.Replica == b.Connection.Replica && a.Connection.Transport == b.Connection.Transport &&
-			a.Connection.Session == b.Connection.Session && a.Connection.Since.Equal(&b.Connection.Since)))
+			a.Connection.RemoteAddr == b.Connection.RemoteAddr && a.Connection.Session == b.Connection.Session && a.Connection.Since.Equal(&b.Connection.Since)))
 	sameObjects := (a.ObjectsHeld == nil) == (b.ObjectsHeld == nil) && (a.ObjectsHeld == nil || *a.ObjectsHeld == *b.ObjectsHeld)
 	return sameConn && sameObjects
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"math/rand/v2"
+	"net"
 	"os"
 	"testing"
 	"time"
@@ -74,10 +75,10 @@ func TestConnectionWriterCoalesces(t *testing.T) {
 	node := createNode(t, c)
 	w, reg, start := writer(t, c, false)
 	at := time.Date(2026, 12, 1, 10, 0, 0, 0, time.UTC)
-	w.Started(node, "s1", tunnel.TransportQUIC, at)
+	w.Started(node, "s1", tunnel.TransportQUIC, &net.UDPAddr{IP: net.IPv4(192, 0, 2, 1), Port: 40001}, at)
 	w.Held(node, "s1", 7)
 	w.Ended(node, "s1")
-	w.Started(node, "s2", tunnel.TransportWebSocket, at.Add(time.Minute))
+	w.Started(node, "s2", tunnel.TransportWebSocket, &net.TCPAddr{IP: net.ParseIP("2001:db8::2"), Port: 40002}, at.Add(time.Minute))
 	w.Held(node, "s2", 9)
 	w.Held(node, "s1", 1) // a late word of the old session: ignored
 	start()
@@ -90,7 +91,7 @@ func TestConnectionWriterCoalesces(t *testing.T) {
 	conn := e.Status.Connection
 	require.True(t, conn.Since.Equal(&metav1.Time{Time: at.Add(time.Minute)}), "since %s", conn.Since)
 	conn.Since = metav1.Time{}
-	require.Equal(t, &edgenode.Connection{Replica: "cloud-a", Transport: "websocket", Session: "s2"}, conn)
+	require.Equal(t, &edgenode.Connection{Replica: "cloud-a", Transport: "websocket", RemoteAddr: "[2001:db8::2]:40002", Session: "s2"}, conn)
 	require.Equal(t, 1.0, promtest.Sum(t, reg, "tether_edgenode_status_writes_total", map[string]string{"result": "ok"}))
 }
 
@@ -110,7 +111,7 @@ func TestConnectionWriterEnd(t *testing.T) {
 		return e.Status
 	}
 	at := time.Now()
-	w.Started(node, "s1", tunnel.TransportQUIC, at)
+	w.Started(node, "s1", tunnel.TransportQUIC, nil, at)
 	w.Held(node, "s1", 3)
 	require.Eventually(t, func() bool { s := status(); return s.Connection != nil && s.ObjectsHeld != nil }, 30*time.Second, 20*time.Millisecond)
 	w.Ended(node, "s1")
@@ -119,7 +120,7 @@ func TestConnectionWriterEnd(t *testing.T) {
 
 	// Another replica records a newer session; this one's old session
 	// then ends: the other replica's record stays.
-	w.Started(node, "s2", tunnel.TransportQUIC, at)
+	w.Started(node, "s2", tunnel.TransportQUIC, nil, at)
 	require.Eventually(t, func() bool { s := status(); return s.Connection != nil && s.Connection.Session == "s2" }, 30*time.Second, 20*time.Millisecond)
 	e, err := c.Get(context.Background(), node)
 	require.NoError(t, err)
@@ -131,7 +132,7 @@ func TestConnectionWriterEnd(t *testing.T) {
 	// A later event of another node is written after it (one queue, in
 	// order), so once that one is, the end has been handled.
 	other := createNode(t, c)
-	w.Started(other, "o1", tunnel.TransportQUIC, at)
+	w.Started(other, "o1", tunnel.TransportQUIC, nil, at)
 	require.Eventually(t, func() bool { return ok() == before+1 }, 30*time.Second, 20*time.Millisecond)
 	require.Equal(t, "cloud-b", status().Connection.Replica)
 }

@@ -87,6 +87,12 @@ type Connection struct {
 	Replica string `json:"replica"`
 	// Transport is quic or websocket.
 	Transport string `json:"transport"`
+	// RemoteAddr is the edge's address (host:port) as CloudCore's socket
+	// saw it when the session started: behind a NAT or a load balancer
+	// that does not keep the source, theirs. A QUIC path migration later
+	// in the session is not recorded. Empty in objects written before it
+	// was recorded.
+	RemoteAddr string `json:"remoteAddr,omitempty"`
 	// Session is the session's id, so that the end of an older session
 	// never clears a newer one.
 	Session string `json:"session"`

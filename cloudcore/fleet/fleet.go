@@ -148,7 +148,8 @@ const (
 )
 
 // Write writes edges in format: a table (ages relative to now), a wider
-// one, or JSON (RFC 3339 times).
+// one (with the replica and the edge's address, as kubectl keeps
+// addresses to -o wide), or JSON (RFC 3339 times).
 func Write(w io.Writer, edges []Edge, format string, now time.Time) error {
 	switch format {
 	case FormatJSON:
@@ -166,7 +167,7 @@ func Write(w io.Writer, edges []Edge, format string, now time.Time) error {
 	tw := tabwriter.NewWriter(w, 0, 0, 3, ' ', 0)
 	head := "NAME\tALLOWED\tCONNECTED\tSINCE\tLAST-SEEN\tCERT-EXPIRES\tOBJECTS\tPODS\tVMS"
 	if wide {
-		head += "\tREPLICA\tSESSION\tCERT-SERIAL\tLAST-CONNECTED\tTOKEN"
+		head += "\tREPLICA\tADDRESS\tSESSION\tCERT-SERIAL\tLAST-CONNECTED\tTOKEN"
 	}
 	fmt.Fprintln(tw, head)
 	for _, e := range edges {
@@ -190,9 +191,12 @@ func Write(w io.Writer, edges []Edge, format string, now time.Time) error {
 		}
 		fmt.Fprintf(tw, "%s\t%t\t%s\t%s\t%s\t%s\t%s\t%d\t%d", e.Name, e.Allowed, connected, since, age(now, e.LastSeen), expires, objects, e.Pods, e.VMs)
 		if wide {
-			replica, session := "-", "-"
+			replica, addr, session := "-", "-", "-"
 			if c := e.Connection; c != nil {
 				replica, session = c.Replica, c.Session
+				if c.RemoteAddr != "" {
+					addr = c.RemoteAddr
+				}
 			}
 			serial, token := "-", "none"
 			if e.CertSerial != "" {
@@ -204,7 +208,7 @@ func Write(w io.Writer, edges []Edge, format string, now time.Time) error {
 					token = "expired"
 				}
 			}
-			fmt.Fprintf(tw, "\t%s\t%s\t%s\t%s\t%s", replica, session, serial, age(now, e.LastConnected), token)
+			fmt.Fprintf(tw, "\t%s\t%s\t%s\t%s\t%s\t%s", replica, addr, session, serial, age(now, e.LastConnected), token)
 		}
 		fmt.Fprintln(tw)
 	}

@@ -2,8 +2,10 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -33,6 +35,12 @@ func (f *adminFlags) clients() (*adminClients, error) {
 	rules := clientcmd.NewDefaultClientConfigLoadingRules()
 	rules.ExplicitPath = f.kubeconfig
 	cfg, err := clientcmd.NewNonInteractiveDeferredLoadingClientConfig(rules, &clientcmd.ConfigOverrides{}).ClientConfig()
+	if clientcmd.IsEmptyConfig(err) {
+		// client-go's own message suggests KUBERNETES_MASTER, which
+		// nothing here reads.
+		return nil, errors.New("no kubeconfig found (none named by KUBECONFIG, none in ~/.kube/config, and not in a pod): " +
+			"give --kubeconfig FILE or set KUBECONFIG")
+	}
 	if err != nil {
 		return nil, fmt.Errorf("kubernetes client config: %w", err)
 	}
@@ -73,7 +81,7 @@ func newAdminAllowCommand(f *adminFlags) *cobra.Command {
 		Long: "Whitelist a node, or re-enable a disabled one, and print a new one-time join token on stdout.\n" +
 			"A token issued earlier for the node stops working. Re-enabling a disabled node withdraws the\n" +
 			"certificate it had: it must join again with the new token. The cluster CA is created if there is none.",
-		Args: cobra.ExactArgs(1),
+		Args: oneNode,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			node := args[0]
 			if err := onboard.ValidateTokenTTL(ttl); err != nil {
@@ -102,8 +110,11 @@ func newAdminAllowCommand(f *adminFlags) *cobra.Command {
 			if cloud == "" {
 				cloud = "<cloudcore-host>:10002"
 			}
-			fmt.Fprintf(cmd.ErrOrStderr(), "token valid for %s, once; on the node run:\n  edgecore join --cloud %s --token %s --node %s\n",
-				ttl, cloud, tok.String(), node)
+			// The token goes in a file only root reads, never on a command
+			// line (ps shows it; edgecore join --token says so too).
+			fmt.Fprintf(cmd.ErrOrStderr(), "token valid for %s, once; on the node, keep it in a file only root reads and join with it:\n"+
+				"  (umask 077; cat > /root/tether.token)   # paste the token, then Ctrl-D\n"+
+				"  edgecore join --cloud %s --token-file /root/tether.token --node %s\n", ttl, cloud, node)
 			return nil
 		},
 	}
@@ -121,7 +132,8 @@ func newAdminListCommand(f *adminFlags) *cobra.Command {
 		Long: "list shows each whitelisted node: whether it is allowed; its live session as CloudCore recorded it\n" +
 			"(transport@replica, and since when); when its Lease was last renewed; when its certificate expires;\n" +
 			"how many objects it held after its last reconcile; and how many pods and VMs bound to it are Running.\n" +
-			"-o wide adds the replica, session, certificate serial, last connection and pending join token; -o json all of it.",
+			"-o wide adds the replica, the edge's address as CloudCore sees it (a NAT's or load balancer's if one is in\n" +
+			"between), the session, certificate serial, last connection and pending join token; -o json all of it.",
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if output != fleet.FormatTable && output != fleet.FormatWide && output != fleet.FormatJSON {
@@ -146,7 +158,7 @@ func newAdminDisableCommand(f *adminFlags) *cobra.Command {
 	return &cobra.Command{
 		Use:   "disable NODE",
 		Short: "Refuse a node's joins, connections and renewals; its live session is closed (allow re-enables it, with a new join)",
-		Args:  cobra.ExactArgs(1),
+		Args:  oneNode,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return adminNodeVerb(cmd.Context(), f, func(ctx context.Context, nodes *edgenode.Client) error {
 				if _, err := onboard.Disable(ctx, nodes, args[0]); err != nil {
@@ -163,7 +175,7 @@ func newAdminRemoveCommand(f *adminFlags) *cobra.Command {
 	return &cobra.Command{
 		Use:   "remove NODE",
 		Short: "Delete a node from the whitelist",
-		Args:  cobra.ExactArgs(1),
+		Args:  oneNode,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return adminNodeVerb(cmd.Context(), f, func(ctx context.Context, nodes *edgenode.Client) error {
 				if err := onboard.Remove(ctx, nodes, args[0]); err != nil {
@@ -174,6 +186,15 @@ func newAdminRemoveCommand(f *adminFlags) *cobra.Command {
 			})
 		},
 	}
+}
+
+// oneNode takes exactly one argument, the node's name, and says so
+// otherwise (cobra's own message counts arguments without naming them).
+func oneNode(cmd *cobra.Command, args []string) error {
+	if len(args) != 1 {
+		return fmt.Errorf("give one node name: %s, got %d arguments", strings.TrimSuffix(cmd.UseLine(), " [flags]"), len(args))
+	}
+	return nil
 }
 
 func adminNodeVerb(ctx context.Context, f *adminFlags, verb func(context.Context, *edgenode.Client) error) error {

@@ -6,7 +6,9 @@ package main
 import (
 	"context"
 	"fmt"
+	"io"
 	"log/slog"
+	"net"
 	"os"
 	"os/signal"
 	"syscall"
@@ -15,6 +17,7 @@ import (
 	"github.com/spf13/cobra"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
+	"k8s.io/klog/v2"
 
 	"github.com/tetheredge/tether/cloudcore/app"
 	"github.com/tetheredge/tether/cloudcore/config"
@@ -60,10 +63,10 @@ func serve(ctx context.Context, cfg config.CloudCoreConfiguration) error {
 	if err != nil {
 		return err
 	}
-	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	logger := newLogger(os.Stderr, level)
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	restCfg, err := clientcmd.BuildConfigFromFlags("", cfg.Kubernetes.Kubeconfig)
+	restCfg, err := kubeConfig(cfg.Kubernetes.Kubeconfig)
 	if err != nil {
 		return fmt.Errorf("kubernetes client config: %w", err)
 	}
@@ -75,7 +78,47 @@ func serve(ctx context.Context, cfg config.CloudCoreConfiguration) error {
 	if err != nil {
 		return err
 	}
+	if err := a.Listen(); err != nil {
+		return err
+	}
+	// Where it can be reached, as bound (a port 0 chosen): what an
+	// operator checks first when edges do not connect.
+	logger.Info("cloudcore listening", "quic_addr", addrString(a.QUICAddr()), "websocket_addr", addrString(a.WebSocketAddr()),
+		"join_addr", addrString(a.JoinAddr()), "metrics_addr", addrString(a.MetricsAddr()))
 	return a.Run(ctx)
+}
+
+// newLogger is the daemon's logger, writing text to w. client-go's own
+// logs (leader election, informers' warnings) go through it too instead
+// of klog's format: klog's logger is process-wide, and this is the
+// process's entry point.
+func newLogger(w io.Writer, level slog.Level) *slog.Logger {
+	logger := slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: level}))
+	klog.SetSlogLogger(logger)
+	return logger
+}
+
+// kubeConfig is the client configuration of the kubeconfig at path, or
+// with none the in-cluster one (a pod's ServiceAccount). Outside a pod
+// without a kubeconfig it says what to give, where client-go would fall
+// back to an empty configuration and suggest KUBERNETES_MASTER.
+func kubeConfig(path string) (*rest.Config, error) {
+	if path != "" {
+		return clientcmd.BuildConfigFromFlags("", path)
+	}
+	c, err := rest.InClusterConfig()
+	if err != nil {
+		return nil, fmt.Errorf("no kubeconfig given and not in a pod (%w): give --kubeconfig FILE (file: kubernetes.kubeconfig)", err)
+	}
+	return c, nil
+}
+
+// addrString is a bound address, or "off" for a listener not configured.
+func addrString(a net.Addr) string {
+	if a == nil {
+		return "off"
+	}
+	return a.String()
 }
 
 // appConfig is where each setting of the file goes in CloudCore.

@@ -40,7 +40,7 @@ func newCRICommand() *cobra.Command {
 			if err := level.UnmarshalText([]byte(f.logLevel)); err != nil {
 				return fmt.Errorf("log level %q: %w", f.logLevel, err)
 			}
-			logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+			logger := newLogger(os.Stderr, level)
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
 			if err := f.vm.Validate(); err != nil {

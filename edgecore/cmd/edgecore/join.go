@@ -85,6 +85,10 @@ func runJoin(cmd *cobra.Command, f joinFlags) error {
 		},
 		Logger: slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), &slog.HandlerOptions{Level: level})),
 	})
+	if errors.Is(err, syscall.ECONNREFUSED) {
+		return fmt.Errorf("%w; nothing listens at %s: give --cloud CloudCore's join endpoint (its --join-addr, port 10002 by default), "+
+			"not its tunnel port 10000, and check that CloudCore runs", err, f.cloud)
+	}
 	if err != nil {
 		return err
 	}

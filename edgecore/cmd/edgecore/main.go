@@ -10,6 +10,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"os/signal"
@@ -18,6 +19,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"k8s.io/klog/v2"
 
 	"github.com/tetheredge/tether/common/configfile"
 	"github.com/tetheredge/tether/common/serve"
@@ -65,7 +67,7 @@ func run(ctx context.Context, c config.EdgeCoreConfiguration) error {
 	if err != nil {
 		return err
 	}
-	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	logger := newLogger(os.Stderr, level)
 	cfg, err := appConfig(c, logger)
 	if err != nil {
 		return err
@@ -78,6 +80,16 @@ func run(ctx context.Context, c config.EdgeCoreConfiguration) error {
 	}
 	defer a.Close()
 	return a.Run(ctx)
+}
+
+// newLogger is the daemon's logger, writing text to w. The Kubernetes
+// libraries' logs (the CRI client's) go through it too instead of klog's
+// format: klog's logger is process-wide, and this is the process's entry
+// point.
+func newLogger(w io.Writer, level slog.Level) *slog.Logger {
+	logger := slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: level}))
+	klog.SetSlogLogger(logger)
+	return logger
 }
 
 // appConfig is where each setting of the file goes in EdgeCore, with the
@@ -125,6 +137,11 @@ func appConfig(c config.EdgeCoreConfiguration, logger *slog.Logger) (app.Config,
 // files is the one loaded.
 func loadIdentity(n config.Node, logger *slog.Logger) (tls.Certificate, *x509.CertPool, *x509.Certificate, error) {
 	if n.TLSCert == "" && n.TLSKey == "" && n.CA == "" {
+		if !hasIdentity(n.DataDir) {
+			return tls.Certificate{}, nil, nil, fmt.Errorf("no node identity in %s (no %s): join this node first "+
+				"(edgecore join --cloud HOST:10002 --node %s --token-file FILE --data-dir %s), "+
+				"or give the --data-dir it joined into", n.DataDir, edgejoin.IdentityFile, n.Name, n.DataDir)
+		}
 		return edgejoin.Load(n.DataDir)
 	}
 	if n.TLSCert == "" || n.TLSKey == "" || n.CA == "" {
@@ -138,6 +155,17 @@ func loadIdentity(n config.Node, logger *slog.Logger) (tls.Certificate, *x509.Ce
 		logger.Info("using the renewed certificate instead of --tls-cert", "dir", n.DataDir, "serial", leaf.SerialNumber.Text(16))
 	}
 	return pair, pool, leaf, nil
+}
+
+// hasIdentity says whether dir holds an identity edgecore join stored,
+// in its file or in the two files of earlier versions.
+func hasIdentity(dir string) bool {
+	for _, f := range []string{edgejoin.IdentityFile, edgejoin.CertFile} {
+		if _, err := os.Lstat(filepath.Join(dir, f)); err == nil {
+			return true
+		}
+	}
+	return false
 }
 
 func caOf(n config.Node) (*x509.Certificate, error) {
