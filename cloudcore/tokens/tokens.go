@@ -54,9 +54,9 @@ type Config struct {
 const DefaultMinExpirationSeconds = 600
 
 // defaultProjectionSeconds is what the API server defaults a projection's
-// expirationSeconds to (1 h and 7 s, the value it recognises as kubelet's
-// default).
-const defaultProjectionSeconds = 3607
+// expirationSeconds to (the ServiceAccount admission plugin writes 3607
+// into the volume it injects).
+const defaultProjectionSeconds = 3600
 
 // Issuer answers the token requests of edge nodes. It is safe for
 // concurrent use by the sessions of many nodes.
