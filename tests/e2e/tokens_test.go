@@ -106,6 +106,7 @@ func removeSandboxes(ctx context.Context, t *testing.T, h *containerd.Host, uid 
 // stored it leaves the pod waiting (TokenUnavailable) until the cloud is
 // back. A deleted pod's tokens leave the store.
 func TestServiceAccountTokens(t *testing.T) {
+	outer := t // what outlives a subtest (restarted daemons) is the test's
 	h := containerd.Start(t)
 	env := cp.Env(t)
 	cs := adminClient(t, env.Config)
@@ -207,7 +208,10 @@ while true; do cat token > /out/token.tmp && mv /out/token.tmp /out/token; sleep
 
 	t.Run("refreshed at 80 percent", func(t *testing.T) {
 		issued := c.counter(t, "tether_token_requests_total", map[string]string{"result": "issued"})
-		tokenClock.SetTime(stored.IssuedAt.Add(stored.ExpiresAt.Sub(stored.IssuedAt) * 4 / 5).Add(time.Second))
+		// The next token's expiry (whole seconds) must fall after the
+		// first's by more than the step below, or it would be due at once.
+		require.Eventually(t, func() bool { return time.Now().After(stored.IssuedAt.Add(3 * time.Second)) }, 10*time.Second, 50*time.Millisecond)
+		tokenClock.SetTime(stored.IssuedAt.Add(stored.ExpiresAt.Sub(stored.IssuedAt) * 4 / 5).Add(500 * time.Millisecond))
 		require.Eventually(t, func() bool {
 			b, err := os.ReadFile(filepath.Join(out, "token"))
 			return err == nil && len(b) > 0 && strings.TrimSpace(string(b)) != first
@@ -234,7 +238,7 @@ while true; do cat token > /out/token.tmp && mv /out/token.tmp /out/token; sleep
 	}
 	t.Run("offline restart with the stored token", func(t *testing.T) {
 		reboot()
-		e = startEdge(t, id, dir, c.addr, opts)
+		e = startEdge(outer, id, dir, c.addr, opts)
 		require.Eventually(t, func() bool {
 			_, ok := runningContainer(ctx, h, uid)
 			return ok
@@ -251,7 +255,7 @@ while true; do cat token > /out/token.tmp && mv /out/token.tmp /out/token; sleep
 		require.NoError(t, err)
 		require.NoError(t, s.DeletePodTokens(ctx, uid))
 		require.NoError(t, s.Close())
-		e = startEdge(t, id, dir, c.addr, opts)
+		e = startEdge(outer, id, dir, c.addr, opts)
 		require.Eventually(t, func() bool {
 			items, err := e.st.Pending(ctx, 100)
 			if err != nil {
@@ -271,7 +275,7 @@ while true; do cat token > /out/token.tmp && mv /out/token.tmp /out/token; sleep
 		require.False(t, running, "no container starts without a token")
 		require.Positive(t, e.counter(t, "tether_pods_token_requests_total", map[string]string{"result": "failed"}))
 
-		c = startCloud(t, env.Config, cloudOptions{quicAddr: c.addr, timings: testTimings})
+		c = startCloud(outer, env.Config, cloudOptions{quicAddr: c.addr, timings: testTimings})
 		require.Eventually(t, func() bool {
 			_, ok := runningContainer(ctx, h, uid)
 			return ok
