@@ -33,6 +33,7 @@ import (
 	"github.com/tetheredge/tether/cloudcore/hub"
 	"github.com/tetheredge/tether/cloudcore/leader"
 	"github.com/tetheredge/tether/cloudcore/onboard"
+	"github.com/tetheredge/tether/cloudcore/tokens"
 	"github.com/tetheredge/tether/cloudcore/upstream"
 	"github.com/tetheredge/tether/cloudcore/vm"
 	"github.com/tetheredge/tether/cloudcore/whitelist"
@@ -240,13 +241,17 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 	if err != nil {
 		return nil, err
 	}
+	toks, err := tokens.New(upClient, cat, tokens.Config{Logger: logger, Registerer: cfg.Registerer})
+	if err != nil {
+		return nil, err
+	}
 	conns, err := edgenode.NewConnectionWriter(nodes, edgenode.ConnectionWriterConfig{
 		Replica: replicaName(), Get: wl.Get, Logger: logger, Registerer: cfg.Registerer,
 	})
 	if err != nil {
 		return nil, err
 	}
-	disp, err := dispatch.New(dispatch.Deps{Catalog: cat, Upstream: up, Renewer: renewer, Sessions: conns}, dispatch.Config{}, logger, cfg.Registerer)
+	disp, err := dispatch.New(dispatch.Deps{Catalog: cat, Upstream: up, Renewer: renewer, Tokens: toks, Sessions: conns}, dispatch.Config{}, logger, cfg.Registerer)
 	if err != nil {
 		return nil, err
 	}

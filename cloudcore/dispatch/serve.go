@@ -45,6 +45,13 @@ type Renewer interface {
 	Renew(ctx context.Context, node, currentSerial string, csrPEM []byte) (*x509.Certificate, error)
 }
 
+// Tokens issues service-account tokens for the pods of a node (a
+// KindRenew naming a message.TokenResource): the answer's payload, a
+// message.Token. Its error decides the answer as Upstream's does.
+type Tokens interface {
+	Token(ctx context.Context, node string, m *message.Message) ([]byte, error)
+}
+
 // Sessions is told where each node's sessions are and how many objects
 // the node holds (after the reconcile, then when the count changed, at
 // most every heldReportEvery), for the EdgeNode's status
@@ -56,12 +63,13 @@ type Sessions interface {
 }
 
 // Deps are the dispatcher's collaborators. Catalog and Upstream are
-// required. Renewer may be nil: renewals are then refused. Sessions may
-// be nil.
+// required. Renewer may be nil: renewals are then refused. Tokens may be
+// nil: token requests are then refused. Sessions may be nil.
 type Deps struct {
 	Catalog  Catalog
 	Upstream Upstream
 	Renewer  Renewer
+	Tokens   Tokens
 	Sessions Sessions
 }
 
@@ -74,6 +82,7 @@ type Dispatcher struct {
 	cat      Catalog
 	upstream Upstream
 	renewer  Renewer
+	tokens   Tokens
 	sessions Sessions
 	cfg      Config
 	codec    *message.Codec
@@ -155,6 +164,7 @@ func New(deps Deps, cfg Config, logger *slog.Logger, reg prometheus.Registerer) 
 		cat:      deps.Catalog,
 		upstream: deps.Upstream,
 		renewer:  deps.Renewer,
+		tokens:   deps.Tokens,
 		sessions: deps.Sessions,
 		cfg:      cfg.withDefaults(),
 		codec:    message.NewCodec(0),
@@ -300,6 +310,11 @@ func (c *conn) route(ctx context.Context, m *message.Message) error {
 	case message.KindUpstream:
 		return c.upstream.offer(ctx, m)
 	case message.KindRenew:
+		if message.IsTokenRequest(m) {
+			// A token request is a write on the node's behalf: the
+			// session's upstream rate and queue bound it (tokens.go).
+			return c.upstream.offer(ctx, m)
+		}
 		return c.renewal.offer(ctx, m)
 	default:
 		return c.refuse(ctx, m, "unexpected_kind", fmt.Errorf("edge sent %s", m.Kind))

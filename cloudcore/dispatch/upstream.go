@@ -65,11 +65,11 @@ func (u *upstreamHandler) run(ctx context.Context) error {
 			return nil
 		case m = <-u.queue:
 		}
-		err := u.c.d.upstream.Apply(ctx, u.c.node, m)
+		payload, err := u.apply(ctx, m)
 		if ctx.Err() != nil {
 			return nil // the session is ending: no answer can reach the edge
 		}
-		if err := u.answer(ctx, m, err); err != nil {
+		if err := u.answer(ctx, m, payload, err); err != nil {
 			return err
 		}
 	}
@@ -101,12 +101,15 @@ func classify(err error) (result string, kind message.Kind, after time.Duration)
 	return resultRetry, message.KindRetry, after
 }
 
-func (u *upstreamHandler) answer(ctx context.Context, m *message.Message, err error) error {
+func (u *upstreamHandler) answer(ctx context.Context, m *message.Message, payload []byte, err error) error {
 	c := u.c
 	result, kind, after := classify(err)
 	c.d.metrics.upstream.WithLabelValues(result).Inc()
 	switch kind {
 	case message.KindAck:
+		if m.Kind == message.KindRenew { // a token request (tokens.go)
+			return c.answer(ctx, m, message.KindRenew, payload)
+		}
 		return c.answer(ctx, m, message.KindAck, nil)
 	case message.KindRefuse:
 		return c.refuse(ctx, m, result, err)

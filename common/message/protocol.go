@@ -116,10 +116,14 @@ const (
 	// transport only, where streams are extra connections). Payload: a
 	// stream token.
 	KindStreamOpen Kind = 9
-	// KindRenew renews the edge's certificate over the live session. Edge
-	// to cloud: payload is a PEM certificate request for a new key. Cloud
-	// to edge: ReplyTo names the request, payload is the new certificate
-	// (PEM); a refusal is a KindRefuse instead.
+	// KindRenew asks the cloud for a credential over the live session,
+	// answered by ReplyTo. With an empty Resource it renews the edge's
+	// certificate: edge to cloud, payload is a PEM certificate request for
+	// a new key; cloud to edge, the new certificate (PEM). With a
+	// TokenResource it asks for a service-account token of one of the
+	// node's pods (token.go): payload a TokenRequest, answered with a
+	// Token. A refusal is a KindRefuse instead, a transient failure of a
+	// token request a KindRetry.
 	KindRenew Kind = 10
 	// KindRetry answers a request that was not applied but may be later
 	// (a transient API error, throttling): the sender keeps the message

@@ -77,8 +77,10 @@ type Config struct {
 	CRITimeout time.Duration
 	// Pods tunes the pod manager (host IPs, log directory, relist period,
 	// restart back-off); its Node and Registerer are set from Node and
-	// Registerer, and its RootDir (the pods' volumes) defaults to
-	// DataDir/pods. Unused without CRIEndpoint.
+	// Registerer, its RootDir (the pods' volumes) defaults to
+	// DataDir/pods, and its Tokens and TokenStore to the syncer and the
+	// store (service-account tokens from the cloud, kept for offline
+	// restarts). Unused without CRIEndpoint.
 	Pods pods.Config
 	// Resources configures the node's one resource pool for pods and VMs
 	// (edgecore/resources: reserved system and data-plane cores, hugepage
@@ -346,6 +348,11 @@ func (a *App) newPods() error {
 	}
 	if pcfg.Events == nil && a.viaShim {
 		pcfg.Events = a.events
+	}
+	if pcfg.Tokens == nil {
+		// Service-account tokens come from the cloud over the session
+		// and are kept in the store for restarts while offline.
+		pcfg.Tokens, pcfg.TokenStore = a.sy, a.st
 	}
 	a.pods, err = pods.New(pcfg, a.st, a.rt, a.img, a.sy, a.logger)
 	return err

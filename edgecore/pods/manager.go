@@ -13,7 +13,9 @@
 // It talks to the runtime only through the CRI interfaces of
 // k8s.io/cri-api/pkg/apis, so it works the same against EdgeCore's CRI shim
 // or containerd itself. It must not read from the cloud, import a runtime
-// backend or write the store other than through the Publisher.
+// backend or write the store other than through the Publisher; the one
+// exception is the pods' service-account tokens, asked of the cloud
+// through a TokenRequester and kept through a TokenStore (tokens.go).
 package pods
 
 import (
@@ -127,6 +129,16 @@ type Config struct {
 	// an exit only once ContainerStatus shows it, as the containerd
 	// backend does.
 	Events EventSource
+	// Tokens asks the cloud for the service-account tokens of
+	// serviceAccountToken projections (tokens.go), and TokenStore keeps
+	// them for restarts while offline; TokenStore is required with
+	// Tokens. Nil: a pod with such a projection waits (reason
+	// TokenUnavailable).
+	Tokens     TokenRequester
+	TokenStore TokenStore
+	// TokenClock decides when tokens expire and are refreshed. Default
+	// Clock.
+	TokenClock clock.PassiveClock
 	// Registerer, when set, gets the manager's metrics.
 	Registerer prometheus.Registerer
 }
@@ -175,6 +187,9 @@ func (c Config) withDefaults() Config {
 	if c.Clock == nil {
 		c.Clock = clock.RealClock{}
 	}
+	if c.TokenClock == nil {
+		c.TokenClock = c.Clock
+	}
 	c.HostIPs = append([]string(nil), c.HostIPs...)
 	if c.Allocatable != nil {
 		c.Allocatable = c.Allocatable.DeepCopy()
@@ -211,6 +226,9 @@ type Manager struct {
 	admission admission
 	// refs are the ConfigMaps and Secrets each pod uses.
 	refs objectRefs
+	// tokens are the pods' service-account tokens; nil without
+	// Config.Tokens.
+	tokens *tokens
 }
 
 type metrics struct {
@@ -225,6 +243,8 @@ func New(cfg Config, st Store, rt cri.RuntimeService, img cri.ImageManagerServic
 		return nil, errors.New("pods: a node name is required")
 	case st == nil || rt == nil || img == nil || pub == nil:
 		return nil, errors.New("pods: store, runtime, image service and publisher are required")
+	case cfg.Tokens != nil && cfg.TokenStore == nil:
+		return nil, errors.New("pods: a token store is required with a token requester")
 	}
 	if logger == nil {
 		logger = slog.New(slog.DiscardHandler)
@@ -258,8 +278,13 @@ func New(cfg Config, st Store, rt cri.RuntimeService, img cri.ImageManagerServic
 		deleted:   make(map[string]bool),
 		admission: newAdmission(),
 	}
+	collectors := []prometheus.Collector{m.syncs, m.badObjects, newPhaseCollector(mgr)}
+	if cfg.Tokens != nil {
+		mgr.tokens = newTokens(cfg.Tokens, cfg.TokenStore, cfg.TokenClock, mgr.logger, mgr.lim)
+		collectors = append(collectors, mgr.tokens.result)
+	}
 	if cfg.Registerer != nil {
-		for _, c := range []prometheus.Collector{m.syncs, m.badObjects, newPhaseCollector(mgr)} {
+		for _, c := range collectors {
 			if err := cfg.Registerer.Register(c); err != nil {
 				return nil, fmt.Errorf("register pod manager metrics: %w", err)
 			}
@@ -375,15 +400,23 @@ func (m *Manager) processNext(ctx context.Context) bool {
 	return true
 }
 
-// relist enqueues every stored pod and every pod the runtime runs.
+// relist enqueues every stored pod and every pod the runtime runs, and
+// removes the stored tokens of pods the store no longer holds.
 func (m *Manager) relist(ctx context.Context) {
 	objs, err := m.st.List(ctx, "Pod", "")
 	if err != nil && ctx.Err() == nil {
 		m.logger.Warn("list stored pods failed", "error", err)
 	}
+	uids := make(map[string]bool, len(objs))
 	for _, o := range objs {
 		if o.Resource.Group == "" {
 			m.Enqueue(o.Resource.Namespace + "/" + o.Resource.Name)
+			uids[o.Resource.UID] = true
+		}
+	}
+	if err == nil {
+		if err := m.tokens.prune(ctx, uids); err != nil && ctx.Err() == nil {
+			m.logger.Warn("remove tokens of deleted pods failed", "error", err)
 		}
 	}
 	sbs, err := m.rt.ListPodSandbox(ctx, nil)

@@ -19,11 +19,17 @@ import (
 // pkg/api/v1/resource). Pure functions: the manager writes what they
 // return with writeAtomic.
 
+// tokenFunc returns the service-account token of a serviceAccountToken
+// source (tokens.go).
+type tokenFunc func(src *corev1.ServiceAccountTokenProjection) (string, error)
+
 // projectedFiles are the files of a projected volume: each source's, in
 // order, with the volume's defaultMode unless an item names its own. Two
 // sources may not write the same path. A ConfigMap or Secret source that
-// is missing (or lacks a key) and is not optional is an error.
-func projectedFiles(pod *corev1.Pod, src *corev1.ProjectedVolumeSource, allocatable corev1.ResourceList, lookup lookupFunc) (map[string]volumeFile, error) {
+// is missing (or lacks a key) and is not optional is an error, and so is
+// a serviceAccountToken source without a token (token nil: none can be
+// had).
+func projectedFiles(pod *corev1.Pod, src *corev1.ProjectedVolumeSource, allocatable corev1.ResourceList, lookup lookupFunc, token tokenFunc) (map[string]volumeFile, error) {
 	files := map[string]volumeFile{}
 	for i, s := range src.Sources {
 		var part map[string]volumeFile
@@ -36,9 +42,9 @@ func projectedFiles(pod *corev1.Pod, src *corev1.ProjectedVolumeSource, allocata
 		case s.DownwardAPI != nil:
 			part, err = downwardFiles(pod, s.DownwardAPI.Items, src.DefaultMode, allocatable)
 		case s.ServiceAccountToken != nil:
-			err = errors.New("serviceAccountToken sources are not supported at the edge (the pod can set automountServiceAccountToken: false)")
+			part, err = tokenFiles(s.ServiceAccountToken, src.DefaultMode, token)
 		default:
-			err = errors.New("only configMap, secret and downwardAPI sources are supported")
+			err = errors.New("only configMap, secret, downwardAPI and serviceAccountToken sources are supported")
 		}
 		if err != nil {
 			return nil, fmt.Errorf("source %d: %w", i, err)
@@ -51,6 +57,22 @@ func projectedFiles(pod *corev1.Pod, src *corev1.ProjectedVolumeSource, allocata
 		}
 	}
 	return files, nil
+}
+
+// tokenFiles is the one file of a serviceAccountToken source: the token,
+// with the volume's defaultMode, as kubelet writes it.
+func tokenFiles(src *corev1.ServiceAccountTokenProjection, defaultMode *int32, token tokenFunc) (map[string]volumeFile, error) {
+	if err := checkPath(src.Path); err != nil {
+		return nil, err
+	}
+	if token == nil {
+		return nil, errNoTokens
+	}
+	tok, err := token(src)
+	if err != nil {
+		return nil, fmt.Errorf("serviceAccountToken %q: %w", src.Path, err)
+	}
+	return map[string]volumeFile{filepath.Clean(src.Path): {data: []byte(tok), mode: fileMode(defaultMode)}}, nil
 }
 
 // objectFiles are the files of a ConfigMap or Secret; a missing optional

@@ -122,6 +122,9 @@ func (m *Manager) teardown(ctx context.Context, sb *runtimeapi.PodSandbox, grace
 	if err := m.removeVolumes(sb.GetMetadata().GetUid()); err != nil {
 		return err
 	}
+	if err := m.tokens.drop(ctx, sb.GetMetadata().GetUid()); err != nil {
+		return err
+	}
 	// The pod goes, and its logs with it, as kubelet removes the log
 	// directories of pods that are gone (else LogDir grows with every pod
 	// the node ever ran).
@@ -318,11 +321,16 @@ func (m *Manager) act(ctx context.Context, pod *corev1.Pod, sbs []*runtimeapi.Po
 		}
 		return 0, true, nil
 	}
-	volumes, err := m.prepareVolumes(pod, m.lookup(ctx, pod.Namespace))
+	volumes, refresh, err := m.prepareVolumes(ctx, pod, m.lookup(ctx, pod.Namespace))
 	if err != nil {
-		// Retried by the relist: the object may come later.
+		// Retried by the relist: the object, or the cloud that gives
+		// tokens, may come later.
+		reason := "ContainerCreating"
+		if te := (*tokenError)(nil); errors.As(err, &te) {
+			reason = reasonTokenUnavailable
+		}
 		for _, c := range slices.Concat(pod.Spec.InitContainers, pod.Spec.Containers) {
-			waiting[c.Name] = waitReason{Reason: "ContainerCreating", Message: err.Error()}
+			waiting[c.Name] = waitReason{Reason: reason, Message: err.Error()}
 		}
 		if ok, suppressed := m.lim.Allow("volumes " + string(pod.UID)); ok {
 			m.logger.Info("pod volumes not ready", "pod", pod.Namespace+"/"+pod.Name, "error", err, "suppressed", suppressed)
@@ -336,6 +344,10 @@ func (m *Manager) act(ctx context.Context, pod *corev1.Pod, sbs []*runtimeapi.Po
 		if d > 0 && (after == 0 || d < after) {
 			after = d
 		}
+	}
+	if !refresh.IsZero() {
+		// Look again when a token is due: the sync rewrites its file.
+		next(max(refresh.Sub(m.cfg.TokenClock.Now()), time.Second))
 	}
 	for i := range pod.Spec.InitContainers {
 		c := &pod.Spec.InitContainers[i]

@@ -1,11 +1,13 @@
 package pods
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"golang.org/x/sys/unix"
 	corev1 "k8s.io/api/core/v1"
@@ -15,8 +17,9 @@ import (
 // Volumes live under <RootDir>/<pod uid>/volumes/<kind>/<name>. ConfigMap,
 // Secret, projected and downwardAPI volumes are computed again on every
 // sync and written with writeAtomic (kubelet's ..data symlink swap), so a
-// changed object or pod reaches running containers, all files of a volume
-// at once. Secret, projected and downwardAPI volumes, and emptyDirs with
+// changed object or pod, or a refreshed service-account token
+// (tokens.go), reaches running containers, all files of a volume at
+// once. Secret, projected and downwardAPI volumes, and emptyDirs with
 // medium Memory, are tmpfs mounts, as kubelet makes them: a Secret's bytes
 // never touch the disk outside the store.
 
@@ -30,11 +33,14 @@ func (m *Manager) volumeDir(uid, kind, name string) string {
 }
 
 // prepareVolumes makes every volume of pod ready and returns the host path
-// of each, by volume name. A missing ConfigMap or Secret (or key) that is
-// not optional is an error: the containers wait.
-func (m *Manager) prepareVolumes(pod *corev1.Pod, lookup lookupFunc) (map[string]string, error) {
+// of each, by volume name, and when the first of its service-account
+// tokens is to be refreshed (zero: none). A missing ConfigMap or Secret
+// (or key) that is not optional is an error, and so is a token that
+// cannot be had (a *tokenError): the containers wait.
+func (m *Manager) prepareVolumes(ctx context.Context, pod *corev1.Pod, lookup lookupFunc) (map[string]string, time.Time, error) {
 	paths := make(map[string]string, len(pod.Spec.Volumes))
 	uid := string(pod.UID)
+	var refresh time.Time
 	for _, v := range pod.Spec.Volumes {
 		var dir string
 		var err error
@@ -59,8 +65,15 @@ func (m *Manager) prepareVolumes(pod *corev1.Pod, lookup lookupFunc) (map[string
 			})
 		case v.Projected != nil:
 			dir = m.volumeDir(uid, "projected", v.Name)
+			token := func(src *corev1.ServiceAccountTokenProjection) (string, error) {
+				tok, at, err := m.tokens.token(ctx, pod, v.Name, src)
+				if err == nil && (refresh.IsZero() || at.Before(refresh)) {
+					refresh = at
+				}
+				return tok, err
+			}
 			err = writeVolume(dir, true, func() (map[string]volumeFile, error) {
-				return projectedFiles(pod, v.Projected, m.cfg.Allocatable, lookup)
+				return projectedFiles(pod, v.Projected, m.cfg.Allocatable, lookup, token)
 			})
 		case v.DownwardAPI != nil:
 			dir = m.volumeDir(uid, "downward-api", v.Name)
@@ -71,11 +84,11 @@ func (m *Manager) prepareVolumes(pod *corev1.Pod, lookup lookupFunc) (map[string
 			err = errors.New("only emptyDir, hostPath, configMap, secret, projected and downwardAPI volumes are supported")
 		}
 		if err != nil {
-			return nil, fmt.Errorf("volume %s: %w", v.Name, err)
+			return nil, time.Time{}, fmt.Errorf("volume %s: %w", v.Name, err)
 		}
 		paths[v.Name] = dir
 	}
-	return paths, nil
+	return paths, refresh, nil
 }
 
 // writeVolume computes a volume's files and writes them into dir (a tmpfs

@@ -1,6 +1,7 @@
 package pods
 
 import (
+	"errors"
 	"os"
 	"path/filepath"
 	"sync"
@@ -192,6 +193,7 @@ func TestProjectedFiles(t *testing.T) {
 	for _, tc := range []struct {
 		name    string
 		src     corev1.ProjectedVolumeSource
+		token   tokenFunc
 		want    map[string]volumeFile
 		wantErr string
 	}{
@@ -222,12 +224,25 @@ func TestProjectedFiles(t *testing.T) {
 			{DownwardAPI: &corev1.DownwardAPIProjection{Items: []corev1.DownwardAPIVolumeFile{
 				{Path: "../x", FieldRef: &corev1.ObjectFieldSelector{FieldPath: "metadata.name"}}}}},
 		}}, wantErr: `source 0: path "../x" leaves the volume`},
-		{name: "service account token", src: corev1.ProjectedVolumeSource{Sources: []corev1.VolumeProjection{
+		{name: "service account token", src: corev1.ProjectedVolumeSource{DefaultMode: &mode, Sources: []corev1.VolumeProjection{
 			{ServiceAccountToken: &corev1.ServiceAccountTokenProjection{Path: "token"}},
-		}}, wantErr: "source 0: serviceAccountToken sources are not supported at the edge (the pod can set automountServiceAccountToken: false)"},
+			{ConfigMap: &corev1.ConfigMapProjection{LocalObjectReference: ref("cfg"), Items: []corev1.KeyToPath{{Key: "greeting", Path: "ca.crt"}}}},
+		}}, token: func(*corev1.ServiceAccountTokenProjection) (string, error) { return "h.p.s", nil },
+			want: map[string]volumeFile{"token": {[]byte("h.p.s"), 0o440}, "ca.crt": {[]byte("hello"), 0o440}}},
+		{name: "no token", src: corev1.ProjectedVolumeSource{Sources: []corev1.VolumeProjection{
+			{ServiceAccountToken: &corev1.ServiceAccountTokenProjection{Path: "token"}},
+		}}, token: func(*corev1.ServiceAccountTokenProjection) (string, error) { return "", errors.New("offline") },
+			wantErr: `source 0: serviceAccountToken "token": offline`},
+		{name: "no token requester", src: corev1.ProjectedVolumeSource{Sources: []corev1.VolumeProjection{
+			{ServiceAccountToken: &corev1.ServiceAccountTokenProjection{Path: "token"}},
+		}}, wantErr: "source 0: " + errNoTokens.Error()},
+		{name: "token path escapes", src: corev1.ProjectedVolumeSource{Sources: []corev1.VolumeProjection{
+			{ServiceAccountToken: &corev1.ServiceAccountTokenProjection{Path: "../token"}},
+		}}, token: func(*corev1.ServiceAccountTokenProjection) (string, error) { return "h.p.s", nil },
+			wantErr: `source 0: path "../token" leaves the volume`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			got, err := projectedFiles(pod, &tc.src, nil, lookup)
+			got, err := projectedFiles(pod, &tc.src, nil, lookup, tc.token)
 			requireFiles(t, tc.want, tc.wantErr, got, err)
 		})
 	}

@@ -111,6 +111,21 @@ CREATE TABLE tls_tickets (
 	saved_at INTEGER NOT NULL              -- Unix nanoseconds
 ) STRICT, WITHOUT ROWID;
 `},
+		{version: 5, name: "pod service-account tokens", sql: `
+-- The service-account tokens of the pods' serviceAccountToken projections
+-- (podtokens.go), so that a pod (re)started while the cloud is unreachable
+-- gets the token it had. token is a secret: as sensitive as a Secret's
+-- data (the file is 0600 in a 0700 directory); never logged.
+CREATE TABLE pod_tokens (
+	pod_uid    TEXT    NOT NULL, -- the pod the token is bound to
+	key        TEXT    NOT NULL, -- the projection: "<volume>/<path>"
+	request    TEXT    NOT NULL, -- what was asked (service account, audiences, lifetime)
+	token      TEXT    NOT NULL, -- the JWT
+	issued_at  INTEGER NOT NULL, -- Unix nanoseconds
+	expires_at INTEGER NOT NULL, -- Unix nanoseconds
+	PRIMARY KEY (pod_uid, key)
+) STRICT, WITHOUT ROWID;
+`},
 	}
 }
 

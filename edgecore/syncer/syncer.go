@@ -2,7 +2,8 @@
 // it tells the cloud what the edge holds (a digest of its store), applies
 // the cloud's events and prunes in batches and acks them only after the
 // batch is committed, delivers the edge's durable outbox of upstream
-// writes, and carries certificate renewals.
+// writes, and carries certificate renewals and the pods' service-account
+// token requests.
 //
 // The protocol logic is a pure state machine, Edge (state.go), made anew
 // for each session: what it holds (the digest's bucket count, per key hash
@@ -192,6 +193,20 @@ func (s *Syncer) Publish(ctx context.Context, item store.OutboxItem) error {
 // Renew sends a certificate request over the live session and returns the
 // cloud's answer: the new certificate, PEM. A refusal is an error.
 func (s *Syncer) Renew(ctx context.Context, csrPEM []byte) ([]byte, error) {
+	m, err := s.request(ctx, &message.Message{Kind: message.KindRenew, Payload: csrPEM})
+	if err != nil {
+		return nil, fmt.Errorf("renewal: %w", err)
+	}
+	if m.Kind != message.KindRenew {
+		return nil, fmt.Errorf("renewal: the cloud answered %s: %s", m.Kind, reason(m.Payload))
+	}
+	return m.Payload, nil
+}
+
+// request sends m, a request answered by reply_to (a renewal or a token
+// request), over the live session under a fresh request id and returns
+// the cloud's answer.
+func (s *Syncer) request(ctx context.Context, m *message.Message) (*message.Message, error) {
 	s.mu.Lock()
 	sess := s.current
 	s.renewID++
@@ -210,19 +225,17 @@ func (s *Syncer) Renew(ctx context.Context, csrPEM []byte) ([]byte, error) {
 	if sess == nil {
 		return nil, ErrOffline
 	}
-	if err := sess.Send(ctx, &message.Message{ID: id, Kind: message.KindRenew, Time: time.Now().UnixNano(), Payload: csrPEM}); err != nil {
-		return nil, fmt.Errorf("send renewal: %w", err)
+	m.ID, m.Time = id, time.Now().UnixNano()
+	if err := sess.Send(ctx, m); err != nil {
+		return nil, fmt.Errorf("send %s request: %w", m.Kind, err)
 	}
 	select {
-	case m := <-ch:
-		if m.Kind != message.KindRenew {
-			return nil, fmt.Errorf("renewal: the cloud answered %s: %s", m.Kind, reason(m.Payload))
-		}
-		return m.Payload, nil
+	case a := <-ch:
+		return a, nil
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	case <-sess.Done():
-		return nil, fmt.Errorf("renewal: %w", ErrOffline)
+		return nil, ErrOffline
 	}
 }
 

@@ -53,7 +53,7 @@ const (
 // walks everything CloudCore does to the API: it creates the cluster CA,
 // lists and watches, an edge joins with a token (EdgeNode update and
 // status), registers its Node and writes its Lease, pods, ConfigMaps and
-// Secrets sync to it, the VM controller (behind its leader election Lease)
+// Secrets sync to it, a pod's service-account token is issued, the VM controller (behind its leader election Lease)
 // gives VirtualMachines pods, mirrors a pod's status into a VM's, deletes
 // a deleted VM's pod and reports a name conflict, the edge renews its
 // certificate over the session, goes offline (CloudCore renews its Lease
@@ -162,6 +162,23 @@ func TestRBACLeastPrivilege(t *testing.T) {
 	require.NoError(t, err)
 	waitConverged(t, c.cat, e.st, node, 4) // Node, pod, ConfigMap, Secret
 	step("sync")
+
+	// A service-account token for a pod of the edge, asked over the
+	// session as the pod manager asks (no runtime in this test).
+	_, err = cs.CoreV1().ServiceAccounts(ns).Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "rbac-sa"}}, metav1.CreateOptions{})
+	require.NoError(t, err)
+	tokenPod := podFor(ns, "rbac-token-pod", node)
+	tokenPod.Spec.ServiceAccountName = "rbac-sa"
+	tokenPod.Spec.Volumes = []corev1.Volume{apiAccessVolume("kube-api-access-rbac")}
+	tokenPod, err = cs.CoreV1().Pods(ns).Create(ctx, tokenPod, metav1.CreateOptions{})
+	require.NoError(t, err)
+	waitConverged(t, c.cat, e.st, node, 5)
+	issued, err := e.app.Syncer().RequestToken(ctx, ns, "rbac-sa", message.TokenRequest{Pod: tokenPod.Name, PodUID: string(tokenPod.UID), ExpirationSeconds: 3607})
+	require.NoError(t, err)
+	review, err := cs.AuthenticationV1().TokenReviews().Create(ctx, &authenticationv1.TokenReview{Spec: authenticationv1.TokenReviewSpec{Token: issued.Token}}, metav1.CreateOptions{})
+	require.NoError(t, err)
+	require.True(t, review.Status.Authenticated, "the token CloudCore got for the edge's pod: %s", review.Status.Error)
+	step("service-account token")
 
 	// VMs: two get their pods; a third finds its pod's name taken.
 	for _, name := range []string{"vm-status", "vm-deleted", "vm-taken"} {
