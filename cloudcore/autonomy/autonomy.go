@@ -60,6 +60,12 @@ var TaintOffline = corev1.Taint{Key: TaintKey, Effect: corev1.TaintEffectNoSched
 // whose holder stands in for offline edges.
 const DefaultLeaseName = "tether-autonomy"
 
+// HolderStandIn is the holderIdentity of a node Lease that CloudCore
+// renewed in the edge's place. The edge's own renewals (through any
+// replica) write its node name there, so the holder tells who renewed
+// last whatever the clocks say.
+const HolderStandIn = "tether-autonomy"
+
 // DefaultPeriod is how often the controller looks at the sessions.
 const DefaultPeriod = time.Second
 

@@ -20,6 +20,7 @@ import (
 	authenticationv1 "k8s.io/api/authentication/v1"
 	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
@@ -216,7 +217,7 @@ func (f *fixture) renewTime(t *testing.T) time.Time {
 func (f *fixture) renewAsEdge(t *testing.T, at time.Time) {
 	t.Helper()
 	_, err := f.cs.CoordinationV1().Leases(corev1.NamespaceNodeLease).Patch(t.Context(), f.node, types.MergePatchType,
-		[]byte(`{"spec":{"renewTime":"`+at.UTC().Format(metav1.RFC3339Micro)+`"}}`), metav1.PatchOptions{})
+		[]byte(`{"spec":{"holderIdentity":"`+f.node+`","renewTime":"`+at.UTC().Format(metav1.RFC3339Micro)+`"}}`), metav1.PatchOptions{})
 	require.NoError(t, err)
 }
 
@@ -311,8 +312,10 @@ func TestOfflineRenewsUntilBack(t *testing.T) {
 
 	r.sess.set(f.node)
 	f.tick(t, 11*time.Second)
-	f.requireConnected(t)
+	f.requireOffline(t, "a session, but the edge has not renewed since CloudCore did")
 	f.renewAsEdge(t, f.now)
+	f.tick(t, time.Second)
+	f.requireConnected(t)
 	for range 3 {
 		f.tick(t, 9*time.Second)
 		f.renewAsEdge(t, f.now)
@@ -345,6 +348,7 @@ func TestWindowExpires(t *testing.T) {
 	require.Equal(t, 2.0, r.renewals(t))
 
 	r.sess.set(f.node)
+	f.renewAsEdge(t, f.now)
 	f.tick(t, time.Second)
 	f.requireConnected(t)
 }
@@ -387,6 +391,32 @@ func TestEdgeBackElsewhere(t *testing.T) {
 	}
 	require.Equal(t, before, leaderR.renewals(t), "the edge renews its own Lease")
 	require.Equal(t, 0.0, promtest.Sum(t, leaderR.reg, "tether_autonomy_offline_nodes", nil))
+}
+
+// TestDeadSessionDoesNotUndo: a replica holds a session the edge no
+// longer renews through (a dead peer its timeout has not yet caught); the
+// leader, another replica, finds the Lease stale and stands in. The
+// replica with the session does not take the leader's False and taint
+// back until the edge renews its Lease again; then it does at once.
+func TestDeadSessionDoesNotUndo(t *testing.T) {
+	f := newFixture(t, time.Hour)
+	holder, leaderR := f.r, f.newReplica(t, time.Hour)
+	f.lead(t, leaderR)
+	holder.sess.set(f.node)
+	f.tick(t, time.Second, holder, leaderR)
+	f.requireConnected(t)
+	f.tick(t, 21*time.Second, holder, leaderR) // the edge went silent at the clock's start
+	f.requireOffline(t, "the Lease is stale: no session anywhere that carries renewals")
+	l, err := f.cs.CoordinationV1().Leases(corev1.NamespaceNodeLease).Get(t.Context(), f.node, metav1.GetOptions{})
+	require.NoError(t, err)
+	require.Equal(t, HolderStandIn, *l.Spec.HolderIdentity, "CloudCore's renewal says so")
+	for range 3 {
+		f.tick(t, 5*time.Second, holder, leaderR)
+		f.requireOffline(t, "the replica with the dead session leaves the leader's writes")
+	}
+	f.renewAsEdge(t, f.now)
+	f.tick(t, time.Second, holder, leaderR)
+	f.requireConnected(t)
 }
 
 // TestTwoStandInsNeverSayConnected is the adoption race: two replicas
@@ -444,6 +474,7 @@ func TestLeaderTakesOver(t *testing.T) {
 	f.requireOffline(t, "after the takeover")
 
 	next.sess.set(f.node)
+	f.renewAsEdge(t, f.now)
 	f.tick(t, time.Second, next)
 	f.requireConnected(t)
 
@@ -587,11 +618,10 @@ func TestReconnectOfSettledNodesCostsNothing(t *testing.T) {
 
 // TestTaintKeepsOthers: the offline taint is added and removed beside the
 // taints of everyone else (the operator's, the node lifecycle
-// controller's), through a write conditional on the Node's version. The
-// connected replica's removal from a stale read conflicts, is retried on
-// a fresh read and loses nothing; the leader's addition from a stale read
-// conflicts and is not made (the next look decides again). An operator who
-// removes the taint while the edge is offline is not fought.
+// controller's), through a write conditional on the Node's version: one
+// from a stale view conflicts and is not made, and the next look, from the
+// cache, makes it and loses nothing. An operator who removes the taint
+// while the edge is offline is not fought.
 func TestTaintKeepsOthers(t *testing.T) {
 	f := newFixture(t, time.Hour)
 	r := f.r
@@ -613,31 +643,35 @@ func TestTaintKeepsOthers(t *testing.T) {
 	later := corev1.Taint{Key: corev1.TaintNodeUnreachable, Effect: corev1.TaintEffectNoExecute}
 	f.addTaint(t, later)
 	before = others()
-	require.NoError(t, r.c.setTaint(t.Context(), f.node, stale, false, true))
+	err := r.c.setTaint(t.Context(), f.node, stale, false)
+	require.True(t, apierrors.IsConflict(err), "a write from a stale view conflicts: %v", err)
+	require.Equal(t, before, others(), "and writes nothing")
+	f.settle(t, r)
+	n, ok := f.cat.Node(f.node)
+	require.True(t, ok)
+	require.NoError(t, r.c.setTaint(t.Context(), f.node, n, false))
 	require.False(t, f.tainted(t))
-	require.Equal(t, before, others(), "removing the offline taint from a stale read keeps the taints written since")
-	stale = f.getNode(t)
-	_, err := f.cs.CoreV1().Nodes().Patch(t.Context(), f.node, types.MergePatchType, []byte(`{"metadata":{"labels":{"example.com/moved":"yes"}}}`), metav1.PatchOptions{})
-	require.NoError(t, err)
-	err = r.c.setTaint(t.Context(), f.node, stale, true, false)
-	require.ErrorContains(t, err, "the object has been modified")
-	require.False(t, f.tainted(t), "the leader's write from a stale view is not made")
-	require.NoError(t, r.c.setTaint(t.Context(), f.node, f.getNode(t), true, false))
-	require.True(t, f.tainted(t))
-	require.Equal(t, before, others())
+	require.Equal(t, before, others(), "removing the offline taint keeps the taints written since")
 
-	// The operator removes it by hand: left so.
-	cur := f.getNode(t)
-	cur.Spec.Taints = slices.DeleteFunc(cur.Spec.Taints, isOffline)
-	_, err = f.cs.CoreV1().Nodes().Update(t.Context(), cur, metav1.UpdateOptions{})
-	require.NoError(t, err)
+	// That removal stands for the operator's by hand: left so.
+	failures := promtest.Sum(t, r.reg, "tether_autonomy_errors_total", nil)
 	f.tick(t, 10*time.Second)
 	require.False(t, f.tainted(t), "an offline taint the operator removed is not put back while the edge stays offline")
 
+	// The edge is back; the Node changes just before the connected
+	// look (its cache may still hold the older version: then its write
+	// conflicts): the taint is gone by the next look.
+	require.NoError(t, r.c.setTaint(t.Context(), f.node, f.getNode(t), true))
 	r.sess.set(f.node)
+	f.renewAsEdge(t, f.now)
+	f.settle(t, r)
+	f.addTaint(t, corev1.Taint{Key: "example.com/late", Effect: corev1.TaintEffectPreferNoSchedule})
+	r.c.lookConnected(t.Context())
 	f.tick(t, time.Second)
 	f.requireConnected(t)
-	require.Equal(t, before, others(), "the edge's return removes only the offline taint")
+	require.Equal(t, failures, promtest.Sum(t, r.reg, "tether_autonomy_errors_total", nil), "a conflict decided again is no failure")
+	require.Contains(t, others(), operator)
+	require.Contains(t, others(), later)
 }
 
 // TestFailuresRateLogged: a write the API server refuses at every look (a

@@ -42,8 +42,10 @@ type decision struct {
 //   - False/EdgeDisconnected: the edge has no session anywhere, since the
 //     condition's lastHeartbeatTime. Within the window CloudCore stands in
 //     and renews the Lease once a quarter of its duration has passed since
-//     its renewTime, whoever wrote it; past the window it writes
-//     OfflineAutonomyExpired once.
+//     its renewTime; past the window it writes OfflineAutonomyExpired
+//     once. A Lease the edge renewed (its holder is not HolderStandIn)
+//     within half its duration says the edge is back, through a replica
+//     that writes True: left alone.
 //   - True: some replica said the edge is connected. If neither the Lease
 //     nor that condition moved for half the Lease's duration (the edge
 //     renews every quarter), no replica holds its session: the replica
@@ -65,6 +67,9 @@ func decide(s seen) decision {
 		since := s.cond.LastHeartbeatTime.Time
 		if s.now.Sub(since) > s.window {
 			return decision{expire: true, since: since}
+		}
+		if !standInHolds(s.lease) && s.now.Sub(renewed) <= dur/2 {
+			return decision{} // the edge renewed since: back through a replica, which says so
 		}
 		return decision{standIn: true, renew: s.now.Sub(renewed) >= dur/4, since: since}
 	case s.cond.Status == corev1.ConditionTrue:
@@ -178,6 +183,19 @@ func (t *term) look(ctx context.Context) {
 		}
 		offline++
 		if d.mark {
+			// The Lease first: a replica that still holds a session it
+			// has not yet found dead sees the condition only after the
+			// Lease says CloudCore renewed it, and does not take the
+			// condition back (connected.go).
+			renewed, err := c.renew(ctx, l, now)
+			if err != nil {
+				c.fail(ctx, "renew lease", name, err)
+				continue
+			}
+			if !renewed {
+				continue // the edge renewed after all: decided again next look
+			}
+			d.renew = false
 			written, err := c.writeCondition(ctx, name, n.ResourceVersion, false, ReasonDisconnected, offlineMessage(d.since, c.cfg.Window), d.since, now)
 			if apierrors.IsConflict(err) {
 				continue // the Node changed since the cache's view: decided again next look
@@ -191,7 +209,7 @@ func (t *term) look(ctx context.Context) {
 		}
 		outages[name] = t.tainted[name]
 		if !t.tainted[name].Equal(d.since) {
-			err := c.setTaint(ctx, name, n, true, false)
+			err := c.setTaint(ctx, name, n, true)
 			switch {
 			case err == nil:
 				outages[name] = d.since

@@ -14,12 +14,6 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 )
 
-// taintAttempts bounds the read-modify-write of the Node's taints within
-// one look when another writer (the node lifecycle controller, the
-// operator, the edge's re-registration) changes the Node in between; the
-// next look tries again.
-const taintAttempts = 3
-
 // defaultLeaseDuration is used when the Lease names none (kubelet's).
 const defaultLeaseDuration = 40 * time.Second
 
@@ -28,6 +22,11 @@ func leaseDuration(l *coordinationv1.Lease) time.Duration {
 		return defaultLeaseDuration
 	}
 	return time.Duration(*l.Spec.LeaseDurationSeconds) * time.Second
+}
+
+// standInHolds reports whether CloudCore, not the edge, renewed l last.
+func standInHolds(l *coordinationv1.Lease) bool {
+	return l.Spec.HolderIdentity != nil && *l.Spec.HolderIdentity == HolderStandIn
 }
 
 func isOffline(t corev1.Taint) bool { return t.MatchTaint(&TaintOffline) }
@@ -77,55 +76,41 @@ func (c *Controller) writeCondition(ctx context.Context, name, resourceVersion s
 }
 
 // setTaint adds (want) or removes TaintOffline on the Node, starting from
-// cur, keeping every other taint; the write is conditional on cur's
-// resourceVersion. With retry, a conflict reads the Node again and tries
-// again, at most taintAttempts times; without, a conflict is returned
-// (errors.Is apierrors' conflict) for the caller to decide again.
-func (c *Controller) setTaint(ctx context.Context, name string, cur *corev1.Node, want, retry bool) error {
-	nodes := c.client.CoreV1().Nodes()
-	var err error
-	for range taintAttempts {
-		if cur == nil {
-			if cur, err = nodes.Get(ctx, name, metav1.GetOptions{}); err != nil {
-				return fmt.Errorf("read node: %w", err)
-			}
-		}
-		if tainted(cur) == want {
-			return nil
-		}
-		taints := slices.DeleteFunc(slices.Clone(cur.Spec.Taints), isOffline)
-		if want {
-			taints = append(taints, TaintOffline)
-		}
-		var patch []byte
-		patch, err = json.Marshal(map[string]any{
-			"metadata": map[string]any{"resourceVersion": cur.ResourceVersion},
-			"spec":     map[string]any{"taints": taints},
-		})
-		if err != nil {
-			return fmt.Errorf("encode taints: %w", err)
-		}
-		_, err = nodes.Patch(ctx, name, types.MergePatchType, patch, metav1.PatchOptions{FieldManager: c.cfg.FieldManager})
-		if err == nil {
-			c.logger.Info("node offline taint changed", "node", name, "tainted", want)
-			return nil
-		}
-		if !apierrors.IsConflict(err) || !retry {
-			return fmt.Errorf("write taints (tainted %v): %w", want, err)
-		}
-		cur = nil // someone else wrote the Node: read it again
+// cur (the cache's, not modified), keeping every other taint; the write is
+// conditional on cur's resourceVersion. A conflict (someone wrote the Node
+// since: the node lifecycle controller, the operator, the edge's
+// re-registration, another replica) is returned, errors.Is apierrors'
+// conflict, and the next look decides again from the cache.
+func (c *Controller) setTaint(ctx context.Context, name string, cur *corev1.Node, want bool) error {
+	if tainted(cur) == want {
+		return nil
 	}
-	return fmt.Errorf("write taints (tainted %v): %w", want, err)
+	taints := slices.DeleteFunc(slices.Clone(cur.Spec.Taints), isOffline)
+	if want {
+		taints = append(taints, TaintOffline)
+	}
+	patch, err := json.Marshal(map[string]any{
+		"metadata": map[string]any{"resourceVersion": cur.ResourceVersion},
+		"spec":     map[string]any{"taints": taints},
+	})
+	if err != nil {
+		return fmt.Errorf("encode taints: %w", err)
+	}
+	if _, err := c.client.CoreV1().Nodes().Patch(ctx, name, types.MergePatchType, patch, metav1.PatchOptions{FieldManager: c.cfg.FieldManager}); err != nil {
+		return fmt.Errorf("write taints (tainted %v): %w", want, err)
+	}
+	c.logger.Info("node offline taint changed", "node", name, "tainted", want)
+	return nil
 }
 
 // renew writes the Lease's renewTime from l (the cache's, not modified),
-// conditional on its resourceVersion: a Lease someone else wrote since l
-// (the edge renewing through a replica) conflicts, and that write stands.
-// It reports whether it renewed.
+// holderIdentity HolderStandIn, conditional on its resourceVersion: a
+// Lease someone else wrote since l (the edge renewing through a replica)
+// conflicts, and that write stands. It reports whether it renewed.
 func (c *Controller) renew(ctx context.Context, l *coordinationv1.Lease, now time.Time) (bool, error) {
 	next := l.DeepCopy()
-	renew := metav1.NewMicroTime(now)
-	next.Spec.RenewTime = &renew
+	renew, holder := metav1.NewMicroTime(now), HolderStandIn
+	next.Spec.RenewTime, next.Spec.HolderIdentity = &renew, &holder
 	_, err := c.client.CoordinationV1().Leases(l.Namespace).Update(ctx, next, metav1.UpdateOptions{FieldManager: c.cfg.FieldManager})
 	if apierrors.IsConflict(err) {
 		return false, nil
