@@ -109,6 +109,9 @@ func (c *Controller) lead(ctx context.Context) error {
 		return err
 	}
 	defer stop()
+	if ctx.Err() != nil {
+		return nil // the term ended while the Leases were listed
+	}
 	tick := time.NewTicker(c.cfg.Period)
 	defer tick.Stop()
 	for {
@@ -123,7 +126,8 @@ func (c *Controller) lead(ctx context.Context) error {
 
 // startTerm starts the Lease informer and waits until it has synced; stop
 // ends it and waits for its goroutines. A term cut short while syncing
-// (ctx ended) returns a term that looks at nothing.
+// (ctx ended) returns a term whose cache may be incomplete: not to look
+// with.
 func (c *Controller) startTerm(ctx context.Context) (*term, func(), error) {
 	ctx, cancel := context.WithCancel(ctx)
 	f := informers.NewSharedInformerFactoryWithOptions(c.client, 0,
