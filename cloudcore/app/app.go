@@ -80,6 +80,10 @@ type Config struct {
 	// off (cloudcore/autonomy; docs/operations.md). Zero: never, a lost
 	// edge is handled as a lost kubelet.
 	OfflineAutonomy time.Duration
+	// Autonomy configures the leader election of offline autonomy's
+	// stand-in. The zero value elects on the Lease
+	// autonomy.DefaultLeaseName in CANamespace.
+	Autonomy AutonomyConfig
 	// VMs configures the VirtualMachine controller (cloudcore/vm). The
 	// zero value runs it, behind a leader election Lease in CANamespace.
 	VMs VMConfig
@@ -111,6 +115,22 @@ type VMConfig struct {
 	// Identity names this replica in the Lease. Default: the host name
 	// and a random suffix.
 	Identity string
+}
+
+// AutonomyConfig configures which replica stands in for offline edges
+// (cloudcore/autonomy). Zero values mean the defaults beside each field.
+type AutonomyConfig struct {
+	// NoLeaderElection stands in without the Lease: only where exactly
+	// one CloudCore runs. Default: leader election.
+	NoLeaderElection bool
+	// LeaseName is the leader election Lease in CANamespace. Default
+	// autonomy.DefaultLeaseName.
+	LeaseName string
+	// LeaseDuration, RenewDeadline and RetryPeriod of the election.
+	// Defaults leader.DefaultLeaseDuration, DefaultRenewDeadline and
+	// DefaultRetryPeriod: a killed leader's successor stands in within
+	// LeaseDuration plus RetryPeriod.
+	LeaseDuration, RenewDeadline, RetryPeriod time.Duration
 }
 
 // RebalanceConfig configures rebalancing. Zero values mean the defaults
@@ -258,15 +278,19 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 	cat.Subscribe(disp.Notify)
 	h := hub.New(disp, wl, logger)
 	wl.OnChange(h.Recheck)
-	auto, err := autonomy.New(upClient, h, autonomy.Config{
-		Window: cfg.OfflineAutonomy, Trusted: trusted(wl), Logger: logger, Registerer: cfg.Registerer,
-	})
-	if err != nil {
-		return nil, err
-	}
 	identity := cfg.VMs.Identity
 	if identity == "" {
 		identity = leader.Identity()
+	}
+	auto, err := autonomy.New(upClient, h, cat, autonomy.Config{
+		Window: cfg.OfflineAutonomy, Trusted: trusted(wl), Logger: logger, Registerer: cfg.Registerer,
+		LeaderElection: leader.Config{
+			Disabled: cfg.Autonomy.NoLeaderElection, Namespace: cfg.CANamespace, Name: cfg.Autonomy.LeaseName, Identity: identity,
+			LeaseDuration: cfg.Autonomy.LeaseDuration, RenewDeadline: cfg.Autonomy.RenewDeadline, RetryPeriod: cfg.Autonomy.RetryPeriod,
+		},
+	})
+	if err != nil {
+		return nil, err
 	}
 	var vms *vm.Controller
 	if !cfg.VMs.Disabled {
@@ -407,10 +431,14 @@ func (a *App) Run(ctx context.Context) error {
 		return a.srv.Run(ctx)
 	})
 	g.Go(func() error {
-		// Autonomy's trust is the whitelist's: before it is synced every
-		// node looks untrusted, and a node adopted at the first look
-		// (CloudCore restarted during an outage) would be dropped.
+		// Autonomy's trust is the whitelist's and its Nodes are the
+		// catalog's: before both are synced every node looks untrusted
+		// or absent, and a leader would not stand in for a site that is
+		// offline (CloudCore restarted during an outage).
 		if err := a.wl.WaitForSync(ctx); err != nil {
+			return err
+		}
+		if err := a.cat.WaitForSync(ctx); err != nil {
 			return err
 		}
 		return a.auto.Run(ctx)

@@ -62,6 +62,16 @@ type haSpec struct {
 	Advertise string        `json:"advertise,omitempty"`
 	CAName    string        `json:"caName"`
 	Ready     string        `json:"ready"`
+	// Autonomy, when set, turns offline autonomy on (haAutonomy).
+	Autonomy *haAutonomy `json:"autonomy,omitempty"`
+}
+
+// haAutonomy is a replica's offline autonomy: its window, and the leader
+// election Lease (its own per test) with its timings.
+type haAutonomy struct {
+	Window                                    time.Duration `json:"window"`
+	Lease                                     string        `json:"lease"`
+	LeaseDuration, RenewDeadline, RetryPeriod time.Duration
 }
 
 // TestHACloudChild is one CloudCore replica of TestHAFailover: the
@@ -81,13 +91,18 @@ func TestHACloudChild(t *testing.T) {
 	kc, err := clientcmd.BuildConfigFromFlags("", spec.KubeConfig)
 	require.NoError(t, err)
 	keepAlive, deadPeer := timingsOf(haTimings)
-	a, err := cloudapp.New(ctx, cloudapp.Config{
+	cfg := cloudapp.Config{
 		Kubernetes: kc, QUICAddr: spec.QUIC, JoinAddr: spec.Join, ServerSANs: []string{"127.0.0.1"},
 		CAName: spec.CAName, KeepAlive: keepAlive, DeadPeerTimeout: deadPeer,
 		VMs: cloudapp.VMConfig{Disabled: true}, Logger: testlog.New(),
 		Registerer: prometheus.NewRegistry(), MetricsAddr: spec.Metrics,
 		Rebalance: cloudapp.RebalanceConfig{Enabled: spec.Rebalance > 0, Address: spec.Advertise, Period: spec.Rebalance},
-	})
+	}
+	if au := spec.Autonomy; au != nil {
+		cfg.OfflineAutonomy = au.Window
+		cfg.Autonomy = cloudapp.AutonomyConfig{LeaseName: au.Lease, LeaseDuration: au.LeaseDuration, RenewDeadline: au.RenewDeadline, RetryPeriod: au.RetryPeriod}
+	}
+	a, err := cloudapp.New(ctx, cfg)
 	require.NoError(t, err)
 	require.NoError(t, a.Listen())
 	require.NoError(t, os.WriteFile(spec.Ready, nil, 0o600))
@@ -113,8 +128,9 @@ type replica struct {
 // startReplicas starts n CloudCore processes on one CA Secret at once
 // (the race to create the CA is part of what is tested) and waits until
 // each is ready. rebalance, when not zero, is their rebalancing period,
-// each advertising its own QUIC address.
-func startReplicas(t *testing.T, kubeconfig, caName string, n int, rebalance time.Duration) []*replica {
+// each advertising its own QUIC address. configure, when given, changes
+// each replica's spec before it starts.
+func startReplicas(t *testing.T, kubeconfig, caName string, n int, rebalance time.Duration, configure ...func(*haSpec)) []*replica {
 	t.Helper()
 	dir := t.TempDir()
 	rs := make([]*replica, n)
@@ -127,6 +143,9 @@ func startReplicas(t *testing.T, kubeconfig, caName string, n int, rebalance tim
 		}}
 		if rebalance > 0 {
 			rs[i].spec.Advertise = "quic://" + quic
+		}
+		for _, c := range configure {
+			c(&rs[i].spec)
 		}
 	}
 	for _, r := range rs { // as close together as the machine allows

@@ -342,8 +342,10 @@ func TestOfflineRestart(t *testing.T) {
 		return true
 	}, 90*time.Second, 100*time.Millisecond, "the pods run and the API server says so")
 
-	// The cloud becomes unreachable; CloudCore sees the session end and
-	// stands in: the Node says the site is offline and is tainted.
+	// The cloud becomes unreachable; CloudCore sees the session end, and
+	// once the Lease has not been renewed for half its duration (20 s
+	// of the 40 s) it stands in: the Node says the site is offline and
+	// is tainted.
 	px.Partition(true)
 	require.Eventually(t, func() bool { return !slices.Contains(c.app.Connected(), node) }, 30*time.Second, 20*time.Millisecond)
 	offlineNode := func() bool {
@@ -351,9 +353,9 @@ func TestOfflineRestart(t *testing.T) {
 		tc := conditionOf(n, autonomy.ConditionType)
 		return err == nil && tc != nil && tc.Status == corev1.ConditionFalse && tc.Reason == autonomy.ReasonDisconnected && nodeTainted(n)
 	}
-	require.Eventually(t, offlineNode, 15*time.Second, 50*time.Millisecond, "the Node says TetherConnected False and is tainted offline")
+	require.Eventually(t, offlineNode, 45*time.Second, 50*time.Millisecond, "the Node says TetherConnected False and is tainted offline")
 	// CloudCore restarts meanwhile (on the same address): the new one
-	// adopts the offline site, and the taint stays.
+	// leads and stands in for the offline site, and the taint stays.
 	c.stop()
 	c = startCloud(t, env.Config, cloudOptions{quicAddr: c.addr, timings: testTimings, offlineAutonomy: time.Hour})
 	c.counter(t, "tether_autonomy_offline_nodes", nil)

@@ -52,12 +52,15 @@ const (
 // ServiceAccount, against a fresh real kube-apiserver with RBAC on, and
 // walks everything CloudCore does to the API: it creates the cluster CA,
 // lists and watches, an edge joins with a token (EdgeNode update and
-// status), registers its Node and writes its Lease, pods, ConfigMaps and
-// Secrets sync to it, a pod's service-account token is issued, the VM controller (behind its leader election Lease)
+// status), registers its Node (one the operator created before, without
+// the edge label) and writes its Lease, pods, ConfigMaps and
+// Secrets sync to it, a pod's service-account token is issued, the VM
+// controller (behind its leader election Lease)
 // gives VirtualMachines pods, mirrors a pod's status into a VM's, deletes
 // a deleted VM's pod and reports a name conflict, the edge renews its
 // certificate over the session, goes offline (CloudCore renews its Lease
-// and taints and conditions its Node), queues pod status and a pod's
+// and taints and conditions its Node, on the autonomy leader Lease),
+// queues pod status and a pod's
 // finished deletion, comes back with new operator labels (a Node update),
 // and CloudCore releases the leader Lease when it stops.
 //
@@ -134,10 +137,16 @@ func TestRBACLeastPrivilege(t *testing.T) {
 	joined, err := edgejoin.Join(ctx, edgejoin.Config{Cloud: c.app.JoinAddr().String(), Token: tk.String(), Node: node, Dir: dir})
 	require.NoError(t, err)
 	step("join")
+	// The operator created the Node before the edge first connected,
+	// without the edge label: the edge's registration finds it, and
+	// upstream reads it (get: the catalog caches only edge Nodes) and
+	// brings it up to date.
+	nodes := cs.CoreV1().Nodes()
+	_, err = nodes.Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: node}}, metav1.CreateOptions{})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = nodes.Delete(context.Background(), node, metav1.DeleteOptions{}) })
 	edgeOpts := edgeOptions{timings: testTimings, nodeStatus: nodestatus.Config{LeaseDuration: 4 * time.Second, Now: time.Now}}
 	e := startEdge(t, storedIdentity(t, c, node, dir), dir, c.addr, edgeOpts)
-	nodes := cs.CoreV1().Nodes()
-	t.Cleanup(func() { _ = nodes.Delete(context.Background(), node, metav1.DeleteOptions{}) })
 	eventually(func() bool {
 		n, err := nodes.Get(ctx, node, metav1.GetOptions{})
 		cond := conditionOf(n, autonomy.ConditionType)
