@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -41,6 +42,9 @@ type ScaleConfig struct {
 	LeaseDuration, StatusEvery time.Duration
 	// Backoff is the edges' reconnect back-off (tunnel's default).
 	Backoff tunnel.Backoff
+	// KeepAlive and DeadPeerTimeout are the edges' and CloudCore's
+	// (tunnel's defaults, 5s and 15s).
+	KeepAlive, DeadPeerTimeout time.Duration
 	// Idle is how long the idle CPU is measured. Default 30s.
 	Idle time.Duration
 	// Timeout bounds each wait (connect, fan-out, storm). Default 10m.
@@ -171,7 +175,14 @@ func Scale(ctx context.Context, cfg ScaleConfig) (*ScaleResult, error) {
 		return nil, err
 	}
 	log.Info("edges onboarded", "edges", len(ids), "took", time.Since(begin).Round(time.Millisecond))
-	cc, err := StartCloudCore(ctx, CloudCoreConfig{Binary: cfg.CloudCore, KubeConfig: cfg.KubeConfig, Dir: cfg.Dir, Args: cfg.CloudCoreArgs})
+	ccArgs := slices.Clone(cfg.CloudCoreArgs)
+	if cfg.KeepAlive > 0 {
+		ccArgs = append(ccArgs, "--keepalive", cfg.KeepAlive.String())
+	}
+	if cfg.DeadPeerTimeout > 0 {
+		ccArgs = append(ccArgs, "--dead-peer-timeout", cfg.DeadPeerTimeout.String())
+	}
+	cc, err := StartCloudCore(ctx, CloudCoreConfig{Binary: cfg.CloudCore, KubeConfig: cfg.KubeConfig, Dir: cfg.Dir, Args: ccArgs})
 	if err != nil {
 		return nil, err
 	}
@@ -374,7 +385,8 @@ func startEdges(ctx context.Context, cfg ScaleConfig, cc *CloudCore, ca *x509.Ce
 		procs, err := StartProcs(ctx, ProcsConfig{
 			Binary: cfg.Hollowedge, Dir: dataRoot, Cloud: []string{cc.Addr()}, CA: ca, PerProcess: cfg.PerProcess,
 			Rate: cfg.Rate, Namespace: w.Namespace, ConfigMap: w.ConfigMap,
-			LeaseDuration: cfg.LeaseDuration, StatusEvery: cfg.StatusEvery, Backoff: cfg.Backoff, Logger: cfg.Logger,
+			LeaseDuration: cfg.LeaseDuration, StatusEvery: cfg.StatusEvery, Backoff: cfg.Backoff,
+			KeepAlive: cfg.KeepAlive, DeadPeerTimeout: cfg.DeadPeerTimeout, Logger: cfg.Logger,
 		}, ids)
 		if err != nil {
 			return nil, nil, err
@@ -391,7 +403,7 @@ func startEdges(ctx context.Context, cfg ScaleConfig, cc *CloudCore, ca *x509.Ce
 	fleet, err := New(Config{
 		Cloud: []string{cc.Addr()}, CA: ca, DataRoot: dataRoot, Rate: cfg.Rate,
 		LeaseDuration: cfg.LeaseDuration, StatusEvery: cfg.StatusEvery, Backoff: cfg.Backoff,
-		Watch: w.Key(), Logger: cfg.Logger,
+		KeepAlive: cfg.KeepAlive, DeadPeerTimeout: cfg.DeadPeerTimeout, Watch: w.Key(), Logger: cfg.Logger,
 	}, ids)
 	if err != nil {
 		return nil, nil, err

@@ -191,6 +191,9 @@ type ProcsConfig struct {
 	// command's defaults when zero).
 	LeaseDuration, StatusEvery time.Duration
 	Backoff                    tunnel.Backoff
+	// KeepAlive and DeadPeerTimeout are the edges' tunnel timings
+	// (tunnel's defaults when zero).
+	KeepAlive, DeadPeerTimeout time.Duration
 	// Logger gets progress lines.
 	Logger *slog.Logger
 }
@@ -273,6 +276,7 @@ func (p *Procs) start(k int, ids []Identity, n int) (*child, error) {
 	for flag, d := range map[string]time.Duration{
 		"--lease-duration": p.cfg.LeaseDuration, "--status-every": p.cfg.StatusEvery,
 		"--backoff-min": p.cfg.Backoff.Min, "--backoff-max": p.cfg.Backoff.Max,
+		"--keepalive": p.cfg.KeepAlive, "--dead-peer-timeout": p.cfg.DeadPeerTimeout,
 	} {
 		if d > 0 {
 			args = append(args, flag, d.String())

@@ -54,6 +54,7 @@ type common struct {
 	configMap              string
 	podsPerEdge            int
 	lease, status          time.Duration
+	keepAlive, deadPeer    time.Duration
 	backoffMin, backoffMax time.Duration
 	dataRoot               string
 }
@@ -68,6 +69,8 @@ func (c *common) flags(cmd *cobra.Command) {
 	fl.IntVar(&c.podsPerEdge, "pods-per-edge", 2, "pods bound to each edge, each mounting the shared ConfigMap")
 	fl.DurationVar(&c.lease, "lease-duration", 40*time.Second, "each edge's lease duration (renewed every quarter of it)")
 	fl.DurationVar(&c.status, "status-every", time.Minute, "how often each edge publishes its Node status")
+	fl.DurationVar(&c.keepAlive, "keepalive", 0, "each edge's tunnel keepalive (0: tunnel's default, 5s); scale gives CloudCore the same")
+	fl.DurationVar(&c.deadPeer, "dead-peer-timeout", 0, "each edge's dead-peer timeout (0: tunnel's default, 15s); scale gives CloudCore the same")
 	fl.DurationVar(&c.backoffMin, "backoff-min", 500*time.Millisecond, "first reconnect delay")
 	fl.DurationVar(&c.backoffMax, "backoff-max", 8*time.Second, "longest reconnect delay")
 	fl.StringVar(&c.dataRoot, "data-root", "/dev/shm", "directory (a tmpfs) under which a fresh directory holds the edges' stores")
@@ -143,6 +146,7 @@ func run(ctx context.Context, c common, r runFlags) error {
 	defer os.RemoveAll(dir)
 	fleet, err := hollow.New(hollow.Config{
 		Cloud: r.cloud, CA: ca, DataRoot: dir, Rate: c.rate, LeaseDuration: c.lease, StatusEvery: c.status,
+		KeepAlive: c.keepAlive, DeadPeerTimeout: c.deadPeer,
 		Backoff: tunnel.Backoff{Min: c.backoffMin, Max: c.backoffMax}, Watch: w.Key(), Logger: log,
 	}, ids)
 	if err != nil {
@@ -294,6 +298,7 @@ func scale(ctx context.Context, c common, f scaleFlags) (err error) {
 		Kube: env.Config, KubeConfig: kubeconfig, CloudCore: bin, Dir: dir, Edges: c.edges, Prefix: c.prefix,
 		Workload: hollow.Workload{Namespace: c.namespace, ConfigMap: c.configMap, PodsPerEdge: c.podsPerEdge}, Rate: c.rate,
 		LeaseDuration: c.lease, StatusEvery: c.status, Backoff: tunnel.Backoff{Min: c.backoffMin, Max: c.backoffMax},
+		KeepAlive: c.keepAlive, DeadPeerTimeout: c.deadPeer,
 		Hollowedge: f.hollowedge, PerProcess: f.perProcess,
 		Idle: f.idle, Timeout: f.timeout, DumpGoroutines: dump != "", Logger: log,
 	})
