@@ -78,8 +78,11 @@ type ScaleResult struct {
 	// with every edge connected and idle.
 	Before, Connected Usage
 	// IdleCPU is CloudCore's CPU time per second over Idle, while every
-	// edge is connected.
-	IdleCPU float64
+	// edge is connected; IdleWait how long a second its threads waited
+	// for a CPU meanwhile (summed over threads: on a shared machine, how
+	// starved it was); HollowIdleCPU the CPU time per second of the
+	// processes that run the edges.
+	IdleCPU, IdleWait, HollowIdleCPU float64
 	// IdleRequests are the API server's requests (all clients) over the
 	// idle window.
 	IdleRequests APISample
@@ -228,10 +231,19 @@ func Scale(ctx context.Context, cfg ScaleConfig) (*ScaleResult, error) {
 	if err != nil {
 		return res, err
 	}
+	w0, err := runDelay(cc.Pid())
+	if err != nil {
+		return res, err
+	}
+	h0, err := edges.Report(ctx, Query{Self: true})
+	if err != nil {
+		return res, err
+	}
 	r0, err := SampleAPI(ctx, cfg.Kube)
 	if err != nil {
 		return res, err
 	}
+	idleStart := time.Now()
 	if err := pause(ctx, cfg.Idle); err != nil {
 		return res, err
 	}
@@ -242,7 +254,12 @@ func Scale(ctx context.Context, cfg ScaleConfig) (*ScaleResult, error) {
 	if err != nil {
 		return res, err
 	}
+	w1, err := runDelay(cc.Pid())
+	if err != nil {
+		return res, err
+	}
 	res.IdleCPU = (res.Connected.CPU - u0.CPU) / cfg.Idle.Seconds()
+	res.IdleWait = (w1 - w0) / cfg.Idle.Seconds()
 	res.IdleRequests = r1.Sub(r0)
 	if res.LeaseAges, _, err = LeaseAges(ctx, cfg.Kube, nodes); err != nil {
 		return res, err
@@ -253,6 +270,8 @@ func Scale(ctx context.Context, cfg ScaleConfig) (*ScaleResult, error) {
 	}
 	res.Objects = snap.Objects
 	res.HollowRSS, res.HollowFDs, res.HollowMaxFDs = snap.RSS, snap.FDs, snap.MaxFDs
+	// The window also holds the objects' count (one query per store).
+	res.HollowIdleCPU = (snap.CPU - h0.CPU) / time.Since(idleStart).Seconds()
 	log.Info("idle measured", "cpu", res.IdleCPU, "rss_mib", res.Connected.RSS/(1<<20), "objects", snap.Objects)
 
 	// Fan-out.

@@ -40,9 +40,11 @@ type Report struct {
 	// Reconnected and NotReconnected are ReconciledSince.
 	Reconnected    []time.Duration `json:"reconnected,omitempty"`
 	NotReconnected int             `json:"not_reconnected,omitempty"`
-	// RSS (bytes) and FDs of the processes the edges run in, summed;
-	// MaxFDs the most open files of any one of them.
+	// RSS (bytes), CPU (seconds used so far) and FDs of the processes
+	// the edges run in, summed; MaxFDs the most open files of any one of
+	// them.
 	RSS    float64 `json:"rss,omitempty"`
+	CPU    float64 `json:"cpu,omitempty"`
 	FDs    int     `json:"fds,omitempty"`
 	MaxFDs int     `json:"max_fds,omitempty"`
 	// Processes is how many processes answered (1 for a Fleet).
@@ -62,6 +64,7 @@ func (r *Report) Add(o Report) {
 	r.Reconnected = append(r.Reconnected, o.Reconnected...)
 	r.NotReconnected += o.NotReconnected
 	r.RSS += o.RSS
+	r.CPU += o.CPU
 	r.FDs += o.FDs
 	r.MaxFDs = max(r.MaxFDs, o.MaxFDs)
 	r.Processes += o.Processes
@@ -94,6 +97,11 @@ func (f *Fleet) Report(ctx context.Context, q Query) (Report, error) {
 	}
 	if q.Self {
 		r.RSS = selfRSS()
+		cpu, err := cpuSeconds("self")
+		if err != nil {
+			return r, err
+		}
+		r.CPU = cpu
 		fds, err := os.ReadDir("/proc/self/fd")
 		if err != nil {
 			return r, fmt.Errorf("count open files: %w", err)

@@ -328,7 +328,9 @@ func report(r *hollow.ScaleResult) {
 	fmt.Printf("cloudcore connected:    RSS %.1f MiB, heap in use %.1f MiB, goroutines %.0f\n", mib(r.Connected.RSS), mib(r.Connected.HeapInuse), r.Connected.Goroutines)
 	fmt.Printf("per edge: RSS %.1f KiB, heap in use %.1f KiB, goroutines %.2f\n",
 		kib(r.Connected.RSS-r.Before.RSS)/n, kib(r.Connected.HeapInuse-r.Before.HeapInuse)/n, (r.Connected.Goroutines-r.Before.Goroutines)/n)
-	fmt.Printf("idle: CloudCore CPU %.3f cores; API requests in the window %s\n", r.IdleCPU, apiWindow(r.IdleRequests))
+	fmt.Printf("idle: CloudCore CPU %.3f cores (%.1f µs per edge per second), its threads waited %.2f s/s for a CPU; hollow processes %.3f cores\n",
+		r.IdleCPU, r.IdleCPU/n*1e6, r.IdleWait, r.HollowIdleCPU)
+	fmt.Printf("idle: API requests in the window %s\n", apiWindow(r.IdleRequests))
 	fmt.Printf("lease age (renew every %s): p50 %s p99 %s max %s over %d leases\n", r.LeaseRenew, p(r.LeaseAges, 50), p(r.LeaseAges, 99), p(r.LeaseAges, 100), len(r.LeaseAges))
 	fmt.Printf("fan-out of one ConfigMap change: p50 %s p99 %s max %s over %d stores\n", p(r.FanOut, 50), p(r.FanOut, 99), p(r.FanOut, 100), len(r.FanOut))
 	fmt.Printf("storm: SIGKILL to ready %s, to last edge reconciled %s; from ready p10 %s p50 %s p90 %s p99 %s\n",
