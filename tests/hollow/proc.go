@@ -48,8 +48,11 @@ func cpuSeconds(pid string) (float64, error) {
 // starved.
 func runDelay(pid int) (float64, error) {
 	tasks, err := filepath.Glob(filepath.Join("/proc", strconv.Itoa(pid), "task", "*", "schedstat"))
-	if err != nil || len(tasks) == 0 {
-		return 0, fmt.Errorf("list the threads of %d: %v", pid, err)
+	if err != nil {
+		return 0, fmt.Errorf("list the threads of %d: %w", pid, err)
+	}
+	if len(tasks) == 0 {
+		return 0, fmt.Errorf("list the threads of %d: no such process", pid)
 	}
 	var ns float64
 	for _, t := range tasks {

@@ -336,7 +336,10 @@ func (c *child) waitAnswer(ctx context.Context) error {
 func (c *child) exitError() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return fmt.Errorf("hollow child %d exited (%v); see %s", c.k, c.err, c.log)
+	if c.err == nil {
+		return fmt.Errorf("hollow child %d exited; see %s", c.k, c.log)
+	}
+	return fmt.Errorf("hollow child %d exited: %w; see %s", c.k, c.err, c.log)
 }
 
 func (c *child) report(ctx context.Context, q Query) (Report, error) {
