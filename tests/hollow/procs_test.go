@@ -73,6 +73,7 @@ func TestProcs(t *testing.T) {
 	require.Len(t, rep.Connect, edges)
 	require.Len(t, rep.FirstReconcile, edges)
 	require.Positive(t, rep.RSS)
+	require.Positive(t, rep.CPU)
 	require.Greater(t, rep.FDs, rep.MaxFDs, "the open files of several processes add up")
 
 	changed, err := w.Bump(ctx, env.Config, 1)
