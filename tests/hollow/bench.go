@@ -2,11 +2,13 @@ package hollow
 
 import (
 	"context"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -40,10 +42,20 @@ type ScaleConfig struct {
 	LeaseDuration, StatusEvery time.Duration
 	// Backoff is the edges' reconnect back-off (tunnel's default).
 	Backoff tunnel.Backoff
+	// KeepAlive and DeadPeerTimeout are the edges' and CloudCore's
+	// (tunnel's defaults, 5s and 15s).
+	KeepAlive, DeadPeerTimeout time.Duration
 	// Idle is how long the idle CPU is measured. Default 30s.
 	Idle time.Duration
 	// Timeout bounds each wait (connect, fan-out, storm). Default 10m.
 	Timeout time.Duration
+	// Hollowedge, when set, is the hollowedge command: the edges run in
+	// child `hollowedge run` processes of at most PerProcess edges each
+	// (Procs). Empty: they run in this process.
+	Hollowedge string
+	// PerProcess is the most edges one child process runs. Default
+	// DefaultPerProcess.
+	PerProcess int
 	// CloudCoreArgs are more flags for CloudCore.
 	CloudCoreArgs []string
 	// DumpGoroutines ends the run with SIGQUIT to CloudCore, whose
@@ -66,11 +78,14 @@ type ScaleResult struct {
 	// with every edge connected and idle.
 	Before, Connected Usage
 	// IdleCPU is CloudCore's CPU time per second over Idle, while every
-	// edge is connected.
-	IdleCPU float64
-	// IdleReads are the API server's GET and LIST requests (all clients)
-	// over the idle window, by verb.
-	IdleRequests map[string]float64
+	// edge is connected; IdleWait how long a second its threads waited
+	// for a CPU meanwhile (summed over threads: on a shared machine, how
+	// starved it was); HollowIdleCPU the CPU time per second of the
+	// processes that run the edges.
+	IdleCPU, IdleWait, HollowIdleCPU float64
+	// IdleRequests are the API server's requests (all clients) over the
+	// idle window.
+	IdleRequests APISample
 	// LeaseAges are now minus renewTime of every edge's Lease, at the end
 	// of the idle window; LeaseRenew is the renew interval.
 	LeaseAges  []time.Duration
@@ -86,14 +101,17 @@ type ScaleResult struct {
 	// StormRequests are the API server's requests by verb from the new
 	// CloudCore's readiness to the last edge reconciled (all clients: the
 	// edges' lease and status writes included).
-	StormRequests map[string]float64
+	StormRequests APISample
 	// After is CloudCore's usage once the storm is over.
 	After Usage
-	// HollowRSS is this process's resident memory with every edge
-	// connected (what the hollow edges cost here, not CloudCore).
-	HollowRSS float64
-	// HollowFDs is this process's open file descriptors then.
-	HollowFDs int
+	// Processes is how many processes ran the edges.
+	Processes int
+	// HollowRSS is the resident memory of the processes that run the
+	// edges, with every edge connected (what the hollow edges cost, not
+	// CloudCore); HollowFDs their open files then, HollowMaxFDs the most
+	// of any one process.
+	HollowRSS               float64
+	HollowFDs, HollowMaxFDs int
 	// GoroutineDump is CloudCore's goroutine dump (DumpGoroutines).
 	GoroutineDump []byte
 }
@@ -160,7 +178,14 @@ func Scale(ctx context.Context, cfg ScaleConfig) (*ScaleResult, error) {
 		return nil, err
 	}
 	log.Info("edges onboarded", "edges", len(ids), "took", time.Since(begin).Round(time.Millisecond))
-	cc, err := StartCloudCore(ctx, CloudCoreConfig{Binary: cfg.CloudCore, KubeConfig: cfg.KubeConfig, Dir: cfg.Dir, Args: cfg.CloudCoreArgs})
+	ccArgs := slices.Clone(cfg.CloudCoreArgs)
+	if cfg.KeepAlive > 0 {
+		ccArgs = append(ccArgs, "--keepalive", cfg.KeepAlive.String())
+	}
+	if cfg.DeadPeerTimeout > 0 {
+		ccArgs = append(ccArgs, "--dead-peer-timeout", cfg.DeadPeerTimeout.String())
+	}
+	cc, err := StartCloudCore(ctx, CloudCoreConfig{Binary: cfg.CloudCore, KubeConfig: cfg.KubeConfig, Dir: cfg.Dir, Args: ccArgs})
 	if err != nil {
 		return nil, err
 	}
@@ -175,35 +200,27 @@ func Scale(ctx context.Context, cfg ScaleConfig) (*ScaleResult, error) {
 	log.Info("cloudcore ready", "rss_mib", res.Before.RSS/(1<<20), "goroutines", res.Before.Goroutines)
 
 	dataRoot := filepath.Join(cfg.Dir, "edges")
-	fleet, err := New(Config{
-		Cloud: []string{cc.Addr()}, CA: ca, DataRoot: dataRoot, Rate: cfg.Rate,
-		LeaseDuration: cfg.LeaseDuration, StatusEvery: cfg.StatusEvery, Backoff: cfg.Backoff,
-		Watch: cfg.Workload.Key(), Logger: log,
-	}, ids)
+	defer os.RemoveAll(dataRoot)
+	edges, stopEdges, err := startEdges(ctx, cfg, cc, ca, ids, dataRoot)
 	if err != nil {
 		return nil, err
 	}
-	defer os.RemoveAll(dataRoot)
-	runCtx, stop := context.WithCancel(ctx)
-	done := make(chan error, 1)
-	go func() { done <- fleet.Run(runCtx) }()
-	defer func() {
-		stop()
-		if err := <-done; err != nil {
-			log.Warn("hollow fleet failed", "err", err)
-		}
-	}()
+	defer stopEdges()
 
 	// Connect.
 	start := time.Now()
-	if err := waitFor(ctx, cfg.Timeout, log, "connect", func() (bool, string) {
-		c := fleet.Counts()
-		return c.Reconciled == cfg.Edges, fmt.Sprintf("started %d connected %d reconciled %d", c.Started, c.Connected, c.Reconciled)
+	if err := waitFor(ctx, cfg.Timeout, log, "connect", func() (bool, string, error) {
+		c, err := edges.Report(ctx, Query{})
+		return c.Reconciled == cfg.Edges, fmt.Sprintf("started %d connected %d reconciled %d", c.Started, c.Connected, c.Reconciled), err
 	}); err != nil {
 		return res, err
 	}
 	res.ConnectAll = time.Since(start)
-	res.Connect, res.Reconciled = fleet.ConnectLatencies()
+	rep, err := edges.Report(ctx, Query{Connect: true})
+	if err != nil {
+		return res, err
+	}
+	res.Connect, res.Reconciled, res.Processes = rep.Connect, rep.FirstReconcile, rep.Processes
 	log.Info("all connected", "took", res.ConnectAll.Round(time.Millisecond))
 
 	// Idle.
@@ -214,34 +231,47 @@ func Scale(ctx context.Context, cfg ScaleConfig) (*ScaleResult, error) {
 	if err != nil {
 		return res, err
 	}
-	r0, err := APIRequests(ctx, cfg.Kube)
+	w0, err := runDelay(cc.Pid())
 	if err != nil {
 		return res, err
 	}
+	h0, err := edges.Report(ctx, Query{Self: true})
+	if err != nil {
+		return res, err
+	}
+	r0, err := SampleAPI(ctx, cfg.Kube)
+	if err != nil {
+		return res, err
+	}
+	idleStart := time.Now()
 	if err := pause(ctx, cfg.Idle); err != nil {
 		return res, err
 	}
 	if res.Connected, err = usageOf(ctx, cc); err != nil {
 		return res, err
 	}
-	r1, err := APIRequests(ctx, cfg.Kube)
+	r1, err := SampleAPI(ctx, cfg.Kube)
+	if err != nil {
+		return res, err
+	}
+	w1, err := runDelay(cc.Pid())
 	if err != nil {
 		return res, err
 	}
 	res.IdleCPU = (res.Connected.CPU - u0.CPU) / cfg.Idle.Seconds()
-	res.IdleRequests = delta(r0, r1)
+	res.IdleWait = (w1 - w0) / cfg.Idle.Seconds()
+	res.IdleRequests = r1.Sub(r0)
 	if res.LeaseAges, _, err = LeaseAges(ctx, cfg.Kube, nodes); err != nil {
 		return res, err
 	}
-	snap, err := fleet.Snapshot(ctx)
+	snap, err := edges.Report(ctx, Query{Objects: true, Self: true})
 	if err != nil {
 		return res, err
 	}
 	res.Objects = snap.Objects
-	res.HollowRSS = selfRSS()
-	if fds, err := os.ReadDir("/proc/self/fd"); err == nil {
-		res.HollowFDs = len(fds)
-	}
+	res.HollowRSS, res.HollowFDs, res.HollowMaxFDs = snap.RSS, snap.FDs, snap.MaxFDs
+	// The window also holds the objects' count (one query per store).
+	res.HollowIdleCPU = (snap.CPU - h0.CPU) / time.Since(idleStart).Seconds()
 	log.Info("idle measured", "cpu", res.IdleCPU, "rss_mib", res.Connected.RSS/(1<<20), "objects", snap.Objects)
 
 	// Fan-out.
@@ -249,13 +279,15 @@ func Scale(ctx context.Context, cfg ScaleConfig) (*ScaleResult, error) {
 	if err != nil {
 		return res, err
 	}
-	if err := waitFor(ctx, cfg.Timeout, log, "fan-out", func() (bool, string) {
-		_, missing := fleet.WatchedSince(changed)
-		return missing == 0, fmt.Sprintf("%d stores without the change", missing)
+	if err := waitFor(ctx, cfg.Timeout, log, "fan-out", func() (bool, string, error) {
+		r, err := edges.Report(ctx, Query{WatchedSince: changed})
+		if err == nil && r.WatchedMissing == 0 {
+			res.FanOut = r.Watched
+		}
+		return err == nil && r.WatchedMissing == 0, fmt.Sprintf("%d stores without the change", r.WatchedMissing), err
 	}); err != nil {
 		return res, err
 	}
-	res.FanOut, _ = fleet.WatchedSince(changed)
 	log.Info("fan-out done", "p99", Percentile(res.FanOut, 99))
 
 	// Reconnect storm.
@@ -266,24 +298,25 @@ func Scale(ctx context.Context, cfg ScaleConfig) (*ScaleResult, error) {
 	}
 	ready := time.Now()
 	res.StormReady = ready.Sub(killed)
-	s0, err := APIRequests(ctx, cfg.Kube)
+	s0, err := SampleAPI(ctx, cfg.Kube)
 	if err != nil {
 		return res, err
 	}
-	if err := waitFor(ctx, cfg.Timeout, log, "storm", func() (bool, string) {
-		_, missing := fleet.ReconciledSince(ready)
-		return missing == 0, fmt.Sprintf("%d edges not reconciled", missing)
+	if err := waitFor(ctx, cfg.Timeout, log, "storm", func() (bool, string, error) {
+		r, err := edges.Report(ctx, Query{ReconciledSince: ready})
+		if err == nil && r.NotReconnected == 0 {
+			res.StormSpread = r.Reconnected
+		}
+		return err == nil && r.NotReconnected == 0, fmt.Sprintf("%d edges not reconciled", r.NotReconnected), err
 	}); err != nil {
 		return res, err
 	}
-	spread, _ := fleet.ReconciledSince(ready)
-	res.StormSpread = spread
-	res.StormLast = res.StormReady + Percentile(spread, 100)
-	s1, err := APIRequests(ctx, cfg.Kube)
+	res.StormLast = res.StormReady + Percentile(res.StormSpread, 100)
+	s1, err := SampleAPI(ctx, cfg.Kube)
 	if err != nil {
 		return res, err
 	}
-	res.StormRequests = delta(s0, s1)
+	res.StormRequests = s1.Sub(s0)
 	if err := pause(ctx, 10*time.Second); err != nil {
 		return res, err
 	}
@@ -298,16 +331,6 @@ func Scale(ctx context.Context, cfg ScaleConfig) (*ScaleResult, error) {
 		}
 	}
 	return res, nil
-}
-
-func delta(a, b map[string]float64) map[string]float64 {
-	out := map[string]float64{}
-	for k, v := range b {
-		if d := v - a[k]; d != 0 {
-			out[k] = d
-		}
-	}
-	return out
 }
 
 // pause waits d or until ctx ends: a measurement window, not a
@@ -325,13 +348,16 @@ func pause(ctx context.Context, d time.Duration) error {
 
 // waitFor polls cond every 100ms until it holds, logging its progress
 // every 10s, or fails after timeout.
-func waitFor(ctx context.Context, timeout time.Duration, log *slog.Logger, what string, cond func() (bool, string)) error {
+func waitFor(ctx context.Context, timeout time.Duration, log *slog.Logger, what string, cond func() (bool, string, error)) error {
 	deadline := time.Now().Add(timeout)
 	tick := time.NewTicker(100 * time.Millisecond)
 	defer tick.Stop()
 	lastLog := time.Now()
 	for {
-		ok, state := cond()
+		ok, state, err := cond()
+		if err != nil {
+			return fmt.Errorf("%s: %w", what, err)
+		}
 		if ok {
 			return nil
 		}
@@ -365,4 +391,49 @@ func selfRSS() float64 {
 		}
 	}
 	return 0
+}
+
+// startEdges starts the run's edges, in this process or in child
+// processes (cfg.Hollowedge), and returns them and how to stop them.
+func startEdges(ctx context.Context, cfg ScaleConfig, cc *CloudCore, ca *x509.Certificate, ids []Identity, dataRoot string) (reporter, func(), error) {
+	w := cfg.Workload.withDefaults()
+	if cfg.Hollowedge != "" {
+		if err := os.MkdirAll(dataRoot, 0o700); err != nil {
+			return nil, nil, fmt.Errorf("create data root: %w", err)
+		}
+		procs, err := StartProcs(ctx, ProcsConfig{
+			Binary: cfg.Hollowedge, Dir: dataRoot, Cloud: []string{cc.Addr()}, CA: ca, PerProcess: cfg.PerProcess,
+			Rate: cfg.Rate, Namespace: w.Namespace, ConfigMap: w.ConfigMap,
+			LeaseDuration: cfg.LeaseDuration, StatusEvery: cfg.StatusEvery, Backoff: cfg.Backoff,
+			KeepAlive: cfg.KeepAlive, DeadPeerTimeout: cfg.DeadPeerTimeout, Logger: cfg.Logger,
+		}, ids)
+		if err != nil {
+			return nil, nil, err
+		}
+		return procs, func() {
+			if err := procs.Stop(); err != nil {
+				cfg.Logger.Warn("hollow processes failed", "err", err)
+			}
+		}, nil
+	}
+	if _, err := RaiseFileLimit(len(ids)); err != nil {
+		return nil, nil, err
+	}
+	fleet, err := New(Config{
+		Cloud: []string{cc.Addr()}, CA: ca, DataRoot: dataRoot, Rate: cfg.Rate,
+		LeaseDuration: cfg.LeaseDuration, StatusEvery: cfg.StatusEvery, Backoff: cfg.Backoff,
+		KeepAlive: cfg.KeepAlive, DeadPeerTimeout: cfg.DeadPeerTimeout, Watch: w.Key(), Logger: cfg.Logger,
+	}, ids)
+	if err != nil {
+		return nil, nil, err
+	}
+	runCtx, stop := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- fleet.Run(runCtx) }()
+	return fleet, func() {
+		stop()
+		if err := <-done; err != nil {
+			cfg.Logger.Warn("hollow fleet failed", "err", err)
+		}
+	}, nil
 }

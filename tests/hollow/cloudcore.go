@@ -179,6 +179,16 @@ func (c *CloudCore) Quit() {
 	c.signal(syscall.SIGQUIT)
 }
 
+// Pid is the running process's id, 0 when none runs.
+func (c *CloudCore) Pid() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.cmd == nil {
+		return 0
+	}
+	return c.cmd.Process.Pid
+}
+
 // LogPath is the file CloudCore's output goes to.
 func (c *CloudCore) LogPath() string { return filepath.Join(c.cfg.Dir, "cloudcore.log") }
 

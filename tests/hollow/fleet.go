@@ -1,4 +1,4 @@
-// Package hollow runs many hollow edges in one process for scale tests, as
+// Package hollow runs many hollow edges in a process for scale tests, as
 // KubeEdge's edgemark does: each is a whole EdgeCore (edgecore/app) with
 // its own certificate, tunnel client, syncer, SQLite store and node status
 // reporter (registration, lease and status at the configured interval),
@@ -6,8 +6,10 @@
 // that only syncs (nodestatus.Config.RequireRuntime false) and its pods
 // stay Pending. Onboard whitelists the edges from the cluster CA Secret,
 // and CloudCore runs the shipped cloudcore command as a separate process
-// so that its memory and CPU are its own. tests/cmd/hollowedge and the
-// smoke test in this package drive them.
+// so that its memory and CPU are its own. A scale run past one process's
+// open file limit spreads the edges over child `hollowedge run` processes
+// (Procs, procs.go) whose reports add up (Report, report.go).
+// tests/cmd/hollowedge and the tests in this package drive them.
 //
 // What a hollow edge reports comes from the real code, observed without
 // changing it: the store is wrapped (edgecore/app.Config.WrapStore) to

@@ -1,7 +1,6 @@
 package hollow
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -132,44 +131,6 @@ func (w Workload) Bump(ctx context.Context, cfg *rest.Config, generation int) (t
 		return time.Time{}, fmt.Errorf("update ConfigMap %s: %w", w.ConfigMap, err)
 	}
 	return sent, nil
-}
-
-// APIRequests reads apiserver_request_total from the API server's
-// /metrics, summed by verb over resource requests (non-resource ones,
-// such as this scrape, have no resource).
-func APIRequests(ctx context.Context, cfg *rest.Config) (map[string]float64, error) {
-	cs, err := kubernetes.NewForConfig(cfg)
-	if err != nil {
-		return nil, fmt.Errorf("build clientset: %w", err)
-	}
-	raw, err := cs.CoreV1().RESTClient().Get().AbsPath("/metrics").DoRaw(ctx)
-	if err != nil {
-		return nil, fmt.Errorf("scrape the API server: %w", err)
-	}
-	m, err := parseMetrics(bytes.NewReader(raw))
-	if err != nil {
-		return nil, err
-	}
-	mf, ok := m["apiserver_request_total"]
-	if !ok {
-		return nil, fmt.Errorf("the API server has no apiserver_request_total")
-	}
-	out := map[string]float64{}
-	for _, s := range mf.GetMetric() {
-		var verb, resource string
-		for _, l := range s.GetLabel() {
-			switch l.GetName() {
-			case "verb":
-				verb = l.GetValue()
-			case "resource":
-				resource = l.GetValue()
-			}
-		}
-		if resource != "" {
-			out[verb] += s.GetCounter().GetValue()
-		}
-	}
-	return out, nil
 }
 
 // LeaseAges lists the nodes' Leases and returns, for each of nodes that
