@@ -193,6 +193,7 @@ func (s *Session) start() {
 	})
 	context.AfterFunc(s.ctx, func() {
 		defer s.g.exit()
+		signal(s.inbox.ready) // a receiver waiting on Ready learns of the end
 		reason := "closed"
 		if cause := context.Cause(s.ctx); cause != nil && !errors.Is(cause, context.Canceled) {
 			reason = cause.Error()
@@ -487,6 +488,31 @@ func (s *Session) Recv(ctx context.Context) (*message.Message, error) {
 			return nil, fmt.Errorf("%w: %w", ErrSessionClosed, context.Cause(s.ctx))
 		}
 	}
+}
+
+// Ready returns a channel that receives when TryRecv may have something
+// to return: a message arrived, or the session ended. It lets one
+// goroutine serve the session along with other events, instead of one
+// goroutine blocked in Recv per session: select on Ready, then call
+// TryRecv until it returns no message. That goroutine must be the
+// session's only receiver.
+func (s *Session) Ready() <-chan struct{} { return s.inbox.ready }
+
+// TryRecv returns the next message from the peer without waiting, or nil
+// and a nil error when none has arrived. Like Recv, it returns the
+// messages received before the session ended, then an error that wraps
+// ErrSessionClosed.
+func (s *Session) TryRecv() (*message.Message, error) {
+	if m, ok := s.inbox.take(); ok {
+		return m, nil
+	}
+	if s.ctx.Err() == nil {
+		return nil, nil
+	}
+	if m, ok := s.inbox.take(); ok { // queued as the session ended
+		return m, nil
+	}
+	return nil, fmt.Errorf("%w: %w", ErrSessionClosed, context.Cause(s.ctx))
 }
 
 // OpenStream opens a bulk-data stream to the peer.

@@ -688,3 +688,63 @@ func TestLateLargeMessageFailsOnlyItsSend(t *testing.T) {
 	require.Equal(t, before+1, srv.refused(TransportQUIC, reasonLargeTimeout))
 	requireRoundTrip(ctx, t, sess, 2)
 }
+
+// TestReadyAndTryRecv: a loop that selects on Ready and polls TryRecv
+// gets every message in order, then learns of the session's end.
+func TestReadyAndTryRecv(t *testing.T) {
+	ca := newTestCA(t)
+	srv := startServer(t, ca, echo, nil)
+	for _, tr := range transports {
+		t.Run(string(tr), func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			sess, err := newTestClient(t, ca, "edge-1", srv.addr(tr)).Dial(ctx)
+			require.NoError(t, err)
+			m, err := sess.TryRecv()
+			require.NoError(t, err)
+			require.Nil(t, m, "nothing has arrived")
+			const n = 20
+			for i := range n {
+				require.NoError(t, sess.Send(ctx, &message.Message{ID: uint64(i + 1), Kind: message.KindEvent, Op: message.OpUpsert}))
+			}
+			var got []uint64
+			for len(got) < n {
+				select {
+				case <-sess.Ready():
+				case <-ctx.Done():
+					t.Fatalf("%d of %d answers", len(got), n)
+				}
+				for {
+					m, err := sess.TryRecv()
+					require.NoError(t, err)
+					if m == nil {
+						break
+					}
+					got = append(got, m.ReplyTo)
+				}
+			}
+			for i, id := range got {
+				require.Equal(t, uint64(i+1), id, "in order")
+			}
+			select { // a wake-up left from the messages: the end must send its own
+			case <-sess.Ready():
+			default:
+			}
+			sess.Abort("test done")
+			for {
+				select {
+				case <-sess.Ready():
+				case <-ctx.Done():
+					t.Fatal("Ready never told of the end")
+				}
+				m, err := sess.TryRecv()
+				require.Nil(t, m)
+				if err != nil {
+					require.ErrorIs(t, err, ErrSessionClosed)
+					break
+				}
+			}
+			<-sess.Done()
+		})
+	}
+}
