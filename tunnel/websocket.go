@@ -141,9 +141,12 @@ func (l *wsLink) run(ctx context.Context, g spawner, sink linkSink) error {
 		if typ != websocket.BinaryMessage {
 			return fmt.Errorf("%w: websocket message of type %d, want binary", message.ErrMalformed, typ)
 		}
+		// The deadline measures silence from the peer, not the time a
+		// frame takes to arrive (a frame of MaxFrame over a slow link
+		// takes longer than DeadPeerTimeout) nor the time this side spent
+		// delivering: every read that brings bytes restarts it.
+		r = aliveReader{r, alive}
 		for {
-			// The deadline measures silence from the peer, not the time
-			// this side spent delivering: restart it before each read.
 			alive()
 			body, err := l.codec.ReadFrame(r)
 			if errors.Is(err, io.EOF) {
@@ -157,6 +160,20 @@ func (l *wsLink) run(ctx context.Context, g spawner, sink linkSink) error {
 			}
 		}
 	}
+}
+
+// aliveReader calls alive after each read that brought bytes.
+type aliveReader struct {
+	r     io.Reader
+	alive func()
+}
+
+func (a aliveReader) Read(p []byte) (int, error) {
+	n, err := a.r.Read(p)
+	if n > 0 {
+		a.alive()
+	}
+	return n, err
 }
 
 // startPings pings the peer every keepAlive from a timer, so that an idle
