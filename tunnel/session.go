@@ -86,6 +86,10 @@ type sessionConfig struct {
 	largeTimeout   time.Duration
 	logger         *slog.Logger
 	metrics        *Metrics
+	// in and out are the message and byte counters of each direction,
+	// resolved once for all the sessions of a server or client (they
+	// carry no per-session label): about 1 KiB less per session.
+	in, out kindCounters
 	// logs rate-limits the logs of faults (sessions failed, messages
 	// dropped) per node and reason; it is shared by the sessions of one
 	// server or client. Every fault is counted.
@@ -150,8 +154,8 @@ func newSession(id string, peer Identity, t Transport, l link, cfg sessionConfig
 		sendBytes: semaphore.NewWeighted(cfg.sendQueueBytes),
 		inbox:     newInbox(cfg.recvQueue),
 		sendWake:  make(chan struct{}, 1),
-		in:        cfg.metrics.kindCounters("in"),
-		out:       cfg.metrics.kindCounters("out"),
+		in:        cfg.in,
+		out:       cfg.out,
 		ctx:       ctx,
 		cancel:    cancel,
 		done:      make(chan struct{}),
