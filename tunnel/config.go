@@ -109,6 +109,8 @@ func (o Options) sessionConfig(c *message.Codec, m *Metrics, logs *ratelog.Limit
 		recvQueue:      o.RecvQueue,
 		logger:         o.Logger,
 		metrics:        m,
+		in:             m.kindCounters("in"),
+		out:            m.kindCounters("out"),
 		logs:           logs,
 	}
 }

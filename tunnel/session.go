@@ -87,6 +87,10 @@ type sessionConfig struct {
 	largeTimeout   time.Duration
 	logger         *slog.Logger
 	metrics        *Metrics
+	// in and out are the message and byte counters of each direction,
+	// resolved once for all the sessions of a server or client (they
+	// carry no per-session label): about 1 KiB less per session.
+	in, out kindCounters
 	// logs rate-limits the logs of faults (sessions failed, messages
 	// dropped) per node and reason; it is shared by the sessions of one
 	// server or client. Every fault is counted.
@@ -151,8 +155,8 @@ func newSession(id string, peer Identity, t Transport, l link, cfg sessionConfig
 		sendBytes: semaphore.NewWeighted(cfg.sendQueueBytes),
 		inbox:     newInbox(cfg.recvQueue),
 		sendWake:  make(chan struct{}, 1),
-		in:        cfg.metrics.kindCounters("in"),
-		out:       cfg.metrics.kindCounters("out"),
+		in:        cfg.in,
+		out:       cfg.out,
 		ctx:       ctx,
 		cancel:    cancel,
 		done:      make(chan struct{}),
@@ -194,6 +198,7 @@ func (s *Session) start() {
 	})
 	context.AfterFunc(s.ctx, func() {
 		defer s.g.exit()
+		signal(s.inbox.ready) // a receiver waiting on Ready learns of the end
 		reason := "closed"
 		if cause := context.Cause(s.ctx); cause != nil && !errors.Is(cause, context.Canceled) {
 			reason = cause.Error()
@@ -501,6 +506,31 @@ func (s *Session) Recv(ctx context.Context) (*message.Message, error) {
 			return nil, fmt.Errorf("%w: %w", ErrSessionClosed, context.Cause(s.ctx))
 		}
 	}
+}
+
+// Ready returns a channel that receives when TryRecv may have something
+// to return: a message arrived, or the session ended. It lets one
+// goroutine serve the session along with other events, instead of one
+// goroutine blocked in Recv per session: select on Ready, then call
+// TryRecv until it returns no message. That goroutine must be the
+// session's only receiver.
+func (s *Session) Ready() <-chan struct{} { return s.inbox.ready }
+
+// TryRecv returns the next message from the peer without waiting, or nil
+// and a nil error when none has arrived. Like Recv, it returns the
+// messages received before the session ended, then an error that wraps
+// ErrSessionClosed.
+func (s *Session) TryRecv() (*message.Message, error) {
+	if m, ok := s.inbox.take(); ok {
+		return m, nil
+	}
+	if s.ctx.Err() == nil {
+		return nil, nil
+	}
+	if m, ok := s.inbox.take(); ok { // queued as the session ended
+		return m, nil
+	}
+	return nil, fmt.Errorf("%w: %w", ErrSessionClosed, context.Cause(s.ctx))
 }
 
 // OpenStream opens a bulk-data stream to the peer.

@@ -15,6 +15,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/tetheredge/tether/common/message"
+	"github.com/tetheredge/tether/tests/netproxy"
 	"github.com/tetheredge/tether/tests/testlog"
 )
 
@@ -40,6 +41,15 @@ type testServer struct {
 
 func startServer(t testing.TB, ca *testCA, h Handler, mutate func(*ServerConfig)) *testServer {
 	t.Helper()
+	srv, err := tryStartServer(t, ca, h, mutate)
+	require.NoError(t, err)
+	return srv
+}
+
+// tryStartServer is startServer, returning the error of binding the
+// listeners.
+func tryStartServer(t testing.TB, ca *testCA, h Handler, mutate func(*ServerConfig)) (*testServer, error) {
+	t.Helper()
 	reg := prometheus.NewRegistry()
 	cfg := ServerConfig{
 		Options:       testOptions(),
@@ -54,7 +64,9 @@ func startServer(t testing.TB, ca *testCA, h Handler, mutate func(*ServerConfig)
 	}
 	srv, err := NewServer(cfg)
 	require.NoError(t, err)
-	require.NoError(t, srv.Listen())
+	if err := srv.Listen(); err != nil {
+		return nil, err
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- srv.Run(ctx) }()
@@ -62,7 +74,7 @@ func startServer(t testing.TB, ca *testCA, h Handler, mutate func(*ServerConfig)
 		cancel()
 		require.NoError(t, <-done)
 	})
-	return &testServer{Server: srv, ca: ca, reg: reg}
+	return &testServer{Server: srv, ca: ca, reg: reg}, nil
 }
 
 // addr returns the address a client uses for a transport.
@@ -107,12 +119,17 @@ var transports = []Transport{TransportQUIC, TransportWebSocket}
 
 func TestSessionEcho(t *testing.T) {
 	ca := newTestCA(t)
-	srv := startServer(t, ca, echo, nil)
+	// Liveness bounds far above the echoes' times: this test is about what
+	// arrives, and under -race at load 30 a 3 MiB echo on QUIC starved a
+	// connection past testOptions' 2 s dead-peer timeout once in 50 runs.
+	opts := testOptions()
+	opts.HandshakeTimeout, opts.KeepAlive, opts.DeadPeerTimeout = 30*time.Second, time.Second, 30*time.Second
+	srv := startServer(t, ca, echo, func(c *ServerConfig) { o := opts; o.Registerer = c.Registerer; c.Options = o })
 	for _, tr := range transports {
 		t.Run(string(tr), func(t *testing.T) {
-			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			defer cancel()
-			c := newTestClient(t, ca, "edge-1", srv.addr(tr))
+			c := newOptionsClient(t, ca, opts, srv.addr(tr))
 			sess, err := c.Dial(ctx)
 			require.NoError(t, err)
 			defer sess.Close("test done")
@@ -125,9 +142,14 @@ func TestSessionEcho(t *testing.T) {
 				for j := range payload {
 					payload[j] = byte(i + j)
 				}
+				// Each echo has its own bound, far above its time: 3 MiB
+				// each way took 1-8 s under -race at load 35 (18:57,
+				// 2026-12-01), and past a shared 10 s bound once.
+				ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 				start := time.Now()
 				require.NoError(t, sess.Send(ctx, &message.Message{ID: uint64(i + 1), Kind: message.KindEvent, Op: message.OpUpsert, Payload: payload}))
 				got, err := sess.Recv(ctx)
+				cancel()
 				require.NoError(t, err)
 				require.Equal(t, message.KindAck, got.Kind)
 				require.Equal(t, uint64(i+1), got.ReplyTo)
@@ -687,4 +709,95 @@ func TestLateLargeMessageFailsOnlyItsSend(t *testing.T) {
 	require.NotErrorIs(t, err, ErrSessionClosed)
 	require.Equal(t, before+1, srv.refused(TransportQUIC, reasonLargeTimeout))
 	requireRoundTrip(ctx, t, sess, 2)
+}
+
+// TestReadyAndTryRecv: a loop that selects on Ready and polls TryRecv
+// gets every message in order, then learns of the session's end.
+func TestReadyAndTryRecv(t *testing.T) {
+	ca := newTestCA(t)
+	srv := startServer(t, ca, echo, nil)
+	for _, tr := range transports {
+		t.Run(string(tr), func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			sess, err := newTestClient(t, ca, "edge-1", srv.addr(tr)).Dial(ctx)
+			require.NoError(t, err)
+			m, err := sess.TryRecv()
+			require.NoError(t, err)
+			require.Nil(t, m, "nothing has arrived")
+			const n = 20
+			for i := range n {
+				require.NoError(t, sess.Send(ctx, &message.Message{ID: uint64(i + 1), Kind: message.KindEvent, Op: message.OpUpsert}))
+			}
+			var got []uint64
+			for len(got) < n {
+				select {
+				case <-sess.Ready():
+				case <-ctx.Done():
+					t.Fatalf("%d of %d answers", len(got), n)
+				}
+				for {
+					m, err := sess.TryRecv()
+					require.NoError(t, err)
+					if m == nil {
+						break
+					}
+					got = append(got, m.ReplyTo)
+				}
+			}
+			for i, id := range got {
+				require.Equal(t, uint64(i+1), id, "in order")
+			}
+			select { // a wake-up left from the messages: the end must send its own
+			case <-sess.Ready():
+			default:
+			}
+			sess.Abort("test done")
+			for {
+				select {
+				case <-sess.Ready():
+				case <-ctx.Done():
+					t.Fatal("Ready never told of the end")
+				}
+				m, err := sess.TryRecv()
+				require.Nil(t, m)
+				if err != nil {
+					require.ErrorIs(t, err, ErrSessionClosed)
+					break
+				}
+			}
+			<-sess.Done()
+		})
+	}
+}
+
+// TestWebSocketLargeFrameSlowerThanDeadPeer: a frame that takes longer
+// than DeadPeerTimeout to arrive, over a slow path where bytes never stop
+// for long, is delivered: the dead-peer deadline measures silence, not a
+// frame's transfer time. It was set once per frame, so a frame of 512 KiB
+// arriving at 160 KiB/s (3.2 s) ended the session at 1 s ("read frame: i/o
+// timeout").
+func TestWebSocketLargeFrameSlowerThanDeadPeer(t *testing.T) {
+	ca := newTestCA(t)
+	opts := testOptions()
+	opts.KeepAlive, opts.DeadPeerTimeout = 200*time.Millisecond, time.Second
+	srv := startServer(t, ca, echo, func(c *ServerConfig) { o := opts; o.Registerer = c.Registerer; c.Options = o })
+	p := netproxy.Start(t, srv.WebSocketAddr().String(), netproxy.Options{Network: "tcp", StallTime: 100 * time.Millisecond})
+	c, err := NewClient(ClientConfig{Options: opts, Servers: []string{"wss://" + p.Addr().String()}, Node: "edge-1", TLS: ca.clientTLS(t, certOpts{cn: "edge-1"})})
+	require.NoError(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	sess, err := c.Dial(ctx)
+	require.NoError(t, err)
+	defer sess.Close("test done")
+	// Every 16 KiB chunk now waits 100 ms in each direction: 160 KiB/s,
+	// and the path is never silent for more than about 100 ms.
+	p.SetLoss(1)
+	start := time.Now()
+	require.NoError(t, sess.Send(ctx, &message.Message{ID: 1, Kind: message.KindEvent, Op: message.OpUpsert, Payload: make([]byte, 512<<10)}))
+	m, err := sess.Recv(ctx)
+	require.NoError(t, err, "after %s", time.Since(start))
+	require.Equal(t, uint64(1), m.ReplyTo)
+	require.Len(t, m.Payload, 512<<10)
+	t.Logf("512 KiB each way in %s (dead peer timeout %s)", time.Since(start), opts.DeadPeerTimeout)
 }

@@ -36,6 +36,7 @@ type wsLink struct {
 	streams   wsStreams
 
 	pending *bytes.Reader // frames left from the last message read by readFrame
+	control wsControl     // pings and pongs
 
 	// ctx and g are the session's, set by run before any frame is delivered.
 	ctx context.Context
@@ -105,15 +106,14 @@ func (l *wsLink) writeLarge(context.Context, []byte) (bool, error) { return fals
 func (l *wsLink) run(ctx context.Context, g spawner, sink linkSink) error {
 	alive := func() { _ = l.conn.SetReadDeadline(time.Now().Add(l.deadPeer)) }
 	alive()
+	l.control.start(l.conn, l.keepAlive)
+	defer l.control.stop() // close waits for a write in progress
 	l.conn.SetPongHandler(func(string) error { alive(); return nil })
 	l.conn.SetPingHandler(func(data string) error {
 		alive()
-		// A pong that cannot be written now (our own writes are stuck behind
-		// a slow peer) is dropped: the peer's own reads decide its liveness.
-		_ = l.conn.WriteControl(websocket.PongMessage, []byte(data), time.Now().Add(l.keepAlive))
+		l.control.owePong(data)
 		return nil
 	})
-	defer l.startPings()()
 	l.ctx, l.g = ctx, g
 	if l.pending != nil {
 		for l.pending.Len() > 0 {
@@ -143,9 +143,12 @@ func (l *wsLink) run(ctx context.Context, g spawner, sink linkSink) error {
 		if typ != websocket.BinaryMessage {
 			return fmt.Errorf("%w: websocket message of type %d, want binary", message.ErrMalformed, typ)
 		}
+		// The deadline measures silence from the peer, not the time a
+		// frame takes to arrive (a frame of MaxFrame over a slow link
+		// takes longer than DeadPeerTimeout) nor the time this side spent
+		// delivering: every read that brings bytes restarts it.
+		r = aliveReader{r, alive}
 		for {
-			// The deadline measures silence from the peer, not the time
-			// this side spent delivering: restart it before each read.
 			alive()
 			body, err := l.codec.ReadFrame(r)
 			if errors.Is(err, io.EOF) {
@@ -161,49 +164,129 @@ func (l *wsLink) run(ctx context.Context, g spawner, sink linkSink) error {
 	}
 }
 
-// startPings pings the peer every keepAlive from a timer, so that an idle
-// session holds no goroutine for it, and returns a function that stops
-// the pings and waits for one in progress. A ping that fails for another
-// reason than its deadline stops them: the reader sees the broken
-// connection and reports it.
-func (l *wsLink) startPings() (stop func()) {
-	var (
-		mu       sync.Mutex
-		stopped  bool
-		t        *time.Timer
-		inFlight sync.WaitGroup
-	)
-	ping := func() {
-		mu.Lock()
-		if stopped {
-			mu.Unlock()
-			return
-		}
-		inFlight.Add(1)
-		mu.Unlock()
-		defer inFlight.Done()
-		err := l.conn.WriteControl(websocket.PingMessage, nil, time.Now().Add(l.deadPeer/2))
-		var ne net.Error
-		if err != nil && (!errors.As(err, &ne) || !ne.Timeout()) {
-			return
-		}
-		mu.Lock()
-		if !stopped {
-			t.Reset(l.keepAlive)
-		}
-		mu.Unlock()
+// aliveReader calls alive after each read that brought bytes.
+type aliveReader struct {
+	r     io.Reader
+	alive func()
+}
+
+func (a aliveReader) Read(p []byte) (int, error) {
+	n, err := a.r.Read(p)
+	if n > 0 {
+		a.alive()
 	}
-	mu.Lock()
-	t = time.AfterFunc(l.keepAlive, ping)
-	mu.Unlock()
-	return func() {
-		mu.Lock()
-		stopped = true
-		t.Stop()
-		mu.Unlock()
-		inFlight.Wait()
+	return n, err
+}
+
+// wsControl writes a link's control frames from a timer: a ping every
+// keepAlive, and a pong as soon as a ping asks for one (RFC 6455 allows
+// answering only the latest). So an idle session holds no goroutine for
+// them, and the reader never waits for a write: a pong written from the
+// reader, stuck behind a peer that reads slowly, would stop the reading
+// and with it the dead-peer deadline.
+//
+// The writes have no deadline, like the frames' own. A control frame cut
+// off by a write deadline breaks the TLS connection under it for good:
+// crypto/tls fails every later write, and the close_notify it sends on
+// Close lands inside the cut-off record, so the peer reads "bad record
+// MAC" instead of the session's end (a session whose peer was slow to
+// read for a few keepalives failed so). A write held up by a slow peer
+// waits as the frames' writes do; a dead peer is found by the reader's
+// deadline, and close ends the write.
+type wsControl struct {
+	conn  *websocket.Conn
+	every time.Duration
+
+	mu       sync.Mutex
+	t        *time.Timer
+	running  bool   // a round of writes is in progress
+	again    bool   // more to write was asked during it
+	stopped  bool   // no more rounds
+	pong     []byte // payload of the pong owed
+	owed     bool
+	nextPing time.Time
+	rounds   sync.WaitGroup
+}
+
+// start schedules the first ping.
+func (w *wsControl) start(conn *websocket.Conn, every time.Duration) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.conn, w.every = conn, every
+	w.nextPing = time.Now().Add(every)
+	w.t = time.AfterFunc(every, w.round)
+}
+
+// owePong asks for a pong carrying data. It never blocks.
+func (w *wsControl) owePong(data string) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.pong, w.owed = []byte(data), true
+	switch {
+	case w.stopped:
+	case w.running:
+		w.again = true
+	default:
+		w.t.Reset(0)
 	}
 }
+
+// round writes what is owed and due, and schedules the next ping. A
+// write that fails stops the rounds: the reader sees the broken
+// connection and reports it.
+func (w *wsControl) round() {
+	w.mu.Lock()
+	if w.stopped || w.running {
+		w.again = w.running
+		w.mu.Unlock()
+		return
+	}
+	w.running = true
+	w.rounds.Add(1)
+	defer w.rounds.Done()
+	for {
+		pong, owed := w.pong, w.owed
+		w.owed = false
+		ping := !time.Now().Before(w.nextPing)
+		if ping {
+			w.nextPing = time.Now().Add(w.every)
+		}
+		w.again = false
+		w.mu.Unlock()
+		var err error
+		if owed {
+			err = w.conn.WriteControl(websocket.PongMessage, pong, time.Time{})
+		}
+		if ping && err == nil {
+			err = w.conn.WriteControl(websocket.PingMessage, nil, time.Time{})
+		}
+		w.mu.Lock()
+		if err != nil {
+			w.stopped = true
+		}
+		if w.stopped || !w.again {
+			break
+		}
+	}
+	w.running = false
+	if !w.stopped {
+		w.t.Reset(time.Until(w.nextPing))
+	}
+	w.mu.Unlock()
+}
+
+// stop ends the rounds, without waiting for a write in progress.
+func (w *wsControl) stop() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.stopped = true
+	if w.t != nil {
+		w.t.Stop()
+	}
+}
+
+// wait returns once no write is in progress; after stop, none starts.
+func (w *wsControl) wait() { w.rounds.Wait() }
 
 func (l *wsLink) openStream(ctx context.Context) (Stream, error) { return l.streams.open(ctx) }
 
@@ -214,9 +297,18 @@ func (l *wsLink) close(reason string) error {
 	if len(reason) > maxReason {
 		reason = reason[:maxReason]
 	}
+	l.control.stop()
 	msg := websocket.FormatCloseMessage(websocket.CloseNormalClosure, reason)
-	_ = l.conn.WriteControl(websocket.CloseMessage, msg, time.Now().Add(time.Second)) // best effort
-	return l.conn.Close()
+	if err := l.conn.WriteControl(websocket.CloseMessage, msg, time.Now().Add(time.Second)); err != nil {
+		// Best effort: a close frame cut off by its deadline must not be
+		// followed by TLS's close_notify (see wsControl).
+		if tc, ok := l.conn.NetConn().(interface{ NetConn() net.Conn }); ok {
+			_ = tc.NetConn().Close()
+		}
+	}
+	err := l.conn.Close()
+	l.control.wait() // its write, if any, fails now
+	return err
 }
 
 // wsStream is a bulk stream over its own WebSocket connection: each Write

@@ -11,16 +11,21 @@ import (
 	"github.com/tetheredge/tether/tunnel"
 )
 
-// objects is the object-sync handler of one session: the loop around the
-// node's state machine. It takes acks, refusals and sync messages from the
-// receive path and changes from the catalog, and sends what the state
-// machine decides. It alone touches st.
+// objects is the object-sync handler of one session, run by the
+// session's loop (conn.run): the node's state machine, fed with acks,
+// refusals and sync messages from the edge, changes from the catalog and
+// ticks, and the sending of what it decides. Only the loop touches it.
 type objects struct {
 	c     *conn
 	st    *Node
 	view  lookup
 	inbox *inbox
-	in    chan *message.Message
+
+	// tick runs, once a second, only while the state machine has
+	// something to time (needTick): an idle session holds no running
+	// timer. ticking says whether it runs.
+	tick    *time.Ticker
+	ticking bool
 
 	// reported is the count of objects held last told to Sessions, -1
 	// before the first; reportedAt when.
@@ -36,18 +41,14 @@ type objects struct {
 // often per node, however busy its sync.
 const heldReportEvery = 10 * time.Second
 
-func newObjects(c *conn, b *inbox) *objects {
-	return &objects{c: c, st: NewNode(c.d.cfg), view: lookup{c.d.cat, c.node}, inbox: b, in: make(chan *message.Message, 64), reported: -1}
-}
+// tickEvery is the period of the ticks that resend unacked messages and
+// report the objects held.
+const tickEvery = time.Second
 
-// offer hands m to the loop, waiting while it is busy: acks and sync
-// messages are the loop's own pace, and waiting pushes back on the edge.
-func (o *objects) offer(ctx context.Context, m *message.Message) error {
-	select {
-	case o.in <- m:
-	case <-ctx.Done():
-	}
-	return nil
+func newObjects(c *conn, b *inbox) *objects {
+	t := time.NewTicker(tickEvery)
+	t.Stop() // started by flush when there is something to time
+	return &objects{c: c, st: NewNode(c.d.cfg), view: lookup{c.d.cat, c.node}, inbox: b, tick: t, reported: -1}
 }
 
 // lookup is one node's view of the catalog.
@@ -69,31 +70,32 @@ func (l lookup) Lookup(key objsync.Key) (uint64, any, bool) {
 	return objsync.VersionHash(uid, rv), nil, true
 }
 
-func (o *objects) run(ctx context.Context) error {
-	tick := time.NewTicker(time.Second)
-	defer tick.Stop()
-	for {
-		now := time.Now()
-		select {
-		case <-ctx.Done():
-			return nil
-		case m := <-o.in:
-			if err := o.handle(ctx, m); err != nil {
-				return err
-			}
-		case <-o.inbox.signal:
-			for _, k := range o.inbox.drain() {
-				o.st.Changed(k)
-			}
-		case now = <-tick.C:
-			o.st.Tick(now)
-			o.reportHeld(now)
-		}
-		if err := o.send(ctx, o.st.Next(now, o.view)); err != nil {
-			return err
-		}
-		o.inbox.pending.Store(int64(o.st.InFlight()))
+// flush sends what the state machine decides after an event, publishes
+// its messages awaiting an ack, and starts or stops the tick.
+func (o *objects) flush(ctx context.Context, now time.Time) error {
+	if err := o.send(ctx, o.st.Next(now, o.view)); err != nil {
+		return err
 	}
+	o.inbox.pending.Store(int64(o.st.InFlight()))
+	if need := o.needTick(); need != o.ticking {
+		if need {
+			o.tick.Reset(tickEvery)
+		} else {
+			o.tick.Stop()
+		}
+		o.ticking = need
+	}
+	return nil
+}
+
+// needTick says whether a tick has anything to do: a message awaits an
+// ack (Tick resends it after ResendAfter), or the count of objects held
+// has changed since it was last reported (reportHeld).
+func (o *objects) needTick() bool {
+	if o.st.InFlight() > 0 {
+		return true
+	}
+	return o.c.d.sessions != nil && o.st.Live() && o.st.Held() != o.reported
 }
 
 func (o *objects) handle(ctx context.Context, m *message.Message) error {

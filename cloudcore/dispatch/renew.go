@@ -9,38 +9,29 @@ import (
 )
 
 // renewal answers one session's certificate renewals, one at a time, off
-// the receive path: a renewal waits on the API server. A request while
-// one is being signed is refused (the edge asks again later).
+// the receive path (a renewal waits on the API server), on a lane
+// (lane.go). One request may wait while another is being signed; one
+// more is refused (the edge asks again later).
 type renewal struct {
 	c     *conn
-	queue chan *message.Message
+	queue lane
 }
 
 func newRenewal(c *conn) *renewal {
-	return &renewal{c: c, queue: make(chan *message.Message, 1)}
+	r := &renewal{c: c}
+	r.queue = lane{limit: 1, work: r.renew}
+	return r
 }
 
 func (r *renewal) offer(ctx context.Context, m *message.Message) error {
-	select {
-	case r.queue <- m:
-		return nil
-	default:
+	queued, start := r.queue.push(m)
+	if !queued {
 		return r.c.refuse(ctx, m, "renew_busy", errors.New("a renewal of this node is in progress"))
 	}
-}
-
-func (r *renewal) run(ctx context.Context) error {
-	for {
-		var m *message.Message
-		select {
-		case <-ctx.Done():
-			return nil
-		case m = <-r.queue:
-		}
-		if err := r.renew(ctx, m); err != nil {
-			return err
-		}
+	if start {
+		r.c.spawn(ctx, r.queue.run)
 	}
+	return nil
 }
 
 // renew answers a certificate renewal over the session.

@@ -73,10 +73,10 @@ type Deps struct {
 	Sessions Sessions
 }
 
-// Dispatcher serves the sync protocol on every edge session: one receive
-// path per connected node, routing each message by kind to the handler of
-// its concern (objects.go: object sync; upstream.go: upstream writes;
-// renew.go: certificate renewal), fed by the catalog's change
+// Dispatcher serves the sync protocol on every edge session: one loop per
+// connected node that receives its messages, routing each by kind to the
+// handler of its concern (objects.go: object sync; upstream.go: upstream
+// writes; renew.go: certificate renewal), fed by the catalog's change
 // notifications.
 type Dispatcher struct {
 	cat      Catalog
@@ -259,12 +259,14 @@ func (d *Dispatcher) Serve(ctx context.Context, s *tunnel.Session) error {
 	c.objects = newObjects(c, b)
 	c.upstream = newUpstreamHandler(c)
 	c.renewal = newRenewal(c)
-	g, ctx := errgroup.WithContext(ctx)
-	g.Go(func() error { return c.recv(ctx) })
-	g.Go(func() error { return c.objects.run(ctx) })
-	g.Go(func() error { return c.upstream.run(ctx) })
-	g.Go(func() error { return c.renewal.run(ctx) })
-	err := g.Wait()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	c.g, ctx = errgroup.WithContext(ctx)
+	err := c.run(ctx)
+	cancel() // the lanes' writes are for this session only
+	if werr := c.g.Wait(); err == nil {
+		err = werr // a lane failed, which ended run
+	}
 	if errors.Is(err, tunnel.ErrSessionClosed) || errors.Is(err, context.Canceled) {
 		return nil
 	}
@@ -273,40 +275,79 @@ func (d *Dispatcher) Serve(ctx context.Context, s *tunnel.Session) error {
 
 // conn is one node's session: the receive path and the answers every
 // handler shares.
+//
+// A session holds one goroutine while idle, Serve's own, running run.
+// The lanes of upstream writes and renewals start a goroutine in g when
+// work arrives, and it exits when their queue is empty.
 type conn struct {
 	d      *Dispatcher
 	s      *tunnel.Session
 	node   string
 	logger *slog.Logger
+	g      *errgroup.Group // the lanes' goroutines; waited for before Serve returns
 
 	objects  *objects
 	upstream *upstreamHandler
 	renewal  *renewal
 }
 
-// recv is the one receive path: it checks what every message must satisfy
-// and hands it to the handler of its kind. Handlers that may wait on the
-// API server (upstream, renewal) take messages without blocking, so a slow
-// write never holds up acks and sync.
-func (c *conn) recv(ctx context.Context) error {
+// spawn runs f in the session's group. Only run's goroutine calls it
+// (through route), before Serve waits for the group.
+func (c *conn) spawn(ctx context.Context, f func(context.Context) error) {
+	c.g.Go(func() error { return f(ctx) })
+}
+
+// run is the session's one loop, on Serve's goroutine. It takes the
+// edge's messages as they arrive and routes each to the handler of its
+// kind, and runs object sync between them: the catalog's changes, the
+// ticks that resend unacked messages, what the state machine decides to
+// send. Upstream writes and renewals, which wait on the API server, are
+// handed to lanes that never block it, so a slow write never holds up
+// acks and sync. A send that waits for room in the session's send queue
+// holds the loop, and with it the reading of the edge's messages: that is
+// the back-pressure on an edge that does not read.
+func (c *conn) run(ctx context.Context) error {
+	o := c.objects
+	defer o.tick.Stop()
 	for {
-		m, err := c.s.Recv(ctx)
-		if err != nil {
-			return err
+		now := time.Now()
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-c.s.Ready():
+			m, err := c.s.TryRecv()
+			if err != nil {
+				return err
+			}
+			if m == nil {
+				continue
+			}
+			if err := c.route(ctx, m); err != nil {
+				return err
+			}
+		case <-o.inbox.signal:
+			for _, k := range o.inbox.drain() {
+				o.st.Changed(k)
+			}
+		case now = <-o.tick.C:
+			o.st.Tick(now)
+			o.reportHeld(now)
 		}
-		if err := c.route(ctx, m); err != nil {
+		if err := o.flush(ctx, now); err != nil {
 			return err
 		}
 	}
 }
 
+// route checks what every message must satisfy and hands it to the
+// handler of its kind.
 func (c *conn) route(ctx context.Context, m *message.Message) error {
 	if m.Node != "" && m.Node != c.node {
 		return c.refuse(ctx, m, "node_mismatch", fmt.Errorf("message names node %q, session belongs to %q", m.Node, c.node))
 	}
 	switch m.Kind {
 	case message.KindAck, message.KindRefuse, message.KindSync:
-		return c.objects.offer(ctx, m)
+		return c.objects.handle(ctx, m)
 	case message.KindUpstream:
 		return c.upstream.offer(ctx, m)
 	case message.KindRenew:

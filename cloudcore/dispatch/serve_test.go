@@ -8,7 +8,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"regexp"
+	"runtime/pprof"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -540,4 +543,60 @@ func TestServeDeleteAfterUnackedLargeSend(t *testing.T) {
 		}
 		require.Equal(t, message.OpUpsert, m.Op, "only resends of the upsert before the delete")
 	}
+}
+
+// sessionGoroutines counts the goroutines running the dispatcher's code
+// (not the test's own), from a dump of every goroutine's stack.
+func sessionGoroutines() int {
+	var dump strings.Builder
+	_ = pprof.Lookup("goroutine").WriteTo(&dump, 2) // cannot fail on a strings.Builder
+	n := 0
+	for g := range strings.SplitSeq(dump.String(), "\n\n") {
+		if dispatchFrame.MatchString(g) {
+			n++
+		}
+	}
+	return n
+}
+
+// dispatchFrame matches a frame of the dispatcher's session code.
+var dispatchFrame = regexp.MustCompile(`cloudcore/dispatch\.\(\*(Dispatcher|conn|objects|upstreamHandler|renewal|lane)\)\.`)
+
+// TestServeGoroutines: an idle session holds one goroutine of the
+// dispatcher (Serve's own); an upstream write or a
+// renewal starts one more while it waits on the API server, which exits
+// once answered.
+func TestServeGoroutines(t *testing.T) {
+	ca, err := pki.NewCA("renew-test", time.Hour)
+	require.NoError(t, err)
+	ren := &fakeRenewer{ca: ca, serial: make(chan string, 1)}
+	up := &fakeUpstream{started: make(chan string, 1), gate: make(chan struct{})}
+	r := newRig(t, Config{}, up, ren, tunnel.Options{})
+	r.cat.put(pod(1), "1", []byte(`{}`))
+	r.sendSync(t, emptyDigest())
+	require.Equal(t, objsync.PhaseDone, syncOf(t, r.recv(t)).Phase)
+	ev := r.recv(t)
+	require.Equal(t, message.KindEvent, ev.Kind)
+	r.send(t, &message.Message{Kind: message.KindAck, ReplyTo: ev.ID})
+	require.Eventually(t, func() bool { return testutil.ToFloat64(r.d.metrics.acksPending) == 0 }, 10*time.Second, 5*time.Millisecond)
+	idle := func() bool { return sessionGoroutines() == 1 }
+	require.Eventually(t, idle, 10*time.Second, 10*time.Millisecond, "an idle session holds Serve's goroutine only, got %d", sessionGoroutines())
+
+	// An upstream write waits on the API server: one goroutine more.
+	id := r.upstream(t, "slow")
+	require.Equal(t, "slow", <-up.started)
+	require.Equal(t, 2, sessionGoroutines(), "the upstream lane runs while a write waits")
+	close(up.gate)
+	m := r.recv(t)
+	require.Equal(t, id, m.ReplyTo)
+	require.Equal(t, message.KindAck, m.Kind)
+	require.Eventually(t, idle, 10*time.Second, 10*time.Millisecond, "the lane exits once its queue is empty")
+
+	// A renewal, the same.
+	id = r.send(t, &message.Message{Kind: message.KindRenew, Payload: []byte("csr")})
+	m = r.recv(t)
+	require.Equal(t, id, m.ReplyTo)
+	require.Equal(t, message.KindRenew, m.Kind)
+	<-ren.serial
+	require.Eventually(t, idle, 10*time.Second, 10*time.Millisecond, "the renewal lane exits once answered")
 }

@@ -11,15 +11,16 @@ import (
 	"github.com/tetheredge/tether/common/message"
 )
 
-// upstreamHandler makes one session's upstream writes, one at a time, and
-// answers each with exactly one Ack, Refuse or Retry (docs/protocol.md,
-// "Upstream answers"). The session's rate limit and queue bound what it
-// may ask of the API server: over either, the write is answered with a
-// Retry at once and never reaches Upstream.
+// upstreamHandler makes one session's upstream writes, one at a time and
+// in the order they arrived, on a lane (lane.go), and answers each with
+// exactly one Ack, Refuse or Retry (docs/protocol.md, "Upstream
+// answers"). The session's rate limit and queue bound what it may ask of
+// the API server: over either, the write is answered with a Retry at once
+// and never reaches Upstream.
 type upstreamHandler struct {
 	c     *conn
 	lim   *rate.Limiter
-	queue chan *message.Message
+	queue lane
 }
 
 func newUpstreamHandler(c *conn) *upstreamHandler {
@@ -27,7 +28,9 @@ func newUpstreamHandler(c *conn) *upstreamHandler {
 	if c.d.cfg.UpstreamQPS < 0 {
 		limit = rate.Inf
 	}
-	return &upstreamHandler{c: c, lim: rate.NewLimiter(limit, c.d.cfg.UpstreamBurst), queue: make(chan *message.Message, c.d.cfg.UpstreamQueue)}
+	u := &upstreamHandler{c: c, lim: rate.NewLimiter(limit, c.d.cfg.UpstreamBurst)}
+	u.queue = lane{limit: c.d.cfg.UpstreamQueue, work: u.write}
+	return u
 }
 
 // offer queues m for the writer, or answers it with a Retry when the
@@ -44,10 +47,8 @@ func (u *upstreamHandler) offer(ctx context.Context, m *message.Message) error {
 		}
 		return u.c.retry(ctx, m, delay, "throttled")
 	}
-	select {
-	case u.queue <- m:
-		return nil
-	default:
+	queued, start := u.queue.push(m)
+	if !queued {
 		r.CancelAt(now) // not written: give its token back
 		u.c.d.metrics.upstream.WithLabelValues("busy").Inc()
 		if l := u.c.limited("upstream_busy"); l != nil {
@@ -55,24 +56,20 @@ func (u *upstreamHandler) offer(ctx context.Context, m *message.Message) error {
 		}
 		return u.c.retry(ctx, m, 0, "busy")
 	}
+	if start {
+		u.c.spawn(ctx, u.queue.run)
+	}
+	return nil
 }
 
-func (u *upstreamHandler) run(ctx context.Context) error {
-	for {
-		var m *message.Message
-		select {
-		case <-ctx.Done():
-			return nil
-		case m = <-u.queue:
-		}
-		payload, err := u.apply(ctx, m)
-		if ctx.Err() != nil {
-			return nil // the session is ending: no answer can reach the edge
-		}
-		if err := u.answer(ctx, m, payload, err); err != nil {
-			return err
-		}
+// write makes one upstream write (or token request, tokens.go) and
+// answers it.
+func (u *upstreamHandler) write(ctx context.Context, m *message.Message) error {
+	payload, err := u.apply(ctx, m)
+	if ctx.Err() != nil {
+		return nil // the session is ending: no answer can reach the edge
 	}
+	return u.answer(ctx, m, payload, err)
 }
 
 // Upstream results, the label of tether_upstream_writes_total.
