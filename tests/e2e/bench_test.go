@@ -96,15 +96,9 @@ func benchReconnect(b *testing.B, objects, changed int) {
 
 	rl, rc := medianTraffic(relists), medianTraffic(reconnects)
 	b.ReportMetric(0, "ns/op") // a round is several measurements; each is reported below
-	b.ReportMetric(rl.down, "relist-down-B")
-	b.ReportMetric(rl.up, "relist-up-B")
-	b.ReportMetric(float64(rl.quicDown), "relist-quic-down-B")
-	b.ReportMetric(float64(rl.quicUp), "relist-quic-up-B")
+	reportTraffic(b, "relist-", rl)
 	b.ReportMetric(ms(rl.converge), "relist-ms")
-	b.ReportMetric(rc.down, "down-B")
-	b.ReportMetric(rc.up, "up-B")
-	b.ReportMetric(float64(rc.quicDown), "quic-down-B")
-	b.ReportMetric(float64(rc.quicUp), "quic-up-B")
+	reportTraffic(b, "", rc)
 	b.ReportMetric(ms(rc.converge), "converge-ms")
 	for d, dir := range []string{"down", "up"} {
 		for c, n := range rc.byClass[d] {
@@ -229,15 +223,18 @@ func benchMinute(b *testing.B, restart bool, changed int) {
 	}
 	w, idle := medianTraffic(windows), medianTraffic(idles)
 	b.ReportMetric(0, "ns/op")
-	b.ReportMetric(w.down, "down-B")
-	b.ReportMetric(w.up, "up-B")
-	b.ReportMetric(float64(w.quicDown), "quic-down-B")
-	b.ReportMetric(float64(w.quicUp), "quic-up-B")
+	reportTraffic(b, "", w)
 	b.ReportMetric(ms(w.converge), "converge-ms")
-	b.ReportMetric(idle.down, "idle-down-B")
-	b.ReportMetric(idle.up, "idle-up-B")
-	b.ReportMetric(float64(idle.quicDown), "idle-quic-down-B")
-	b.ReportMetric(float64(idle.quicUp), "idle-quic-up-B")
+	reportTraffic(b, "idle-", idle)
+}
+
+// reportTraffic reports t's frame bytes and UDP payload bytes each way,
+// under names that start with prefix.
+func reportTraffic(b *testing.B, prefix string, t traffic) {
+	b.ReportMetric(t.down, prefix+"down-B")
+	b.ReportMetric(t.up, prefix+"up-B")
+	b.ReportMetric(float64(t.quicDown), prefix+"quic-down-B")
+	b.ReportMetric(float64(t.quicUp), prefix+"quic-up-B")
 }
 
 // reconnectRun connects one edge node, through a counting relay, to a cloud
