@@ -1,6 +1,7 @@
 package tunnel
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"crypto/tls"
@@ -118,9 +119,15 @@ func (c *ticketCache) Get(serverName string) (*tls.ClientSessionState, bool) {
 // again, expired or issued under a server certificate no longer valid; it
 // checks that at every Get, and the next full handshake's ticket replaces
 // it.)
+//
+// A ticketKeep label from the server (ticket.go) changes nothing either:
+// the ticket this connection resumed with stays the one offered.
 func (c *ticketCache) Put(serverName string, cs *tls.ClientSessionState) {
 	key := c.key(serverName)
 	if cs == nil {
+		return
+	}
+	if ticket, _, err := cs.ResumptionState(); err == nil && bytes.Equal(ticket, ticketKeep) {
 		return
 	}
 	cur := c.cert()
