@@ -164,19 +164,7 @@ func benchMinute(b *testing.B, restart bool, changed int) {
 	const away, window = time.Minute, time.Minute
 	r, cs, ns, pods := newReconnectRun(b, fmt.Sprintf("minute-%t-%d", restart, changed), 400)
 	nodeKey := objsync.Key{Kind: "Node", Name: r.node}.Hash()
-	holds := func(e *edge) func() bool {
-		return func() bool {
-			inv, err := e.st.Inventory(context.Background())
-			if err != nil {
-				return false
-			}
-			got := make(map[uint64]uint64, len(inv))
-			for _, en := range inv {
-				got[en.Key] = en.Version
-			}
-			return newConvergence(desired(r.cloud.cat, r.node), got).wrong == 0
-		}
-	}
+	holds := func(e *edge) func() bool { return func() bool { return r.holdsDesired(e.st) } }
 	// wait blocks until d has passed since t: the scenario's own durations,
 	// not a synchronisation.
 	wait := func(t time.Time, d time.Duration) { <-time.After(time.Until(t.Add(d))) }
@@ -368,6 +356,10 @@ func (r *reconnectRun) connect(tb testing.TB, dir string, want, have map[uint64]
 	if doneAt.After(end) {
 		end = doneAt
 	}
+	// The node's own Node, when the start wrote it, comes back down after
+	// the API server's watch: wait for it, so that it is counted.
+	require.Eventually(tb, func() bool { return r.holdsDesired(e.st) }, time.Minute, 5*time.Millisecond,
+		"edge %s never held its Node at the catalog's version", r.node)
 	after := r.settle(tb)
 	// The objects the edge was to receive, and its own Node at the version
 	// the catalog has now (a start may have written it).
@@ -377,6 +369,20 @@ func (r *reconnectRun) connect(tb testing.TB, dir string, want, have map[uint64]
 	t := after.sub(before)
 	t.converge = end.Sub(start)
 	return t
+}
+
+// holdsDesired reports whether st holds exactly what the catalog says the
+// node must hold now.
+func (r *reconnectRun) holdsDesired(st *store.Store) bool {
+	inv, err := st.Inventory(context.Background())
+	if err != nil {
+		return false
+	}
+	got := make(map[uint64]uint64, len(inv))
+	for _, en := range inv {
+		got[en.Key] = en.Version
+	}
+	return newConvergence(desired(r.cloud.cat, r.node), got).wrong == 0
 }
 
 // requireHolds fails tb unless st holds exactly want (key hash -> version
