@@ -293,20 +293,27 @@ func (r *Reporter) Run(ctx context.Context) error {
 		})
 		defer cancel()
 	}
+	// A status report for a held Node that differs is made at most once
+	// per lease interval after any Node report (time.Now: the interval is
+	// real time whatever clock dates the reports), so that the Node in
+	// flight is not reported again while the old one is still held (the
+	// Node the cloud had before the registration arrives after it); one
+	// held back waits for the next renewal.
+	var nextFix time.Time
+	fixPending := false
 	r.probe(ctx)
-	registered, firstStatus := r.start(ctx)
+	registered, published, firstStatus := r.start(ctx)
+	if published {
+		nextFix = time.Now().Add(every)
+	}
 	status := time.NewTimer(firstStatus)
 	defer status.Stop()
 	reportStatus := func() {
 		if r.report(ctx, "status", r.publishNode(ctx, message.OpStatus)) {
 			status.Reset(r.cfg.StatusEvery)
+			nextFix = time.Now().Add(every)
 		}
 	}
-	// A status report for a held Node that differs is made at most once
-	// per lease interval (time.Now: the interval is real time whatever
-	// clock dates the reports); one held back waits for the next renewal.
-	var nextFix time.Time
-	fixPending := false
 	fix := func() {
 		if !registered {
 			return // the registration carries the status
@@ -320,7 +327,6 @@ func (r *Reporter) Run(ctx context.Context) error {
 			return
 		}
 		fixPending = false
-		nextFix = time.Now().Add(every)
 		reportStatus()
 	}
 	r.report(ctx, "lease", r.publishLease(ctx))
@@ -334,6 +340,9 @@ func (r *Reporter) Run(ctx context.Context) error {
 			switch {
 			case !registered:
 				registered = r.report(ctx, "node", r.publishNode(ctx, message.OpUpsert))
+				if registered {
+					nextFix = time.Now().Add(every)
+				}
 			case changed:
 				reportStatus()
 			case fixPending:
@@ -354,25 +363,26 @@ func (r *Reporter) Run(ctx context.Context) error {
 // start makes the reports due at start: the registration, unless the held
 // Node has the labels and the status the edge would register, and a status
 // report if the held heartbeat is older than StatusEvery. It returns
-// whether the node counts as registered and when the first status report
-// is due.
-func (r *Reporter) start(ctx context.Context) (registered bool, firstStatus time.Duration) {
+// whether the node counts as registered, whether a Node report was queued,
+// and when the first status report is due.
+func (r *Reporter) start(ctx context.Context) (registered, published bool, firstStatus time.Duration) {
 	held := r.held(ctx)
 	r.adoptTransition(held)
 	want := r.Node()
 	if held == nil || !hasLabels(held, want) || !sameStatus(held, want) {
-		return r.report(ctx, "node", r.publishNode(ctx, message.OpUpsert)), r.cfg.StatusEvery
+		ok := r.report(ctx, "node", r.publishNode(ctx, message.OpUpsert))
+		return ok, ok, r.cfg.StatusEvery
 	}
 	age := r.cfg.Now().Sub(heartbeat(held))
 	if age < 0 || age >= r.cfg.StatusEvery {
 		// Stale (or dated in the future: the clock stepped back): report.
 		if r.report(ctx, "status", r.publishNode(ctx, message.OpStatus)) {
-			return true, r.cfg.StatusEvery
+			return true, true, r.cfg.StatusEvery
 		}
-		return true, r.cfg.LeaseDuration / 4 // queued at the next renewal
+		return true, false, r.cfg.LeaseDuration / 4 // queued at the next renewal
 	}
 	r.logger.Debug("node registration skipped: the cloud holds it", "heartbeat_age", age)
-	return true, r.cfg.StatusEvery - age
+	return true, false, r.cfg.StatusEvery - age
 }
 
 // report counts and logs (rate-limited) a failed report; it returns
