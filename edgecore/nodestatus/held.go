@@ -35,8 +35,10 @@ import (
 //   - While running, whenever the held Node changes (the cloud sent a new
 //     version: the node lifecycle controller set Ready Unknown while the
 //     edge was away, someone edited the status) and its status differs
-//     from the edge's, a status report goes out, at most once per lease
-//     renewal interval: a cloud that never takes the edge's status (a
+//     from the edge's, a status report goes out, but not within a lease
+//     renewal interval of the last Node report: the Node the cloud had
+//     before a registration or report arrives after it and is not
+//     reported again, and a cloud that never takes the edge's status (a
 //     field the API server rewrites) costs one report per interval, not a
 //     loop.
 //
