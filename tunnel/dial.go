@@ -178,7 +178,7 @@ func (c *Client) dialEndpoint(ctx context.Context, ep endpoint) (*Session, error
 	case err != nil && serverAnswered(err):
 		// The server refused this handshake: the ticket offered, if any,
 		// goes, so that the next attempt is a full handshake.
-		tickets.Put(name, nil)
+		tickets.dropAnswered(name)
 	case err == nil && offered != nil && !sess.Resumed():
 		// The server declined the ticket (a client whose TLS config
 		// names its own curves completes a full handshake then).

@@ -206,8 +206,15 @@ func (s quicStream) Close() error {
 func quicConfig(o Options, handshake time.Duration) *quic.Config {
 	return &quic.Config{
 		DisablePathMTUDiscovery: !o.PathMTUDiscovery,
-		HandshakeIdleTimeout:    handshake,
-		MaxIdleTimeout:          quicIdleTimeout(o.KeepAlive, o.DeadPeerTimeout),
+		// The smallest size QUIC allows (RFC 9000, 14): every datagram
+		// carrying an Initial packet is padded to it, the client's first
+		// two and the server's first, so a handshake costs 240 B less
+		// than at quic-go's default of 1,280 B. Bulk data travels in
+		// about 7 % more packets (path-MTU discovery, when on, starts
+		// from here).
+		InitialPacketSize:    1200,
+		HandshakeIdleTimeout: handshake,
+		MaxIdleTimeout:       quicIdleTimeout(o.KeepAlive, o.DeadPeerTimeout),
 		// quic-go sends a keepalive PING only when nothing has been
 		// received for the period: a path busy with frames carries none.
 		KeepAlivePeriod:       o.KeepAlive,

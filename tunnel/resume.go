@@ -1,6 +1,7 @@
 package tunnel
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"crypto/tls"
@@ -22,7 +23,8 @@ import (
 // the current one: after a renewal the next handshake is a full one, with
 // the new certificate. A ticket is dropped when the server answers a
 // handshake with a TLS alert or a refusal, so that a ticket the server
-// does not accept any more cannot keep the client out.
+// does not accept any more cannot keep the client out, and only then: a
+// dial that nothing answered (an outage) keeps it for the next one.
 //
 // A client that offers a ticket offers an X25519 key share only (unless its
 // TLS config names curves itself): the hybrid X25519MLKEM768 share is
@@ -108,11 +110,24 @@ func (c *ticketCache) Get(serverName string) (*tls.ClientSessionState, bool) {
 	return e.state, true
 }
 
-// Put keeps the ticket the server just issued for serverName (nil: forget).
+// Put keeps the ticket the server just issued for serverName. A nil cs,
+// which crypto/tls puts after any failed handshake that offered a ticket,
+// a timeout on a path that drops everything included, changes nothing:
+// the tunnel drops a ticket itself when the server answered (dropAnswered,
+// drop), so that an outage does not cost the first reconnect after it its
+// resumption. (crypto/tls also puts nil for a ticket it will not offer
+// again, expired or issued under a server certificate no longer valid; it
+// checks that at every Get, and the next full handshake's ticket replaces
+// it.)
+//
+// A ticketKeep label from the server (ticket.go) changes nothing either:
+// the ticket this connection resumed with stays the one offered.
 func (c *ticketCache) Put(serverName string, cs *tls.ClientSessionState) {
 	key := c.key(serverName)
 	if cs == nil {
-		c.forget(key)
+		return
+	}
+	if ticket, _, err := cs.ResumptionState(); err == nil && bytes.Equal(ticket, ticketKeep) {
 		return
 	}
 	cur := c.cert()
@@ -134,6 +149,9 @@ func (c *ticketCache) Put(serverName string, cs *tls.ClientSessionState) {
 		c.logger.Warn("cannot save session ticket", "key", key, "err", err)
 	}
 }
+
+// dropAnswered forgets serverName's ticket: the server refused a handshake.
+func (c *ticketCache) dropAnswered(serverName string) { c.forget(c.key(serverName)) }
 
 // drop forgets serverName's ticket if it is still state (and not one that
 // arrived since).

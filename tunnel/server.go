@@ -190,7 +190,7 @@ func (s *Server) tlsConfig(t Transport) *tls.Config {
 		pool := s.cfg.ClientCAs()
 		c.ClientCAs = pool
 		if s.tickets != nil {
-			c.UnwrapSession = s.unwrapSession(t, remote)
+			c.UnwrapSession, c.WrapSession = s.sessionHooks(t, remote, slices.Contains(hello.SupportedProtos, alpnKeepTicket))
 		}
 		offeredTicket := slices.Contains(hello.Extensions, extensionPreSharedKey)
 		c.VerifyConnection = func(cs tls.ConnectionState) error {

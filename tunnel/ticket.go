@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 )
 
@@ -186,14 +187,55 @@ func (s *Server) wrapSession(cs tls.ConnectionState, ss *tls.SessionState) ([]by
 	return s.tickets.seal(state)
 }
 
+// Keeping a ticket. crypto/tls sends one NewSessionTicket after every
+// handshake, resumed ones too (quic-go asks for it at handshake
+// completion, crypto/tls sends it with its last flight on TCP), and
+// neither lets a server skip it for one connection: a WrapSession error
+// fails the connection, and SessionTicketsDisabled, read from quic-go's
+// own copy of the connection's tls.Config, would also refuse the ticket
+// presented. What can change is what the message carries. A client that
+// offers the ALPN protocol alpnKeepTicket (besides the transport's own,
+// which is the one negotiated) understands the label ticketKeep: "keep the
+// ticket you resumed with". A connection that resumed a ticket sealed in
+// the current epoch gets that label, 13 bytes, instead of a new sealed
+// state of about 650 (the client certificate is most of it), and the
+// client keeps offering its ticket; one that resumed a ticket of the
+// previous epoch, or made a full handshake, gets a new ticket, so a client
+// still receives one per rotation period. A client that does not offer
+// alpnKeepTicket (an older EdgeCore) always gets a new ticket.
+
+// alpnKeepTicket is the ALPN protocol a client offers to say it
+// understands ticketKeep. It is never negotiated.
+const alpnKeepTicket = "tk"
+
+// ticketKeep is the label of the NewSessionTicket that tells the client to
+// keep its ticket. It is not a ticket this server seals (those start with
+// ticketVersion and are longer), so an older client that stored it would
+// have it declined as unknown.
+var ticketKeep = []byte("tether-keep/1")
+
+// sessionHooks returns the server's tls.Config.UnwrapSession and
+// WrapSession for one connection on transport t; keepable says whether the
+// client offered alpnKeepTicket.
+func (s *Server) sessionHooks(t Transport, remote string, keepable bool) (
+	unwrap func([]byte, tls.ConnectionState) (*tls.SessionState, error),
+	wrap func(tls.ConnectionState, *tls.SessionState) ([]byte, error),
+) {
+	var fresh atomic.Bool // resumed a ticket of the current epoch
+	unwrapOne := s.unwrapSession(t, remote, &fresh)
+	return unwrapOne, func(cs tls.ConnectionState, ss *tls.SessionState) ([]byte, error) {
+		if keepable && cs.DidResume && fresh.Load() {
+			return ticketKeep, nil
+		}
+		return s.wrapSession(cs, ss)
+	}
+}
+
 // unwrapSession returns the server's tls.Config.UnwrapSession for transport
 // t. It never fails the handshake: a ticket it does not accept makes a full
-// handshake (a nil state), counted and logged rate-limited.
-//
-// Every session, resumed or not, gets a new ticket (about 1 kB down):
-// quic-go sends it after every handshake and takes its own copy of the
-// handshake's tls.Config, so it cannot be skipped per connection.
-func (s *Server) unwrapSession(t Transport, remote string) func([]byte, tls.ConnectionState) (*tls.SessionState, error) {
+// handshake (a nil state), counted and logged rate-limited. It sets fresh
+// when it accepts a ticket sealed in the current epoch.
+func (s *Server) unwrapSession(t Transport, remote string, fresh *atomic.Bool) func([]byte, tls.ConnectionState) (*tls.SessionState, error) {
 	return func(ticket []byte, _ tls.ConnectionState) (*tls.SessionState, error) {
 		decline := func(outcome string, err error) (*tls.SessionState, error) {
 			s.metrics.Resumptions.WithLabelValues(string(t), outcome).Inc()
@@ -202,7 +244,7 @@ func (s *Server) unwrapSession(t Transport, remote string) func([]byte, tls.Conn
 			}
 			return nil, nil
 		}
-		state, _, err := s.tickets.open(ticket)
+		state, current, err := s.tickets.open(ticket)
 		if err != nil {
 			return decline(ticketUnknown, err)
 		}
@@ -219,6 +261,7 @@ func (s *Server) unwrapSession(t Transport, remote string) func([]byte, tls.Conn
 				return decline(ticketNotAuthorized, fmt.Errorf("node %q serial %s: %w", id.Node, id.Serial, err))
 			}
 		}
+		fresh.Store(current)
 		return ss, nil
 	}
 }

@@ -60,8 +60,9 @@ type Config struct {
 	// Syncer tunes the sync protocol. Zero: the syncer's defaults.
 	Syncer syncer.Config
 	// NodeStatus tunes node status and lease reports; its Node is set
-	// from Node, and its DataDir, when empty, from DataDir (the
-	// filesystem whose size is the ephemeral-storage capacity). With a
+	// from Node, its DataDir, when empty, from DataDir (the filesystem
+	// whose size is the ephemeral-storage capacity), and its Held, when
+	// nil, is the store. With a
 	// CRIEndpoint and no NodeStatus.Runtime, Ready follows that runtime's
 	// CRI Status; with neither, the Node is Ready only if
 	// NodeStatus.RequireRuntime is false (the edgecore command sets it).
@@ -248,6 +249,11 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 	}
 	if nsCfg.Registerer == nil {
 		nsCfg.Registerer = cfg.Registerer
+	}
+	if nsCfg.Held == nil {
+		// The cloud's copy of the node's Node: a start that changes
+		// nothing registers nothing.
+		nsCfg.Held = st
 	}
 	reporter, err := nodestatus.New(nsCfg, sy, logger)
 	if err != nil {

@@ -1,5 +1,6 @@
 // Package nodestatus reports the edge node to the cloud: it registers the
-// Node (capacity, allocatable, nodeInfo, addresses, labels) once per start,
+// Node (capacity, allocatable, nodeInfo, addresses, labels) at a start
+// unless the cloud's copy of the Node already says all of it (held.go),
 // renews the node's Lease as a heartbeat, and refreshes the Ready
 // condition, which is True only when the container runtime answers that it
 // can run pods. Host facts come from edgecore/hostinfo; the runtime is
@@ -21,6 +22,7 @@ import (
 	"log/slog"
 	"net"
 	"runtime"
+	"slices"
 	"sync"
 	"time"
 
@@ -30,6 +32,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/tetheredge/tether/common/message"
+	"github.com/tetheredge/tether/common/objsync"
 	"github.com/tetheredge/tether/common/ratelog"
 	"github.com/tetheredge/tether/edgecore/hostinfo"
 	"github.com/tetheredge/tether/edgecore/store"
@@ -45,6 +48,10 @@ const KubeletVersion = "v0.0.0-tether"
 // default).
 const DefaultMaxPods = 110
 
+// DefaultStatusEvery is Config.StatusEvery's default (kubelet's
+// nodeStatusReportFrequency).
+const DefaultStatusEvery = 5 * time.Minute
+
 // Publisher queues an upstream write (the syncer).
 type Publisher interface {
 	Publish(ctx context.Context, item store.OutboxItem) error
@@ -59,10 +66,18 @@ type Config struct {
 	// LeaseDuration is the lease's duration; it is renewed every quarter
 	// of it. Default 40s (as kubelet).
 	LeaseDuration time.Duration
-	// StatusEvery is how often the Node's status is published. Default 1m.
-	// The runtime is asked at every lease renewal too, and a change of the
-	// Ready condition is published then, without waiting for StatusEvery.
+	// StatusEvery is how often the Node's status is published when
+	// nothing changed. Default 5m, as kubelet's nodeStatusReportFrequency:
+	// the Lease carries liveness. The runtime is asked at every lease
+	// renewal too, and a change of the Ready condition is published then,
+	// without waiting for StatusEvery.
 	StatusEvery time.Duration
+	// Held, when set, is where the reporter reads the node's own Node as
+	// the cloud sent it (the edge store), so that it reports only what the
+	// cloud does not hold yet: no registration at a start that changes
+	// nothing, a status report when the cloud's Node stops saying what the
+	// edge reports (held.go). Nil: the node registers at every start.
+	Held Held
 	// Runtime, when set, decides the Ready condition: Ready is True only
 	// while it answers RuntimeReady (and NetworkReady, with
 	// RequireNetwork), and its version is the Node's
@@ -147,7 +162,7 @@ func New(cfg Config, pub Publisher, logger *slog.Logger) (*Reporter, error) {
 		cfg.LeaseDuration = 40 * time.Second
 	}
 	if cfg.StatusEvery <= 0 {
-		cfg.StatusEvery = time.Minute
+		cfg.StatusEvery = DefaultStatusEvery
 	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
@@ -254,17 +269,66 @@ func (r *Reporter) probe(ctx context.Context) bool {
 	return changed
 }
 
-// Run registers the node, then renews its lease and status until ctx ends.
-// A report that fails is made again at the next report (a registration
-// that failed: at every lease renewal until it succeeds); Run returns only
-// when ctx ends, with nil.
+// Run registers the node (unless the cloud's Node says it all already:
+// see held.go), then renews its lease every quarter of LeaseDuration and
+// reports its status every StatusEvery, at once when the Ready condition
+// changes, and when the cloud's Node stops saying what the edge reports,
+// until ctx ends. A report that fails is made again at the next report (a
+// registration that failed: at every lease renewal until it succeeds); Run
+// returns only when ctx ends, with nil.
 func (r *Reporter) Run(ctx context.Context) error {
-	lease := time.NewTicker(r.cfg.LeaseDuration / 4)
+	every := r.cfg.LeaseDuration / 4
+	lease := time.NewTicker(every)
 	defer lease.Stop()
-	status := time.NewTicker(r.cfg.StatusEvery)
-	defer status.Stop()
+	heldChanged := make(chan struct{}, 1)
+	if r.cfg.Held != nil {
+		key := r.nodeKey()
+		cancel := r.cfg.Held.Subscribe(func(keys []objsync.Key) {
+			if slices.Contains(keys, key) {
+				select {
+				case heldChanged <- struct{}{}:
+				default:
+				}
+			}
+		})
+		defer cancel()
+	}
+	// A status report for a held Node that differs is made at most once
+	// per lease interval after any Node report (time.Now: the interval is
+	// real time whatever clock dates the reports), so that the Node in
+	// flight is not reported again while the old one is still held (the
+	// Node the cloud had before the registration arrives after it); one
+	// held back waits for the next renewal.
+	var nextFix time.Time
+	fixPending := false
 	r.probe(ctx)
-	registered := r.report(ctx, "node", r.publishNode(ctx, message.OpUpsert))
+	registered, published, firstStatus := r.start(ctx)
+	if published {
+		nextFix = time.Now().Add(every)
+	}
+	status := time.NewTimer(firstStatus)
+	defer status.Stop()
+	reportStatus := func() {
+		if r.report(ctx, "status", r.publishNode(ctx, message.OpStatus)) {
+			status.Reset(r.cfg.StatusEvery)
+			nextFix = time.Now().Add(every)
+		}
+	}
+	fix := func() {
+		if !registered {
+			return // the registration carries the status
+		}
+		if held := r.held(ctx); held != nil && sameStatus(held, r.Node()) {
+			fixPending = false
+			return
+		}
+		if time.Now().Before(nextFix) {
+			fixPending = true
+			return
+		}
+		fixPending = false
+		reportStatus()
+	}
 	r.report(ctx, "lease", r.publishLease(ctx))
 	for {
 		select {
@@ -273,18 +337,52 @@ func (r *Reporter) Run(ctx context.Context) error {
 		case <-lease.C:
 			r.report(ctx, "lease", r.publishLease(ctx))
 			changed := r.probe(ctx)
-			if !registered {
+			switch {
+			case !registered:
 				registered = r.report(ctx, "node", r.publishNode(ctx, message.OpUpsert))
-			} else if changed {
-				r.report(ctx, "status", r.publishNode(ctx, message.OpStatus))
+				if registered {
+					nextFix = time.Now().Add(every)
+				}
+			case changed:
+				reportStatus()
+			case fixPending:
+				fix()
 			}
 		case <-status.C:
+			status.Reset(r.cfg.StatusEvery)
 			r.probe(ctx)
 			if registered {
-				r.report(ctx, "status", r.publishNode(ctx, message.OpStatus))
+				reportStatus()
 			}
+		case <-heldChanged:
+			fix()
 		}
 	}
+}
+
+// start makes the reports due at start: the registration, unless the held
+// Node has the labels and the status the edge would register, and a status
+// report if the held heartbeat is older than StatusEvery. It returns
+// whether the node counts as registered, whether a Node report was queued,
+// and when the first status report is due.
+func (r *Reporter) start(ctx context.Context) (registered, published bool, firstStatus time.Duration) {
+	held := r.held(ctx)
+	r.adoptTransition(held)
+	want := r.Node()
+	if held == nil || !hasLabels(held, want) || !sameStatus(held, want) {
+		ok := r.report(ctx, "node", r.publishNode(ctx, message.OpUpsert))
+		return ok, ok, r.cfg.StatusEvery
+	}
+	age := r.cfg.Now().Sub(heartbeat(held))
+	if age < 0 || age >= r.cfg.StatusEvery {
+		// Stale (or dated in the future: the clock stepped back): report.
+		if r.report(ctx, "status", r.publishNode(ctx, message.OpStatus)) {
+			return true, true, r.cfg.StatusEvery
+		}
+		return true, false, r.cfg.LeaseDuration / 4 // queued at the next renewal
+	}
+	r.logger.Debug("node registration skipped: the cloud holds it", "heartbeat_age", age)
+	return true, false, r.cfg.StatusEvery - age
 }
 
 // report counts and logs (rate-limited) a failed report; it returns
@@ -348,12 +446,13 @@ func (r *Reporter) publishLease(ctx context.Context) error {
 	now := metav1.NewMicroTime(r.cfg.Now())
 	secs := int32(r.cfg.LeaseDuration / time.Second)
 	holder := r.cfg.Node
-	l := coordinationv1.Lease{
-		TypeMeta:   metav1.TypeMeta{APIVersion: "coordination.k8s.io/v1", Kind: "Lease"},
-		ObjectMeta: metav1.ObjectMeta{Name: r.cfg.Node, Namespace: "kube-node-lease"},
-		Spec:       coordinationv1.LeaseSpec{HolderIdentity: &holder, LeaseDurationSeconds: &secs, RenewTime: &now},
-	}
-	data, err := json.Marshal(&l)
+	// The spec only: the cloud names the Lease after the session's node
+	// and writes nothing but its spec (cloudcore/upstream), so apiVersion,
+	// kind and metadata would be about 100 bytes of every renewal for
+	// nothing. It still decodes as a Lease.
+	data, err := json.Marshal(struct {
+		Spec coordinationv1.LeaseSpec `json:"spec"`
+	}{coordinationv1.LeaseSpec{HolderIdentity: &holder, LeaseDurationSeconds: &secs, RenewTime: &now}})
 	if err != nil {
 		return fmt.Errorf("encode lease: %w", err)
 	}

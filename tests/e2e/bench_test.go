@@ -28,6 +28,7 @@ import (
 	"github.com/tetheredge/tether/cloudcore/catalog"
 	"github.com/tetheredge/tether/common/message"
 	"github.com/tetheredge/tether/common/objsync"
+	"github.com/tetheredge/tether/edgecore/nodestatus"
 	"github.com/tetheredge/tether/edgecore/store"
 	"github.com/tetheredge/tether/edgecore/syncer"
 	"github.com/tetheredge/tether/tests/promtest"
@@ -62,30 +63,11 @@ func BenchmarkReconnect400(b *testing.B) {
 // node holds `objects` objects: its Node, one ConfigMap and objects-2 pods
 // that reference it. Reported figures are medians over the rounds.
 func benchReconnect(b *testing.B, objects, changed int) {
-	env := cp.Env(b)
-	cs := adminClient(b, env.Config)
-	ns := env.Namespace(b)
-	node := fmt.Sprintf("bench-%d-%d", objects, changed)
-	createEdgeNode(b, cs, node)
-	benchConfigMap(b, cs, ns, "shared")
-	pods := make([]string, objects-2)
-	for i := range pods {
-		pods[i] = fmt.Sprintf("p-%05d", i)
-	}
-	begin := time.Now()
-	benchPods(b, cs, ns, node, pods, "shared")
-	created := time.Since(begin)
-	b.Logf("created %d pods in %s (%.0f/s)", len(pods), created.Round(time.Millisecond), float64(len(pods))/created.Seconds())
-
-	c := startCloud(b, env.Config, cloudOptions{})
-	r := &reconnectRun{node: node, cloud: c, relay: startRelay(b, c.addr), id: c.admit(b, node)}
-	// The edge registers its Node on its first start; every later start
-	// registers the same Node, a no-op, so the rounds see a fixed node.
-	warm := benchEdge(b, r.id, b.TempDir(), c.addr, nopObserver{})
-	waitRegistered(b, cs, c, node)
-	warm.stop()
+	r, cs, ns, pods := newReconnectRun(b, fmt.Sprintf("bench-%d-%d", objects, changed), objects)
+	c, node := r.cloud, r.node
 
 	var relists, reconnects []traffic
+
 	for round := 0; b.Loop(); round++ {
 		want := desired(c.cat, node)
 		require.Len(b, want, objects, "catalog's view of %s", node)
@@ -99,7 +81,13 @@ func benchReconnect(b *testing.B, objects, changed int) {
 			require.NoError(b, err)
 			waitCatalogVersion(b, c.cat, node, objsync.Key{Kind: "Pod", Namespace: ns, Name: pod}, patched.ResourceVersion)
 		}
+		if round == 0 {
+			r.traceNext = 8
+		}
 		reconnect := r.connect(b, dir, desired(c.cat, node), want)
+		if round == 0 {
+			b.Logf("round 0: the reconnect's first datagrams:\n\t%s", strings.Join(r.relay.takeTrace(), "\n\t"))
+		}
 
 		b.Logf("round %d: relist %s; reconnect %s", round, relist, reconnect)
 		relists = append(relists, relist)
@@ -108,15 +96,9 @@ func benchReconnect(b *testing.B, objects, changed int) {
 
 	rl, rc := medianTraffic(relists), medianTraffic(reconnects)
 	b.ReportMetric(0, "ns/op") // a round is several measurements; each is reported below
-	b.ReportMetric(rl.down, "relist-down-B")
-	b.ReportMetric(rl.up, "relist-up-B")
-	b.ReportMetric(float64(rl.quicDown), "relist-quic-down-B")
-	b.ReportMetric(float64(rl.quicUp), "relist-quic-up-B")
+	reportTraffic(b, "relist-", rl)
 	b.ReportMetric(ms(rl.converge), "relist-ms")
-	b.ReportMetric(rc.down, "down-B")
-	b.ReportMetric(rc.up, "up-B")
-	b.ReportMetric(float64(rc.quicDown), "quic-down-B")
-	b.ReportMetric(float64(rc.quicUp), "quic-up-B")
+	reportTraffic(b, "", rc)
 	b.ReportMetric(ms(rc.converge), "converge-ms")
 	for d, dir := range []string{"down", "up"} {
 		for c, n := range rc.byClass[d] {
@@ -129,6 +111,120 @@ func benchReconnect(b *testing.B, objects, changed int) {
 	b.ReportMetric(float64(rl.quicDown+rl.quicUp)/float64(rc.quicDown+rc.quicUp), "relist/reconnect-quic-B")
 }
 
+// newReconnectRun creates the edge node `node` holding `objects` objects
+// (its Node, one ConfigMap and objects-2 pods that reference it), starts a
+// cloud serving it only and a relay in front of the cloud, and registers
+// the node once. It returns the run, the admin client, the namespace and
+// the pods' names.
+func newReconnectRun(b *testing.B, node string, objects int) (*reconnectRun, kubernetes.Interface, string, []string) {
+	env := cp.Env(b)
+	cs := adminClient(b, env.Config)
+	ns := env.Namespace(b)
+	createEdgeNode(b, cs, node)
+	benchConfigMap(b, cs, ns, "shared")
+	pods := make([]string, objects-2)
+	for i := range pods {
+		pods[i] = fmt.Sprintf("p-%05d", i)
+	}
+	begin := time.Now()
+	benchPods(b, cs, ns, node, pods, "shared")
+	created := time.Since(begin)
+	b.Logf("created %d pods in %s (%.0f/s)", len(pods), created.Round(time.Millisecond), float64(len(pods))/created.Seconds())
+
+	c := startCloud(b, env.Config, cloudOptions{})
+	r := &reconnectRun{node: node, cloud: c, relay: startRelay(b, c.addr), id: c.admit(b, node)}
+	// The edge registers its Node on its first start. Later starts may
+	// write it again (a new heartbeat), which changes the Node: the
+	// convergence below ignores the node's own Node, and the end of each
+	// sync checks that the edge holds the catalog's version of it.
+	warm := benchEdge(b, r.id, b.TempDir(), c.addr, nopObserver{})
+	waitRegistered(b, cs, c, node)
+	warm.stop()
+	return r, cs, ns, pods
+}
+
+// BenchmarkReconnect400Minute is the issue's scenario in wall-clock time:
+// an edge holding 400 objects is away for 60 s while `changed` pods change,
+// either cut off (its path blackholed: EdgeCore keeps running, its session
+// times out and its dials are lost) or stopped (EdgeCore restarted on the
+// same store), and every byte of the 60 s after it comes back is counted;
+// then those of the idle minute that follows, with no reconnect. One round
+// takes about three minutes.
+func BenchmarkReconnect400Minute(b *testing.B) {
+	for _, c := range []struct {
+		mode    string
+		changed int
+	}{{"outage", 5}, {"outage", 0}, {"restart", 5}} {
+		b.Run(fmt.Sprintf("%s/changed=%d", c.mode, c.changed), func(b *testing.B) { benchMinute(b, c.mode == "restart", c.changed) })
+	}
+}
+
+// benchMinute runs BenchmarkReconnect400Minute's rounds for one mode.
+func benchMinute(b *testing.B, restart bool, changed int) {
+	const away, window = time.Minute, time.Minute
+	r, cs, ns, pods := newReconnectRun(b, fmt.Sprintf("minute-%t-%d", restart, changed), 400)
+	nodeKey := objsync.Key{Kind: "Node", Name: r.node}.Hash()
+	holds := func(e *edge) func() bool { return func() bool { return r.holdsDesired(e.st) } }
+	// wait blocks until d has passed since t: the scenario's own durations,
+	// not a synchronisation.
+	wait := func(t time.Time, d time.Duration) { <-time.After(time.Until(t.Add(d))) }
+	var windows, idles []traffic
+	for round := 0; b.Loop(); round++ {
+		dir := b.TempDir()
+		e := benchEdge(b, r.id, dir, r.relay.addr(), nopObserver{})
+		require.Eventually(b, holds(e), 5*time.Minute, 10*time.Millisecond, "edge %s did not sync", r.node)
+		r.settle(b)
+		left := time.Now()
+		if restart {
+			e.stop()
+		} else {
+			r.relay.blocked.Store(true)
+		}
+		for i := range changed {
+			pod := pods[(round*changed+i)%len(pods)]
+			patched, err := cs.CoreV1().Pods(ns).Patch(context.Background(), pod, types.MergePatchType,
+				fmt.Appendf(nil, `{"metadata":{"labels":{"round":"%d"}}}`, round), metav1.PatchOptions{})
+			require.NoError(b, err)
+			waitCatalogVersion(b, r.cloud.cat, r.node, objsync.Key{Kind: "Pod", Namespace: ns, Name: pod}, patched.ResourceVersion)
+		}
+		wait(left, away)
+		before := r.snapshot(b)
+		back := time.Now()
+		if restart {
+			e = benchEdge(b, r.id, dir, r.relay.addr(), nopObserver{})
+		} else {
+			r.relay.blocked.Store(false)
+		}
+		require.Eventually(b, holds(e), window, 10*time.Millisecond, "edge %s did not reconcile within the window", r.node)
+		converged := time.Since(back)
+		wait(back, window)
+		mid := r.snapshot(b)
+		wait(back, window+time.Minute)
+		end := r.snapshot(b)
+		requireHolds(b, e.st, without(desired(r.cloud.cat, r.node), nodeKey), nodeKey)
+		e.stop()
+		w, idle := mid.sub(before), end.sub(mid)
+		w.converge = converged
+		b.Logf("round %d: the 60 s after coming back: %s", round, w)
+		b.Logf("round %d: the idle minute after: %s", round, idle)
+		windows, idles = append(windows, w), append(idles, idle)
+	}
+	w, idle := medianTraffic(windows), medianTraffic(idles)
+	b.ReportMetric(0, "ns/op")
+	reportTraffic(b, "", w)
+	b.ReportMetric(ms(w.converge), "converge-ms")
+	reportTraffic(b, "idle-", idle)
+}
+
+// reportTraffic reports t's frame bytes and UDP payload bytes each way,
+// under names that start with prefix.
+func reportTraffic(b *testing.B, prefix string, t traffic) {
+	b.ReportMetric(t.down, prefix+"down-B")
+	b.ReportMetric(t.up, prefix+"up-B")
+	b.ReportMetric(float64(t.quicDown), prefix+"quic-down-B")
+	b.ReportMetric(float64(t.quicUp), prefix+"quic-up-B")
+}
+
 // reconnectRun connects one edge node, through a counting relay, to a cloud
 // that serves no other node, so that the cloud's counters are that node's.
 type reconnectRun struct {
@@ -136,6 +232,9 @@ type reconnectRun struct {
 	cloud *cloud
 	relay *udpRelay
 	id    identity
+	// traceNext, when set, has the next connect describe its first
+	// traceNext datagrams each way (takeTrace), then is reset.
+	traceNext int
 }
 
 // traffic is what crossed the tunnel during one sync, or a snapshot of the
@@ -228,7 +327,13 @@ func (r *reconnectRun) settle(tb testing.TB) traffic {
 func (r *reconnectRun) connect(tb testing.TB, dir string, want, have map[uint64]uint64) traffic {
 	tb.Helper()
 	before := r.settle(tb)
-	conv := newConvergence(want, have)
+	if r.traceNext > 0 {
+		r.relay.startTrace(r.traceNext)
+		r.traceNext = 0
+	}
+	nodeKey := objsync.Key{Kind: "Node", Name: r.node}.Hash()
+	conv := newConvergence(without(want, nodeKey), without(have, nodeKey))
+	conv.ignore = nodeKey
 	start := time.Now()
 	e := benchEdge(tb, r.id, dir, r.relay.addr(), conv)
 	var doneAt time.Time
@@ -251,8 +356,14 @@ func (r *reconnectRun) connect(tb testing.TB, dir string, want, have map[uint64]
 	if doneAt.After(end) {
 		end = doneAt
 	}
+	// The node's own Node, when the start wrote it, comes back down after
+	// the API server's watch: wait for it, so that it is counted.
+	require.Eventually(tb, func() bool { return r.holdsDesired(e.st) }, time.Minute, 5*time.Millisecond,
+		"edge %s never held its Node at the catalog's version", r.node)
 	after := r.settle(tb)
-	requireHolds(tb, e.st, want)
+	// The objects the edge was to receive, and its own Node at the version
+	// the catalog has now (a start may have written it).
+	requireHolds(tb, e.st, without(want, nodeKey), nodeKey)
 	requireHolds(tb, e.st, desired(r.cloud.cat, r.node)) // and nothing changed meanwhile
 	e.stop()
 	t := after.sub(before)
@@ -260,15 +371,32 @@ func (r *reconnectRun) connect(tb testing.TB, dir string, want, have map[uint64]
 	return t
 }
 
+// holdsDesired reports whether st holds exactly what the catalog says the
+// node must hold now.
+func (r *reconnectRun) holdsDesired(st *store.Store) bool {
+	inv, err := st.Inventory(context.Background())
+	if err != nil {
+		return false
+	}
+	got := make(map[uint64]uint64, len(inv))
+	for _, en := range inv {
+		got[en.Key] = en.Version
+	}
+	return newConvergence(desired(r.cloud.cat, r.node), got).wrong == 0
+}
+
 // requireHolds fails tb unless st holds exactly want (key hash -> version
-// hash), saying how many entries differ rather than printing them all.
-func requireHolds(tb testing.TB, st *store.Store, want map[uint64]uint64) {
+// hash), the keys in except left out, saying how many entries differ rather
+// than printing them all.
+func requireHolds(tb testing.TB, st *store.Store, want map[uint64]uint64, except ...uint64) {
 	tb.Helper()
 	inv, err := st.Inventory(context.Background())
 	require.NoError(tb, err)
 	got := make(map[uint64]uint64, len(inv))
 	for _, e := range inv {
-		got[e.Key] = e.Version
+		if !slices.Contains(except, e.Key) {
+			got[e.Key] = e.Version
+		}
 	}
 	if c := newConvergence(want, got); c.wrong != 0 {
 		tb.Fatalf("edge store holds %d objects, want %d; %d differ", len(got), len(want), c.wrong)
@@ -526,12 +654,23 @@ func (s observedStore) DeleteByKeyHash(ctx context.Context, hashes []uint64) ([]
 // convergence follows an edge store towards wanted contents from the
 // commits the syncer makes, and notes when it first matched.
 type convergence struct {
-	mu    sync.Mutex
-	want  map[uint64]uint64 // key hash -> version hash
-	have  map[uint64]uint64
-	wrong int // keys whose entries in have and want differ
-	at    time.Time
-	done  chan struct{}
+	mu     sync.Mutex
+	want   map[uint64]uint64 // key hash -> version hash
+	have   map[uint64]uint64
+	wrong  int    // keys whose entries in have and want differ
+	ignore uint64 // a key hash whose commits are not followed (0: none)
+	at     time.Time
+	done   chan struct{}
+}
+
+// without returns m without key (nil stays nil).
+func without(m map[uint64]uint64, key uint64) map[uint64]uint64 {
+	if m == nil {
+		return nil
+	}
+	out := maps.Clone(m)
+	delete(out, key)
+	return out
 }
 
 func newConvergence(want, have map[uint64]uint64) *convergence {
@@ -561,6 +700,9 @@ func (c *convergence) differs(key uint64) int {
 }
 
 func (c *convergence) set(key, version uint64, present bool) {
+	if key == c.ignore && key != 0 {
+		return
+	}
 	before := c.differs(key)
 	if present {
 		c.have[key] = version
@@ -627,14 +769,21 @@ type udpRelay struct {
 
 	down, up         atomic.Int64 // bytes server→client, client→server
 	downPkts, upPkts atomic.Int64
+	// blocked, while set, drops every datagram uncounted: a blackholed
+	// path.
+	blocked atomic.Bool
 	// byClass counts bytes per direction (0 down, 1 up) and datagram
 	// class, for the breakdown of a reconnect's bytes.
 	byClass [2][numDatagramClasses]atomic.Int64
 
 	mu     sync.Mutex
 	closed bool
-	peers  map[netip.AddrPort]*net.UDPConn // client -> socket towards the server
-	wg     sync.WaitGroup
+	// traceLeft is how many more datagrams per direction (0 down, 1 up)
+	// are described in traced (startTrace).
+	traceLeft [2]int
+	traced    []string
+	peers     map[netip.AddrPort]*net.UDPConn // client -> socket towards the server
+	wg        sync.WaitGroup
 }
 
 func startRelay(tb testing.TB, target string) *udpRelay {
@@ -676,9 +825,13 @@ func (r *udpRelay) serve() {
 		if up == nil {
 			return
 		}
+		if r.blocked.Load() {
+			continue
+		}
 		r.up.Add(int64(n))
 		r.upPkts.Add(1)
 		r.byClass[1][classify(buf[:n])].Add(int64(n))
+		r.trace(1, buf[:n])
 		_, _ = up.Write(buf[:n])
 	}
 }
@@ -707,9 +860,13 @@ func (r *udpRelay) peer(from netip.AddrPort) *net.UDPConn {
 			if err != nil {
 				continue // ECONNREFUSED from an ICMP error: the next datagram may pass
 			}
+			if r.blocked.Load() {
+				continue
+			}
 			r.down.Add(int64(n))
 			r.downPkts.Add(1)
 			r.byClass[0][classify(buf[:n])].Add(int64(n))
+			r.trace(0, buf[:n])
 			_, _ = r.ln.WriteToUDPAddrPort(buf[:n], from)
 		}
 	})
@@ -753,6 +910,100 @@ func classify(d []byte) datagramClass {
 	default: // Handshake, and Retry (which this server does not send)
 		return classHandshake
 	}
+}
+
+// startTrace has the relay describe the next n datagrams in each
+// direction, packet by packet, until takeTrace returns them.
+func (r *udpRelay) startTrace(n int) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.traceLeft, r.traced = [2]int{n, n}, nil
+}
+
+// takeTrace returns the datagrams described since startTrace, in the
+// order the relay forwarded them, and stops tracing.
+func (r *udpRelay) takeTrace() []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := r.traced
+	r.traceLeft, r.traced = [2]int{}, nil
+	return out
+}
+
+func (r *udpRelay) trace(dir int, d []byte) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.traceLeft[dir] == 0 {
+		return
+	}
+	r.traceLeft[dir]--
+	r.traced = append(r.traced, fmt.Sprintf("%s %d B: %s", [2]string{"down", "up"}[dir], len(d), describeDatagram(d)))
+}
+
+// describeDatagram lists the QUIC packets coalesced in one datagram with
+// their sizes, read from the long headers without decrypting (RFC 9000,
+// 17.2: a long-header packet states its length; a short-header packet
+// fills the rest of the datagram).
+func describeDatagram(d []byte) string {
+	var parts []string
+	for len(d) > 0 {
+		if d[0]&0x80 == 0 {
+			parts = append(parts, fmt.Sprintf("1-RTT %d", len(d)))
+			break
+		}
+		n, ok := longPacketLen(d)
+		if !ok {
+			parts = append(parts, fmt.Sprintf("unparsed %d", len(d)))
+			break
+		}
+		parts = append(parts, fmt.Sprintf("%s %d", [4]string{"Initial", "0-RTT", "Handshake", "Retry"}[(d[0]>>4)&3], n))
+		d = d[n:]
+	}
+	return strings.Join(parts, " + ")
+}
+
+// longPacketLen returns the length of the long-header packet d starts
+// with: header and payload.
+func longPacketLen(d []byte) (int, bool) {
+	i := 5        // first byte, version
+	for range 2 { // destination and source connection ids
+		if i >= len(d) {
+			return 0, false
+		}
+		i += 1 + int(d[i])
+	}
+	typ := (d[0] >> 4) & 3
+	if typ == 3 { // Retry: the rest
+		return len(d), i <= len(d)
+	}
+	if typ == 0 { // Initial: token
+		tl, n, ok := quicVarint(d, i)
+		if !ok {
+			return 0, false
+		}
+		i += n + int(tl)
+	}
+	l, n, ok := quicVarint(d, i)
+	if !ok || i+n+int(l) > len(d) {
+		return 0, false
+	}
+	return i + n + int(l), true
+}
+
+// quicVarint reads the variable-length integer at d[i:] (RFC 9000, 16).
+func quicVarint(d []byte, i int) (v uint64, n int, ok bool) {
+	if i >= len(d) {
+		return 0, 0, false
+	}
+	n = 1 << (d[i] >> 6)
+	if i+n > len(d) {
+		return 0, 0, false
+	}
+	v = uint64(d[i] & 0x3f)
+	for _, b := range d[i+1 : i+n] {
+		v = v<<8 | uint64(b)
+	}
+	return v, n, true
 }
 
 func (r *udpRelay) close() {
@@ -800,10 +1051,16 @@ func benchPods(tb testing.TB, cs kubernetes.Interface, ns, node string, names []
 }
 
 // benchEdge starts an edge whose syncer reports its commits to obs, with
-// production tunnel timings.
+// production tunnel timings and the real clock: every start's Lease
+// renewal is a new one and a Node status carries a new heartbeat, as in
+// production, so what a start writes upstream (and what comes back down)
+// is counted at its real cost.
 func benchEdge(tb testing.TB, id identity, dataDir, cloudAddr string, obs commitObserver) *edge {
 	tb.Helper()
-	return startEdge(tb, id, dataDir, cloudAddr, edgeOptions{wrap: func(st *store.Store) syncer.Store { return observedStore{Store: st, obs: obs} }})
+	return startEdge(tb, id, dataDir, cloudAddr, edgeOptions{
+		wrap:       func(st *store.Store) syncer.Store { return observedStore{Store: st, obs: obs} },
+		nodeStatus: nodestatus.Config{Now: time.Now},
+	})
 }
 
 // nopObserver ignores commits.
