@@ -18,10 +18,12 @@ import (
 	"time"
 
 	"golang.org/x/sync/errgroup"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/leaderelection"
 	"k8s.io/client-go/tools/leaderelection/resourcelock"
+	"k8s.io/client-go/util/retry"
 )
 
 // Defaults of Config: client-go's usual ones (kube-controller-manager's).
@@ -110,10 +112,48 @@ func Run(ctx context.Context, client kubernetes.Interface, cfg Config, logger *s
 		Client:     client.CoordinationV1(),
 		LockConfig: resourcelock.ResourceLockConfig{Identity: cfg.Identity},
 	}
-	for ctx.Err() == nil {
-		if err := campaign(ctx, lock, cfg, logger, lead); err != nil {
+	var err error
+	for ctx.Err() == nil && err == nil {
+		err = campaign(ctx, lock, cfg, logger, lead)
+	}
+	// Not an error of Run's: an unreleased Lease only delays the next
+	// leader until it expires.
+	if rerr := release(client, cfg); rerr != nil {
+		logger.Warn("leader lease not released", "lease", cfg.Namespace+"/"+cfg.Name, "err", rerr)
+	}
+	return err
+}
+
+// release gives the Lease up if this replica still holds it, so that
+// another takes it at its next retry rather than after the lease
+// duration. client-go releases it too (ReleaseOnCancel), but once only: a
+// conflict with a renewal still in flight when the term ended leaves the
+// Lease held. It has a deadline of its own (the renew deadline), since it
+// runs after Run's ctx ended.
+func release(client kubernetes.Interface, cfg Config) error {
+	ctx, cancel := context.WithTimeout(context.Background(), cfg.RenewDeadline)
+	defer cancel()
+	leases := client.CoordinationV1().Leases(cfg.Namespace)
+	err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
+		l, err := leases.Get(ctx, cfg.Name, metav1.GetOptions{})
+		if apierrors.IsNotFound(err) {
+			return nil
+		}
+		if err != nil {
 			return err
 		}
+		if l.Spec.HolderIdentity == nil || *l.Spec.HolderIdentity != cfg.Identity {
+			return nil // released already, or another replica's
+		}
+		now := metav1.NewMicroTime(time.Now())
+		none, second := "", int32(1)
+		l.Spec.HolderIdentity, l.Spec.LeaseDurationSeconds = &none, &second
+		l.Spec.AcquireTime, l.Spec.RenewTime = &now, &now
+		_, err = leases.Update(ctx, l, metav1.UpdateOptions{})
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("release leader lease %s/%s: %w", cfg.Namespace, cfg.Name, err)
 	}
 	return nil
 }

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/tetheredge/tether/cloudcore/leader"
@@ -83,6 +84,12 @@ func TestOneLeaderAndTakeover(t *testing.T) {
 	first.cancel()
 	require.NoError(t, <-first.done)
 	first.done <- nil // for the cleanup
+	// Run returns only once the Lease is given up (client-go's own release
+	// can lose a conflict with a renewal in flight; Run's does not).
+	l, err := kube.CoordinationV1().Leases(ns).Get(context.Background(), "test", metav1.GetOptions{})
+	require.NoError(t, err)
+	require.NotNil(t, l.Spec.HolderIdentity)
+	require.NotEqual(t, first.name, *l.Spec.HolderIdentity, "the stopped leader released its Lease")
 	// The released Lease is taken at the next retry, not after the 30 s
 	// lease duration; the bound here is only against a hang.
 	require.Eventually(t, func() bool { l := leaderOf(); return l != nil && l != first }, 20*time.Second, 20*time.Millisecond)
