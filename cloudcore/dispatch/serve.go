@@ -39,6 +39,13 @@ type Upstream interface {
 	Apply(ctx context.Context, node string, m *message.Message) error
 }
 
+// Settler is the optional capability of an Upstream that brings a node's
+// Node up to date with what the operator set (labels, taints) when its
+// session starts.
+type Settler interface {
+	Settle(ctx context.Context, node string) error
+}
+
 // Renewer signs a new certificate for a node whose session presents the
 // certificate with currentSerial. Errors are refusals, told to the edge.
 type Renewer interface {
@@ -236,6 +243,10 @@ func (d *Dispatcher) Notify(node string, key objsync.Key) {
 	}
 }
 
+// settleTimeout bounds the Settler's write at a session's start; a failed
+// one is tried again at the next session or registration.
+const settleTimeout = 10 * time.Second
+
 // Serve runs the sync protocol on one node's session until the session or
 // ctx ends. The caller guarantees one session per node at a time.
 func (d *Dispatcher) Serve(ctx context.Context, s *tunnel.Session) error {
@@ -262,6 +273,18 @@ func (d *Dispatcher) Serve(ctx context.Context, s *tunnel.Session) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	c.g, ctx = errgroup.WithContext(ctx)
+	if st, ok := d.upstream.(Settler); ok {
+		c.spawn(ctx, func(ctx context.Context) error {
+			ctx, cancel := context.WithTimeout(ctx, settleTimeout)
+			defer cancel()
+			if err := st.Settle(ctx, node); err != nil && ctx.Err() == nil {
+				if l := c.limited("settle"); l != nil {
+					l.Warn("cannot bring the node's Node up to date with its EdgeNode", "err", err)
+				}
+			}
+			return nil
+		})
+	}
 	err := c.run(ctx)
 	cancel() // the lanes' writes are for this session only
 	if werr := c.g.Wait(); err == nil {

@@ -191,6 +191,25 @@ func (w *Writer) reregister(ctx context.Context, name string, labels map[string]
 	return apiError("update node "+name, err, false)
 }
 
+// Settle brings node's existing Node up to date with the operator's labels
+// and taints (its EdgeNode) and the edge label, as a registration would:
+// CloudCore calls it when the edge's session starts, since an edge whose
+// Node the cloud already holds as it would register it sends no
+// registration (edgecore/nodestatus), while the operator may have
+// relabelled it meanwhile. A Node not registered yet is left to the
+// registration. It writes only when something changes.
+func (w *Writer) Settle(ctx context.Context, name string) error {
+	labels, err := w.labels(name, nil)
+	if err != nil {
+		return err
+	}
+	err = w.reregister(ctx, name, labels)
+	if apierrors.IsNotFound(err) {
+		return nil
+	}
+	return err
+}
+
 // labels returns the labels to write on node's Node: the edge's (each one
 // a kubelet may set, else the whole write is refused), overridden by the
 // operator's, and the edge label.
