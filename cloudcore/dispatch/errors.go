@@ -24,4 +24,6 @@ var (
 	// ErrListTooLong means a reconcile's Lists hold more entries than the
 	// digest announced, beyond the allowed slack.
 	ErrListTooLong = errors.New("dispatch: reconcile lists too long")
+	// ErrBadList means a List names a sub-bucket of no wanted bucket.
+	ErrBadList = errors.New("dispatch: list names a sub-bucket not wanted")
 )

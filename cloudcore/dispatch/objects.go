@@ -130,6 +130,8 @@ func (o *objects) handle(ctx context.Context, m *message.Message) error {
 				return c.refuse(ctx, m, "unexpected_list", err)
 			case errors.Is(err, ErrListTooLong):
 				return c.refuse(ctx, m, "list_too_long", err)
+			case errors.Is(err, ErrBadList):
+				return c.refuse(ctx, m, "bad_list", err)
 			}
 			return o.send(ctx, actions)
 		default:
@@ -187,7 +189,7 @@ func (o *objects) send(ctx context.Context, actions []Action) error {
 			var p objsync.Sync
 			switch a.Kind {
 			case SendWant:
-				p, kind = objsync.Sync{Phase: objsync.PhaseWant, Buckets: a.Buckets}, "want"
+				p, kind = objsync.Sync{Phase: objsync.PhaseWant, Buckets: a.Buckets, Sub: a.Sub}, "want"
 			case SendPrune:
 				p, kind = objsync.Sync{Phase: objsync.PhasePrune, Hashes: a.Hashes}, "prune"
 				c.d.metrics.pruned.Add(float64(len(a.Hashes)))

@@ -40,7 +40,10 @@ type Action struct {
 	Key     objsync.Key
 	Object  any // what Lookup returned for Key, for SendObject (nil when the loop encodes at send time)
 	Buckets []uint64
-	Hashes  []uint64
+	// Sub, on SendWant, are the digests of the wanted buckets' sub-buckets
+	// (objsync.SubDigest), or nil to have them listed whole.
+	Sub    []uint64
+	Hashes []uint64
 	// Differences, on SendDone, is the reconcile's size: the objects it
 	// found missing or at another version at the edge (queued to be sent)
 	// plus the hashes it pruned.
@@ -158,6 +161,9 @@ type Node struct {
 
 	nb        int
 	wanted    map[int]bool
+	fan       int               // sub-buckets per wanted bucket in the want (1: none)
+	bySub     bool              // the lists name the sub-buckets they hold
+	subs      map[uint64]bool   // the sub-buckets listed so far (among nb·fan)
 	held      map[uint64]uint64 // entries of the wanted buckets listed so far
 	listed    int               // entries received in this reconcile's lists
 	maxListed int               // the bound on listed: Count + MaxEntries
@@ -181,6 +187,7 @@ func (n *Node) reset() {
 	n.byID = make(map[uint64]objsync.Key)
 	n.prunes = make(map[uint64]bool)
 	n.nb, n.wanted, n.held, n.listed, n.maxListed = 0, nil, nil, 0, 0
+	n.fan, n.bySub, n.subs = 1, false, nil
 }
 
 // Live reports whether the reconcile is over and changes flow.
@@ -213,13 +220,16 @@ func (n *Node) Changed(key objsync.Key) {
 // digest in a live session starts over; ids keep increasing) and compares
 // the edge's digest with the desired state. Buckets that match are in
 // sync; for the others it asks for the edge's entries, or, when the edge
-// holds nothing, queues every desired key at once.
+// holds nothing, queues every desired key at once. When the edge takes
+// sub-buckets and the wanted buckets are large enough for it to pay
+// (objsync.Fanout), the want carries the sub-buckets' digests.
 func (n *Node) OnDigest(d objsync.Sync, desired Lookup) []Action {
 	n.reset()
 	n.nb = len(d.Buckets)
 	keys := desired.Keys()
 	type kv struct {
 		key objsync.Key
+		h   uint64
 		v   uint64
 	}
 	byBucket := make(map[int][]kv)
@@ -232,7 +242,7 @@ func (n *Node) OnDigest(d objsync.Sync, desired Lookup) []Action {
 		h := k.Hash()
 		cloud.Add(objsync.Entry{Key: h, Version: v})
 		b := objsync.Bucket(h, n.nb)
-		byBucket[b] = append(byBucket[b], kv{k, v})
+		byBucket[b] = append(byBucket[b], kv{k, h, v})
 	}
 	diff := cloud.Diff(d.Buckets)
 	n.wanted = make(map[int]bool, len(diff))
@@ -267,10 +277,25 @@ func (n *Node) OnDigest(d objsync.Sync, desired Lookup) []Action {
 	n.held = make(map[uint64]uint64)
 	n.maxListed = int(d.Count) + n.cfg.MaxEntries
 	want := make([]uint64, len(diff))
+	inWanted := 0
 	for i, b := range diff {
 		want[i] = uint64(b)
+		inWanted += len(byBucket[int(b)])
 	}
-	return []Action{{Kind: SendWant, ID: n.id(), Buckets: want}}
+	var sub []uint64
+	if d.Caps&objsync.CapSubBuckets != 0 {
+		perBucket := max(inWanted/len(diff), int(d.Count)/n.nb)
+		if fan := objsync.Fanout(perBucket); fan > 1 && len(diff)*fan <= objsync.MaxBuckets {
+			sd := objsync.NewSubDigest(n.nb, fan, want)
+			for _, b := range diff {
+				for _, o := range byBucket[int(b)] {
+					sd.Add(objsync.Entry{Key: o.h, Version: o.v})
+				}
+			}
+			n.fan, sub = fan, sd.Sums
+		}
+	}
+	return []Action{{Kind: SendWant, ID: n.id(), Buckets: want, Sub: sub}}
 }
 
 // OnList takes one List of the edge's entries of the wanted buckets. While
@@ -279,9 +304,14 @@ func (n *Node) OnDigest(d objsync.Sync, desired Lookup) []Action {
 // should not are pruned, in messages of at most MaxEntries hashes, before
 // Done.
 //
+// A List with objsync.CapSubBuckets names the sub-buckets it lists; the
+// objects of the wanted buckets' other sub-buckets are in sync, as those
+// of equal buckets are.
+//
 // A List nobody asked for returns ErrUnexpectedList and changes nothing. A
 // reconcile whose Lists exceed the digest's Count by more than MaxEntries
-// returns ErrListTooLong and is abandoned: nothing is sent until the next
+// returns ErrListTooLong, and one that names a sub-bucket of no wanted
+// bucket ErrBadList; either is abandoned: nothing is sent until the next
 // digest.
 func (n *Node) OnList(l objsync.Sync, desired Lookup) ([]Action, error) {
 	if n.phase != phaseAwaitList {
@@ -293,6 +323,19 @@ func (n *Node) OnList(l objsync.Sync, desired Lookup) ([]Action, error) {
 		n.reset()
 		return nil, fmt.Errorf("%w: %d entries, the digest announced %d objects (slack %d)", ErrListTooLong, listed, limit-n.cfg.MaxEntries, n.cfg.MaxEntries)
 	}
+	if l.Caps&objsync.CapSubBuckets != 0 {
+		if n.subs == nil {
+			n.bySub, n.subs = true, make(map[uint64]bool, len(l.Buckets))
+		}
+		for _, c := range l.Buckets {
+			if c >= uint64(n.nb*n.fan) || !n.wanted[int(c&uint64(n.nb-1))] {
+				nb, fan := n.nb, n.fan
+				n.reset()
+				return nil, fmt.Errorf("%w: sub-bucket %d of %d·%d", ErrBadList, c, nb, fan)
+			}
+			n.subs[c] = true
+		}
+	}
 	for _, e := range l.Entries {
 		if n.wanted[objsync.Bucket(e.Key, n.nb)] {
 			n.held[e.Key] = e.Version
@@ -302,10 +345,18 @@ func (n *Node) OnList(l objsync.Sync, desired Lookup) ([]Action, error) {
 		return nil, nil
 	}
 	held := n.held
+	listedSub := func(h uint64) bool { return !n.bySub || n.subs[uint64(objsync.Bucket(h, n.nb*n.fan))] }
 	differ := 0
 	for _, k := range desired.Keys() {
 		h := k.Hash()
 		if !n.wanted[objsync.Bucket(h, n.nb)] {
+			continue
+		}
+		if !listedSub(h) {
+			// In a sub-bucket the edge found equal: in sync.
+			if v, _, ok := desired.Lookup(k); ok {
+				n.edge[k] = v
+			}
 			continue
 		}
 		v, ok := held[h]
@@ -320,7 +371,9 @@ func (n *Node) OnList(l objsync.Sync, desired Lookup) ([]Action, error) {
 	}
 	hashes := make([]uint64, 0, len(held))
 	for h := range held {
-		hashes = append(hashes, h)
+		if listedSub(h) { // an entry outside the sub-buckets listed says nothing
+			hashes = append(hashes, h)
+		}
 	}
 	slices.Sort(hashes)
 	var actions []Action
@@ -330,7 +383,7 @@ func (n *Node) OnList(l objsync.Sync, desired Lookup) ([]Action, error) {
 		actions = append(actions, Action{Kind: SendPrune, ID: id, Hashes: chunk})
 	}
 	n.phase = phaseLive
-	n.wanted, n.held = nil, nil
+	n.wanted, n.held, n.subs = nil, nil, nil
 	return append(actions, Action{Kind: SendDone, ID: n.id(), Differences: differ + len(hashes)}), nil
 }
 

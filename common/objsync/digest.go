@@ -11,14 +11,18 @@ import "math/bits"
 //     hold now, from its informer cache. Equal buckets are in sync: nothing
 //     in them crosses the wire. For the others it sends Want{buckets}.
 //  3. The edge answers List: the (key hash, version hash) entries of the
-//     wanted buckets only.
+//     wanted buckets only. When the edge said it can (CapSubBuckets) and the
+//     buckets are large, the Want also carries the cloud's digests of each
+//     wanted bucket's sub-buckets (sub.go), and the edge lists only the
+//     sub-buckets whose digest differs from its own.
 //  4. The cloud sends events for objects the edge lacks or holds at another
 //     version, a Prune with the key hashes the edge holds but should not,
 //     and Done.
 //
 // The cost is 8 bytes per bucket (about one bucket per 16 objects) plus
-// 16 bytes per object in buckets that differ, so it grows with what
-// changed, not with what exists.
+// 16 bytes per object in buckets that differ (in sub-buckets that differ,
+// when the Want carries sub-digests), so it grows with what changed, not
+// with what exists.
 
 // MaxBuckets bounds the digest a peer may send or ask for.
 const MaxBuckets = 1 << 14
@@ -51,7 +55,13 @@ func NewDigest(nb int) *Digest { return &Digest{Buckets: make([]uint64, nb)} }
 // Add folds one object into its bucket. Adding the same entry twice cancels
 // it out, so callers add each key once.
 func (d *Digest) Add(e Entry) {
-	d.Buckets[Bucket(e.Key, len(d.Buckets))] ^= mix64(e.Key ^ bits.RotateLeft64(e.Version, 29) ^ 0x9e3779b97f4a7c15)
+	d.Buckets[Bucket(e.Key, len(d.Buckets))] ^= e.sum()
+}
+
+// sum is what an entry contributes to the digest of its bucket (and of its
+// sub-bucket).
+func (e Entry) sum() uint64 {
+	return mix64(e.Key ^ bits.RotateLeft64(e.Version, 29) ^ 0x9e3779b97f4a7c15)
 }
 
 // Diff returns the buckets in which d and other differ. Both must have the

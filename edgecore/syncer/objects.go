@@ -37,7 +37,8 @@ type batch struct {
 type objects struct {
 	nb         int // buckets of the digest sent; 0 before it is
 	want       []uint64
-	wantListed bool // the last want has been answered
+	sub        []uint64 // the want's sub-bucket digests, if it had them
+	wantListed bool     // the last want has been answered
 	invReading bool
 	invFails   int
 	invRetryAt time.Time
@@ -230,7 +231,7 @@ func (e *Edge) receiveSync(now time.Time, m *message.Message) []Action {
 		if o.nb == 0 {
 			return refuse(m.ID, "bad_sync", "want before the digest was sent")
 		}
-		o.want, o.wantListed = p.Buckets, false
+		o.want, o.sub, o.wantListed = p.Buckets, p.Sub, false
 		if o.invReading {
 			return nil // answered when the read in progress returns
 		}
@@ -252,10 +253,11 @@ func (e *Edge) receiveSync(now time.Time, m *message.Message) []Action {
 
 // OnInventory takes the store's inventory: the first one makes the
 // digest, later ones answer the cloud's want with the entries of the
-// wanted buckets, in chunks of at most Config.ListChunk (itself at most
-// objsync.MaxEntries). Every chunk carries in Count the number of entries
-// of the whole list, so that a receiver can tell when it has them all
-// even if chunks overtake one another.
+// wanted buckets (of their sub-buckets that differ, when the want carries
+// sub-digests: listEntries), in chunks of at most Config.ListChunk (itself
+// at most objsync.MaxEntries). Every chunk carries in Count the number of
+// entries of the whole list, so that a receiver can tell when it has them
+// all even if chunks overtake one another.
 func (e *Edge) OnInventory(_ time.Time, inv []objsync.Entry) []Action {
 	o := &e.obj
 	if !o.invReading {
@@ -269,34 +271,64 @@ func (e *Edge) OnInventory(_ time.Time, inv []objsync.Entry) []Action {
 		for _, x := range inv {
 			d.Add(x)
 		}
-		acts = append(acts, Action{Kind: SendSync, Sync: &objsync.Sync{Phase: objsync.PhaseDigest, Count: uint32(len(inv)), Buckets: d.Buckets}})
+		acts = append(acts, Action{Kind: SendSync, Sync: &objsync.Sync{Phase: objsync.PhaseDigest, Count: uint32(len(inv)), Buckets: d.Buckets, Caps: objsync.CapSubBuckets}})
 	}
 	if o.wantListed {
 		return acts
 	}
 	o.wantListed = true
-	wanted := make(map[int]bool, len(o.want))
-	for _, b := range o.want {
-		if b < uint64(o.nb) {
-			wanted[int(b)] = true
-		}
-	}
-	var entries []objsync.Entry
-	for _, x := range inv {
-		if wanted[objsync.Bucket(x.Key, o.nb)] {
-			entries = append(entries, x)
-		}
-	}
+	entries, subs, caps := o.listEntries(inv)
 	total := uint32(len(entries))
 	for {
 		n := min(len(entries), e.cfg.ListChunk)
-		chunk := &objsync.Sync{Phase: objsync.PhaseList, Count: total, Entries: entries[:n:n], More: n < len(entries)}
+		chunk := &objsync.Sync{Phase: objsync.PhaseList, Count: total, Entries: entries[:n:n], More: n < len(entries), Caps: caps, Buckets: subs}
+		subs = nil // named once, in the first chunk
 		acts = append(acts, Action{Kind: SendSync, Sync: chunk})
 		entries = entries[n:]
 		if !chunk.More {
 			return acts
 		}
 	}
+}
+
+// listEntries returns the entries of inv that answer the last want: those
+// of the wanted buckets or, when the want carries sub-digests, those of
+// the sub-buckets whose digest differs from the cloud's, which it also
+// returns, with CapSubBuckets. (Validate has checked that the sub-digests
+// are a power of two per wanted bucket.)
+func (o *objects) listEntries(inv []objsync.Entry) (entries []objsync.Entry, subs []uint64, caps objsync.Caps) {
+	if len(o.sub) > 0 {
+		sd := objsync.NewSubDigest(o.nb, len(o.sub)/len(o.want), o.want)
+		for _, x := range inv {
+			sd.Add(x)
+		}
+		subs = sd.Diff(o.sub)
+		differ := make(map[uint64]bool, len(subs))
+		for _, c := range subs {
+			differ[c] = true
+		}
+		for _, x := range inv {
+			if differ[sd.Sub(x.Key)] {
+				entries = append(entries, x)
+			}
+		}
+		if subs == nil {
+			subs = []uint64{}
+		}
+		return entries, subs, objsync.CapSubBuckets
+	}
+	wanted := make(map[int]bool, len(o.want))
+	for _, b := range o.want {
+		if b < uint64(o.nb) {
+			wanted[int(b)] = true
+		}
+	}
+	for _, x := range inv {
+		if wanted[objsync.Bucket(x.Key, o.nb)] {
+			entries = append(entries, x)
+		}
+	}
+	return entries, nil, 0
 }
 
 // OnInventoryFailed records a failed inventory read; it is tried again
