@@ -2,6 +2,8 @@ package dispatch
 
 import (
 	"fmt"
+	"maps"
+	"math/rand/v2"
 	"slices"
 	"testing"
 	"time"
@@ -50,6 +52,33 @@ func (e edgeSim) digest() objsync.Sync {
 		d.Add(x)
 	}
 	return objsync.Sync{Phase: objsync.PhaseDigest, Count: uint32(len(ent)), Buckets: d.Buckets}
+}
+
+// subDigest is the digest of an edge that takes sub-buckets.
+func (e edgeSim) subDigest() objsync.Sync {
+	d := e.digest()
+	d.Caps = objsync.CapSubBuckets
+	return d
+}
+
+// answer lists what a want asks for, the way EdgeCore does: whole buckets,
+// or only the sub-buckets whose digest differs from the want's, named.
+func (e edgeSim) answer(want Action, nb int) objsync.Sync {
+	if len(want.Sub) == 0 {
+		return e.list(want.Buckets, nb)
+	}
+	sd := objsync.NewSubDigest(nb, len(want.Sub)/len(want.Buckets), want.Buckets)
+	for _, x := range e.entries() {
+		sd.Add(x)
+	}
+	subs := sd.Diff(want.Sub)
+	var out []objsync.Entry
+	for _, x := range e.entries() {
+		if slices.Contains(subs, sd.Sub(x.Key)) {
+			out = append(out, x)
+		}
+	}
+	return objsync.Sync{Phase: objsync.PhaseList, Entries: out, Buckets: subs, Caps: objsync.CapSubBuckets}
 }
 
 func (e edgeSim) list(want []uint64, nb int) objsync.Sync {
@@ -101,12 +130,25 @@ func pod(i int) objsync.Key {
 // returns how many object messages crossed.
 func reconnect(t *testing.T, n *Node, w world, e edgeSim) int {
 	t.Helper()
+	sent, _ := reconnectWith(t, n, w, e, e.digest())
+	return sent
+}
+
+// reconnectWith is reconnect from digest d, and also returns the entries
+// the edge listed.
+func reconnectWith(t *testing.T, n *Node, w world, e edgeSim, d objsync.Sync) (sent, listed int) {
+	t.Helper()
 	now := time.Unix(0, 0)
-	d := e.digest()
 	actions := n.OnDigest(d, w)
 	if len(actions) == 1 && actions[0].Kind == SendWant {
+		if d.Caps&objsync.CapSubBuckets == 0 {
+			require.Nil(t, actions[0].Sub, "no sub-digests for an edge that does not take them")
+		}
+		l := e.answer(actions[0], len(d.Buckets))
+		require.NoError(t, l.Validate())
+		listed = len(l.Entries)
 		var err error
-		actions, err = n.OnList(e.list(actions[0].Buckets, len(d.Buckets)), w)
+		actions, err = n.OnList(l, w)
 		require.NoError(t, err)
 	}
 	total := 0
@@ -122,7 +164,7 @@ func reconnect(t *testing.T, n *Node, w world, e edgeSim) int {
 		}
 	}
 	require.Zero(t, n.Queued())
-	return total
+	return total, listed
 }
 
 func TestReconcileSendsOnlyDifferences(t *testing.T) {
@@ -573,4 +615,121 @@ func TestReconcileReportsItsSize(t *testing.T) {
 			require.Equal(t, done.Differences, sent, "the size is what crossed (edge held %d)", before)
 		})
 	}
+}
+
+// An edge that takes sub-buckets lists only the sub-buckets that differ,
+// and a reconcile with it ends exactly where one with an edge that does
+// not (listing whole buckets) ends: the same objects sent, the same
+// pruned, the edge holding what it must. 400 objects with 5 changed is the
+// benchmark's case (BenchmarkReconnect400): 32 buckets of about 12.
+func TestSubBucketsListOnlyWhatDiffers(t *testing.T) {
+	for _, tc := range []struct {
+		name                     string
+		objects, changed, extras int
+	}{
+		{"400 objects, 5 changed", 400, 5, 0},
+		{"400 objects, 5 changed, 3 created, 4 to prune", 400, 5, 4},
+		{"10000 objects, 10 changed", 10_000, 10, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			w := world{}
+			held := edgeSim{}
+			for i := range tc.objects {
+				w[pod(i)] = "1"
+				held[pod(i)] = "1"
+			}
+			for i := range tc.changed {
+				w[pod(i*37)] = "2"
+			}
+			for i := range tc.extras {
+				delete(w, pod(i*41+1)) // the edge holds it: pruned
+			}
+			for i := range tc.extras - 1 {
+				w[pod(tc.objects+i)] = "1" // the edge lacks it
+			}
+			var sent, listed [2]int
+			for i, caps := range []bool{false, true} {
+				e := maps.Clone(held)
+				d := e.digest()
+				if caps {
+					d = e.subDigest()
+				}
+				sent[i], listed[i] = reconnectWith(t, NewNode(Config{}), w, e, d)
+				require.Equal(t, edgeSim(w), e, "caps %v: the edge holds exactly what it must", caps)
+			}
+			require.Equal(t, sent[0], sent[1], "the same objects cross either way")
+			require.Equal(t, tc.changed+tc.extras+max(tc.extras-1, 0), sent[1], "changed, pruned and created")
+			t.Logf("entries listed: %d whole buckets, %d by sub-bucket", listed[0], listed[1])
+			require.LessOrEqual(t, 3*listed[1], listed[0], "sub-buckets list at most a third of the entries")
+		})
+	}
+}
+
+// Random differences of every kind, both kinds of edge: every reconcile
+// ends with the edge holding exactly the desired state.
+func TestSubBucketsRandomDifferences(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	for round := range 200 {
+		w, e := world{}, edgeSim{}
+		n := rng.IntN(600)
+		for i := range n {
+			switch r := rng.IntN(20); {
+			case r == 0: // only the edge has it
+				e[pod(i)] = "1"
+			case r == 1: // only the cloud
+				w[pod(i)] = "1"
+			case r == 2: // another version
+				w[pod(i)], e[pod(i)] = "2", "1"
+			default:
+				w[pod(i)], e[pod(i)] = "1", "1"
+			}
+		}
+		caps := round%2 == 0
+		d := e.digest()
+		if caps {
+			d = e.subDigest()
+		}
+		reconnectWith(t, NewNode(Config{}), w, e, d)
+		require.Equal(t, edgeSim(w), e, "round %d (caps %v, %d objects)", round, caps, n)
+	}
+}
+
+func TestSubBucketListBounds(t *testing.T) {
+	w, e := world{}, edgeSim{}
+	for i := range 400 {
+		w[pod(i)], e[pod(i)] = "1", "1"
+	}
+	w[pod(7)] = "2"
+	n := NewNode(Config{})
+	d := e.subDigest()
+	a := n.OnDigest(d, w)
+	require.Equal(t, SendWant, a[0].Kind)
+	require.Len(t, a[0].Buckets, 1)
+	fan := len(a[0].Sub)
+	require.Equal(t, objsync.Fanout(400/len(d.Buckets)), fan, "the want carries the sub-digests of its bucket")
+	nb := uint64(len(d.Buckets))
+	for _, bad := range []uint64{
+		a[0].Buckets[0] + nb*uint64(fan), // beyond nb·fan
+		(a[0].Buckets[0] + 1) % nb,       // a bucket not wanted
+	} {
+		_, err := n.OnList(objsync.Sync{Phase: objsync.PhaseList, Caps: objsync.CapSubBuckets, Buckets: []uint64{bad}}, w)
+		require.ErrorIs(t, err, ErrBadList, "sub-bucket %d", bad)
+		require.False(t, n.Live(), "the reconcile is abandoned")
+		_, err = n.OnList(objsync.Sync{Phase: objsync.PhaseList}, w)
+		require.ErrorIs(t, err, ErrUnexpectedList)
+		a = n.OnDigest(d, w)
+	}
+	// Named in the first chunk, entries in the next: the lists of one
+	// reconcile add up.
+	l := e.answer(a[0], int(nb))
+	require.NotEmpty(t, l.Buckets)
+	first := objsync.Sync{Phase: objsync.PhaseList, Caps: objsync.CapSubBuckets, Buckets: l.Buckets, More: true}
+	last := objsync.Sync{Phase: objsync.PhaseList, Caps: objsync.CapSubBuckets, Entries: l.Entries}
+	_, err := n.OnList(first, w)
+	require.NoError(t, err)
+	acts, err := n.OnList(last, w)
+	require.NoError(t, err)
+	require.Equal(t, SendDone, acts[len(acts)-1].Kind)
+	require.Equal(t, 1, acts[len(acts)-1].Differences)
+	require.Len(t, n.Next(time.Now(), w), 1, "only the changed object is sent")
 }
