@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"testing"
 	"time"
@@ -616,4 +617,81 @@ func TestUnansweredItemsDoNotHoldTheWindow(t *testing.T) {
 	require.Equal(t, "Lease", ups[0].Item.Resource.Kind, "the lease goes out first")
 	s.advance(s.now.Add(time.Second))
 	require.Len(t, s.take(), 7, "then the others, after their back-off, as the window allows")
+}
+
+// The edge announces sub-buckets in its digest. A want with sub-digests
+// is answered with the entries of the sub-buckets that differ only, named
+// in the list; a want without them (a cloud that predates sub-buckets) is
+// answered with the wanted buckets whole, as before.
+func TestListBySubBuckets(t *testing.T) {
+	e := NewEdge(Config{})
+	now := time.Unix(0, 0)
+	e.Start(now)
+	inv := make([]objsync.Entry, 400)
+	for i := range inv {
+		inv[i] = objsync.Entry{Key: podKey(fmt.Sprintf("p-%d", i)).Hash(), Version: objsync.VersionHash("u", "1")}
+	}
+	digest := e.OnInventory(now, inv)[0].Sync
+	require.Equal(t, objsync.CapSubBuckets, digest.Caps)
+	nb := len(digest.Buckets)
+
+	// What the cloud holds: 5 objects at another version, one the edge
+	// lacks, one the edge holds but should not.
+	cloud := slices.Clone(inv)
+	for i := range 5 {
+		cloud[i*71].Version = objsync.VersionHash("u", "2")
+	}
+	cloud[399] = objsync.Entry{Key: podKey("new").Hash(), Version: 1}
+	dc, de := objsync.NewDigest(nb), objsync.NewDigest(nb)
+	for i := range inv {
+		dc.Add(cloud[i])
+		de.Add(inv[i])
+	}
+	var want []uint64
+	for _, b := range dc.Diff(de.Buckets) {
+		want = append(want, uint64(b))
+	}
+	fan := 4
+	sc := objsync.NewSubDigest(nb, fan, want)
+	for _, x := range cloud {
+		sc.Add(x)
+	}
+
+	whole := func() []objsync.Entry {
+		acts := e.Receive(now, syncMsg(t, 1, objsync.Sync{Phase: objsync.PhaseWant, Buckets: want}))
+		require.Equal(t, []ActionKind{ReadInventory}, kindsOf(acts))
+		acts = e.OnInventory(now, inv)
+		require.Len(t, acts, 1)
+		l := acts[0].Sync
+		require.Zero(t, l.Caps, "listed whole")
+		require.Nil(t, l.Buckets)
+		return l.Entries
+	}()
+
+	acts := e.Receive(now, syncMsg(t, 2, objsync.Sync{Phase: objsync.PhaseWant, Buckets: want, Sub: sc.Sums}))
+	require.Equal(t, []ActionKind{ReadInventory}, kindsOf(acts))
+	acts = e.OnInventory(now, inv)
+	require.Len(t, acts, 1)
+	l := acts[0].Sync
+	require.NoError(t, l.Validate())
+	require.Equal(t, objsync.CapSubBuckets, l.Caps)
+	// The sub-buckets named are exactly those in which edge and cloud
+	// differ, and the entries exactly the edge's in them.
+	differ := map[uint64]bool{}
+	for i := range inv {
+		if inv[i] != cloud[i] {
+			differ[sc.Sub(inv[i].Key)] = true
+			differ[sc.Sub(cloud[i].Key)] = true
+		}
+	}
+	require.ElementsMatch(t, slices.Collect(maps.Keys(differ)), l.Buckets)
+	var in []objsync.Entry
+	for _, x := range inv {
+		if differ[sc.Sub(x.Key)] {
+			in = append(in, x)
+		}
+	}
+	require.ElementsMatch(t, in, l.Entries)
+	t.Logf("listed %d entries by sub-bucket, %d whole", len(l.Entries), len(whole))
+	require.Less(t, 3*len(l.Entries), len(whole))
 }
