@@ -673,12 +673,12 @@ func TestSubBucketsRandomDifferences(t *testing.T) {
 		w, e := world{}, edgeSim{}
 		n := rng.IntN(600)
 		for i := range n {
-			switch r := rng.IntN(20); {
-			case r == 0: // only the edge has it
+			switch rng.IntN(20) {
+			case 0: // only the edge has it
 				e[pod(i)] = "1"
-			case r == 1: // only the cloud
+			case 1: // only the cloud
 				w[pod(i)] = "1"
-			case r == 2: // another version
+			case 2: // another version
 				w[pod(i)], e[pod(i)] = "2", "1"
 			default:
 				w[pod(i)], e[pod(i)] = "1", "1"
