@@ -73,17 +73,19 @@ func serve(ctx context.Context, cfg config.CloudCoreConfiguration) error {
 	if err != nil {
 		return err
 	}
-	a, err := app.New(ctx, appConfig(cfg, restCfg, logger, reg))
+	appCfg := appConfig(cfg, restCfg, logger, reg)
+	a, err := app.New(ctx, appCfg)
 	if err != nil {
 		return err
 	}
 	if err := a.Listen(); err != nil {
 		return err
 	}
-	// Where it can be reached, as bound (a port 0 chosen): what an
-	// operator checks first when edges do not connect.
+	// Where it can be reached, as bound (a port 0 chosen), and under
+	// which names: what an operator checks first when edges do not
+	// connect.
 	logger.Info("cloudcore listening", "quic_addr", addrString(a.QUICAddr()), "websocket_addr", addrString(a.WebSocketAddr()),
-		"join_addr", addrString(a.JoinAddr()), "metrics_addr", addrString(a.MetricsAddr()))
+		"join_addr", addrString(a.JoinAddr()), "metrics_addr", addrString(a.MetricsAddr()), "server_sans", appCfg.ServerSANs)
 	return a.Run(ctx)
 }
 
@@ -119,7 +121,7 @@ func appConfig(c config.CloudCoreConfiguration, kube *rest.Config, logger *slog.
 		KeepAlive:         c.Tunnel.KeepAlive.Duration,
 		DeadPeerTimeout:   c.Tunnel.DeadPeerTimeout.Duration,
 		JoinAddr:          c.Onboarding.JoinAddr,
-		ServerSANs:        c.Onboarding.ServerSANs,
+		ServerSANs:        c.Onboarding.SANs(nil),
 		CertValidity:      c.Onboarding.CertValidity.Duration,
 		CANamespace:       c.Onboarding.CANamespace,
 		CAName:            c.Onboarding.CASecret,
