@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/tetheredge/tether/cloudcore/app"
@@ -56,7 +57,7 @@ type Tunnel struct {
 // Onboarding configures joins and certificates.
 type Onboarding struct {
 	JoinAddr     string   `json:"joinAddr" flag:"join-addr" doc:"TCP address of the HTTPS join endpoint."`
-	ServerSANs   []string `json:"serverSANs" flag:"server-san" doc:"DNS names and IPs edges use to reach CloudCore (load balancer addresses too); default the host name, localhost and 127.0.0.1."`
+	ServerSANs   []string `json:"serverSANs" flag:"server-san" doc:"DNS names and IPs edges use to reach CloudCore (load balancer addresses too): set it to every one of them. Empty: the host name of the machine CloudCore starts on, localhost and 127.0.0.1, found at start (a file written on one machine stays right for another); enough for a single host, never for a load balancer."`
 	CertValidity Duration `json:"certValidity" flag:"cert-validity" doc:"Validity of node certificates (renewed at 80%)."`
 	CANamespace  string   `json:"caNamespace" flag:"ca-namespace" doc:"Namespace of the cluster CA Secret."`
 	CASecret     string   `json:"caSecret" flag:"ca-secret" doc:"Name of the cluster CA Secret (created if absent)."`
@@ -95,17 +96,10 @@ type Ops struct {
 	MetricsAddr string `json:"metricsAddr" flag:"metrics-addr" doc:"TCP address of /metrics, /healthz, /livez and /readyz (\"\" or 0 disables; local only by default)."`
 }
 
-// Default returns the defaults, the host name among the server SANs.
+// Default returns the defaults. They hold nothing of the machine that
+// calls it: onboarding.serverSANs is empty, and SANs resolves it where
+// CloudCore starts.
 func Default() CloudCoreConfiguration {
-	host, _ := os.Hostname()
-	return defaults(host)
-}
-
-func defaults(host string) CloudCoreConfiguration {
-	sans := []string{"localhost", "127.0.0.1"}
-	if host != "" {
-		sans = append([]string{host}, sans...)
-	}
 	return CloudCoreConfiguration{
 		TypeMeta: configfile.TypeMeta{APIVersion: configfile.APIVersion, Kind: Kind},
 		Tunnel: Tunnel{
@@ -113,7 +107,7 @@ func defaults(host string) CloudCoreConfiguration {
 			KeepAlive: Duration{Duration: 5 * time.Second}, DeadPeerTimeout: Duration{Duration: 15 * time.Second},
 		},
 		Onboarding: Onboarding{
-			JoinAddr: onboard.DefaultAddr, ServerSANs: sans, CertValidity: Duration{Duration: onboard.DefaultValidity},
+			JoinAddr: onboard.DefaultAddr, CertValidity: Duration{Duration: onboard.DefaultValidity},
 			CANamespace: onboard.DefaultCANamespace, CASecret: onboard.DefaultCAName,
 		},
 		Kubernetes: Kubernetes{QPS: app.DefaultQPS, Burst: app.DefaultBurst},
@@ -142,8 +136,25 @@ const fileHeader = "CloudCore's configuration: cloudcore --config FILE. Every fi
 	"the values below are the defaults. A flag given on the command line overrides its field."
 
 // Reference is the config reference of docs/operations.md: the fields
-// with their defaults, the host name written HOSTNAME.
-func Reference() string { return configfile.Reference(defaults("HOSTNAME")) }
+// with their defaults.
+func Reference() string { return configfile.Reference(Default()) }
+
+// SANs returns the names and IPs of CloudCore's server certificate:
+// ServerSANs, or when it is empty the host name of this machine (as
+// hostname reports it; os.Hostname when nil), localhost and 127.0.0.1.
+func (o Onboarding) SANs(hostname func() (string, error)) []string {
+	if len(o.ServerSANs) > 0 {
+		return o.ServerSANs
+	}
+	if hostname == nil {
+		hostname = os.Hostname
+	}
+	sans := []string{"localhost", "127.0.0.1"}
+	if host, err := hostname(); err == nil && host != "" {
+		sans = append([]string{host}, sans...)
+	}
+	return sans
+}
 
 // Validate checks c once, at start, and names each field it refuses.
 func (c CloudCoreConfiguration) Validate() error {
@@ -170,8 +181,11 @@ func (c CloudCoreConfiguration) Validate() error {
 	if c.Tunnel.DeadPeerTimeout.Duration <= c.Tunnel.KeepAlive.Duration {
 		bad("tunnel.deadPeerTimeout", "must be > tunnel.keepAlive (%s), got %s", c.Tunnel.KeepAlive, c.Tunnel.DeadPeerTimeout)
 	}
-	if len(c.Onboarding.ServerSANs) == 0 {
-		bad("onboarding.serverSANs", "at least one name or IP is required")
+	for _, san := range c.Onboarding.ServerSANs {
+		if strings.TrimSpace(san) == "" {
+			bad("onboarding.serverSANs", "an empty name in %q", c.Onboarding.ServerSANs)
+			break
+		}
 	}
 	if c.Onboarding.CertValidity.Duration <= 0 {
 		bad("onboarding.certValidity", "must be > 0, got %s", c.Onboarding.CertValidity)

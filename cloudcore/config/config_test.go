@@ -1,6 +1,7 @@
 package config
 
 import (
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
@@ -30,6 +31,28 @@ func TestDefaultFileRoundTrip(t *testing.T) {
 	got, err = Load(write(t, strings.Replace(string(DefaultFile()), `keepAlive: "5s"`, `keepAlive: "7s"`, 1)))
 	require.NoError(t, err)
 	require.Equal(t, 7*time.Second, got.Tunnel.KeepAlive.Duration)
+}
+
+// The default file holds nothing of the machine that wrote it: it is
+// written on one machine for another, whose own host name the empty
+// serverSANs stands for when that one starts.
+func TestDefaultFileIsPortable(t *testing.T) {
+	host, err := os.Hostname()
+	require.NoError(t, err)
+	require.NotEmpty(t, host)
+	written, err := Load(write(t, string(DefaultFile())))
+	require.NoError(t, err)
+	require.NotContains(t, written.Onboarding.ServerSANs, host)
+	require.Empty(t, written.Onboarding.ServerSANs)
+	require.Contains(t, string(DefaultFile()), "\n  serverSANs: []\n")
+
+	other := func() (string, error) { return "cloud-b", nil }
+	require.Equal(t, []string{"cloud-b", "localhost", "127.0.0.1"}, Default().Onboarding.SANs(other), "resolved where CloudCore starts")
+	require.Equal(t, []string{host, "localhost", "127.0.0.1"}, Default().Onboarding.SANs(nil))
+	noName := func() (string, error) { return "", errors.New("no host name") }
+	require.Equal(t, []string{"localhost", "127.0.0.1"}, Default().Onboarding.SANs(noName))
+	set := Onboarding{ServerSANs: []string{"cloud.example.com"}}
+	require.Equal(t, []string{"cloud.example.com"}, set.SANs(other), "a list set is used as it is")
 }
 
 // A file names only what it changes; the rest keeps its default.
@@ -69,7 +92,7 @@ func TestBadFiles(t *testing.T) {
 		{"dead peer not above keepalive", head + "tunnel:\n  keepAlive: 20s\n", "tunnel.deadPeerTimeout: must be > tunnel.keepAlive", true},
 		{"no transport", head + "tunnel:\n  quicAddr: \"\"\n  webSocketAddr: \"\"\n", "tunnel.quicAddr: tunnel.quicAddr and tunnel.webSocketAddr are both empty", true},
 		{"bad address", head + "onboarding:\n  joinAddr: cloud\n", `onboarding.joinAddr: want host:port or :port, got "cloud"`, true},
-		{"no SANs", head + "onboarding:\n  serverSANs: []\n", "onboarding.serverSANs: at least one", true},
+		{"empty SAN", head + "onboarding:\n  serverSANs: [cloud.example.com, \"\"]\n", "onboarding.serverSANs: an empty name", true},
 		{"qps 0", head + "kubernetes:\n  qps: 0\n", "kubernetes.qps: must be > 0", true},
 		{"negative autonomy", head + "edges:\n  offlineAutonomy: -1s\n", "edges.offlineAutonomy: must be >= 0", true},
 		{"bad log level", head + "operations:\n  logLevel: loud\n", `operations.logLevel: want debug, info, warn or error, got "loud"`, true},

@@ -41,7 +41,8 @@ type ConnectionWriterConfig struct {
 
 // ConnectionWriter records in each EdgeNode's status where its live
 // session is (status.connection: replica, transport, the edge's remote
-// address, session, since) and
+// address, session, since), when it last connected (status.lastConnected,
+// in the same write as the connection: one write per connect) and
 // how many objects it holds (status.objectsHeld). It is told of session
 // starts and ends and of the count (it is a dispatch.Sessions, which
 // reports the count at most every 10 s per node) and never writes per
@@ -104,7 +105,7 @@ func NewConnectionWriter(client *Client, cfg ConnectionWriterConfig) (*Connectio
 		limit: rate.NewLimiter(rate.Limit(cfg.QPS), cfg.Burst), wake: make(chan struct{}, 1), queued: map[string]bool{},
 		writes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "tether_edgenode_status_writes_total",
-			Help: "Writes of EdgeNodes' status.connection and status.objectsHeld, by result: ok, conflict (retried), error (retried), gone (no EdgeNode).",
+			Help: "Writes of EdgeNodes' status.connection, status.lastConnected and status.objectsHeld, by result: ok, conflict (retried), error (retried), gone (no EdgeNode).",
 		}, []string{"result"}),
 		state: map[string]session{},
 	}
@@ -237,11 +238,14 @@ func (w *ConnectionWriter) write(ctx context.Context, node string) error {
 		return nil
 	}
 	want := e.Status
+	if last := e.Status.LastConnected; last == nil || last.Time.Before(s.since) {
+		t := metav1.NewTime(s.since)
+		want.LastConnected = &t
+	}
 	switch cur := e.Status.Connection; {
 	case s.ended && (cur == nil || cur.Session != s.id):
-		// Another session is recorded (or none): not this one's to clear.
-		w.forget(node, s)
-		return nil
+		// Another session is recorded (or none): not this one's to clear;
+		// only that it connected (a session that ended before its turn).
 	case s.ended:
 		want.Connection = nil
 	default:
@@ -302,5 +306,6 @@ func sameStatus(a, b Status) bool {
 		(a.Connection == nil || (a.Connection.Replica == b.Connection.Replica && a.Connection.Transport == b.Connection.Transport &&
 			a.Connection.RemoteAddr == b.Connection.RemoteAddr && a.Connection.Session == b.Connection.Session && a.Connection.Since.Equal(&b.Connection.Since)))
 	sameObjects := (a.ObjectsHeld == nil) == (b.ObjectsHeld == nil) && (a.ObjectsHeld == nil || *a.ObjectsHeld == *b.ObjectsHeld)
-	return sameConn && sameObjects
+	sameLast := (a.LastConnected == nil) == (b.LastConnected == nil) && (a.LastConnected == nil || a.LastConnected.Equal(b.LastConnected))
+	return sameConn && sameObjects && sameLast
 }

@@ -6,6 +6,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"os"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -92,7 +93,18 @@ func TestConnectionWriterCoalesces(t *testing.T) {
 	require.True(t, conn.Since.Equal(&metav1.Time{Time: at.Add(time.Minute)}), "since %s", conn.Since)
 	conn.Since = metav1.Time{}
 	require.Equal(t, &edgenode.Connection{Replica: "cloud-a", Transport: "websocket", RemoteAddr: "[2001:db8::2]:40002", Session: "s2"}, conn)
-	require.Equal(t, 1.0, promtest.Sum(t, reg, "tether_edgenode_status_writes_total", map[string]string{"result": "ok"}))
+	requireWrites(t, reg, "ok", 1)
+}
+
+// requireWrites waits until tether_edgenode_status_writes_total{result}
+// is n: a write is counted once it returned, a moment after the API
+// server has it.
+func requireWrites(t *testing.T, reg *promtest.Registry, result string, n float64) {
+	t.Helper()
+	require.Eventually(t, func() bool {
+		v, err := promtest.Value(reg, "tether_edgenode_status_writes_total", map[string]string{"result": result})
+		return err == nil && v == n
+	}, 30*time.Second, 20*time.Millisecond, "writes %s", result)
 }
 
 // The end of a session clears the connection, keeps the count, and is
@@ -137,9 +149,11 @@ func TestConnectionWriterEnd(t *testing.T) {
 	require.Equal(t, "cloud-b", status().Connection.Replica)
 }
 
-// The whitelist's connection record is a patch of lastConnected alone: it
-// keeps what another writer put in the status since the caller's (cached)
-// read, and is refused for an EdgeNode replaced under the same name.
+// The connection is recorded with lastConnected in one write over the
+// writer's (cached) read. When another writer changed the status since
+// that read (the race that once lost the whitelist's separate record of
+// lastConnected), the write conflicts and is retried from a fresh read:
+// the other writer's change and the whole connection record are kept.
 func TestRecordConnected(t *testing.T) {
 	c := client(t)
 	ctx := context.Background()
@@ -147,27 +161,53 @@ func TestRecordConnected(t *testing.T) {
 	stale, err := c.Get(ctx, name)
 	require.NoError(t, err)
 	fresh := *stale
-	fresh.Status.Connection = &edgenode.Connection{Replica: "cloud-b", Transport: string(tunnel.TransportQUIC), Session: "s1", Since: metav1.NewTime(time.Now())}
+	fresh.Status.Certificate = &edgenode.Certificate{Serial: "c1", NotAfter: metav1.NewTime(time.Now().Add(time.Hour))}
 	_, err = c.UpdateStatus(ctx, &fresh)
 	require.NoError(t, err)
 
+	reg := promtest.NewRegistry()
+	var reads atomic.Int32
+	w, err := edgenode.NewConnectionWriter(c, edgenode.ConnectionWriterConfig{
+		Replica: "cloud-a", Registerer: reg,
+		Get: func(node string) (*edgenode.EdgeNode, bool) {
+			if reads.Add(1) == 1 {
+				e := *stale // a cache that has not seen the other write yet
+				return &e, true
+			}
+			e, err := c.Get(context.Background(), node)
+			return e, err == nil
+		},
+	})
+	require.NoError(t, err)
+	runCtx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- w.Run(runCtx) }()
+	t.Cleanup(func() { cancel(); require.NoError(t, <-done) })
+
 	at := time.Now().Truncate(time.Second)
-	require.NoError(t, c.RecordConnected(ctx, name, stale.UID, at))
+	w.Started(name, "s1", tunnel.TransportQUIC, nil, at)
+	require.Eventually(t, func() bool {
+		e, err := c.Get(ctx, name)
+		return err == nil && e.Status.Connection != nil
+	}, 30*time.Second, 20*time.Millisecond)
 	got, err := c.Get(ctx, name)
 	require.NoError(t, err)
+	require.Equal(t, "s1", got.Status.Connection.Session)
 	require.NotNil(t, got.Status.LastConnected)
 	require.True(t, at.Equal(got.Status.LastConnected.Time), "lastConnected %s, want %s", got.Status.LastConnected, at)
-	require.NotNil(t, got.Status.Connection, "the other writer's connection record is kept")
-	require.Equal(t, "s1", got.Status.Connection.Session)
+	require.NotNil(t, got.Status.Certificate, "the other writer's change is kept")
+	require.Equal(t, "c1", got.Status.Certificate.Serial)
+	require.Equal(t, 1.0, promtest.Sum(t, reg, "tether_edgenode_status_writes_total", map[string]string{"result": "conflict"}))
+	requireWrites(t, reg, "ok", 1)
 
-	require.NoError(t, c.Delete(ctx, name))
-	again, err := c.Create(ctx, &edgenode.EdgeNode{ObjectMeta: metav1.ObjectMeta{Name: name}, Spec: edgenode.Spec{Allowed: true}})
-	require.NoError(t, err)
-	again.Status.Connection = fresh.Status.Connection // a status to patch
-	_, err = c.UpdateStatus(ctx, again)
-	require.NoError(t, err)
-	require.Error(t, c.RecordConnected(ctx, name, stale.UID, at), "an EdgeNode replaced under the same name is not patched")
+	// The session ends: the connection is cleared, lastConnected stays.
+	w.Ended(name, "s1")
+	require.Eventually(t, func() bool {
+		e, err := c.Get(ctx, name)
+		return err == nil && e.Status.Connection == nil
+	}, 30*time.Second, 20*time.Millisecond)
 	got, err = c.Get(ctx, name)
 	require.NoError(t, err)
-	require.Nil(t, got.Status.LastConnected)
+	require.NotNil(t, got.Status.LastConnected)
+	require.True(t, at.Equal(got.Status.LastConnected.Time))
 }

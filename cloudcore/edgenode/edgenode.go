@@ -7,7 +7,6 @@ package edgenode
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"time"
 
@@ -16,7 +15,6 @@ import (
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
-	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/dynamic"
 )
 
@@ -69,7 +67,8 @@ type Status struct {
 	// with Certificate, and by a join or re-enabling, which accept no
 	// older certificate.
 	Previous *Certificate `json:"previous,omitempty"`
-	// LastConnected is when the node last opened a session.
+	// LastConnected is when the node last opened a session (in seconds),
+	// written with Connection; it stays when the session ends.
 	LastConnected *metav1.Time `json:"lastConnected,omitempty"`
 	// Connection is the node's live session, nil when it has none
 	// (ConnectionWriter keeps it).
@@ -197,25 +196,6 @@ func (c *Client) UpdateStatus(ctx context.Context, e *EdgeNode) (*EdgeNode, erro
 		return nil, err
 	}
 	return FromUnstructured(out)
-}
-
-// RecordConnected sets status.lastConnected of the EdgeNode with uid to at,
-// with a JSON patch of that one field: no read, no conflict with the
-// other writers of the status, and refused when the EdgeNode was replaced
-// (the patch tests the uid first). A node that connects has a status (its
-// certificate).
-func (c *Client) RecordConnected(ctx context.Context, name string, uid types.UID, at time.Time) error {
-	patch, err := json.Marshal([]map[string]any{
-		{"op": "test", "path": "/metadata/uid", "value": uid},
-		{"op": "add", "path": "/status/lastConnected", "value": metav1.NewTime(at)},
-	})
-	if err != nil {
-		return fmt.Errorf("encode connection record: %w", err)
-	}
-	if _, err := c.res.Patch(ctx, name, types.JSONPatchType, patch, metav1.PatchOptions{}, "status"); err != nil {
-		return fmt.Errorf("record connection of edge node %s: %w", name, err)
-	}
-	return nil
 }
 
 // Delete removes an EdgeNode.

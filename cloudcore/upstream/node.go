@@ -167,28 +167,33 @@ func (w *Writer) register(ctx context.Context, name string, edge *corev1.Node) e
 // something changes, conditionally on the version read: a conflict (a
 // stale cache) is transient and the edge sends the registration again.
 func (w *Writer) reregister(ctx context.Context, name string, labels map[string]string) error {
-	nodes := w.client.CoreV1().Nodes()
 	var cur *corev1.Node
 	if nc, ok := w.binding.(NodeCache); ok {
 		cur, _ = nc.Node(name)
 	}
 	if cur == nil {
 		var err error
-		if cur, err = nodes.Get(ctx, name, metav1.GetOptions{}); err != nil {
+		if cur, err = w.client.CoreV1().Nodes().Get(ctx, name, metav1.GetOptions{}); err != nil {
 			return apiError("read node "+name, err, false)
 		}
 	}
+	return w.relabel(ctx, cur, labels)
+}
+
+// relabel writes cur with labels and the operator's taints put in, if
+// that changes anything.
+func (w *Writer) relabel(ctx context.Context, cur *corev1.Node, labels map[string]string) error {
 	next := cur.DeepCopy()
 	if next.Labels == nil {
 		next.Labels = make(map[string]string, len(labels))
 	}
 	maps.Copy(next.Labels, labels)
-	next.Spec.Taints = w.operatorTaints(name, next.Spec.Taints)
+	next.Spec.Taints = w.operatorTaints(cur.Name, next.Spec.Taints)
 	if maps.Equal(next.Labels, cur.Labels) && slices.EqualFunc(next.Spec.Taints, cur.Spec.Taints, func(a, b corev1.Taint) bool { return a.MatchTaint(&b) && a.Value == b.Value }) {
 		return nil
 	}
-	_, err := nodes.Update(ctx, next, metav1.UpdateOptions{FieldManager: w.cfg.FieldManager})
-	return apiError("update node "+name, err, false)
+	_, err := w.client.CoreV1().Nodes().Update(ctx, next, metav1.UpdateOptions{FieldManager: w.cfg.FieldManager})
+	return apiError("update node "+cur.Name, err, false)
 }
 
 // Settle brings node's existing Node up to date with the operator's labels
@@ -197,11 +202,22 @@ func (w *Writer) reregister(ctx context.Context, name string, labels map[string]
 // Node the cloud already holds as it would register it sends no
 // registration (edgecore/nodestatus), while the operator may have
 // relabelled it meanwhile. A Node not registered yet is left to the
-// registration. It writes only when something changes.
+// registration. It writes only when something changes, and reads from the
+// catalog's cache only: sessions start once it is synced, so a Node it
+// does not hold is no edge node yet, which the edge registers (it was not
+// sent that Node), and a session start costs no request. Without a
+// NodeCache it GETs the Node.
 func (w *Writer) Settle(ctx context.Context, name string) error {
 	labels, err := w.labels(name, nil)
 	if err != nil {
 		return err
+	}
+	if nc, ok := w.binding.(NodeCache); ok {
+		cur, cached := nc.Node(name)
+		if !cached {
+			return nil
+		}
+		return w.relabel(ctx, cur, labels)
 	}
 	err = w.reregister(ctx, name, labels)
 	if apierrors.IsNotFound(err) {

@@ -322,3 +322,35 @@ func nodeCondition(n *corev1.Node, typ corev1.NodeConditionType) *corev1.NodeCon
 	}
 	return nil
 }
+
+// A session start settles the Node from the catalog's cache alone: an
+// unregistered Node costs no request (the edge registers it), a
+// registered one that the operator relabelled is one update and no read,
+// and one already settled costs nothing.
+func TestSettleReadsTheCacheOnly(t *testing.T) {
+	env := cp.Env(t)
+	admin := adminClient(t, env.Config)
+	ctx := context.Background()
+	cat := startCatalog(t, admin)
+	site := "new-site"
+	f := newFixture(t, cat, Config{Labels: func(string) map[string]string { return map[string]string{"site": site} }})
+
+	absent := nodeName(t, admin)
+	require.NoError(t, f.w.Settle(ctx, absent))
+	require.Empty(t, f.reqs.take(), "an unregistered Node: nothing to settle, no request")
+	require.Nil(t, getNode(t, admin, absent))
+
+	name := nodeName(t, admin)
+	_, err := admin.CoreV1().Nodes().Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{
+		Name: name, Labels: map[string]string{catalog.DefaultEdgeLabel: "", "site": "old-site"},
+	}}, metav1.CreateOptions{})
+	require.NoError(t, err)
+	require.Eventually(t, func() bool { _, ok := cat.Node(name); return ok }, waitFor, tick)
+	require.NoError(t, f.w.Settle(ctx, name))
+	require.Equal(t, []string{"PUT /api/v1/nodes/" + name}, f.reqs.take(), "relabelled: one update, no read")
+	require.Equal(t, "new-site", getNode(t, admin, name).Labels["site"])
+
+	require.Eventually(t, func() bool { n, ok := cat.Node(name); return ok && n.Labels["site"] == "new-site" }, waitFor, tick)
+	require.NoError(t, f.w.Settle(ctx, name))
+	require.Empty(t, f.reqs.take(), "settled already: no request")
+}

@@ -5,8 +5,9 @@
 // renewal). It tells its subscribers of every change of an EdgeNode, so
 // that each replica re-checks its live sessions against the new state. It
 // makes no API request to authorise a connection; it writes the EdgeNode's
-// status only to record connections (at most once a minute per node) and
-// to end a grace.
+// status only to end a grace (once per renewal). Where and since when a
+// node is connected, and when it last connected, are the connection
+// writer's (edgenode.ConnectionWriter): one write per connect.
 package whitelist
 
 import (
@@ -17,7 +18,6 @@ import (
 	"sync"
 	"time"
 
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/dynamic/dynamicinformer"
@@ -114,7 +114,7 @@ func (w *Whitelist) notify(node string) {
 	}
 }
 
-// Run runs the informer, and records connections, until ctx ends.
+// Run runs the informer, and ends graces, until ctx ends.
 func (w *Whitelist) Run(ctx context.Context) error {
 	w.factory.Start(ctx.Done())
 	defer w.factory.Shutdown()
@@ -123,41 +123,24 @@ func (w *Whitelist) Run(ctx context.Context) error {
 		case <-ctx.Done():
 			return nil
 		case id := <-w.connected:
-			w.recordConnected(ctx, id)
+			// The cache answers for every connection but the first with a
+			// renewed certificate: no request.
+			if e, ok := w.Get(id.Node); ok && endsGrace(e, id) {
+				w.endGrace(ctx, e, id)
+			}
 		}
 	}
 }
 
-// Connected notes that the peer id opened a session; Run records it in the
-// EdgeNode's status (at most once a minute per node), and ends the grace
-// of the previous certificate when id presents the current one. Never
-// blocks: when many nodes connect at once, some records are skipped (a
-// skipped grace ends at its deadline or at the node's next connection).
+// Connected notes that the peer id opened a session; when id presents the
+// current certificate of a node whose previous one is in its grace, Run
+// ends that grace. Never blocks: when many nodes connect at once, some are
+// skipped (a skipped grace ends at its deadline or at the node's next
+// connection).
 func (w *Whitelist) Connected(id tunnel.Identity) {
 	select {
 	case w.connected <- id:
 	default:
-	}
-}
-
-func (w *Whitelist) recordConnected(ctx context.Context, id tunnel.Identity) {
-	e, ok := w.Get(id.Node)
-	if !ok {
-		return
-	}
-	now := w.now()
-	if endsGrace(e, id) {
-		w.endGrace(ctx, e, id, now)
-		return
-	}
-	if e.Status.LastConnected != nil && now.Sub(e.Status.LastConnected.Time) < time.Minute {
-		return
-	}
-	// A patch of the one field: the connection writer
-	// (edgenode.ConnectionWriter) writes the status at the same moment,
-	// and an update over the cached version would lose the race to it.
-	if err := w.client.RecordConnected(ctx, id.Node, e.UID, now); err != nil {
-		w.logger.Debug("cannot record connection", "node", id.Node, "err", err)
 	}
 }
 
@@ -168,9 +151,10 @@ func endsGrace(e *edgenode.EdgeNode, id tunnel.Identity) bool {
 }
 
 // endGrace drops e's previous certificate, since the node connected with
-// the current one. Unlike the connection record it is not skipped on a
-// conflict: it is read again and retried (it happens once per renewal).
-func (w *Whitelist) endGrace(ctx context.Context, e *edgenode.EdgeNode, id tunnel.Identity, now time.Time) {
+// the current one. It is not skipped on a conflict (the connection
+// writer's write of the same connect, or a renewal): it is read again and
+// retried (it happens once per renewal).
+func (w *Whitelist) endGrace(ctx context.Context, e *edgenode.EdgeNode, id tunnel.Identity) {
 	err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
 		if e == nil {
 			fresh, err := w.client.Get(ctx, id.Node)
@@ -182,8 +166,7 @@ func (w *Whitelist) endGrace(ctx context.Context, e *edgenode.EdgeNode, id tunne
 		if !endsGrace(e, id) {
 			return nil
 		}
-		t := metav1.NewTime(now)
-		e.Status.LastConnected, e.Status.Previous = &t, nil
+		e.Status.Previous = nil
 		_, err := w.client.UpdateStatus(ctx, e)
 		e = nil
 		return err

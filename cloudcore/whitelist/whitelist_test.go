@@ -3,6 +3,8 @@ package whitelist_test
 import (
 	"context"
 	"crypto/rand"
+	"fmt"
+	"net/http"
 	"os"
 	"strings"
 	"sync"
@@ -30,6 +32,8 @@ const waitFor = 15 * time.Second
 
 type fixture struct {
 	nodes *edgenode.Client
+	dyn   dynamic.Interface // the whitelist's client, its requests logged
+	reqs  *requestLog
 	wl    *whitelist.Whitelist
 	now   atomic.Pointer[time.Time]
 
@@ -43,9 +47,13 @@ func start(t *testing.T) *fixture {
 	t.Helper()
 	cfg := rest.CopyConfig(cp.Env(t).Config)
 	cfg.QPS, cfg.Burst = 1000, 1000
+	admin, err := dynamic.NewForConfig(cfg)
+	require.NoError(t, err)
+	reqs := &requestLog{}
+	cfg.Wrap(func(rt http.RoundTripper) http.RoundTripper { reqs.next = rt; return reqs })
 	dyn, err := dynamic.NewForConfig(cfg)
 	require.NoError(t, err)
-	f := &fixture{nodes: edgenode.NewClient(dyn)}
+	f := &fixture{nodes: edgenode.NewClient(admin), dyn: dyn, reqs: reqs}
 	now := time.Now()
 	f.now.Store(&now)
 	f.wl = whitelist.New(dyn, nil, func() time.Time { return *f.now.Load() })
@@ -63,6 +71,51 @@ func start(t *testing.T) *fixture {
 	})
 	require.NoError(t, f.wl.WaitForSync(t.Context()))
 	return f
+}
+
+// requestLog records the writes (not the informer's list and watch) of
+// the whitelist's client.
+type requestLog struct {
+	mu     sync.Mutex
+	writes []string
+	next   http.RoundTripper
+}
+
+func (l *requestLog) RoundTrip(r *http.Request) (*http.Response, error) {
+	if r.Method != http.MethodGet {
+		l.mu.Lock()
+		l.writes = append(l.writes, r.Method+" "+r.URL.Path)
+		l.mu.Unlock()
+	}
+	return l.next.RoundTrip(r)
+}
+
+// of returns the writes recorded of EdgeNode name.
+func (l *requestLog) of(name string) []string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var out []string
+	for _, w := range l.writes {
+		if strings.Contains(w, "/edgenodes/"+name+"/") || strings.HasSuffix(w, "/edgenodes/"+name) {
+			out = append(out, w)
+		}
+	}
+	return out
+}
+
+// connectionWriter runs a ConnectionWriter as CloudCore wires it: over
+// the whitelist's client and cache, until the test (or stop) ends it.
+func (f *fixture) connectionWriter(t *testing.T, replica string) (w *edgenode.ConnectionWriter, stop func()) {
+	t.Helper()
+	w, err := edgenode.NewConnectionWriter(edgenode.NewClient(f.dyn), edgenode.ConnectionWriterConfig{Replica: replica, Get: f.wl.Get})
+	require.NoError(t, err)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- w.Run(ctx) }()
+	var once sync.Once
+	stop = func() { once.Do(func() { cancel(); require.NoError(t, <-done) }) }
+	t.Cleanup(stop)
+	return w, stop
 }
 
 func (f *fixture) advance(d time.Duration) {
@@ -162,24 +215,14 @@ func TestOnChangeForEveryChange(t *testing.T) {
 }
 
 // A connection with the current certificate ends the previous one's grace
-// at once; connections are otherwise recorded at most once a minute.
+// at once, in one write; a connection with the previous one writes
+// nothing (where and when a node connected is the connection writer's).
 func TestConnectedEndsGrace(t *testing.T) {
 	f := start(t)
 	now := *f.now.Load()
 	e := f.create(t, true, cert("c", now.Add(48*time.Hour)), cert("p", now.Add(time.Hour)))
 
-	// With the previous certificate: recorded, the grace goes on.
 	f.wl.Connected(tunnel.Identity{Node: e.Name, Serial: "p"})
-	require.Eventually(t, func() bool {
-		got, err := f.nodes.Get(t.Context(), e.Name)
-		return err == nil && got.Status.LastConnected != nil
-	}, waitFor, 10*time.Millisecond)
-	got, err := f.nodes.Get(t.Context(), e.Name)
-	require.NoError(t, err)
-	require.NotNil(t, got.Status.Previous)
-	f.waitVersion(t, got)
-
-	// With the current one, within the same minute: the grace ends anyway.
 	f.wl.Connected(tunnel.Identity{Node: e.Name, Serial: "c"})
 	require.Eventually(t, func() bool {
 		got, err := f.nodes.Get(t.Context(), e.Name)
@@ -189,4 +232,90 @@ func TestConnectedEndsGrace(t *testing.T) {
 		return f.wl.Authorize(tunnel.Identity{Node: e.Name, Serial: "p", NotAfter: now.Add(time.Hour)}) != nil
 	}, waitFor, 10*time.Millisecond)
 	require.NoError(t, f.wl.Authorize(tunnel.Identity{Node: e.Name, Serial: "c", NotAfter: now.Add(48 * time.Hour)}))
+	// Connections are taken in order: the one with the previous
+	// certificate was handled before the grace ended.
+	require.Len(t, f.reqs.of(e.Name), 1, "only the end of the grace is written")
+}
+
+// One connect is one EdgeNode write, the connection writer's: the
+// connection and lastConnected together; the whitelist writes nothing
+// unless a grace ends. (The whitelist used to patch lastConnected beside
+// it: two writes per connect.)
+func TestOneWritePerConnect(t *testing.T) {
+	f := start(t)
+	now := *f.now.Load()
+	e := f.create(t, true, cert("c", now.Add(48*time.Hour)), nil)
+	renewed := f.create(t, true, cert("c", now.Add(48*time.Hour)), cert("p", now.Add(time.Hour)))
+	cw, _ := f.connectionWriter(t, "cloud-a")
+
+	// As the hub and the dispatcher tell of a session that starts.
+	id := tunnel.Identity{Node: e.Name, Serial: "c"}
+	f.wl.Connected(id)
+	cw.Started(e.Name, "s1", tunnel.TransportQUIC, nil, now)
+	require.Eventually(t, func() bool {
+		got, err := f.nodes.Get(t.Context(), e.Name)
+		return err == nil && got.Status.Connection != nil && got.Status.LastConnected != nil
+	}, waitFor, 10*time.Millisecond)
+	// The whitelist takes connections in order: once it ended the grace of
+	// a node that connected after, it has handled the first one.
+	f.wl.Connected(tunnel.Identity{Node: renewed.Name, Serial: "c"})
+	require.Eventually(t, func() bool {
+		got, err := f.nodes.Get(t.Context(), renewed.Name)
+		return err == nil && got.Status.Previous == nil
+	}, waitFor, 10*time.Millisecond)
+	require.Equal(t, []string{"PUT /apis/edge.tether.dev/v1alpha1/edgenodes/" + e.Name + "/status"}, f.reqs.of(e.Name))
+	require.Len(t, f.reqs.of(renewed.Name), 1, "the end of a grace: one write")
+}
+
+// After a CloudCore restart (its sessions neither ended nor cleared:
+// SIGKILL), each of n edges that reconnects costs one EdgeNode write: its
+// new session replaces the dead one in the same write as lastConnected,
+// and the object count, unchanged, is not written again.
+func TestReconnectStormWrites(t *testing.T) {
+	const n = 40
+	f := start(t)
+	now := *f.now.Load()
+	nodes := make([]*edgenode.EdgeNode, n)
+	for i := range nodes {
+		nodes[i] = f.create(t, true, cert("c", now.Add(48*time.Hour)), nil)
+	}
+	connect := func(cw *edgenode.ConnectionWriter, session string, at time.Time) {
+		for _, e := range nodes {
+			f.wl.Connected(tunnel.Identity{Node: e.Name, Serial: "c"})
+			cw.Started(e.Name, session, tunnel.TransportQUIC, nil, at)
+			cw.Held(e.Name, session, 3)
+		}
+		require.Eventually(t, func() bool {
+			for _, e := range nodes {
+				got, ok := f.wl.Get(e.Name)
+				if !ok || got.Status.Connection == nil || got.Status.Connection.Session != session || got.Status.ObjectsHeld == nil {
+					return false
+				}
+			}
+			return true
+		}, waitFor, 10*time.Millisecond)
+	}
+	writes := func() int {
+		total := 0
+		for _, e := range nodes {
+			total += len(f.reqs.of(e.Name))
+		}
+		return total
+	}
+	first, stop := f.connectionWriter(t, "cloud-a")
+	connect(first, "before", now)
+	stop() // killed: no session's end is written
+	before := writes()
+
+	restarted, _ := f.connectionWriter(t, "cloud-a")
+	connect(restarted, "after", now.Add(30*time.Second))
+	// Each node reconnected to one replica: its later count (unchanged)
+	// is the last word, so once every node shows the new session, any
+	// further write would be of a node already counted.
+	for _, e := range nodes {
+		got, ok := f.wl.Get(e.Name)
+		require.True(t, ok)
+		require.True(t, got.Status.LastConnected.Equal(&metav1.Time{Time: now.Add(30 * time.Second).Truncate(time.Second)}), "lastConnected of %s: %s", e.Name, got.Status.LastConnected)
+	}
+	require.Equal(t, n, writes()-before, fmt.Sprintf("EdgeNode writes for %d reconnects", n))
 }

@@ -24,6 +24,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"maps"
 	"os"
@@ -104,17 +105,27 @@ func Load(path, kind string, cfg any) error {
 func readFile(path string) ([]byte, error) {
 	fh, err := os.Open(path)
 	if err != nil {
-		return nil, fmt.Errorf("open config file: %w", err)
+		return nil, fmt.Errorf("open config file %s: %w", path, pathless(err))
 	}
 	defer fh.Close()
 	b, err := io.ReadAll(io.LimitReader(fh, maxFile+1))
 	if err != nil {
-		return nil, fmt.Errorf("read config file %s: %w", path, err)
+		return nil, fmt.Errorf("read config file %s: %w", path, pathless(err))
 	}
 	if len(b) > maxFile {
 		return nil, fmt.Errorf("config file %s is larger than %d bytes", path, maxFile)
 	}
 	return b, nil
+}
+
+// pathless returns the reason of an os error without its "open PATH: "
+// prefix, which the caller's message already says.
+func pathless(err error) error {
+	var pe *fs.PathError
+	if errors.As(err, &pe) {
+		return pe.Err
+	}
+	return err
 }
 
 // Decode is Load of the bytes of a file.

@@ -1,6 +1,8 @@
 package configfile
 
 import (
+	"io/fs"
+	"path/filepath"
 	"testing"
 	"time"
 
@@ -51,4 +53,17 @@ func TestBindApply(t *testing.T) {
 
 	_, err = Bind(&fromFlags, fs, true)
 	require.ErrorContains(t, err, "bound twice")
+}
+
+// A missing file is named once, with the reason, and is still a
+// fs.ErrNotExist to callers that check.
+func TestLoadMissingFile(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "absent.yaml")
+	var c testConfig
+	err := Load(path, "Test", &c)
+	require.EqualError(t, err, "open config file "+path+": no such file or directory")
+	require.ErrorIs(t, err, fs.ErrNotExist)
+
+	dir := t.TempDir()
+	require.EqualError(t, Load(dir, "Test", &c), "read config file "+dir+": is a directory")
 }

@@ -30,6 +30,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"time"
 	"unicode"
 
@@ -52,6 +53,12 @@ const Steps = 6
 // ErrAlreadyJoined means the directory already holds a node key and
 // Config.Force is not set.
 var ErrAlreadyJoined = errors.New("join: node key already exists")
+
+// ErrTunnelPort is wrapped when the server at the cloud address asked for
+// a client certificate, as CloudCore's tunnel does and its join endpoint
+// never does: the address is likely the tunnel's port.
+var ErrTunnelPort = errors.New("join: the server asked for a client certificate, which CloudCore's join endpoint never does: " +
+	"this is likely its tunnel port (10000); give --cloud CloudCore's join endpoint (its --join-addr, port 10002 by default)")
 
 // Config says how to join. Join fills defaults into a copy.
 type Config struct {
@@ -308,12 +315,21 @@ func (j *joiner) url(path string) string {
 // fetchCA downloads the CA without authenticating the server; the caller
 // must check it against the token before trusting it.
 func (j *joiner) fetchCA(ctx context.Context) (*x509.Certificate, error) {
+	// The join endpoint never asks a client certificate (a joining node
+	// has none); CloudCore's tunnel always does: a server that asks is
+	// the tunnel's port given for the join's, a cheap and sure sign that
+	// turns its refusal ("tls: bad certificate") into what to do.
+	var askedCert atomic.Bool
 	client, tr, err := j.httpClient(&tls.Config{
 		// Not trusted yet on purpose: nothing secret is sent, and the CA
 		// that comes back is accepted only if it matches the token's hash.
 		InsecureSkipVerify: true,
 		MinVersion:         tls.VersionTLS13,
 		ServerName:         j.host,
+		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
+			askedCert.Store(true)
+			return &tls.Certificate{}, nil // none
+		},
 	})
 	if err != nil {
 		return nil, err
@@ -327,6 +343,9 @@ func (j *joiner) fetchCA(ctx context.Context) (*x509.Certificate, error) {
 	}
 	resp, err := client.Do(req)
 	if err != nil {
+		if askedCert.Load() {
+			return nil, fmt.Errorf("%w: %w", ErrTunnelPort, err)
+		}
 		return nil, err
 	}
 	defer resp.Body.Close()

@@ -81,6 +81,7 @@ type churner struct {
 	secrets map[string]*corev1.Secret
 
 	counts   map[string]int // "create Secret" -> successful writes
+	at       []time.Time    // when each successful write returned
 	failures int
 	firstErr []string
 	writes   map[string][]string // key -> its writes, for failure messages
@@ -156,6 +157,17 @@ func (c *churner) run(ctx context.Context, interval time.Duration) {
 	}
 }
 
+// during returns how many successful writes returned in [from, to).
+func (c *churner) during(from, to time.Time) int {
+	n := 0
+	for _, t := range c.at {
+		if !t.Before(from) && t.Before(to) {
+			n++
+		}
+	}
+	return n
+}
+
 func (c *churner) total() int {
 	n := 0
 	for _, v := range c.counts {
@@ -200,6 +212,7 @@ func (c *churner) deleted(kind, name string, uid types.UID) {
 }
 
 func (c *churner) wrote(kind, name, what string) {
+	c.at = append(c.at, time.Now())
 	k := keyOf(kind, c.ns, name)
 	c.writes[k] = append(c.writes[k], time.Now().Format("15:04:05.000")+" "+what)
 }

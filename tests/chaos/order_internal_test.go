@@ -59,3 +59,11 @@ func TestReadAppliedDropsTornLine(t *testing.T) {
 	require.Equal(t, held{"u1", "5"}, a[0].held)
 	require.Equal(t, byte('D'), a[1].op)
 }
+
+// The windows the churn must fill are the schedules' long partitions, not
+// the 2 s flaps.
+func TestLongCuts(t *testing.T) {
+	s := time.Second
+	require.Equal(t, []cut{{8 * s, 12 * s}, {44 * s, 12 * s}}, shortSchedule().longCuts())
+	require.Equal(t, []cut{{20 * s, 20 * s}, {58 * s, 12 * s}, {90 * s, 12 * s}}, fullSchedule().longCuts())
+}

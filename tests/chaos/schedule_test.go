@@ -48,9 +48,13 @@ func lossy(from, to time.Duration) []step {
 	return append(out, step{to, "loss off", func(r *rig) error { r.proxy.SetLoss(0); return nil }})
 }
 
+// partitionFor starts the name of a partition's first step; its length
+// follows.
+const partitionFor = "partition for "
+
 func partition(from, length time.Duration) []step {
 	return []step{
-		{from, fmt.Sprintf("partition for %s", length), func(r *rig) error { r.proxy.Partition(true); return nil }},
+		{from, partitionFor + length.String(), func(r *rig) error { r.proxy.Partition(true); return nil }},
 		{from + length, "partition healed", func(r *rig) error { r.proxy.Partition(false); return nil }},
 	}
 }
@@ -133,6 +137,26 @@ func shortSchedule() schedule {
 		partition(44*s, 12*s),
 		clean(56*s),
 	)
+}
+
+// cut is a partition of the schedule: when it starts and how long it lasts.
+type cut struct{ at, length time.Duration }
+
+// longCuts returns the partitions that hold changes back long enough to
+// need a resend (not the 2 s flaps): the windows the churn must fill for a
+// run to count.
+func (s schedule) longCuts() []cut {
+	var out []cut
+	for _, st := range s.steps {
+		rest, ok := strings.CutPrefix(st.what, partitionFor)
+		if !ok {
+			continue
+		}
+		if d, err := time.ParseDuration(rest); err == nil && d >= 10*time.Second {
+			out = append(out, cut{st.at, d})
+		}
+	}
+	return out
 }
 
 // run performs the steps at their times until ctx ends; it records what

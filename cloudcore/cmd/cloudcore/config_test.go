@@ -64,7 +64,7 @@ func TestBadConfigStartsNothing(t *testing.T) {
 	}{
 		{[]string{"--config", bad}, "tunnel.keepAliv: unknown field"},
 		{[]string{"--keepalive", "0s"}, "tunnel.keepAlive: must be > 0"},
-		{[]string{"--config", filepath.Join(dir, "absent.yaml")}, "open config file"},
+		{[]string{"--config", filepath.Join(dir, "absent.yaml")}, "open config file " + filepath.Join(dir, "absent.yaml") + ": no such file or directory"},
 	} {
 		_, err := run(t, append(tc.args, "--kubeconfig", missingKube, "--metrics-addr", "0")...)
 		require.ErrorContains(t, err, tc.want)

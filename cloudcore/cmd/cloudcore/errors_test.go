@@ -2,14 +2,12 @@ package main
 
 import (
 	"bytes"
-	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/require"
-	"k8s.io/klog/v2"
 
 	"github.com/tetheredge/tether/tests/controlplane"
 )
@@ -55,15 +53,4 @@ func TestAdminAllowHintKeepsTokenOffCommandLine(t *testing.T) {
 	require.True(t, strings.HasPrefix(token, "tj1."), "stdout is the token: %q", token)
 	require.Contains(t, stderr.String(), "edgecore join --cloud cloud.example.com:10002 --token-file /root/tether.token --node edge-hint\n")
 	require.NotContains(t, stderr.String(), token, "the hint never puts the token on a command line")
-}
-
-// client-go's klog lines (leader election) come out through the daemon's
-// logger, in its format, not in klog's beside it.
-func TestKlogThroughLogger(t *testing.T) {
-	var buf bytes.Buffer
-	newLogger(&buf, slog.LevelInfo)
-	t.Cleanup(klog.ClearLogger)
-	klog.InfoS("from klog", "key", "value")
-	klog.Flush()
-	require.Contains(t, buf.String(), `level=INFO msg="from klog" key=value`)
 }

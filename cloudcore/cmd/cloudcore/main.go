@@ -6,7 +6,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -17,11 +16,11 @@ import (
 	"github.com/spf13/cobra"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
-	"k8s.io/klog/v2"
 
 	"github.com/tetheredge/tether/cloudcore/app"
 	"github.com/tetheredge/tether/cloudcore/config"
 	"github.com/tetheredge/tether/common/configfile"
+	"github.com/tetheredge/tether/common/logging"
 	tetherserve "github.com/tetheredge/tether/common/serve"
 )
 
@@ -63,7 +62,7 @@ func serve(ctx context.Context, cfg config.CloudCoreConfiguration) error {
 	if err != nil {
 		return err
 	}
-	logger := newLogger(os.Stderr, level)
+	logger := logging.New(os.Stderr, level)
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	restCfg, err := kubeConfig(cfg.Kubernetes.Kubeconfig)
@@ -74,28 +73,20 @@ func serve(ctx context.Context, cfg config.CloudCoreConfiguration) error {
 	if err != nil {
 		return err
 	}
-	a, err := app.New(ctx, appConfig(cfg, restCfg, logger, reg))
+	appCfg := appConfig(cfg, restCfg, logger, reg)
+	a, err := app.New(ctx, appCfg)
 	if err != nil {
 		return err
 	}
 	if err := a.Listen(); err != nil {
 		return err
 	}
-	// Where it can be reached, as bound (a port 0 chosen): what an
-	// operator checks first when edges do not connect.
+	// Where it can be reached, as bound (a port 0 chosen), and under
+	// which names: what an operator checks first when edges do not
+	// connect.
 	logger.Info("cloudcore listening", "quic_addr", addrString(a.QUICAddr()), "websocket_addr", addrString(a.WebSocketAddr()),
-		"join_addr", addrString(a.JoinAddr()), "metrics_addr", addrString(a.MetricsAddr()))
+		"join_addr", addrString(a.JoinAddr()), "metrics_addr", addrString(a.MetricsAddr()), "server_sans", appCfg.ServerSANs)
 	return a.Run(ctx)
-}
-
-// newLogger is the daemon's logger, writing text to w. client-go's own
-// logs (leader election, informers' warnings) go through it too instead
-// of klog's format: klog's logger is process-wide, and this is the
-// process's entry point.
-func newLogger(w io.Writer, level slog.Level) *slog.Logger {
-	logger := slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: level}))
-	klog.SetSlogLogger(logger)
-	return logger
 }
 
 // kubeConfig is the client configuration of the kubeconfig at path, or
@@ -130,7 +121,7 @@ func appConfig(c config.CloudCoreConfiguration, kube *rest.Config, logger *slog.
 		KeepAlive:         c.Tunnel.KeepAlive.Duration,
 		DeadPeerTimeout:   c.Tunnel.DeadPeerTimeout.Duration,
 		JoinAddr:          c.Onboarding.JoinAddr,
-		ServerSANs:        c.Onboarding.ServerSANs,
+		ServerSANs:        c.Onboarding.SANs(nil),
 		CertValidity:      c.Onboarding.CertValidity.Duration,
 		CANamespace:       c.Onboarding.CANamespace,
 		CAName:            c.Onboarding.CASecret,

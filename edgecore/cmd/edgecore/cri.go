@@ -12,6 +12,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/tetheredge/tether/common/configfile"
+	"github.com/tetheredge/tether/common/logging"
 	"github.com/tetheredge/tether/edgecore/app"
 	"github.com/tetheredge/tether/edgecore/config"
 )
@@ -40,7 +41,7 @@ func newCRICommand() *cobra.Command {
 			if err := level.UnmarshalText([]byte(f.logLevel)); err != nil {
 				return fmt.Errorf("log level %q: %w", f.logLevel, err)
 			}
-			logger := newLogger(os.Stderr, level)
+			logger := logging.New(os.Stderr, level)
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
 			if err := f.vm.Validate(); err != nil {

@@ -1,14 +1,11 @@
 package main
 
 import (
-	"bytes"
-	"log/slog"
 	"net"
 	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/require"
-	"k8s.io/klog/v2"
 )
 
 // EdgeCore started on a data directory nobody joined into says to join
@@ -31,15 +28,4 @@ func TestJoinRefusedSaysWhichAddress(t *testing.T) {
 	t.Setenv(TokenEnv, "tj1.abcdefgh.abcdefghijklmnopqrstuvwxyz."+strings.Repeat("0", 64))
 	_, err = runEdgecore(t, "join", "--cloud", addr, "--node", "edge-1", "--data-dir", t.TempDir())
 	require.ErrorContains(t, err, "connection refused; nothing listens at "+addr+": give --cloud CloudCore's join endpoint (its --join-addr")
-}
-
-// The Kubernetes libraries' klog lines come out through the daemon's
-// logger, in its format, not in klog's beside it.
-func TestKlogThroughLogger(t *testing.T) {
-	var buf bytes.Buffer
-	newLogger(&buf, slog.LevelInfo)
-	t.Cleanup(klog.ClearLogger)
-	klog.InfoS("from klog", "key", "value")
-	klog.Flush()
-	require.Contains(t, buf.String(), `level=INFO msg="from klog" key=value`)
 }

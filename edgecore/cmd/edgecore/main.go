@@ -10,7 +10,6 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"os"
 	"os/signal"
@@ -19,9 +18,9 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
-	"k8s.io/klog/v2"
 
 	"github.com/tetheredge/tether/common/configfile"
+	"github.com/tetheredge/tether/common/logging"
 	"github.com/tetheredge/tether/common/serve"
 	"github.com/tetheredge/tether/edgecore/app"
 	"github.com/tetheredge/tether/edgecore/config"
@@ -67,7 +66,7 @@ func run(ctx context.Context, c config.EdgeCoreConfiguration) error {
 	if err != nil {
 		return err
 	}
-	logger := newLogger(os.Stderr, level)
+	logger := logging.New(os.Stderr, level)
 	cfg, err := appConfig(c, logger)
 	if err != nil {
 		return err
@@ -80,16 +79,6 @@ func run(ctx context.Context, c config.EdgeCoreConfiguration) error {
 	}
 	defer a.Close()
 	return a.Run(ctx)
-}
-
-// newLogger is the daemon's logger, writing text to w. The Kubernetes
-// libraries' logs (the CRI client's) go through it too instead of klog's
-// format: klog's logger is process-wide, and this is the process's entry
-// point.
-func newLogger(w io.Writer, level slog.Level) *slog.Logger {
-	logger := slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: level}))
-	klog.SetSlogLogger(logger)
-	return logger
 }
 
 // appConfig is where each setting of the file goes in EdgeCore, with the
