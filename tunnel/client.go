@@ -208,11 +208,11 @@ func (c *Client) tlsConfig(t Transport, addr string) *tls.Config {
 	if _, ok := c.tickets[t].Get(cfg.ServerName); ok && len(cfg.CurvePreferences) == 0 {
 		cfg.CurvePreferences = []tls.CurveID{tls.X25519} // see resume.go
 	}
-	// The transport's protocol, and alpnKeepTicket, never negotiated,
-	// which says that this client keeps its ticket when the server asks
-	// (ticket.go).
+	// The transport's protocols (on QUIC alpnQUICAnnounced first, quic.go),
+	// and alpnKeepTicket, never negotiated, which says that this client
+	// keeps its ticket when the server asks (ticket.go).
 	if t == TransportQUIC {
-		cfg.NextProtos = []string{alpnQUIC, alpnKeepTicket}
+		cfg.NextProtos = append(quicProtos(c.cfg.Options), alpnKeepTicket)
 	} else {
 		cfg.NextProtos = []string{"http/1.1", alpnKeepTicket}
 	}

@@ -176,7 +176,7 @@ func (s *Server) tlsConfig(t Transport) *tls.Config {
 		base.WrapSession = s.wrapSession
 	}
 	if t == TransportQUIC {
-		base.NextProtos = []string{alpnQUIC}
+		base.NextProtos = quicProtos(s.cfg.Options)
 	} else {
 		base.NextProtos = []string{"http/1.1"}
 	}
