@@ -158,13 +158,15 @@ func NewClient(cfg ClientConfig) (*Client, error) {
 	for _, t := range []Transport{TransportQUIC, TransportWebSocket} {
 		tickets[t] = newTicketCache(t, cfg.Tickets, cert, logger)
 	}
+	sessCfg := opts.sessionConfig(codec, metrics, ratelog.New(0, nil))
+	sessCfg.logger = logger // a client's sessions log with its node (Session.log)
 	return &Client{
 		tickets: tickets,
 		cfg:     cfg,
 		codec:   codec,
 		metrics: metrics,
 		logger:  logger,
-		sessCfg: opts.sessionConfig(codec, metrics, ratelog.New(0, nil)),
+		sessCfg: sessCfg,
 		servers: servers,
 		pref:    cfg.Prefer,
 	}, nil
@@ -292,14 +294,13 @@ func (c *Client) serverIdentity(cs tls.ConnectionState) Identity {
 }
 
 func (c *Client) started(sess *Session) {
-	sess.logger = c.logger.With("session", sess.id, "transport", string(sess.transport))
 	sess.goodbye.take = !c.ignoreGoodbye
 	sess.start()
 	c.metrics.SessionsOpened.WithLabelValues(string(sess.transport)).Inc()
 	if sess.resumed {
 		c.metrics.Resumptions.WithLabelValues(string(sess.transport), ticketResumed).Inc()
 	}
-	sess.logger.Info("connected to cloud", "resumed", sess.resumed)
+	sess.log().Info("connected to cloud", "resumed", sess.resumed)
 }
 
 // Run keeps a session to the cloud until ctx ends: it dials, calls handle

@@ -123,7 +123,6 @@ type Session struct {
 	curve     tls.CurveID // the TLS key exchange
 	link      link
 	cfg       sessionConfig
-	logger    *slog.Logger
 
 	// sendBytes bounds the bytes queued for sending (SendQueueBytes).
 	sendBytes *semaphore.Weighted
@@ -157,7 +156,6 @@ func newSession(id string, peer Identity, t Transport, l link, cfg sessionConfig
 		transport: t,
 		link:      l,
 		cfg:       cfg,
-		logger:    cfg.logger.With("session", id, "transport", string(t), "node", peer.Node),
 		sendBytes: semaphore.NewWeighted(cfg.sendQueueBytes),
 		inbox:     newInbox(cfg.recvQueue),
 		sendWake:  make(chan struct{}, 1),
@@ -168,6 +166,17 @@ func newSession(id string, peer Identity, t Transport, l link, cfg sessionConfig
 		done:      make(chan struct{}),
 	}
 	return s
+}
+
+// log returns the session's logger. It is built for each use rather than
+// kept: a session logs a few lines in its life (established, ended,
+// faults, which are rate-limited), and a logger with attributes kept by
+// every idle session is a handler clone each.
+func (s *Session) log() *slog.Logger {
+	if s.peer.Node == "" { // the client's end, whose logger names its node
+		return s.cfg.logger.With("session", s.id, "transport", string(s.transport))
+	}
+	return s.cfg.logger.With("session", s.id, "transport", string(s.transport), "node", s.peer.Node)
 }
 
 // start runs the session's goroutines; done closes when all have ended.
@@ -181,7 +190,7 @@ func (s *Session) start() {
 		s.err = context.Cause(s.ctx)
 		active.Dec()
 		close(s.done)
-		s.logger.Info("session ended", "reason", s.err)
+		s.log().Info("session ended", "reason", s.err)
 	})
 	s.g.add() // the close below, counted first so that the group cannot be over before it is registered
 	s.g.Go(func() error {
@@ -272,7 +281,7 @@ func (s *Session) Close(reason string) error {
 // may call it.
 func (s *Session) Abort(reason string) {
 	s.closeOnce.Do(func() {
-		s.logger.Debug("closing session", "reason", reason)
+		s.log().Debug("closing session", "reason", reason)
 		s.cancel(fmt.Errorf("%w: %s", errClosedLocally, reason))
 	})
 }
@@ -283,7 +292,7 @@ func (s *Session) Abort(reason string) {
 func (s *Session) fail(reason string, err error) {
 	s.cfg.metrics.Refused.WithLabelValues(string(s.transport), reason).Inc()
 	if ok, suppressed := s.cfg.logs.Allow(s.peer.Node + "/" + reason); ok {
-		s.logger.Warn("closing session", "reason", reason, "err", err, "suppressed", suppressed)
+		s.log().Warn("closing session", "reason", reason, "err", err, "suppressed", suppressed)
 	}
 	s.cancel(fmt.Errorf("%s: %w", reason, err))
 }
@@ -293,7 +302,7 @@ func (s *Session) fail(reason string, err error) {
 func (s *Session) drop(reason string, err error) {
 	s.cfg.metrics.Refused.WithLabelValues(string(s.transport), reason).Inc()
 	if ok, suppressed := s.cfg.logs.Allow(s.peer.Node + "/" + reason); ok {
-		s.logger.Warn("message dropped", "reason", reason, "err", err, "suppressed", suppressed)
+		s.log().Warn("message dropped", "reason", reason, "err", err, "suppressed", suppressed)
 	}
 }
 

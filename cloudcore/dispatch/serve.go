@@ -266,7 +266,7 @@ func (d *Dispatcher) Serve(ctx context.Context, s *tunnel.Session) error {
 		d.sessions.Started(node, s.ID(), s.Transport(), s.RemoteAddr(), time.Now())
 		defer d.sessions.Ended(node, s.ID())
 	}
-	c := &conn{d: d, s: s, node: node, logger: d.logger.With("node", node, "session", s.ID())}
+	c := &conn{d: d, s: s, node: node}
 	c.objects = newObjects(c, b)
 	c.upstream = newUpstreamHandler(c)
 	c.renewal = newRenewal(c)
@@ -303,15 +303,21 @@ func (d *Dispatcher) Serve(ctx context.Context, s *tunnel.Session) error {
 // The lanes of upstream writes and renewals start a goroutine in g when
 // work arrives, and it exits when their queue is empty.
 type conn struct {
-	d      *Dispatcher
-	s      *tunnel.Session
-	node   string
-	logger *slog.Logger
-	g      *errgroup.Group // the lanes' goroutines; waited for before Serve returns
+	d    *Dispatcher
+	s    *tunnel.Session
+	node string
+	g    *errgroup.Group // the lanes' goroutines; waited for before Serve returns
 
 	objects  *objects
 	upstream *upstreamHandler
 	renewal  *renewal
+}
+
+// log returns the session's logger, built for each use rather than kept
+// by every idle session (a handler clone each): a session logs rarely,
+// and its warnings are rate-limited.
+func (c *conn) log() *slog.Logger {
+	return c.d.logger.With("node", c.node, "session", c.s.ID())
 }
 
 // spawn runs f in the session's group. Only run's goroutine calls it
@@ -394,7 +400,7 @@ func (c *conn) limited(cause string) *slog.Logger {
 	if !ok {
 		return nil
 	}
-	return c.logger.With("cause", cause, "suppressed", suppressed)
+	return c.log().With("cause", cause, "suppressed", suppressed)
 }
 
 // maxReason bounds the reason carried in a Refuse or Retry.
