@@ -49,7 +49,7 @@ var ErrLargeMessageTimeout = errors.New("tunnel: peer reset a large message that
 // AcceptUniStream for the life of every session. A client offers it
 // before alpnQUIC and a server prefers it; either end of an older
 // version offers or accepts alpnQUIC alone, which keeps that acceptor
-// (docs/protocol.md, "Large messages").
+// (docs/protocol.md, "Frames").
 const alpnQUICAnnounced = "tether/1a"
 
 // maxAnnounced bounds the large-message streams announced and not yet
