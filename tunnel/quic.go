@@ -180,10 +180,14 @@ func (l *quicLink) run(ctx context.Context, g spawner, sink linkSink) error {
 // (KindStreamOpen, on a connection that negotiated alpnQUICAnnounced) and
 // starts a goroutine that accepts the next stream and reads it. Streams
 // are accepted in the order they were opened, whichever goroutine takes
-// which: what matters is one accept per stream. An announcement on a
-// connection that did not negotiate them, more than maxAnnounced
-// outstanding, or one whose stream does not arrive within
-// LargeMessageTimeout is a broken peer and ends the session.
+// which: what matters is one accept per stream. The wait for the stream
+// has no deadline of its own: the stream is open at the sender before it
+// is announced, but its first bytes may wait behind other streams and
+// flow control, and LargeMessageTimeout runs from its arrival as it did
+// before announcements. A peer that announces streams it never sends
+// holds at most maxAnnounced goroutines; an announcement beyond them, or
+// one on a connection that did not negotiate them, is a broken peer and
+// ends the session.
 func (l *quicLink) handleControl(m *message.Message) error {
 	if !l.announced {
 		return fmt.Errorf("%w: %s on a QUIC session without %s", message.ErrInvalid, m.Kind, alpnQUICAnnounced)
@@ -193,14 +197,9 @@ func (l *quicLink) handleControl(m *message.Message) error {
 	}
 	l.g.Go(func() error {
 		defer l.awaiting.Add(-1)
-		actx, cancel := context.WithTimeout(l.ctx, l.largeTimeout)
-		rs, err := l.conn.AcceptUniStream(actx)
-		cancel()
+		rs, err := l.conn.AcceptUniStream(l.ctx)
 		if err != nil {
-			if l.ctx.Err() == nil && errors.Is(err, context.DeadlineExceeded) {
-				l.sink.fail(fmt.Errorf("announced large-message stream did not arrive within %s: %w", l.largeTimeout, message.ErrInvalid))
-			}
-			return nil // or the connection is closing; the control stream reports why
+			return nil // the connection is closing; the control stream reports why
 		}
 		return l.readLarge(l.ctx, rs, l.sink)
 	})
