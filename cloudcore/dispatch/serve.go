@@ -212,6 +212,9 @@ type inbox struct {
 
 func (b *inbox) add(k objsync.Key) {
 	b.mu.Lock()
+	if b.keys == nil {
+		b.keys = make(map[objsync.Key]struct{})
+	}
 	b.keys[k] = struct{}{}
 	b.mu.Unlock()
 	select {
@@ -227,7 +230,7 @@ func (b *inbox) drain() []objsync.Key {
 	for k := range b.keys {
 		out = append(out, k)
 	}
-	clear(b.keys)
+	b.keys = nil // an emptied map keeps its memory; the next add makes one
 	return out
 }
 
@@ -251,7 +254,7 @@ const settleTimeout = 10 * time.Second
 // ctx ends. The caller guarantees one session per node at a time.
 func (d *Dispatcher) Serve(ctx context.Context, s *tunnel.Session) error {
 	node := s.Peer().Node
-	b := &inbox{keys: make(map[objsync.Key]struct{}), signal: make(chan struct{}, 1)}
+	b := &inbox{signal: make(chan struct{}, 1)}
 	d.mu.Lock()
 	d.nodes[node] = b
 	d.mu.Unlock()
