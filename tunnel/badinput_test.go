@@ -401,6 +401,21 @@ func rawSession(t *testing.T, srv *testServer, node string) (*quic.Conn, *quic.S
 	return conn, st
 }
 
+// openAnnounced opens a large-message stream on a raw session and
+// announces it on the control stream, as a peer that negotiated
+// alpnQUICAnnounced does (rawQUIC offers it, the server prefers it).
+func openAnnounced(t *testing.T, conn *quic.Conn, ctrl *quic.Stream) *quic.SendStream {
+	t.Helper()
+	require.Equal(t, alpnQUICAnnounced, conn.ConnectionState().TLS.NegotiatedProtocol)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	uni, err := conn.OpenUniStreamSync(ctx)
+	require.NoError(t, err)
+	_, err = ctrl.Write(mustFrame(t, &message.Message{Kind: message.KindStreamOpen}))
+	require.NoError(t, err)
+	return uni
+}
+
 // requireEchoes checks that a raw session still works: an event sent on
 // the control stream is acked.
 func requireEchoes(t *testing.T, st *quic.Stream, id uint64) {
@@ -443,10 +458,9 @@ func TestLargeMessageStreamViolations(t *testing.T) {
 	srv := startServer(t, ca, echo, nil)
 	t.Run("two frames", func(t *testing.T) {
 		before := srv.refused(TransportQUIC, reasonFrame)
-		conn, _ := rawSession(t, srv, "edge-1")
-		uni, err := conn.OpenUniStream()
-		require.NoError(t, err)
-		_, err = uni.Write(append(mustFrame(t, &message.Message{Kind: message.KindAck}), mustFrame(t, &message.Message{Kind: message.KindAck})...))
+		conn, st := rawSession(t, srv, "edge-1")
+		uni := openAnnounced(t, conn, st)
+		_, err := uni.Write(append(mustFrame(t, &message.Message{Kind: message.KindAck}), mustFrame(t, &message.Message{Kind: message.KindAck})...))
 		require.NoError(t, err)
 		require.NoError(t, uni.Close())
 		select {
@@ -459,9 +473,8 @@ func TestLargeMessageStreamViolations(t *testing.T) {
 	t.Run("oversized", func(t *testing.T) {
 		before := srv.refused(TransportQUIC, reasonTooLarge)
 		conn, st := rawSession(t, srv, "edge-1")
-		uni, err := conn.OpenUniStream()
-		require.NoError(t, err)
-		_, err = uni.Write(lengthPrefix(message.DefaultMaxFrame + 1))
+		uni := openAnnounced(t, conn, st)
+		_, err := uni.Write(lengthPrefix(message.DefaultMaxFrame + 1))
 		require.NoError(t, err)
 		requireReset(t, uni, quicStreamTooLarge)
 		require.Equal(t, before+1, srv.refused(TransportQUIC, reasonTooLarge))
@@ -485,12 +498,9 @@ func TestStalledLargeStreamsAreBoundedAndReset(t *testing.T) {
 	runtime.GC()
 	runtime.ReadMemStats(&m0)
 	var streams []*quic.SendStream
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
 	for range 16 {
-		uni, err := conn.OpenUniStreamSync(ctx)
-		require.NoError(t, err)
-		_, err = uni.Write(lengthPrefix(message.DefaultMaxFrame))
+		uni := openAnnounced(t, conn, st)
+		_, err := uni.Write(lengthPrefix(message.DefaultMaxFrame))
 		require.NoError(t, err)
 		streams = append(streams, uni)
 	}
@@ -510,9 +520,8 @@ func TestStalledLargeStreamsAreBoundedAndReset(t *testing.T) {
 
 	// A complete frame whose stream never ends is late too, not a second
 	// frame: reset, counted, session kept.
-	uni, err := conn.OpenUniStreamSync(ctx)
-	require.NoError(t, err)
-	_, err = uni.Write(mustFrame(t, &message.Message{ID: 9, Kind: message.KindEvent, Op: message.OpUpsert, Payload: make([]byte, 40<<10)}))
+	uni := openAnnounced(t, conn, st)
+	_, err := uni.Write(mustFrame(t, &message.Message{ID: 9, Kind: message.KindEvent, Op: message.OpUpsert, Payload: make([]byte, 40<<10)}))
 	require.NoError(t, err)
 	requireReset(t, uni, quicStreamTimeout)
 	require.Equal(t, before+17, srv.refused(TransportQUIC, reasonLargeTimeout))

@@ -158,13 +158,15 @@ func NewClient(cfg ClientConfig) (*Client, error) {
 	for _, t := range []Transport{TransportQUIC, TransportWebSocket} {
 		tickets[t] = newTicketCache(t, cfg.Tickets, cert, logger)
 	}
+	sessCfg := opts.sessionConfig(codec, metrics, ratelog.New(0, nil))
+	sessCfg.logger = logger // a client's sessions log with its node (Session.log)
 	return &Client{
 		tickets: tickets,
 		cfg:     cfg,
 		codec:   codec,
 		metrics: metrics,
 		logger:  logger,
-		sessCfg: opts.sessionConfig(codec, metrics, ratelog.New(0, nil)),
+		sessCfg: sessCfg,
 		servers: servers,
 		pref:    cfg.Prefer,
 	}, nil
@@ -208,11 +210,11 @@ func (c *Client) tlsConfig(t Transport, addr string) *tls.Config {
 	if _, ok := c.tickets[t].Get(cfg.ServerName); ok && len(cfg.CurvePreferences) == 0 {
 		cfg.CurvePreferences = []tls.CurveID{tls.X25519} // see resume.go
 	}
-	// The transport's protocol, and alpnKeepTicket, never negotiated,
-	// which says that this client keeps its ticket when the server asks
-	// (ticket.go).
+	// The transport's protocols (on QUIC alpnQUICAnnounced first, quic.go),
+	// and alpnKeepTicket, never negotiated, which says that this client
+	// keeps its ticket when the server asks (ticket.go).
 	if t == TransportQUIC {
-		cfg.NextProtos = []string{alpnQUIC, alpnKeepTicket}
+		cfg.NextProtos = append(quicProtos(c.cfg.Options), alpnKeepTicket)
 	} else {
 		cfg.NextProtos = []string{"http/1.1", alpnKeepTicket}
 	}
@@ -292,14 +294,13 @@ func (c *Client) serverIdentity(cs tls.ConnectionState) Identity {
 }
 
 func (c *Client) started(sess *Session) {
-	sess.logger = c.logger.With("session", sess.id, "transport", string(sess.transport))
 	sess.goodbye.take = !c.ignoreGoodbye
 	sess.start()
 	c.metrics.SessionsOpened.WithLabelValues(string(sess.transport)).Inc()
 	if sess.resumed {
 		c.metrics.Resumptions.WithLabelValues(string(sess.transport), ticketResumed).Inc()
 	}
-	sess.logger.Info("connected to cloud", "resumed", sess.resumed)
+	sess.log().Info("connected to cloud", "resumed", sess.resumed)
 }
 
 // Run keeps a session to the cloud until ctx ends: it dials, calls handle

@@ -59,6 +59,11 @@ type Options struct {
 	Logger *slog.Logger
 	// Registerer, when set, gets the tunnel's Prometheus metrics.
 	Registerer prometheus.Registerer
+
+	// unannounced, for tests, makes this end speak QUIC as versions
+	// before alpnQUICAnnounced did: ALPN alpnQUIC alone, large-message
+	// streams neither announced nor expected to be (quic.go).
+	unannounced bool
 }
 
 // withDefaults returns a copy with defaults filled in, or an error for

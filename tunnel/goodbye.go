@@ -68,7 +68,7 @@ func (s *Session) takeGoodbye(m *message.Message) error {
 	s.goodbye.mu.Lock()
 	s.goodbye.hint = g.Hint
 	s.goodbye.mu.Unlock()
-	s.logger.Info("cloud asked this edge to move", "reason", g.Reason, "hint", g.Hint)
+	s.log().Info("cloud asked this edge to move", "reason", g.Reason, "hint", g.Hint)
 	s.Abort("goodbye: " + g.Reason)
 	return nil
 }

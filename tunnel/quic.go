@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"sync/atomic"
 	"time"
 
 	"github.com/quic-go/quic-go"
@@ -41,6 +42,22 @@ const (
 // Only that message is lost; the session continues.
 var ErrLargeMessageTimeout = errors.New("tunnel: peer reset a large message that did not arrive within its timeout")
 
+// alpnQUICAnnounced is the QUIC ALPN protocol of peers that announce
+// every large-message stream on the control stream (a KindStreamOpen)
+// once it is open, so that the receiver accepts such streams only when
+// one is coming instead of holding a goroutine blocked in
+// AcceptUniStream for the life of every session. A client offers it
+// before alpnQUIC and a server prefers it; either end of an older
+// version offers or accepts alpnQUIC alone, which keeps that acceptor
+// (docs/protocol.md, "Frames").
+const alpnQUICAnnounced = "tether/1a"
+
+// maxAnnounced bounds the large-message streams announced and not yet
+// accepted or read: twice the streams a peer may have open at once
+// (MaxIncomingUniStreams), for the moments when a stream is being
+// closed at one end while the next is announced. More is a broken peer.
+const maxAnnounced = 32
+
 // quicLink runs a session over one QUIC connection: an ordered control
 // stream at the highest priority, one unidirectional stream per large
 // message, and bidirectional streams for bulk data.
@@ -53,11 +70,25 @@ type quicLink struct {
 	ctrl         *quic.Stream
 	codec        *message.Codec
 	largeTimeout time.Duration // how long one incoming large message may take
+	// announced: the connection negotiated alpnQUICAnnounced, so both
+	// ends announce their large-message streams. Otherwise a goroutine
+	// accepts them as they come.
+	announced bool
+
+	// Set by run before the first frame is read; used by handleControl,
+	// which run's loop calls, to accept announced streams.
+	ctx      context.Context
+	g        spawner
+	sink     linkSink
+	awaiting atomic.Int32 // announced streams not yet read to their end
 }
 
 func newQUICLink(conn *quic.Conn, ctrl *quic.Stream, c *message.Codec, largeTimeout time.Duration) *quicLink {
 	ctrl.SetPriority(0, false)
-	return &quicLink{conn: conn, ctrl: ctrl, codec: c, largeTimeout: largeTimeout}
+	return &quicLink{
+		conn: conn, ctrl: ctrl, codec: c, largeTimeout: largeTimeout,
+		announced: conn.ConnectionState().TLS.NegotiatedProtocol == alpnQUICAnnounced,
+	}
 }
 
 func (l *quicLink) writeFrames(batch []byte) error {
@@ -73,10 +104,21 @@ func (l *quicLink) setDeadline(t time.Time) error { return l.ctrl.SetDeadline(t)
 
 func (l *quicLink) interrupt() { _ = l.ctrl.SetDeadline(time.Now()) }
 
-func (l *quicLink) writeLarge(ctx context.Context, frame []byte) (bool, error) {
+// writeLarge opens a unidirectional stream for frame and, when the
+// connection announces its large-message streams, has announce queue the
+// announcement on the control stream before the data is written: every
+// announcement is of a stream that exists, which the peer accepts even if
+// this write is cancelled after (it is then reset).
+func (l *quicLink) writeLarge(ctx context.Context, frame []byte, announce func() error) (bool, error) {
 	st, err := l.conn.OpenUniStreamSync(ctx)
 	if err != nil {
 		return true, fmt.Errorf("open stream for large message: %w", err)
+	}
+	if l.announced {
+		if err := announce(); err != nil { // the session is ending
+			st.CancelWrite(quicStreamCancel)
+			return true, fmt.Errorf("announce large message: %w", err)
+		}
 	}
 	stop := context.AfterFunc(ctx, func() { st.CancelWrite(quicStreamCancel) })
 	defer stop()
@@ -99,15 +141,20 @@ func (l *quicLink) writeLarge(ctx context.Context, frame []byte) (bool, error) {
 }
 
 func (l *quicLink) run(ctx context.Context, g spawner, sink linkSink) error {
-	g.Go(func() error {
-		for {
-			rs, err := l.conn.AcceptUniStream(ctx)
-			if err != nil {
-				return nil // the connection is closing; the control stream reports why
+	l.ctx, l.g, l.sink = ctx, g, sink
+	if !l.announced {
+		// A peer that does not announce its streams (an older version):
+		// one goroutine accepts them for the life of the session.
+		g.Go(func() error {
+			for {
+				rs, err := l.conn.AcceptUniStream(ctx)
+				if err != nil {
+					return nil // the connection is closing; the control stream reports why
+				}
+				g.Go(func() error { return l.readLarge(ctx, rs, sink) })
 			}
-			g.Go(func() error { return l.readLarge(ctx, rs, sink) })
-		}
-	})
+		})
+	}
 	for {
 		body, err := l.codec.ReadFrame(l.ctrl)
 		if err != nil {
@@ -127,6 +174,36 @@ func (l *quicLink) run(ctx context.Context, g spawner, sink linkSink) error {
 			return err
 		}
 	}
+}
+
+// handleControl takes the announcement of a large-message stream
+// (KindStreamOpen, on a connection that negotiated alpnQUICAnnounced) and
+// starts a goroutine that accepts the next stream and reads it. Streams
+// are accepted in the order they were opened, whichever goroutine takes
+// which: what matters is one accept per stream. The wait for the stream
+// has no deadline of its own: the stream is open at the sender before it
+// is announced, but its first bytes may wait behind other streams and
+// flow control, and LargeMessageTimeout runs from its arrival as it did
+// before announcements. A peer that announces streams it never sends
+// holds at most maxAnnounced goroutines; an announcement beyond them, or
+// one on a connection that did not negotiate them, is a broken peer and
+// ends the session.
+func (l *quicLink) handleControl(m *message.Message) error {
+	if !l.announced {
+		return fmt.Errorf("%w: %s on a QUIC session without %s", message.ErrInvalid, m.Kind, alpnQUICAnnounced)
+	}
+	if l.awaiting.Add(1) > maxAnnounced {
+		return fmt.Errorf("%w: more than %d large-message streams announced and not yet read", message.ErrInvalid, maxAnnounced)
+	}
+	l.g.Go(func() error {
+		defer l.awaiting.Add(-1)
+		rs, err := l.conn.AcceptUniStream(l.ctx)
+		if err != nil {
+			return nil // the connection is closing; the control stream reports why
+		}
+		return l.readLarge(l.ctx, rs, l.sink)
+	})
+	return nil
 }
 
 // readLarge reads the one frame of a large-message stream and delivers it.
@@ -200,6 +277,15 @@ type quicStream struct{ *quic.Stream }
 func (s quicStream) Close() error {
 	s.CancelRead(quicStreamCancel)
 	return s.Stream.Close()
+}
+
+// quicProtos returns the ALPN protocols an end of QUIC offers, in its
+// order of preference (a server's decides).
+func quicProtos(o Options) []string {
+	if o.unannounced {
+		return []string{alpnQUIC}
+	}
+	return []string{alpnQUICAnnounced, alpnQUIC}
 }
 
 // quicConfig returns the QUIC settings for a tunnel endpoint.

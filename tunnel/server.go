@@ -176,7 +176,7 @@ func (s *Server) tlsConfig(t Transport) *tls.Config {
 		base.WrapSession = s.wrapSession
 	}
 	if t == TransportQUIC {
-		base.NextProtos = []string{alpnQUIC}
+		base.NextProtos = quicProtos(s.cfg.Options)
 	} else {
 		base.NextProtos = []string{"http/1.1"}
 	}
@@ -383,7 +383,7 @@ func (s *Server) serve(ctx context.Context, sess *Session) {
 	if sess.resumed {
 		s.metrics.Resumptions.WithLabelValues(string(sess.transport), ticketResumed).Inc()
 	}
-	sess.logger.Info("session established", "resumed", sess.resumed)
+	sess.log().Info("session established", "resumed", sess.resumed)
 	s.cfg.Handler.Handle(ctx, sess)
 	_ = sess.Close("session handler returned")
 }

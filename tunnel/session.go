@@ -49,8 +49,11 @@ type link interface {
 	writeFrames(batch []byte) error
 	// writeLarge sends one large length-prefixed frame on a path that does
 	// not hold up the ordered channel. ok is false when the transport has no
-	// such path, and the frame must go through writeFrames.
-	writeLarge(ctx context.Context, frame []byte) (ok bool, err error)
+	// such path, and the frame must go through writeFrames. announce
+	// queues the announcement of the path on the ordered channel, for a
+	// transport whose peer accepts such paths only when announced (QUIC,
+	// alpnQUICAnnounced); it fails only once the session is ending.
+	writeLarge(ctx context.Context, frame []byte, announce func() error) (ok bool, err error)
 	// run reads frames from every path until the link fails or closes,
 	// handing them to sink; it starts its goroutines in g.
 	run(ctx context.Context, g spawner, sink linkSink) error
@@ -98,10 +101,13 @@ type sessionConfig struct {
 }
 
 // queuedFrame is an encoded frame waiting for the writer, with its kind for
-// the metrics.
+// the metrics. unbounded frames (the announcements of large-message
+// streams) hold no bytes of the send queue's semaphore: they are a few
+// bytes each, at most one per large message being written.
 type queuedFrame struct {
-	frame []byte
-	kind  message.Kind
+	frame     []byte
+	kind      message.Kind
+	unbounded bool
 }
 
 // Session is one authenticated connection between an edge node and the
@@ -117,7 +123,6 @@ type Session struct {
 	curve     tls.CurveID // the TLS key exchange
 	link      link
 	cfg       sessionConfig
-	logger    *slog.Logger
 
 	// sendBytes bounds the bytes queued for sending (SendQueueBytes).
 	sendBytes *semaphore.Weighted
@@ -151,7 +156,6 @@ func newSession(id string, peer Identity, t Transport, l link, cfg sessionConfig
 		transport: t,
 		link:      l,
 		cfg:       cfg,
-		logger:    cfg.logger.With("session", id, "transport", string(t), "node", peer.Node),
 		sendBytes: semaphore.NewWeighted(cfg.sendQueueBytes),
 		inbox:     newInbox(cfg.recvQueue),
 		sendWake:  make(chan struct{}, 1),
@@ -162,6 +166,17 @@ func newSession(id string, peer Identity, t Transport, l link, cfg sessionConfig
 		done:      make(chan struct{}),
 	}
 	return s
+}
+
+// log returns the session's logger. It is built for each use rather than
+// kept: a session logs a few lines in its life (established, ended,
+// faults, which are rate-limited), and a logger with attributes kept by
+// every idle session is a handler clone each.
+func (s *Session) log() *slog.Logger {
+	if s.peer.Node == "" { // the client's end, whose logger names its node
+		return s.cfg.logger.With("session", s.id, "transport", string(s.transport))
+	}
+	return s.cfg.logger.With("session", s.id, "transport", string(s.transport), "node", s.peer.Node)
 }
 
 // start runs the session's goroutines; done closes when all have ended.
@@ -175,7 +190,7 @@ func (s *Session) start() {
 		s.err = context.Cause(s.ctx)
 		active.Dec()
 		close(s.done)
-		s.logger.Info("session ended", "reason", s.err)
+		s.log().Info("session ended", "reason", s.err)
 	})
 	s.g.add() // the close below, counted first so that the group cannot be over before it is registered
 	s.g.Go(func() error {
@@ -266,7 +281,7 @@ func (s *Session) Close(reason string) error {
 // may call it.
 func (s *Session) Abort(reason string) {
 	s.closeOnce.Do(func() {
-		s.logger.Debug("closing session", "reason", reason)
+		s.log().Debug("closing session", "reason", reason)
 		s.cancel(fmt.Errorf("%w: %s", errClosedLocally, reason))
 	})
 }
@@ -277,7 +292,7 @@ func (s *Session) Abort(reason string) {
 func (s *Session) fail(reason string, err error) {
 	s.cfg.metrics.Refused.WithLabelValues(string(s.transport), reason).Inc()
 	if ok, suppressed := s.cfg.logs.Allow(s.peer.Node + "/" + reason); ok {
-		s.logger.Warn("closing session", "reason", reason, "err", err, "suppressed", suppressed)
+		s.log().Warn("closing session", "reason", reason, "err", err, "suppressed", suppressed)
 	}
 	s.cancel(fmt.Errorf("%s: %w", reason, err))
 }
@@ -287,7 +302,7 @@ func (s *Session) fail(reason string, err error) {
 func (s *Session) drop(reason string, err error) {
 	s.cfg.metrics.Refused.WithLabelValues(string(s.transport), reason).Inc()
 	if ok, suppressed := s.cfg.logs.Allow(s.peer.Node + "/" + reason); ok {
-		s.logger.Warn("message dropped", "reason", reason, "err", err, "suppressed", suppressed)
+		s.log().Warn("message dropped", "reason", reason, "err", err, "suppressed", suppressed)
 	}
 }
 
@@ -318,7 +333,7 @@ func (s *Session) Send(ctx context.Context, m *message.Message) error {
 		}
 	}
 	if len(frame) > s.cfg.largeThreshold {
-		ok, err := s.link.writeLarge(ctx, frame)
+		ok, err := s.link.writeLarge(ctx, frame, s.announceLarge)
 		if ok {
 			s.sendBytes.Release(n)
 			if err != nil {
@@ -328,8 +343,29 @@ func (s *Session) Send(ctx context.Context, m *message.Message) error {
 			return nil
 		}
 	}
+	return s.enqueue(queuedFrame{frame: frame, kind: m.Kind})
+}
+
+// announceLarge queues the announcement of a large-message stream
+// (KindStreamOpen, on QUIC with alpnQUICAnnounced) without waiting for
+// room in the send queue: once the stream is open its peer must learn of
+// it, whatever the sender's context says.
+func (s *Session) announceLarge() error {
+	if s.ctx.Err() != nil {
+		return s.sendErr(nil)
+	}
+	frame, err := s.cfg.codec.AppendFrame(nil, &message.Message{Kind: message.KindStreamOpen})
+	if err != nil {
+		return fmt.Errorf("encode announcement: %w", err)
+	}
+	return s.enqueue(queuedFrame{frame: frame, kind: message.KindStreamOpen, unbounded: true})
+}
+
+// enqueue appends q to the send queue and starts the writer if it is not
+// running.
+func (s *Session) enqueue(q queuedFrame) error {
 	s.sendMu.Lock()
-	s.sendQ = append(s.sendQ, queuedFrame{frame: frame, kind: m.Kind})
+	s.sendQ = append(s.sendQ, q)
 	startWriter := !s.writing
 	s.writing = true
 	s.sendMu.Unlock()
@@ -430,7 +466,13 @@ func (s *Session) writeLoop() error {
 		s.sendQ = s.sendQ[count:]
 		s.sendMu.Unlock()
 		err := s.link.writeFrames(batch)
-		s.sendBytes.Release(int64(len(batch)))
+		held := len(batch)
+		for _, q := range written {
+			if q.unbounded {
+				held -= len(q.frame)
+			}
+		}
+		s.sendBytes.Release(int64(held))
 		if cap(batch) <= 4*maxBatch {
 			*bp = batch
 			batchPool.Put(bp)

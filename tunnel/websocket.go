@@ -101,7 +101,9 @@ func (l *wsLink) readFrame() ([]byte, error) {
 	return body, err
 }
 
-func (l *wsLink) writeLarge(context.Context, []byte) (bool, error) { return false, nil }
+func (l *wsLink) writeLarge(context.Context, []byte, func() error) (bool, error) {
+	return false, nil
+}
 
 func (l *wsLink) run(ctx context.Context, g spawner, sink linkSink) error {
 	alive := func() { _ = l.conn.SetReadDeadline(time.Now().Add(l.deadPeer)) }

@@ -101,6 +101,9 @@ type Config struct {
 	// when Run returns. "" or "0": none. The cloudcore command defaults it
 	// to DefaultMetricsAddr.
 	MetricsAddr string
+	// Pprof serves net/http/pprof's profiles under /debug/pprof/ on the
+	// operations endpoint. Default off.
+	Pprof bool
 }
 
 // VMConfig configures the VirtualMachine controller. Zero values run it

@@ -32,6 +32,7 @@ func (a *App) newOps(cfg Config, logger *slog.Logger) (*serve.Server, error) {
 		Addr:     cfg.MetricsAddr,
 		Gatherer: serve.GathererOf(cfg.Registerer),
 		Logger:   logger,
+		Pprof:    cfg.Pprof,
 		Ready: []serve.Check{
 			{Name: "informers-synced", Func: func(context.Context) error {
 				if !a.ops.synced.Load() {

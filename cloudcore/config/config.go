@@ -94,6 +94,7 @@ type Replicas struct {
 type Ops struct {
 	LogLevel    string `json:"logLevel" flag:"log-level" doc:"debug, info, warn or error."`
 	MetricsAddr string `json:"metricsAddr" flag:"metrics-addr" doc:"TCP address of /metrics, /healthz, /livez and /readyz (\"\" or 0 disables; local only by default)."`
+	Pprof       bool   `json:"pprof" flag:"pprof" doc:"Also serve Go's profiles (net/http/pprof) under /debug/pprof/ on the operations endpoint."`
 }
 
 // Default returns the defaults. They hold nothing of the machine that

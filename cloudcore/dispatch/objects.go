@@ -121,7 +121,7 @@ func (o *objects) handle(ctx context.Context, m *message.Message) error {
 		case objsync.PhaseDigest:
 			c.d.metrics.resyncs.Inc()
 			o.digestAt = time.Now()
-			c.logger.Info("reconcile started", "edge_objects", p.Count, "buckets", len(p.Buckets))
+			c.log().Info("reconcile started", "edge_objects", p.Count, "buckets", len(p.Buckets))
 			return o.send(ctx, o.st.OnDigest(p, o.view))
 		case objsync.PhaseList:
 			actions, err := o.st.OnList(p, o.view)

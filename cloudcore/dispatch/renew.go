@@ -44,6 +44,6 @@ func (r *renewal) renew(ctx context.Context, m *message.Message) error {
 	if err != nil {
 		return c.refuse(ctx, m, "renew_refused", err)
 	}
-	c.logger.Info("certificate renewed", "serial", cert.SerialNumber.Text(16), "not_after", cert.NotAfter)
+	c.log().Info("certificate renewed", "serial", cert.SerialNumber.Text(16), "not_after", cert.NotAfter)
 	return c.answer(ctx, m, message.KindRenew, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Raw}))
 }

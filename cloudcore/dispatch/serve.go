@@ -212,6 +212,9 @@ type inbox struct {
 
 func (b *inbox) add(k objsync.Key) {
 	b.mu.Lock()
+	if b.keys == nil {
+		b.keys = make(map[objsync.Key]struct{})
+	}
 	b.keys[k] = struct{}{}
 	b.mu.Unlock()
 	select {
@@ -227,7 +230,7 @@ func (b *inbox) drain() []objsync.Key {
 	for k := range b.keys {
 		out = append(out, k)
 	}
-	clear(b.keys)
+	b.keys = nil // an emptied map keeps its memory; the next add makes one
 	return out
 }
 
@@ -251,7 +254,7 @@ const settleTimeout = 10 * time.Second
 // ctx ends. The caller guarantees one session per node at a time.
 func (d *Dispatcher) Serve(ctx context.Context, s *tunnel.Session) error {
 	node := s.Peer().Node
-	b := &inbox{keys: make(map[objsync.Key]struct{}), signal: make(chan struct{}, 1)}
+	b := &inbox{signal: make(chan struct{}, 1)}
 	d.mu.Lock()
 	d.nodes[node] = b
 	d.mu.Unlock()
@@ -266,7 +269,7 @@ func (d *Dispatcher) Serve(ctx context.Context, s *tunnel.Session) error {
 		d.sessions.Started(node, s.ID(), s.Transport(), s.RemoteAddr(), time.Now())
 		defer d.sessions.Ended(node, s.ID())
 	}
-	c := &conn{d: d, s: s, node: node, logger: d.logger.With("node", node, "session", s.ID())}
+	c := &conn{d: d, s: s, node: node}
 	c.objects = newObjects(c, b)
 	c.upstream = newUpstreamHandler(c)
 	c.renewal = newRenewal(c)
@@ -303,15 +306,21 @@ func (d *Dispatcher) Serve(ctx context.Context, s *tunnel.Session) error {
 // The lanes of upstream writes and renewals start a goroutine in g when
 // work arrives, and it exits when their queue is empty.
 type conn struct {
-	d      *Dispatcher
-	s      *tunnel.Session
-	node   string
-	logger *slog.Logger
-	g      *errgroup.Group // the lanes' goroutines; waited for before Serve returns
+	d    *Dispatcher
+	s    *tunnel.Session
+	node string
+	g    *errgroup.Group // the lanes' goroutines; waited for before Serve returns
 
 	objects  *objects
 	upstream *upstreamHandler
 	renewal  *renewal
+}
+
+// log returns the session's logger, built for each use rather than kept
+// by every idle session (a handler clone each): a session logs rarely,
+// and its warnings are rate-limited.
+func (c *conn) log() *slog.Logger {
+	return c.d.logger.With("node", c.node, "session", c.s.ID())
 }
 
 // spawn runs f in the session's group. Only run's goroutine calls it
@@ -394,7 +403,7 @@ func (c *conn) limited(cause string) *slog.Logger {
 	if !ok {
 		return nil
 	}
-	return c.logger.With("cause", cause, "suppressed", suppressed)
+	return c.log().With("cause", cause, "suppressed", suppressed)
 }
 
 // maxReason bounds the reason carried in a Refuse or Retry.

@@ -180,12 +180,13 @@ func NewNode(cfg Config) *Node {
 func (n *Node) reset() {
 	n.phase = phaseAwaitDigest
 	n.edge = make(map[objsync.Key]uint64)
-	n.unsure = make(map[objsync.Key]bool)
+	// The maps that are empty once the edge is in sync start nil, are
+	// made by their first insert and let go once empty (release).
+	n.unsure = nil
 	n.queue = nil
-	n.queued = make(map[objsync.Key]bool)
-	n.inflight = make(map[objsync.Key]flight)
-	n.byID = make(map[uint64]objsync.Key)
-	n.prunes = make(map[uint64]bool)
+	n.queued = nil
+	n.inflight, n.byID = nil, nil
+	n.prunes = nil
 	n.nb, n.wanted, n.held, n.listed, n.maxListed = 0, nil, nil, 0, 0
 	n.fan, n.bySub, n.subs = 1, false, nil
 }
@@ -212,8 +213,39 @@ func (n *Node) Changed(key objsync.Key) {
 	if n.queued[key] {
 		return
 	}
+	if n.queued == nil {
+		n.queued = make(map[objsync.Key]bool)
+	}
 	n.queued[key] = true
 	n.queue = append(n.queue, key)
+}
+
+// track records f, a message for key, as awaiting its ack.
+func (n *Node) track(key objsync.Key, f flight) {
+	if n.inflight == nil {
+		n.inflight, n.byID = make(map[objsync.Key]flight), make(map[uint64]objsync.Key)
+	}
+	n.inflight[key] = f
+	n.byID[f.id] = key
+}
+
+// release lets go of the maps that have become empty: a Go map keeps its
+// memory when emptied, and a live session spends nearly all its time with
+// nothing queued, in flight or unsure, holding only edge. Reads and
+// deletes work on the nil maps; inserts make them again (Changed, track).
+func (n *Node) release() {
+	if len(n.queued) == 0 {
+		n.queued = nil
+	}
+	if len(n.inflight) == 0 {
+		n.inflight, n.byID = nil, nil
+	}
+	if len(n.prunes) == 0 {
+		n.prunes = nil
+	}
+	if len(n.unsure) == 0 {
+		n.unsure = nil
+	}
 }
 
 // OnDigest starts a reconcile: it forgets what it knew of the edge (a
@@ -379,6 +411,9 @@ func (n *Node) OnList(l objsync.Sync, desired Lookup) ([]Action, error) {
 	var actions []Action
 	for chunk := range slices.Chunk(hashes, n.cfg.MaxEntries) {
 		id := n.id()
+		if n.prunes == nil {
+			n.prunes = make(map[uint64]bool)
+		}
 		n.prunes[id] = true
 		actions = append(actions, Action{Kind: SendPrune, ID: id, Hashes: chunk})
 	}
@@ -431,6 +466,9 @@ func (n *Node) Tick(now time.Time) {
 		if now.Sub(f.sentAt) >= n.cfg.ResendAfter {
 			delete(n.byID, f.id)
 			delete(n.inflight, key)
+			if n.unsure == nil {
+				n.unsure = make(map[objsync.Key]bool)
+			}
 			n.unsure[key] = true
 			n.Changed(key)
 		}
@@ -460,13 +498,11 @@ func (n *Node) Next(now time.Time, desired Lookup) []Action {
 		switch {
 		case ok && (!has || held != v || unsure):
 			id := n.id()
-			n.inflight[key] = flight{id: id, version: v, sentAt: now}
-			n.byID[id] = key
+			n.track(key, flight{id: id, version: v, sentAt: now})
 			actions = append(actions, Action{Kind: SendObject, ID: id, Key: key, Object: obj})
 		case !ok && (has || unsure):
 			id := n.id()
-			n.inflight[key] = flight{id: id, del: true, sentAt: now}
-			n.byID[id] = key
+			n.track(key, flight{id: id, del: true, sentAt: now})
 			actions = append(actions, Action{Kind: SendDelete, ID: id, Key: key})
 		}
 	}
@@ -474,5 +510,6 @@ func (n *Node) Next(now time.Time, desired Lookup) []Action {
 	if len(n.queue) == 0 {
 		n.queue = nil // let a drained queue's array go
 	}
+	n.release()
 	return actions
 }

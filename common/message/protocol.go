@@ -112,9 +112,10 @@ const (
 	// what it is missing (reconcile after a disconnect). Payload is defined
 	// by the sync protocol.
 	KindSync Kind = 8
-	// KindStreamOpen asks the peer to open a bulk-data stream (WebSocket
-	// transport only, where streams are extra connections). Payload: a
-	// stream token.
+	// KindStreamOpen asks the peer to open a bulk-data stream on
+	// WebSocket, where streams are extra connections (payload: a stream
+	// token); on QUIC with ALPN tether/1a it announces a large-message
+	// stream the sender has opened (no payload; tunnel/quic.go).
 	KindStreamOpen Kind = 9
 	// KindRenew asks the cloud for a credential over the live session,
 	// answered by ReplyTo. With an empty Resource it renews the edge's

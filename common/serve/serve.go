@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"regexp"
 	"slices"
 	"strings"
@@ -54,6 +55,10 @@ type Config struct {
 	ShutdownTimeout time.Duration
 	// Logger defaults to a discard logger.
 	Logger *slog.Logger
+	// Pprof also serves net/http/pprof's profiles under /debug/pprof/.
+	// Default off: a profile shows what the process holds, so it is for
+	// an operator investigating on a local-only endpoint.
+	Pprof bool
 }
 
 // Server serves the operations endpoints. New binds the address; Run
@@ -102,6 +107,13 @@ func New(cfg Config) (*Server, error) {
 	s.checks(mux, "healthz", cfg.Live)
 	s.checks(mux, "livez", cfg.Live)
 	s.checks(mux, "readyz", cfg.Ready)
+	if cfg.Pprof {
+		mux.HandleFunc("/debug/pprof/", pprof.Index)
+		mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	}
 	s.srv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	return s, nil
 }

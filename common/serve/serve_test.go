@@ -124,3 +124,24 @@ func TestNewRefuses(t *testing.T) {
 		})
 	}
 }
+
+// TestPprof serves Go's profiles only when asked: /debug/pprof/ is
+// unknown by default and answers with a heap profile under Pprof.
+func TestPprof(t *testing.T) {
+	for _, on := range []bool{false, true} {
+		s, err := New(Config{Addr: "127.0.0.1:0", Pprof: on})
+		require.NoError(t, err)
+		ctx, cancel := context.WithCancel(t.Context())
+		done := make(chan error, 1)
+		go func() { done <- s.Run(ctx) }()
+		code, body := get(t, "http://"+s.Addr().String()+"/debug/pprof/heap?debug=1")
+		if on {
+			require.Equal(t, http.StatusOK, code)
+			require.Contains(t, body, "heap profile:")
+		} else {
+			require.Equal(t, http.StatusNotFound, code)
+		}
+		cancel()
+		require.NoError(t, <-done)
+	}
+}

@@ -62,6 +62,12 @@ type ScaleConfig struct {
 	// runtime writes every goroutine's stack to its log (kept as
 	// GoroutineDump in the result).
 	DumpGoroutines bool
+	// ProfileDir, when set, runs CloudCore with --pprof and receives its
+	// heap and goroutine profiles before any edge (before-heap.pprof,
+	// before-goroutine.pprof) and at the end of the idle window
+	// (connected-heap.pprof, connected-goroutine.pprof): what the edges
+	// hold is the difference (go tool pprof -diff_base).
+	ProfileDir string
 	// Logger gets progress lines and the edges' warnings.
 	Logger *slog.Logger
 }
@@ -179,6 +185,9 @@ func Scale(ctx context.Context, cfg ScaleConfig) (*ScaleResult, error) {
 	}
 	log.Info("edges onboarded", "edges", len(ids), "took", time.Since(begin).Round(time.Millisecond))
 	ccArgs := slices.Clone(cfg.CloudCoreArgs)
+	if cfg.ProfileDir != "" {
+		ccArgs = append(ccArgs, "--pprof")
+	}
 	if cfg.KeepAlive > 0 {
 		ccArgs = append(ccArgs, "--keepalive", cfg.KeepAlive.String())
 	}
@@ -195,6 +204,9 @@ func Scale(ctx context.Context, cfg ScaleConfig) (*ScaleResult, error) {
 		return nil, err
 	}
 	if res.Before, err = usageOf(ctx, cc); err != nil {
+		return nil, err
+	}
+	if err := profiles(ctx, cc, cfg.ProfileDir, "before"); err != nil {
 		return nil, err
 	}
 	log.Info("cloudcore ready", "rss_mib", res.Before.RSS/(1<<20), "goroutines", res.Before.Goroutines)
@@ -252,6 +264,9 @@ func Scale(ctx context.Context, cfg ScaleConfig) (*ScaleResult, error) {
 	}
 	r1, err := SampleAPI(ctx, cfg.Kube)
 	if err != nil {
+		return res, err
+	}
+	if err := profiles(ctx, cc, cfg.ProfileDir, "connected"); err != nil {
 		return res, err
 	}
 	w1, err := runDelay(cc.Pid())
@@ -331,6 +346,20 @@ func Scale(ctx context.Context, cfg ScaleConfig) (*ScaleResult, error) {
 		}
 	}
 	return res, nil
+}
+
+// profiles writes CloudCore's heap and goroutine profiles into dir as
+// <stage>-heap.pprof and <stage>-goroutine.pprof; nothing when dir is "".
+func profiles(ctx context.Context, cc *CloudCore, dir, stage string) error {
+	if dir == "" {
+		return nil
+	}
+	for _, name := range []string{"heap", "goroutine"} {
+		if err := cc.Profile(ctx, name, filepath.Join(dir, stage+"-"+name+".pprof")); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // pause waits d or until ctx ends: a measurement window, not a

@@ -219,6 +219,32 @@ func (c *CloudCore) Metrics(ctx context.Context) (Metrics, error) {
 	return scrape(ctx, c.httpClient, "http://"+c.opsAddr+"/metrics")
 }
 
+// Profile writes CloudCore's runtime profile name (heap, goroutine, ...)
+// from its /debug/pprof/ to path; CloudCore must run with --pprof. A
+// heap profile is taken after a GC (gc=1), so that it shows what is live.
+func (c *CloudCore) Profile(ctx context.Context, name, path string) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+c.opsAddr+"/debug/pprof/"+name+"?gc=1", nil)
+	if err != nil {
+		return fmt.Errorf("profile %s: %w", name, err)
+	}
+	resp, err := c.httpClient.Do(req)
+	if err != nil {
+		return fmt.Errorf("profile %s: %w", name, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("profile %s: %s (does CloudCore run with --pprof?)", name, resp.Status)
+	}
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return fmt.Errorf("profile %s: %w", name, err)
+	}
+	if err := os.WriteFile(path, b, 0o600); err != nil {
+		return fmt.Errorf("profile %s: %w", name, err)
+	}
+	return nil
+}
+
 // Metrics are metric families as scraped.
 type Metrics map[string]*dto.MetricFamily
 

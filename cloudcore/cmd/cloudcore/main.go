@@ -134,6 +134,7 @@ func appConfig(c config.CloudCoreConfiguration, kube *rest.Config, logger *slog.
 		Logger:            logger,
 		Registerer:        reg,
 		MetricsAddr:       c.Ops.MetricsAddr,
+		Pprof:             c.Ops.Pprof,
 		Rebalance:         app.RebalanceConfig{Enabled: c.Replicas.Rebalance, Address: c.Replicas.AdvertiseAddr, Period: c.Replicas.RebalancePeriod.Duration},
 	}
 }

@@ -207,7 +207,7 @@ func newScale() *cobra.Command {
 	var c common
 	var bin string
 	var idle, timeout time.Duration
-	var dump, cpuProfile string
+	var dump, cpuProfile, profileDir string
 	var perProcess int
 	var inProcess bool
 	cmd := &cobra.Command{
@@ -235,7 +235,7 @@ func newScale() *cobra.Command {
 				}
 				hollowedge = exe
 			}
-			return scale(ctx, c, scaleFlags{bin: bin, hollowedge: hollowedge, perProcess: perProcess, idle: idle, timeout: timeout, dump: dump})
+			return scale(ctx, c, scaleFlags{bin: bin, hollowedge: hollowedge, perProcess: perProcess, idle: idle, timeout: timeout, dump: dump, profileDir: profileDir})
 		},
 	}
 	c.flags(cmd)
@@ -245,6 +245,7 @@ func newScale() *cobra.Command {
 	cmd.Flags().StringVar(&cpuProfile, "cpuprofile", "", "file to write this process's CPU profile to (the hollow edges' cost)")
 	cmd.Flags().IntVar(&perProcess, "per-process", hollow.DefaultPerProcess, "most edges one child `hollowedge run` process runs (each has its own open file limit)")
 	cmd.Flags().BoolVar(&inProcess, "in-process", false, "run the edges in this process instead of child processes (at most about 2,800 edges: the open file limit)")
+	cmd.Flags().StringVar(&profileDir, "heap-profile", "", "directory to write CloudCore's heap and goroutine profiles to, before the edges and at the end of the idle window (CloudCore runs with --pprof); empty: none")
 	cmd.Flags().StringVar(&dump, "goroutine-dump", "", "file to write CloudCore's log with its goroutine dump to (SIGQUIT at the end); empty: none")
 	return cmd
 }
@@ -254,6 +255,7 @@ type scaleFlags struct {
 	perProcess      int
 	idle, timeout   time.Duration
 	dump            string
+	profileDir      string
 }
 
 func scale(ctx context.Context, c common, f scaleFlags) (err error) {
@@ -300,7 +302,7 @@ func scale(ctx context.Context, c common, f scaleFlags) (err error) {
 		LeaseDuration: c.lease, StatusEvery: c.status, Backoff: tunnel.Backoff{Min: c.backoffMin, Max: c.backoffMax},
 		KeepAlive: c.keepAlive, DeadPeerTimeout: c.deadPeer,
 		Hollowedge: f.hollowedge, PerProcess: f.perProcess,
-		Idle: f.idle, Timeout: f.timeout, DumpGoroutines: dump != "", Logger: log,
+		Idle: f.idle, Timeout: f.timeout, DumpGoroutines: dump != "", ProfileDir: f.profileDir, Logger: log,
 	})
 	if res != nil {
 		report(res)
