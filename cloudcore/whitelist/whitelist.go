@@ -31,6 +31,11 @@ import (
 // ErrNotAllowed is wrapped by every refusal.
 var ErrNotAllowed = errors.New("whitelist: not allowed")
 
+// ErrNotReady is returned while the cache has not synced: the node may
+// well be allowed, and asking again once it has synced will tell. It does
+// not wrap ErrNotAllowed, so nothing takes it for a revocation.
+var ErrNotReady = errors.New("whitelist: not synced yet")
+
 // Whitelist is the EdgeNode cache.
 type Whitelist struct {
 	informer  cache.SharedIndexInformer
@@ -200,6 +205,10 @@ func (w *Whitelist) Get(node string) (*edgenode.EdgeNode, bool) {
 // its certificate's acceptance, never past the certificate's own expiry),
 // or why it may not have one now.
 func (w *Whitelist) Until(id tunnel.Identity) (time.Time, error) {
+	if !w.informer.HasSynced() {
+		// An empty cache would call every node unknown.
+		return time.Time{}, fmt.Errorf("%w: cannot check node %q", ErrNotReady, id.Node)
+	}
 	e, ok := w.Get(id.Node)
 	if !ok {
 		return time.Time{}, fmt.Errorf("%w: node %q is not on the whitelist", ErrNotAllowed, id.Node)

@@ -195,6 +195,28 @@ func TestUntil(t *testing.T) {
 	require.ErrorContains(t, f.wl.Authorize(id("c", now.Add(48*time.Hour))), "expired")
 }
 
+// Before its cache has synced the whitelist knows no node: it must say it
+// cannot tell yet, not that an allowed node is unknown (a CloudCore that
+// answered handshakes then refused its own edges after a restart).
+func TestUntilBeforeSync(t *testing.T) {
+	f := start(t)
+	e := f.create(t, true, cert("c", time.Now().Add(48*time.Hour)), nil)
+	id := tunnel.Identity{Node: e.Name, Serial: "c", NotAfter: time.Now().Add(48 * time.Hour)}
+	require.NoError(t, f.wl.Authorize(id), "the synced whitelist allows the node")
+
+	unsynced := whitelist.New(f.dyn, nil, nil)
+	_, err := unsynced.Until(id)
+	require.ErrorIs(t, err, whitelist.ErrNotReady)
+	require.NotErrorIs(t, err, whitelist.ErrNotAllowed, "not a refusal of the node")
+
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	go func() { done <- unsynced.Run(ctx) }()
+	defer func() { cancel(); require.NoError(t, <-done) }()
+	require.NoError(t, unsynced.WaitForSync(ctx))
+	require.NoError(t, unsynced.Authorize(id))
+}
+
 // Every change of an EdgeNode reaches the subscribers, not only a
 // disable: a superseded serial must end sessions too.
 func TestOnChangeForEveryChange(t *testing.T) {
