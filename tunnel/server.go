@@ -235,7 +235,7 @@ func (s *Server) refused(t Transport, reason, remote string, err error) {
 func (s *Server) Listen() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.quicLn != nil || s.tcpLn != nil {
+	if s.quicTr != nil || s.tcpLn != nil {
 		return nil
 	}
 	if s.cfg.QUICAddr != "" {
@@ -247,22 +247,22 @@ func (s *Server) Listen() error {
 		if err != nil {
 			return fmt.Errorf("listen quic %s: %w", s.cfg.QUICAddr, err)
 		}
+		// The transport reads the socket only once Run listens on it: a
+		// listener handshakes by itself, before Accept, and the owner may
+		// not be ready to authorise peers yet (CloudCore's whitelist
+		// syncs between Listen and Run). Until then datagrams wait in
+		// the socket's buffer, and edges' retransmissions with them.
 		tr := &quic.Transport{Conn: udp}
 		if k := s.cfg.StatelessResetKey; k != nil {
 			key := quic.StatelessResetKey(*k)
 			tr.StatelessResetKey = &key
 		}
-		ln, err := tr.Listen(s.tlsConfig(TransportQUIC), quicConfig(s.cfg.Options, s.cfg.HandshakeTimeout))
-		if err != nil {
-			_ = udp.Close()
-			return fmt.Errorf("listen quic %s: %w", s.cfg.QUICAddr, err)
-		}
-		s.quicLn, s.quicTr = ln, tr
+		s.quicTr = tr
 	}
 	if s.cfg.WebSocketAddr != "" {
 		ln, err := net.Listen("tcp", s.cfg.WebSocketAddr)
 		if err != nil {
-			if s.quicLn != nil {
+			if s.quicTr != nil {
 				s.closeQUIC()
 			}
 			return fmt.Errorf("listen tcp %s: %w", s.cfg.WebSocketAddr, err)
@@ -273,7 +273,9 @@ func (s *Server) Listen() error {
 }
 
 func (s *Server) closeQUIC() {
-	_ = s.quicLn.Close()
+	if s.quicLn != nil {
+		_ = s.quicLn.Close()
+	}
 	_ = s.quicTr.Close()
 	_ = s.quicTr.Conn.Close()
 }
@@ -282,10 +284,18 @@ func (s *Server) closeQUIC() {
 func (s *Server) QUICAddr() net.Addr {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.quicLn == nil {
+	if s.quicTr == nil {
 		return nil
 	}
-	return s.quicLn.Addr()
+	return s.quicTr.Conn.LocalAddr()
+}
+
+// quicListening reports whether QUIC handshakes are answered: Run is
+// listening, or there is no QUIC address.
+func (s *Server) quicListening() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.quicTr == nil || s.quicLn != nil
 }
 
 // WebSocketAddr returns the bound TCP address, or nil.
@@ -305,7 +315,18 @@ func (s *Server) Run(ctx context.Context) error {
 		return err
 	}
 	g, ctx := errgroup.WithContext(ctx)
-	if s.quicLn != nil {
+	if s.quicTr != nil {
+		ln, err := s.quicTr.Listen(s.tlsConfig(TransportQUIC), quicConfig(s.cfg.Options, s.cfg.HandshakeTimeout))
+		if err != nil {
+			s.closeQUIC()
+			if s.tcpLn != nil {
+				_ = s.tcpLn.Close()
+			}
+			return fmt.Errorf("listen quic %s: %w", s.cfg.QUICAddr, err)
+		}
+		s.mu.Lock()
+		s.quicLn = ln
+		s.mu.Unlock()
 		g.Go(func() error { return s.serveQUIC(ctx, g) })
 	}
 	if s.tcpLn != nil {

@@ -74,6 +74,9 @@ func tryStartServer(t testing.TB, ca *testCA, h Handler, mutate func(*ServerConf
 		cancel()
 		require.NoError(t, <-done)
 	})
+	// QUIC handshakes wait for Run's listener (TestNoHandshakeBeforeRun):
+	// tests with short dial timeouts start once it is there.
+	require.Eventually(t, srv.quicListening, 30*time.Second, time.Millisecond)
 	return &testServer{Server: srv, ca: ca, reg: reg}, nil
 }
 
