@@ -56,6 +56,9 @@ type ScaleConfig struct {
 	// PerProcess is the most edges one child process runs. Default
 	// DefaultPerProcess.
 	PerProcess int
+	// Nice and GOMAXPROCS tune the child processes (ProcsConfig): the
+	// simulator's cost, not CloudCore's.
+	Nice, GOMAXPROCS int
 	// CloudCoreArgs are more flags for CloudCore.
 	CloudCoreArgs []string
 	// DumpGoroutines ends the run with SIGQUIT to CloudCore, whose
@@ -405,7 +408,8 @@ func startEdges(ctx context.Context, cfg ScaleConfig, cc *CloudCore, ca *x509.Ce
 			Binary: cfg.Hollowedge, Dir: dataRoot, Cloud: []string{cc.Addr()}, CA: ca, PerProcess: cfg.PerProcess,
 			Rate: cfg.Rate, Namespace: w.Namespace, ConfigMap: w.ConfigMap,
 			LeaseDuration: cfg.LeaseDuration, StatusEvery: cfg.StatusEvery, Backoff: cfg.Backoff,
-			KeepAlive: cfg.KeepAlive, DeadPeerTimeout: cfg.DeadPeerTimeout, Logger: cfg.Logger,
+			KeepAlive: cfg.KeepAlive, DeadPeerTimeout: cfg.DeadPeerTimeout, Nice: cfg.Nice, GOMAXPROCS: cfg.GOMAXPROCS,
+			Logger: cfg.Logger,
 		}, ids)
 		if err != nil {
 			return nil, nil, err

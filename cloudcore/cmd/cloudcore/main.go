@@ -129,6 +129,7 @@ func appConfig(c config.CloudCoreConfiguration, kube *rest.Config, logger *slog.
 		WebSocketAddr:     c.Tunnel.WebSocketAddr,
 		KeepAlive:         c.Tunnel.KeepAlive.Duration,
 		DeadPeerTimeout:   c.Tunnel.DeadPeerTimeout.Duration,
+		MaxHandshakes:     c.Tunnel.MaxHandshakes,
 		JoinAddr:          c.Onboarding.JoinAddr,
 		ServerSANs:        c.Onboarding.ServerSANs,
 		CertValidity:      c.Onboarding.CertValidity.Duration,

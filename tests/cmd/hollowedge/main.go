@@ -208,7 +208,7 @@ func newScale() *cobra.Command {
 	var bin string
 	var idle, timeout time.Duration
 	var dump, cpuProfile string
-	var perProcess int
+	var perProcess, nice, gomaxprocs int
 	var inProcess bool
 	cmd := &cobra.Command{
 		Use:   "scale",
@@ -235,7 +235,7 @@ func newScale() *cobra.Command {
 				}
 				hollowedge = exe
 			}
-			return scale(ctx, c, scaleFlags{bin: bin, hollowedge: hollowedge, perProcess: perProcess, idle: idle, timeout: timeout, dump: dump})
+			return scale(ctx, c, scaleFlags{bin: bin, hollowedge: hollowedge, perProcess: perProcess, nice: nice, gomaxprocs: gomaxprocs, idle: idle, timeout: timeout, dump: dump})
 		},
 	}
 	c.flags(cmd)
@@ -244,6 +244,8 @@ func newScale() *cobra.Command {
 	cmd.Flags().DurationVar(&timeout, "timeout", 10*time.Minute, "bound of each wait (connect, fan-out, storm)")
 	cmd.Flags().StringVar(&cpuProfile, "cpuprofile", "", "file to write this process's CPU profile to (the hollow edges' cost)")
 	cmd.Flags().IntVar(&perProcess, "per-process", hollow.DefaultPerProcess, "most edges one child `hollowedge run` process runs (each has its own open file limit)")
+	cmd.Flags().IntVar(&nice, "hollow-nice", 0, "niceness of the child processes, so that CloudCore and the API server get the CPU first (0: the scale run's own)")
+	cmd.Flags().IntVar(&gomaxprocs, "hollow-gomaxprocs", 1, "GOMAXPROCS of the child processes (0: the Go default)")
 	cmd.Flags().BoolVar(&inProcess, "in-process", false, "run the edges in this process instead of child processes (at most about 2,800 edges: the open file limit)")
 	cmd.Flags().StringVar(&dump, "goroutine-dump", "", "file to write CloudCore's log with its goroutine dump to (SIGQUIT at the end); empty: none")
 	return cmd
@@ -252,6 +254,8 @@ func newScale() *cobra.Command {
 type scaleFlags struct {
 	bin, hollowedge string
 	perProcess      int
+	nice            int
+	gomaxprocs      int
 	idle, timeout   time.Duration
 	dump            string
 }
@@ -299,7 +303,7 @@ func scale(ctx context.Context, c common, f scaleFlags) (err error) {
 		Workload: hollow.Workload{Namespace: c.namespace, ConfigMap: c.configMap, PodsPerEdge: c.podsPerEdge}, Rate: c.rate,
 		LeaseDuration: c.lease, StatusEvery: c.status, Backoff: tunnel.Backoff{Min: c.backoffMin, Max: c.backoffMax},
 		KeepAlive: c.keepAlive, DeadPeerTimeout: c.deadPeer,
-		Hollowedge: f.hollowedge, PerProcess: f.perProcess,
+		Hollowedge: f.hollowedge, PerProcess: f.perProcess, Nice: f.nice, GOMAXPROCS: f.gomaxprocs,
 		Idle: f.idle, Timeout: f.timeout, DumpGoroutines: dump != "", Logger: log,
 	})
 	if res != nil {
