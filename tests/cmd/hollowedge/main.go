@@ -337,7 +337,7 @@ func report(r *hollow.ScaleResult) {
 	fmt.Printf("idle: API requests in the window %s\n", apiWindow(r.IdleRequests))
 	fmt.Printf("lease age (renew every %s): p50 %s p99 %s max %s over %d leases\n", r.LeaseRenew, p(r.LeaseAges, 50), p(r.LeaseAges, 99), p(r.LeaseAges, 100), len(r.LeaseAges))
 	fmt.Printf("fan-out of one ConfigMap change: p50 %s p99 %s max %s over %d stores\n", p(r.FanOut, 50), p(r.FanOut, 99), p(r.FanOut, 100), len(r.FanOut))
-	fmt.Printf("storm: SIGKILL to ready %s, to last edge reconciled %s; from ready p10 %s p50 %s p90 %s p99 %s\n",
+	fmt.Printf("storm: SIGKILL to ready %s, to last edge reconciled %s; reconcile ends from SIGKILL p10 %s p50 %s p90 %s p99 %s\n",
 		r.StormReady.Round(time.Millisecond), r.StormLast.Round(time.Millisecond),
 		p(r.StormSpread, 10), p(r.StormSpread, 50), p(r.StormSpread, 90), p(r.StormSpread, 99))
 	fmt.Printf("storm: API requests from ready to last reconciled %s\n", apiWindow(r.StormRequests))
