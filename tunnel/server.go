@@ -77,7 +77,23 @@ type ServerConfig struct {
 	// during the epoch it was issued in and the next, so for one to two
 	// rotations. Default 12h.
 	TicketRotation time.Duration
+	// MaxHandshakes bounds the QUIC connections in their handshake (TLS
+	// and hello) at once. A new connection past it is refused at once
+	// with CONNECTION_REFUSED (counted as refused, reason
+	// handshakes_busy), and the edge tries again after its back-off:
+	// established sessions keep the CPU and the socket, and a reconnect
+	// storm is spread instead of every handshake timing out together.
+	// Zero: DefaultMaxHandshakes; negative: no bound. WebSocket
+	// handshakes are not bounded.
+	MaxHandshakes int
 }
+
+// DefaultMaxHandshakes is ServerConfig.MaxHandshakes's default.
+const DefaultMaxHandshakes = 256
+
+// reasonBusy counts the QUIC connections refused because MaxHandshakes
+// were in flight.
+const reasonBusy = "handshakes_busy"
 
 // Server accepts edge sessions on QUIC and on WebSocket over TLS at once.
 type Server struct {
@@ -91,6 +107,9 @@ type Server struct {
 	logs *ratelog.Limiter
 	// tickets seals session tickets; nil when SessionTicketSecret is.
 	tickets *ticketSealer
+	// handshakes holds a token per QUIC connection in its handshake
+	// (MaxHandshakes); nil: no bound.
+	handshakes chan struct{}
 
 	mu       sync.Mutex
 	quicLn   *quic.Listener
@@ -129,6 +148,9 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	if cfg.TicketRotation <= 0 {
 		cfg.TicketRotation = 12 * time.Hour
 	}
+	if cfg.MaxHandshakes == 0 {
+		cfg.MaxHandshakes = DefaultMaxHandshakes
+	}
 	metrics, err := newMetrics(opts.Registerer, "server")
 	if err != nil {
 		return nil, fmt.Errorf("tunnel server: %w", err)
@@ -141,6 +163,9 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 		wsByID:  make(map[string]*wsServerStreams),
 	}
 	s.logs = ratelog.New(0, nil)
+	if cfg.MaxHandshakes > 0 {
+		s.handshakes = make(chan struct{}, cfg.MaxHandshakes)
+	}
 	if cfg.SessionTicketSecret != nil {
 		s.tickets = &ticketSealer{secret: *cfg.SessionTicketSecret, period: cfg.TicketRotation, now: cfg.Now}
 	}
@@ -252,7 +277,7 @@ func (s *Server) Listen() error {
 		// not be ready to authorise peers yet (CloudCore's whitelist
 		// syncs between Listen and Run). Until then datagrams wait in
 		// the socket's buffer, and edges' retransmissions with them.
-		tr := &quic.Transport{Conn: udp}
+		tr := &quic.Transport{Conn: udp, ConnContext: s.admit}
 		if k := s.cfg.StatelessResetKey; k != nil {
 			key := quic.StatelessResetKey(*k)
 			tr.StatelessResetKey = &key
@@ -360,6 +385,37 @@ func (s *Server) serveQUIC(ctx context.Context, g *errgroup.Group) error {
 	}
 }
 
+// admitted is the context key of a QUIC connection's handshake token.
+type admitted struct{}
+
+// admit is quic-go's ConnContext: it takes a handshake token for a new
+// connection, or refuses the connection when MaxHandshakes are taken. The
+// token is given back when the session's hello is done (handleQUIC) or
+// when the connection ends before that (a failed handshake).
+func (s *Server) admit(ctx context.Context, info *quic.ClientInfo) (context.Context, error) {
+	if s.handshakes == nil {
+		return ctx, nil
+	}
+	select {
+	case s.handshakes <- struct{}{}:
+	default:
+		err := fmt.Errorf("%w: %d handshakes in flight; retry after a back-off", ErrPeerRefused, cap(s.handshakes))
+		s.refused(TransportQUIC, reasonBusy, info.RemoteAddr.String(), err)
+		return nil, err
+	}
+	var once sync.Once
+	release := func() { once.Do(func() { <-s.handshakes }) }
+	context.AfterFunc(ctx, release)
+	return context.WithValue(ctx, admitted{}, release), nil
+}
+
+// admitDone gives back conn's handshake token, if it holds one.
+func admitDone(conn *quic.Conn) {
+	if release, ok := conn.Context().Value(admitted{}).(func()); ok {
+		release()
+	}
+}
+
 func (s *Server) handleQUIC(ctx context.Context, conn *quic.Conn) {
 	remote := conn.RemoteAddr().String()
 	certs := conn.ConnectionState().TLS.PeerCertificates
@@ -378,7 +434,9 @@ func (s *Server) handleQUIC(ctx context.Context, conn *quic.Conn) {
 	}
 	l := newQUICLink(conn, ctrl, s.codec, s.cfg.LargeMessageTimeout)
 	id := newSessionID()
-	if _, err := serverHello(l, s.codec, peer, id, time.Now().Add(s.cfg.HandshakeTimeout)); err != nil {
+	_, err = serverHello(l, s.codec, peer, id, time.Now().Add(s.cfg.HandshakeTimeout))
+	admitDone(conn) // the handshake is over, whichever way (a closed connection gives it back too)
+	if err != nil {
 		s.handshakeFailed(TransportQUIC, remote, err)
 		_ = conn.CloseWithError(quicCodeRefused, err.Error())
 		return

@@ -60,6 +60,10 @@ type Config struct {
 	CANamespace, CAName string
 	// KeepAlive and DeadPeerTimeout tune the tunnel. Defaults 5s and 15s.
 	KeepAlive, DeadPeerTimeout time.Duration
+	// MaxHandshakes bounds the QUIC handshakes in flight
+	// (tunnel.ServerConfig.MaxHandshakes). Default
+	// tunnel.DefaultMaxHandshakes; negative: no bound.
+	MaxHandshakes int
 	// EdgeLabel marks edge Nodes. Default catalog.DefaultEdgeLabel.
 	EdgeLabel string
 	// QPS and Burst bound the API requests of each of CloudCore's two
@@ -329,6 +333,7 @@ func New(ctx context.Context, cfg Config) (*App, error) {
 		Options:             tunnel.Options{KeepAlive: cfg.KeepAlive, DeadPeerTimeout: cfg.DeadPeerTimeout, Logger: logger, Registerer: cfg.Registerer},
 		QUICAddr:            cfg.QUICAddr,
 		WebSocketAddr:       cfg.WebSocketAddr,
+		MaxHandshakes:       cfg.MaxHandshakes,
 		TLS:                 &tls.Config{Certificates: []tls.Certificate{serverCert}, ClientCAs: ca.Pool(), MinVersion: tls.VersionTLS13},
 		Authorize:           wl.Authorize,
 		Handler:             h,

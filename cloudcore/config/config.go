@@ -20,6 +20,7 @@ import (
 	"github.com/tetheredge/tether/cloudcore/catalog"
 	"github.com/tetheredge/tether/cloudcore/onboard"
 	"github.com/tetheredge/tether/common/configfile"
+	"github.com/tetheredge/tether/tunnel"
 )
 
 // Kind is the kind of CloudCore's config file.
@@ -52,6 +53,7 @@ type Tunnel struct {
 	WebSocketAddr   string   `json:"webSocketAddr" flag:"websocket-addr" doc:"TCP address for the WebSocket-over-TLS tunnel (empty disables)."`
 	KeepAlive       Duration `json:"keepAlive" flag:"keepalive" doc:"Keepalive interval."`
 	DeadPeerTimeout Duration `json:"deadPeerTimeout" flag:"dead-peer-timeout" doc:"Silence after which an edge is declared gone; more than keepAlive."`
+	MaxHandshakes   int      `json:"maxHandshakes" flag:"max-handshakes" doc:"QUIC handshakes (TLS and hello) in flight at once; a connection past it is refused at once and the edge retries after its back-off, so that a reconnect storm does not starve the established sessions. -1: no bound."`
 }
 
 // Onboarding configures joins and certificates.
@@ -106,6 +108,7 @@ func Default() CloudCoreConfiguration {
 		Tunnel: Tunnel{
 			QUICAddr: ":10000", WebSocketAddr: ":10000",
 			KeepAlive: Duration{Duration: 5 * time.Second}, DeadPeerTimeout: Duration{Duration: 15 * time.Second},
+			MaxHandshakes: tunnel.DefaultMaxHandshakes,
 		},
 		Onboarding: Onboarding{
 			JoinAddr: onboard.DefaultAddr, CertValidity: Duration{Duration: onboard.DefaultValidity},
@@ -181,6 +184,9 @@ func (c CloudCoreConfiguration) Validate() error {
 	}
 	if c.Tunnel.DeadPeerTimeout.Duration <= c.Tunnel.KeepAlive.Duration {
 		bad("tunnel.deadPeerTimeout", "must be > tunnel.keepAlive (%s), got %s", c.Tunnel.KeepAlive, c.Tunnel.DeadPeerTimeout)
+	}
+	if c.Tunnel.MaxHandshakes == 0 || c.Tunnel.MaxHandshakes < -1 {
+		bad("tunnel.maxHandshakes", "must be > 0, or -1 for no bound, got %d", c.Tunnel.MaxHandshakes)
 	}
 	for _, san := range c.Onboarding.ServerSANs {
 		if strings.TrimSpace(san) == "" {

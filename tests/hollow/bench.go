@@ -56,6 +56,9 @@ type ScaleConfig struct {
 	// PerProcess is the most edges one child process runs. Default
 	// DefaultPerProcess.
 	PerProcess int
+	// Nice and GOMAXPROCS tune the child processes (ProcsConfig): the
+	// simulator's cost, not CloudCore's.
+	Nice, GOMAXPROCS int
 	// CloudCoreArgs are more flags for CloudCore.
 	CloudCoreArgs []string
 	// DumpGoroutines ends the run with SIGQUIT to CloudCore, whose
@@ -101,7 +104,7 @@ type ScaleResult struct {
 	FanOut []time.Duration
 	// StormReady is from SIGKILL to the new CloudCore's readiness;
 	// StormLast from SIGKILL to the last edge reconnected and reconciled;
-	// StormSpread, from readiness, the reconcile ends of all edges.
+	// StormSpread, from SIGKILL, the reconcile ends of all edges.
 	StormReady, StormLast time.Duration
 	StormSpread           []time.Duration
 	// StormRequests are the API server's requests by verb from the new
@@ -317,8 +320,12 @@ func Scale(ctx context.Context, cfg ScaleConfig) (*ScaleResult, error) {
 	if err != nil {
 		return res, err
 	}
+	// Counted from the kill, not from readiness: the new CloudCore serves
+	// sessions before the run sees it ready (its readiness is polled), and
+	// an edge that reconciled in between is on the new CloudCore (a live
+	// session that reconciled after the kill) but would never count.
 	if err := waitFor(ctx, cfg.Timeout, log, "storm", func() (bool, string, error) {
-		r, err := edges.Report(ctx, Query{ReconciledSince: ready})
+		r, err := edges.Report(ctx, Query{ReconciledSince: killed})
 		if err == nil && r.NotReconnected == 0 {
 			res.StormSpread = r.Reconnected
 		}
@@ -326,7 +333,7 @@ func Scale(ctx context.Context, cfg ScaleConfig) (*ScaleResult, error) {
 	}); err != nil {
 		return res, err
 	}
-	res.StormLast = res.StormReady + Percentile(res.StormSpread, 100)
+	res.StormLast = Percentile(res.StormSpread, 100)
 	s1, err := SampleAPI(ctx, cfg.Kube)
 	if err != nil {
 		return res, err
@@ -434,7 +441,8 @@ func startEdges(ctx context.Context, cfg ScaleConfig, cc *CloudCore, ca *x509.Ce
 			Binary: cfg.Hollowedge, Dir: dataRoot, Cloud: []string{cc.Addr()}, CA: ca, PerProcess: cfg.PerProcess,
 			Rate: cfg.Rate, Namespace: w.Namespace, ConfigMap: w.ConfigMap,
 			LeaseDuration: cfg.LeaseDuration, StatusEvery: cfg.StatusEvery, Backoff: cfg.Backoff,
-			KeepAlive: cfg.KeepAlive, DeadPeerTimeout: cfg.DeadPeerTimeout, Logger: cfg.Logger,
+			KeepAlive: cfg.KeepAlive, DeadPeerTimeout: cfg.DeadPeerTimeout, Nice: cfg.Nice, GOMAXPROCS: cfg.GOMAXPROCS,
+			Logger: cfg.Logger,
 		}, ids)
 		if err != nil {
 			return nil, nil, err

@@ -22,6 +22,7 @@
 package hollow
 
 import (
+	"cmp"
 	"context"
 	"crypto/x509"
 	"errors"
@@ -70,6 +71,9 @@ type Config struct {
 	// node. Nil discards them.
 	Logger *slog.Logger
 }
+
+// maxOpening is how many edges of a fleet open their stores at once.
+const maxOpening = 8
 
 // Fleet is a set of hollow edges.
 type Fleet struct {
@@ -124,32 +128,43 @@ func (f *Fleet) Run(ctx context.Context) error {
 			_ = a.Close()
 		}
 	}()
-	startErr := func() error {
+	// Edges open concurrently, a few at a time, so that the start rate
+	// holds when one open (a store, its migrations, host facts) takes
+	// longer than the interval between starts on a loaded machine.
+	opening := make(chan struct{}, maxOpening)
+	var startMu sync.Mutex
+	var startErr error
+	func() {
 		for i, e := range f.edges {
 			if tick != nil && i > 0 {
 				select {
 				case <-gctx.Done():
-					return nil
+					return
 				case <-tick.C:
 				}
 			}
-			if gctx.Err() != nil {
-				return nil
+			select {
+			case <-gctx.Done():
+				return
+			case opening <- struct{}{}:
 			}
-			a, err := f.open(gctx, e)
-			if err != nil {
-				return err
-			}
-			mu.Lock()
-			opened = append(opened, a)
-			mu.Unlock()
-			g.Go(func() error { return a.Run(gctx) })
+			g.Go(func() error {
+				a, err := f.open(gctx, e)
+				<-opening
+				if err != nil {
+					startMu.Lock()
+					startErr = cmp.Or(startErr, err)
+					startMu.Unlock()
+					cancel()
+					return nil
+				}
+				mu.Lock()
+				opened = append(opened, a)
+				mu.Unlock()
+				return a.Run(gctx)
+			})
 		}
-		return nil
 	}()
-	if startErr != nil {
-		cancel()
-	}
 	err := g.Wait()
 	if startErr != nil {
 		return startErr

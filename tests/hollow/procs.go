@@ -194,6 +194,16 @@ type ProcsConfig struct {
 	// KeepAlive and DeadPeerTimeout are the edges' tunnel timings
 	// (tunnel's defaults when zero).
 	KeepAlive, DeadPeerTimeout time.Duration
+	// Nice, when positive, runs each child at that niceness (nice(1)),
+	// so that CloudCore and the API server, whose figures a run
+	// measures, get the CPU first on a machine the simulator shares
+	// with them. 0: the scale run's own.
+	Nice int
+	// GOMAXPROCS, when positive, is each child's GOMAXPROCS: with one P
+	// a child's Go scheduler wakes no idle thread for every packet its
+	// edges receive, which on 2 cores is a third of an idle child's CPU
+	// (docs/benchmarks.md, "Hollow edges"). 0: the runtime's default.
+	GOMAXPROCS int
 	// Logger gets progress lines.
 	Logger *slog.Logger
 }
@@ -289,6 +299,14 @@ func (p *Procs) start(k int, ids []Identity, n int) (*child, error) {
 	}
 	defer log.Close()
 	cmd := exec.Command(p.cfg.Binary, args...)
+	if p.cfg.Nice > 0 {
+		// nice(1) execs the child in its own process, so every thread
+		// the Go runtime starts inherits the niceness.
+		cmd = exec.Command("nice", append([]string{"-n", strconv.Itoa(p.cfg.Nice), p.cfg.Binary}, args...)...)
+	}
+	if p.cfg.GOMAXPROCS > 0 {
+		cmd.Env = append(os.Environ(), "GOMAXPROCS="+strconv.Itoa(p.cfg.GOMAXPROCS))
+	}
 	cmd.Stdout, cmd.Stderr = log, log
 	// A child never outlives the scale run.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}

@@ -120,6 +120,7 @@ func appConfig(c config.CloudCoreConfiguration, kube *rest.Config, logger *slog.
 		WebSocketAddr:     c.Tunnel.WebSocketAddr,
 		KeepAlive:         c.Tunnel.KeepAlive.Duration,
 		DeadPeerTimeout:   c.Tunnel.DeadPeerTimeout.Duration,
+		MaxHandshakes:     c.Tunnel.MaxHandshakes,
 		JoinAddr:          c.Onboarding.JoinAddr,
 		ServerSANs:        c.Onboarding.SANs(nil),
 		CertValidity:      c.Onboarding.CertValidity.Duration,

@@ -208,7 +208,7 @@ func newScale() *cobra.Command {
 	var bin string
 	var idle, timeout time.Duration
 	var dump, cpuProfile, profileDir string
-	var perProcess int
+	var perProcess, nice, gomaxprocs int
 	var inProcess bool
 	cmd := &cobra.Command{
 		Use:   "scale",
@@ -235,7 +235,7 @@ func newScale() *cobra.Command {
 				}
 				hollowedge = exe
 			}
-			return scale(ctx, c, scaleFlags{bin: bin, hollowedge: hollowedge, perProcess: perProcess, idle: idle, timeout: timeout, dump: dump, profileDir: profileDir})
+			return scale(ctx, c, scaleFlags{bin: bin, hollowedge: hollowedge, perProcess: perProcess, nice: nice, gomaxprocs: gomaxprocs, idle: idle, timeout: timeout, dump: dump, profileDir: profileDir})
 		},
 	}
 	c.flags(cmd)
@@ -244,6 +244,8 @@ func newScale() *cobra.Command {
 	cmd.Flags().DurationVar(&timeout, "timeout", 10*time.Minute, "bound of each wait (connect, fan-out, storm)")
 	cmd.Flags().StringVar(&cpuProfile, "cpuprofile", "", "file to write this process's CPU profile to (the hollow edges' cost)")
 	cmd.Flags().IntVar(&perProcess, "per-process", hollow.DefaultPerProcess, "most edges one child `hollowedge run` process runs (each has its own open file limit)")
+	cmd.Flags().IntVar(&nice, "hollow-nice", 0, "niceness of the child processes, so that CloudCore and the API server get the CPU first (0: the scale run's own)")
+	cmd.Flags().IntVar(&gomaxprocs, "hollow-gomaxprocs", 1, "GOMAXPROCS of the child processes (0: the Go default)")
 	cmd.Flags().BoolVar(&inProcess, "in-process", false, "run the edges in this process instead of child processes (at most about 2,800 edges: the open file limit)")
 	cmd.Flags().StringVar(&profileDir, "heap-profile", "", "directory to write CloudCore's heap and goroutine profiles to, before the edges and at the end of the idle window (CloudCore runs with --pprof); empty: none")
 	cmd.Flags().StringVar(&dump, "goroutine-dump", "", "file to write CloudCore's log with its goroutine dump to (SIGQUIT at the end); empty: none")
@@ -253,6 +255,8 @@ func newScale() *cobra.Command {
 type scaleFlags struct {
 	bin, hollowedge string
 	perProcess      int
+	nice            int
+	gomaxprocs      int
 	idle, timeout   time.Duration
 	dump            string
 	profileDir      string
@@ -301,7 +305,7 @@ func scale(ctx context.Context, c common, f scaleFlags) (err error) {
 		Workload: hollow.Workload{Namespace: c.namespace, ConfigMap: c.configMap, PodsPerEdge: c.podsPerEdge}, Rate: c.rate,
 		LeaseDuration: c.lease, StatusEvery: c.status, Backoff: tunnel.Backoff{Min: c.backoffMin, Max: c.backoffMax},
 		KeepAlive: c.keepAlive, DeadPeerTimeout: c.deadPeer,
-		Hollowedge: f.hollowedge, PerProcess: f.perProcess,
+		Hollowedge: f.hollowedge, PerProcess: f.perProcess, Nice: f.nice, GOMAXPROCS: f.gomaxprocs,
 		Idle: f.idle, Timeout: f.timeout, DumpGoroutines: dump != "", ProfileDir: f.profileDir, Logger: log,
 	})
 	if res != nil {
@@ -335,7 +339,7 @@ func report(r *hollow.ScaleResult) {
 	fmt.Printf("idle: API requests in the window %s\n", apiWindow(r.IdleRequests))
 	fmt.Printf("lease age (renew every %s): p50 %s p99 %s max %s over %d leases\n", r.LeaseRenew, p(r.LeaseAges, 50), p(r.LeaseAges, 99), p(r.LeaseAges, 100), len(r.LeaseAges))
 	fmt.Printf("fan-out of one ConfigMap change: p50 %s p99 %s max %s over %d stores\n", p(r.FanOut, 50), p(r.FanOut, 99), p(r.FanOut, 100), len(r.FanOut))
-	fmt.Printf("storm: SIGKILL to ready %s, to last edge reconciled %s; from ready p10 %s p50 %s p90 %s p99 %s\n",
+	fmt.Printf("storm: SIGKILL to ready %s, to last edge reconciled %s; reconcile ends from SIGKILL p10 %s p50 %s p90 %s p99 %s\n",
 		r.StormReady.Round(time.Millisecond), r.StormLast.Round(time.Millisecond),
 		p(r.StormSpread, 10), p(r.StormSpread, 50), p(r.StormSpread, 90), p(r.StormSpread, 99))
 	fmt.Printf("storm: API requests from ready to last reconciled %s\n", apiWindow(r.StormRequests))
