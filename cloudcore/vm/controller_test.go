@@ -422,7 +422,10 @@ func TestPodWriteFailed(t *testing.T) {
 	requireCondition(t, v, ConditionSynced, metav1.ConditionFalse, ReasonPodWriteFailed)
 	require.Contains(t, meta.FindStatusCondition(v.Status.Conditions, ConditionSynced).Message, "the test refuses pods here")
 	require.Nil(t, c.getPod(t, "refused"))
-	require.Positive(t, r.counter(t, "tether_vm_syncs_total", map[string]string{"result": "error"}))
+	// The sync counts its result after it has written the status.
+	require.Eventually(t, func() bool {
+		return r.counter(t, "tether_vm_syncs_total", map[string]string{"result": "error"}) > 0
+	}, waitFor, tick, "the failed sync is counted")
 
 	deleteBinding()
 	c.waitPod(t, "refused", "")
