@@ -162,8 +162,7 @@ type Node struct {
 	nb        int
 	wanted    map[int]bool
 	fan       int               // sub-buckets per wanted bucket in the want (1: none)
-	bySub     bool              // the lists name the sub-buckets they hold
-	subs      map[uint64]bool   // the sub-buckets listed so far (among nb·fan)
+	subs      map[uint64]bool   // the sub-buckets listed so far (among nb·fan); nil: the lists name none, they hold whole buckets
 	held      map[uint64]uint64 // entries of the wanted buckets listed so far
 	listed    int               // entries received in this reconcile's lists
 	maxListed int               // the bound on listed: Count + MaxEntries
@@ -188,7 +187,7 @@ func (n *Node) reset() {
 	n.inflight, n.byID = nil, nil
 	n.prunes = nil
 	n.nb, n.wanted, n.held, n.listed, n.maxListed = 0, nil, nil, 0, 0
-	n.fan, n.bySub, n.subs = 1, false, nil
+	n.fan, n.subs = 1, nil
 }
 
 // Live reports whether the reconcile is over and changes flow.
@@ -357,7 +356,7 @@ func (n *Node) OnList(l objsync.Sync, desired Lookup) ([]Action, error) {
 	}
 	if l.Caps&objsync.CapSubBuckets != 0 {
 		if n.subs == nil {
-			n.bySub, n.subs = true, make(map[uint64]bool, len(l.Buckets))
+			n.subs = make(map[uint64]bool, len(l.Buckets))
 		}
 		for _, c := range l.Buckets {
 			if c >= uint64(n.nb*n.fan) || !n.wanted[int(c&uint64(n.nb-1))] {
@@ -377,7 +376,7 @@ func (n *Node) OnList(l objsync.Sync, desired Lookup) ([]Action, error) {
 		return nil, nil
 	}
 	held := n.held
-	listedSub := func(h uint64) bool { return !n.bySub || n.subs[uint64(objsync.Bucket(h, n.nb*n.fan))] }
+	listedSub := func(h uint64) bool { return n.subs == nil || n.subs[uint64(objsync.Bucket(h, n.nb*n.fan))] }
 	differ := 0
 	for _, k := range desired.Keys() {
 		h := k.Hash()

@@ -306,6 +306,5 @@ func sameStatus(a, b Status) bool {
 		(a.Connection == nil || (a.Connection.Replica == b.Connection.Replica && a.Connection.Transport == b.Connection.Transport &&
 			a.Connection.RemoteAddr == b.Connection.RemoteAddr && a.Connection.Session == b.Connection.Session && a.Connection.Since.Equal(&b.Connection.Since)))
 	sameObjects := (a.ObjectsHeld == nil) == (b.ObjectsHeld == nil) && (a.ObjectsHeld == nil || *a.ObjectsHeld == *b.ObjectsHeld)
-	sameLast := (a.LastConnected == nil) == (b.LastConnected == nil) && (a.LastConnected == nil || a.LastConnected.Equal(b.LastConnected))
-	return sameConn && sameObjects && sameLast
+	return sameConn && sameObjects && a.LastConnected.Equal(b.LastConnected) // metav1.Time.Equal: nil-safe
 }
